@@ -1,0 +1,1 @@
+//! Fixtures for veil-control tests.

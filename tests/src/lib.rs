@@ -1,0 +1,2 @@
+//! End-to-end test harness for veil.
+pub mod control;
