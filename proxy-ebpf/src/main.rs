@@ -1,0 +1,479 @@
+//! veil's cgroup programs: send a sandbox's TCP connections to its veil-agent listener and
+//! remember where they were going.
+//!
+//! - `connect4` / `connect6`: redirect TCP to the sandbox's loopback listener (recording the
+//!   original destination by socket cookie); refuse UDP to port 443 so QUIC falls back to TCP;
+//!   leave loopback destinations alone; refuse when the socket's cgroup names no sandbox.
+//! - `sendmsg4` / `sendmsg6`: refuse unconnected UDP datagrams to port 443.
+//! - `sockops`: once the redirected connection is established, publish its original
+//!   destination keyed by what the agent's accepted socket sees (netns cookie, peer address,
+//!   peer port); forget the socket when it closes.
+//! - `getpeername4` / `getpeername6`: report the address the application dialled.
+//!
+//! The contract with the agent (map names, key and value layouts) is `proxy-common`.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+    },
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_socket_cookie,
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::{debug, warn};
+use proxy_common::{
+    AF_INET, AF_INET6, ConnKey, MAX_CGROUP_DEPTH, MAX_SANDBOXES, MAX_TRACKED_CONNS, OrigDst,
+    STAT_COUNT, STAT_NO_SANDBOX, STAT_ORIG_RECORDED, STAT_REDIRECTED, STAT_UDP443_REFUSED,
+    SandboxTarget,
+};
+
+/// Cgroup programs: let the operation proceed.
+const ALLOW: i32 = 1;
+/// Cgroup programs: fail the operation with EPERM.
+const REFUSE: i32 = 0;
+/// sock_ops programs always return 1.
+const SOCK_OPS_DONE: u32 = 1;
+
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+const QUIC_PORT: u16 = 443;
+
+/// `::ffff:0:0/96` prefix word, network order.
+const V4_MAPPED_WORD: u32 = 0x0000_ffff_u32.to_be();
+/// 127.0.0.1, network order.
+const LOOPBACK_V4: u32 = 0x7f00_0001_u32.to_be();
+
+#[map]
+static VEIL_SANDBOXES: HashMap<u64, SandboxTarget> = HashMap::with_max_entries(MAX_SANDBOXES, 0);
+
+#[map]
+static VEIL_SOCKS: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_TRACKED_CONNS, 0);
+
+#[map]
+static VEIL_ORIG: LruHashMap<ConnKey, OrigDst> = LruHashMap::with_max_entries(MAX_TRACKED_CONNS, 0);
+
+#[map]
+static VEIL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+fn count(stat: u32) {
+    if let Some(counter) = VEIL_STATS.get_ptr_mut(stat) {
+        // SAFETY: per-CPU slot of a map we own; programs run with migration disabled. (The
+        // bpf target has no atomic read-modify-write in Rust; a softirq interrupting this
+        // increment on the same CPU could lose one count, acceptable for statistics.)
+        unsafe { *counter += 1 };
+    }
+}
+
+// ---- bpf_sock_addr field access -------------------------------------------------------------
+//
+// The verifier wants 4-byte accesses to these ctx fields: volatile stops LLVM from merging
+// neighbouring words into one wide load or store.
+
+macro_rules! ctx_read {
+    ($ctx:expr, $($field:tt)+) => {
+        // SAFETY: the kernel hands the program a valid context; the field is readable.
+        unsafe { core::ptr::read_volatile(&raw const (*$ctx.sock_addr).$($field)+) }
+    };
+}
+
+macro_rules! ctx_write {
+    ($ctx:expr, $value:expr, $($field:tt)+) => {
+        // SAFETY: as above; the field is writable for this attach type.
+        unsafe { core::ptr::write_volatile(&raw mut (*$ctx.sock_addr).$($field)+, $value) }
+    };
+}
+
+fn user_port(ctx: &SockAddrContext) -> u16 {
+    // The low 16 bits hold the port as it sits in sockaddr: network order.
+    u16::from_be(ctx_read!(ctx, user_port) as u16)
+}
+
+fn set_user_port(ctx: &SockAddrContext, port: u16) {
+    ctx_write!(ctx, u32::from(port.to_be()), user_port);
+}
+
+fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+    [
+        ctx_read!(ctx, user_ip6[0]),
+        ctx_read!(ctx, user_ip6[1]),
+        ctx_read!(ctx, user_ip6[2]),
+        ctx_read!(ctx, user_ip6[3]),
+    ]
+}
+
+fn set_user_ip6(ctx: &SockAddrContext, addr: [u32; 4]) {
+    ctx_write!(ctx, addr[0], user_ip6[0]);
+    ctx_write!(ctx, addr[1], user_ip6[1]);
+    ctx_write!(ctx, addr[2], user_ip6[2]);
+    ctx_write!(ctx, addr[3], user_ip6[3]);
+}
+
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: helper available to cgroup sock_addr programs; ctx is the program's context.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+// ---- address classification -----------------------------------------------------------------
+
+/// 127.0.0.0/8 or 0.0.0.0 (network-order word).
+fn is_local_v4(ip: u32) -> bool {
+    let host = u32::from_be(ip);
+    host >> 24 == 127 || host == 0
+}
+
+fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
+}
+
+/// `::1`, `::`, or an IPv4-mapped local address.
+fn is_local_v6(addr: &[u32; 4]) -> bool {
+    if addr[0] != 0 || addr[1] != 0 {
+        return false;
+    }
+    match addr[2] {
+        0 => addr[3] == 0 || addr[3] == 1_u32.to_be(),
+        V4_MAPPED_WORD => is_local_v4(addr[3]),
+        _ => false,
+    }
+}
+
+fn mapped(ip4: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_WORD, ip4]
+}
+
+// ---- sandbox lookup ---------------------------------------------------------------------------
+
+/// The sandbox owning the current task's cgroup: the cgroup itself, else its nearest
+/// registered ancestor.
+fn find_sandbox() -> Option<SandboxTarget> {
+    // SAFETY: helper without arguments, available to cgroup sock_addr programs.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    if let Some(target) = lookup_sandbox(own) {
+        return Some(target);
+    }
+    // Ancestor levels are absolute (0 = root) and yield 0 past the task's own depth; walking
+    // down from the deepest level makes the nearest registered ancestor win.
+    let mut level = MAX_CGROUP_DEPTH;
+    while level > 0 {
+        // SAFETY: as above; any level is accepted.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id != 0
+            && id != own
+            && let Some(target) = lookup_sandbox(id)
+        {
+            return Some(target);
+        }
+        level -= 1;
+    }
+    None
+}
+
+fn lookup_sandbox(cgroup_id: u64) -> Option<SandboxTarget> {
+    // SAFETY: the value is copied out at once; entries are only replaced whole by userspace.
+    unsafe { VEIL_SANDBOXES.get(cgroup_id) }.copied()
+}
+
+// ---- connect ----------------------------------------------------------------------------------
+
+/// What to do with a connect() or sendmsg() to a non-local destination.
+enum Verdict {
+    /// TCP: redirect into veil.
+    Redirect,
+    /// Let it through untouched.
+    Pass,
+    /// Fail with EPERM.
+    Refuse,
+}
+
+/// Decides by socket type and protocol; only called for non-local destinations.
+fn classify(ctx: &SockAddrContext, port: u16) -> Verdict {
+    let sock_type = ctx_read!(ctx, type_);
+    let protocol = ctx_read!(ctx, protocol);
+    match (sock_type, protocol) {
+        (SOCK_STREAM, IPPROTO_TCP) => Verdict::Redirect,
+        (SOCK_DGRAM, IPPROTO_UDP) if port == QUIC_PORT => {
+            count(STAT_UDP443_REFUSED);
+            debug!(ctx, "veil: refused UDP to port 443");
+            Verdict::Refuse
+        }
+        (SOCK_DGRAM, IPPROTO_UDP) => Verdict::Pass,
+        // Stream protocols veil cannot proxy (MPTCP, SCTP) would bypass it: fail closed.
+        (SOCK_STREAM, _) => {
+            warn!(
+                ctx,
+                "veil: refused stream socket with protocol {}", protocol
+            );
+            Verdict::Refuse
+        }
+        _ => Verdict::Pass,
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    match try_connect4(&ctx) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let ip = ctx_read!(ctx, user_ip4);
+    if is_local_v4(ip) {
+        return Ok(ALLOW);
+    }
+    let port = user_port(ctx);
+    match classify(ctx, port) {
+        Verdict::Pass => return Ok(ALLOW),
+        Verdict::Refuse => return Err(REFUSE),
+        Verdict::Redirect => {}
+    }
+    let target = sandbox_or_refuse(ctx)?;
+    record(
+        ctx,
+        &OrigDst {
+            addr: mapped(ip),
+            port,
+            family: AF_INET,
+            _pad: 0,
+        },
+    )?;
+    ctx_write!(ctx, LOOPBACK_V4, user_ip4);
+    set_user_port(ctx, target.port_v4);
+    count(STAT_REDIRECTED);
+    Ok(ALLOW)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    match try_connect6(&ctx) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let addr = user_ip6(ctx);
+    if is_local_v6(&addr) {
+        return Ok(ALLOW);
+    }
+    let port = user_port(ctx);
+    match classify(ctx, port) {
+        Verdict::Pass => return Ok(ALLOW),
+        Verdict::Refuse => return Err(REFUSE),
+        Verdict::Redirect => {}
+    }
+    let target = sandbox_or_refuse(ctx)?;
+    let (new_addr, new_port) = if is_v4_mapped(&addr) {
+        (mapped(LOOPBACK_V4), target.port_v4)
+    } else if target.port_v6 != 0 {
+        ([0, 0, 0, 1_u32.to_be()], target.port_v6)
+    } else {
+        warn!(
+            ctx,
+            "veil: refused IPv6 connect: sandbox has no IPv6 listener"
+        );
+        return Err(REFUSE);
+    };
+    record(
+        ctx,
+        &OrigDst {
+            addr,
+            port,
+            family: AF_INET6,
+            _pad: 0,
+        },
+    )?;
+    set_user_ip6(ctx, new_addr);
+    set_user_port(ctx, new_port);
+    count(STAT_REDIRECTED);
+    Ok(ALLOW)
+}
+
+fn sandbox_or_refuse(ctx: &SockAddrContext) -> Result<SandboxTarget, i32> {
+    find_sandbox().ok_or_else(|| {
+        count(STAT_NO_SANDBOX);
+        warn!(
+            ctx,
+            "veil: refused connect: cgroup belongs to no registered sandbox"
+        );
+        REFUSE
+    })
+}
+
+/// Remembers the original destination by socket cookie; a connect we cannot track is refused
+/// rather than sent to the agent without an origin.
+fn record(ctx: &SockAddrContext, orig: &OrigDst) -> Result<(), i32> {
+    VEIL_SOCKS.insert(socket_cookie(ctx), orig, 0).map_err(|_| {
+        warn!(ctx, "veil: refused connect: cannot record its destination");
+        REFUSE
+    })
+}
+
+// ---- sendmsg ----------------------------------------------------------------------------------
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    match try_sendmsg4(&ctx) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+fn try_sendmsg4(ctx: &SockAddrContext) -> Result<i32, i32> {
+    if is_local_v4(ctx_read!(ctx, user_ip4)) {
+        return Ok(ALLOW);
+    }
+    udp_verdict(ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    match try_sendmsg6(&ctx) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+fn try_sendmsg6(ctx: &SockAddrContext) -> Result<i32, i32> {
+    if is_local_v6(&user_ip6(ctx)) {
+        return Ok(ALLOW);
+    }
+    udp_verdict(ctx)
+}
+
+/// sendmsg hooks run only for UDP, where the only decision is the QUIC refusal.
+fn udp_verdict(ctx: &SockAddrContext) -> Result<i32, i32> {
+    match classify(ctx, user_port(ctx)) {
+        Verdict::Refuse => Err(REFUSE),
+        Verdict::Pass | Verdict::Redirect => Ok(ALLOW),
+    }
+}
+
+// ---- getpeername ------------------------------------------------------------------------------
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    match try_getpeername4(&ctx) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+fn try_getpeername4(ctx: &SockAddrContext) -> Result<i32, i32> {
+    // SAFETY: the value is copied out at once.
+    if let Some(orig) = unsafe { VEIL_SOCKS.get(socket_cookie(ctx)) }.copied() {
+        ctx_write!(ctx, orig.addr[3], user_ip4);
+        set_user_port(ctx, orig.port);
+    }
+    Ok(ALLOW)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    match try_getpeername6(&ctx) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+fn try_getpeername6(ctx: &SockAddrContext) -> Result<i32, i32> {
+    // SAFETY: the value is copied out at once.
+    if let Some(orig) = unsafe { VEIL_SOCKS.get(socket_cookie(ctx)) }.copied() {
+        // IPv4 origins are stored mapped, which is how an IPv6 socket reports them.
+        set_user_ip6(ctx, orig.addr);
+        set_user_port(ctx, orig.port);
+    }
+    Ok(ALLOW)
+}
+
+// ---- sock_ops ---------------------------------------------------------------------------------
+
+macro_rules! ops_read {
+    ($ctx:expr, $($field:tt)+) => {
+        // SAFETY: the kernel hands the program a valid context; the field is readable.
+        unsafe { core::ptr::read_volatile(&raw const (*$ctx.ops).$($field)+) }
+    };
+}
+
+#[sock_ops]
+pub fn veil_sockops(ctx: SockOpsContext) -> u32 {
+    match try_sockops(&ctx) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+fn try_sockops(ctx: &SockOpsContext) -> Result<u32, u32> {
+    match ctx.op() {
+        // Before the SYN: watch the socket's state so it is forgotten even if it never connects.
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            if tracked(ctx).is_some() {
+                let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+                let _ = ctx.set_cb_flags(flags as i32);
+            }
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            if let Some(orig) = tracked(ctx) {
+                let key = ConnKey {
+                    // SAFETY: helper available to sock_ops programs; ctx is the program's context.
+                    netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+                    addr: local_addr(ctx),
+                    port: ops_read!(ctx, local_port) as u16,
+                    _pad: [0; 6],
+                };
+                if VEIL_ORIG.insert(key, orig, 0).is_ok() {
+                    count(STAT_ORIG_RECORDED);
+                }
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB if ops_read!(ctx, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE => {
+            // SAFETY: helper available to sock_ops programs.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = VEIL_SOCKS.remove(cookie);
+        }
+        _ => {}
+    }
+    Ok(SOCK_OPS_DONE)
+}
+
+fn tracked(ctx: &SockOpsContext) -> Option<OrigDst> {
+    // SAFETY: helper available to sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    unsafe { VEIL_SOCKS.get(cookie) }.copied()
+}
+
+/// The client's local address, IPv4 as `::ffff:a.b.c.d` whichever family the socket has, so
+/// it matches the peer the agent's IPv4 listener sees.
+fn local_addr(ctx: &SockOpsContext) -> [u32; 4] {
+    // Every field is read on every path: LLVM otherwise merges the two branches' loads into
+    // one load at a computed ctx offset, which the verifier rejects.
+    let family = ops_read!(ctx, family);
+    let ip4 = ops_read!(ctx, local_ip4);
+    let ip6 = [
+        ops_read!(ctx, local_ip6[0]),
+        ops_read!(ctx, local_ip6[1]),
+        ops_read!(ctx, local_ip6[2]),
+        ops_read!(ctx, local_ip6[3]),
+    ];
+    if family == u32::from(AF_INET) {
+        mapped(ip4)
+    } else {
+        ip6
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// The license the kernel is told: the project's own. None of the helpers used is GPL-only.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 11] = *b"Apache-2.0\0";

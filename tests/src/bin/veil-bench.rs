@@ -1,0 +1,251 @@
+//! `veil-bench`: benchmarks run by `cargo xtask bench` (root; real namespaces and agent).
+//!
+//! `veil-bench passthrough [--bytes N] [--seconds S] [--runs R]` measures bulk throughput and new
+//! connections per second from a sandbox to an upstream, direct (same netns, outside the
+//! cgroup) and through veil-agent (inside the cgroup), interleaved, and prints medians and
+//! ratios. The `client-*` subcommands are the client side, re-executed inside the sandbox.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use veil_tests::{Agent, AgentSandbox, NetNs, Sandbox, TcpEcho, World};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |name: &str, default: u64| -> Result<u64> {
+        match args.iter().position(|a| a == name) {
+            Some(i) => args
+                .get(i + 1)
+                .context(format!("{name} needs a value"))?
+                .parse()
+                .context(format!("{name} must be a number")),
+            None => Ok(default),
+        }
+    };
+    match args.first().map(String::as_str) {
+        Some("passthrough") => passthrough(
+            arg("--bytes", 2 << 30)?,
+            arg("--seconds", 5)?,
+            arg("--runs", 3)?,
+        ),
+        Some("client-bulk") => client_bulk(parse_addr(args.get(1))?, arg("--bytes", 1 << 30)?),
+        Some("client-connrate") => client_connrate(
+            parse_addr(args.get(1))?,
+            arg("--seconds", 5)?,
+            arg("--concurrency", 8)?,
+        ),
+        _ => bail!("usage: veil-bench passthrough [--bytes N] [--seconds S] [--runs R]"),
+    }
+}
+
+fn parse_addr(a: Option<&String>) -> Result<SocketAddr> {
+    a.context("address missing")?
+        .parse()
+        .context("bad socket address")
+}
+
+/// Writes `bytes` to a sink and reports seconds until the sink confirmed receipt.
+fn client_bulk(addr: SocketAddr, bytes: u64) -> Result<()> {
+    let buf = vec![0x5au8; 1 << 20];
+    let start = Instant::now();
+    let mut s = TcpStream::connect(addr)?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count)?;
+    let secs = start.elapsed().as_secs_f64();
+    if u64::from_be_bytes(count) != bytes {
+        bail!(
+            "sink counted {} of {bytes} bytes",
+            u64::from_be_bytes(count)
+        );
+    }
+    println!("{secs}");
+    Ok(())
+}
+
+/// Opens connections as fast as `concurrency` threads can for `seconds`, one byte each way.
+fn client_connrate(addr: SocketAddr, seconds: u64, concurrency: u64) -> Result<()> {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let threads: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (done, failed) = (done.clone(), failed.clone());
+            std::thread::spawn(move || {
+                while Instant::now() < deadline {
+                    let ok = (|| -> std::io::Result<()> {
+                        let mut s = TcpStream::connect(addr)?;
+                        s.write_all(b"x")?;
+                        let mut b = [0u8; 1];
+                        s.read_exact(&mut b)?;
+                        Ok(())
+                    })();
+                    let c = if ok.is_ok() { &done } else { &failed };
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    let rate = done.load(Ordering::Relaxed) as f64 / seconds as f64;
+    println!("{rate} {}", failed.load(Ordering::Relaxed));
+    Ok(())
+}
+
+/// A server in `ns` that reads to EOF and answers the byte count (8 bytes, big-endian).
+fn start_sink(ns: &NetNs, ip: std::net::IpAddr) -> (SocketAddr, Arc<AtomicBool>) {
+    let listener = ns.run(move || TcpListener::bind((ip, 0)).expect("bind sink"));
+    let addr = listener.local_addr().expect("sink addr");
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if stop2.load(Ordering::Relaxed) {
+                break;
+            }
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut total = 0u64;
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = conn.write_all(&total.to_be_bytes());
+            });
+        }
+    });
+    (addr, stop)
+}
+
+fn run_client(mut cmd: Command) -> Result<String> {
+    let out = cmd.output().context("run bench client")?;
+    if !out.status.success() {
+        bail!(
+            "bench client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn cpu_steal_percent(before: &[u64], after: &[u64]) -> f64 {
+    let total: u64 = after.iter().zip(before).map(|(a, b)| a - b).sum();
+    let steal = after.get(7).zip(before.get(7)).map_or(0, |(a, b)| a - b);
+    if total == 0 {
+        0.0
+    } else {
+        100.0 * steal as f64 / total as f64
+    }
+}
+
+fn cpu_times() -> Vec<u64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines().next().map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .filter_map(|f| f.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
+    veil_tests::require_root();
+    let me = std::env::current_exe().context("own path")?;
+    let world = World::new();
+    let ns = NetNs::new("bench");
+    let _link = world.link_sandbox(&ns);
+    let sb = Sandbox::new("bench", Some(&ns));
+    let (sink, stop_sink) = start_sink(world.netns(), world.upstream_v4().into());
+    let echo = TcpEcho::start(world.netns(), world.upstream_v4().into());
+    let _agent = Agent::start(&[AgentSandbox {
+        id: "bench".into(),
+        cgroup: sb.cgroup().path().to_owned(),
+        netns: Some(ns.path().to_owned()),
+    }]);
+
+    let mut results: [[Vec<f64>; 2]; 2] = Default::default(); // [direct, veil][bulk, conns]
+    let mut steal = Vec::new();
+    for run in 0..runs {
+        for (row, via_agent) in [(0usize, false), (1, true)] {
+            let cmd = |args: &[String]| {
+                let mut c = if via_agent {
+                    sb.command(&me)
+                } else {
+                    sb.outside_command(&me)
+                };
+                c.args(args);
+                c
+            };
+            let before = cpu_times();
+            let secs: f64 = run_client(cmd(&[
+                "client-bulk".into(),
+                sink.to_string(),
+                "--bytes".into(),
+                bytes.to_string(),
+            ]))?
+            .parse()?;
+            let gbps = bytes as f64 * 8.0 / secs / 1e9;
+            let rate_out = run_client(cmd(&[
+                "client-connrate".into(),
+                echo.addr().to_string(),
+                "--seconds".into(),
+                seconds.to_string(),
+            ]))?;
+            let rate: f64 = rate_out
+                .split_whitespace()
+                .next()
+                .context("connrate output")?
+                .parse()?;
+            steal.push(cpu_steal_percent(&before, &cpu_times()));
+            let name = if via_agent { "veil  " } else { "direct" };
+            eprintln!("run {run} {name}: bulk {gbps:.2} Gbit/s, {rate:.0} conns/s");
+            results[row][0].push(gbps);
+            results[row][1].push(rate);
+        }
+    }
+    stop_sink.store(true, Ordering::Relaxed);
+    let [direct, veil] = results.map(|r| r.map(median));
+    println!(
+        "\npassthrough, median of {runs} interleaved runs ({} MiB per bulk run, {seconds} s per connection run)",
+        bytes >> 20
+    );
+    println!("| path   | bulk Gbit/s | new conns/s |");
+    println!("|--------|-------------|-------------|");
+    println!("| direct | {:11.2} | {:11.0} |", direct[0], direct[1]);
+    println!("| veil   | {:11.2} | {:11.0} |", veil[0], veil[1]);
+    println!(
+        "| ratio  | {:10.2}x | {:10.2}x |",
+        veil[0] / direct[0],
+        veil[1] / direct[1]
+    );
+    println!(
+        "max CPU steal during a run: {:.1} %",
+        steal.iter().copied().fold(0.0, f64::max)
+    );
+    Ok(())
+}
