@@ -1,2 +1,48 @@
 //! End-to-end test harness for veil.
+//!
+//! Every fixture here creates real kernel objects (network namespaces, veth pairs, cgroups,
+//! processes, eBPF queries) and removes them on `Drop`, also when a test panics. Names encode the
+//! owning test process's pid, so [`cleanup_stale`] (run once per process by the constructors)
+//! removes what dead test processes left behind. Fixtures panic with a specific message when
+//! setup fails: a failed setup is a failed test. Everything needs root: see [`require_root`].
+//!
+//! ```no_run
+//! use veil_tests::{Agent, NetNs, Sandbox, TcpHello, World, require_root};
+//!
+//! require_root();
+//! let world = World::new(); // upstream netns, veth to the host netns
+//! let ns = NetNs::new("app");
+//! let sb = Sandbox::new("app", Some(&ns)); // a cgroup + that netns
+//! let hello = TcpHello::start(world.netns(), world.upstream_ip4(), "up");
+//! let _agent = Agent::start(&[sb.agent_entry("app")]); // waits for READY=1
+//! let out = sb.probe(&["tcp", "--addr", &hello.addr().to_string()]);
+//! // The upstream saw the agent's (host-side) address, the app saw what it dialled.
+//! let json = out.expect_ok();
+//! assert!(json["reply"].as_str().unwrap().starts_with(&format!("up {}:", world.host_v4())));
+//! assert_eq!(json["peer_from_getpeername"], hello.addr().to_string());
+//! ```
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+#![warn(missing_docs)]
+pub mod agent;
+pub mod alloc;
+pub mod bpfq;
+pub mod cgroup;
+pub mod cmd;
 pub mod control;
+pub mod env;
+pub mod netns;
+pub mod owner;
+pub mod sandbox;
+pub mod servers;
+pub mod world;
+
+pub use agent::{Agent, AgentOptions, AgentSandbox};
+pub use bpfq::{AttachType, attached_prog_ids, orig_map_len, sandbox_map_has};
+pub use cgroup::Cgroup;
+pub use cmd::{ProbeOutput, output_within};
+pub use env::{bin_path, cgroup2_mount, require_root};
+pub use netns::NetNs;
+pub use owner::cleanup_stale;
+pub use sandbox::{Sandbox, probe_host};
+pub use servers::{HttpHello, TcpEcho, TcpHello, UdpEcho};
+pub use world::{SandboxLink, World};

@@ -1,0 +1,548 @@
+//! The `veil-agent` process as a fixture: config file, state dir, log, and readiness through the
+//! systemd notify protocol (`READY=1`, `RELOADING=1`, `STOPPING=1` on `$NOTIFY_SOCKET`).
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::owner;
+
+/// One `[[sandbox]]` entry of the agent config.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AgentSandbox {
+    /// Sandbox id.
+    pub id: String,
+    /// Cgroup path (absolute, or relative to the cgroup2 mount).
+    pub cgroup: PathBuf,
+    /// Netns path; `None` = the sandbox shares the agent's netns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+}
+
+/// How to start the agent; `Default` is the built `veil-agent` with its default settings.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The binary (default: `bin_path("veil-agent")`).
+    pub binary: Option<PathBuf>,
+    /// `[agent] drain_timeout_ms`, when set.
+    pub drain_timeout_ms: Option<u64>,
+    /// Extra command-line arguments (e.g. `--upstream-ca PEM`).
+    pub args: Vec<OsString>,
+    /// Extra environment variables.
+    pub env: Vec<(OsString, OsString)>,
+    /// How long to wait for `READY=1` at start and after a reload.
+    pub ready_timeout: Duration,
+    /// How long [`Agent::terminate`] waits after SIGTERM.
+    pub terminate_timeout: Duration,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            binary: None,
+            drain_timeout_ms: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            ready_timeout: Duration::from_secs(30),
+            terminate_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ConfigFile<'a> {
+    agent: AgentSection,
+    sandbox: &'a [AgentSandbox],
+}
+
+#[derive(Serialize)]
+struct AgentSection {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain_timeout_ms: Option<u64>,
+}
+
+/// Renders the agent's TOML config.
+pub fn render_config(drain_timeout_ms: Option<u64>, sandboxes: &[AgentSandbox]) -> String {
+    toml::to_string(&ConfigFile {
+        agent: AgentSection { drain_timeout_ms },
+        sandbox: sandboxes,
+    })
+    .unwrap_or_else(|e| panic!("rendering agent config: {e}"))
+}
+
+/// A running agent; SIGKILLed (by pid) and reaped on drop if still running.
+///
+/// Every method takes `&self`, so a test can share it or move it into a thread.
+#[must_use = "dropping it removes it at once"]
+#[derive(Debug)]
+pub struct Agent {
+    pid: u32,
+    dir: tempfile::TempDir,
+    options: AgentOptions,
+    pidfile: PathBuf,
+    state: Mutex<State>,
+    /// Set once a panic message carried the log tail, so Drop does not print it again.
+    log_reported: AtomicBool,
+}
+
+#[derive(Debug)]
+struct State {
+    child: Child,
+    exited: Option<ExitStatus>,
+    notify: UnixDatagram,
+    notifications: Vec<String>,
+}
+
+impl State {
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none()
+            && let Ok(Some(status)) = self.child.try_wait()
+        {
+            self.exited = Some(status);
+        }
+        self.exited
+    }
+
+    fn kill(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            // Ours by pid: the child we spawned and have not reaped.
+            let _ = self.child.kill();
+            if let Ok(status) = self.child.wait() {
+                self.exited = Some(status);
+            }
+        }
+        self.exited
+    }
+
+    /// Receives at most one datagram (waiting ≤ 100 ms unless non-blocking).
+    fn recv_one(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        match self.notify.recv(&mut buf) {
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                self.notifications.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_owned),
+                );
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn poll(&mut self) {
+        let _ = self.notify.set_nonblocking(true);
+        while self.recv_one() {}
+        let _ = self.notify.set_nonblocking(false);
+    }
+
+    fn seen_since(&self, from: usize, line: &str) -> bool {
+        self.notifications[from.min(self.notifications.len())..]
+            .iter()
+            .any(|l| l == line)
+    }
+}
+
+impl Agent {
+    /// Starts the built `veil-agent` with these sandboxes and waits for `READY=1`.
+    pub fn start(sandboxes: &[AgentSandbox]) -> Agent {
+        Agent::start_with(AgentOptions::default(), sandboxes)
+    }
+
+    /// Starts `binary` (anything speaking the notify protocol) instead of `veil-agent`.
+    pub fn start_with_binary(binary: &Path, sandboxes: &[AgentSandbox]) -> Agent {
+        Agent::start_with(
+            AgentOptions {
+                binary: Some(binary.to_path_buf()),
+                ..AgentOptions::default()
+            },
+            sandboxes,
+        )
+    }
+
+    /// Starts an agent as `options` say and waits for `READY=1`; panics with the log's tail if
+    /// it exits first or the wait times out.
+    pub fn start_with(options: AgentOptions, sandboxes: &[AgentSandbox]) -> Agent {
+        owner::init();
+        let binary = options
+            .binary
+            .clone()
+            .unwrap_or_else(|| crate::env::bin_path("veil-agent"));
+        let dir = tempfile::Builder::new()
+            .prefix(&owner::tempdir_prefix())
+            .tempdir()
+            .unwrap_or_else(|e| panic!("creating agent temp dir: {e}"));
+        let config = dir.path().join("agent.toml");
+        write_atomically(&config, &render_config(options.drain_timeout_ms, sandboxes));
+        let sock = dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&sock)
+            .unwrap_or_else(|e| panic!("binding notify socket {}: {e}", sock.display()));
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap_or_else(|e| panic!("notify socket timeout: {e}"));
+        let log_path = dir.path().join("agent.log");
+        let log = File::create(&log_path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
+        let log2 = log
+            .try_clone()
+            .unwrap_or_else(|e| panic!("dup of agent log fd: {e}"));
+        let mut cmd = Command::new(&binary);
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(&options.args)
+            .env("RUST_LOG", "info,proxy_agent=debug")
+            .env("NOTIFY_SOCKET", &sock)
+            // Plain text, so tests can match `key=value` in the log.
+            .env("NO_COLOR", "1")
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", binary.display()));
+        let pid = child.id();
+        let agent = Agent {
+            pid,
+            pidfile: record_pid(pid),
+            dir,
+            options,
+            state: Mutex::new(State {
+                child,
+                exited: None,
+                notify,
+                notifications: Vec::new(),
+            }),
+            log_reported: AtomicBool::new(false),
+        };
+        agent.wait_notify("READY=1", agent.options.ready_timeout);
+        agent
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rewrites the config, sends SIGHUP and waits for the next `READY=1`, which must follow a
+    /// `RELOADING=1` (the systemd reload protocol).
+    pub fn reconfigure(&self, sandboxes: &[AgentSandbox]) {
+        // Only a READY=1 sent after this point counts.
+        let start = {
+            let mut st = self.state();
+            st.poll();
+            st.notifications.len()
+        };
+        write_atomically(
+            &self.config_path(),
+            &render_config(self.options.drain_timeout_ms, sandboxes),
+        );
+        self.signal(libc::SIGHUP);
+        self.wait_notify_from("READY=1", start, self.options.ready_timeout);
+        let since: Vec<String> = self.state().notifications[start..].to_vec();
+        let reloading = since.iter().position(|l| l == "RELOADING=1");
+        let ready = since.iter().position(|l| l == "READY=1");
+        assert!(
+            matches!((reloading, ready), (Some(a), Some(b)) if a < b),
+            "agent (pid {}) answered SIGHUP without RELOADING=1 before READY=1: {since:?}",
+            self.pid
+        );
+    }
+
+    /// Sends SIGTERM and waits (≤ `terminate_timeout`, 15 s by default) for the exit.
+    ///
+    /// Panics with the log's tail if it does not exit in time (it is then SIGKILLed).
+    pub fn terminate(&self) -> ExitStatus {
+        if let Some(status) = self.state().exited {
+            return status;
+        }
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + self.options.terminate_timeout;
+        loop {
+            {
+                let mut st = self.state();
+                st.poll();
+                if let Some(status) = st.try_wait() {
+                    return status;
+                }
+                if Instant::now() >= deadline {
+                    st.kill();
+                    drop(st);
+                    panic!(
+                        "agent (pid {}) did not exit within {:?} of SIGTERM; killed. Log tail:\n{}",
+                        self.pid,
+                        self.options.terminate_timeout,
+                        self.tail_for_panic()
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILLs the agent (by pid) and reaps it.
+    pub fn kill(&self) -> Option<ExitStatus> {
+        self.state().kill()
+    }
+
+    /// Sends `signal` to the agent process (panics if it already exited and was reaped).
+    pub fn signal(&self, signal: i32) {
+        let st = self.state();
+        assert!(
+            st.exited.is_none(),
+            "signal {signal} to agent pid {} which already exited ({:?})",
+            self.pid,
+            st.exited
+        );
+        if let Ok(pid) = i32::try_from(self.pid) {
+            // SAFETY: kill(2) of our own child, not yet reaped (checked under the lock).
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
+    /// The exit status if the agent has exited (reaping it).
+    pub fn try_wait(&self) -> Option<ExitStatus> {
+        self.state().try_wait()
+    }
+
+    /// Everything the agent wrote to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The log tail for a panic message (Drop then does not repeat it).
+    fn tail_for_panic(&self) -> String {
+        self.log_reported.store(true, Ordering::Relaxed);
+        self.log_tail(60)
+    }
+
+    /// The last `lines` lines of the log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Path of the config file the agent reads.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("agent.toml")
+    }
+
+    /// The agent's `--state-dir`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Path of the agent's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    /// Every notify message line received so far (e.g. `READY=1`, `STATUS=…`), in order.
+    pub fn notifications(&self) -> Vec<String> {
+        let mut st = self.state();
+        st.poll();
+        st.notifications.clone()
+    }
+
+    /// Waits until the agent has sent `line` (e.g. `"STOPPING=1"`), counting earlier ones.
+    pub fn wait_notify(&self, line: &str, timeout: Duration) {
+        self.wait_notify_from(line, 0, timeout);
+    }
+
+    /// Ids of the eBPF maps the agent holds open, with their names (from /proc/<pid>/fdinfo).
+    pub fn maps(&self) -> Vec<crate::bpfq::MapRef> {
+        crate::bpfq::process_maps(self.pid)
+    }
+
+    /// Entries in the agent's own map called `name` (e.g. `proxy_common::MAP_ORIG`).
+    pub fn map_len(&self, name: &str) -> usize {
+        let maps = self.maps();
+        let own: Vec<_> = maps.iter().filter(|m| m.name == name).collect();
+        assert!(
+            !own.is_empty(),
+            "agent (pid {}) holds no map named {name}; it holds {maps:?}",
+            self.pid
+        );
+        own.iter().map(|m| crate::bpfq::map_len(m.id)).sum()
+    }
+
+    fn wait_notify_from(&self, line: &str, from: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut st = self.state();
+            if st.seen_since(from, line) {
+                return;
+            }
+            if let Some(status) = st.try_wait() {
+                st.poll();
+                if st.seen_since(from, line) {
+                    return;
+                }
+                let seen = st.notifications.clone();
+                drop(st);
+                panic!(
+                    "agent (pid {}) exited ({}) before sending {line}; notifications: {seen:?}. \
+                     Log tail:\n{}",
+                    self.pid,
+                    describe_status(status),
+                    self.tail_for_panic()
+                );
+            }
+            if Instant::now() >= deadline {
+                let seen = st.notifications.clone();
+                drop(st);
+                panic!(
+                    "agent (pid {}) did not send {line} within {timeout:?}; notifications: \
+                     {seen:?}. Log tail:\n{}",
+                    self.pid,
+                    self.tail_for_panic()
+                );
+            }
+            st.recv_one();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.state().kill();
+        if std::thread::panicking() && !self.log_reported.load(Ordering::Relaxed) {
+            eprintln!(
+                "---- veil-agent (pid {}) log tail ----\n{}\n---- end of agent log ----",
+                self.pid,
+                self.log_tail(80)
+            );
+        }
+        let _ = std::fs::remove_file(&self.pidfile);
+    }
+}
+
+fn describe_status(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("signal {sig}"),
+        _ => status.to_string(),
+    }
+}
+
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path)
+        .unwrap_or_else(|e| panic!("renaming {} to {}: {e}", tmp.display(), path.display()));
+}
+
+/// Start time of a process (clock ticks since boot), from /proc/<pid>/stat field 22; tells a
+/// recorded pid apart from a later process that reused it.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields after it follow the last ')'.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Records `agent_pid` (with its start time) under the owner's pid, for [`cleanup_stale_agents`].
+fn record_pid(agent_pid: u32) -> PathBuf {
+    let _ = std::fs::create_dir_all(owner::STATE_DIR);
+    let path = Path::new(owner::STATE_DIR).join(format!(
+        "agent-{}-{}.pid",
+        owner::pid(),
+        owner::next_seq()
+    ));
+    let line = format!("{agent_pid} {}\n", start_time(agent_pid).unwrap_or(0));
+    if let Ok(mut f) = File::create(&path) {
+        let _ = f.write_all(line.as_bytes());
+    }
+    path
+}
+
+/// Kills agents started by test processes that died (pid and start time must both match).
+pub(crate) fn cleanup_stale_agents() {
+    for path in owner::list_dir(Path::new(owner::STATE_DIR)) {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(rest) = name
+            .strip_prefix("agent-")
+            .and_then(|r| r.strip_suffix(".pid"))
+        else {
+            continue;
+        };
+        if !owner::is_stale(owner::owner_decimal(rest, "")) {
+            continue;
+        }
+        let recorded = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut fields = recorded.split_whitespace();
+        let pid = fields.next().and_then(|p| p.parse::<u32>().ok());
+        let started = fields.next().and_then(|s| s.parse::<u64>().ok());
+        if let (Some(pid), Some(started)) = (pid, started)
+            && started != 0
+            && start_time(pid) == Some(started)
+            && let Ok(pid) = i32::try_from(pid)
+        {
+            // SAFETY: kill(2) of the agent a dead test process started (verified by pid and
+            // start time).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_config() {
+        let text = render_config(
+            Some(5000),
+            &[
+                AgentSandbox {
+                    id: "sb1".into(),
+                    cgroup: "/sys/fs/cgroup/unified/veil-test-1-2-x".into(),
+                    netns: Some("/run/netns/veil-1-3-y".into()),
+                },
+                AgentSandbox {
+                    id: "sb2".into(),
+                    cgroup: "veil-test-1-4-z".into(),
+                    netns: None,
+                },
+            ],
+        );
+        let parsed: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(parsed["agent"]["drain_timeout_ms"].as_integer(), Some(5000));
+        let sbs = parsed["sandbox"].as_array().unwrap();
+        assert_eq!(sbs.len(), 2);
+        assert_eq!(sbs[0]["netns"].as_str(), Some("/run/netns/veil-1-3-y"));
+        assert!(sbs[1].get("netns").is_none());
+        let empty: toml::Value = toml::from_str(&render_config(None, &[])).unwrap();
+        assert!(empty["agent"].get("sandbox").is_none(), "{empty}");
+        assert_eq!(
+            empty["sandbox"].as_array().map(Vec::len),
+            Some(0),
+            "{empty}"
+        );
+    }
+
+    #[test]
+    fn reads_own_start_time() {
+        assert!(start_time(std::process::id()).is_some_and(|t| t > 0));
+    }
+}
