@@ -1,1 +1,430 @@
-fn main() {}
+//! `veil-control`: the daemon (`serve`), local administration (`apikey`, `rekey`) and a REST
+//! client (`secret`).
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use reqwest::Method;
+use serde_json::{Value, json};
+use veil_control::admin::{self, Admin, Request};
+use veil_control::auth::Permission;
+use veil_control::client::Client;
+use veil_control::config::Config;
+use veil_control::crypto::Keyring;
+use veil_control::daemon;
+use veil_control::store::sled::SledStore;
+use zeroize::Zeroizing;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "veil-control",
+    version,
+    about = "veil's secret store and REST API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// TOML config file (every key optional).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// REST listen address (overrides the file).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Data directory (overrides the file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Agent channel socket (overrides the file).
+        #[arg(long)]
+        agent_socket: Option<PathBuf>,
+    },
+    /// Manage API keys (local administration; works whether or not the daemon runs).
+    Apikey {
+        #[command(subcommand)]
+        command: ApikeyCommand,
+    },
+    /// Move every secret to a new master key.
+    Rekey {
+        #[command(flatten)]
+        local: LocalArgs,
+    },
+    /// Check that every secret decrypts and the store's indexes agree (prints no values).
+    Verify {
+        #[command(flatten)]
+        local: LocalArgs,
+    },
+    /// Manage secrets through the REST API (VEIL_API_URL / VEIL_API_KEY).
+    Secret {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: SecretCommand,
+    },
+}
+
+#[derive(Args, Debug)]
+struct LocalArgs {
+    /// TOML config file (for data_dir).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory of the daemon.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ApikeyCommand {
+    /// Create a key; prints only the key.
+    Create {
+        /// Organization (created if new).
+        #[arg(long)]
+        org: String,
+        /// Permission: manage:secrets, write:sandboxes, read:audit or admin (repeatable).
+        #[arg(long = "permission", required = true)]
+        permissions: Vec<Permission>,
+        #[command(flatten)]
+        local: LocalArgs,
+    },
+    /// List keys (id, org, permissions; never the key).
+    List {
+        #[command(flatten)]
+        local: LocalArgs,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        /// Key id (as shown by `apikey list`).
+        id: String,
+        #[command(flatten)]
+        local: LocalArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ApiArgs {
+    /// API URL including /api, like http://127.0.0.1:3900/api.
+    #[arg(
+        long,
+        env = "VEIL_API_URL",
+        default_value = "http://127.0.0.1:3900/api"
+    )]
+    api_url: String,
+    /// API key (prefer the VEIL_API_KEY environment variable: argv is visible to all).
+    #[arg(long, env = "VEIL_API_KEY", hide_env_values = true)]
+    api_key: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum SecretCommand {
+    /// Create a secret; the value is read from stdin or --value-file, never from argv.
+    Create {
+        /// Secret name.
+        #[arg(long)]
+        name: String,
+        /// Description.
+        #[arg(long)]
+        description: Option<String>,
+        /// Allowed host (repeatable); none = unrestricted.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Read the value from this file instead of stdin.
+        #[arg(long)]
+        value_file: Option<PathBuf>,
+    },
+    /// List secrets.
+    List {
+        /// Partial name filter.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show one secret (metadata only).
+    Get {
+        /// Secret id.
+        id: String,
+    },
+    /// Update a secret; omitted options are unchanged.
+    Update {
+        /// Secret id.
+        id: String,
+        /// New description.
+        #[arg(long)]
+        description: Option<String>,
+        /// Replace the allowed hosts (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Make the secret unrestricted (hosts = []).
+        #[arg(long, conflicts_with = "hosts")]
+        unrestricted: bool,
+        /// Read a new value from this file.
+        #[arg(long, conflicts_with = "value_stdin")]
+        value_file: Option<PathBuf>,
+        /// Read a new value from stdin.
+        #[arg(long)]
+        value_stdin: bool,
+    },
+    /// Delete a secret.
+    Delete {
+        /// Secret id.
+        id: String,
+    },
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn data_dir(local: &LocalArgs) -> anyhow::Result<PathBuf> {
+    if let Some(d) = &local.data_dir {
+        return Ok(d.clone());
+    }
+    Ok(Config::load(local.config.as_deref())?.data_dir)
+}
+
+/// Runs an admin request through the daemon's socket, or directly on the data dir when no
+/// daemon runs. Retries briefly when the daemon is starting or stopping (store locked).
+async fn local_admin(dir: &Path, request: Request) -> anyhow::Result<Value> {
+    let mut last_err = None;
+    for _ in 0..50 {
+        if let Some(v) = admin::request(dir, &request).await? {
+            return Ok(v);
+        }
+        match open_offline(dir, matches!(request, Request::Rekey | Request::Verify)) {
+            Ok(admin) => {
+                let request = serde_json::to_value(&request)?;
+                let request: Request = serde_json::from_value(request)?;
+                return Ok(tokio::task::spawn_blocking(move || admin.execute(request)).await??);
+            }
+            Err(e) => last_err = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("could not reach the data dir")))
+}
+
+fn open_offline(dir: &Path, with_keys: bool) -> anyhow::Result<Admin> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let keyring = if with_keys {
+        Some(Arc::new(RwLock::new(Keyring::open_or_create(dir)?)))
+    } else {
+        None
+    };
+    let store = SledStore::open(&dir.join("db"))
+        .with_context(|| format!("opening store in {}", dir.display()))?;
+    Ok(Admin {
+        store: Arc::new(store),
+        keyring,
+    })
+}
+
+fn read_value(file: Option<&Path>) -> anyhow::Result<Zeroizing<String>> {
+    let mut buf = Zeroizing::new(String::new());
+    match file {
+        Some(path) => {
+            std::fs::File::open(path)
+                .and_then(|mut f| f.read_to_string(&mut buf))
+                .with_context(|| format!("reading {}", path.display()))?;
+        }
+        None => {
+            std::io::stdin()
+                .read_to_string(&mut buf)
+                .context("reading the value from stdin")?;
+        }
+    }
+    // A trailing newline from `echo` or an editor is not part of the value.
+    if buf.ends_with('\n') {
+        buf.pop();
+        if buf.ends_with('\r') {
+            buf.pop();
+        }
+    }
+    if buf.is_empty() {
+        bail!("the value is empty");
+    }
+    Ok(buf)
+}
+
+fn body(v: &Value) -> anyhow::Result<Option<Zeroizing<Vec<u8>>>> {
+    Ok(Some(Zeroizing::new(serde_json::to_vec(v)?)))
+}
+
+fn print(v: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn secret_command(api: ApiArgs, command: SecretCommand) -> anyhow::Result<()> {
+    let client = Client::new(&api.api_url, Zeroizing::new(api.api_key))?;
+    match command {
+        SecretCommand::Create {
+            name,
+            description,
+            hosts,
+            value_file,
+        } => {
+            let value = read_value(value_file.as_deref())?;
+            let mut req = json!({"name": name, "value": value.as_str()});
+            if let Some(d) = description {
+                req["description"] = json!(d);
+            }
+            if !hosts.is_empty() {
+                req["hosts"] = json!(hosts);
+            }
+            let b = body(&req)?;
+            // The JSON tree held the value too: overwrite it before it is dropped.
+            req["value"] = Value::Null;
+            let out = client.call(Method::POST, "/secret", &[], b).await?;
+            print(&out.unwrap_or(Value::Null))
+        }
+        SecretCommand::List { name } => {
+            let all = client.list_all(name.as_deref()).await?;
+            print(&Value::Array(all))
+        }
+        SecretCommand::Get { id } => {
+            let out = client
+                .call(Method::GET, &format!("/secret/{id}"), &[], None)
+                .await?;
+            print(&out.unwrap_or(Value::Null))
+        }
+        SecretCommand::Update {
+            id,
+            description,
+            hosts,
+            unrestricted,
+            value_file,
+            value_stdin,
+        } => {
+            let mut req = json!({});
+            let value = if value_stdin || value_file.is_some() {
+                Some(read_value(value_file.as_deref())?)
+            } else {
+                None
+            };
+            if let Some(v) = &value {
+                req["value"] = json!(v.as_str());
+            }
+            if let Some(d) = description {
+                req["description"] = json!(d);
+            }
+            if unrestricted {
+                req["hosts"] = json!([]);
+            } else if !hosts.is_empty() {
+                req["hosts"] = json!(hosts);
+            }
+            let b = body(&req)?;
+            req["value"] = Value::Null;
+            let out = client
+                .call(Method::PATCH, &format!("/secret/{id}"), &[], b)
+                .await?;
+            print(&out.unwrap_or(Value::Null))
+        }
+        SecretCommand::Delete { id } => {
+            client
+                .call(Method::DELETE, &format!("/secret/{id}"), &[], None)
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+            agent_socket,
+        } => {
+            let mut cfg = Config::load(config.as_deref())?;
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            if let Some(a) = agent_socket {
+                cfg.agent_socket = a;
+            }
+            daemon::serve(cfg).await
+        }
+        Command::Apikey { command } => match command {
+            ApikeyCommand::Create {
+                org,
+                permissions,
+                local,
+            } => {
+                let v = local_admin(&data_dir(&local)?, Request::CreateKey { org, permissions })
+                    .await?;
+                let key = Zeroizing::new(
+                    v["key"]
+                        .as_str()
+                        .context("daemon answered without a key")?
+                        .to_owned(),
+                );
+                println!("{}", key.as_str());
+                Ok(())
+            }
+            ApikeyCommand::List { local } => {
+                print(&local_admin(&data_dir(&local)?, Request::ListKeys).await?)
+            }
+            ApikeyCommand::Revoke { id, local } => {
+                local_admin(&data_dir(&local)?, Request::RevokeKey { id }).await?;
+                Ok(())
+            }
+        },
+        Command::Rekey { local } => print(&local_admin(&data_dir(&local)?, Request::Rekey).await?),
+        Command::Verify { local } => {
+            let v = local_admin(&data_dir(&local)?, Request::Verify).await?;
+            print(&v)?;
+            if v["ok"] != json!(true) {
+                bail!("verification failed");
+            }
+            Ok(())
+        }
+        Command::Secret { api, command } => secret_command(api, command).await,
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    });
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("veil-control: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("veil-control: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,464 @@
-//! Fixtures for veil-control tests.
+//! Fixtures for veil-control tests: a real `veil-control serve` on a temp data dir and a free
+//! loopback port, API keys made with `veil-control apikey create`, and a small HTTP helper.
+//! The daemon is killed by PID when the fixture drops (also on panic).
+
+use std::fs::File;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of the `veil-control` binary: `$VEIL_CONTROL_BIN` if set (e.g. a release build for load
+/// tests), else the one next to the running test executable.
+pub fn control_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("VEIL_CONTROL_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/veil-control
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("veil-control");
+    assert!(
+        bin.exists(),
+        "{} not found: build it with `cargo build -p control` (or run `cargo test --workspace`)",
+        bin.display()
+    );
+    bin
+}
+
+/// The target profile dir (`target/<profile>`), for shared test state like the Python venv.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind :0");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// Config for the test daemon: sandboxes under `veil-test.slice` (and the defaults).
+pub const TEST_CONFIG: &str = "[sandbox]\ncgroup_parents = [\"veil-test.slice\", \"veil.slice\"]\n";
+
+/// A running `veil-control serve`.
+#[derive(Debug)]
+pub struct Control {
+    child: Option<Child>,
+    /// Loopback port of the REST API.
+    pub port: u16,
+    /// The daemon's data dir.
+    pub data_dir: PathBuf,
+    /// Where the daemon's stderr goes (appended across restarts).
+    pub log_path: PathBuf,
+    config_path: PathBuf,
+    rust_log: String,
+    _tmp: tempfile::TempDir,
+}
+
+impl Control {
+    /// Starts a daemon on a fresh temp data dir.
+    pub fn start() -> Self {
+        Self::start_with_config(TEST_CONFIG)
+    }
+
+    /// Starts a daemon with this TOML config (data dir and listen address are set by flags).
+    pub fn start_with_config(config: &str) -> Self {
+        Self::start_with(config, "debug")
+    }
+
+    /// Starts a daemon with this TOML config and `RUST_LOG` filter.
+    pub fn start_with(config: &str, rust_log: &str) -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("veil-control-test-")
+            .tempdir()
+            .expect("tempdir");
+        let config_path = tmp.path().join("control.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut c = Self {
+            child: None,
+            port: free_port(),
+            data_dir: tmp.path().join("data"),
+            log_path: tmp.path().join("control.log"),
+            config_path,
+            rust_log: rust_log.to_owned(),
+            _tmp: tmp,
+        };
+        // The free port may be taken between probing and binding: retry on another one.
+        for attempt in 0.. {
+            match c.try_spawn() {
+                Ok(()) => break,
+                Err(e) if attempt < 3 && e.contains("binding 127.0.0.1") => c.port = free_port(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        c
+    }
+
+    /// Temp dir holding data dir, config and log.
+    pub fn tmp_path(&self) -> &Path {
+        self._tmp.path()
+    }
+
+    fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("open log");
+        let child = Command::new(control_bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .env("RUST_LOG", &self.rust_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn veil-control serve");
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(format!(
+                    "veil-control exited during start-up ({status}); log:\n{}",
+                    self.log()
+                ));
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(format!(
+                    "veil-control not ready after 20 s; log:\n{}",
+                    self.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// PID of the daemon.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILLs the daemon (our own child, by PID) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERMs the daemon and waits for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again on the same data dir and port (after `kill`/`stop`).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Starts the daemon if it is not running.
+    pub fn ensure_running(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
+    }
+
+    /// The API URL, `http://127.0.0.1:PORT/api`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/api", self.port)
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(&self.log_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Runs `veil-control ARGS` (with this data dir's env) and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(control_bin())
+            .args(args)
+            .env("VEIL_API_URL", self.url())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run veil-control")
+    }
+
+    /// Creates an API key via `veil-control apikey create` and returns it.
+    pub fn apikey(&self, org: &str, permissions: &[&str]) -> String {
+        let mut args = vec!["apikey", "create", "--org", org];
+        for p in permissions {
+            args.push("--permission");
+            args.push(p);
+        }
+        let dir = self.data_dir.to_str().expect("utf-8 path");
+        args.extend(["--data-dir", dir]);
+        let out = self.cli(&args);
+        assert!(
+            out.status.success(),
+            "apikey create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let key = String::from_utf8(out.stdout).expect("utf-8 key");
+        let key = key.trim_end_matches('\n');
+        assert!(!key.contains('\n'), "apikey create must print only the key");
+        key.to_owned()
+    }
+
+    /// An HTTP helper for this daemon.
+    pub fn api(&self) -> Api {
+        Api::new(&self.url())
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A status and a parsed JSON body (Null when empty or not JSON).
+pub type Reply = (u16, Value);
+
+/// Minimal JSON-over-HTTP helper.
+#[derive(Clone, Debug)]
+pub struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    /// Helper for the API at `base` (with `/api`).
+    pub fn new(base: &str) -> Self {
+        Self {
+            base: base.to_owned(),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .expect("client"),
+        }
+    }
+
+    /// Sends a request; `key` None sends no Authorization; `body` is sent as JSON.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&Value>,
+    ) -> Reply {
+        match self.try_send(method, path, key, body).await {
+            Ok(reply) => reply,
+            Err(e) => panic!("HTTP {method} {path}: {e}"),
+        }
+    }
+
+    /// Like [`Api::send`], but a transport failure (daemon gone) is an `Err`.
+    pub async fn try_send(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<Reply, String> {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+
+    /// Sends raw bytes with a given content type.
+    pub async fn send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Reply {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .body(body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().await.expect("HTTP request");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.expect("body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// GET.
+    pub async fn get(&self, path: &str, key: &str) -> Reply {
+        self.send("GET", path, Some(key), None).await
+    }
+
+    /// POST JSON.
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> Reply {
+        self.send("POST", path, Some(key), Some(&body)).await
+    }
+
+    /// PATCH JSON.
+    pub async fn patch(&self, path: &str, key: &str, body: Value) -> Reply {
+        self.send("PATCH", path, Some(key), Some(&body)).await
+    }
+
+    /// PUT JSON.
+    pub async fn put(&self, path: &str, key: &str, body: Value) -> Reply {
+        self.send("PUT", path, Some(key), Some(&body)).await
+    }
+
+    /// DELETE.
+    pub async fn delete(&self, path: &str, key: &str) -> Reply {
+        self.send("DELETE", path, Some(key), None).await
+    }
+
+    /// Creates a secret and returns its JSON, asserting 201.
+    pub async fn create_secret(&self, key: &str, name: &str, value: &str, hosts: &[&str]) -> Value {
+        let (status, body) = self
+            .post(
+                "/secret",
+                key,
+                serde_json::json!({"name": name, "value": value, "hosts": hosts}),
+            )
+            .await;
+        assert_eq!(status, 201, "create {name}: {body}");
+        body
+    }
+}
+
+/// Asserts an error reply has the NestJS shape with this status.
+pub fn assert_error(reply: &Reply, status: u16) {
+    assert_eq!(reply.0, status, "unexpected reply {}", reply.1);
+    assert_eq!(reply.1["statusCode"], status, "statusCode in {}", reply.1);
+    assert!(reply.1["message"].is_string(), "message in {}", reply.1);
+    assert!(reply.1["error"].is_string(), "error in {}", reply.1);
+}
+
+/// A random alphanumeric string of `n` characters (for distinctive test values).
+pub fn random_token(n: usize) -> String {
+    use rand::Rng;
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(n)
+        .map(char::from)
+        .collect()
+}
+
+/// Pinned Daytona SDK version for the compatibility test.
+pub const DAYTONA_SDK: &str = "daytona==0.226.1";
+
+/// A Python venv at `<target dir>/test-venv` with the Daytona SDK, created on first use under
+/// a file lock (concurrent test binaries wait for one installer). Returns the venv's python.
+pub fn daytona_venv() -> PathBuf {
+    let target = target_dir().parent().expect("target dir").to_path_buf();
+    let venv = target.join("test-venv");
+    let python = venv.join("bin").join("python");
+    let marker = venv.join(format!(".installed-{DAYTONA_SDK}"));
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(target.join("test-venv.lock"))
+        .expect("open venv lock");
+    lock.lock().expect("lock venv");
+    if !marker.exists() {
+        if !python.exists() {
+            let out = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .output()
+                .expect("python3 -m venv");
+            assert!(
+                out.status.success(),
+                "python3 -m venv failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = Command::new(venv.join("bin").join("pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                DAYTONA_SDK,
+            ])
+            .output()
+            .expect("pip install");
+        assert!(
+            out.status.success(),
+            "pip install {DAYTONA_SDK} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(&marker, b"").expect("write marker");
+    }
+    drop(lock);
+    python
+}

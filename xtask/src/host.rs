@@ -11,6 +11,8 @@ pub const TEST_PACKAGES: &[&str] = &[
     "curl",
     "iproute2",
     "procps",
+    "python3",
+    "python3-venv",
     "util-linux",
 ];
 

@@ -1,0 +1,271 @@
+//! The REST API under `/api`: shared state, authentication, JSON body handling, the router.
+
+pub mod audit;
+pub mod error;
+pub mod keys;
+pub mod openapi;
+pub mod sandboxes;
+pub mod secrets;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Query};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use serde_json::{Map, Value};
+
+use crate::agent_link::AgentLink;
+use crate::auth::{self, Permission};
+use crate::config::Config;
+use crate::crypto::Keyring;
+use crate::store::Store;
+pub use error::ApiError;
+
+/// Largest accepted request body (a 64 KiB value JSON-escaped fits comfortably).
+const BODY_LIMIT: usize = 512 * 1024;
+
+/// Everything handlers share.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// Persistent state.
+    pub store: Arc<dyn Store>,
+    /// Master keys.
+    pub keyring: Arc<RwLock<Keyring>>,
+    /// Daemon configuration.
+    pub config: Arc<Config>,
+    /// The agent seam.
+    pub agent: Arc<dyn AgentLink>,
+}
+
+/// Runs blocking store/crypto work off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal("blocking task", e))?
+}
+
+/// The authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// API key id (the audit's actor).
+    pub key_id: String,
+    /// The key's organization.
+    pub org: String,
+    /// The key's permissions.
+    pub permissions: Vec<Permission>,
+}
+
+impl Caller {
+    /// 403 unless the key carries `needed` (or `admin`).
+    pub fn require(&self, needed: Permission) -> Result<(), ApiError> {
+        if auth::permits(&self.permissions, needed) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "this API key lacks the {needed} permission"
+            )))
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let missing =
+            || ApiError::Unauthorized("missing API key (Authorization: Bearer <key>)".into());
+        let invalid = || ApiError::Unauthorized("invalid API key".into());
+        let value = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(missing)?
+            .to_str()
+            .map_err(|_| invalid())?;
+        let (scheme, key) = value.split_once(' ').ok_or_else(invalid)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(invalid());
+        }
+        let key = key.trim();
+        let id = auth::key_id(key).ok_or_else(invalid)?;
+        let record = state
+            .store
+            .api_key(id)
+            .map_err(|e| ApiError::from_store(e, "api key"))?
+            .ok_or_else(invalid)?;
+        if !auth::verify(&record, key) {
+            return Err(invalid());
+        }
+        Ok(Caller {
+            key_id: record.id,
+            org: record.org,
+            permissions: record.permissions,
+        })
+    }
+}
+
+/// Parses a JSON object body after checking the content type; sizes are capped by the router.
+pub fn json_object(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Map<String, Value>, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::UnsupportedMediaType(
+            "Content-Type must be application/json".into(),
+        ));
+    }
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!("request body exceeds {BODY_LIMIT} bytes"))
+        } else {
+            ApiError::BadRequest("could not read request body".into())
+        }
+    })?;
+    // The body may hold a value: copy it into a buffer that is wiped when parsing is done.
+    let body = zeroize::Zeroizing::new(body.to_vec());
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "malformed JSON at line {} column {}",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    match value {
+        Value::Object(map) => Ok(map),
+        _ => Err(ApiError::BadRequest(
+            "request body must be a JSON object".into(),
+        )),
+    }
+}
+
+/// Rejects fields not in `allowed`, naming them.
+pub fn only_fields(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+    let unknown: Vec<&str> = map
+        .keys()
+        .filter(|k| !allowed.contains(&k.as_str()))
+        .map(String::as_str)
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "unknown field(s): {}",
+            unknown.join(", ")
+        )))
+    }
+}
+
+/// A field that must be a string when present and not null.
+pub fn opt_string(map: &mut Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
+    match map.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::BadRequest(format!("{field} must be a string"))),
+    }
+}
+
+/// A field that must be an array of strings when present and not null.
+pub fn opt_string_array(
+    map: &mut Map<String, Value>,
+    field: &str,
+) -> Result<Option<Vec<String>>, ApiError> {
+    match map.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(ApiError::BadRequest(format!(
+                    "{field} must be an array of strings"
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "{field} must be an array of strings"
+        ))),
+    }
+}
+
+/// Query parameters as a map; malformed query strings are a 400.
+pub fn query_map(
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<HashMap<String, String>, ApiError> {
+    q.map(|Query(m)| m)
+        .map_err(|_| ApiError::BadRequest("malformed query string".into()))
+}
+
+/// Parses `limit` (1..=200, default 100).
+pub fn parse_limit(q: &HashMap<String, String>) -> Result<usize, ApiError> {
+    match q.get("limit").map(String::as_str) {
+        None | Some("") => Ok(100),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=200).contains(&n) => Ok(n),
+            _ => Err(ApiError::BadRequest(
+                "limit must be an integer between 1 and 200".into(),
+            )),
+        },
+    }
+}
+
+/// Logs each request's method, path, status and latency (never bodies or query strings).
+async fn log_request(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let start = std::time::Instant::now();
+    let resp = next.run(req).await;
+    tracing::debug!(
+        target: "veil::http",
+        %method,
+        %path,
+        status = resp.status().as_u16(),
+        micros = start.elapsed().as_micros() as u64,
+        "request"
+    );
+    resp
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+async fn method_not_allowed() -> impl IntoResponse {
+    let status = StatusCode::METHOD_NOT_ALLOWED;
+    let body = serde_json::json!({
+        "statusCode": status.as_u16(),
+        "message": "method not allowed on this route",
+        "error": "Method Not Allowed",
+    });
+    (status, axum::Json(body))
+}
+
+/// The full application: `/api/...` routes, JSON errors for everything else.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .merge(secrets::router())
+        .merge(sandboxes::router())
+        .merge(audit::router())
+        .merge(keys::router())
+        .merge(openapi::router());
+    Router::new()
+        .nest("/api", api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(log_request))
+        .with_state(state)
+}

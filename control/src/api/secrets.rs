@@ -1,0 +1,416 @@
+//! `/api/secret…`: create, list, paginate, get, update, delete. No route returns a value.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rand::RngCore;
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use super::{
+    ApiError, AppState, Caller, blocking, json_object, only_fields, opt_string, opt_string_array,
+    parse_limit, query_map,
+};
+use crate::agent_link::AgentEvent;
+use crate::api::audit::entry;
+use crate::auth::Permission;
+use crate::crypto::RecordBinding;
+use crate::hostpattern::HostPattern;
+use crate::paginate::{Cursor, Order, SortField, SortValue};
+use crate::store::{SecretPageQuery, SecretRecord, StoreError};
+use crate::timefmt::{now_ms, rfc3339};
+use crate::validate;
+
+/// Routes of this resource.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/secret", post(create).get(list))
+        .route("/secret/paginated", get(paginated))
+        .route("/secret/{id}", get(get_one).patch(update).delete(remove))
+}
+
+/// The public view of a secret: metadata only.
+pub fn view(s: &SecretRecord) -> Value {
+    json!({
+        "id": s.id,
+        "name": s.name,
+        "description": s.description,
+        "placeholder": s.placeholder,
+        "hosts": s.hosts,
+        "createdAt": rfc3339(s.created_at),
+        "updatedAt": rfc3339(s.updated_at),
+    })
+}
+
+/// A random UUID v4 string.
+pub fn new_uuid() -> String {
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn new_placeholder(prefix: &str) -> String {
+    // 192 random bits, hex: safe in URLs, headers and shells.
+    let mut b = [0u8; 24];
+    rand::rng().fill_bytes(&mut b);
+    format!("{prefix}{}", hex::encode(b))
+}
+
+/// Validates and normalises a hosts list (deduplicated, order kept).
+pub fn parse_hosts(hosts: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if hosts.len() > validate::MAX_HOSTS {
+        return Err(ApiError::BadRequest(format!(
+            "hosts may list at most {} entries",
+            validate::MAX_HOSTS
+        )));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(hosts.len());
+    for (i, host) in hosts.iter().enumerate() {
+        let pattern = HostPattern::parse(host)
+            .map_err(|e| ApiError::BadRequest(format!("hosts[{i}] {host:?}: {e}")))?
+            .to_string();
+        if !out.contains(&pattern) {
+            out.push(pattern);
+        }
+    }
+    Ok(out)
+}
+
+fn bad(msg: String) -> ApiError {
+    ApiError::BadRequest(msg)
+}
+
+fn parse_description(d: Option<String>) -> Result<Option<String>, ApiError> {
+    match d {
+        Some(d) => {
+            validate::description(&d).map_err(bad)?;
+            Ok(Some(d))
+        }
+        None => Ok(None),
+    }
+}
+
+async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require(Permission::ManageSecrets)?;
+    let mut map = json_object(&headers, body)?;
+    // Move the value into a wiped buffer before anything else can fail and drop the map.
+    let value = opt_string(&mut map, "value")?.map(Zeroizing::new);
+    only_fields(&map, &["name", "description", "hosts"])?;
+    let value = value.ok_or_else(|| bad("value is required".into()))?;
+    let name = opt_string(&mut map, "name")?.ok_or_else(|| bad("name is required".into()))?;
+    validate::secret_name(&name).map_err(bad)?;
+    validate::secret_value(&value).map_err(bad)?;
+    let description = parse_description(opt_string(&mut map, "description")?)?;
+    let hosts = parse_hosts(opt_string_array(&mut map, "hosts")?.unwrap_or_default())?;
+    let now = now_ms();
+    let id = new_uuid();
+    let placeholder = new_placeholder(&state.config.placeholder_prefix);
+    let st = state.clone();
+    let caller2 = caller.clone();
+    let record = blocking(move || {
+        // Hold the keyring across seal and write so a rekey cannot retire the sealing key
+        // before this record is stored.
+        let ring = st
+            .keyring
+            .read()
+            .map_err(|_| ApiError::internal("keyring", "poisoned"))?;
+        let sealed = ring
+            .seal(
+                RecordBinding {
+                    org: &caller2.org,
+                    secret_id: &id,
+                    revision: 1,
+                },
+                value.as_bytes(),
+            )
+            .map_err(|e| ApiError::internal("seal", e))?;
+        let record = SecretRecord {
+            id: id.clone(),
+            org: caller2.org.clone(),
+            name: name.clone(),
+            description,
+            hosts: hosts.clone(),
+            placeholder,
+            created_at: now,
+            updated_at: now,
+            revision: 1,
+            sealed,
+        };
+        let audit = entry(
+            &caller2,
+            "secret.create",
+            "secret",
+            &id,
+            Some(&name),
+            json!({
+                "name": {"to": name},
+                "value": {"to": "***"},
+                "description": {"to": record.description},
+                "hosts": {"to": hosts, "unrestricted": hosts.is_empty()},
+            }),
+        );
+        st.store
+            .insert_secret(&record, audit)
+            .map_err(|e| ApiError::from_store(e, "secret"))?;
+        Ok(record)
+    })
+    .await?;
+    let _ = state
+        .agent
+        .notify(AgentEvent::SecretChanged {
+            id: record.id.clone(),
+        })
+        .await;
+    Ok((StatusCode::CREATED, Json(view(&record))))
+}
+
+async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require(Permission::ManageSecrets)?;
+    let mut all = blocking(move || {
+        state
+            .store
+            .list_secrets(&caller.org)
+            .map_err(|e| ApiError::from_store(e, "secret"))
+    })
+    .await?;
+    all.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
+    Ok(Json(Value::Array(all.iter().map(view).collect())))
+}
+
+fn sort_value(s: &SecretRecord, field: SortField) -> (SortValue, String) {
+    let v = match field {
+        SortField::Name => SortValue::Text(s.name.clone()),
+        SortField::CreatedAt => SortValue::Time(s.created_at),
+        SortField::UpdatedAt => SortValue::Time(s.updated_at),
+    };
+    (v, s.id.clone())
+}
+
+async fn paginated(
+    State(state): State<AppState>,
+    caller: Caller,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Permission::ManageSecrets)?;
+    let q = query_map(q)?;
+    let limit = parse_limit(&q)?;
+    let cursor = match q.get("cursor").map(String::as_str) {
+        None | Some("") => None,
+        Some(c) => Some(Cursor::decode(c).map_err(bad)?),
+    };
+    let sort = match q.get("sort").map(String::as_str) {
+        None | Some("") => cursor.as_ref().map_or(SortField::CreatedAt, |c| c.s),
+        Some(s) => SortField::parse(s).map_err(bad)?,
+    };
+    let order = match q.get("order").map(String::as_str) {
+        None | Some("") => cursor.as_ref().map_or(Order::Desc, |c| c.o),
+        Some(o) => Order::parse(o).map_err(bad)?,
+    };
+    if let Some(c) = &cursor
+        && (c.s != sort || c.o != order)
+    {
+        return Err(bad("cursor was issued for a different sort or order".into()));
+    }
+    let filter = q
+        .get("name")
+        .filter(|n| !n.is_empty())
+        .map(|n| n.to_lowercase());
+    let st = state.clone();
+    let org = caller.org.clone();
+    let page = blocking(move || {
+        st.store
+            .page_secrets(
+                &org,
+                &SecretPageQuery {
+                    sort,
+                    order,
+                    after: cursor.as_ref(),
+                    limit,
+                    name_contains: filter.as_deref(),
+                },
+            )
+            .map_err(|e| ApiError::from_store(e, "secret"))
+    })
+    .await?;
+    let next = if page.more {
+        page.items.last().map(|s| {
+            let (v, i) = sort_value(s, sort);
+            Cursor {
+                s: sort,
+                o: order,
+                v,
+                i,
+            }
+            .encode()
+        })
+    } else {
+        None
+    };
+    Ok(Json(json!({
+        "items": page.items.iter().map(view).collect::<Vec<_>>(),
+        "total": page.total,
+        "nextCursor": next,
+    })))
+}
+
+async fn get_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Permission::ManageSecrets)?;
+    let s = state
+        .store
+        .secret(&caller.org, &id)
+        .map_err(|e| ApiError::from_store(e, "secret"))?
+        .ok_or_else(|| ApiError::NotFound(format!("secret {id} not found")))?;
+    Ok(Json(view(&s)))
+}
+
+async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Permission::ManageSecrets)?;
+    let mut map = json_object(&headers, body)?;
+    let value = opt_string(&mut map, "value")?.map(Zeroizing::new);
+    only_fields(&map, &["description", "hosts"])?;
+    if let Some(v) = &value {
+        validate::secret_value(v).map_err(bad)?;
+    }
+    let description = parse_description(opt_string(&mut map, "description")?)?;
+    let hosts = match opt_string_array(&mut map, "hosts")? {
+        Some(h) => Some(parse_hosts(h)?),
+        None => None,
+    };
+    if value.is_none() && description.is_none() && hosts.is_none() {
+        // Nothing to change: answer like a GET, without a write or an audit entry.
+        return get_one(State(state), caller, Path(id)).await;
+    }
+    let st = state.clone();
+    let caller2 = caller.clone();
+    let id2 = id.clone();
+    let record = blocking(move || {
+        let ring = st
+            .keyring
+            .read()
+            .map_err(|_| ApiError::internal("keyring", "poisoned"))?;
+        let mut change = |old: &SecretRecord| {
+            let mut new = old.clone();
+            let mut changes = serde_json::Map::new();
+            if let Some(v) = &value {
+                new.revision = old.revision + 1;
+                new.sealed = ring
+                    .seal(
+                        RecordBinding {
+                            org: &new.org,
+                            secret_id: &new.id,
+                            revision: new.revision,
+                        },
+                        v.as_bytes(),
+                    )
+                    .map_err(|e| StoreError::Backend(format!("seal: {e}")))?;
+                changes.insert("value".into(), json!({"from": "***", "to": "***"}));
+            }
+            if let Some(d) = &description {
+                // An empty description clears it.
+                let d = (!d.is_empty()).then(|| d.clone());
+                if d != old.description {
+                    changes.insert(
+                        "description".into(),
+                        json!({"from": old.description, "to": d}),
+                    );
+                }
+                new.description = d;
+            }
+            if let Some(h) = &hosts
+                && *h != old.hosts
+            {
+                let mut c = json!({"from": old.hosts, "to": h});
+                if h.is_empty() {
+                    // Widening to every host is the change an auditor most needs to see.
+                    c["unrestricted"] = json!(true);
+                    c["widened"] = json!(true);
+                }
+                changes.insert("hosts".into(), c);
+                new.hosts = h.clone();
+            }
+            new.updated_at = now_ms().max(old.updated_at);
+            let audit = entry(
+                &caller2,
+                "secret.update",
+                "secret",
+                &old.id,
+                Some(&old.name),
+                Value::Object(changes),
+            );
+            Ok((new, audit))
+        };
+        st.store
+            .update_secret(&caller2.org, &id2, &mut change)
+            .map_err(|e| match e {
+                StoreError::NotFound => ApiError::NotFound(format!("secret {id2} not found")),
+                e => ApiError::from_store(e, "secret"),
+            })
+    })
+    .await?;
+    let _ = state
+        .agent
+        .notify(AgentEvent::SecretChanged { id: id.clone() })
+        .await;
+    Ok(Json(view(&record)))
+}
+
+async fn remove(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Permission::ManageSecrets)?;
+    let st = state.clone();
+    let caller2 = caller.clone();
+    let id2 = id.clone();
+    blocking(move || {
+        st.store
+            .delete_secret(&caller2.org, &id2, &mut |old| {
+                entry(
+                    &caller2,
+                    "secret.delete",
+                    "secret",
+                    &old.id,
+                    Some(&old.name),
+                    json!({"value": {"from": "***"}}),
+                )
+            })
+            .map_err(|e| match e {
+                StoreError::NotFound => ApiError::NotFound(format!("secret {id2} not found")),
+                e => ApiError::from_store(e, "secret"),
+            })
+    })
+    .await?;
+    let _ = state.agent.notify(AgentEvent::SecretChanged { id }).await;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,178 @@
+//! Daemon configuration: a TOML file where every key has a default that works on one host.
+//!
+//! ```toml
+//! listen = "127.0.0.1:3900"
+//! data_dir = "/var/lib/veil/control"
+//! agent_socket = "/run/veil/control-agent.sock"
+//! placeholder_prefix = "veil_secret_"
+//! [sandbox]
+//! cgroup_parents = ["veil.slice", "system.slice"]
+//! [agent]
+//! required = false
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors reading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("parsing config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole daemon configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// REST listen address (loopback by default).
+    pub listen: SocketAddr,
+    /// Where the sled store, key files and admin socket live.
+    pub data_dir: PathBuf,
+    /// The local socket the agent(s) connect to.
+    pub agent_socket: PathBuf,
+    /// Prefix of generated placeholders.
+    pub placeholder_prefix: String,
+    /// Sandbox registration rules.
+    pub sandbox: SandboxConfig,
+    /// Agent link behaviour.
+    pub agent: AgentConfig,
+}
+
+/// Sandbox registration rules.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// cgroup v2 paths (relative to the cgroup2 root) under which sandboxes may be registered.
+    pub cgroup_parents: Vec<String>,
+}
+
+/// Agent link behaviour.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// When true, a sandbox PUT fails unless an agent acknowledged it.
+    pub required: bool,
+}
+
+/// Default REST port.
+pub const DEFAULT_PORT: u16 = 3900;
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            data_dir: PathBuf::from("/var/lib/veil/control"),
+            agent_socket: PathBuf::from("/run/veil/control-agent.sock"),
+            placeholder_prefix: "veil_secret_".to_owned(),
+            sandbox: SandboxConfig::default(),
+            agent: AgentConfig::default(),
+        }
+    }
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            cgroup_parents: vec!["veil.slice".to_owned(), "system.slice".to_owned()],
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` if given, else the defaults; then validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let config = match path {
+            None => Self::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_owned(),
+                    source,
+                })?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.placeholder_prefix;
+        if p.is_empty()
+            || p.len() > 32
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(ConfigError::Invalid(
+                "placeholder_prefix must be 1-32 characters of [A-Za-z0-9_-]".into(),
+            ));
+        }
+        for parent in &self.sandbox.cgroup_parents {
+            let trimmed = parent.trim_matches('/');
+            if trimmed.is_empty()
+                || trimmed
+                    .split('/')
+                    .any(|c| c.is_empty() || c == "." || c == "..")
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "sandbox.cgroup_parents entry {parent:?} is not a relative cgroup path"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.listen.port(), DEFAULT_PORT);
+        assert!(c.listen.ip().is_loopback());
+        assert_eq!(c.placeholder_prefix, "veil_secret_");
+        assert!(!c.agent.required);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn partial_file_and_validation() {
+        let c: Config =
+            toml::from_str("placeholder_prefix = \"x_\"\n[sandbox]\ncgroup_parents = [\"a/b\"]\n")
+                .unwrap();
+        assert_eq!(c.placeholder_prefix, "x_");
+        assert_eq!(c.sandbox.cgroup_parents, vec!["a/b"]);
+        c.validate().unwrap();
+        let bad: Config = toml::from_str("placeholder_prefix = \"a b\"").unwrap();
+        assert!(bad.validate().is_err());
+        let bad: Config = toml::from_str("[sandbox]\ncgroup_parents = [\"../x\"]").unwrap();
+        assert!(bad.validate().is_err());
+        assert!(toml::from_str::<Config>("nope = 1").is_err());
+    }
+}

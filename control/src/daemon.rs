@@ -1,0 +1,90 @@
+//! `veil-control serve`: open the data dir, finish any interrupted rekey, serve REST and the
+//! admin socket until SIGTERM/SIGINT.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+
+use crate::admin::{self, Admin};
+use crate::agent_link::NoAgent;
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::crypto::Keyring;
+use crate::store::Store;
+use crate::store::sled::SledStore;
+
+/// The opened data dir.
+type Opened = (Arc<dyn Store>, Arc<RwLock<Keyring>>);
+
+/// Opens the data dir: creates it (0700) if new, loads or creates the master key, opens the store.
+pub fn open_data_dir(config: &Config) -> anyhow::Result<Opened> {
+    let dir = &config.data_dir;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating data dir {}", dir.display()))?;
+    }
+    let keyring = Keyring::open_or_create(dir).context("opening master keys")?;
+    let store = SledStore::open(&dir.join("db")).with_context(|| {
+        format!(
+            "opening store in {} (is another veil-control running?)",
+            dir.display()
+        )
+    })?;
+    Ok((Arc::new(store), Arc::new(RwLock::new(keyring))))
+}
+
+/// Runs the daemon until a termination signal.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let (store, keyring) = open_data_dir(&config)?;
+    let admin = Admin {
+        store: store.clone(),
+        keyring: Some(keyring.clone()),
+    };
+    let pending = keyring
+        .read()
+        .map_err(|_| anyhow::anyhow!("keyring poisoned"))?
+        .key_ids()
+        .len();
+    if pending > 1 {
+        tracing::warn!("found several master keys: completing an interrupted rekey");
+        let a = admin.clone();
+        let report = tokio::task::spawn_blocking(move || a.finish_rekey()).await??;
+        tracing::info!(resealed = report.resealed, retired = ?report.retired, "rekey completed");
+    }
+    let admin_task = admin::serve(admin, &config.data_dir).context("binding admin socket")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let local = listener.local_addr()?;
+    let state = AppState {
+        store,
+        keyring,
+        config: Arc::new(config.clone()),
+        agent: Arc::new(NoAgent),
+    };
+    tracing::info!(listen = %local, data_dir = %config.data_dir.display(), "veil-control ready");
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving")?;
+    admin_task.abort();
+    let _ = std::fs::remove_file(admin::socket_path(&config.data_dir));
+    tracing::info!("veil-control stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,19 @@
+//! veil-control: the encrypted secret store and the Daytona-compatible REST API.
+#![forbid(unsafe_op_in_unsafe_fn)]
+#![deny(missing_docs)]
+// Tests may unwrap (house rule); production code is still checked by the non-test build.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod admin;
+pub mod agent_link;
+pub mod api;
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod crypto;
+pub mod daemon;
+pub mod hostpattern;
+pub mod paginate;
+pub mod store;
+pub mod timefmt;
+pub mod validate;

@@ -1,0 +1,258 @@
+//! Persistent state behind a backend-neutral trait; every write is durable when it returns.
+//!
+//! Records hold only sealed values (see [`crate::crypto`]); the store never sees plaintext.
+
+pub mod sled;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Permission;
+use crate::crypto::Sealed;
+use crate::paginate::{Cursor, Order, SortField};
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness rule was violated; the message names it.
+    #[error("{0}")]
+    Conflict(String),
+    /// The object does not exist (or belongs to another organization).
+    #[error("not found")]
+    NotFound,
+    /// The caller rejected the change (validation inside a read-modify-write).
+    #[error("{0}")]
+    Rejected(String),
+    /// The backend failed.
+    #[error("storage backend: {0}")]
+    Backend(String),
+    /// A stored record does not parse.
+    #[error("corrupt record in {tree}: {detail}")]
+    Corrupt {
+        /// Where.
+        tree: &'static str,
+        /// What.
+        detail: String,
+    },
+}
+
+/// An organization; created implicitly with its first API key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OrgRecord {
+    /// Organization name (its id).
+    pub name: String,
+    /// Creation time, ms since the epoch.
+    pub created_at: i64,
+}
+
+/// An API key; only the SHA-256 of the key is stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    /// Public key id (part of the key string).
+    pub id: String,
+    /// Owning organization.
+    pub org: String,
+    /// Granted permissions.
+    pub permissions: Vec<Permission>,
+    /// Hex SHA-256 of the full key.
+    pub hash: String,
+    /// Creation time, ms since the epoch.
+    pub created_at: i64,
+}
+
+/// A secret: metadata plus its sealed value.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SecretRecord {
+    /// Globally unique id.
+    pub id: String,
+    /// Owning organization.
+    pub org: String,
+    /// Name, unique per organization.
+    pub name: String,
+    /// Optional description.
+    pub description: Option<String>,
+    /// Normalised host patterns; empty = unrestricted.
+    pub hosts: Vec<String>,
+    /// Placeholder token, unique across the store, never changes.
+    pub placeholder: String,
+    /// Creation time, ms since the epoch.
+    pub created_at: i64,
+    /// Last update time, ms since the epoch.
+    pub updated_at: i64,
+    /// Value revision, bumped on every value change; part of the ciphertext binding.
+    pub revision: u64,
+    /// The sealed value.
+    pub sealed: Sealed,
+}
+
+/// One environment variable of a sandbox bound to a secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// Environment variable name.
+    pub env: String,
+    /// The secret's id (a deleted and recreated name does not silently re-attach).
+    pub secret_id: String,
+    /// The secret's name at mount time.
+    pub secret_name: String,
+}
+
+/// A registered sandbox.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    /// Sandbox id, unique across organizations.
+    pub id: String,
+    /// Owning organization.
+    pub org: String,
+    /// cgroup v2 path relative to the cgroup2 root (no leading `/`).
+    pub cgroup: String,
+    /// Network namespace path, if the sandbox has its own.
+    pub netns: Option<String>,
+    /// Mounted secrets.
+    pub mounts: Vec<Mount>,
+    /// Creation time, ms since the epoch.
+    pub created_at: i64,
+    /// Last update time, ms since the epoch.
+    pub updated_at: i64,
+}
+
+/// An audit entry; values never appear in it (masked as `***`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Sequence number, assigned by the store (monotonic).
+    #[serde(default)]
+    pub seq: u64,
+    /// Time, ms since the epoch.
+    pub time: i64,
+    /// Actor: API key id, or `local-admin` for host administration.
+    pub actor: String,
+    /// Organization the change happened in.
+    pub org: String,
+    /// Action, like `secret.create`.
+    pub action: String,
+    /// Target kind: `secret`, `apikey`, `sandbox`.
+    pub target_type: String,
+    /// Target id.
+    pub target_id: String,
+    /// Target name, where it has one.
+    pub target_name: Option<String>,
+    /// Changed fields: `{field: {"from": …, "to": …}}`, values as `***`.
+    pub changes: serde_json::Value,
+}
+
+/// A request for one page of secrets.
+#[derive(Clone, Copy, Debug)]
+pub struct SecretPageQuery<'a> {
+    /// Sort field.
+    pub sort: SortField,
+    /// Direction.
+    pub order: Order,
+    /// Continue strictly after this position.
+    pub after: Option<&'a Cursor>,
+    /// Page size.
+    pub limit: usize,
+    /// Lower-cased partial name filter.
+    pub name_contains: Option<&'a str>,
+}
+
+/// One page of secrets.
+#[derive(Debug)]
+pub struct SecretPage {
+    /// The page.
+    pub items: Vec<SecretRecord>,
+    /// How many secrets match overall.
+    pub total: usize,
+    /// Whether more follow.
+    pub more: bool,
+}
+
+/// Direction of an audit page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Oldest first.
+    Asc,
+    /// Newest first.
+    Desc,
+}
+
+/// A read-modify-write step for a secret: the new record and its audit entry.
+pub type SecretChange<'a> =
+    &'a mut dyn FnMut(&SecretRecord) -> Result<(SecretRecord, AuditRecord), StoreError>;
+/// A read-modify-write step for a sandbox: the new record and its audit entry.
+pub type SandboxChange<'a> =
+    &'a mut dyn FnMut(&SandboxRecord) -> Result<(SandboxRecord, AuditRecord), StoreError>;
+
+/// The storage interface; implementations make each write durable before returning.
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Stores a new API key, creating its organization if new.
+    fn create_api_key(&self, key: &ApiKeyRecord, audit: AuditRecord) -> Result<(), StoreError>;
+    /// Looks up an API key by id.
+    fn api_key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// Every API key.
+    fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Deletes an API key.
+    fn revoke_api_key(&self, id: &str, audit: AuditRecord) -> Result<ApiKeyRecord, StoreError>;
+    /// Every organization.
+    fn list_orgs(&self) -> Result<Vec<OrgRecord>, StoreError>;
+
+    /// Inserts a secret; `Conflict` if the name exists in its org or the placeholder anywhere.
+    fn insert_secret(&self, secret: &SecretRecord, audit: AuditRecord) -> Result<(), StoreError>;
+    /// A secret of `org` by id.
+    fn secret(&self, org: &str, id: &str) -> Result<Option<SecretRecord>, StoreError>;
+    /// Every secret of `org`.
+    fn list_secrets(&self, org: &str) -> Result<Vec<SecretRecord>, StoreError>;
+    /// A secret of `org` by name.
+    fn secret_by_name(&self, org: &str, name: &str) -> Result<Option<SecretRecord>, StoreError>;
+    /// One keyset page of `org`'s secrets.
+    fn page_secrets(&self, org: &str, q: &SecretPageQuery<'_>) -> Result<SecretPage, StoreError>;
+    /// Read-modify-write of one secret; `change` returns the new record and its audit entry.
+    fn update_secret(
+        &self,
+        org: &str,
+        id: &str,
+        change: SecretChange<'_>,
+    ) -> Result<SecretRecord, StoreError>;
+    /// Deletes a secret.
+    fn delete_secret(
+        &self,
+        org: &str,
+        id: &str,
+        audit: &mut dyn FnMut(&SecretRecord) -> AuditRecord,
+    ) -> Result<SecretRecord, StoreError>;
+    /// Re-seals every secret whose key is not `active_key` (rekey); returns how many.
+    fn reseal_all(
+        &self,
+        active_key: &str,
+        reseal: &mut dyn FnMut(&SecretRecord) -> Result<Sealed, StoreError>,
+    ) -> Result<usize, StoreError>;
+    /// Ids of keys referenced by any secret.
+    fn key_ids_in_use(&self) -> Result<Vec<String>, StoreError>;
+    /// Every secret of every organization (for verification tools).
+    fn all_secrets(&self) -> Result<Vec<SecretRecord>, StoreError>;
+    /// Cross-checks records against their indexes; returns every inconsistency found.
+    fn check_consistency(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Creates or replaces a sandbox; `NotFound` if the id belongs to another org, `Conflict`
+    /// if another sandbox holds the cgroup.
+    fn put_sandbox(&self, sandbox: &SandboxRecord, audit: AuditRecord) -> Result<bool, StoreError>;
+    /// Every registered sandbox (for the agent link's snapshot).
+    fn list_sandboxes(&self) -> Result<Vec<SandboxRecord>, StoreError>;
+    /// A sandbox by id (any org; the caller checks ownership).
+    fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, StoreError>;
+    /// Replaces a sandbox's mounts (read-modify-write).
+    fn update_sandbox(
+        &self,
+        org: &str,
+        id: &str,
+        change: SandboxChange<'_>,
+    ) -> Result<SandboxRecord, StoreError>;
+    /// Deletes a sandbox of `org`.
+    fn delete_sandbox(&self, org: &str, id: &str, audit: AuditRecord) -> Result<(), StoreError>;
+
+    /// A page of `org`'s audit entries after the cursor sequence, in `dir` order.
+    fn audit_page(
+        &self,
+        org: &str,
+        after: Option<u64>,
+        limit: usize,
+        dir: Direction,
+    ) -> Result<(Vec<AuditRecord>, usize), StoreError>;
+}

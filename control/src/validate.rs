@@ -1,0 +1,226 @@
+//! Pure validation of names and paths accepted by the API; messages name the problem.
+
+use std::path::Path;
+
+/// Longest secret name.
+pub const MAX_NAME_LEN: usize = 255;
+/// Largest secret value in bytes.
+pub const MAX_VALUE_LEN: usize = 64 * 1024;
+/// Longest description.
+pub const MAX_DESCRIPTION_LEN: usize = 1024;
+/// Most host patterns per secret.
+pub const MAX_HOSTS: usize = 100;
+
+fn ident(s: &str, first: impl Fn(u8) -> bool, rest: impl Fn(u8) -> bool) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty() && first(b[0]) && b[1..].iter().all(|&c| rest(c))
+}
+
+/// A secret name: `^[a-zA-Z_][a-zA-Z0-9_-]*$`, at most 255 characters.
+pub fn secret_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("name must not be empty".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("name must be at most {MAX_NAME_LEN} characters"));
+    }
+    if !ident(
+        name,
+        |c| c.is_ascii_alphabetic() || c == b'_',
+        |c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-',
+    ) {
+        return Err("name must match ^[a-zA-Z_][a-zA-Z0-9_-]*$".into());
+    }
+    Ok(())
+}
+
+/// A secret value: non-empty, at most 64 KiB. The message never quotes the value.
+pub fn secret_value(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err("value must not be empty".into());
+    }
+    if value.len() > MAX_VALUE_LEN {
+        return Err(format!("value must be at most {MAX_VALUE_LEN} bytes"));
+    }
+    Ok(())
+}
+
+/// A description: at most 1024 characters.
+pub fn description(text: &str) -> Result<(), String> {
+    if text.chars().count() > MAX_DESCRIPTION_LEN {
+        return Err(format!(
+            "description must be at most {MAX_DESCRIPTION_LEN} characters"
+        ));
+    }
+    Ok(())
+}
+
+/// An environment variable name: `^[A-Za-z_][A-Za-z0-9_]*$`, at most 255 characters.
+pub fn env_name(name: &str) -> Result<(), String> {
+    if name.len() > MAX_NAME_LEN
+        || !ident(
+            name,
+            |c| c.is_ascii_alphabetic() || c == b'_',
+            |c| c.is_ascii_alphanumeric() || c == b'_',
+        )
+    {
+        return Err(format!(
+            "environment variable name {name:?} must match ^[A-Za-z_][A-Za-z0-9_]*$"
+        ));
+    }
+    Ok(())
+}
+
+/// A sandbox id: `^[A-Za-z0-9][A-Za-z0-9_.-]*$`, at most 128 characters.
+pub fn sandbox_id(id: &str) -> Result<(), String> {
+    if id.len() > 128
+        || !ident(
+            id,
+            |c| c.is_ascii_alphanumeric(),
+            |c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-',
+        )
+    {
+        return Err("sandbox id must match ^[A-Za-z0-9][A-Za-z0-9_.-]*$ (at most 128)".into());
+    }
+    Ok(())
+}
+
+/// An organization name: `^[A-Za-z0-9][A-Za-z0-9_.-]*$`, at most 64 characters.
+pub fn org_name(org: &str) -> Result<(), String> {
+    if org.len() > 64
+        || !ident(
+            org,
+            |c| c.is_ascii_alphanumeric(),
+            |c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-',
+        )
+    {
+        return Err("organization must match ^[A-Za-z0-9][A-Za-z0-9_.-]*$ (at most 64)".into());
+    }
+    Ok(())
+}
+
+/// Normalises a cgroup v2 path (relative to the cgroup2 root; a leading `/` as in
+/// `/proc/PID/cgroup` is accepted) and checks it lies strictly under one of `parents`; returns
+/// it relative, without a leading `/`, so it can be joined onto the cgroup2 mount.
+pub fn cgroup(path: &str, parents: &[String]) -> Result<String, String> {
+    let trimmed = path.strip_prefix('/').unwrap_or(path);
+    if trimmed.is_empty() {
+        return Err("cgroup must not be empty".into());
+    }
+    let parts: Vec<&str> = trimmed.split('/').collect();
+    if parts.iter().any(|p| {
+        p.is_empty()
+            || *p == "."
+            || *p == ".."
+            || p.bytes().any(|b| b.is_ascii_control() || b == b' ')
+    }) {
+        return Err(format!(
+            "cgroup {path:?} must be a path relative to the cgroup2 root without empty, `.` or `..` components"
+        ));
+    }
+    let under = parents.iter().any(|parent| {
+        let parent: Vec<&str> = parent.trim_matches('/').split('/').collect();
+        parts.len() > parent.len() && parts[..parent.len()] == parent[..]
+    });
+    if !under {
+        return Err(format!(
+            "cgroup {path:?} is not under a configured sandbox parent ({})",
+            parents.join(", ")
+        ));
+    }
+    Ok(parts.join("/"))
+}
+
+/// A network namespace path: `/run/netns/<name>` or `/proc/<pid>/ns/net`.
+pub fn netns(path: &str) -> Result<(), String> {
+    let bad = || format!("netns {path:?} must be /run/netns/<name> or /proc/<pid>/ns/net");
+    if let Some(name) = path.strip_prefix("/run/netns/") {
+        let ok = !name.is_empty()
+            && name != "."
+            && name != ".."
+            && name.len() <= 255
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+        return if ok { Ok(()) } else { Err(bad()) };
+    }
+    if let Some(pid) = path
+        .strip_prefix("/proc/")
+        .and_then(|r| r.strip_suffix("/ns/net"))
+    {
+        let ok = !pid.is_empty()
+            && pid.len() <= 10
+            && pid.bytes().all(|b| b.is_ascii_digit())
+            && !pid.starts_with('0');
+        return if ok { Ok(()) } else { Err(bad()) };
+    }
+    let _ = Path::new(path);
+    Err(bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "_", "A_b-9", "anthropic-prod", &"a".repeat(255)] {
+            secret_name(ok).unwrap();
+        }
+        for bad in ["", "9a", "-a", "a b", "a.b", "ä", &"a".repeat(256)] {
+            assert!(secret_name(bad).is_err(), "{bad}");
+        }
+        env_name("MY_KEY").unwrap();
+        assert!(env_name("MY-KEY").is_err());
+        assert!(env_name("1X").is_err());
+        sandbox_id("sb-1.a_b").unwrap();
+        assert!(sandbox_id("../x").is_err());
+        org_name("acme").unwrap();
+        assert!(org_name("a/b").is_err());
+    }
+
+    #[test]
+    fn values() {
+        secret_value("x").unwrap();
+        assert!(secret_value("").is_err());
+        secret_value(&"x".repeat(MAX_VALUE_LEN)).unwrap();
+        let err = secret_value(&"s3cr3t".repeat(20_000)).unwrap_err();
+        assert!(!err.contains("s3cr3t"));
+    }
+
+    #[test]
+    fn cgroups() {
+        let parents = vec!["veil.slice".to_owned(), "system.slice".to_owned()];
+        assert_eq!(
+            cgroup("veil.slice/sb1", &parents).unwrap(),
+            "veil.slice/sb1"
+        );
+        assert_eq!(
+            cgroup("/system.slice/docker-1.scope", &parents).unwrap(),
+            "system.slice/docker-1.scope"
+        );
+        assert!(cgroup("/veil.slice", &parents).is_err());
+        assert!(cgroup("/veil.slice/../x", &parents).is_err());
+        assert!(cgroup("/veil.slicex/a", &parents).is_err());
+        assert!(cgroup("/user.slice/a", &parents).is_err());
+        assert!(cgroup("veil.slice//a", &parents).is_err());
+        assert!(cgroup("", &parents).is_err());
+    }
+
+    #[test]
+    fn netns_paths() {
+        netns("/run/netns/sb1").unwrap();
+        netns("/proc/1234/ns/net").unwrap();
+        for bad in [
+            "/run/netns/",
+            "/run/netns/../x",
+            "/run/netns/a/b",
+            "/proc/self/ns/net",
+            "/proc/0/ns/net",
+            "/tmp/x",
+            "/proc/12/ns/mnt",
+        ] {
+            assert!(netns(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The local channel between veil-control and veil-agent.
+//!
+//! A Unix stream socket owned by root (control listens, agents connect; each side checks the
+//! other's peer credentials). Frames are a 4-byte big-endian length and a JSON message. After
+//! the agent's [`AgentMsg::Hello`], control sends a [`ControlMsg::Snapshot`] of everything the
+//! agent must enforce, then pushes changes; the agent answers every numbered message with
+//! [`AgentMsg::Applied`]. Secret values travel only here, only for secrets mounted in some
+//! sandbox, and live in [`SecretValue`]s that are zeroized on drop and never printed.
+
+pub mod codec;
+pub mod proto;
+
+pub use codec::{FrameError, MAX_FRAME, read_frame, write_frame};
+pub use proto::{AgentMsg, ControlMsg, PROTOCOL_VERSION, SandboxState, SecretState, SecretValue};

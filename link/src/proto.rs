@@ -1,0 +1,179 @@
+//! The messages of the control ↔ agent channel.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+/// Version spoken by this build; a Hello with another version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A secret's plaintext: zeroized on drop, redacted in Debug, serialized only onto the channel.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+#[serde(transparent)]
+pub struct SecretValue(String);
+
+impl SecretValue {
+    /// Wraps a plaintext (taken by value so no other copy stays behind).
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    /// The plaintext, for the substitution path only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretValue(***)")
+    }
+}
+
+/// A sandbox as the agent must enforce it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxState {
+    /// Sandbox id (unique across organizations).
+    pub id: String,
+    /// Organization the sandbox belongs to.
+    pub org: String,
+    /// cgroup v2 directory, relative to the cgroup2 mount.
+    pub cgroup: PathBuf,
+    /// Network namespace file; `None` = the sandbox shares the host's.
+    pub netns: Option<PathBuf>,
+    /// Mounted secrets: environment variable name → secret id.
+    pub mounts: BTreeMap<String, String>,
+}
+
+/// A secret mounted in at least one sandbox, as the agent needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretState {
+    /// Secret id.
+    pub id: String,
+    /// Organization the secret belongs to.
+    pub org: String,
+    /// Secret name (for messages; never the value).
+    pub name: String,
+    /// The placeholder sandboxes hold.
+    pub placeholder: String,
+    /// Allowed host patterns (normalised); empty = unrestricted.
+    pub hosts: Vec<String>,
+    /// The plaintext.
+    pub value: SecretValue,
+    /// Bumped on every change of the secret.
+    pub revision: u64,
+}
+
+/// Messages from control to an agent; each carries a sequence number the agent acknowledges.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlMsg {
+    /// Everything the agent must enforce; it reconciles to exactly this.
+    Snapshot {
+        /// Sequence number.
+        seq: u64,
+        /// All registered sandboxes.
+        sandboxes: Vec<SandboxState>,
+        /// Every secret mounted in one of them.
+        secrets: Vec<SecretState>,
+    },
+    /// A sandbox was registered or its mounts changed.
+    PutSandbox {
+        /// Sequence number.
+        seq: u64,
+        /// Its new state.
+        sandbox: SandboxState,
+    },
+    /// A sandbox was removed: detach and close everything for it.
+    DeleteSandbox {
+        /// Sequence number.
+        seq: u64,
+        /// Its id.
+        id: String,
+    },
+    /// A mounted secret is new or changed.
+    PutSecret {
+        /// Sequence number.
+        seq: u64,
+        /// Its new state.
+        secret: SecretState,
+    },
+    /// A secret was deleted or is no longer mounted anywhere.
+    DeleteSecret {
+        /// Sequence number.
+        seq: u64,
+        /// Its id.
+        id: String,
+    },
+}
+
+impl ControlMsg {
+    /// The sequence number to acknowledge.
+    pub fn seq(&self) -> u64 {
+        match self {
+            ControlMsg::Snapshot { seq, .. }
+            | ControlMsg::PutSandbox { seq, .. }
+            | ControlMsg::DeleteSandbox { seq, .. }
+            | ControlMsg::PutSecret { seq, .. }
+            | ControlMsg::DeleteSecret { seq, .. } => *seq,
+        }
+    }
+}
+
+/// Messages from an agent to control.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMsg {
+    /// First message on every connection.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the agent.
+        protocol: u32,
+        /// Stable identity of the agent (kept in its state dir).
+        agent_id: String,
+        /// PEM certificate of the agent's interception CA, which sandboxes must trust.
+        ca_pem: String,
+    },
+    /// Result of applying control's message `seq`.
+    Applied {
+        /// The acknowledged sequence number.
+        seq: u64,
+        /// Per-sandbox or per-secret failures; empty = fully applied.
+        errors: Vec<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_value_never_prints() {
+        let v = SecretValue::new("hunter2-very-secret".into());
+        let s = SecretState {
+            id: "i".into(),
+            org: "o".into(),
+            name: "n".into(),
+            placeholder: "p".into(),
+            hosts: vec![],
+            value: v.clone(),
+            revision: 1,
+        };
+        assert!(!format!("{v:?} {s:?}").contains("hunter2"));
+        assert_eq!(v.expose(), "hunter2-very-secret");
+    }
+
+    #[test]
+    fn messages_round_trip_as_tagged_json() {
+        let m = ControlMsg::DeleteSandbox {
+            seq: 7,
+            id: "sb".into(),
+        };
+        let j = serde_json::to_string(&m).unwrap();
+        assert_eq!(j, r#"{"type":"delete_sandbox","seq":7,"id":"sb"}"#);
+        assert_eq!(serde_json::from_str::<ControlMsg>(&j).unwrap(), m);
+        assert_eq!(m.seq(), 7);
+    }
+}
