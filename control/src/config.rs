@@ -7,9 +7,21 @@
 //! placeholder_prefix = "veil_secret_"
 //! [sandbox]
 //! cgroup_parents = ["veil.slice", "system.slice"]
+//! check_paths = true
 //! [agent]
-//! required = false
+//! required = true
+//! timeout_ms = 5000
 //! ```
+//!
+//! - `agent_socket`: the Unix socket veil-agents connect to (created 0600; a missing parent is
+//!   created 0700). `serve --agent-socket` overrides it.
+//! - `sandbox.check_paths`: before a sandbox is stored, its cgroup directory must exist under the
+//!   cgroup2 mount and its netns file must be a network namespace. Turn off only where control
+//!   does not see the sandboxes' host (API-only tests).
+//! - `agent.required`: a sandbox PUT/DELETE succeeds only once a veil-agent acknowledged it; with
+//!   no agent connected the PUT is a 503 that changes nothing. Production keeps the default
+//!   (true); API-only tests turn it off.
+//! - `agent.timeout_ms`: how long a REST call waits for the agents' acknowledgements.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -64,14 +76,30 @@ pub struct Config {
 pub struct SandboxConfig {
     /// cgroup v2 paths (relative to the cgroup2 root) under which sandboxes may be registered.
     pub cgroup_parents: Vec<String>,
+    /// Whether the cgroup directory and netns file must exist on this host (default true).
+    pub check_paths: bool,
 }
 
 /// Agent link behaviour.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// When true, a sandbox PUT fails unless an agent acknowledged it.
+    /// When true (default), sandbox changes fail unless a connected agent acknowledged them.
     pub required: bool,
+    /// How long to wait for acknowledgements, in milliseconds (default 5000).
+    pub timeout_ms: u64,
+}
+
+/// Default acknowledgement timeout.
+pub const DEFAULT_AGENT_TIMEOUT_MS: u64 = 5000;
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            required: true,
+            timeout_ms: DEFAULT_AGENT_TIMEOUT_MS,
+        }
+    }
 }
 
 /// Default REST port.
@@ -94,6 +122,7 @@ impl Default for SandboxConfig {
     fn default() -> Self {
         Self {
             cgroup_parents: vec!["veil.slice".to_owned(), "system.slice".to_owned()],
+            check_paths: true,
         }
     }
 }
@@ -131,6 +160,16 @@ impl Config {
                 "placeholder_prefix must be 1-32 characters of [A-Za-z0-9_-]".into(),
             ));
         }
+        if !(1..=600_000).contains(&self.agent.timeout_ms) {
+            return Err(ConfigError::Invalid(
+                "agent.timeout_ms must be between 1 and 600000".into(),
+            ));
+        }
+        if self.agent_socket.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid(
+                "agent_socket must not be empty".into(),
+            ));
+        }
         for parent in &self.sandbox.cgroup_parents {
             let trimmed = parent.trim_matches('/');
             if trimmed.is_empty()
@@ -157,7 +196,12 @@ mod tests {
         assert_eq!(c.listen.port(), DEFAULT_PORT);
         assert!(c.listen.ip().is_loopback());
         assert_eq!(c.placeholder_prefix, "veil_secret_");
-        assert!(!c.agent.required);
+        assert!(
+            c.agent.required,
+            "production must not register unenforced sandboxes"
+        );
+        assert_eq!(c.agent.timeout_ms, DEFAULT_AGENT_TIMEOUT_MS);
+        assert!(c.sandbox.check_paths);
         c.validate().unwrap();
     }
 
@@ -174,5 +218,10 @@ mod tests {
         let bad: Config = toml::from_str("[sandbox]\ncgroup_parents = [\"../x\"]").unwrap();
         assert!(bad.validate().is_err());
         assert!(toml::from_str::<Config>("nope = 1").is_err());
+        let c: Config = toml::from_str("[agent]\nrequired = false\ntimeout_ms = 250\n").unwrap();
+        assert!(!c.agent.required);
+        assert_eq!(c.agent.timeout_ms, 250);
+        let bad: Config = toml::from_str("[agent]\ntimeout_ms = 0").unwrap();
+        assert!(bad.validate().is_err());
     }
 }

@@ -1,13 +1,14 @@
-//! `veil-control serve`: open the data dir, finish any interrupted rekey, serve REST and the
-//! admin socket until SIGTERM/SIGINT.
+//! `veil-control serve`: open the data dir, finish any interrupted rekey, serve REST, the admin
+//! socket and the agent link until SIGTERM/SIGINT.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::admin::{self, Admin};
-use crate::agent_link::NoAgent;
+use crate::agent_link::server::AgentServer;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::crypto::Keyring;
@@ -56,6 +57,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(resealed = report.resealed, retired = ?report.retired, "rekey completed");
     }
     let admin_task = admin::serve(admin, &config.data_dir).context("binding admin socket")?;
+    let (agent, agent_task) = AgentServer::bind(
+        &config.agent_socket,
+        &config.data_dir,
+        Duration::from_millis(config.agent.timeout_ms),
+        store.clone(),
+        keyring.clone(),
+    )
+    .context("starting the agent link")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -64,15 +73,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         store,
         keyring,
         config: Arc::new(config.clone()),
-        agent: Arc::new(NoAgent),
+        agent: Arc::new(agent),
     };
-    tracing::info!(listen = %local, data_dir = %config.data_dir.display(), "veil-control ready");
+    tracing::info!(
+        listen = %local,
+        data_dir = %config.data_dir.display(),
+        agent_socket = %config.agent_socket.display(),
+        agent_required = config.agent.required,
+        "veil-control ready"
+    );
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving")?;
     admin_task.abort();
+    agent_task.abort();
     let _ = std::fs::remove_file(admin::socket_path(&config.data_dir));
+    let _ = std::fs::remove_file(&config.agent_socket);
     tracing::info!("veil-control stopped");
     Ok(())
 }

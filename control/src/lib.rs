@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod hostcheck;
 pub mod hostpattern;
 pub mod paginate;
 pub mod store;

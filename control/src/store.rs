@@ -78,7 +78,7 @@ pub struct SecretRecord {
     pub created_at: i64,
     /// Last update time, ms since the epoch.
     pub updated_at: i64,
-    /// Value revision, bumped on every value change; part of the ciphertext binding.
+    /// Revision, bumped on every change of the secret; part of the ciphertext binding.
     pub revision: u64,
     /// The sealed value.
     pub sealed: Sealed,
@@ -96,7 +96,7 @@ pub struct Mount {
 }
 
 /// A registered sandbox.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxRecord {
     /// Sandbox id, unique across organizations.
     pub id: String,
@@ -246,6 +246,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<SandboxRecord, StoreError>;
     /// Deletes a sandbox of `org`.
     fn delete_sandbox(&self, org: &str, id: &str, audit: AuditRecord) -> Result<(), StoreError>;
+    /// Undoes a sandbox write the agents refused: if the stored record still equals `written`,
+    /// puts `previous` back (or removes the sandbox when there was none) and returns true; if
+    /// another change came in between, leaves it and returns false.
+    fn restore_sandbox(
+        &self,
+        written: &SandboxRecord,
+        previous: Option<&SandboxRecord>,
+        audit: AuditRecord,
+    ) -> Result<bool, StoreError>;
 
     /// A page of `org`'s audit entries after the cursor sequence, in `dir` order.
     fn audit_page(

@@ -1,17 +1,17 @@
 //! Loads veil's eBPF programs, attaches them to sandbox cgroups and reads their maps.
 //!
 //! The only module with eBPF `unsafe`. The kernel side is `proxy-ebpf`; the map layouts are
-//! `proxy-common`. Per sandbox: [`Bpf::attach`] registers the cgroup's listener ports in
-//! `VEIL_SANDBOXES` and links every program to the cgroup; the agent then recovers each
-//! accepted connection's original destination with [`OrigDstTable::take`].
+//! `proxy-common`. Per sandbox: the cgroup's listener ports go into `VEIL_SANDBOXES` and every
+//! program is linked to the cgroup through a link pinned in bpffs ([`crate::pins`]), so the
+//! redirect outlives the agent; the agent recovers each accepted connection's original
+//! destination with [`OrigDstTable::take`].
 
 use std::{
-    collections::HashSet,
     fs::File,
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::{
-        fd::{AsRawFd as _, BorrowedFd},
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::fs::MetadataExt as _,
     },
     path::{Path, PathBuf},
@@ -20,24 +20,27 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
-        cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId,
-    },
+    maps::{HashMap, MapData, MapError, MapInfo, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps, links::FdLink},
 };
 use aya_log::EbpfLogger;
 use proxy_common::{
-    AF_INET, ConnKey, MAP_ORIG, MAP_SANDBOXES, MAP_STATS, OrigDst, STAT_COUNT, SandboxTarget,
+    AF_INET, ConnKey, MAP_ORIG, MAP_SANDBOXES, MAP_SOCKS, MAP_STATS, MAX_SANDBOXES,
+    MAX_TRACKED_CONNS, OrigDst, PINNED_MAPS, STAT_COUNT, SandboxTarget,
 };
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
+
+use crate::pins::PinLayout;
 
 /// The eBPF object built by `build.rs` (see `xtask/src/ebpf.rs`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VEIL_EBPF_OBJ"));
 
 /// cgroup/sock_addr programs, in the order they are attached: getpeername before connect so
-/// that a redirected socket never reports the listener as its peer.
-const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+/// that a redirected socket never reports the listener as its peer; bind first so that the
+/// listener port is guarded before anything is redirected to it.
+const SOCK_ADDR_PROGRAMS: [&str; 8] = [
+    "bind4",
+    "bind6",
     "getpeername4",
     "getpeername6",
     "sendmsg4",
@@ -48,6 +51,18 @@ const SOCK_ADDR_PROGRAMS: [&str; 6] = [
 /// The sock_ops program; attached before the sock_addr ones so every redirected connection is
 /// recorded.
 const SOCK_OPS_PROGRAM: &str = "veil_sockops";
+/// Every program linked to a sandbox cgroup, in attach order (the names of their pins).
+pub const PROGRAMS: [&str; 9] = [
+    SOCK_OPS_PROGRAM,
+    SOCK_ADDR_PROGRAMS[0],
+    SOCK_ADDR_PROGRAMS[1],
+    SOCK_ADDR_PROGRAMS[2],
+    SOCK_ADDR_PROGRAMS[3],
+    SOCK_ADDR_PROGRAMS[4],
+    SOCK_ADDR_PROGRAMS[5],
+    SOCK_ADDR_PROGRAMS[6],
+    SOCK_ADDR_PROGRAMS[7],
+];
 /// The global aya-log-ebpf reads to skip disabled log levels in the kernel.
 const LOG_LEVEL_GLOBAL: &str = "AYA_LOG_LEVEL";
 /// `BPF_NOEXIST`: insert only if the key is absent.
@@ -109,6 +124,30 @@ pub enum BpfError {
     /// A thread panicked while holding a map lock.
     #[error("eBPF map lock poisoned")]
     Poisoned,
+    /// A pinned map (left by an agent of another build) has another layout than this build's.
+    #[error(
+        "pinned map {path} has another layout (key {key} B, value {value} B, {entries} entries) \
+         than this agent's; run `veil-agent teardown --all` first"
+    )]
+    PinnedMapLayout {
+        /// The pin.
+        path: PathBuf,
+        /// Its key size.
+        key: u32,
+        /// Its value size.
+        value: u32,
+        /// Its capacity.
+        entries: u32,
+    },
+    /// A link could not be pinned, opened from its pin, or unpinned.
+    #[error("pin {path}")]
+    Pin {
+        /// The pin path.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// veil's loaded eBPF programs and maps.
@@ -117,15 +156,14 @@ pub struct Bpf {
     sandboxes: HashMap<MapData, u64, SandboxTarget>,
     stats: PerCpuArray<MapData, u64>,
     orig: OrigDstTable,
-    /// Cgroup ids currently attached, to refuse a second attachment of the same cgroup.
-    attached: HashSet<u64>,
+    pins: PinLayout,
     log_task: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Bpf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bpf")
-            .field("attached", &self.attached)
+            .field("pins", &self.pins)
             .finish_non_exhaustive()
     }
 }
@@ -136,12 +174,30 @@ impl Drop for Bpf {
     }
 }
 
-/// The links and cgroup of one attached sandbox; pass it back to [`Bpf::detach`].
+/// One attached sandbox cgroup (its links live in bpffs); pass it back to [`Bpf::detach`].
 #[derive(Debug)]
 pub struct Attachment {
     cgroup_id: u64,
-    sock_addr_links: Vec<(&'static str, CgroupSockAddrLinkId)>,
-    sock_ops_link: Option<SockOpsLinkId>,
+}
+
+/// What [`Bpf::ensure_links`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkReport {
+    /// Programs attached by this call.
+    pub attached: usize,
+    /// Programs whose pinned link was already there and kept (switched to this agent's
+    /// program).
+    pub reused: usize,
+    /// Programs whose pinned link was dead or foreign and was replaced by a new one.
+    pub replaced: usize,
+}
+
+/// What happened to one program's link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkOutcome {
+    Attached,
+    Kept,
+    Replaced,
 }
 
 impl Attachment {
@@ -158,13 +214,26 @@ impl Bpf {
     ///
     /// The kernel side drops records above `log::max_level()` as it is at this call (still
     /// `Off` if no logger is installed yet), so install the logger first.
-    pub fn load() -> Result<Self, BpfError> {
+    ///
+    /// The maps are pinned under `pins` (created or, when a previous agent left them, reused),
+    /// so links pinned by an earlier agent keep working on the same maps. `pins` must have been
+    /// [prepared](PinLayout::prepare).
+    pub fn load(pins: &PinLayout) -> Result<Self, BpfError> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| BpfError::LogPoll(io::Error::other(e)))?;
         // Same numbering as aya-log's levels (1 = error … 5 = trace); 0 silences the kernel side.
         let log_level = log::max_level() as u8;
-        let mut ebpf = EbpfLoader::new()
-            .override_global(LOG_LEVEL_GLOBAL, &log_level, true)
+        let map_pins: Vec<(&str, PathBuf)> =
+            PINNED_MAPS.iter().map(|&n| (n, pins.map(n))).collect();
+        for (name, path) in &map_pins {
+            check_pinned_layout(name, path)?;
+        }
+        let mut loader = EbpfLoader::new();
+        loader.override_global(LOG_LEVEL_GLOBAL, &log_level, true);
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| BpfError::Load(Box::new(e)))?;
         for name in SOCK_ADDR_PROGRAMS {
@@ -190,32 +259,24 @@ impl Bpf {
             orig: OrigDstTable {
                 map: Arc::new(Mutex::new(orig)),
             },
-            attached: HashSet::new(),
+            pins: pins.clone(),
             log_task,
         })
     }
 
-    /// Inserts the map entry for the cgroup, then attaches every program (connect4/6,
-    /// sendmsg4/6, getpeername4/6, sockops) to it (CgroupAttachMode::Single). On any failure
-    /// undoes what it did.
+    /// Where this agent pins its maps and links.
+    pub fn pins(&self) -> &PinLayout {
+        &self.pins
+    }
+
+    /// Inserts the map entry for the cgroup (refusing a cgroup that already has one), then
+    /// attaches and pins every program. On any failure undoes what it did.
     pub fn attach(
         &mut self,
         cgroup_dir: &Path,
         target: SandboxTarget,
     ) -> Result<Attachment, BpfError> {
-        let cgroup_err = |source| BpfError::Cgroup {
-            path: cgroup_dir.to_owned(),
-            source,
-        };
-        let fs = nix::sys::statfs::statfs(cgroup_dir).map_err(|e| cgroup_err(e.into()))?;
-        if fs.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
-            return Err(BpfError::NotCgroup2(cgroup_dir.to_owned()));
-        }
-        let cgroup = File::open(cgroup_dir).map_err(cgroup_err)?;
-        let cgroup_id = cgroup.metadata().map_err(cgroup_err)?.ino();
-        if self.attached.contains(&cgroup_id) {
-            return Err(BpfError::AlreadyAttached(cgroup_dir.to_owned()));
-        }
+        let cgroup_id = cgroup_id(cgroup_dir)?;
         let target = SandboxTarget { _pad: 0, ..target };
         match self.sandboxes.insert(cgroup_id, target, BPF_NOEXIST) {
             Ok(()) => {}
@@ -226,69 +287,156 @@ impl Bpf {
                 return Err(map_err(MAP_SANDBOXES)(source));
             }
         }
-        let mut attachment = Attachment {
-            cgroup_id,
-            sock_addr_links: Vec::with_capacity(SOCK_ADDR_PROGRAMS.len()),
-            sock_ops_link: None,
-        };
-        if let Err(e) = self.link_all(&cgroup, &mut attachment) {
+        let attachment = Attachment { cgroup_id };
+        if let Err(e) = self.ensure_links(cgroup_dir, cgroup_id) {
             // Best effort: the original error is the one worth reporting.
             let _ = self.detach(attachment);
             return Err(e);
         }
-        self.attached.insert(cgroup_id);
         Ok(attachment)
     }
 
-    fn link_all(&mut self, cgroup: &File, attachment: &mut Attachment) -> Result<(), BpfError> {
-        let link = sock_ops_program(&mut self.ebpf)?
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(program_err(SOCK_OPS_PROGRAM))?;
-        attachment.sock_ops_link = Some(link);
-        for name in SOCK_ADDR_PROGRAMS {
-            let link = sock_addr_program(&mut self.ebpf, name)?
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(program_err(name))?;
-            attachment.sock_addr_links.push((name, link));
-        }
-        Ok(())
+    /// Sets (inserts or replaces) the cgroup's listener ports.
+    pub fn set_target(&mut self, cgroup_id: u64, target: SandboxTarget) -> Result<(), BpfError> {
+        let target = SandboxTarget { _pad: 0, ..target };
+        self.sandboxes
+            .insert(cgroup_id, target, 0)
+            .map_err(map_err(MAP_SANDBOXES))
     }
 
-    /// Detaches all of the sandbox's programs, then removes its map entry.
+    /// Removes the cgroup's map entry (absent is fine).
+    pub fn remove_target(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
+        match self.sandboxes.remove(&cgroup_id) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(source) => Err(map_err(MAP_SANDBOXES)(source)),
+        }
+    }
+
+    /// Cgroup ids that have a map entry.
+    pub fn target_ids(&self) -> Vec<u64> {
+        self.sandboxes.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Makes sure every program is linked to the cgroup through a pin under
+    /// `<pins>/sandboxes/<cgroup_id>/`: a pin that opens as a link is kept (never attached a
+    /// second time); a missing one is attached and pinned, a dead one replaced. On failure,
+    /// the links this call newly attached are removed again and the others are left alone.
+    pub fn ensure_links(
+        &mut self,
+        cgroup_dir: &Path,
+        cgroup_id: u64,
+    ) -> Result<LinkReport, BpfError> {
+        let cgroup_err = |source| BpfError::Cgroup {
+            path: cgroup_dir.to_owned(),
+            source,
+        };
+        let cgroup = File::open(cgroup_dir).map_err(cgroup_err)?;
+        let dir = self.pins.sandbox_dir(cgroup_id);
+        std::fs::create_dir_all(&dir).map_err(|source| BpfError::Pin {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut report = LinkReport::default();
+        let mut new_pins = Vec::new();
+        for name in PROGRAMS {
+            let path = self.pins.link(cgroup_id, name);
+            match self.ensure_link(&cgroup, name, &path) {
+                Ok(LinkOutcome::Attached) => {
+                    report.attached += 1;
+                    new_pins.push(path);
+                }
+                Ok(LinkOutcome::Replaced) => report.replaced += 1,
+                Ok(LinkOutcome::Kept) => report.reused += 1,
+                Err(e) => {
+                    for pin in new_pins.iter().rev() {
+                        let _ = std::fs::remove_file(pin);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn ensure_link(
+        &mut self,
+        cgroup: &File,
+        name: &'static str,
+        path: &Path,
+    ) -> Result<LinkOutcome, BpfError> {
+        let pin_err = |source| BpfError::Pin {
+            path: path.to_owned(),
+            source,
+        };
+        let old = match obj_get(path) {
+            Ok(fd) => Some(fd),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            // Not a bpf object: a stray file, replaced below.
+            Err(_) => {
+                std::fs::remove_file(path).map_err(pin_err)?;
+                None
+            }
+        };
+        if let Some(old) = &old {
+            // Kept, never attached twice; but switched over to this agent's program (same
+            // pinned maps), so an upgrade takes effect and kernel log records reach this agent
+            // rather than the ring buffer of the one before.
+            let program = self
+                .ebpf
+                .program(name)
+                .ok_or(BpfError::MissingProgram(name))?;
+            let updated = program
+                .fd()
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|fd| link_update(old.as_fd(), fd.as_fd()));
+            match updated {
+                Ok(()) => return Ok(LinkOutcome::Kept),
+                // A link detached behind our back (ENOLINK), or no link at all: replace it.
+                Err(e) => log::warn!("{}: replacing the pinned link: {e}", path.display()),
+            }
+        }
+        let fd_link: FdLink = if name == SOCK_OPS_PROGRAM {
+            let program = sock_ops_program(&mut self.ebpf)?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_err(name))?;
+            let link = program.take_link(id).map_err(program_err(name))?;
+            FdLink::try_from(link).map_err(|e| pin_err(io::Error::other(e)))?
+        } else {
+            let program = sock_addr_program(&mut self.ebpf, name)?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_err(name))?;
+            let link = program.take_link(id).map_err(program_err(name))?;
+            FdLink::try_from(link).map_err(|e| pin_err(io::Error::other(e)))?
+        };
+        let outcome = match old {
+            // The new link runs before the old one goes, so there is no moment without the
+            // hook (running both for an instant is harmless: a redirected connect targets
+            // loopback, which connect4/6 leave alone).
+            Some(old) => {
+                let _ = link_detach(old.as_fd());
+                std::fs::remove_file(path).map_err(pin_err)?;
+                LinkOutcome::Replaced
+            }
+            None => LinkOutcome::Attached,
+        };
+        // Dropping the pinned link closes our fd; the pin keeps the program attached.
+        fd_link
+            .pin(path)
+            .map_err(|e| pin_err(io::Error::other(e)))?;
+        Ok(outcome)
+    }
+
+    /// Unpins all of the sandbox's links, then removes its map entry.
     ///
     /// Keeps going after a failure and reports the first one; the map entry is removed in any
     /// case, so a program left attached refuses connects rather than letting them bypass veil.
     pub fn detach(&mut self, attachment: Attachment) -> Result<(), BpfError> {
-        let Attachment {
-            cgroup_id,
-            sock_addr_links,
-            sock_ops_link,
-        } = attachment;
-        let mut first_err = None;
-        // Reverse attach order: connect goes first, so nothing new is redirected meanwhile.
-        for (name, link) in sock_addr_links.into_iter().rev() {
-            let result = sock_addr_program(&mut self.ebpf, name)
-                .and_then(|p| p.detach(link).map_err(program_err(name)));
-            if let Err(e) = result {
-                first_err.get_or_insert(e);
-            }
-        }
-        if let Some(link) = sock_ops_link {
-            let result = sock_ops_program(&mut self.ebpf)
-                .and_then(|p| p.detach(link).map_err(program_err(SOCK_OPS_PROGRAM)));
-            if let Err(e) = result {
-                first_err.get_or_insert(e);
-            }
-        }
-        match self.sandboxes.remove(&cgroup_id) {
-            Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(source) => {
-                first_err.get_or_insert(map_err(MAP_SANDBOXES)(source));
-            }
-        }
-        self.attached.remove(&cgroup_id);
-        first_err.map_or(Ok(()), Err)
+        let unpinned = unpin_sandbox(&self.pins, attachment.cgroup_id);
+        let removed = self.remove_target(attachment.cgroup_id);
+        unpinned.and(removed)
     }
 
     /// The listener ports registered for a cgroup id, if it is attached.
@@ -314,6 +462,221 @@ impl Bpf {
         }
         Ok(sums)
     }
+}
+
+/// Key size, value size and capacity of each pinned map, as this build defines them.
+fn expected_layout(name: &str) -> Option<(usize, usize, u32)> {
+    use std::mem::size_of;
+    match name {
+        MAP_SANDBOXES => Some((size_of::<u64>(), size_of::<SandboxTarget>(), MAX_SANDBOXES)),
+        MAP_SOCKS => Some((size_of::<u64>(), size_of::<OrigDst>(), MAX_TRACKED_CONNS)),
+        MAP_ORIG => Some((
+            size_of::<ConnKey>(),
+            size_of::<OrigDst>(),
+            MAX_TRACKED_CONNS,
+        )),
+        MAP_STATS => Some((size_of::<u32>(), size_of::<u64>(), STAT_COUNT)),
+        _ => None,
+    }
+}
+
+/// aya reuses a pinned map whatever its shape; one of another build's layout would be read
+/// wrongly, so it is refused instead.
+fn check_pinned_layout(name: &'static str, path: &Path) -> Result<(), BpfError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = MapInfo::from_pin(path).map_err(map_err(name))?;
+    let (key, value, entries) = (info.key_size(), info.value_size(), info.max_entries());
+    let matches = expected_layout(name)
+        .is_some_and(|(k, v, e)| key as usize == k && value as usize == v && entries == e);
+    if matches {
+        Ok(())
+    } else {
+        Err(BpfError::PinnedMapLayout {
+            path: path.to_owned(),
+            key,
+            value,
+            entries,
+        })
+    }
+}
+
+/// The cgroup id (inode of the directory), after checking the directory is cgroup v2.
+pub fn cgroup_id(cgroup_dir: &Path) -> Result<u64, BpfError> {
+    let cgroup_err = |source| BpfError::Cgroup {
+        path: cgroup_dir.to_owned(),
+        source,
+    };
+    let fs = nix::sys::statfs::statfs(cgroup_dir).map_err(|e| cgroup_err(e.into()))?;
+    if fs.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+        return Err(BpfError::NotCgroup2(cgroup_dir.to_owned()));
+    }
+    Ok(std::fs::metadata(cgroup_dir).map_err(cgroup_err)?.ino())
+}
+
+/// Removes the pins of one sandbox cgroup's links (connect first, so nothing new is redirected
+/// meanwhile), then its directory. Without pins and without an open fd the kernel detaches.
+pub fn unpin_sandbox(pins: &PinLayout, cgroup_id: u64) -> Result<(), BpfError> {
+    let mut first_err = None;
+    for name in PROGRAMS.iter().rev() {
+        let path = pins.link(cgroup_id, name);
+        // Dropping the last reference releases a link asynchronously; detaching it first makes
+        // "unpinned" mean "no longer runs" by the time this returns.
+        if let Ok(fd) = obj_get(&path)
+            && let Err(source) = link_detach(fd.as_fd())
+        {
+            first_err.get_or_insert(BpfError::Pin {
+                path: path.clone(),
+                source,
+            });
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                first_err.get_or_insert(BpfError::Pin { path, source });
+            }
+        }
+    }
+    let dir = pins.sandbox_dir(cgroup_id);
+    // Anything else in there (nothing we made) is removed too: the directory must go.
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    match std::fs::remove_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            first_err.get_or_insert(BpfError::Pin { path: dir, source });
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// `BPF_OBJ_GET`: opens a pinned object.
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt as _;
+    /// `BPF_OBJ_GET` from `linux/bpf.h`.
+    const BPF_OBJ_GET: libc::c_long = 7;
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        // The kernel refuses non-zero bytes past the fields it knows: no implicit padding.
+        _pad: u32,
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is the obj_get member of union bpf_attr; `c_path` outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw mut attr,
+            std::mem::size_of::<ObjGetAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(rc).map_err(|_| io::Error::other("fd out of range"))?;
+    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `BPF_LINK_UPDATE`: makes a link run `program` instead of the one it has, atomically.
+fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    /// `BPF_LINK_UPDATE` from `linux/bpf.h`.
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: `attr` is the link_update member of union bpf_attr (no padding) and outlives
+    // the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw mut attr,
+            std::mem::size_of::<LinkUpdateAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `BPF_LINK_DETACH`: detaches a link from its hook now, whoever else holds it.
+fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    /// `BPF_LINK_DETACH` from `linux/bpf.h`.
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    #[repr(C)]
+    struct LinkDetachAttr {
+        link_fd: u32,
+    }
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    // SAFETY: `attr` is the link_detach member of union bpf_attr and outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &raw mut attr,
+            std::mem::size_of::<LinkDetachAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes map entries of the pinned `VEIL_SANDBOXES` without loading any program (for
+/// `veil-agent teardown`): the ones listed, or all with `None`. A missing map is fine.
+pub fn remove_pinned_targets(pins: &PinLayout, which: Option<&[u64]>) -> Result<(), BpfError> {
+    let path = pins.map(MAP_SANDBOXES);
+    if !path.exists() {
+        return Ok(());
+    }
+    let data = MapData::from_pin(&path).map_err(map_err(MAP_SANDBOXES))?;
+    let mut map: HashMap<MapData, u64, SandboxTarget> =
+        HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(MAP_SANDBOXES))?;
+    let keys: Vec<u64> = match which {
+        Some(ids) => ids.to_vec(),
+        None => map.keys().filter_map(Result::ok).collect(),
+    };
+    for key in keys {
+        match map.remove(&key) {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(source) => return Err(map_err(MAP_SANDBOXES)(source)),
+        }
+    }
+    Ok(())
 }
 
 /// aya reports a missing key as `KeyNotFound` on lookup but as ENOENT on delete.
@@ -515,6 +878,15 @@ mod tests {
             family,
             _pad: 0,
         }
+    }
+
+    #[test]
+    fn every_pinned_map_has_a_known_layout() {
+        for name in PINNED_MAPS {
+            assert!(expected_layout(name).is_some(), "{name}");
+        }
+        assert_eq!(expected_layout(MAP_ORIG), Some((32, 24, MAX_TRACKED_CONNS)));
+        assert_eq!(expected_layout("OTHER"), None);
     }
 
     #[test]

@@ -1,6 +1,5 @@
 //! The agent's configuration: a TOML file, every key defaulted, flags override it.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -12,7 +11,10 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/veil/agent.toml";
 /// Default state directory (the interception CA lives here once interception exists).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/veil/agent";
 /// Default path of veil-control's local socket for agents.
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/veil/agent.sock";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/veil/control-agent.sock";
+/// Default bpffs directory of the pinned maps and links (bpffs is mounted at /sys/fs/bpf when
+/// it is not).
+pub const DEFAULT_BPF_PIN_DIR: &str = "/sys/fs/bpf/veil";
 
 /// A configuration that could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
@@ -38,16 +40,14 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// The whole agent configuration.
+/// The whole agent configuration. Sandboxes are not configured here: they come from
+/// veil-control over the control socket only.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Process-wide settings.
     #[serde(default)]
     pub agent: AgentSettings,
-    /// Sandboxes listed statically (until the control channel feeds them).
-    #[serde(default, rename = "sandbox")]
-    pub sandboxes: Vec<SandboxSpec>,
 }
 
 /// Process-wide settings.
@@ -58,14 +58,20 @@ pub struct AgentSettings {
     pub drain_timeout_ms: u64,
     /// Timeout for connecting to a sandbox connection's original destination.
     pub connect_timeout_ms: u64,
-    /// State directory (CA key and certificate, later).
+    /// State directory (0700): agent id, interception CA, the non-secret sandbox set.
     pub state_dir: PathBuf,
     /// Listen backlog of each sandbox listener.
     pub listen_backlog: u32,
-    /// veil-control's local socket (the control channel; not used before it exists).
+    /// veil-control's local socket for agents.
     pub control_socket: PathBuf,
     /// Extra CA certificates (PEM files) trusted for upstream TLS, beside the system roots.
     pub upstream_ca: Vec<PathBuf>,
+    /// bpffs directory for the pinned maps and links; one per agent (tests use one each).
+    pub bpf_pin_dir: PathBuf,
+    /// First delay before reconnecting to control; doubled per failure up to the maximum.
+    pub reconnect_min_ms: u64,
+    /// Longest delay between reconnection attempts.
+    pub reconnect_max_ms: u64,
 }
 
 impl Default for AgentSettings {
@@ -77,6 +83,9 @@ impl Default for AgentSettings {
             listen_backlog: 4096,
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             upstream_ca: Vec::new(),
+            bpf_pin_dir: PathBuf::from(DEFAULT_BPF_PIN_DIR),
+            reconnect_min_ms: 25,
+            reconnect_max_ms: 1_000,
         }
     }
 }
@@ -90,6 +99,14 @@ impl AgentSettings {
     /// [`Self::connect_timeout_ms`] as a duration.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// The reconnection backoff bounds.
+    pub fn reconnect(&self) -> (Duration, Duration) {
+        (
+            Duration::from_millis(self.reconnect_min_ms),
+            Duration::from_millis(self.reconnect_max_ms),
+        )
     }
 }
 
@@ -129,16 +146,49 @@ impl fmt::Display for SandboxId {
     }
 }
 
-/// One sandbox: its cgroup and, unless it shares the agent's, its network namespace.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+/// One sandbox as the agent enforces it: its cgroup and, unless it shares the agent's, its
+/// network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxSpec {
     /// Unique id.
     pub id: SandboxId,
-    /// cgroup v2 directory: absolute, or relative to the cgroup2 mount.
+    /// Organization the sandbox belongs to.
+    pub org: String,
+    /// cgroup v2 directory, absolute (below the cgroup2 mount).
     pub cgroup: PathBuf,
     /// Network namespace file (`/run/netns/NAME` or `/proc/PID/ns/net`); absent = the agent's.
     pub netns: Option<PathBuf>,
+}
+
+impl SandboxSpec {
+    /// Validates a sandbox as control sent it; `cgroup` is resolved against `cgroup2_mount`.
+    pub fn from_state(
+        state: &veil_link::SandboxState,
+        cgroup2_mount: &Path,
+    ) -> Result<Self, String> {
+        let id = SandboxId::try_from(state.id.clone())?;
+        let cgroup = resolve_cgroup(&state.cgroup, cgroup2_mount)
+            .map_err(|why| format!("sandbox {id}: {why}"))?;
+        if let Some(netns) = &state.netns
+            && !netns.is_absolute()
+        {
+            return Err(format!(
+                "sandbox {id}: netns {} must be an absolute path",
+                netns.display()
+            ));
+        }
+        Ok(Self {
+            id,
+            org: state.org.clone(),
+            cgroup,
+            netns: state.netns.clone(),
+        })
+    }
+
+    /// Whether `other` needs the sandbox re-attached (another cgroup or netns).
+    pub fn same_placement(&self, other: &SandboxSpec) -> bool {
+        self.cgroup == other.cgroup && self.netns == other.netns
+    }
 }
 
 impl Config {
@@ -167,37 +217,21 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&mut self, cgroup2_mount: &Path) -> Result<(), ConfigError> {
-        let mut ids = HashSet::new();
-        let mut cgroups = HashSet::new();
-        for sb in &mut self.sandboxes {
-            sb.cgroup = resolve_cgroup(&sb.cgroup, cgroup2_mount)
-                .map_err(|why| ConfigError::Invalid(format!("sandbox {}: {why}", sb.id)))?;
-            if let Some(netns) = &sb.netns
-                && !netns.is_absolute()
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "sandbox {}: netns {} must be an absolute path",
-                    sb.id,
-                    netns.display()
-                )));
-            }
-            if !ids.insert(sb.id.clone()) {
-                return Err(ConfigError::Invalid(format!(
-                    "sandbox id {} is listed twice",
-                    sb.id
-                )));
-            }
-            if !cgroups.insert(sb.cgroup.clone()) {
-                return Err(ConfigError::Invalid(format!(
-                    "cgroup {} is listed for two sandboxes",
-                    sb.cgroup.display()
-                )));
-            }
-        }
-        if self.agent.listen_backlog == 0 {
+    fn validate(&mut self, _cgroup2_mount: &Path) -> Result<(), ConfigError> {
+        let a = &self.agent;
+        if a.listen_backlog == 0 {
             return Err(ConfigError::Invalid(
                 "agent.listen_backlog must be > 0".into(),
+            ));
+        }
+        if a.reconnect_min_ms == 0 || a.reconnect_min_ms > a.reconnect_max_ms {
+            return Err(ConfigError::Invalid(
+                "agent.reconnect_min_ms must be > 0 and <= agent.reconnect_max_ms".into(),
+            ));
+        }
+        if !a.bpf_pin_dir.is_absolute() || !a.state_dir.is_absolute() {
+            return Err(ConfigError::Invalid(
+                "agent.bpf_pin_dir and agent.state_dir must be absolute paths".into(),
             ));
         }
         Ok(())
@@ -281,51 +315,65 @@ mod tests {
     #[test]
     fn empty_config_is_valid_with_defaults() {
         let c = Config::parse("", Path::new(MNT)).unwrap();
-        assert!(c.sandboxes.is_empty());
         assert_eq!(c.agent, AgentSettings::default());
+        assert_eq!(c.agent.bpf_pin_dir, Path::new(DEFAULT_BPF_PIN_DIR));
+    }
+
+    fn state(id: &str, cgroup: &str, netns: Option<&str>) -> veil_link::SandboxState {
+        veil_link::SandboxState {
+            id: id.into(),
+            org: "o".into(),
+            cgroup: cgroup.into(),
+            netns: netns.map(PathBuf::from),
+            mounts: Default::default(),
+        }
     }
 
     #[test]
-    fn relative_and_absolute_cgroups_resolve_under_the_mount() {
-        let c = Config::parse(
-            r#"
-            [[sandbox]]
-            id = "a"
-            cgroup = "system.slice/docker-1.scope"
-            [[sandbox]]
-            id = "b"
-            cgroup = "/sys/fs/cgroup/unified/x/y"
-            netns = "/run/netns/b"
-            "#,
+    fn sandbox_cgroups_resolve_under_the_mount() {
+        let s = SandboxSpec::from_state(
+            &state("a", "system.slice/docker-1.scope", None),
             Path::new(MNT),
         )
         .unwrap();
         assert_eq!(
-            c.sandboxes[0].cgroup,
+            s.cgroup,
             Path::new("/sys/fs/cgroup/unified/system.slice/docker-1.scope")
         );
-        assert_eq!(
-            c.sandboxes[1].cgroup,
-            Path::new("/sys/fs/cgroup/unified/x/y")
-        );
-        assert_eq!(
-            c.sandboxes[1].netns.as_deref(),
-            Some(Path::new("/run/netns/b"))
-        );
+        let s = SandboxSpec::from_state(
+            &state("b", "/sys/fs/cgroup/unified/x/y", Some("/run/netns/b")),
+            Path::new(MNT),
+        )
+        .unwrap();
+        assert_eq!(s.cgroup, Path::new("/sys/fs/cgroup/unified/x/y"));
+        assert_eq!(s.netns.as_deref(), Some(Path::new("/run/netns/b")));
     }
 
     #[test]
-    fn rejects_escapes_duplicates_and_unknown_keys() {
+    fn rejects_bad_sandboxes() {
+        for (id, cgroup, netns) in [
+            ("a", "../etc", None),
+            ("a", "/sys/fs/cgroup/other", None),
+            ("a", "/sys/fs/cgroup/unified", None),
+            ("a b", "x", None),
+            ("a", "x", Some("run/netns/a")),
+        ] {
+            assert!(
+                SandboxSpec::from_state(&state(id, cgroup, netns), Path::new(MNT)).is_err(),
+                "accepted {id} {cgroup} {netns:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_static_sandboxes_unknown_keys_and_bad_values() {
         let bad = [
-            "[[sandbox]]\nid = \"a\"\ncgroup = \"../etc\"",
-            "[[sandbox]]\nid = \"a\"\ncgroup = \"/sys/fs/cgroup/other\"",
-            "[[sandbox]]\nid = \"a\"\ncgroup = \"/sys/fs/cgroup/unified\"",
-            "[[sandbox]]\nid = \"a b\"\ncgroup = \"x\"",
-            "[[sandbox]]\nid = \"a\"\ncgroup = \"x\"\n[[sandbox]]\nid = \"a\"\ncgroup = \"y\"",
-            "[[sandbox]]\nid = \"a\"\ncgroup = \"x\"\n[[sandbox]]\nid = \"b\"\ncgroup = \"x\"",
-            "[[sandbox]]\nid = \"a\"\ncgroup = \"x\"\nnetns = \"run/netns/a\"",
+            "[[sandbox]]\nid = \"a\"\ncgroup = \"x\"",
             "[agent]\nbogus = 1",
             "[agent]\nlisten_backlog = 0",
+            "[agent]\nreconnect_min_ms = 0",
+            "[agent]\nreconnect_min_ms = 2000\nreconnect_max_ms = 1000",
+            "[agent]\nbpf_pin_dir = \"rel/dir\"",
         ];
         for text in bad {
             assert!(
@@ -333,6 +381,13 @@ mod tests {
                 "accepted: {text}"
             );
         }
+        let c = Config::parse(
+            "[agent]\nbpf_pin_dir = \"/sys/fs/bpf/t1\"\nreconnect_max_ms = 500",
+            Path::new(MNT),
+        )
+        .unwrap();
+        assert_eq!(c.agent.bpf_pin_dir, Path::new("/sys/fs/bpf/t1"));
+        assert_eq!(c.agent.reconnect().1, Duration::from_millis(500));
     }
 
     #[test]

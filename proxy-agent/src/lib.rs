@@ -3,7 +3,13 @@
 
 pub mod bpf;
 pub mod config;
+pub mod identity;
+pub mod link;
+pub mod pins;
 pub mod proxy;
 pub mod sandbox;
+pub mod secrets;
 pub mod sockets;
+pub mod state;
 pub mod stats;
+pub mod tls;

@@ -8,33 +8,73 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
-use clap::Parser;
-use proxy_agent::bpf::Bpf;
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use proxy_agent::bpf::{self, Bpf};
 use proxy_agent::config::{self, Config};
+use proxy_agent::identity;
+use proxy_agent::link::{Identity, LinkClient};
+use proxy_agent::pins::PinLayout;
 use proxy_agent::proxy::Proxy;
 use proxy_agent::sandbox::Registry;
+use proxy_agent::secrets::SecretStore;
+use proxy_agent::state::SandboxFile;
 use proxy_agent::stats::Stats;
+use proxy_agent::tls::ca::InterceptionCa;
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-/// Redirects every outbound TCP connection of registered sandboxes into veil.
+/// Redirects every outbound TCP connection of the sandboxes veil-control registers into veil.
+///
+/// Without a subcommand it runs the agent: it re-adopts the sandboxes it served before (their
+/// eBPF links stay pinned in bpffs across restarts), then follows veil-control.
 #[derive(Debug, Parser)]
 #[command(name = "veil-agent", version, about)]
 struct Args {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+/// Options shared by the daemon and its subcommands.
+#[derive(Debug, ClapArgs)]
+struct Common {
     /// TOML config file (default /etc/veil/agent.toml when it exists; every key has a default).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
-    /// veil-control's local socket for agents.
-    #[arg(long, value_name = "PATH")]
+    /// veil-control's local socket for agents (default /run/veil/control-agent.sock).
+    #[arg(long, value_name = "PATH", global = true)]
     control_socket: Option<PathBuf>,
-    /// State directory (CA key and certificate).
-    #[arg(long, value_name = "DIR")]
+    /// State directory: agent id, interception CA, sandbox set (default /var/lib/veil/agent).
+    #[arg(long, value_name = "DIR", global = true)]
     state_dir: Option<PathBuf>,
+    /// bpffs directory for pinned maps and links (default /sys/fs/bpf/veil).
+    #[arg(long, value_name = "DIR", global = true)]
+    pin_dir: Option<PathBuf>,
     /// Extra CA certificate (PEM) trusted for upstream TLS; repeatable.
     #[arg(long = "upstream-ca", value_name = "PEM")]
     upstream_ca: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Detaches sandboxes for good: removes their pinned links, map entries and records. Run it
+    /// with the agent stopped (it refuses while an agent holds the state dir).
+    Teardown {
+        /// The sandbox to detach.
+        #[arg(
+            long,
+            value_name = "ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        sandbox: Option<String>,
+        /// Every sandbox, and the pinned maps and pin dir too.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// Why the agent stopped, mapped to its exit code.
@@ -74,7 +114,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(args)) {
+    let result = match &args.command {
+        Some(Cmd::Teardown { sandbox, all }) => teardown(&args.common, sandbox.as_deref(), *all),
+        None => runtime.block_on(run(&args.common)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(fatal) => {
             error!("{:#}", fatal.error());
@@ -90,12 +134,14 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in journald or log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // Also installs the `log` → tracing bridge that carries aya-log's kernel records;
         // it must be in place before the programs load.
         .init();
 }
 
-fn load_config(args: &Args, cgroup2: &Path) -> Result<Config, Fatal> {
+fn load_config(args: &Common, cgroup2: &Path) -> Result<Config, Fatal> {
     let path = match &args.config {
         Some(p) => Some(p.clone()),
         None => Some(PathBuf::from(config::DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
@@ -110,10 +156,18 @@ fn load_config(args: &Args, cgroup2: &Path) -> Result<Config, Fatal> {
     if let Some(sock) = &args.control_socket {
         config.agent.control_socket = sock.clone();
     }
+    if let Some(dir) = &args.pin_dir {
+        config.agent.bpf_pin_dir = dir.clone();
+    }
     config
         .agent
         .upstream_ca
         .extend(args.upstream_ca.iter().cloned());
+    if !config.agent.bpf_pin_dir.is_absolute() || !config.agent.state_dir.is_absolute() {
+        return Err(Fatal::Config(anyhow!(
+            "--pin-dir and --state-dir must be absolute paths"
+        )));
+    }
     Ok(config)
 }
 
@@ -123,61 +177,85 @@ fn notify(states: &[NotifyState<'_>]) {
     }
 }
 
-async fn run(args: Args) -> Result<(), Fatal> {
+async fn run(args: &Common) -> Result<(), Fatal> {
     let cgroup2 = config::cgroup2_mount().map_err(|e| Fatal::Host(e.into()))?;
-    let config = load_config(&args, &cgroup2)?;
-    create_state_dir(&config.agent.state_dir).map_err(Fatal::Host)?;
+    let config = load_config(args, &cgroup2)?;
+    let settings = &config.agent;
+    create_state_dir(&settings.state_dir).map_err(Fatal::Host)?;
+    let _lock = lock_state_dir(&settings.state_dir)?;
+    let agent_id = identity::load_or_create(&settings.state_dir)
+        .context("agent identity")
+        .map_err(Fatal::Host)?;
+    let ca = InterceptionCa::load_or_create(&settings.state_dir, &agent_id)
+        .context("interception CA")
+        .map_err(Fatal::Host)?;
+    let pins = PinLayout::new(&settings.bpf_pin_dir);
+    pins.prepare()
+        .context("preparing the bpffs pin dir")
+        .map_err(Fatal::Host)?;
 
-    let bpf = Bpf::load()
+    let bpf = Bpf::load(&pins)
         .context("cannot load veil's eBPF programs (root with CAP_BPF and CAP_NET_ADMIN needed)")
         .map_err(Fatal::Host)?;
     let proxy = Arc::new(Proxy {
         orig: bpf.orig_dst(),
         stats: Stats::default(),
         tracker: TaskTracker::new(),
-        connect_timeout: config.agent.connect_timeout(),
+        connect_timeout: settings.connect_timeout(),
     });
-    let mut registry = Registry::new(bpf, proxy.clone(), config.agent.listen_backlog);
-    let errors = registry.reconcile(&config.sandboxes);
-    if !errors.is_empty() {
-        let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        return Err(Fatal::Config(anyhow!(all.join("; "))));
+    let mut registry = Registry::open(
+        bpf,
+        proxy.clone(),
+        settings.listen_backlog,
+        SandboxFile::new(&settings.state_dir),
+    )
+    .context("reading the sandbox set")
+    .map_err(Fatal::Host)?;
+    let adoption = std::time::Instant::now();
+    for e in registry.adopt() {
+        error!("adopting: {e}");
     }
-    let mut config = config;
+    info!(
+        agent_id = %agent_id,
+        sandboxes = registry.len(),
+        kept_closed = registry.known() - registry.len(),
+        adoption_ms = adoption.elapsed().as_millis() as u64,
+        "veil-agent ready"
+    );
+    notify(&[NotifyState::Ready]);
+
+    let secrets = SecretStore::default();
+    let link = LinkClient {
+        socket: settings.control_socket.clone(),
+        backoff: settings.reconnect(),
+        identity: Identity {
+            agent_id,
+            ca_pem: ca.cert_pem().to_owned(),
+        },
+        cgroup2,
+    };
     let mut hup = signal(SignalKind::hangup()).map_err(|e| Fatal::Runtime(e.into()))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| Fatal::Runtime(e.into()))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Fatal::Runtime(e.into()))?;
-    info!(sandboxes = registry.len(), "veil-agent ready");
-    notify(&[NotifyState::Ready]);
-
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                notify(&[NotifyState::Reloading]);
-                match load_config(&args, &cgroup2) {
-                    Ok(new) => {
-                        let errors = registry.reconcile(&new.sandboxes);
-                        for e in &errors {
-                            error!("reload: {e}");
-                        }
-                        info!(sandboxes = registry.len(), failed = errors.len(), "config reloaded");
-                        config = new;
-                    }
-                    Err(e) => error!("reload refused, keeping the running config: {:#}", e.error()),
-                }
-                notify(&[NotifyState::Ready]);
+    {
+        let linked = link.run(&mut registry, &secrets);
+        tokio::pin!(linked);
+        loop {
+            tokio::select! {
+                () = &mut linked => {}
+                // Sandboxes come from control only; nothing in the file can change at runtime.
+                _ = hup.recv() => info!("SIGHUP ignored: sandboxes come from veil-control"),
+                _ = term.recv() => break,
+                _ = int.recv() => break,
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
         }
     }
 
     notify(&[NotifyState::Stopping]);
-    info!("stopping: no new connections; draining open ones");
+    info!("stopping: no new connections; draining open ones; pinned redirects stay");
     registry.stop_accepting();
     proxy.tracker.close();
-    let drain = config.agent.drain_timeout();
-    if tokio::time::timeout(drain, proxy.tracker.wait())
+    if tokio::time::timeout(settings.drain_timeout(), proxy.tracker.wait())
         .await
         .is_err()
     {
@@ -193,11 +271,101 @@ async fn run(args: Args) -> Result<(), Fatal> {
     Ok(())
 }
 
+/// `veil-agent teardown`: removes pins, links and map entries without loading any program.
+fn teardown(args: &Common, sandbox: Option<&str>, all: bool) -> Result<(), Fatal> {
+    let cgroup2 = config::cgroup2_mount().map_err(|e| Fatal::Host(e.into()))?;
+    let config = load_config(args, &cgroup2)?;
+    let settings = &config.agent;
+    create_state_dir(&settings.state_dir).map_err(Fatal::Host)?;
+    let _lock = lock_state_dir(&settings.state_dir)?;
+    let pins = PinLayout::new(&settings.bpf_pin_dir);
+    let file = SandboxFile::new(&settings.state_dir);
+    let mut records = file
+        .load()
+        .context("reading the sandbox set")
+        .map_err(Fatal::Host)?;
+    let host = |e: bpf::BpfError| Fatal::Host(anyhow::Error::new(e));
+    if all {
+        let mut ids = pins.pinned_cgroups().unwrap_or_default();
+        ids.extend(records.values().map(|r| r.cgroup_id));
+        for id in ids {
+            bpf::unpin_sandbox(&pins, id).map_err(host)?;
+        }
+        bpf::remove_pinned_targets(&pins, None).map_err(host)?;
+        records.clear();
+        file.store(&records)
+            .context("saving the sandbox set")
+            .map_err(Fatal::Host)?;
+        remove_pin_dir(&pins)
+            .context("removing the pin dir")
+            .map_err(Fatal::Host)?;
+        println!("detached every sandbox; removed {}", pins.root().display());
+        return Ok(());
+    }
+    let Some(id) = sandbox else {
+        return Err(Fatal::Config(anyhow!(
+            "teardown needs --sandbox ID or --all"
+        )));
+    };
+    let Some(record) = records.remove(id) else {
+        return Err(Fatal::Config(anyhow!(
+            "no sandbox {id} in {}",
+            settings.state_dir.display()
+        )));
+    };
+    bpf::unpin_sandbox(&pins, record.cgroup_id).map_err(host)?;
+    bpf::remove_pinned_targets(&pins, Some(&[record.cgroup_id])).map_err(host)?;
+    file.store(&records)
+        .context("saving the sandbox set")
+        .map_err(Fatal::Host)?;
+    println!("detached sandbox {id}");
+    Ok(())
+}
+
+/// Removes the pinned maps and the (then empty) directories of the layout.
+fn remove_pin_dir(pins: &PinLayout) -> std::io::Result<()> {
+    let ignore_missing = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    if let Ok(entries) = std::fs::read_dir(pins.maps_dir()) {
+        for entry in entries.flatten() {
+            ignore_missing(std::fs::remove_file(entry.path()))?;
+        }
+    }
+    ignore_missing(std::fs::remove_dir(pins.maps_dir()))?;
+    ignore_missing(std::fs::remove_dir(pins.sandboxes_dir()))?;
+    ignore_missing(std::fs::remove_dir(pins.root()))
+}
+
+/// One agent (or teardown) per state dir: an exclusive lock held for the process's life.
+fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Fatal> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))
+        .map_err(Fatal::Host)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        Fatal::Config(anyhow!(
+            "another veil-agent uses the state dir {} ({e}); stop it first",
+            dir.display()
+        ))
+    })
+}
+
 fn create_state_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .with_context(|| format!("cannot create state dir {}", dir.display()))
+        .with_context(|| format!("cannot create state dir {}", dir.display()))?;
+    // It holds the CA key: tighten a directory someone created more open.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict state dir {}", dir.display()))
 }

@@ -1,48 +1,72 @@
-//! The running sandboxes: for each, its listeners, accept loops and eBPF attachment.
+//! The sandboxes this agent enforces: for each, its listeners, accept loops, map entry and
+//! pinned links, and the persistent record that lets a restarted agent adopt it.
 //!
-//! Adding a sandbox opens its listeners first (their ports go into the redirect map), then
-//! attaches the programs; removing detaches first, so no connection is ever redirected to a
-//! listener that is already closed.
+//! Starting a sandbox opens its listeners first, puts their ports in the redirect map, then
+//! makes sure every program is linked (a pinned link left by an earlier agent is kept, never
+//! attached twice). Only [`Registry::delete`] (control's DeleteSandbox, or reconciling to a
+//! snapshot without the sandbox) unpins and removes the entry; stopping the agent closes the
+//! listeners and leaves the redirect in place, so connections are refused rather than sent
+//! around veil.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use proxy_common::SandboxTarget;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::bpf::{Attachment, Bpf, BpfError};
+use crate::bpf::{self, Bpf, BpfError};
 use crate::config::{SandboxId, SandboxSpec};
 use crate::proxy::{self, Proxy, SandboxTag};
 use crate::sockets;
+use crate::state::{SandboxFile, SandboxRecord, StateError};
 
-/// A sandbox that could not be added or removed.
+/// A sandbox that could not be started, adopted or removed.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     /// Its listeners could not be created.
     #[error("sandbox {id}: cannot open listeners: {source}")]
     Listen {
         /// The sandbox.
-        id: SandboxId,
+        id: String,
         /// The underlying error.
         source: std::io::Error,
     },
-    /// Its programs could not be attached or detached.
+    /// Its programs or map entry could not be set up or removed.
     #[error("sandbox {id}: {source}")]
     Bpf {
         /// The sandbox.
-        id: SandboxId,
+        id: String,
         /// The underlying error.
         source: BpfError,
     },
+    /// Another sandbox already owns the cgroup.
+    #[error("sandbox {id}: cgroup is already used by sandbox {other}")]
+    CgroupTaken {
+        /// The sandbox.
+        id: String,
+        /// The sandbox that has the cgroup.
+        other: String,
+    },
+    /// The persistent sandbox set could not be written.
+    #[error("saving the sandbox set: {0}")]
+    State(#[from] StateError),
 }
 
+/// Accept loops of a sandbox whose listeners are open.
 #[derive(Debug)]
-struct Running {
-    spec: SandboxSpec,
-    attachment: Attachment,
+struct Live {
     cancel: CancellationToken,
+}
+
+/// How a sandbox came to be started, for the log and for undoing a failed start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// New to this agent: undo everything on failure.
+    Fresh,
+    /// Known from the record: on failure keep its pins, so it stays fail-closed.
+    Known,
 }
 
 /// The set of sandboxes this agent serves.
@@ -51,18 +75,30 @@ pub struct Registry {
     bpf: Bpf,
     proxy: Arc<Proxy>,
     backlog: u32,
-    running: BTreeMap<SandboxId, Running>,
+    file: SandboxFile,
+    /// Every sandbox whose pins and map entry this agent manages (persisted).
+    records: BTreeMap<String, SandboxRecord>,
+    /// The subset whose listeners are open.
+    live: BTreeMap<String, Live>,
 }
 
 impl Registry {
-    /// An empty registry over loaded programs.
-    pub fn new(bpf: Bpf, proxy: Arc<Proxy>, backlog: u32) -> Self {
-        Self {
+    /// A registry over loaded programs and the sandbox set left in `file` (not yet adopted).
+    pub fn open(
+        bpf: Bpf,
+        proxy: Arc<Proxy>,
+        backlog: u32,
+        file: SandboxFile,
+    ) -> Result<Self, StateError> {
+        let records = file.load()?;
+        Ok(Self {
             bpf,
             proxy,
             backlog,
-            running: BTreeMap::new(),
-        }
+            file,
+            records,
+            live: BTreeMap::new(),
+        })
     }
 
     /// The loaded programs (for counters).
@@ -70,57 +106,115 @@ impl Registry {
         &self.bpf
     }
 
-    /// Number of running sandboxes.
+    /// Number of sandboxes with open listeners.
     pub fn len(&self) -> usize {
-        self.running.len()
+        self.live.len()
     }
 
-    /// Whether no sandbox runs.
+    /// Whether no sandbox is served.
     pub fn is_empty(&self) -> bool {
-        self.running.is_empty()
+        self.live.is_empty()
     }
 
-    /// Brings the running set to `desired`; a failing sandbox does not stop the others.
+    /// Number of sandboxes known (served or kept fail-closed).
+    pub fn known(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Re-adopts every recorded sandbox without control: reopens listeners (previous ports
+    /// first), updates the map entry, keeps the pinned links. A sandbox whose cgroup is gone is
+    /// dropped; one that cannot be served (netns gone) stays pinned, refusing connections.
     ///
     /// Must run inside the tokio runtime (listeners register with its reactor).
-    pub fn reconcile(&mut self, desired: &[SandboxSpec]) -> Vec<SandboxError> {
+    pub fn adopt(&mut self) -> Vec<SandboxError> {
         let mut errors = Vec::new();
-        let wanted: BTreeMap<&SandboxId, &SandboxSpec> =
-            desired.iter().map(|s| (&s.id, s)).collect();
-        let stale: Vec<SandboxId> = self
-            .running
-            .iter()
-            .filter(|(id, r)| wanted.get(id).is_none_or(|spec| **spec != r.spec))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in stale {
-            if let Err(e) = self.remove(&id) {
-                errors.push(e);
+        let records: Vec<SandboxRecord> = self.records.values().cloned().collect();
+        for record in records {
+            match bpf::cgroup_id(&record.cgroup) {
+                Ok(id) if id == record.cgroup_id => {}
+                _ => {
+                    info!(sandbox = %record.id, cgroup = %record.cgroup.display(),
+                          "cgroup is gone; forgetting the sandbox");
+                    self.records.remove(&record.id);
+                    if let Err(e) = self.unpin(record.cgroup_id) {
+                        errors.push(bpf_error(&record.id, e));
+                    }
+                    continue;
+                }
             }
-        }
-        for spec in desired {
-            if !self.running.contains_key(&spec.id)
-                && let Err(e) = self.add(spec.clone())
+            let spec = match SandboxId::try_from(record.id.clone()) {
+                Ok(id) => SandboxSpec {
+                    id,
+                    org: record.org.clone(),
+                    cgroup: record.cgroup.clone(),
+                    netns: record.netns.clone(),
+                },
+                // Written by an agent that validated it: keep it pinned, fail closed.
+                Err(why) => {
+                    warn!(sandbox = %record.id, "{why}; left fail-closed");
+                    continue;
+                }
+            };
+            if let Err(e) = self.start(&spec, Some((record.port_v4, record.port_v6)), Origin::Known)
             {
                 errors.push(e);
             }
         }
+        if let Err(e) = self.persist() {
+            errors.push(e);
+        }
         errors
     }
 
-    fn add(&mut self, spec: SandboxSpec) -> Result<(), SandboxError> {
-        let id = spec.id.clone();
-        let socks =
-            sockets::open_listeners(spec.netns.as_deref(), self.backlog).map_err(|source| {
-                SandboxError::Listen {
-                    id: id.clone(),
-                    source,
+    /// Registers or updates one sandbox; a no-op when it is already served as asked.
+    pub fn put(&mut self, spec: &SandboxSpec) -> Result<(), SandboxError> {
+        let id = spec.id.as_str();
+        if let Some(record) = self.records.get(id) {
+            // Same path but a new directory (the container's cgroup was recreated): the old
+            // links guard a cgroup that is gone, so the sandbox starts over.
+            let same = record.cgroup == spec.cgroup
+                && record.netns == spec.netns
+                && bpf::cgroup_id(&spec.cgroup).is_ok_and(|id| id == record.cgroup_id);
+            let prefer = (record.port_v4, record.port_v6);
+            let org_changed = record.org != spec.org;
+            if same {
+                if org_changed {
+                    if let Some(r) = self.records.get_mut(id) {
+                        r.org.clone_from(&spec.org);
+                    }
+                    self.persist()?;
                 }
-            })?;
+                if self.live.contains_key(id) {
+                    return Ok(());
+                }
+                return self.start(spec, Some(prefer), Origin::Known);
+            }
+            // Moved to another cgroup or netns: start over.
+            self.delete(id)?;
+        }
+        if let Some(other) = self.records.values().find(|r| r.cgroup == spec.cgroup) {
+            return Err(SandboxError::CgroupTaken {
+                id: id.to_owned(),
+                other: other.id.clone(),
+            });
+        }
+        self.start(spec, None, Origin::Fresh)
+    }
+
+    fn start(
+        &mut self,
+        spec: &SandboxSpec,
+        prefer: Option<(u16, u16)>,
+        origin: Origin,
+    ) -> Result<(), SandboxError> {
+        let id = spec.id.as_str();
+        let cgroup_id = bpf::cgroup_id(&spec.cgroup).map_err(|e| bpf_error(id, e))?;
         let listen_err = |source| SandboxError::Listen {
-            id: id.clone(),
+            id: id.to_owned(),
             source,
         };
+        let socks = sockets::open_listeners(spec.netns.as_deref(), self.backlog, prefer)
+            .map_err(listen_err)?;
         let mut listeners = vec![TcpListener::from_std(socks.v4).map_err(listen_err)?];
         if let Some(v6) = socks.v6 {
             listeners.push(TcpListener::from_std(v6).map_err(listen_err)?);
@@ -131,16 +225,23 @@ impl Registry {
             port_v6: listeners.get(1).map(port).transpose()?.unwrap_or(0),
             _pad: 0,
         };
-        let attachment =
-            self.bpf
-                .attach(&spec.cgroup, target)
-                .map_err(|source| SandboxError::Bpf {
-                    id: id.clone(),
-                    source,
-                })?;
+        let linked = self
+            .bpf
+            .set_target(cgroup_id, target)
+            .and_then(|()| self.bpf.ensure_links(&spec.cgroup, cgroup_id));
+        let report = match linked {
+            Ok(report) => report,
+            Err(e) => {
+                if origin == Origin::Fresh {
+                    // Best effort; the original error is the one worth reporting.
+                    let _ = self.unpin(cgroup_id);
+                }
+                return Err(bpf_error(id, e));
+            }
+        };
         let cancel = CancellationToken::new();
         let tag = Arc::new(SandboxTag {
-            id: id.clone(),
+            id: spec.id.clone(),
             netns_cookie: socks.netns_cookie,
         });
         for listener in listeners {
@@ -151,40 +252,113 @@ impl Registry {
                 cancel.clone(),
             ));
         }
-        info!(sandbox = %id, cgroup = %spec.cgroup.display(),
-              netns = ?spec.netns, port_v4 = target.port_v4, port_v6 = target.port_v6,
-              "sandbox attached");
-        self.running.insert(
-            id,
-            Running {
-                spec,
-                attachment,
-                cancel,
+        info!(sandbox = %id, cgroup = %spec.cgroup.display(), netns = ?spec.netns,
+              port_v4 = target.port_v4, port_v6 = target.port_v6,
+              attached = report.attached, kept = report.reused, replaced = report.replaced,
+              "sandbox {}", if origin == Origin::Fresh { "attached" } else { "adopted" });
+        if let Some(old) = self.live.insert(id.to_owned(), Live { cancel }) {
+            old.cancel.cancel();
+        }
+        self.records.insert(
+            id.to_owned(),
+            SandboxRecord {
+                id: id.to_owned(),
+                org: spec.org.clone(),
+                cgroup: spec.cgroup.clone(),
+                netns: spec.netns.clone(),
+                cgroup_id,
+                port_v4: target.port_v4,
+                port_v6: target.port_v6,
             },
         );
+        self.persist()
+    }
+
+    /// Detaches a sandbox for good: unpins its links, removes its map entry, closes its
+    /// listeners. Unknown ids are fine.
+    pub fn delete(&mut self, id: &str) -> Result<(), SandboxError> {
+        let live = self.live.remove(id);
+        let Some(record) = self.records.remove(id) else {
+            if let Some(live) = live {
+                live.cancel.cancel();
+            }
+            return Ok(());
+        };
+        // Detach before closing: nothing is ever redirected to a closed listener meanwhile.
+        let detached = self.unpin(record.cgroup_id);
+        if let Some(live) = live {
+            live.cancel.cancel();
+        }
+        self.persist()?;
+        detached.map_err(|e| bpf_error(id, e))?;
+        info!(sandbox = %id, "sandbox detached");
         Ok(())
     }
 
-    fn remove(&mut self, id: &SandboxId) -> Result<(), SandboxError> {
-        let Some(running) = self.running.remove(id) else {
-            return Ok(());
-        };
-        // Close the listeners even when detaching fails: nothing new may reach them.
-        let detached = self.bpf.detach(running.attachment);
-        running.cancel.cancel();
-        detached.map_err(|source| SandboxError::Bpf {
-            id: id.clone(),
-            source,
-        })?;
-        info!(sandbox = %id, "sandbox detached");
-        Ok(())
+    fn unpin(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
+        let unpinned = bpf::unpin_sandbox(self.bpf.pins(), cgroup_id);
+        let removed = self.bpf.remove_target(cgroup_id);
+        unpinned.and(removed)
+    }
+
+    /// Brings the set to exactly `desired` (control's snapshot); a failing sandbox does not
+    /// stop the others. Pins and map entries that belong to no known sandbox (left by a crash
+    /// between pinning and recording) are removed.
+    pub fn reconcile(&mut self, desired: &[SandboxSpec]) -> Vec<SandboxError> {
+        let mut errors = Vec::new();
+        let wanted: BTreeSet<&str> = desired.iter().map(|s| s.id.as_str()).collect();
+        let stale: Vec<String> = self
+            .records
+            .keys()
+            .chain(self.live.keys())
+            .filter(|id| !wanted.contains(id.as_str()))
+            .cloned()
+            .collect();
+        for id in stale {
+            if let Err(e) = self.delete(&id) {
+                errors.push(e);
+            }
+        }
+        for spec in desired {
+            if let Err(e) = self.put(spec) {
+                errors.push(e);
+            }
+        }
+        let known: BTreeSet<u64> = self.records.values().map(|r| r.cgroup_id).collect();
+        let pinned = self.bpf.pins().pinned_cgroups().unwrap_or_default();
+        let entries = self.bpf.target_ids();
+        for cgroup_id in pinned.into_iter().chain(entries) {
+            if !known.contains(&cgroup_id) {
+                info!(cgroup_id, "removing pins of an unknown sandbox");
+                if let Err(e) = self.unpin(cgroup_id) {
+                    errors.push(bpf_error(&format!("cgroup {cgroup_id}"), e));
+                }
+            }
+        }
+        errors
+    }
+
+    /// The ids of the served sandboxes.
+    pub fn ids(&self) -> Vec<String> {
+        self.live.keys().cloned().collect()
     }
 
     /// Closes every listener but leaves the programs attached, so that while the agent stops,
     /// sandbox connections are refused rather than sent around veil.
     pub fn stop_accepting(&self) {
-        for running in self.running.values() {
-            running.cancel.cancel();
+        for live in self.live.values() {
+            live.cancel.cancel();
         }
+    }
+
+    fn persist(&self) -> Result<(), SandboxError> {
+        Ok(self.file.store(&self.records)?)
+    }
+}
+
+fn bpf_error(id: &str, source: BpfError) -> SandboxError {
+    SandboxError::Bpf {
+        id: id.to_owned(),
+        source,
     }
 }

@@ -22,13 +22,19 @@ pub struct SandboxSockets {
     pub netns_cookie: u64,
 }
 
-/// Opens the sandbox's loopback listeners inside `netns` (or the agent's own namespace).
-pub fn open_listeners(netns: Option<&Path>, backlog: u32) -> io::Result<SandboxSockets> {
+/// Opens the sandbox's loopback listeners inside `netns` (or the agent's own namespace), on
+/// the `prefer`red ports (v4, v6) when they are free, else on fresh ephemeral ports.
+pub fn open_listeners(
+    netns: Option<&Path>,
+    backlog: u32,
+    prefer: Option<(u16, u16)>,
+) -> io::Result<SandboxSockets> {
     let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
+    let (p4, p6) = prefer.unwrap_or((0, 0));
     in_netns(netns, move || {
-        let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), backlog)?;
+        let v4 = listen_preferring(Ipv4Addr::LOCALHOST.into(), p4, backlog)?;
         // A namespace with IPv6 disabled has no ::1; IPv6 connects are then refused by eBPF.
-        let v6 = match listen(SocketAddr::from((Ipv6Addr::LOCALHOST, 0)), backlog) {
+        let v6 = match listen_preferring(Ipv6Addr::LOCALHOST.into(), p6, backlog) {
             Ok(l) => Some(l),
             Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => None,
             Err(e) => return Err(e),
@@ -42,9 +48,28 @@ pub fn open_listeners(netns: Option<&Path>, backlog: u32) -> io::Result<SandboxS
     })
 }
 
+/// Listens on `port` if it is free, else on an ephemeral port.
+fn listen_preferring(
+    ip: std::net::IpAddr,
+    port: u16,
+    backlog: i32,
+) -> io::Result<std::net::TcpListener> {
+    if port != 0 {
+        match listen(SocketAddr::new(ip, port), backlog) {
+            Ok(l) => return Ok(l),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    listen(SocketAddr::new(ip, 0), backlog)
+}
+
 fn listen(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_cloexec(true)?;
+    // A restarted agent takes its old port back although connections it closed linger in
+    // TIME_WAIT on it; without SO_REUSEPORT no other live socket can share the port.
+    socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -88,10 +113,17 @@ mod tests {
     #[test]
     fn opens_listeners_in_own_netns() {
         // Needs no privileges: the agent's own namespace, ephemeral loopback ports.
-        let s = open_listeners(None, 16).unwrap();
+        let s = open_listeners(None, 16, None).unwrap();
         assert!(s.v4.local_addr().unwrap().ip().is_loopback());
-        assert_ne!(s.v4.local_addr().unwrap().port(), 0);
+        let port = s.v4.local_addr().unwrap().port();
+        assert_ne!(port, 0);
         assert_ne!(s.netns_cookie, 0);
+        // Its port is busy: another one is taken; once free, the preferred one is reused.
+        let other = open_listeners(None, 16, Some((port, 0))).unwrap();
+        assert_ne!(other.v4.local_addr().unwrap().port(), port);
+        drop(s);
+        let again = open_listeners(None, 16, Some((port, 0))).unwrap();
+        assert_eq!(again.v4.local_addr().unwrap().port(), port);
     }
 
     #[test]

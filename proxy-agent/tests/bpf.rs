@@ -6,6 +6,8 @@
 //! (ENETUNREACH) and nothing ever leaves the machine.
 #![allow(clippy::unwrap_used, reason = "tests may unwrap")]
 
+mod common;
+
 use std::{
     fs::{self, File},
     io::Read as _,
@@ -23,6 +25,7 @@ use std::{
     time::Duration,
 };
 
+use common::PinDir;
 use proxy_agent::bpf::{Bpf, BpfError, netns_cookie};
 use proxy_common::{
     ConnKey, MAP_ORIG, MAP_SANDBOXES, MAP_SOCKS, OrigDst, STAT_NO_SANDBOX, STAT_ORIG_RECORDED,
@@ -371,8 +374,8 @@ fn attached_programs(cgroup: &Path) -> usize {
 /// Ids of the programs attached directly to `cgroup` at veil's attach points.
 fn attached_program_ids(cgroup: &Path) -> Vec<u32> {
     const BPF_PROG_QUERY: libc::c_long = 16;
-    // sock_ops, connect4/6, sendmsg4/6, getpeername4/6.
-    const ATTACH_TYPES: [u32; 7] = [3, 10, 11, 14, 15, 29, 30];
+    // sock_ops, bind4/6, connect4/6, sendmsg4/6, getpeername4/6.
+    const ATTACH_TYPES: [u32; 9] = [3, 8, 9, 10, 11, 14, 15, 29, 30];
     #[repr(C)]
     #[derive(Default)]
     struct Query {
@@ -500,7 +503,8 @@ fn identical_client_addresses_in_two_sandboxes_stay_apart() {
     require_root();
     let rt = runtime();
     let _rt = rt.enter();
-    let mut bpf = Bpf::load().expect("loading the eBPF programs");
+    let pins = PinDir::new();
+    let mut bpf = Bpf::load(pins.layout()).expect("loading the eBPF programs");
     let orig = bpf.orig_dst();
     let root = cgroup2_mount();
     let (ns_a, ns_b) = (Netns::new(), Netns::new());
@@ -546,7 +550,8 @@ fn fails_closed_without_a_sandbox_entry_or_an_ipv6_listener() {
     require_root();
     let rt = runtime();
     let _rt = rt.enter();
-    let mut bpf = Bpf::load().expect("loading the eBPF programs");
+    let pins = PinDir::new();
+    let mut bpf = Bpf::load(pins.layout()).expect("loading the eBPF programs");
     let netns = Netns::new();
     let cgroup = Cgroup::new_under(&cgroup2_mount());
     let (l4, _l6, target) = listeners(&netns);
@@ -589,7 +594,8 @@ fn redirects_records_and_detaches() {
     let _rt = rt.enter();
     // Before loading: the kernel side skips levels above `log::max_level()` at load time.
     capture_logs();
-    let mut bpf = Bpf::load().expect("loading the eBPF programs");
+    let pins = PinDir::new();
+    let mut bpf = Bpf::load(pins.layout()).expect("loading the eBPF programs");
     let orig = bpf.orig_dst();
 
     let netns = Netns::new();
@@ -602,7 +608,7 @@ fn redirects_records_and_detaches() {
     let attachment = bpf.attach(&sandbox.path, target).expect("attach");
     assert_eq!(attachment.cgroup_id(), sandbox.id());
     assert_eq!(bpf.sandbox(sandbox.id()).unwrap(), Some(target));
-    assert_eq!(attached_programs(&sandbox.path), 7);
+    assert_eq!(attached_programs(&sandbox.path), 9);
     assert!(
         matches!(
             bpf.attach(&sandbox.path, target),
@@ -610,7 +616,7 @@ fn redirects_records_and_detaches() {
         ),
         "a second attach of one cgroup must fail"
     );
-    assert_eq!(attached_programs(&sandbox.path), 7);
+    assert_eq!(attached_programs(&sandbox.path), 9);
 
     for client_cgroup in [&sandbox.path, &nested.path] {
         let results = run_client(&netns, Some(client_cgroup), port_v4);
@@ -721,7 +727,11 @@ fn redirects_records_and_detaches() {
     // Detached cgroups can be attached again.
     let again = bpf.attach(&sandbox.path, target).expect("re-attach");
     bpf.detach(again).expect("detach again");
-    assert_eq!(attached_programs(&sandbox.path), 0);
+    assert_eq!(
+        attached_programs(&sandbox.path),
+        0,
+        "after the second detach"
+    );
     drop(nested);
 }
 
@@ -733,7 +743,8 @@ fn refuses_a_directory_that_is_not_a_cgroup() {
         .build()
         .unwrap();
     let _rt = runtime.enter();
-    let mut bpf = Bpf::load().expect("loading the eBPF programs");
+    let pins = PinDir::new();
+    let mut bpf = Bpf::load(pins.layout()).expect("loading the eBPF programs");
     let dir = std::env::temp_dir();
     let target = SandboxTarget {
         port_v4: 1,
@@ -749,5 +760,6 @@ fn refuses_a_directory_that_is_not_a_cgroup() {
 #[test]
 fn load_outside_a_runtime_is_an_error() {
     require_root();
-    assert!(Bpf::load().is_err());
+    let pins = PinDir::new();
+    assert!(Bpf::load(pins.layout()).is_err());
 }

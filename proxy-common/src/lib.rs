@@ -29,8 +29,14 @@ pub const STAT_UDP443_REFUSED: u32 = 1;
 pub const STAT_NO_SANDBOX: u32 = 2;
 /// Established redirected connections whose original destination was recorded for the agent.
 pub const STAT_ORIG_RECORDED: u32 = 3;
+/// Binds refused because a sandbox process asked for its own listener port.
+pub const STAT_BIND_REFUSED: u32 = 4;
 /// Number of counters in [`MAP_STATS`].
-pub const STAT_COUNT: u32 = 4;
+pub const STAT_COUNT: u32 = 5;
+
+/// Every map the agent pins by name (under `<pin dir>/maps/`), so that a restarted agent's
+/// programs share them with the links a previous agent left attached.
+pub const PINNED_MAPS: [&str; 4] = [MAP_SANDBOXES, MAP_SOCKS, MAP_ORIG, MAP_STATS];
 
 /// `AF_INET`, as the kernel numbers it.
 pub const AF_INET: u16 = 2;

@@ -9,6 +9,8 @@
 //!   destination keyed by what the agent's accepted socket sees (netns cookie, peer address,
 //!   peer port); forget the socket when it closes.
 //! - `getpeername4` / `getpeername6`: report the address the application dialled.
+//! - `bind4` / `bind6`: refuse a sandbox process binding its own sandbox's listener port (on any
+//!   address), so that while the agent is down nothing in the sandbox can stand in for it.
 //!
 //! The contract with the agent (map names, key and value layouts) is `proxy-common`.
 #![no_std]
@@ -31,8 +33,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use proxy_common::{
     AF_INET, AF_INET6, ConnKey, MAX_CGROUP_DEPTH, MAX_SANDBOXES, MAX_TRACKED_CONNS, OrigDst,
-    STAT_COUNT, STAT_NO_SANDBOX, STAT_ORIG_RECORDED, STAT_REDIRECTED, STAT_UDP443_REFUSED,
-    SandboxTarget,
+    STAT_BIND_REFUSED, STAT_COUNT, STAT_NO_SANDBOX, STAT_ORIG_RECORDED, STAT_REDIRECTED,
+    STAT_UDP443_REFUSED, SandboxTarget,
 };
 
 /// Cgroup programs: let the operation proceed.
@@ -389,6 +391,40 @@ fn try_getpeername6(ctx: &SockAddrContext) -> Result<i32, i32> {
         set_user_port(ctx, orig.port);
     }
     Ok(ALLOW)
+}
+
+// ---- bind ---------------------------------------------------------------------------------------
+
+#[cgroup_sock_addr(bind4)]
+pub fn bind4(ctx: SockAddrContext) -> i32 {
+    // The verifier wants bind programs to return a value it can bound to 0..=3: constants.
+    if bind_allowed(&ctx) { ALLOW } else { REFUSE }
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn bind6(ctx: SockAddrContext) -> i32 {
+    if bind_allowed(&ctx) { ALLOW } else { REFUSE }
+}
+
+/// Refuses the sandbox's listener ports whatever the address: a dual-stack or wildcard bind
+/// would shadow the agent's loopback listener just as well.
+fn bind_allowed(ctx: &SockAddrContext) -> bool {
+    let port = user_port(ctx);
+    if port == 0 {
+        return true;
+    }
+    let Some(target) = find_sandbox() else {
+        return true;
+    };
+    if port == target.port_v4 || (target.port_v6 != 0 && port == target.port_v6) {
+        count(STAT_BIND_REFUSED);
+        warn!(
+            ctx,
+            "veil: refused bind to the sandbox listener port {}", port
+        );
+        return false;
+    }
+    true
 }
 
 // ---- sock_ops ---------------------------------------------------------------------------------

@@ -15,12 +15,12 @@ use serde::Serialize;
 
 use crate::owner;
 
-/// One `[[sandbox]]` entry of the agent config.
+/// A sandbox as the tests register it with veil-control (`PUT /api/sandbox/{id}`).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct AgentSandbox {
     /// Sandbox id.
     pub id: String,
-    /// Cgroup path (absolute, or relative to the cgroup2 mount).
+    /// Cgroup path (absolute under the cgroup2 mount, or relative to it).
     pub cgroup: PathBuf,
     /// Netns path; `None` = the sandbox shares the agent's netns.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -34,6 +34,11 @@ pub struct AgentOptions {
     pub binary: Option<PathBuf>,
     /// `[agent] drain_timeout_ms`, when set.
     pub drain_timeout_ms: Option<u64>,
+    /// veil-control's agent socket (`[agent] control_socket`), when set.
+    pub control_socket: Option<PathBuf>,
+    /// Where the agent pins its eBPF objects (`[agent] bpf_pin_dir`); default: a fresh
+    /// `/sys/fs/bpf/veil-test-<pid>-<n>` removed on drop.
+    pub pin_dir: Option<PathBuf>,
     /// Extra command-line arguments (e.g. `--upstream-ca PEM`).
     pub args: Vec<OsString>,
     /// Extra environment variables.
@@ -49,6 +54,8 @@ impl Default for AgentOptions {
         AgentOptions {
             binary: None,
             drain_timeout_ms: None,
+            control_socket: None,
+            pin_dir: None,
             args: Vec::new(),
             env: Vec::new(),
             ready_timeout: Duration::from_secs(30),
@@ -59,24 +66,38 @@ impl Default for AgentOptions {
 
 #[derive(Serialize)]
 struct ConfigFile<'a> {
-    agent: AgentSection,
-    sandbox: &'a [AgentSandbox],
+    agent: AgentSection<'a>,
 }
 
 #[derive(Serialize)]
-struct AgentSection {
+struct AgentSection<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     drain_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control_socket: Option<&'a Path>,
+    bpf_pin_dir: &'a Path,
 }
 
 /// Renders the agent's TOML config.
-pub fn render_config(drain_timeout_ms: Option<u64>, sandboxes: &[AgentSandbox]) -> String {
+pub fn render_config(
+    drain_timeout_ms: Option<u64>,
+    control_socket: Option<&Path>,
+    pin_dir: &Path,
+) -> String {
     toml::to_string(&ConfigFile {
-        agent: AgentSection { drain_timeout_ms },
-        sandbox: sandboxes,
+        agent: AgentSection {
+            drain_timeout_ms,
+            control_socket,
+            bpf_pin_dir: pin_dir,
+        },
     })
     .unwrap_or_else(|e| panic!("rendering agent config: {e}"))
 }
+
+/// Prefix of per-agent pin directories in bpffs.
+const PIN_PREFIX: &str = "veil-test-";
+/// Where bpffs is mounted (the agent mounts it when missing).
+const BPFFS: &str = "/sys/fs/bpf";
 
 /// A running agent; SIGKILLed (by pid) and reaped on drop if still running.
 ///
@@ -84,7 +105,10 @@ pub fn render_config(drain_timeout_ms: Option<u64>, sandboxes: &[AgentSandbox]) 
 #[must_use = "dropping it removes it at once"]
 #[derive(Debug)]
 pub struct Agent {
-    pid: u32,
+    pid: std::sync::atomic::AtomicU32,
+    binary: PathBuf,
+    pin_dir: PathBuf,
+    owns_pin_dir: bool,
     dir: tempfile::TempDir,
     options: AgentOptions,
     pidfile: PathBuf,
@@ -154,25 +178,22 @@ impl State {
 }
 
 impl Agent {
-    /// Starts the built `veil-agent` with these sandboxes and waits for `READY=1`.
-    pub fn start(sandboxes: &[AgentSandbox]) -> Agent {
-        Agent::start_with(AgentOptions::default(), sandboxes)
+    /// Starts the built `veil-agent` with default options and waits for `READY=1`.
+    pub fn start() -> Agent {
+        Agent::start_with(AgentOptions::default())
     }
 
     /// Starts `binary` (anything speaking the notify protocol) instead of `veil-agent`.
-    pub fn start_with_binary(binary: &Path, sandboxes: &[AgentSandbox]) -> Agent {
-        Agent::start_with(
-            AgentOptions {
-                binary: Some(binary.to_path_buf()),
-                ..AgentOptions::default()
-            },
-            sandboxes,
-        )
+    pub fn start_with_binary(binary: &Path) -> Agent {
+        Agent::start_with(AgentOptions {
+            binary: Some(binary.to_path_buf()),
+            ..AgentOptions::default()
+        })
     }
 
     /// Starts an agent as `options` say and waits for `READY=1`; panics with the log's tail if
     /// it exits first or the wait times out.
-    pub fn start_with(options: AgentOptions, sandboxes: &[AgentSandbox]) -> Agent {
+    pub fn start_with(options: AgentOptions) -> Agent {
         owner::init();
         let binary = options
             .binary
@@ -182,40 +203,39 @@ impl Agent {
             .prefix(&owner::tempdir_prefix())
             .tempdir()
             .unwrap_or_else(|e| panic!("creating agent temp dir: {e}"));
+        let (pin_dir, owns_pin_dir) = match &options.pin_dir {
+            Some(p) => (p.clone(), false),
+            None => (
+                Path::new(BPFFS).join(format!(
+                    "{PIN_PREFIX}{}-{}",
+                    owner::pid(),
+                    owner::next_seq()
+                )),
+                true,
+            ),
+        };
         let config = dir.path().join("agent.toml");
-        write_atomically(&config, &render_config(options.drain_timeout_ms, sandboxes));
+        write_atomically(
+            &config,
+            &render_config(
+                options.drain_timeout_ms,
+                options.control_socket.as_deref(),
+                &pin_dir,
+            ),
+        );
         let sock = dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&sock)
             .unwrap_or_else(|e| panic!("binding notify socket {}: {e}", sock.display()));
         notify
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap_or_else(|e| panic!("notify socket timeout: {e}"));
-        let log_path = dir.path().join("agent.log");
-        let log = File::create(&log_path)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
-        let log2 = log
-            .try_clone()
-            .unwrap_or_else(|e| panic!("dup of agent log fd: {e}"));
-        let mut cmd = Command::new(&binary);
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .args(&options.args)
-            .env("RUST_LOG", "info,proxy_agent=debug")
-            .env("NOTIFY_SOCKET", &sock)
-            // Plain text, so tests can match `key=value` in the log.
-            .env("NO_COLOR", "1")
-            .envs(options.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2));
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", binary.display()));
+        let child = spawn_agent(&binary, dir.path(), &options);
         let pid = child.id();
         let agent = Agent {
-            pid,
+            pid: pid.into(),
+            binary,
+            pin_dir,
+            owns_pin_dir,
             pidfile: record_pid(pid),
             dir,
             options,
@@ -231,33 +251,37 @@ impl Agent {
         agent
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Rewrites the config, sends SIGHUP and waits for the next `READY=1`, which must follow a
-    /// `RELOADING=1` (the systemd reload protocol).
-    pub fn reconfigure(&self, sandboxes: &[AgentSandbox]) {
-        // Only a READY=1 sent after this point counts.
-        let start = {
+    /// Starts the agent again (same config, state dir and pin dir) after it exited or was
+    /// killed, and waits for its `READY=1`. Panics if it is still running.
+    pub fn respawn(&self) {
+        let from = {
             let mut st = self.state();
+            assert!(
+                st.try_wait().is_some(),
+                "respawn of agent pid {} which is still running",
+                self.pid()
+            );
             st.poll();
+            let child = spawn_agent(&self.binary, self.dir.path(), &self.options);
+            self.pid.store(child.id(), Ordering::Relaxed);
+            let _ = std::fs::write(
+                &self.pidfile,
+                format!("{} {}\n", child.id(), start_time(child.id()).unwrap_or(0)),
+            );
+            st.child = child;
+            st.exited = None;
             st.notifications.len()
         };
-        write_atomically(
-            &self.config_path(),
-            &render_config(self.options.drain_timeout_ms, sandboxes),
-        );
-        self.signal(libc::SIGHUP);
-        self.wait_notify_from("READY=1", start, self.options.ready_timeout);
-        let since: Vec<String> = self.state().notifications[start..].to_vec();
-        let reloading = since.iter().position(|l| l == "RELOADING=1");
-        let ready = since.iter().position(|l| l == "READY=1");
-        assert!(
-            matches!((reloading, ready), (Some(a), Some(b)) if a < b),
-            "agent (pid {}) answered SIGHUP without RELOADING=1 before READY=1: {since:?}",
-            self.pid
-        );
+        self.wait_notify_from("READY=1", from, self.options.ready_timeout);
+    }
+
+    /// The agent's bpffs pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sends SIGTERM and waits (≤ `terminate_timeout`, 15 s by default) for the exit.
@@ -281,7 +305,7 @@ impl Agent {
                     drop(st);
                     panic!(
                         "agent (pid {}) did not exit within {:?} of SIGTERM; killed. Log tail:\n{}",
-                        self.pid,
+                        self.pid(),
                         self.options.terminate_timeout,
                         self.tail_for_panic()
                     );
@@ -302,10 +326,10 @@ impl Agent {
         assert!(
             st.exited.is_none(),
             "signal {signal} to agent pid {} which already exited ({:?})",
-            self.pid,
+            self.pid(),
             st.exited
         );
-        if let Ok(pid) = i32::try_from(self.pid) {
+        if let Ok(pid) = i32::try_from(self.pid()) {
             // SAFETY: kill(2) of our own child, not yet reaped (checked under the lock).
             unsafe { libc::kill(pid, signal) };
         }
@@ -334,9 +358,9 @@ impl Agent {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// The agent's pid.
+    /// The agent's pid (of the current process, after a respawn).
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.pid.load(Ordering::Relaxed)
     }
 
     /// Path of the config file the agent reads.
@@ -368,7 +392,7 @@ impl Agent {
 
     /// Ids of the eBPF maps the agent holds open, with their names (from /proc/<pid>/fdinfo).
     pub fn maps(&self) -> Vec<crate::bpfq::MapRef> {
-        crate::bpfq::process_maps(self.pid)
+        crate::bpfq::process_maps(self.pid())
     }
 
     /// Entries in the agent's own map called `name` (e.g. `proxy_common::MAP_ORIG`).
@@ -378,7 +402,7 @@ impl Agent {
         assert!(
             !own.is_empty(),
             "agent (pid {}) holds no map named {name}; it holds {maps:?}",
-            self.pid
+            self.pid()
         );
         own.iter().map(|m| crate::bpfq::map_len(m.id)).sum()
     }
@@ -400,7 +424,7 @@ impl Agent {
                 panic!(
                     "agent (pid {}) exited ({}) before sending {line}; notifications: {seen:?}. \
                      Log tail:\n{}",
-                    self.pid,
+                    self.pid(),
                     describe_status(status),
                     self.tail_for_panic()
                 );
@@ -411,7 +435,7 @@ impl Agent {
                 panic!(
                     "agent (pid {}) did not send {line} within {timeout:?}; notifications: \
                      {seen:?}. Log tail:\n{}",
-                    self.pid,
+                    self.pid(),
                     self.tail_for_panic()
                 );
             }
@@ -426,11 +450,64 @@ impl Drop for Agent {
         if std::thread::panicking() && !self.log_reported.load(Ordering::Relaxed) {
             eprintln!(
                 "---- veil-agent (pid {}) log tail ----\n{}\n---- end of agent log ----",
-                self.pid,
+                self.pid(),
                 self.log_tail(80)
             );
         }
         let _ = std::fs::remove_file(&self.pidfile);
+        if self.owns_pin_dir {
+            // The agent is gone: unpinning its links detaches them, and its maps go with them.
+            remove_pin_dir(&self.pin_dir);
+        }
+    }
+}
+
+fn spawn_agent(binary: &Path, dir: &Path, options: &AgentOptions) -> Child {
+    let log_path = dir.join("agent.log");
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", log_path.display()));
+    let log2 = log
+        .try_clone()
+        .unwrap_or_else(|e| panic!("dup of agent log fd: {e}"));
+    let mut cmd = Command::new(binary);
+    cmd.arg("--config")
+        .arg(dir.join("agent.toml"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(&options.args)
+        .env("RUST_LOG", "info,proxy_agent=debug")
+        .env("NOTIFY_SOCKET", dir.join("notify.sock"))
+        // Plain text, so tests can match `key=value` in the log.
+        .env("NO_COLOR", "1")
+        .envs(options.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2));
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", binary.display()))
+}
+
+/// Removes a pin directory tree in bpffs (unlinking pins; links detach once unreferenced).
+fn remove_pin_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        eprintln!("veil-tests: cannot remove pin dir {}: {e}", dir.display());
+    }
+}
+
+/// Removes pin directories of dead test processes.
+pub(crate) fn cleanup_stale_pins() {
+    for path in owner::list_dir(Path::new(BPFFS)) {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if path.is_dir() && owner::is_stale(owner::owner_decimal(name, PIN_PREFIX)) {
+            remove_pin_dir(&path);
+        }
     }
 }
 
@@ -513,32 +590,22 @@ mod tests {
     fn renders_config() {
         let text = render_config(
             Some(5000),
-            &[
-                AgentSandbox {
-                    id: "sb1".into(),
-                    cgroup: "/sys/fs/cgroup/unified/veil-test-1-2-x".into(),
-                    netns: Some("/run/netns/veil-1-3-y".into()),
-                },
-                AgentSandbox {
-                    id: "sb2".into(),
-                    cgroup: "veil-test-1-4-z".into(),
-                    netns: None,
-                },
-            ],
+            Some(Path::new("/tmp/x/agent.sock")),
+            Path::new("/sys/fs/bpf/veil-test-1-2"),
         );
         let parsed: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(parsed["agent"]["drain_timeout_ms"].as_integer(), Some(5000));
-        let sbs = parsed["sandbox"].as_array().unwrap();
-        assert_eq!(sbs.len(), 2);
-        assert_eq!(sbs[0]["netns"].as_str(), Some("/run/netns/veil-1-3-y"));
-        assert!(sbs[1].get("netns").is_none());
-        let empty: toml::Value = toml::from_str(&render_config(None, &[])).unwrap();
-        assert!(empty["agent"].get("sandbox").is_none(), "{empty}");
         assert_eq!(
-            empty["sandbox"].as_array().map(Vec::len),
-            Some(0),
-            "{empty}"
+            parsed["agent"]["control_socket"].as_str(),
+            Some("/tmp/x/agent.sock")
         );
+        assert_eq!(
+            parsed["agent"]["bpf_pin_dir"].as_str(),
+            Some("/sys/fs/bpf/veil-test-1-2")
+        );
+        let bare: toml::Value =
+            toml::from_str(&render_config(None, None, Path::new("/p"))).unwrap();
+        assert!(bare["agent"].get("control_socket").is_none(), "{bare}");
     }
 
     #[test]

@@ -23,11 +23,15 @@ pub enum AttachType {
     Getpeername6,
     /// `BPF_CGROUP_SOCK_OPS`.
     SockOps,
+    /// `BPF_CGROUP_INET4_BIND`.
+    Bind4,
+    /// `BPF_CGROUP_INET6_BIND`.
+    Bind6,
 }
 
 impl AttachType {
     /// Every attach point veil uses.
-    pub const ALL: [AttachType; 7] = [
+    pub const ALL: [AttachType; 9] = [
         AttachType::Connect4,
         AttachType::Connect6,
         AttachType::Sendmsg4,
@@ -35,12 +39,16 @@ impl AttachType {
         AttachType::Getpeername4,
         AttachType::Getpeername6,
         AttachType::SockOps,
+        AttachType::Bind4,
+        AttachType::Bind6,
     ];
 
     /// The kernel's `enum bpf_attach_type` value.
     pub fn kernel_value(self) -> u32 {
         match self {
             AttachType::SockOps => 3,
+            AttachType::Bind4 => 8,
+            AttachType::Bind6 => 9,
             AttachType::Connect4 => 10,
             AttachType::Connect6 => 11,
             AttachType::Sendmsg4 => 14,

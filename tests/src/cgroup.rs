@@ -9,7 +9,11 @@ use crate::owner;
 
 const PREFIX: &str = "veil-test-";
 
-/// A cgroup `<cgroup2>/veil-test-<pid>-<n>-<tag>`.
+/// Parent of every test cgroup, relative to the cgroup2 mount. veil-control only registers
+/// sandboxes under configured parents; tests configure this one.
+pub const PARENT: &str = "veil-test.slice";
+
+/// A cgroup `<cgroup2>/veil-test.slice/veil-test-<pid>-<n>-<tag>`.
 ///
 /// Drop kills the processes still in it (ours: only tests put processes there), waits until it
 /// is empty and removes it.
@@ -29,9 +33,24 @@ impl Cgroup {
             owner::next_seq(),
             owner::sanitize_tag(tag)
         );
-        let path = cgroup2_mount().join(name);
-        std::fs::create_dir(&path)
-            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        let parent = cgroup2_mount().join(PARENT);
+        let path = parent.join(name);
+        // Another test process may remove the (empty) parent between our two steps: retry.
+        let mut attempts = 0;
+        loop {
+            match std::fs::create_dir(&parent) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => panic!("creating cgroup {}: {e}", parent.display()),
+            }
+            match std::fs::create_dir(&path) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 10 => {
+                    attempts += 1;
+                }
+                Err(e) => panic!("creating cgroup {}: {e}", path.display()),
+            }
+        }
         Cgroup { path }
     }
 
@@ -40,13 +59,14 @@ impl Cgroup {
         &self.path
     }
 
-    /// The path relative to the cgroup2 mount, as /proc/<pid>/cgroup shows it (`/veil-test-…`).
+    /// The path relative to the cgroup2 mount, as /proc/<pid>/cgroup shows it
+    /// (`/veil-test.slice/veil-test-…`).
     pub fn relative(&self) -> String {
         let name = self
             .path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned());
-        format!("/{}", name.unwrap_or_default())
+        format!("/{PARENT}/{}", name.unwrap_or_default())
     }
 
     /// The cgroup id (the directory's inode number), as eBPF's `bpf_get_current_cgroup_id` sees it.
@@ -70,7 +90,13 @@ impl Cgroup {
 impl Drop for Cgroup {
     fn drop(&mut self) {
         remove_tree(&self.path);
+        remove_parent_if_empty();
     }
+}
+
+/// Removes the shared parent once no test cgroup is left in it (EBUSY otherwise: fine).
+fn remove_parent_if_empty() {
+    let _ = std::fs::remove_dir(cgroup2_mount().join(PARENT));
 }
 
 fn read_pids(dir: &Path) -> Vec<u32> {
@@ -141,7 +167,11 @@ fn remove_tree(dir: &Path) {
 
 /// Removes `veil-test-<pid>-<n>-*` cgroups whose owner pid is dead (killing what is left in them).
 pub(crate) fn cleanup_stale_cgroups() {
-    for path in owner::list_dir(&cgroup2_mount()) {
+    let root = cgroup2_mount();
+    let mut dirs = owner::list_dir(&root.join(PARENT));
+    // Older runs put test cgroups at the top level.
+    dirs.extend(owner::list_dir(&root));
+    for path in dirs {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
@@ -149,4 +179,5 @@ pub(crate) fn cleanup_stale_cgroups() {
             remove_tree(&path);
         }
     }
+    remove_parent_if_empty();
 }

@@ -47,8 +47,18 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local_addr").port()
 }
 
-/// Config for the test daemon: sandboxes under `veil-test.slice` (and the defaults).
-pub const TEST_CONFIG: &str = "[sandbox]\ncgroup_parents = [\"veil-test.slice\", \"veil.slice\"]\n";
+/// Config for API-only tests: sandboxes under `veil-test.slice`, no agent required, and no
+/// check that cgroups and netns files exist on this host.
+pub const TEST_CONFIG: &str = "[sandbox]\ncgroup_parents = [\"veil-test.slice\", \"veil.slice\"]\n\
+    check_paths = false\n[agent]\nrequired = false\n";
+
+/// Config with an agent requirement, real host-path checks and an acknowledgement timeout.
+pub fn linked_config(agent_required: bool, timeout_ms: u64) -> String {
+    format!(
+        "[sandbox]\ncgroup_parents = [\"veil-test.slice\"]\ncheck_paths = true\n\
+         [agent]\nrequired = {agent_required}\ntimeout_ms = {timeout_ms}\n"
+    )
+}
 
 /// A running `veil-control serve`.
 #[derive(Debug)]
@@ -60,6 +70,8 @@ pub struct Control {
     pub data_dir: PathBuf,
     /// Where the daemon's stderr goes (appended across restarts).
     pub log_path: PathBuf,
+    /// The agent link socket (from the config, else one in the temp dir).
+    pub agent_socket: PathBuf,
     config_path: PathBuf,
     rust_log: String,
     _tmp: tempfile::TempDir,
@@ -83,12 +95,24 @@ impl Control {
             .tempdir()
             .expect("tempdir");
         let config_path = tmp.path().join("control.toml");
+        // Every daemon gets its own agent socket unless the config names one: the default
+        // (/run/veil/…) is shared by the host and would collide between tests.
+        let table: toml::Table = toml::from_str(config).expect("test config is valid TOML");
+        let (config, agent_socket) = match table.get("agent_socket").and_then(|v| v.as_str()) {
+            Some(sock) => (config.to_owned(), PathBuf::from(sock)),
+            None => {
+                let sock = tmp.path().join("agent.sock");
+                let line = format!("agent_socket = {:?}\n", sock.display().to_string());
+                (format!("{line}{config}"), sock)
+            }
+        };
         std::fs::write(&config_path, config).expect("write config");
         let mut c = Self {
             child: None,
             port: free_port(),
             data_dir: tmp.path().join("data"),
             log_path: tmp.path().join("control.log"),
+            agent_socket,
             config_path,
             rust_log: rust_log.to_owned(),
             _tmp: tmp,
@@ -461,4 +485,131 @@ pub fn daytona_venv() -> PathBuf {
     }
     drop(lock);
     python
+}
+
+/// A PEM-shaped CA certificate for fake agents (control checks the shape, not the contents).
+pub const FAKE_CA_PEM: &str =
+    "-----BEGIN CERTIFICATE-----\nZmFrZSB2ZWlsIGFnZW50IENB\n-----END CERTIFICATE-----\n";
+
+/// How a [`FakeAgent`] answers control's messages.
+#[derive(Clone, Debug, Default)]
+pub struct AgentBehaviour {
+    /// Never acknowledge (control times out).
+    pub silent: bool,
+    /// Wait this long before each acknowledgement.
+    pub delay: Duration,
+    /// Report an error for a PutSandbox of this sandbox id.
+    pub fail_sandbox: Option<String>,
+}
+
+/// A stand-in veil-agent for control-side tests: a real Unix-socket client speaking veil-link
+/// that records every message and acknowledges as told. Dropping it disconnects.
+#[derive(Debug)]
+pub struct FakeAgent {
+    received: std::sync::Arc<std::sync::Mutex<Vec<veil_link::ControlMsg>>>,
+    behaviour: std::sync::Arc<std::sync::Mutex<AgentBehaviour>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeAgent {
+    /// Connects to `socket`, says Hello as `agent_id`, and waits for control's snapshot.
+    pub async fn connect(socket: &Path, agent_id: &str, behaviour: AgentBehaviour) -> FakeAgent {
+        use veil_link::{AgentMsg, ControlMsg, PROTOCOL_VERSION, read_frame, write_frame};
+        let mut stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()));
+        write_frame(
+            &mut stream,
+            &AgentMsg::Hello {
+                protocol: PROTOCOL_VERSION,
+                agent_id: agent_id.to_owned(),
+                ca_pem: FAKE_CA_PEM.to_owned(),
+            },
+        )
+        .await
+        .expect("send Hello");
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let behaviour = std::sync::Arc::new(std::sync::Mutex::new(behaviour));
+        let (rec, beh) = (received.clone(), behaviour.clone());
+        let task = tokio::spawn(async move {
+            while let Ok(Some(msg)) = read_frame::<ControlMsg, _>(&mut stream).await {
+                let seq = msg.seq();
+                let b = beh.lock().expect("behaviour").clone();
+                let errors = match (&msg, &b.fail_sandbox) {
+                    (ControlMsg::PutSandbox { sandbox, .. }, Some(bad)) if sandbox.id == *bad => {
+                        vec![format!("sandbox {bad}: attaching failed (fake agent)")]
+                    }
+                    _ => Vec::new(),
+                };
+                rec.lock().expect("received").push(msg);
+                if b.silent {
+                    continue;
+                }
+                if !b.delay.is_zero() {
+                    tokio::time::sleep(b.delay).await;
+                }
+                if write_frame(&mut stream, &AgentMsg::Applied { seq, errors })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let agent = FakeAgent {
+            received,
+            behaviour,
+            task,
+        };
+        agent
+            .wait_for("the snapshot", |m| matches!(m, ControlMsg::Snapshot { .. }))
+            .await;
+        agent
+    }
+
+    /// Changes how later messages are answered.
+    pub fn set_behaviour(&self, behaviour: AgentBehaviour) {
+        *self.behaviour.lock().expect("behaviour") = behaviour;
+    }
+
+    /// Every message received so far.
+    pub fn messages(&self) -> Vec<veil_link::ControlMsg> {
+        self.received.lock().expect("received").clone()
+    }
+
+    /// Messages received after the first `from`.
+    pub fn messages_since(&self, from: usize) -> Vec<veil_link::ControlMsg> {
+        self.messages().split_off(from)
+    }
+
+    /// Waits up to 10 s for a message matching `pred`; panics naming `what` otherwise.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        pred: impl Fn(&veil_link::ControlMsg) -> bool,
+    ) -> veil_link::ControlMsg {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(m) = self.messages().into_iter().find(|m| pred(m)) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fake agent: no {what} within 10 s; got {:?}",
+                self.messages()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Closes the connection.
+    pub fn disconnect(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -7,14 +7,15 @@
 //! setup fails: a failed setup is a failed test. Everything needs root: see [`require_root`].
 //!
 //! ```no_run
-//! use veil_tests::{Agent, NetNs, Sandbox, TcpHello, World, require_root};
+//! use veil_tests::{NetNs, Sandbox, TcpHello, Veil, World, require_root};
 //!
 //! require_root();
 //! let world = World::new(); // upstream netns, veth to the host netns
 //! let ns = NetNs::new("app");
 //! let sb = Sandbox::new("app", Some(&ns)); // a cgroup + that netns
 //! let hello = TcpHello::start(world.netns(), world.upstream_ip4(), "up");
-//! let _agent = Agent::start(&[sb.agent_entry("app")]); // waits for READY=1
+//! // veil-control + veil-agent; the sandbox is registered through REST (answers once live).
+//! let _veil = Veil::start(&[sb.agent_entry("app")]);
 //! let out = sb.probe(&["tcp", "--addr", &hello.addr().to_string()]);
 //! // The upstream saw the agent's (host-side) address, the app saw what it dialled.
 //! let json = out.expect_ok();
@@ -27,13 +28,16 @@ pub mod agent;
 pub mod alloc;
 pub mod bpfq;
 pub mod cgroup;
+pub mod clients;
 pub mod cmd;
 pub mod control;
 pub mod env;
+pub mod https;
 pub mod netns;
 pub mod owner;
 pub mod sandbox;
 pub mod servers;
+pub mod veil;
 pub mod world;
 
 pub use agent::{Agent, AgentOptions, AgentSandbox};
@@ -41,8 +45,10 @@ pub use bpfq::{AttachType, attached_prog_ids, orig_map_len, sandbox_map_has};
 pub use cgroup::Cgroup;
 pub use cmd::{ProbeOutput, output_within};
 pub use env::{bin_path, cgroup2_mount, require_root};
+pub use https::{HttpsUpstream, Reply as UpstreamReply, Seen, TestCa};
 pub use netns::NetNs;
 pub use owner::cleanup_stale;
 pub use sandbox::{Sandbox, probe_host};
 pub use servers::{HttpHello, TcpEcho, TcpHello, UdpEcho};
+pub use veil::Veil;
 pub use world::{SandboxLink, World};

@@ -104,6 +104,7 @@ pub fn is_stale(owner: Option<u32>) -> bool {
 /// processes run (their pids are alive, so their objects are kept).
 pub fn cleanup_stale() {
     crate::agent::cleanup_stale_agents();
+    crate::agent::cleanup_stale_pins();
     crate::cgroup::cleanup_stale_cgroups();
     crate::netns::cleanup_stale_netns();
     crate::world::cleanup_stale_veths();

@@ -18,6 +18,8 @@ use crate::netns::NetNs;
 pub struct Sandbox {
     cgroup: Cgroup,
     netns: Option<PathBuf>,
+    /// A private /etc/hosts bind-mounted (in a fresh mount namespace) for every command.
+    hosts: Option<(std::ffi::CString, tempfile::TempDir)>,
 }
 
 impl Sandbox {
@@ -26,7 +28,27 @@ impl Sandbox {
         Sandbox {
             cgroup: Cgroup::new(tag),
             netns: netns.map(|n| n.path().to_path_buf()),
+            hosts: None,
         }
+    }
+
+    /// Gives every command of this sandbox a private `/etc/hosts` with these entries (plus
+    /// localhost), so real clients resolve test names without any DNS server.
+    pub fn with_hosts(mut self, entries: &[(&str, std::net::IpAddr)]) -> Sandbox {
+        let dir = tempfile::Builder::new()
+            .prefix(&crate::owner::tempdir_prefix())
+            .tempdir()
+            .unwrap_or_else(|e| panic!("hosts temp dir: {e}"));
+        let path = dir.path().join("hosts");
+        let mut text = String::from("127.0.0.1 localhost\n::1 localhost ip6-localhost\n");
+        for (name, ip) in entries {
+            text.push_str(&format!("{ip} {name}\n"));
+        }
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing hosts file: {e}"));
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .unwrap_or_else(|e| panic!("hosts path: {e}"));
+        self.hosts = Some((c_path, dir));
+        self
     }
 
     /// The sandbox's cgroup.
@@ -74,6 +96,14 @@ impl Sandbox {
             // SAFETY: setns(2) on an fd opened before fork is async-signal-safe.
             unsafe {
                 cmd.pre_exec(move || enter_netns(&ns));
+            }
+        }
+        if let Some((hosts, _)) = &self.hosts {
+            let hosts = hosts.clone();
+            // SAFETY: unshare(2) and mount(2) with C strings prepared before fork are
+            // async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || private_hosts(&hosts));
             }
         }
         cmd
@@ -139,5 +169,34 @@ fn enter_netns(ns: &File) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Runs in the forked child: a private mount namespace with `hosts` bound over /etc/hosts.
+fn private_hosts(hosts: &std::ffi::CStr) -> std::io::Result<()> {
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: plain syscalls with NUL-terminated static or pre-built strings.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            hosts.as_ptr(),
+            c"/etc/hosts".as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ))
     }
 }

@@ -536,10 +536,8 @@ async fn api_keys_over_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_required_refuses_sandboxes_without_an_agent() {
-    let config = format!(
-        "{}[agent]\nrequired = true\n",
-        veil_tests::control::TEST_CONFIG
-    );
+    let config = veil_tests::control::TEST_CONFIG.replace("required = false", "required = true");
+    assert!(config.contains("required = true"));
     let control = Control::start_with_config(&config);
     let api = control.api();
     let key = control.apikey("acme", &["admin"]);

@@ -15,8 +15,8 @@ use std::time::Duration;
 use veil_tests::bpfq::{self, AttachType};
 use veil_tests::cmd::{run_probe, wait_until};
 use veil_tests::{
-    Agent, AgentOptions, AgentSandbox, Cgroup, HttpHello, NetNs, Sandbox, TcpEcho, TcpHello,
-    UdpEcho, World, cgroup2_mount, cleanup_stale, output_within, require_root,
+    Agent, AgentOptions, HttpHello, NetNs, Sandbox, TcpEcho, TcpHello, UdpEcho, World,
+    cgroup2_mount, cleanup_stale, output_within, require_root,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_veil-probe");
@@ -464,7 +464,7 @@ fn fake_agent(dir: &Path, body: &str) -> PathBuf {
          args = sys.argv[1:]\n\
          cfg = args[args.index('--config') + 1]\n\
          state = args[args.index('--state-dir') + 1]\n\
-         def count(): return open(cfg).read().count('[[sandbox]]')\n\
+         def pins(): return open(cfg).read().count('bpf_pin_dir')\n\
          {body}\n"
     );
     std::fs::write(&path, script).unwrap();
@@ -475,7 +475,7 @@ fn fake_agent(dir: &Path, body: &str) -> PathBuf {
 const WELL_BEHAVED: &str = "\
 def hup(*_):
     notify('RELOADING=1')
-    print('reloaded with', count(), flush=True)
+    print('reloaded with', pins(), flush=True)
     time.sleep(0.2)
     notify('READY=1')
 def term(*_):
@@ -484,7 +484,7 @@ def term(*_):
     sys.exit(0)
 signal.signal(signal.SIGHUP, hup)
 signal.signal(signal.SIGTERM, term)
-print('started with', count(), 'rust_log', os.environ.get('RUST_LOG'), flush=True)
+print('started with', pins(), 'rust_log', os.environ.get('RUST_LOG'), flush=True)
 time.sleep(0.3)
 notify('STATUS=attached\\nREADY=1')
 while True:
@@ -496,39 +496,34 @@ fn agent_fixture_follows_the_notify_protocol() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let bin = fake_agent(dir.path(), WELL_BEHAVED);
-    let (a, b) = (Cgroup::new("fa"), Cgroup::new("fb"));
-    let ns = NetNs::new("fa");
-    let sandboxes = [
-        AgentSandbox {
-            id: "a".into(),
-            cgroup: a.path().to_owned(),
-            netns: Some(ns.path().to_owned()),
-        },
-        AgentSandbox {
-            id: "b".into(),
-            cgroup: b.path().to_owned(),
-            netns: None,
-        },
-    ];
-    let agent = Agent::start_with_binary(&bin, &sandboxes);
+    let agent = Agent::start_with_binary(&bin);
     assert!(
         agent
             .log()
-            .contains("started with 2 rust_log info,proxy_agent=debug")
+            .contains("started with 1 rust_log info,proxy_agent=debug"),
+        "{}",
+        agent.log()
     );
     assert_eq!(agent.notifications(), vec!["STATUS=attached", "READY=1"]);
     let config: toml::Value =
         toml::from_str(&std::fs::read_to_string(agent.config_path()).unwrap()).unwrap();
     assert_eq!(
-        config["sandbox"][0]["netns"].as_str(),
-        Some(ns.path().to_str().unwrap())
+        config["agent"]["bpf_pin_dir"].as_str(),
+        Some(agent.pin_dir().to_str().unwrap())
     );
-    assert!(config["sandbox"][1].get("netns").is_none());
+    assert!(config["agent"].get("control_socket").is_none());
 
-    agent.reconfigure(&sandboxes[..1]);
-    assert!(agent.log().contains("reloaded with 1"), "{}", agent.log());
-    let n = agent.notifications();
-    assert_eq!(&n[n.len() - 2..], ["RELOADING=1", "READY=1"]);
+    // A killed agent comes back with the same config and state dir.
+    let first = agent.pid();
+    assert!(agent.kill().is_some());
+    agent.respawn();
+    assert_ne!(agent.pid(), first);
+    assert_eq!(
+        agent.log().matches("started with 1").count(),
+        2,
+        "{}",
+        agent.log()
+    );
 
     let pid = agent.pid();
     let status = std::thread::spawn(move || {
@@ -550,9 +545,8 @@ fn agent_fixture_reports_early_exit_and_timeouts_with_the_log() {
         dir.path(),
         "print('boom: bad config', file=sys.stderr, flush=True)\nsys.exit(3)",
     );
-    let msg = panic_message(
-        std::panic::catch_unwind(|| Agent::start_with_binary(&failing, &[])).unwrap_err(),
-    );
+    let msg =
+        panic_message(std::panic::catch_unwind(|| Agent::start_with_binary(&failing)).unwrap_err());
     assert!(msg.contains("exit code 3"), "{msg}");
     assert!(msg.contains("boom: bad config"), "{msg}");
 
@@ -566,8 +560,7 @@ fn agent_fixture_reports_early_exit_and_timeouts_with_the_log() {
         ready_timeout: Duration::from_secs(1),
         ..AgentOptions::default()
     };
-    let msg =
-        panic_message(std::panic::catch_unwind(|| Agent::start_with(options, &[])).unwrap_err());
+    let msg = panic_message(std::panic::catch_unwind(|| Agent::start_with(options)).unwrap_err());
     assert!(msg.contains("did not send READY=1 within 1s"), "{msg}");
     assert!(msg.contains("never ready"), "{msg}");
     let pid: u32 = msg
@@ -816,4 +809,51 @@ fn commands_are_bounded_even_when_a_grandchild_keeps_the_pipes() {
     let cg = sb.cgroup().path().to_owned();
     drop(sb);
     assert!(!cg.exists());
+}
+
+#[test]
+fn https_upstream_serves_real_curl_over_h1_and_h2_by_test_name() {
+    require_root();
+    let world = veil_tests::World::new();
+    let ns = NetNs::new("tls");
+    let _link = world.link_sandbox(&ns);
+    let ca = veil_tests::TestCa::new("harness test CA");
+    let up = veil_tests::HttpsUpstream::start(
+        world.netns(),
+        world.upstream_v4().into(),
+        &ca,
+        &["api.allowed.test"],
+    );
+    let sb = Sandbox::new("tls", Some(&ns)).with_hosts(&[("api.allowed.test", up.addr().ip())]);
+    for (flag, version) in [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2.0")] {
+        let url = format!("https://api.allowed.test:{}/p?q=1", up.addr().port());
+        let out = sb.run_outside(
+            &[
+                "curl",
+                "-sS",
+                flag,
+                "--cacert",
+                ca.pem_path().to_str().unwrap(),
+                "-H",
+                "x-probe: yes",
+                &url,
+            ],
+            Duration::from_secs(20),
+        );
+        assert!(
+            out.status.success(),
+            "curl {flag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["version"], version);
+        assert_eq!(summary["target_len"], "/p?q=1".len());
+    }
+    let seen = up.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter()
+            .all(|s| s.sni.as_deref() == Some("api.allowed.test"))
+    );
+    assert_eq!(seen[1].header("x-probe"), Some("yes"));
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use veil_tests::cmd::run_probe;
 use veil_tests::{
-    Agent, AgentSandbox, AttachType, HttpHello, NetNs, ProbeOutput, Sandbox, TcpEcho, TcpHello,
-    UdpEcho, World, attached_prog_ids, require_root, sandbox_map_has,
+    AgentSandbox, AttachType, HttpHello, NetNs, ProbeOutput, Sandbox, TcpEcho, TcpHello, UdpEcho,
+    Veil, World, attached_prog_ids, require_root, sandbox_map_has,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_veil-probe");
@@ -75,7 +75,7 @@ fn ipv4_ipv6_and_mapped_connections_go_through_the_agent() {
     let sb = Sandbox::new("v46", Some(&ns));
     let hello4 = TcpHello::start(world.netns(), world.upstream_v4().into(), "U4");
     let hello6 = TcpHello::start(world.netns(), world.upstream_v6().into(), "U6");
-    let agent = Agent::start(&[spec("v46", &sb)]);
+    let veil = Veil::start(&[spec("v46", &sb)]);
 
     for (dial, expect_name, agent_ip) in [
         (hello4.addr(), "U4", IpAddr::from(world.host_v4())),
@@ -99,7 +99,7 @@ fn ipv4_ipv6_and_mapped_connections_go_through_the_agent() {
             "getpeername must return the address the app dialled"
         );
     }
-    assert!(!agent.log().contains("original destination unknown"));
+    assert!(!veil.log().contains("original destination unknown"));
 }
 
 #[test]
@@ -109,7 +109,7 @@ fn real_curl_in_a_sandbox_reaches_its_upstream_through_the_agent() {
     let ns = NetNs::new("curl");
     let sb = Sandbox::new("curl", Some(&ns));
     let http = HttpHello::start(world.netns(), world.upstream_v4().into(), "H");
-    let _agent = Agent::start(&[spec("curl", &sb)]);
+    let _veil = Veil::start(&[spec("curl", &sb)]);
 
     let mut curl = sb.command("curl");
     curl.args([
@@ -141,7 +141,7 @@ fn loopback_and_processes_outside_the_cgroup_are_not_redirected() {
     let sb = Sandbox::new("lo", Some(&ns));
     let local = TcpHello::start(&ns, "127.0.0.1".parse().expect("ip"), "LOCAL");
     let remote = TcpHello::start(world.netns(), world.upstream_v4().into(), "R");
-    let agent = Agent::start(&[spec("lo", &sb)]);
+    let veil = Veil::start(&[spec("lo", &sb)]);
 
     // Loopback inside the sandbox: straight to the local server, not via the agent.
     let out = probe_in(&sb, &["tcp", "--addr", &local.addr().to_string()]);
@@ -168,9 +168,9 @@ fn loopback_and_processes_outside_the_cgroup_are_not_redirected() {
     let (_, peer) = hello_reply(out.expect_ok());
     assert_eq!(peer.ip(), IpAddr::from(world.host_v4()));
     assert!(
-        !agent.log().contains("original destination unknown"),
+        !veil.log().contains("original destination unknown"),
         "{}",
-        agent.log()
+        veil.log()
     );
 }
 
@@ -180,7 +180,7 @@ fn sandbox_sharing_the_agents_netns_is_redirected_without_looping() {
     let world = World::new();
     let sb = Sandbox::new("hostns", None);
     let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "HN");
-    let agent = Agent::start(&[spec("hostns", &sb)]);
+    let veil = Veil::start(&[spec("hostns", &sb)]);
 
     let out = probe_in(&sb, &["tcp", "--addr", &hello.addr().to_string()]);
     let json = out.expect_ok();
@@ -192,9 +192,9 @@ fn sandbox_sharing_the_agents_netns_is_redirected_without_looping() {
         "a redirected socket is connected to the agent's loopback listener, got local {local}"
     );
     assert!(
-        !agent.log().contains("original destination unknown"),
+        !veil.log().contains("original destination unknown"),
         "{}",
-        agent.log()
+        veil.log()
     );
 }
 
@@ -209,14 +209,14 @@ fn identical_client_addresses_in_two_sandboxes_reach_their_own_destinations() {
     );
     let up_a = TcpHello::start(world.netns(), world.upstream_v4().into(), "A");
     let up_b = TcpHello::start(world.netns(), world.upstream_v4().into(), "B");
-    let agent = Agent::start(&[spec("a", &sb_a), spec("b", &sb_b)]);
+    let veil = Veil::start(&[spec("a", &sb_a), spec("b", &sb_b)]);
 
     // Stop the agent so both connections complete their handshakes and record their original
     // destinations before either is looked up: with identical (address, port) client ends,
     // only the netns cookie in the key keeps the two records apart.
     let bind = "127.0.0.1:40000";
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::unistd::Pid::from_raw(veil.pid() as i32),
         nix::sys::signal::Signal::SIGSTOP,
     )
     .expect("SIGSTOP agent");
@@ -229,7 +229,7 @@ fn identical_client_addresses_in_two_sandboxes_reach_their_own_destinations() {
     let b = spawn(&sb_b, up_b.addr());
     std::thread::sleep(Duration::from_millis(500));
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::unistd::Pid::from_raw(veil.pid() as i32),
         nix::sys::signal::Signal::SIGCONT,
     )
     .expect("SIGCONT agent");
@@ -256,7 +256,7 @@ fn udp_443_is_refused_and_dns_still_works() {
     let dns4 = UdpEcho::start(world.netns(), world.upstream_v4().into(), 53);
     let quic6 = UdpEcho::start(world.netns(), world.upstream_v6().into(), 443);
     let dns6 = UdpEcho::start(world.netns(), world.upstream_v6().into(), 53);
-    let _agent = Agent::start(&[spec("udp", &sb)]);
+    let _veil = Veil::start(&[spec("udp", &sb)]);
 
     for quic in [quic4.addr(), quic6.addr()] {
         let out = probe_in(&sb, &["udp", "--addr", &quic.to_string(), "--send", "quic"]);
@@ -296,7 +296,7 @@ fn five_hundred_concurrent_connections_across_five_sandboxes_are_byte_exact() {
         .enumerate()
         .map(|(i, sb)| spec(&format!("c{i}"), sb))
         .collect();
-    let agent = Agent::start(&specs);
+    let veil = Veil::start(&specs);
 
     let handles: Vec<_> = sandboxes
         .iter()
@@ -330,7 +330,7 @@ fn five_hundred_concurrent_connections_across_five_sandboxes_are_byte_exact() {
             .all(|p| p.ip() == IpAddr::from(world.host_v4())),
         "every upstream connection must come from the agent"
     );
-    assert!(!agent.log().contains("original destination unknown"));
+    assert!(!veil.log().contains("original destination unknown"));
 }
 
 #[test]
@@ -342,17 +342,9 @@ fn sighup_removal_detaches_programs_closes_listener_and_drains_maps() {
     let keep = Sandbox::new("keep", Some(&ns_keep));
     let gone = Sandbox::new("gone", Some(&ns_gone));
     let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "S");
-    let agent = Agent::start(&[spec("keep", &keep), spec("gone", &gone)]);
+    let veil = Veil::start(&[spec("keep", &keep), spec("gone", &gone)]);
 
-    let all_types = [
-        AttachType::Connect4,
-        AttachType::Connect6,
-        AttachType::Sendmsg4,
-        AttachType::Sendmsg6,
-        AttachType::Getpeername4,
-        AttachType::Getpeername6,
-        AttachType::SockOps,
-    ];
+    let all_types = AttachType::ALL;
     for t in all_types {
         assert_eq!(
             attached_prog_ids(gone.cgroup().path(), t).len(),
@@ -372,7 +364,7 @@ fn sighup_removal_detaches_programs_closes_listener_and_drains_maps() {
         IpAddr::from(world.host_v4())
     );
 
-    agent.reconfigure(&[spec("keep", &keep)]);
+    veil.reconfigure(&[spec("keep", &keep)]);
 
     for t in all_types {
         assert!(
@@ -409,7 +401,7 @@ fn connection_of_unknown_origin_is_closed_and_counted() {
     require_root();
     let ns = NetNs::new("unk");
     let sb = Sandbox::new("unk", Some(&ns));
-    let agent = Agent::start(&[spec("unk", &sb)]);
+    let veil = Veil::start(&[spec("unk", &sb)]);
     let port = *listening_ports(&ns).first().expect("agent listener");
 
     // Outside the cgroup, dialling the agent's listener directly: nothing was recorded for it.
@@ -417,11 +409,11 @@ fn connection_of_unknown_origin_is_closed_and_counted() {
     let json = out.expect_ok();
     assert_eq!(field(json, "reply"), "", "nothing may be sent back: {json}");
     assert!(
-        veil_tests::cmd::wait_until(Duration::from_secs(5), || agent
+        veil_tests::cmd::wait_until(Duration::from_secs(5), || veil
             .log()
             .contains("original destination unknown")),
         "the agent must log and count it: {}",
-        agent.log()
+        veil.log()
     );
 }
 
@@ -432,7 +424,7 @@ fn sigterm_drains_open_connections_and_exits_zero() {
     let ns = NetNs::new("drain");
     let sb = Sandbox::new("drain", Some(&ns));
     let echo = TcpEcho::start(world.netns(), world.upstream_v4().into());
-    let agent = Agent::start(&[spec("drain", &sb)]);
+    let veil = Veil::start(&[spec("drain", &sb)]);
 
     // A client that connects, waits until told, then uses the connection.
     let script = format!(
@@ -459,19 +451,21 @@ fn sigterm_drains_open_connections_and_exits_zero() {
     std::io::BufRead::read_line(&mut stdout, &mut line).expect("read");
     assert_eq!(line.trim(), "connected");
 
-    let pid = agent.pid();
-    let terminator = std::thread::spawn(move || agent.terminate());
-    std::thread::sleep(Duration::from_millis(500));
-    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), b"go\n").expect("write");
-    line.clear();
-    std::io::BufRead::read_line(&mut stdout, &mut line).expect("read");
-    assert_eq!(
-        line.trim(),
-        "100000",
-        "the open connection must survive SIGTERM until done"
-    );
-    let _ = child.wait();
-    let status = terminator.join().expect("terminate thread");
+    let pid = veil.pid();
+    let status = std::thread::scope(|s| {
+        let terminator = s.spawn(|| veil.agent().terminate());
+        std::thread::sleep(Duration::from_millis(500));
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), b"go\n").expect("write");
+        line.clear();
+        std::io::BufRead::read_line(&mut stdout, &mut line).expect("read");
+        assert_eq!(
+            line.trim(),
+            "100000",
+            "the open connection must survive SIGTERM until done"
+        );
+        let _ = child.wait();
+        terminator.join().expect("terminate thread")
+    });
     assert_eq!(status.code(), Some(0), "agent {pid} exit status");
 }
 

@@ -51,6 +51,20 @@ pub fn ensure_packages(packages: &[&str]) -> Result<()> {
     apt(&args)
 }
 
+/// Installs Debian's `package` when `command` is not on PATH (a newer one may already be there,
+/// e.g. Node.js from elsewhere: keep it).
+pub fn ensure_command(command: &str, package: &str) -> Result<()> {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {command}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        Ok(())
+    } else {
+        ensure_packages(&[package])
+    }
+}
+
 fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])

@@ -106,6 +106,7 @@ fn run(root: &Path) -> Result<()> {
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     host::require_root("cargo xtask test")?;
     host::ensure_packages(host::TEST_PACKAGES)?;
+    host::ensure_command("node", "nodejs")?;
     build_ebpf(root)?;
     cargo(root, &["fmt", "--all", "--check"])?;
     cargo(

@@ -35,6 +35,9 @@ pub enum ApiError {
     /// 503: a required dependency (the agent) is not available.
     #[error("{0}")]
     Unavailable(String),
+    /// 502: the agent could not apply a change; the message carries its report (never a value).
+    #[error("{0}")]
+    AgentFailed(String),
     /// 500: logged in full, sent as a generic message.
     #[error("internal error: {0}")]
     Internal(String),
@@ -57,6 +60,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::AgentFailed(_) => StatusCode::BAD_GATEWAY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -95,17 +95,19 @@ pub fn document() -> Value {
                 "parameters": [sandbox_id.clone()],
                 "put": {"operationId": "putSandbox", "summary": "Register or replace a sandbox (write:sandboxes)",
                     "requestBody": body(r("PutSandbox")),
-                    "responses": std_errors(json!({"200": ok("Registered; env holds placeholders", r("Sandbox"))}), &[("404", "The id belongs to another organization"), ("409", "The cgroup is registered to another sandbox"), ("503", "agent.required is set and no agent is connected")])},
+                    "description": "Answers once every connected veil-agent acknowledged that the sandbox is enforced (programs attached, listener open). 400 also when the cgroup directory or netns file does not exist on the host (sandbox.check_paths). The answer carries env (ENV → placeholder) and caCertificate.",
+                    "responses": std_errors(json!({"200": ok("Registered and enforced; env holds placeholders", r("Sandbox"))}), &[("404", "The id belongs to another organization"), ("409", "The cgroup is registered to another sandbox"), ("502", "A veil-agent could not enforce the sandbox; the message carries its report and the change was rolled back"), ("503", "agent.required is set and no agent is connected (nothing stored), or no agent acknowledged within agent.timeout_ms (the registration is kept and enforced when the agent catches up; retry to wait)")])},
                 "get": {"operationId": "getSandbox", "summary": "Get a sandbox (write:sandboxes)",
                     "responses": std_errors(json!({"200": ok("The sandbox", r("Sandbox"))}), &[("404", "No such sandbox in the organization")])},
                 "delete": {"operationId": "deleteSandbox", "summary": "Remove a sandbox (write:sandboxes)",
-                    "responses": std_errors(json!({"204": {"description": "Removed"}}), &[("404", "No such sandbox in the organization")])}
+                    "description": "Removes the record, then answers once the agents acknowledged detaching everything for the sandbox.",
+                    "responses": std_errors(json!({"204": {"description": "Removed and detached"}}), &[("404", "No such sandbox in the organization"), ("502", "Removed from the registry; a veil-agent reported a failure while detaching"), ("503", "Removed from the registry; no agent acknowledged the detach in time (it detaches when it catches up)")])}
             },
             "/sandbox/{sandboxId}/secrets": {
                 "parameters": [sandbox_id],
                 "put": {"operationId": "putSandboxSecrets", "summary": "Replace the mounted secrets; [] detaches all (write:sandboxes)",
                     "requestBody": body(json!({"type": "object", "required": ["secrets"], "properties": {"secrets": r("MountList")}})),
-                    "responses": std_errors(json!({"200": ok("The sandbox", r("Sandbox"))}), &[("404", "No such sandbox in the organization")])},
+                    "responses": std_errors(json!({"200": ok("The sandbox, with the new mounts enforced", r("Sandbox"))}), &[("404", "No such sandbox in the organization"), ("502", "A veil-agent could not apply the mounts; rolled back"), ("503", "No agent connected (nothing changed) or none acknowledged in time (kept)")])},
                 "get": {"operationId": "getSandboxSecrets", "summary": "Mounted secrets: env, placeholder, hosts — never a value (write:sandboxes)",
                     "responses": std_errors(json!({"200": ok("Mounted secrets", json!({"type": "array", "items": r("MountedSecret")}))}), &[("404", "No such sandbox in the organization")])}
             },
@@ -164,7 +166,8 @@ pub fn document() -> Value {
                 "Sandbox": {"type": "object", "properties": {
                     "id": {"type": "string"}, "cgroup": {"type": "string"}, "netns": {"type": ["string", "null"]},
                     "secrets": r("MountList"), "env": {"type": "object", "additionalProperties": {"type": "string"}, "description": "ENV → placeholder"},
-                    "caCert": {"type": ["string", "null"], "description": "PEM of the CA the sandbox must trust (once an agent is linked)"},
+                    "caCert": {"type": ["string", "null"], "description": "PEM of the CA the sandbox must trust (once an agent is linked); same as caCertificate"},
+                    "caCertificate": {"type": ["string", "null"], "description": "PEM of veil-agent's interception CA, which the sandbox must trust; the last CA an agent reported (kept across restarts), null until one did"},
                     "createdAt": {"type": "string", "format": "date-time"}, "updatedAt": {"type": "string", "format": "date-time"}}},
                 "MountedSecret": {"type": "object", "properties": {
                     "env": {"type": "string"}, "placeholder": {"type": "string"}, "hosts": {"type": "array", "items": {"type": "string"}},

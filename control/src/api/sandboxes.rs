@@ -2,6 +2,17 @@
 //!
 //! A sandbox is a cgroup (under a configured parent) and optionally a netns, with secrets mounted
 //! as env vars. Answers carry placeholders and hosts, never values.
+//!
+//! Changes are stored first, then pushed to the agents, and answered once they acknowledged:
+//! - PUT with `agent.required` and no agent connected: 503, nothing stored.
+//! - an agent reports errors: the write is rolled back (the previous record is restored, or the
+//!   new one removed), the restored state is pushed, and the answer is a 502 with the agent's
+//!   report.
+//! - no acknowledgement within `agent.timeout_ms` (or the agent went away): 503, and the change
+//!   is KEPT — the store is the truth and agents converge to it (a reconnecting agent reconciles
+//!   to its snapshot); retrying the same PUT waits again, DELETE undoes it.
+//! - DELETE always removes the record (detaching is always safe); the 204 comes after the
+//!   agents acknowledged, else a 502/503 that says the record is gone.
 
 use std::collections::BTreeMap;
 
@@ -14,9 +25,10 @@ use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, AppState, Caller, blocking, json_object, only_fields, opt_string};
-use crate::agent_link::AgentEvent;
+use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
+use crate::hostcheck::{self, HostCheckError};
 use crate::store::{Mount, SandboxRecord, SecretRecord, StoreError};
 use crate::timefmt::{now_ms, rfc3339};
 use crate::validate;
@@ -124,6 +136,7 @@ fn live_mounts(
 
 fn view(state: &AppState, sb: &SandboxRecord) -> Result<Value, ApiError> {
     let live = live_mounts(state, sb)?;
+    let ca = state.agent.ca_certificate();
     let env: BTreeMap<&str, &str> = live
         .iter()
         .map(|(m, s)| (m.env.as_str(), s.placeholder.as_str()))
@@ -139,7 +152,8 @@ fn view(state: &AppState, sb: &SandboxRecord) -> Result<Value, ApiError> {
         "netns": sb.netns,
         "secrets": secrets,
         "env": env,
-        "caCert": state.agent.ca_certificate(),
+        "caCert": ca,
+        "caCertificate": ca,
         "createdAt": rfc3339(sb.created_at),
         "updatedAt": rfc3339(sb.updated_at),
     }))
@@ -163,6 +177,95 @@ fn require_agent(state: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
+fn host_error(e: HostCheckError) -> ApiError {
+    match e {
+        HostCheckError::Invalid(m) => ApiError::BadRequest(m),
+        HostCheckError::Unavailable(m) => ApiError::Unavailable(m),
+    }
+}
+
+/// Pushes a stored sandbox write to the agents and turns their answer into the REST outcome
+/// (see the module documentation).
+async fn settle(
+    state: &AppState,
+    caller: &Caller,
+    written: &SandboxRecord,
+    previous: Option<SandboxRecord>,
+) -> Result<(), ApiError> {
+    let id = &written.id;
+    match state
+        .agent
+        .notify(AgentEvent::SandboxUpserted(written.clone()))
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(AgentLinkError::Rejected(errors)) => {
+            let report = errors.join("; ");
+            roll_back(state, caller, written, previous, &report).await;
+            Err(ApiError::AgentFailed(format!(
+                "veil-agent could not enforce sandbox {id}: {report}; the change was rolled back"
+            )))
+        }
+        Err(e @ AgentLinkError::Internal(_)) => {
+            roll_back(state, caller, written, previous, "internal error").await;
+            Err(ApiError::internal("agent link", e))
+        }
+        Err(e @ (AgentLinkError::NotConnected | AgentLinkError::NoAck(_))) => {
+            if !state.config.agent.required {
+                return Ok(());
+            }
+            tracing::warn!(sandbox = %id, error = %e, "sandbox change not acknowledged; kept");
+            Err(ApiError::Unavailable(format!(
+                "sandbox {id}: {e}; the change is stored and is enforced as soon as the agent \
+                 catches up (retry the request to wait for it, or DELETE the sandbox)"
+            )))
+        }
+    }
+}
+
+/// Undoes `written` (unless something changed it since) and pushes the restored state.
+async fn roll_back(
+    state: &AppState,
+    caller: &Caller,
+    written: &SandboxRecord,
+    previous: Option<SandboxRecord>,
+    reason: &str,
+) {
+    let st = state.clone();
+    let audit = entry(
+        caller,
+        "sandbox.rollback",
+        "sandbox",
+        &written.id,
+        None,
+        json!({"reason": {"to": format!("veil-agent: {reason}")}}),
+    );
+    let (w, p) = (written.clone(), previous.clone());
+    let restored = blocking(move || {
+        st.store
+            .restore_sandbox(&w, p.as_ref(), audit)
+            .map_err(|e| ApiError::from_store(e, "sandbox"))
+    })
+    .await;
+    match restored {
+        Ok(true) => {
+            let event = match previous {
+                Some(p) => AgentEvent::SandboxUpserted(p),
+                None => AgentEvent::SandboxRemoved {
+                    id: written.id.clone(),
+                },
+            };
+            if let Err(e) = state.agent.notify(event).await {
+                tracing::warn!(sandbox = %written.id, error = %e, "pushing a rolled-back sandbox");
+            }
+        }
+        Ok(false) => {
+            tracing::warn!(sandbox = %written.id, "not rolled back: changed again meanwhile");
+        }
+        Err(e) => tracing::error!(sandbox = %written.id, error = %e, "rolling back a sandbox"),
+    }
+}
+
 async fn put_sandbox(
     State(state): State<AppState>,
     caller: Caller,
@@ -184,18 +287,21 @@ async fn put_sandbox(
     require_agent(&state)?;
     let st = state.clone();
     let caller2 = caller.clone();
-    let record = blocking(move || {
+    let (record, previous) = blocking(move || {
         let now = now_ms();
         // Ownership before anything else: another organization's id is a plain 404.
-        let created_at = match st
+        let previous = st
             .store
             .sandbox(&id)
-            .map_err(|e| ApiError::from_store(e, "sandbox"))?
-        {
+            .map_err(|e| ApiError::from_store(e, "sandbox"))?;
+        let created_at = match &previous {
             Some(old) if old.org != caller2.org => return Err(not_found(&id)),
             Some(old) => old.created_at,
             None => now,
         };
+        if st.config.sandbox.check_paths {
+            hostcheck::check_sandbox(&cgroup, netns.as_deref()).map_err(host_error)?;
+        }
         let mounts = resolve(&st, &caller2.org, &wanted)?;
         let record = SandboxRecord {
             id: id.clone(),
@@ -222,17 +328,10 @@ async fn put_sandbox(
             StoreError::NotFound => not_found(&id),
             e => ApiError::from_store(e, "sandbox"),
         })?;
-        Ok(record)
+        Ok((record, previous))
     })
     .await?;
-    if let Err(e) = state
-        .agent
-        .notify(AgentEvent::SandboxUpserted(record.clone()))
-        .await
-        && state.config.agent.required
-    {
-        return Err(ApiError::Unavailable(format!("agent: {e}")));
-    }
+    settle(&state, &caller, &record, previous).await?;
     Ok(Json(view(&state, &record)?))
 }
 
@@ -274,8 +373,26 @@ async fn delete_sandbox(
             })
     })
     .await?;
-    let _ = state.agent.notify(AgentEvent::SandboxRemoved { id }).await;
-    Ok(StatusCode::NO_CONTENT)
+    match state
+        .agent
+        .notify(AgentEvent::SandboxRemoved { id: id.clone() })
+        .await
+    {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(AgentLinkError::Rejected(errors)) => Err(ApiError::AgentFailed(format!(
+            "sandbox {id} was removed from the registry, but veil-agent reported: {}",
+            errors.join("; ")
+        ))),
+        Err(e @ AgentLinkError::Internal(_)) => Err(ApiError::internal("agent link", e)),
+        Err(e) if state.config.agent.required => {
+            tracing::warn!(sandbox = %id, error = %e, "sandbox removal not acknowledged");
+            Err(ApiError::Unavailable(format!(
+                "sandbox {id} was removed from the registry, but {e}; the agent detaches it \
+                 as soon as it catches up"
+            )))
+        }
+        Err(_) => Ok(StatusCode::NO_CONTENT),
+    }
 }
 
 async fn put_secrets(
@@ -296,10 +413,12 @@ async fn put_secrets(
     let st = state.clone();
     let caller2 = caller.clone();
     let id2 = id.clone();
-    let record = blocking(move || {
+    let (record, previous) = blocking(move || {
         owned(&st, &caller2, &id2)?;
         let mounts = resolve(&st, &caller2.org, &wanted)?;
+        let mut before = None;
         let mut change = |old: &SandboxRecord| {
+            before = Some(old.clone());
             let mut new = old.clone();
             new.mounts = mounts.clone();
             new.updated_at = now_ms();
@@ -313,22 +432,17 @@ async fn put_secrets(
             );
             Ok((new, audit))
         };
-        st.store
+        let record = st
+            .store
             .update_sandbox(&caller2.org, &id2, &mut change)
             .map_err(|e| match e {
                 StoreError::NotFound => not_found(&id2),
                 e => ApiError::from_store(e, "sandbox"),
-            })
+            })?;
+        Ok((record, before))
     })
     .await?;
-    if let Err(e) = state
-        .agent
-        .notify(AgentEvent::SandboxUpserted(record.clone()))
-        .await
-        && state.config.agent.required
-    {
-        return Err(ApiError::Unavailable(format!("agent: {e}")));
-    }
+    settle(&state, &caller, &record, previous).await?;
     Ok(Json(view(&state, &record)?))
 }
 

@@ -16,7 +16,7 @@ use super::{
     ApiError, AppState, Caller, blocking, json_object, only_fields, opt_string, opt_string_array,
     parse_limit, query_map,
 };
-use crate::agent_link::AgentEvent;
+use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
 use crate::crypto::RecordBinding;
@@ -175,13 +175,21 @@ async fn create(
         Ok(record)
     })
     .await?;
-    let _ = state
-        .agent
-        .notify(AgentEvent::SecretChanged {
-            id: record.id.clone(),
-        })
-        .await;
+    push_secret(&state, &record.id).await;
     Ok((StatusCode::CREATED, Json(view(&record))))
+}
+
+/// Pushes a secret change to the agents and waits for them, so that once the answer is sent the
+/// connected agents use the new state. The store is the truth: an agent that does not
+/// acknowledge converges later, so this never fails the request (it is logged).
+async fn push_secret(state: &AppState, id: &str) {
+    let event = AgentEvent::SecretChanged { id: id.to_owned() };
+    match state.agent.notify(event).await {
+        Ok(()) | Err(AgentLinkError::NotConnected) => {}
+        Err(e) => {
+            tracing::warn!(secret = %id, error = %e, "secret change not acknowledged by the agents")
+        }
+    }
 }
 
 async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
@@ -321,18 +329,7 @@ async fn update(
         let mut change = |old: &SecretRecord| {
             let mut new = old.clone();
             let mut changes = serde_json::Map::new();
-            if let Some(v) = &value {
-                new.revision = old.revision + 1;
-                new.sealed = ring
-                    .seal(
-                        RecordBinding {
-                            org: &new.org,
-                            secret_id: &new.id,
-                            revision: new.revision,
-                        },
-                        v.as_bytes(),
-                    )
-                    .map_err(|e| StoreError::Backend(format!("seal: {e}")))?;
+            if value.is_some() {
                 changes.insert("value".into(), json!({"from": "***", "to": "***"}));
             }
             if let Some(d) = &description {
@@ -358,6 +355,33 @@ async fn update(
                 changes.insert("hosts".into(), c);
                 new.hosts = h.clone();
             }
+            if !changes.is_empty() {
+                // Every change bumps the revision (agents and caches key on it); the value is
+                // re-sealed because the revision is part of its ciphertext binding.
+                new.revision = old.revision + 1;
+                let seal_err = |e| StoreError::Backend(format!("seal: {e}"));
+                let binding = RecordBinding {
+                    org: &new.org,
+                    secret_id: &new.id,
+                    revision: new.revision,
+                };
+                new.sealed = match &value {
+                    Some(v) => ring.seal(binding, v.as_bytes()).map_err(seal_err)?,
+                    None => {
+                        let plain = ring
+                            .open(
+                                RecordBinding {
+                                    org: &old.org,
+                                    secret_id: &old.id,
+                                    revision: old.revision,
+                                },
+                                &old.sealed,
+                            )
+                            .map_err(|e| StoreError::Backend(format!("open: {e}")))?;
+                        ring.seal(binding, &plain).map_err(seal_err)?
+                    }
+                };
+            }
             new.updated_at = now_ms().max(old.updated_at);
             let audit = entry(
                 &caller2,
@@ -377,10 +401,7 @@ async fn update(
             })
     })
     .await?;
-    let _ = state
-        .agent
-        .notify(AgentEvent::SecretChanged { id: id.clone() })
-        .await;
+    push_secret(&state, &id).await;
     Ok(Json(view(&record)))
 }
 
@@ -411,6 +432,6 @@ async fn remove(
             })
     })
     .await?;
-    let _ = state.agent.notify(AgentEvent::SecretChanged { id }).await;
+    push_secret(&state, &id).await;
     Ok(StatusCode::NO_CONTENT)
 }

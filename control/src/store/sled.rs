@@ -758,6 +758,52 @@ impl Store for SledStore {
         self.commit(&pending)
     }
 
+    fn restore_sandbox(
+        &self,
+        written: &SandboxRecord,
+        previous: Option<&SandboxRecord>,
+        audit: AuditRecord,
+    ) -> Result<bool, StoreError> {
+        let _guard = self.lock();
+        if self.sandbox(&written.id)?.as_ref() != Some(written) {
+            return Ok(false);
+        }
+        if let Some(prev) = previous
+            && prev.cgroup != written.cgroup
+            && let Some(holder) = self
+                .sandbox_cgroups
+                .get(prev.cgroup.as_bytes())
+                .map_err(backend)?
+            && holder.as_ref() != prev.id.as_bytes()
+        {
+            return Err(StoreError::Conflict(format!(
+                "cgroup {} was registered to another sandbox meanwhile",
+                prev.cgroup
+            )));
+        }
+        let bytes = previous.map(enc).transpose()?;
+        let pending = self.audit_entry(audit)?;
+        let (ak, av) = (&pending.key, &pending.value);
+        (&self.sandboxes, &self.sandbox_cgroups, &self.audit)
+            .transaction(|(sandboxes, cgroups, audit)| {
+                cgroups.remove(written.cgroup.as_bytes())?;
+                match (previous, &bytes) {
+                    (Some(prev), Some(bytes)) => {
+                        cgroups.insert(prev.cgroup.as_bytes(), prev.id.as_bytes())?;
+                        sandboxes.insert(prev.id.as_bytes(), bytes.as_slice())?;
+                    }
+                    _ => {
+                        sandboxes.remove(written.id.as_bytes())?;
+                    }
+                }
+                audit.insert(ak.as_slice(), av.as_slice())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_err)?;
+        self.commit(&pending)?;
+        Ok(true)
+    }
+
     fn audit_page(
         &self,
         org: &str,
@@ -909,6 +955,54 @@ mod tests {
             }
             prop_assert!(store.check_consistency().unwrap().is_empty());
         }
+    }
+
+    fn sandbox(id: &str, cgroup: &str, env: &str) -> SandboxRecord {
+        SandboxRecord {
+            id: id.into(),
+            org: "acme".into(),
+            cgroup: cgroup.into(),
+            netns: None,
+            mounts: vec![super::super::Mount {
+                env: env.into(),
+                secret_id: "s".into(),
+                secret_name: "s".into(),
+            }],
+            created_at: 1,
+            updated_at: 1,
+        }
+    }
+
+    #[test]
+    fn restore_undoes_only_the_write_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        // A new record rolled back: gone, cgroup free.
+        let new = sandbox("sb", "veil.slice/a", "A");
+        store.put_sandbox(&new, audit("acme")).unwrap();
+        assert!(store.restore_sandbox(&new, None, audit("acme")).unwrap());
+        assert!(store.sandbox("sb").unwrap().is_none());
+        store
+            .put_sandbox(&sandbox("other", "veil.slice/a", "A"), audit("acme"))
+            .unwrap();
+        // A replacement rolled back: the previous record and its cgroup come back.
+        let old = sandbox("sb", "veil.slice/b", "A");
+        store.put_sandbox(&old, audit("acme")).unwrap();
+        let moved = sandbox("sb", "veil.slice/c", "B");
+        store.put_sandbox(&moved, audit("acme")).unwrap();
+        assert!(
+            store
+                .restore_sandbox(&moved, Some(&old), audit("acme"))
+                .unwrap()
+        );
+        assert_eq!(store.sandbox("sb").unwrap().as_ref(), Some(&old));
+        // A write that was superseded is left alone.
+        assert!(!store.restore_sandbox(&moved, None, audit("acme")).unwrap());
+        assert_eq!(store.sandbox("sb").unwrap().as_ref(), Some(&old));
+        store
+            .put_sandbox(&sandbox("x", "veil.slice/c", "A"), audit("acme"))
+            .unwrap();
+        assert!(store.check_consistency().unwrap().is_empty());
     }
 
     #[test]

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use veil_tests::{Agent, AgentSandbox, NetNs, Sandbox, TcpEcho, World};
+use veil_tests::cmd::run_probe;
+use veil_tests::{AgentSandbox, NetNs, Sandbox, TcpEcho, TcpHello, Veil, World};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,13 +34,17 @@ fn main() -> Result<()> {
             arg("--seconds", 5)?,
             arg("--runs", 3)?,
         ),
+        Some("registration") => registration(arg("--count", 100)?),
+        Some("restart") => restart(arg("--count", 20)?),
         Some("client-bulk") => client_bulk(parse_addr(args.get(1))?, arg("--bytes", 1 << 30)?),
         Some("client-connrate") => client_connrate(
             parse_addr(args.get(1))?,
             arg("--seconds", 5)?,
             arg("--concurrency", 8)?,
         ),
-        _ => bail!("usage: veil-bench passthrough [--bytes N] [--seconds S] [--runs R]"),
+        _ => bail!(
+            "usage: veil-bench passthrough [--bytes N] [--seconds S] [--runs R] | registration [--count N] | restart [--count N]"
+        ),
     }
 }
 
@@ -182,7 +187,7 @@ fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
     let sb = Sandbox::new("bench", Some(&ns));
     let (sink, stop_sink) = start_sink(world.netns(), world.upstream_v4().into());
     let echo = TcpEcho::start(world.netns(), world.upstream_v4().into());
-    let _agent = Agent::start(&[AgentSandbox {
+    let _veil = Veil::start(&[AgentSandbox {
         id: "bench".into(),
         cgroup: sb.cgroup().path().to_owned(),
         netns: Some(ns.path().to_owned()),
@@ -246,6 +251,96 @@ fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
     println!(
         "max CPU steal during a run: {:.1} %",
         steal.iter().copied().fold(0.0, f64::max)
+    );
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn sandbox_spec(id: &str, sb: &Sandbox) -> AgentSandbox {
+    AgentSandbox {
+        id: id.to_owned(),
+        cgroup: sb.cgroup().path().to_owned(),
+        netns: sb.netns_path().map(ToOwned::to_owned),
+    }
+}
+
+/// Whether a probe in `sb` reaches `hello` through the agent (upstream sees `agent_ip`).
+fn through_agent(sb: &Sandbox, hello: SocketAddr, agent_ip: std::net::IpAddr) -> bool {
+    let mut cmd = sb.command(veil_tests::bin_path("veil-probe"));
+    cmd.args(["tcp", "--addr", &hello.to_string()]);
+    let out = run_probe(&mut cmd, Duration::from_secs(10));
+    out.ok()
+        && out
+            .json
+            .get("reply")
+            .and_then(|r| r.as_str())
+            .and_then(|r| r.trim().split_once(' '))
+            .and_then(|(_, peer)| peer.parse::<SocketAddr>().ok())
+            .is_some_and(|p| p.ip() == agent_ip)
+}
+
+/// PUT /api/sandbox/{id} → answer (the PUT answers once the redirect is live), over `count`
+/// registrations of fresh sandboxes (cgroup + netns); each is verified live, then removed.
+fn registration(count: u64) -> Result<()> {
+    veil_tests::require_root();
+    let world = World::new();
+    let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "U");
+    let veil = Veil::start(&[]);
+    let mut took = Vec::new();
+    for i in 0..count {
+        let ns = NetNs::new(&format!("reg{i}"));
+        let sb = Sandbox::new(&format!("reg{i}"), Some(&ns));
+        let spec = sandbox_spec(&format!("reg{i}"), &sb);
+        let started = Instant::now();
+        veil.register(&spec);
+        took.push(started.elapsed());
+        if !through_agent(&sb, hello.addr(), world.host_v4().into()) {
+            bail!("registration {i}: the first connection after PUT was not redirected");
+        }
+        veil.unregister(&spec.id);
+    }
+    took.sort();
+    println!(
+        "registration latency (PUT -> answered, redirect live) over {count}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(&took, 0.5).as_secs_f64() * 1e3,
+        percentile(&took, 0.99).as_secs_f64() * 1e3,
+        took[took.len() - 1].as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// SIGKILL of the agent → restarted → first connection through it again, `count` times.
+fn restart(count: u64) -> Result<()> {
+    veil_tests::require_root();
+    let world = World::new();
+    let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "U");
+    let ns = NetNs::new("restart");
+    let sb = Sandbox::new("restart", Some(&ns));
+    let veil = Veil::start(&[sandbox_spec("restart", &sb)]);
+    let mut took = Vec::new();
+    for i in 0..count {
+        veil.agent().kill();
+        let started = Instant::now();
+        veil.agent().respawn();
+        let deadline = started + Duration::from_secs(10);
+        while !through_agent(&sb, hello.addr(), world.host_v4().into()) {
+            if Instant::now() > deadline {
+                bail!("restart {i}: sandbox not served 10 s after the agent restarted");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        took.push(started.elapsed());
+    }
+    took.sort();
+    println!(
+        "agent restart recovery (spawn -> sandbox served through the agent) over {count}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        percentile(&took, 0.5).as_secs_f64() * 1e3,
+        percentile(&took, 0.99).as_secs_f64() * 1e3,
+        took[took.len() - 1].as_secs_f64() * 1e3
     );
     Ok(())
 }

@@ -1,0 +1,659 @@
+//! The agent link server: a root-only Unix socket where veil-agents connect, say Hello, receive
+//! a snapshot and then every change, and acknowledge each message.
+//!
+//! One writer per agent keeps its messages in order. Messages are built under one lock from the
+//! store's current state (see [`super::plan`]), so every agent sees changes in commit order.
+//! `notify` waits until every connected agent acknowledged its messages, or the timeout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use veil_link::{
+    AgentMsg, ControlMsg, PROTOCOL_VERSION, SecretState, SecretValue, read_frame, write_frame,
+};
+
+use super::plan::{Change, Held, RegistryView, Step, apply_to_held, plan};
+use super::{AgentEvent, AgentLink, AgentLinkError, LinkFuture};
+use crate::crypto::{Keyring, RecordBinding};
+use crate::store::{SecretRecord, Store};
+use crate::timefmt::now_ms;
+
+/// File in the data dir keeping the last CA certificate an agent reported.
+pub const CA_FILE: &str = "agent-ca.pem";
+/// Longest accepted agent id.
+const MAX_AGENT_ID: usize = 128;
+/// Largest accepted CA PEM.
+const MAX_CA_PEM: usize = 64 * 1024;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A filesystem or socket operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was attempted.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Another process listens on the socket.
+    #[error("{0} is in use: is another veil-control running?")]
+    InUse(PathBuf),
+    /// The path exists and is not a socket.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+}
+
+/// A connected agent, as control remembers it.
+#[derive(Clone, Debug)]
+pub struct AgentInfo {
+    /// The agent's stable id.
+    pub agent_id: String,
+    /// PID of the agent process (from the socket's peer credentials).
+    pub pid: Option<i32>,
+    /// Connection time, ms since the epoch.
+    pub connected_since: i64,
+}
+
+/// One message's acknowledgement to await: connection, seq, the agent's errors.
+type Wait = (u64, u64, oneshot::Receiver<Vec<String>>);
+
+/// An acknowledgement being waited for.
+#[derive(Debug)]
+struct Pending {
+    /// Resolved with the agent's errors (empty = applied); `None` when nobody waits (snapshots).
+    done: Option<oneshot::Sender<Vec<String>>>,
+    /// The secret a PutSecret carried: forgotten on failure so it is sent again next time.
+    secret: Option<String>,
+}
+
+#[derive(Debug)]
+struct Agent {
+    info: AgentInfo,
+    tx: mpsc::UnboundedSender<ControlMsg>,
+    held: Held,
+    pending: HashMap<u64, Pending>,
+}
+
+#[derive(Debug, Default)]
+struct LinkState {
+    agents: BTreeMap<u64, Agent>,
+    next_seq: u64,
+    next_conn: u64,
+    ca_pem: Option<String>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn Store>,
+    keyring: Arc<RwLock<Keyring>>,
+    timeout: Duration,
+    ca_file: PathBuf,
+    state: Mutex<LinkState>,
+}
+
+/// The agent link over a Unix socket.
+#[derive(Clone, Debug)]
+pub struct AgentServer {
+    inner: Arc<Inner>,
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ServerError + use<> {
+    let path = path.to_owned();
+    move |source| ServerError::Io { what, path, source }
+}
+
+/// Prepares `path` for binding: creates a missing parent (0700), removes a stale socket,
+/// refuses a live one or a non-socket.
+fn prepare_path(path: &Path) -> Result<(), ServerError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(io_err("creating", parent))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServerError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(io_err("removing stale socket", path))
+        }
+        Ok(_) => Err(ServerError::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("stat", path)(e)),
+    }
+}
+
+/// Whether a peer may speak for an agent: root, or the user control runs as.
+pub fn trusted_peer(peer_uid: u32, own_euid: u32) -> bool {
+    peer_uid == 0 || peer_uid == own_euid
+}
+
+/// Checks a Hello's fields; the message names the problem (never echoing the PEM).
+pub fn check_hello(protocol: u32, agent_id: &str, ca_pem: &str) -> Result<(), String> {
+    if protocol != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol {protocol} is not supported (control speaks {PROTOCOL_VERSION})"
+        ));
+    }
+    if agent_id.is_empty()
+        || agent_id.len() > MAX_AGENT_ID
+        || !agent_id.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(format!(
+            "agent_id must be 1-{MAX_AGENT_ID} printable ASCII characters"
+        ));
+    }
+    if ca_pem.len() > MAX_CA_PEM || !ca_pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err("ca_pem must be a PEM certificate".into());
+    }
+    Ok(())
+}
+
+/// "5 s", "1.5 s", "300 ms".
+fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else if ms.is_multiple_of(1000) {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// Writes the CA file atomically (public data: mode 0644).
+fn save_ca(path: &Path, pem: &str) -> io::Result<()> {
+    let tmp = path.with_extension("pem.tmp");
+    std::fs::write(&tmp, pem)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&tmp, path)
+}
+
+impl AgentServer {
+    /// Binds `socket` (mode 0600) and starts accepting agents; `data_dir` keeps the last CA.
+    pub fn bind(
+        socket: &Path,
+        data_dir: &Path,
+        timeout: Duration,
+        store: Arc<dyn Store>,
+        keyring: Arc<RwLock<Keyring>>,
+    ) -> Result<(AgentServer, JoinHandle<()>), ServerError> {
+        prepare_path(socket)?;
+        let listener = UnixListener::bind(socket).map_err(io_err("binding", socket))?;
+        // Peer credentials are checked too; the mode keeps other users from even connecting.
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err("chmod", socket))?;
+        let ca_file = data_dir.join(CA_FILE);
+        let ca_pem = std::fs::read_to_string(&ca_file).ok();
+        let server = AgentServer {
+            inner: Arc::new(Inner {
+                store,
+                keyring,
+                timeout,
+                ca_file,
+                state: Mutex::new(LinkState {
+                    ca_pem,
+                    next_seq: 1,
+                    ..LinkState::default()
+                }),
+            }),
+        };
+        let accept = server.clone();
+        let task = tokio::spawn(async move { accept.accept_loop(listener).await });
+        tracing::info!(socket = %socket.display(), "agent link listening");
+        Ok((server, task))
+    }
+
+    /// The agents connected now.
+    pub fn agents(&self) -> Vec<AgentInfo> {
+        self.lock()
+            .agents
+            .values()
+            .map(|a| a.info.clone())
+            .collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LinkState> {
+        // Every critical section leaves the state consistent before anything can panic.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn accept_loop(self, listener: UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let server = self.clone();
+                    tokio::spawn(async move { server.serve_agent(stream).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting an agent connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn serve_agent(self, stream: UnixStream) {
+        let cred = match stream.peer_cred() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "agent connection without peer credentials");
+                return;
+            }
+        };
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if !trusted_peer(cred.uid(), euid) {
+            tracing::warn!(
+                uid = cred.uid(),
+                pid = cred.pid(),
+                "refused agent connection: only root or control's own user may connect"
+            );
+            return;
+        }
+        let (mut reader, mut writer) = stream.into_split();
+        let hello = tokio::time::timeout(
+            self.inner.timeout.max(Duration::from_secs(1)),
+            read_frame::<AgentMsg, _>(&mut reader),
+        )
+        .await;
+        let (agent_id, ca_pem) = match hello {
+            Ok(Ok(Some(AgentMsg::Hello {
+                protocol,
+                agent_id,
+                ca_pem,
+            }))) => match check_hello(protocol, &agent_id, &ca_pem) {
+                Ok(()) => (agent_id, ca_pem),
+                Err(problem) => {
+                    tracing::warn!(pid = cred.pid(), %problem, "refused agent Hello");
+                    return;
+                }
+            },
+            Ok(Ok(Some(_))) => {
+                tracing::warn!(pid = cred.pid(), "agent spoke before Hello; closing");
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::warn!(pid = cred.pid(), error = %e, "reading agent Hello");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(pid = cred.pid(), "no Hello from agent in time; closing");
+                return;
+            }
+        };
+        let info = AgentInfo {
+            agent_id,
+            pid: cred.pid(),
+            connected_since: now_ms(),
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<ControlMsg>();
+        let conn = match self.admit(info.clone(), ca_pem, tx) {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::error!(agent_id = %info.agent_id, error = %e, "cannot build the agent snapshot");
+                return;
+            }
+        };
+        let write = async {
+            while let Some(msg) = rx.recv().await {
+                if let Err(e) = write_frame(&mut writer, &msg).await {
+                    tracing::warn!(agent_id = %info.agent_id, error = %e, "writing to agent");
+                    break;
+                }
+            }
+        };
+        let read = async {
+            loop {
+                match read_frame::<AgentMsg, _>(&mut reader).await {
+                    Ok(Some(AgentMsg::Applied { seq, errors })) => self.applied(conn, seq, errors),
+                    Ok(Some(AgentMsg::Hello { .. })) => {
+                        tracing::warn!(agent_id = %info.agent_id, "second Hello; closing");
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(agent_id = %info.agent_id, error = %e, "reading from agent");
+                        break;
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = write => {}
+            () = read => {}
+        }
+        // Dropping the entry fails its pending acknowledgements (the waiters see a disconnect).
+        self.lock().agents.remove(&conn);
+        tracing::info!(agent_id = %info.agent_id, "agent disconnected");
+    }
+
+    /// Registers a Hello'd agent and queues its snapshot, atomically with respect to changes.
+    fn admit(
+        &self,
+        info: AgentInfo,
+        ca_pem: String,
+        tx: mpsc::UnboundedSender<ControlMsg>,
+    ) -> Result<u64, AgentLinkError> {
+        let mut st = self.lock();
+        let view = RegistryView::load(self.inner.store.as_ref())
+            .map_err(|e| AgentLinkError::Internal(e.to_string()))?;
+        let mut secrets = Vec::with_capacity(view.mounted.len());
+        {
+            let ring = self.ring()?;
+            for s in view.mounted.values() {
+                secrets.push(secret_state(&ring, s)?);
+            }
+        }
+        let sandboxes = view
+            .sandboxes
+            .values()
+            .map(|sb| view.sandbox_state(sb))
+            .collect::<Vec<_>>();
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let conn = st.next_conn;
+        st.next_conn += 1;
+        let (n_sandboxes, n_secrets) = (sandboxes.len(), secrets.len());
+        // A closed receiver is impossible here: the writer has not started yet.
+        let _ = tx.send(ControlMsg::Snapshot {
+            seq,
+            sandboxes,
+            secrets,
+        });
+        let mut pending = HashMap::new();
+        pending.insert(
+            seq,
+            Pending {
+                done: None,
+                secret: None,
+            },
+        );
+        if st.ca_pem.as_deref() != Some(ca_pem.as_str()) {
+            if let Err(e) = save_ca(&self.inner.ca_file, &ca_pem) {
+                tracing::warn!(error = %e, file = %self.inner.ca_file.display(), "saving the agent CA");
+            }
+            st.ca_pem = Some(ca_pem);
+        }
+        tracing::info!(
+            agent_id = %info.agent_id,
+            pid = info.pid,
+            seq,
+            sandboxes = n_sandboxes,
+            secrets = n_secrets,
+            "agent connected; snapshot queued"
+        );
+        st.agents.insert(
+            conn,
+            Agent {
+                info,
+                tx,
+                held: view.held(),
+                pending,
+            },
+        );
+        Ok(conn)
+    }
+
+    fn ring(&self) -> Result<std::sync::RwLockReadGuard<'_, Keyring>, AgentLinkError> {
+        self.inner
+            .keyring
+            .read()
+            .map_err(|_| AgentLinkError::Internal("keyring poisoned".into()))
+    }
+
+    /// Handles an acknowledgement.
+    fn applied(&self, conn: u64, seq: u64, errors: Vec<String>) {
+        let mut st = self.lock();
+        let Some(agent) = st.agents.get_mut(&conn) else {
+            return;
+        };
+        let Some(pending) = agent.pending.remove(&seq) else {
+            tracing::debug!(agent_id = %agent.info.agent_id, seq, "late or unknown acknowledgement");
+            return;
+        };
+        if !errors.is_empty() {
+            tracing::warn!(agent_id = %agent.info.agent_id, seq, errors = ?errors, "agent could not apply a change");
+            if let Some(id) = &pending.secret {
+                agent.held.remove(id);
+            }
+        } else {
+            tracing::debug!(agent_id = %agent.info.agent_id, seq, "applied");
+        }
+        if let Some(done) = pending.done {
+            let _ = done.send(errors);
+        }
+    }
+
+    /// Queues the messages for `change` to every agent; returns what to wait for.
+    fn dispatch(&self, change: Change<'_>) -> Result<Vec<Wait>, AgentLinkError> {
+        let mut st = self.lock();
+        if st.agents.is_empty() {
+            return Err(AgentLinkError::NotConnected);
+        }
+        let view = RegistryView::load(self.inner.store.as_ref())
+            .map_err(|e| AgentLinkError::Internal(e.to_string()))?;
+        let ring = self.ring()?;
+        let mut built: HashMap<String, SecretState> = HashMap::new();
+        let mut waits = Vec::new();
+        let LinkState {
+            agents, next_seq, ..
+        } = &mut *st;
+        for (conn, agent) in agents.iter_mut() {
+            for step in plan(&view, change, &agent.held) {
+                let seq = *next_seq;
+                *next_seq += 1;
+                let (msg, secret) = match &step {
+                    Step::PutSecret(id) => {
+                        let state = match built.get(id) {
+                            Some(s) => s.clone(),
+                            None => {
+                                let rec = view.mounted.get(id).ok_or_else(|| {
+                                    AgentLinkError::Internal(format!("secret {id} vanished"))
+                                })?;
+                                let s = secret_state(&ring, rec)?;
+                                built.insert(id.clone(), s.clone());
+                                s
+                            }
+                        };
+                        (
+                            ControlMsg::PutSecret { seq, secret: state },
+                            Some(id.clone()),
+                        )
+                    }
+                    Step::PutSandbox(id) => {
+                        let sb = view.sandboxes.get(id).ok_or_else(|| {
+                            AgentLinkError::Internal(format!("sandbox {id} vanished"))
+                        })?;
+                        (
+                            ControlMsg::PutSandbox {
+                                seq,
+                                sandbox: view.sandbox_state(sb),
+                            },
+                            None,
+                        )
+                    }
+                    Step::DeleteSandbox(id) => (
+                        ControlMsg::DeleteSandbox {
+                            seq,
+                            id: id.clone(),
+                        },
+                        None,
+                    ),
+                    Step::DeleteSecret(id) => (
+                        ControlMsg::DeleteSecret {
+                            seq,
+                            id: id.clone(),
+                        },
+                        None,
+                    ),
+                };
+                apply_to_held(&mut agent.held, &view, &step);
+                let (done, rx) = oneshot::channel();
+                agent.pending.insert(
+                    seq,
+                    Pending {
+                        done: Some(done),
+                        secret,
+                    },
+                );
+                // A closed channel means the agent is going away; its entry is removed then,
+                // which fails this wait as a disconnect.
+                let _ = agent.tx.send(msg);
+                waits.push((*conn, seq, rx));
+            }
+        }
+        Ok(waits)
+    }
+
+    async fn deliver(&self, change: Change<'_>) -> Result<(), AgentLinkError> {
+        let waits = self.dispatch(change)?;
+        if waits.is_empty() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        let (mut acked, mut gone, mut late) = (0usize, 0usize, Vec::new());
+        let mut errors = Vec::new();
+        for (conn, seq, rx) in waits {
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(e)) if e.is_empty() => acked += 1,
+                Ok(Ok(e)) => errors.extend(e),
+                Ok(Err(_)) => gone += 1,
+                Err(_) => late.push((conn, seq)),
+            }
+        }
+        if !late.is_empty() {
+            let mut st = self.lock();
+            for (conn, seq) in &late {
+                if let Some(agent) = st.agents.get_mut(conn) {
+                    agent.pending.remove(seq);
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(AgentLinkError::Rejected(errors));
+        }
+        if !late.is_empty() {
+            return Err(AgentLinkError::NoAck(format!(
+                "no veil-agent acknowledged within {}",
+                human(self.inner.timeout)
+            )));
+        }
+        if acked == 0 && gone > 0 {
+            return Err(AgentLinkError::NoAck(
+                "the veil-agent disconnected before acknowledging".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A mounted secret with its opened value. Errors never carry the value.
+fn secret_state(ring: &Keyring, s: &SecretRecord) -> Result<SecretState, AgentLinkError> {
+    let plain = ring
+        .open(
+            RecordBinding {
+                org: &s.org,
+                secret_id: &s.id,
+                revision: s.revision,
+            },
+            &s.sealed,
+        )
+        .map_err(|e| AgentLinkError::Internal(format!("secret {}: {e}", s.id)))?;
+    let text = String::from_utf8(plain.to_vec())
+        .map_err(|_| AgentLinkError::Internal(format!("secret {}: value is not UTF-8", s.id)))?;
+    Ok(SecretState {
+        id: s.id.clone(),
+        org: s.org.clone(),
+        name: s.name.clone(),
+        placeholder: s.placeholder.clone(),
+        hosts: s.hosts.clone(),
+        value: SecretValue::new(text),
+        revision: s.revision,
+    })
+}
+
+impl AgentLink for AgentServer {
+    fn notify(&self, event: AgentEvent) -> LinkFuture<'_> {
+        Box::pin(async move {
+            match &event {
+                AgentEvent::SandboxUpserted(sb) => self.deliver(Change::Sandbox(&sb.id)).await,
+                AgentEvent::SandboxRemoved { id } => self.deliver(Change::Sandbox(id)).await,
+                AgentEvent::SecretChanged { id } => self.deliver(Change::Secret(id)).await,
+            }
+        })
+    }
+
+    fn connected(&self) -> bool {
+        !self.lock().agents.is_empty()
+    }
+
+    fn ca_certificate(&self) -> Option<String> {
+        self.lock().ca_pem.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_and_hellos() {
+        assert!(trusted_peer(0, 0));
+        assert!(trusted_peer(1000, 1000));
+        assert!(!trusted_peer(65534, 0));
+        let pem = "-----BEGIN CERTIFICATE-----\nMII=\n-----END CERTIFICATE-----\n";
+        check_hello(PROTOCOL_VERSION, "agent-1", pem).unwrap();
+        assert!(check_hello(PROTOCOL_VERSION + 1, "a", pem).is_err());
+        assert!(check_hello(PROTOCOL_VERSION, "", pem).is_err());
+        assert!(check_hello(PROTOCOL_VERSION, "a b", pem).is_err());
+        assert!(check_hello(PROTOCOL_VERSION, "a", "not a pem").is_err());
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(human(Duration::from_millis(5000)), "5 s");
+        assert_eq!(human(Duration::from_millis(1500)), "1.5 s");
+        assert_eq!(human(Duration::from_millis(300)), "300 ms");
+    }
+
+    #[test]
+    fn stale_sockets_are_replaced_live_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("agent.sock");
+        prepare_path(&path).unwrap();
+        let mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(matches!(prepare_path(&path), Err(ServerError::InUse(_))));
+        drop(live);
+        prepare_path(&path).unwrap();
+        assert!(!path.exists(), "stale socket removed");
+        std::fs::write(&path, b"x").unwrap();
+        assert!(matches!(
+            prepare_path(&path),
+            Err(ServerError::NotASocket(_))
+        ));
+    }
+}

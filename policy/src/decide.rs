@@ -1,0 +1,490 @@
+//! The intercept decision: for a sandbox and a ClientHello, intercept or pass through.
+//!
+//! A [`SandboxPolicy`] is built once from the secrets mounted in one sandbox (whenever they
+//! change) and consulted per connection; [`SandboxPolicy::decide`] does not allocate.
+//!
+//! Rules, in order:
+//! 1. no secret mounted → passthrough;
+//! 2. no valid SNI → passthrough (nothing can be proven about the peer);
+//! 3. an ALPN list that offers neither `h2` nor `http/1.1` → passthrough (veil only speaks HTTP;
+//!    this also covers host-restricted secrets, whose hosts may serve other protocols);
+//! 4. a host-restricted secret allows the SNI → intercept (with or without ALPN);
+//! 5. an unrestricted secret is mounted and the client offers `h2` or `http/1.1` by ALPN →
+//!    intercept; without ALPN → passthrough (unknown protocol to an arbitrary host);
+//! 6. otherwise → passthrough.
+
+use veil_link::proto::{SandboxState, SecretState};
+
+use crate::client_hello::ClientHelloInfo;
+use crate::host::{HostPattern, ServerName};
+use crate::scrub::ScrubPatterns;
+use crate::secret::{MountedSecret, PolicyError, placeholder_is_url_safe};
+use crate::substitute::Substituter;
+
+const ALPN_H2: &[u8] = b"h2";
+const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// Everything the agent decides for one sandbox, precomputed from its mounted secrets.
+#[derive(Debug)]
+pub struct SandboxPolicy {
+    secrets: Vec<MountedSecret>,
+    /// Union of all secrets' patterns, deduplicated.
+    patterns: Vec<HostPattern>,
+    any_unrestricted: bool,
+    pub(crate) substituter: Substituter,
+    scrub: ScrubPatterns,
+}
+
+/// The decision for one connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Terminate TLS and run the request through substitution.
+    Intercept(Intercept),
+    /// Splice the bytes through untouched.
+    Passthrough(PassthroughReason),
+}
+
+/// Details of an intercept decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Intercept {
+    /// The client offers h2.
+    pub offers_h2: bool,
+    /// The client offers http/1.1 (or offers no ALPN at all, which means HTTP/1.1).
+    pub offers_http1: bool,
+    /// A host-restricted secret allows the SNI (otherwise only unrestricted secrets apply).
+    pub host_match: bool,
+}
+
+/// Why a connection is passed through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassthroughReason {
+    /// No secret is mounted in the sandbox.
+    NoSecrets,
+    /// The ClientHello carries no (valid) SNI.
+    NoSni,
+    /// The client offers ALPN protocols, none of them HTTP.
+    AlpnNotHttp,
+    /// Only unrestricted secrets apply, and the client offers no ALPN.
+    NoAlpn,
+    /// No mounted secret allows the SNI.
+    HostNotAllowed,
+}
+
+impl SandboxPolicy {
+    /// Builds the policy from the secrets mounted in a sandbox (each once; duplicates by id
+    /// are merged).
+    pub fn new(secrets: Vec<MountedSecret>) -> Result<Self, PolicyError> {
+        let mut unique: Vec<MountedSecret> = Vec::with_capacity(secrets.len());
+        for s in secrets {
+            if unique.iter().any(|u| u.id == s.id) {
+                continue;
+            }
+            if !placeholder_is_url_safe(&s.placeholder) {
+                return Err(PolicyError::Placeholder {
+                    id: s.id,
+                    name: s.name,
+                });
+            }
+            if s.value.expose().is_empty() {
+                return Err(PolicyError::EmptyValue {
+                    id: s.id,
+                    name: s.name,
+                });
+            }
+            if let Some(other) = unique.iter().find(|u| {
+                u.placeholder.contains(s.placeholder.as_str())
+                    || s.placeholder.contains(u.placeholder.as_str())
+            }) {
+                return Err(PolicyError::PlaceholderOverlap {
+                    first: other.name.clone(),
+                    second: s.name,
+                });
+            }
+            unique.push(s);
+        }
+        let mut patterns: Vec<HostPattern> = Vec::new();
+        for p in unique.iter().flat_map(|s| s.hosts.iter()) {
+            if !patterns.contains(p) {
+                patterns.push(p.clone());
+            }
+        }
+        let any_unrestricted = unique.iter().any(MountedSecret::unrestricted);
+        let substituter = Substituter::new(&unique);
+        let scrub = ScrubPatterns::new(&unique);
+        Ok(Self {
+            secrets: unique,
+            patterns,
+            any_unrestricted,
+            substituter,
+            scrub,
+        })
+    }
+
+    /// Builds the policy of `sandbox` from the secrets control sent (those it mounts are used;
+    /// each must exist and belong to the sandbox's organization).
+    pub fn for_sandbox(
+        sandbox: &SandboxState,
+        secrets: &[SecretState],
+    ) -> Result<Self, PolicyError> {
+        let mut mounted = Vec::with_capacity(sandbox.mounts.len());
+        for id in sandbox.mounts.values() {
+            let state =
+                secrets
+                    .iter()
+                    .find(|s| s.id == *id)
+                    .ok_or_else(|| PolicyError::MissingSecret {
+                        sandbox: sandbox.id.clone(),
+                        id: id.clone(),
+                    })?;
+            if state.org != sandbox.org {
+                return Err(PolicyError::OrgMismatch {
+                    sandbox: sandbox.id.clone(),
+                    id: state.id.clone(),
+                    name: state.name.clone(),
+                });
+            }
+            mounted.push(MountedSecret::from_state(state)?);
+        }
+        Self::new(mounted)
+    }
+
+    /// The mounted secrets, indexed as in reports ([`crate::substitute::SecretHit::secret`]).
+    pub fn secrets(&self) -> &[MountedSecret] {
+        &self.secrets
+    }
+
+    /// The response-scrubbing patterns of this sandbox.
+    pub fn scrub_patterns(&self) -> &ScrubPatterns {
+        &self.scrub
+    }
+
+    /// Whether the secret at `index` may be sent to `sni`.
+    pub fn secret_allows(&self, index: usize, sni: &ServerName) -> bool {
+        self.secrets
+            .get(index)
+            .is_some_and(|s| s.unrestricted() || s.hosts.iter().any(|p| p.matches_name(sni)))
+    }
+
+    /// Decides from a parsed ClientHello.
+    pub fn decide_hello(&self, hello: &ClientHelloInfo) -> Decision {
+        let alpn = hello.alpn_present.then_some(hello.alpn.as_slice());
+        self.decide(hello.sni.as_ref(), alpn)
+    }
+
+    /// Decides for an SNI and an offered ALPN list (`None` = no ALPN extension).
+    pub fn decide(&self, sni: Option<&ServerName>, alpn: Option<&[Vec<u8>]>) -> Decision {
+        if self.secrets.is_empty() {
+            return Decision::Passthrough(PassthroughReason::NoSecrets);
+        }
+        let Some(sni) = sni else {
+            return Decision::Passthrough(PassthroughReason::NoSni);
+        };
+        let (offers_h2, offers_http1) = match alpn {
+            None => (false, true),
+            Some(list) => (
+                list.iter().any(|p| p == ALPN_H2),
+                list.iter().any(|p| p == ALPN_HTTP11),
+            ),
+        };
+        if alpn.is_some() && !offers_h2 && !offers_http1 {
+            return Decision::Passthrough(PassthroughReason::AlpnNotHttp);
+        }
+        if self.patterns.iter().any(|p| p.matches_name(sni)) {
+            return Decision::Intercept(Intercept {
+                offers_h2,
+                offers_http1,
+                host_match: true,
+            });
+        }
+        if self.any_unrestricted {
+            if alpn.is_none() {
+                return Decision::Passthrough(PassthroughReason::NoAlpn);
+            }
+            return Decision::Intercept(Intercept {
+                offers_h2,
+                offers_http1,
+                host_match: false,
+            });
+        }
+        Decision::Passthrough(PassthroughReason::HostNotAllowed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client_hello::{Peek, parse_client_hello};
+    use crate::secret::testing::secret;
+    use proptest::prelude::*;
+
+    fn name(s: &str) -> ServerName {
+        ServerName::parse(s).unwrap()
+    }
+
+    fn alpn(list: &[&str]) -> Vec<Vec<u8>> {
+        list.iter().map(|p| p.as_bytes().to_vec()).collect()
+    }
+
+    fn intercept(h2: bool, http1: bool, host_match: bool) -> Decision {
+        Decision::Intercept(Intercept {
+            offers_h2: h2,
+            offers_http1: http1,
+            host_match,
+        })
+    }
+
+    use PassthroughReason::*;
+
+    #[test]
+    fn policy_is_shareable_across_tasks() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<SandboxPolicy>();
+        send_sync::<crate::scrub::ScrubPatterns>();
+    }
+
+    #[test]
+    fn no_secrets_no_interception() {
+        let p = SandboxPolicy::new(vec![]).unwrap();
+        let both = alpn(&["h2", "http/1.1"]);
+        assert_eq!(
+            p.decide(Some(&name("a.test")), Some(&both)),
+            Decision::Passthrough(NoSecrets)
+        );
+    }
+
+    #[test]
+    fn restricted_secret() {
+        let p = SandboxPolicy::new(vec![secret(
+            "a",
+            "v",
+            &["*.allowed.test", "api.other.test"],
+        )])
+        .unwrap();
+        let both = alpn(&["h2", "http/1.1"]);
+        let h1 = alpn(&["http/1.1"]);
+        let odd = alpn(&["imap", "acme-tls/1"]);
+        assert_eq!(
+            p.decide(Some(&name("api.allowed.test")), Some(&both)),
+            intercept(true, true, true)
+        );
+        assert_eq!(
+            p.decide(Some(&name("allowed.test")), Some(&h1)),
+            intercept(false, true, true)
+        );
+        assert_eq!(
+            p.decide(Some(&name("API.OTHER.test.")), Some(&h1)),
+            intercept(false, true, true)
+        );
+        // No ALPN to an allowed host: HTTP/1.1 is assumed.
+        assert_eq!(
+            p.decide(Some(&name("api.allowed.test")), None),
+            intercept(false, true, true)
+        );
+        assert_eq!(
+            p.decide(Some(&name("api.allowed.test")), Some(&odd)),
+            Decision::Passthrough(AlpnNotHttp)
+        );
+        assert_eq!(
+            p.decide(Some(&name("x.other.test")), Some(&both)),
+            Decision::Passthrough(HostNotAllowed)
+        );
+        assert_eq!(
+            p.decide(Some(&name("allowed.test.evil")), Some(&both)),
+            Decision::Passthrough(HostNotAllowed)
+        );
+        assert_eq!(p.decide(None, Some(&both)), Decision::Passthrough(NoSni));
+    }
+
+    #[test]
+    fn unrestricted_secret_needs_http_alpn() {
+        let p = SandboxPolicy::new(vec![secret("u", "v", &[])]).unwrap();
+        let n = name("anything.test");
+        assert_eq!(
+            p.decide(Some(&n), Some(&alpn(&["h2"]))),
+            intercept(true, false, false)
+        );
+        assert_eq!(
+            p.decide(Some(&n), Some(&alpn(&["http/1.1"]))),
+            intercept(false, true, false)
+        );
+        assert_eq!(p.decide(Some(&n), None), Decision::Passthrough(NoAlpn));
+        assert_eq!(
+            p.decide(Some(&n), Some(&alpn(&["h3", "spdy/3"]))),
+            Decision::Passthrough(AlpnNotHttp)
+        );
+        assert_eq!(
+            p.decide(None, Some(&alpn(&["h2"]))),
+            Decision::Passthrough(NoSni)
+        );
+        // With a restricted secret beside it, its hosts intercept without ALPN.
+        let p =
+            SandboxPolicy::new(vec![secret("u", "v", &[]), secret("r", "w", &["r.test"])]).unwrap();
+        assert_eq!(
+            p.decide(Some(&name("r.test")), None),
+            intercept(false, true, true)
+        );
+        assert_eq!(p.decide(Some(&n), None), Decision::Passthrough(NoAlpn));
+        assert_eq!(
+            p.decide(Some(&n), Some(&alpn(&["h2"]))),
+            intercept(true, false, false)
+        );
+    }
+
+    #[test]
+    fn decides_on_real_hellos() {
+        let p = SandboxPolicy::new(vec![secret("a", "v", &["*.allowed.test"])]).unwrap();
+        let u = SandboxPolicy::new(vec![secret("u", "v", &[])]).unwrap();
+        let cases: &[(&[u8], Decision, Decision)] = &[
+            (
+                include_bytes!("../testdata/curl_http2.bin"),
+                intercept(true, true, true),
+                intercept(true, true, false),
+            ),
+            (
+                include_bytes!("../testdata/curl_http1.1.bin"),
+                intercept(false, true, true),
+                intercept(false, true, false),
+            ),
+            (
+                include_bytes!("../testdata/openssl_tls12.bin"),
+                intercept(false, true, true),
+                Decision::Passthrough(NoAlpn),
+            ),
+            (
+                include_bytes!("../testdata/openssl_nosni.bin"),
+                Decision::Passthrough(NoSni),
+                Decision::Passthrough(NoSni),
+            ),
+            (
+                include_bytes!("../testdata/openssl_unicode_sni.bin"),
+                intercept(false, true, true),
+                Decision::Passthrough(NoAlpn),
+            ),
+        ];
+        for (bytes, restricted, unrestricted) in cases {
+            let Peek::Tls(hello) = parse_client_hello(bytes) else {
+                panic!("not a hello")
+            };
+            assert_eq!(p.decide_hello(&hello), *restricted);
+            assert_eq!(u.decide_hello(&hello), *unrestricted);
+        }
+    }
+
+    #[test]
+    fn construction_rules() {
+        let dup = SandboxPolicy::new(vec![secret("a", "v", &[]), secret("a", "v", &[])]).unwrap();
+        assert_eq!(dup.secrets().len(), 1);
+        let mut bad = secret("b", "v", &[]);
+        bad.placeholder = "has space".into();
+        assert!(matches!(
+            SandboxPolicy::new(vec![bad]),
+            Err(PolicyError::Placeholder { .. })
+        ));
+        let empty = secret("e", "", &[]);
+        assert!(matches!(
+            SandboxPolicy::new(vec![empty]),
+            Err(PolicyError::EmptyValue { .. })
+        ));
+        let a = secret("a", "v", &[]);
+        let mut b = secret("b", "w", &[]);
+        b.placeholder = format!("{}x", a.placeholder);
+        assert!(matches!(
+            SandboxPolicy::new(vec![a, b]),
+            Err(PolicyError::PlaceholderOverlap { .. })
+        ));
+        let p =
+            SandboxPolicy::new(vec![secret("a", "v", &["a.test"]), secret("u", "w", &[])]).unwrap();
+        assert!(p.secret_allows(0, &name("a.test")));
+        assert!(!p.secret_allows(0, &name("b.test")));
+        assert!(p.secret_allows(1, &name("b.test")));
+        assert!(!p.secret_allows(2, &name("b.test")));
+    }
+
+    #[test]
+    fn for_sandbox_uses_its_mounts_only() {
+        use veil_link::proto::SecretValue;
+        let state = |id: &str, org: &str, hosts: &[&str]| SecretState {
+            id: id.into(),
+            org: org.into(),
+            name: format!("N{id}"),
+            placeholder: format!("ph_{id}"),
+            hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            value: SecretValue::new(format!("value-{id}")),
+            revision: 1,
+        };
+        let secrets = vec![
+            state("a", "o1", &["a.test"]),
+            state("b", "o1", &[]),
+            state("c", "o2", &[]),
+        ];
+        let mut sb = SandboxState {
+            id: "sb1".into(),
+            org: "o1".into(),
+            cgroup: "x".into(),
+            netns: None,
+            mounts: [
+                ("A_KEY".to_owned(), "a".to_owned()),
+                ("A_AGAIN".to_owned(), "a".to_owned()),
+            ]
+            .into(),
+        };
+        let p = SandboxPolicy::for_sandbox(&sb, &secrets).unwrap();
+        assert_eq!(p.secrets().len(), 1);
+        // "b" is unrestricted but not mounted here: other hosts stay untouched.
+        let h2 = alpn(&["h2"]);
+        assert_eq!(
+            p.decide(Some(&name("b.test")), Some(&h2)),
+            Decision::Passthrough(HostNotAllowed)
+        );
+        sb.mounts.insert("C".into(), "c".into());
+        assert!(matches!(
+            SandboxPolicy::for_sandbox(&sb, &secrets),
+            Err(PolicyError::OrgMismatch { .. })
+        ));
+        sb.mounts.insert("C".into(), "zz".into());
+        assert!(matches!(
+            SandboxPolicy::for_sandbox(&sb, &secrets),
+            Err(PolicyError::MissingSecret { .. })
+        ));
+        sb.mounts.clear();
+        let p = SandboxPolicy::for_sandbox(&sb, &secrets).unwrap();
+        assert_eq!(
+            p.decide(Some(&name("a.test")), Some(&h2)),
+            Decision::Passthrough(NoSecrets)
+        );
+    }
+
+    fn host() -> impl Strategy<Value = String> {
+        prop::collection::vec("[a-c]{1,2}", 1..4).prop_map(|l| format!("{}.test", l.join(".")))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// The decision equals the rule written naively over the secrets.
+        #[test]
+        fn matches_naive_rule(
+            secrets in prop::collection::vec(prop::collection::vec((any::<bool>(), host()), 0..3), 0..4),
+            sni in prop::option::of(host()),
+            protos in prop::option::of(prop::collection::vec(prop::sample::select(vec!["h2", "http/1.1", "h3", "x"]), 0..3)),
+        ) {
+            let mounted: Vec<_> = secrets.iter().enumerate().map(|(i, hosts)| {
+                let pats: Vec<String> = hosts.iter().map(|(w, h)| if *w { format!("*.{h}") } else { h.clone() }).collect();
+                let pats: Vec<&str> = pats.iter().map(String::as_str).collect();
+                secret(&i.to_string(), "v", &pats)
+            }).collect();
+            let p = SandboxPolicy::new(mounted.clone()).unwrap();
+            let sni = sni.map(|s| name(&s));
+            let alpn = protos.map(|l| alpn(&l));
+            let d = p.decide(sni.as_ref(), alpn.as_deref());
+            let http = alpn.as_ref().is_none_or(|l| l.iter().any(|x| x == b"h2" || x == b"http/1.1"));
+            let expect_intercept = match &sni {
+                None => false,
+                Some(n) => http && mounted.iter().any(|s| {
+                    (s.unrestricted() && alpn.is_some()) || s.hosts.iter().any(|h| h.matches_name(n))
+                }),
+            };
+            prop_assert_eq!(matches!(d, Decision::Intercept(_)), expect_intercept, "{:?}", d);
+        }
+    }
+}

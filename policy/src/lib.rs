@@ -1,0 +1,65 @@
+//! veil's pure policy: everything the agent decides about a connection or a request, free of I/O.
+//!
+//! - [`host`]: host allowlist patterns and validated SNIs;
+//! - [`client_hello`]: peek a TLS ClientHello from a stream prefix (SNI, ALPN);
+//! - [`decide`]: intercept or pass a connection through, per sandbox;
+//! - [`substitute`]: swap placeholders for values in a request;
+//! - [`scrub`]: swap values back to placeholders in a response stream.
+//!
+//! Secret values never reach a `Debug` output, an error or a panic message from this crate.
+//!
+//! The agent's data path, per sandbox and connection:
+//!
+//! ```
+//! use veil_link::proto::SecretValue;
+//! use veil_policy::{Decision, HostPattern, MountedSecret, Peek, RequestView, SandboxPolicy, Scrubber};
+//!
+//! // Once per sandbox (and whenever its mounts change).
+//! let policy = SandboxPolicy::new(vec![MountedSecret {
+//!     id: "sec_1".into(),
+//!     name: "OPENAI_API_KEY".into(),
+//!     placeholder: "veil_ph_0123".into(),
+//!     hosts: vec![HostPattern::parse("*.allowed.test").unwrap()],
+//!     value: SecretValue::new("sk-real".into()),
+//! }])
+//! .unwrap();
+//!
+//! // Per connection: peek the ClientHello (read more while NeedMore), then decide.
+//! # let first_bytes: &[u8] = include_bytes!("../testdata/curl_http2.bin");
+//! let Peek::Tls(hello) = veil_policy::parse_client_hello(first_bytes) else { panic!() };
+//! assert!(matches!(policy.decide_hello(&hello), Decision::Intercept(_)));
+//! let sni = hello.sni.unwrap();
+//!
+//! // Per request on an intercepted connection.
+//! let headers: [(&[u8], &[u8]); 2] =
+//!     [(b"host", b"api.allowed.test"), (b"authorization", b"Bearer veil_ph_0123")];
+//! let view = RequestView { target: "/v1/models", authority: None, headers: &headers };
+//! let change = policy.substitute(&sni, &view).unwrap();
+//! assert_eq!(change.headers[0].1.as_bytes(), b"Bearer sk-real");
+//!
+//! // Per response body: values go back to placeholders.
+//! let mut scrubber = Scrubber::new(policy.scrub_patterns());
+//! let mut out = Vec::new();
+//! scrubber.push(b"you sent sk-", &mut out);
+//! scrubber.push(b"real", &mut out);
+//! scrubber.finish(&mut out);
+//! assert_eq!(out, b"you sent veil_ph_0123");
+//! ```
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod client_hello;
+pub mod decide;
+pub mod host;
+pub mod scrub;
+pub mod secret;
+pub mod substitute;
+
+pub use client_hello::{ClientHelloInfo, NotTlsReason, Peek, parse_client_hello};
+pub use decide::{Decision, Intercept, PassthroughReason, SandboxPolicy};
+pub use host::{HostPattern, HostPatternError, ServerName};
+pub use scrub::{ScrubPatterns, Scrubber};
+pub use secret::{MountedSecret, PolicyError};
+pub use secret::{Redacted, RedactedString};
+pub use substitute::{RequestSubstitution, RequestView, SecretHit, SubstituteError, Substitution};

@@ -1,0 +1,827 @@
+//! Request-side substitution: placeholders become values, only where the policy allows.
+//!
+//! Per request: [`SandboxPolicy::begin_request`] checks that every authority of the request
+//! (Host headers, `:authority`) names the connection's SNI, then
+//! [`RequestSubstitution::target`] and [`RequestSubstitution::header`] rewrite the request
+//! target and each header value, and [`RequestSubstitution::finish`] reports per-secret counts.
+//! [`SandboxPolicy::substitute`] does all of it for a [`RequestView`].
+//!
+//! Where placeholders are replaced: header values, the request target (placeholders are
+//! URL-safe, so they appear literally), and inside `Authorization: Basic` credentials (decoded,
+//! substituted, re-encoded). A placeholder of a secret that does not allow the SNI stays as it is
+//! and is reported as `wrong_host`; when an authority differs from the SNI nothing is replaced
+//! and every placeholder is reported as `host_mismatch`.
+//!
+//! A value is never written where it would break framing: one with a control character (CR, LF,
+//! NUL, or any other except TAB) for a header, or one with a control character, space or
+//! non-ASCII byte for the target, fails the whole request with [`SubstituteError`] (the caller
+//! answers 4xx). Nothing allocates unless a placeholder is found (except to decode a Basic
+//! credential).
+
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use base64::Engine;
+use base64::engine::DecodePaddingMode;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
+
+use crate::decide::SandboxPolicy;
+use crate::host::ServerName;
+use crate::secret::{MountedSecret, Redacted, RedactedString};
+
+/// Accepts Basic credentials with or without padding.
+const BASIC_DECODE: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// The per-sandbox automaton over placeholders (pattern index = secret index).
+#[derive(Debug)]
+pub(crate) struct Substituter {
+    ac: Option<AhoCorasick>,
+    /// The value may be written into a header value.
+    header_safe: Vec<bool>,
+    /// The value may be written into a request target.
+    target_safe: Vec<bool>,
+    /// Shortest placeholder, and the most a replacement can grow the text, for sizing output
+    /// buffers once: a reallocation would leave a copy of a value behind in freed memory.
+    min_placeholder_len: usize,
+    max_growth: usize,
+}
+
+impl Substituter {
+    pub(crate) fn new(secrets: &[MountedSecret]) -> Self {
+        let ac = if secrets.is_empty() {
+            None
+        } else {
+            // Placeholders are validated non-empty and non-overlapping, so building cannot
+            // fail for size reasons at the sizes a sandbox has; fall back to "no automaton"
+            // (no substitution, never a wrong one) if it ever does.
+            AhoCorasickBuilder::new()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(secrets.iter().map(|s| s.placeholder.as_bytes()))
+                .ok()
+        };
+        Self {
+            ac,
+            header_safe: secrets
+                .iter()
+                .map(|s| s.value.expose().bytes().all(header_safe_byte))
+                .collect(),
+            target_safe: secrets
+                .iter()
+                .map(|s| s.value.expose().bytes().all(target_safe_byte))
+                .collect(),
+            min_placeholder_len: secrets
+                .iter()
+                .map(|s| s.placeholder.len())
+                .min()
+                .unwrap_or(1)
+                .max(1),
+            max_growth: secrets
+                .iter()
+                .map(|s| s.value.expose().len().saturating_sub(s.placeholder.len()))
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// An output capacity no substitution of `input` can exceed.
+    fn capacity_for(&self, input: &[u8]) -> usize {
+        let max_matches = input.len() / self.min_placeholder_len;
+        input
+            .len()
+            .saturating_add(max_matches.saturating_mul(self.max_growth))
+    }
+}
+
+/// Bytes `http::HeaderValue` accepts: visible ASCII, space, TAB and obs-text.
+fn header_safe_byte(b: u8) -> bool {
+    b == b'\t' || (b >= 0x20 && b != 0x7f)
+}
+
+/// Bytes that keep a request target one token: visible ASCII only.
+fn target_safe_byte(b: u8) -> bool {
+    b > 0x20 && b < 0x7f
+}
+
+/// A request, abstracted from HTTP/1.1 and h2.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestView<'a> {
+    /// The request target (origin form: path and query).
+    pub target: &'a str,
+    /// The h2 `:authority` (or the authority of an absolute-form target); Host headers are
+    /// taken from `headers`.
+    pub authority: Option<&'a [u8]>,
+    /// Header names and values, in order.
+    pub headers: &'a [(&'a [u8], &'a [u8])],
+}
+
+/// What substitution changed in a [`RequestView`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Substitution {
+    /// The new target, if it changed.
+    pub target: Option<RedactedString>,
+    /// New values of changed headers: (index into `RequestView::headers`, value).
+    pub headers: Vec<(usize, Redacted)>,
+    /// Per-secret counts, for secrets whose placeholder occurred.
+    pub hits: Vec<SecretHit>,
+    /// An authority differed from the SNI: nothing was substituted.
+    pub host_mismatch: bool,
+}
+
+impl Substitution {
+    /// Whether anything in the request changed.
+    pub fn changed(&self) -> bool {
+        self.target.is_some() || !self.headers.is_empty()
+    }
+}
+
+/// How often one secret's placeholder occurred in a request, and what became of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SecretHit {
+    /// Index into [`SandboxPolicy::secrets`].
+    pub secret: usize,
+    /// Occurrences replaced by the value.
+    pub substituted: u32,
+    /// Occurrences left alone: the secret does not allow the SNI (issue 6 may block these).
+    pub wrong_host: u32,
+    /// Occurrences left alone: the request's authority differs from the SNI.
+    pub host_mismatch: u32,
+}
+
+/// Why a request must be refused; names the secret, never its value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SubstituteError {
+    /// The value contains a byte that would break the header it lands in.
+    #[error(
+        "secret {name} ({id}) contains a control character and cannot be sent in header {header}"
+    )]
+    UnsafeInHeader {
+        /// Secret id.
+        id: String,
+        /// Secret name.
+        name: String,
+        /// The header it would have landed in.
+        header: String,
+    },
+    /// The value contains a byte that would break the request target.
+    #[error(
+        "secret {name} ({id}) contains a space, control or non-ASCII character and cannot be sent in the request target"
+    )]
+    UnsafeInTarget {
+        /// Secret id.
+        id: String,
+        /// Secret name.
+        name: String,
+    },
+}
+
+/// Where a value lands, for its safety check.
+#[derive(Clone, Copy)]
+enum Place<'n> {
+    Header(&'n [u8]),
+    Target,
+    /// Inside a base64 encoding: any byte is safe.
+    Encoded,
+}
+
+/// Substitution state for one request; see the module docs.
+#[derive(Debug)]
+pub struct RequestSubstitution<'p> {
+    policy: &'p SandboxPolicy,
+    sni: &'p ServerName,
+    host_ok: bool,
+    hits: Vec<SecretHit>,
+}
+
+impl SandboxPolicy {
+    /// Starts substitution for a request on a connection intercepted for `sni`. `authorities`
+    /// are the request's `:authority` and every Host header; all must name the SNI, and a
+    /// request with none gets nothing substituted.
+    pub fn begin_request<'p, 'a, I>(
+        &'p self,
+        sni: &'p ServerName,
+        authorities: I,
+    ) -> RequestSubstitution<'p>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        let mut any = false;
+        let mut all = true;
+        for a in authorities {
+            any = true;
+            all &= sni.matches_authority(a);
+        }
+        RequestSubstitution {
+            policy: self,
+            sni,
+            host_ok: any && all,
+            hits: Vec::new(),
+        }
+    }
+
+    /// Substitutes placeholders in a whole request view.
+    pub fn substitute(
+        &self,
+        sni: &ServerName,
+        req: &RequestView<'_>,
+    ) -> Result<Substitution, SubstituteError> {
+        let hosts = req
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(b"host"))
+            .map(|(_, v)| *v);
+        let mut ctx = self.begin_request(sni, req.authority.into_iter().chain(hosts));
+        let target = ctx.target(req.target)?;
+        let mut headers = Vec::new();
+        for (i, (name, value)) in req.headers.iter().enumerate() {
+            if let Some(v) = ctx.header(name, value)? {
+                headers.push((i, v));
+            }
+        }
+        let host_mismatch = !ctx.host_matches();
+        Ok(Substitution {
+            target,
+            headers,
+            hits: ctx.finish(),
+            host_mismatch,
+        })
+    }
+}
+
+impl RequestSubstitution<'_> {
+    /// Whether the request's authorities name the SNI (otherwise nothing is substituted).
+    pub fn host_matches(&self) -> bool {
+        self.host_ok
+    }
+
+    /// Substitutes in the request target; `None` if unchanged.
+    pub fn target(&mut self, target: &str) -> Result<Option<RedactedString>, SubstituteError> {
+        Ok(self
+            .replace(target.as_bytes(), Place::Target)?
+            .map(|bytes| {
+                // Only whole ASCII placeholders were replaced by whole UTF-8 values.
+                RedactedString::new(String::from_utf8_lossy(bytes.as_bytes()).into_owned())
+            }))
+    }
+
+    /// Substitutes in one header value; `None` if unchanged.
+    pub fn header(
+        &mut self,
+        name: &[u8],
+        value: &[u8],
+    ) -> Result<Option<Redacted>, SubstituteError> {
+        if name.eq_ignore_ascii_case(b"authorization")
+            && let Some(out) = self.basic(value)?
+        {
+            return Ok(Some(out));
+        }
+        self.replace(value, Place::Header(name))
+    }
+
+    /// Per-secret counts of this request.
+    pub fn finish(self) -> Vec<SecretHit> {
+        self.hits
+    }
+
+    /// `Authorization: Basic <base64>`: substitute inside the decoded credentials.
+    fn basic(&mut self, value: &[u8]) -> Result<Option<Redacted>, SubstituteError> {
+        let Some(sp) = value.iter().position(|&b| b == b' ') else {
+            return Ok(None);
+        };
+        let (scheme, rest) = value.split_at(sp);
+        if !scheme.eq_ignore_ascii_case(b"basic") {
+            return Ok(None);
+        }
+        let token = rest.trim_ascii();
+        let Ok(decoded) = BASIC_DECODE.decode(token) else {
+            return Ok(None);
+        };
+        let decoded = Redacted::new(decoded);
+        let Some(new) = self.replace(decoded.as_bytes(), Place::Encoded)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(scheme.len() + 1 + new.as_bytes().len() * 4 / 3 + 4);
+        out.extend_from_slice(scheme);
+        out.push(b' ');
+        let encoded = Redacted::new(STANDARD.encode(new.as_bytes()).into_bytes());
+        out.extend_from_slice(encoded.as_bytes());
+        Ok(Some(Redacted::new(out)))
+    }
+
+    /// Replaces allowed placeholders in `input`; `None` if nothing was replaced.
+    fn replace(
+        &mut self,
+        input: &[u8],
+        place: Place<'_>,
+    ) -> Result<Option<Redacted>, SubstituteError> {
+        let Some(ac) = &self.policy.substituter.ac else {
+            return Ok(None);
+        };
+        let mut out: Option<Vec<u8>> = None;
+        let mut copied = 0;
+        for m in ac.find_iter(input) {
+            let i = m.pattern().as_usize();
+            if !self.host_ok {
+                self.hit(i).host_mismatch += 1;
+                continue;
+            }
+            if !self.policy.secret_allows(i, self.sni) {
+                self.hit(i).wrong_host += 1;
+                continue;
+            }
+            self.check(i, place)?;
+            let Some(secret) = self.policy.secrets().get(i) else {
+                continue;
+            };
+            self.hit(i).substituted += 1;
+            let buf = out.get_or_insert_with(|| {
+                Vec::with_capacity(self.policy.substituter.capacity_for(input))
+            });
+            buf.extend_from_slice(&input[copied..m.start()]);
+            buf.extend_from_slice(secret.value.expose().as_bytes());
+            copied = m.end();
+        }
+        Ok(out.map(|mut buf| {
+            buf.extend_from_slice(&input[copied..]);
+            debug_assert!(buf.len() <= self.policy.substituter.capacity_for(input));
+            Redacted::new(buf)
+        }))
+    }
+
+    fn check(&self, i: usize, place: Place<'_>) -> Result<(), SubstituteError> {
+        let sub = &self.policy.substituter;
+        let secret = &self.policy.secrets()[i];
+        match place {
+            Place::Encoded => Ok(()),
+            Place::Header(name) if !sub.header_safe[i] => Err(SubstituteError::UnsafeInHeader {
+                id: secret.id.clone(),
+                name: secret.name.clone(),
+                header: String::from_utf8_lossy(name).into_owned(),
+            }),
+            Place::Target if !sub.target_safe[i] => Err(SubstituteError::UnsafeInTarget {
+                id: secret.id.clone(),
+                name: secret.name.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn hit(&mut self, secret: usize) -> &mut SecretHit {
+        let pos = match self.hits.iter().position(|h| h.secret == secret) {
+            Some(pos) => pos,
+            None => {
+                self.hits.push(SecretHit {
+                    secret,
+                    ..SecretHit::default()
+                });
+                self.hits.len() - 1
+            }
+        };
+        &mut self.hits[pos]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::testing::secret;
+    use proptest::prelude::*;
+
+    const V_A: &str = "sk-ALLOWED-value-1";
+    const V_B: &str = "sk-OTHERHOST-value-2";
+    const V_U: &str = "unrestricted value 3";
+
+    fn policy() -> SandboxPolicy {
+        SandboxPolicy::new(vec![
+            secret("a", V_A, &["*.allowed.test"]),
+            secret("b", V_B, &["other.test"]),
+            secret("u", V_U, &[]),
+        ])
+        .unwrap()
+    }
+
+    fn sni(s: &str) -> ServerName {
+        ServerName::parse(s).unwrap()
+    }
+
+    fn headers<'a>(v: &'a [(&'a str, &'a str)]) -> Vec<(&'a [u8], &'a [u8])> {
+        v.iter()
+            .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
+            .collect()
+    }
+
+    type Header = (Vec<u8>, Vec<u8>);
+
+    /// The request after substitution, as (target, headers).
+    fn apply(view: &RequestView<'_>, s: &Substitution) -> (String, Vec<Header>) {
+        let target = s
+            .target
+            .as_ref()
+            .map_or(view.target.to_owned(), |t| t.as_str().to_owned());
+        let mut hs: Vec<Header> = view
+            .headers
+            .iter()
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
+            .collect();
+        for (i, v) in &s.headers {
+            hs[*i].1 = v.as_bytes().to_vec();
+        }
+        (target, hs)
+    }
+
+    #[test]
+    fn header_target_and_basic_auth() {
+        let p = policy();
+        let basic = format!("Basic {}", STANDARD.encode("user:ph_a_placeholder"));
+        let h = [
+            ("Host", "api.allowed.test:443"),
+            ("Authorization", "Bearer ph_a_placeholder"),
+            ("X-Two", "ph_a_placeholder,ph_a_placeholder"),
+            ("Proxy-Thing", basic.as_str()),
+            ("Authorization", basic.as_str()),
+            ("Accept", "*/*"),
+        ];
+        let h = headers(&h);
+        let view = RequestView {
+            target: "/v1?key=ph_a_placeholder&x=1",
+            authority: None,
+            headers: &h,
+        };
+        let s = p.substitute(&sni("api.allowed.test"), &view).unwrap();
+        let (target, hs) = apply(&view, &s);
+        assert_eq!(target, format!("/v1?key={V_A}&x=1"));
+        assert_eq!(hs[1].1, format!("Bearer {V_A}").into_bytes());
+        assert_eq!(hs[2].1, format!("{V_A},{V_A}").into_bytes());
+        // Basic decoding applies to Authorization only.
+        assert_eq!(hs[3].1, basic.as_bytes());
+        assert_eq!(
+            hs[4].1,
+            format!("Basic {}", STANDARD.encode(format!("user:{V_A}"))).into_bytes()
+        );
+        assert_eq!(
+            s.headers.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![1, 2, 4]
+        );
+        assert_eq!(
+            s.hits,
+            vec![SecretHit {
+                secret: 0,
+                substituted: 5,
+                wrong_host: 0,
+                host_mismatch: 0
+            }]
+        );
+        assert!(!s.host_mismatch);
+        assert!(s.changed());
+        // Nothing of the value in the Debug output of the result.
+        assert!(!format!("{s:?}").contains("ALLOWED"));
+    }
+
+    #[test]
+    fn basic_variants() {
+        let p = policy();
+        let n = sni("api.allowed.test");
+        let mut ctx = p.begin_request(&n, [&b"api.allowed.test"[..]]);
+        let unpadded = format!(
+            "basic  {}",
+            STANDARD.encode("ph_a_placeholder:x").trim_end_matches('=')
+        );
+        let out = ctx
+            .header(b"authorization", unpadded.as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            out.as_bytes(),
+            format!("basic {}", STANDARD.encode(format!("{V_A}:x"))).as_bytes()
+        );
+        // Not base64: literal substitution still applies.
+        let out = ctx
+            .header(b"authorization", b"Basic ph_a_placeholder!")
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.as_bytes(), format!("Basic {V_A}!").as_bytes());
+        assert!(ctx.header(b"authorization", b"Basic").unwrap().is_none());
+        assert!(
+            ctx.header(b"authorization", b"Basic dXNlcjpwYXNz")
+                .unwrap()
+                .is_none()
+        );
+        // A value with CR/LF is fine inside base64.
+        let crlf = SandboxPolicy::new(vec![secret("c", "a\r\nb", &[])]).unwrap();
+        let mut ctx = crlf.begin_request(&n, [&b"api.allowed.test"[..]]);
+        let v = format!("Basic {}", STANDARD.encode("u:ph_c_placeholder"));
+        let out = ctx.header(b"Authorization", v.as_bytes()).unwrap().unwrap();
+        assert_eq!(
+            out.as_bytes(),
+            format!("Basic {}", STANDARD.encode("u:a\r\nb")).as_bytes()
+        );
+    }
+
+    #[test]
+    fn wrong_host_is_reported_not_substituted() {
+        let p = policy();
+        let h = [
+            ("host", "api.allowed.test"),
+            ("x-a", "ph_a_placeholder"),
+            ("x-b", "ph_b_placeholder ph_b_placeholder"),
+        ];
+        let h = headers(&h);
+        let view = RequestView {
+            target: "/ph_b_placeholder",
+            authority: None,
+            headers: &h,
+        };
+        let s = p.substitute(&sni("api.allowed.test"), &view).unwrap();
+        let (target, hs) = apply(&view, &s);
+        assert_eq!(target, "/ph_b_placeholder");
+        assert_eq!(hs[2].1, b"ph_b_placeholder ph_b_placeholder");
+        assert_eq!(hs[1].1, V_A.as_bytes());
+        assert_eq!(
+            s.hits,
+            vec![
+                SecretHit {
+                    secret: 1,
+                    substituted: 0,
+                    wrong_host: 3,
+                    host_mismatch: 0
+                },
+                SecretHit {
+                    secret: 0,
+                    substituted: 1,
+                    wrong_host: 0,
+                    host_mismatch: 0
+                },
+            ]
+        );
+        assert_eq!(s.headers.len(), 1);
+        assert!(s.target.is_none());
+    }
+
+    #[test]
+    fn host_must_match_sni() {
+        let p = policy();
+        let n = sni("api.allowed.test");
+        let req = |auth: Option<&'static [u8]>, h: &'static [(&'static [u8], &'static [u8])]| {
+            let view = RequestView {
+                target: "/?k=ph_a_placeholder",
+                authority: auth,
+                headers: h,
+            };
+            p.substitute(&n, &view).unwrap()
+        };
+        for ok in [
+            req(None, &[(b"Host", b"API.allowed.TEST.:8443")]),
+            req(Some(b"api.allowed.test"), &[]),
+            req(
+                Some(b"api.allowed.test:443"),
+                &[(b"host", b"api.allowed.test")],
+            ),
+        ] {
+            assert!(!ok.host_mismatch);
+            assert_eq!(ok.hits[0].substituted, 1);
+        }
+        for bad in [
+            req(None, &[]),
+            req(None, &[(b"Host", b"other.allowed.test")]),
+            req(Some(b"other.allowed.test"), &[]),
+            req(Some(b"api.allowed.test"), &[(b"host", b"evil.test")]),
+            req(
+                None,
+                &[(b"host", b"api.allowed.test"), (b"host", b"evil.test")],
+            ),
+            req(None, &[(b"host", b"127.0.0.1")]),
+        ] {
+            assert!(bad.host_mismatch);
+            assert!(!bad.changed());
+            assert_eq!(
+                bad.hits,
+                vec![SecretHit {
+                    secret: 0,
+                    substituted: 0,
+                    wrong_host: 0,
+                    host_mismatch: 1
+                }]
+            );
+        }
+    }
+
+    #[test]
+    fn unsafe_values_are_refused_by_name() {
+        for (value, in_header, in_target) in [
+            ("a\r\nX-Injected: 1", false, false),
+            ("a\nb", false, false),
+            ("a\0b", false, false),
+            ("a\x7fb", false, false),
+            ("a\tb", true, false),
+            ("a b", true, false),
+            ("ä-value", true, false),
+            ("a/b?c=d", true, true),
+        ] {
+            let p = SandboxPolicy::new(vec![secret("x", value, &[])]).unwrap();
+            let n = sni("api.test");
+            let mut ctx = p.begin_request(&n, [&b"api.test"[..]]);
+            let h = ctx.header(b"X-Key", b"ph_x_placeholder");
+            let t = ctx.target("/ph_x_placeholder");
+            assert_eq!(h.is_ok(), in_header, "{value:?}");
+            assert_eq!(t.is_ok(), in_target, "{value:?}");
+            for e in [
+                h.err().map(|e| e.to_string()),
+                t.err().map(|e| e.to_string()),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                assert!(e.contains("NAME_x") && e.contains("(x)"), "{e}");
+                assert!(!e.contains(value), "{e}");
+            }
+        }
+        // The error names the header.
+        let p = SandboxPolicy::new(vec![secret("x", "a\r\nb", &[])]).unwrap();
+        let n = sni("api.test");
+        let h = headers(&[("host", "api.test"), ("X-Key", "ph_x_placeholder")]);
+        let e = p
+            .substitute(
+                &n,
+                &RequestView {
+                    target: "/",
+                    authority: None,
+                    headers: &h,
+                },
+            )
+            .unwrap_err();
+        assert_eq!(
+            e,
+            SubstituteError::UnsafeInHeader {
+                id: "x".into(),
+                name: "NAME_x".into(),
+                header: "X-Key".into()
+            }
+        );
+        // A placeholder of an unsafe secret that is NOT substituted (wrong host) is no error.
+        let p = SandboxPolicy::new(vec![secret("x", "a\r\nb", &["elsewhere.test"])]).unwrap();
+        let s = p
+            .substitute(
+                &n,
+                &RequestView {
+                    target: "/",
+                    authority: None,
+                    headers: &h,
+                },
+            )
+            .unwrap();
+        assert_eq!(s.hits[0].wrong_host, 1);
+    }
+
+    #[test]
+    fn nothing_matches_nothing_changes() {
+        let p = policy();
+        let n = sni("api.allowed.test");
+        let h = headers(&[
+            ("host", "api.allowed.test"),
+            ("user-agent", "curl/8"),
+            ("x", "ph_a_placeholdeR"),
+        ]);
+        let s = p
+            .substitute(
+                &n,
+                &RequestView {
+                    target: "/v1/chat",
+                    authority: None,
+                    headers: &h,
+                },
+            )
+            .unwrap();
+        assert_eq!(s, Substitution::default());
+        assert_eq!(s.headers.capacity(), 0);
+        assert_eq!(s.hits.capacity(), 0);
+        let empty = SandboxPolicy::new(vec![]).unwrap();
+        let s = empty
+            .substitute(
+                &n,
+                &RequestView {
+                    target: "/ph_a_placeholder",
+                    authority: None,
+                    headers: &h,
+                },
+            )
+            .unwrap();
+        assert_eq!(s, Substitution::default());
+    }
+
+    /// Naive reference: plain string replacement of allowed placeholders.
+    fn reference(p: &SandboxPolicy, n: &ServerName, s: &str) -> String {
+        let mut out = s.to_owned();
+        for (i, sec) in p.secrets().iter().enumerate() {
+            if p.secret_allows(i, n) {
+                out = out.replace(&sec.placeholder, sec.value.expose());
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn agrees_with_naive_replacement(
+            parts in prop::collection::vec(prop_oneof![
+                "[a-z/?=&_-]{0,6}",
+                Just("ph_a_placeholder".to_owned()),
+                Just("ph_b_placeholder".to_owned()),
+                Just("ph_u_placeholder".to_owned()),
+                Just("ph_a_placehol".to_owned()),
+            ], 0..8),
+            host in prop::sample::select(vec!["api.allowed.test", "other.test", "x.test"]),
+        ) {
+            let p = SandboxPolicy::new(vec![
+                secret("a", "VA-a-value-much-longer-than-its-placeholder", &["*.allowed.test"]),
+                secret("b", "VB", &["other.test"]),
+                secret("u", "VU", &[]),
+            ]).unwrap();
+            let n = sni(host);
+            let text = parts.concat();
+            let target = format!("/{text}");
+            let h = [(&b"host"[..], host.as_bytes()), (b"x", text.as_bytes())];
+            let s = p.substitute(&n, &RequestView { target: &target, authority: None, headers: &h }).unwrap();
+            let (t, hs) = apply(&RequestView { target: &target, authority: None, headers: &h }, &s);
+            prop_assert_eq!(&t, &reference(&p, &n, &target));
+            prop_assert_eq!(String::from_utf8(hs[1].1.clone()).unwrap(), reference(&p, &n, &text));
+            let total: u32 = s.hits.iter().map(|h| h.substituted + h.wrong_host).sum();
+            let occurrences = ["ph_a_placeholder", "ph_b_placeholder", "ph_u_placeholder"]
+                .iter().map(|ph| text.matches(ph).count()).sum::<usize>();
+            prop_assert_eq!(total as usize, occurrences * 2);
+        }
+
+        #[test]
+        fn arbitrary_requests_never_panic(
+            target in "\\PC{0,40}",
+            vals in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 0..4),
+        ) {
+            let p = policy();
+            let n = sni("api.allowed.test");
+            let h: Vec<(&[u8], &[u8])> = vals.iter().map(|v| (&b"authorization"[..], v.as_slice())).collect();
+            let _ = p.substitute(&n, &RequestView { target: &target, authority: Some(b"api.allowed.test"), headers: &h });
+        }
+    }
+
+    /// Hot-path timing; run with
+    /// `cargo test -p veil-policy --release -- --ignored --nocapture perf`.
+    #[test]
+    #[ignore = "timing, run by hand in release mode"]
+    fn perf_substitution() {
+        use std::hint::black_box;
+        use std::time::Instant;
+        let p = SandboxPolicy::new(
+            (0..8)
+                .map(|i| {
+                    secret(
+                        &format!("s{i}"),
+                        "sk-0123456789abcdef0123456789abcdef",
+                        &["*.allowed.test"],
+                    )
+                })
+                .collect(),
+        )
+        .unwrap();
+        let n = sni("api.allowed.test");
+        let plain = [
+            (&b"host"[..], &b"api.allowed.test"[..]),
+            (b"user-agent", b"python-httpx/0.27.0"),
+            (b"accept", b"application/json"),
+            (b"accept-encoding", b"gzip, deflate, br"),
+            (b"content-type", b"application/json"),
+            (b"x-request-id", b"4b9a0b4e-7b2c-4f55-9d0a-3f1d1c2b7e11"),
+            (
+                b"authorization",
+                b"Bearer sk-not-a-placeholder-0123456789abcdef",
+            ),
+        ];
+        let mut with = plain;
+        with[6] = (b"authorization", b"Bearer ph_s3_placeholder");
+        for (label, h) in [("no match", &plain), ("one match", &with)] {
+            let view = RequestView {
+                target: "/v1/chat/completions?stream=true",
+                authority: None,
+                headers: h,
+            };
+            let iters = 200_000u32;
+            let start = Instant::now();
+            for _ in 0..iters {
+                black_box(p.substitute(black_box(&n), black_box(&view)).unwrap());
+            }
+            let ns = start.elapsed().as_nanos() / u128::from(iters);
+            println!("substitute, 7 headers, 8 secrets, {label}: {ns} ns/op");
+        }
+        let hello = include_bytes!("../testdata/curl_http2.bin");
+        let iters = 100_000u32;
+        let start = Instant::now();
+        for _ in 0..iters {
+            let peek = crate::client_hello::parse_client_hello(black_box(hello));
+            if let crate::client_hello::Peek::Tls(h) = peek {
+                black_box(p.decide_hello(&h));
+            }
+        }
+        let ns = start.elapsed().as_nanos() / u128::from(iters);
+        println!("parse_client_hello (curl h2, 517 B) + decide: {ns} ns/op");
+    }
+}

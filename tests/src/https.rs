@@ -1,0 +1,275 @@
+//! TLS upstreams for interception tests: a test CA, and an HTTPS server (HTTP/1.1 and h2 by
+//! ALPN) that answers every request with a JSON echo of what it received and records it, so a
+//! test can assert both what arrived upstream and what the sandbox saw.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::Serialize;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::netns::NetNs;
+
+/// A throwaway CA: its certificate is written to a PEM file (for `--upstream-ca` and clients).
+#[derive(Debug)]
+pub struct TestCa {
+    key: KeyPair,
+    params: CertificateParams,
+    pem_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    /// Creates the CA and writes `ca.pem` into a fresh temp dir.
+    pub fn new(name: &str) -> TestCa {
+        let key = KeyPair::generate().unwrap_or_else(|e| panic!("CA key: {e}"));
+        let mut params = CertificateParams::new(Vec::<String>::new())
+            .unwrap_or_else(|e| panic!("CA params: {e}"));
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params
+            .self_signed(&key)
+            .unwrap_or_else(|e| panic!("CA cert: {e}"));
+        let dir = tempfile::Builder::new()
+            .prefix(&crate::owner::tempdir_prefix())
+            .tempdir()
+            .unwrap_or_else(|e| panic!("CA temp dir: {e}"));
+        let pem_path = dir.path().join("ca.pem");
+        std::fs::write(&pem_path, cert.pem()).unwrap_or_else(|e| panic!("writing CA: {e}"));
+        TestCa {
+            key,
+            params,
+            pem_path,
+            _dir: dir,
+        }
+    }
+
+    /// Path of the CA certificate (PEM).
+    pub fn pem_path(&self) -> &Path {
+        &self.pem_path
+    }
+
+    /// A leaf certificate chain and key for `names`, signed by this CA.
+    pub fn issue(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().unwrap_or_else(|e| panic!("leaf key: {e}"));
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let params = CertificateParams::new(names).unwrap_or_else(|e| panic!("leaf params: {e}"));
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params
+            .signed_by(&key, &issuer)
+            .unwrap_or_else(|e| panic!("leaf cert: {e}"));
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+}
+
+/// What the upstream received in one request.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Seen {
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
+    /// Request method.
+    pub method: String,
+    /// Request target (path and query).
+    pub target: String,
+    /// Headers in arrival order (names lower-case), including `host` for h1.
+    pub headers: Vec<(String, String)>,
+    /// Request body, as (lossy) text.
+    pub body: String,
+    /// The SNI the client sent.
+    pub sni: Option<String>,
+}
+
+impl Seen {
+    /// The first value of header `name` (lower-case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What the upstream answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// A small JSON summary without any header value or body (`{"version","sni","target_len"}`),
+    /// so a test's output never carries what the client sent.
+    Summary,
+    /// The whole [`Seen`] record as JSON (for scrubbing tests: values echoed back).
+    Echo,
+}
+
+/// An HTTPS (or plain HTTP) recording server inside a namespace; stops on drop.
+#[derive(Debug)]
+pub struct HttpsUpstream {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    _stop: DropGuard,
+}
+
+impl HttpsUpstream {
+    /// Serves TLS for `names` (certificate from `ca`) on `ip`:port 0 in `ns`, offering h2 and
+    /// http/1.1.
+    pub fn start(ns: &NetNs, ip: IpAddr, ca: &TestCa, names: &[&str]) -> HttpsUpstream {
+        HttpsUpstream::start_with(ns, ip, Some((ca, names)), Reply::Summary)
+    }
+
+    /// Plain HTTP (h1) on `ip`:port 0 in `ns`.
+    pub fn start_plain(ns: &NetNs, ip: IpAddr) -> HttpsUpstream {
+        HttpsUpstream::start_with(ns, ip, None, Reply::Summary)
+    }
+
+    /// TLS for `names` signed by `ca` (or plain HTTP when `None`), answering as `reply` says.
+    pub fn start_with(
+        ns: &NetNs,
+        ip: IpAddr,
+        tls: Option<(&TestCa, &[&str])>,
+        reply: Reply,
+    ) -> HttpsUpstream {
+        let acceptor = tls.map(|(ca, names)| acceptor(ca, names));
+        let listener = ns.run(move || {
+            let l = std::net::TcpListener::bind((ip, 0))
+                .unwrap_or_else(|e| panic!("binding HTTPS upstream on {ip}: {e}"));
+            l.set_nonblocking(true)
+                .unwrap_or_else(|e| panic!("nonblocking: {e}"));
+            l
+        });
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("local_addr: {e}"));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stopped = CancellationToken::new();
+        let stop = stopped.clone().drop_guard();
+        let seen2 = seen.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("upstream runtime: {e}"));
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .unwrap_or_else(|e| panic!("tokio listener: {e}"));
+                loop {
+                    let accepted = tokio::select! {
+                        () = stopped.cancelled() => break,
+                        a = listener.accept() => a,
+                    };
+                    let Ok((tcp, _)) = accepted else { continue };
+                    let (acceptor, seen) = (acceptor.clone(), seen2.clone());
+                    tokio::spawn(async move {
+                        let builder = hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        );
+                        let Some(acceptor) = acceptor else {
+                            let service = hyper::service::service_fn(move |req| {
+                                record(req, None, seen.clone(), reply)
+                            });
+                            let io = hyper_util::rt::TokioIo::new(tcp);
+                            let _ = builder.serve_connection(io, service).await;
+                            return;
+                        };
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let sni = tls.get_ref().1.server_name().map(str::to_owned);
+                        let service = hyper::service::service_fn(move |req| {
+                            record(req, sni.clone(), seen.clone(), reply)
+                        });
+                        let io = hyper_util::rt::TokioIo::new(tls);
+                        let _ = builder.serve_connection(io, service).await;
+                    });
+                }
+            });
+        });
+        HttpsUpstream {
+            addr,
+            seen,
+            _stop: stop,
+        }
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every request received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn acceptor(ca: &TestCa, names: &[&str]) -> tokio_rustls::TlsAcceptor {
+    let (chain, key) = ca.issue(names);
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap_or_else(|e| panic!("TLS versions: {e}"))
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap_or_else(|e| panic!("server cert: {e}"));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+async fn record(
+    req: Request<Incoming>,
+    sni: Option<String>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    reply: Reply,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let version = format!("{:?}", req.version());
+    let method = req.method().to_string();
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+    let mut headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    if let Some(authority) = req.uri().authority() {
+        headers.push((":authority".to_owned(), authority.to_string()));
+    }
+    let body = req.into_body().collect().await?.to_bytes();
+    let record = Seen {
+        version,
+        method,
+        target,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+        sni,
+    };
+    let json = match reply {
+        Reply::Echo => serde_json::to_vec(&record).unwrap_or_default(),
+        Reply::Summary => serde_json::to_vec(&serde_json::json!({
+            "version": record.version,
+            "sni": record.sni,
+            "target_len": record.target.len(),
+        }))
+        .unwrap_or_default(),
+    };
+    seen.lock().unwrap_or_else(|p| p.into_inner()).push(record);
+    Ok(Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(json)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+}
