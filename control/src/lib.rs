@@ -13,7 +13,6 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod hostcheck;
-pub mod hostpattern;
 pub mod paginate;
 pub mod store;
 pub mod timefmt;

@@ -20,7 +20,7 @@ use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
 use crate::crypto::RecordBinding;
-use crate::hostpattern::HostPattern;
+use veil_policy::HostPattern;
 use crate::paginate::{Cursor, Order, SortField, SortValue};
 use crate::store::{SecretPageQuery, SecretRecord, StoreError};
 use crate::timefmt::{now_ms, rfc3339};
