@@ -147,6 +147,24 @@ impl ProbeOutput {
         &self.json
     }
 
+    /// The `"{name} {peer}"` line a hello server answered, split; `None` if the probe failed
+    /// or the reply has another shape.
+    pub fn hello(&self) -> Option<(String, std::net::SocketAddr)> {
+        if !self.ok() {
+            return None;
+        }
+        let reply = self.json.get("reply")?.as_str()?.trim();
+        let (name, peer) = reply.split_once(' ')?;
+        Some((name.to_owned(), peer.parse().ok()?))
+    }
+
+    /// Like [`ProbeOutput::hello`], panicking with the probe's output when there is none.
+    pub fn expect_hello(&self) -> (String, std::net::SocketAddr) {
+        self.expect_ok();
+        self.hello()
+            .unwrap_or_else(|| panic!("probe reply is not a hello line: {}", self.json))
+    }
+
     /// The `"error"` field the probe reports on failure (an errno name like `"EPERM"`).
     pub fn error(&self) -> Option<&str> {
         self.json.get("error").and_then(|v| v.as_str())

@@ -2,58 +2,21 @@
 //! and a registered sandbox never reaches the network around veil — not while the agent is
 //! down, not after it crashed.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use veil_tests::cmd::{run_probe, wait_until};
 use veil_tests::{
-    AgentSandbox, AttachType, NetNs, ProbeOutput, Sandbox, TcpEcho, TcpHello, Veil, World,
-    attached_prog_ids, require_root, sandbox_map_has,
+    AttachType, NetNs, Sandbox, TcpEcho, TcpHello, Veil, World, attached_prog_ids, require_root,
+    sandbox_map_has,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_veil-probe");
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 const ALL_TYPES: [AttachType; 9] = AttachType::ALL;
-
-fn spec(id: &str, sb: &Sandbox) -> AgentSandbox {
-    AgentSandbox {
-        id: id.to_owned(),
-        cgroup: sb.cgroup().path().to_owned(),
-        netns: sb.netns_path().map(ToOwned::to_owned),
-    }
-}
-
-fn probe_in(sb: &Sandbox, args: &[&str]) -> ProbeOutput {
-    let mut cmd = sb.command(PROBE);
-    cmd.args(args);
-    run_probe(&mut cmd, TIMEOUT)
-}
-
-/// The peer address a hello server reported, or `None` if the probe failed.
-fn hello_peer(out: &ProbeOutput) -> Option<SocketAddr> {
-    if !out.ok() {
-        return None;
-    }
-    let reply = out.json.get("reply")?.as_str()?.trim().to_owned();
-    reply.split_once(' ')?.1.parse().ok()
-}
-
-fn listening_ports(ns: &NetNs) -> Vec<u16> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path().display()))
-        .args(["ss", "-Hltn"])
-        .output()
-        .expect("run ss");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(3))
-        .filter_map(|local| local.rsplit(':').next()?.parse().ok())
-        .collect()
-}
 
 /// Every file left under `dir` (pins in bpffs), recursively.
 fn files_under(dir: &Path) -> Vec<String> {
@@ -99,7 +62,7 @@ fn fifty_sandboxes_registered_through_rest_work_and_unregister_without_residue()
     let mut latencies = Vec::new();
     for (i, sb) in sandboxes.iter().enumerate() {
         let started = Instant::now();
-        let answer = veil.register(&spec(&format!("r{i}"), sb));
+        let answer = veil.register(&sb.agent_entry(&format!("r{i}")));
         latencies.push(started.elapsed());
         assert!(
             answer.get("env").is_some(),
@@ -124,7 +87,7 @@ fn fifty_sandboxes_registered_through_rest_work_and_unregister_without_residue()
     for (i, h) in handles.into_iter().enumerate() {
         let out = h.join().expect("probe thread");
         assert_eq!(
-            hello_peer(&out).map(|p| p.ip()),
+            out.hello().map(|(_, p)| p.ip()),
             Some(IpAddr::from(world.host_v4())),
             "sandbox r{i} not through the agent: {} {}",
             out.json,
@@ -148,7 +111,7 @@ fn fifty_sandboxes_registered_through_rest_work_and_unregister_without_residue()
         }
         assert!(!sandbox_map_has(sb.cgroup().id()), "map entry left behind");
         assert!(
-            listening_ports(ns).is_empty(),
+            ns.tcp_listeners().is_empty(),
             "listener left in {}",
             ns.name()
         );
@@ -170,10 +133,10 @@ fn a_client_started_right_after_the_put_is_redirected() {
         let ns = NetNs::new(&format!("l{i}"));
         let _link = world.link_sandbox(&ns);
         let sb = Sandbox::new(&format!("l{i}"), Some(&ns));
-        veil.register(&spec(&format!("l{i}"), &sb));
-        let out = probe_in(&sb, &["tcp", "--addr", &hello.addr().to_string()]);
+        veil.register(&sb.agent_entry(&format!("l{i}")));
+        let out = sb.probe(&["tcp", "--addr", &hello.addr().to_string()]);
         assert_eq!(
-            hello_peer(&out).map(|p| p.ip()),
+            out.hello().map(|(_, p)| p.ip()),
             Some(IpAddr::from(world.host_v4())),
             "round {i}: the first connection after PUT bypassed the agent: {}",
             out.json
@@ -190,16 +153,18 @@ fn agent_down_fails_closed_then_recovers(stop: impl Fn(&Veil)) {
     let link = world.link_sandbox(&ns);
     let sb = Sandbox::new("down", Some(&ns));
     let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "U");
-    let veil = Veil::start(&[spec("down", &sb)]);
+    let veil = Veil::start(&[sb.agent_entry("down")]);
     let addr = hello.addr().to_string();
     assert_eq!(
-        hello_peer(&probe_in(&sb, &["tcp", "--addr", &addr])).map(|p| p.ip()),
+        sb.probe(&["tcp", "--addr", &addr])
+            .hello()
+            .map(|(_, p)| p.ip()),
         Some(IpAddr::from(world.host_v4()))
     );
 
     stop(&veil);
     assert_attached_once(&sb);
-    let out = probe_in(&sb, &["tcp", "--addr", &addr]);
+    let out = sb.probe(&["tcp", "--addr", &addr]);
     assert!(
         !out.ok(),
         "with the agent down the connection must fail, got {}",
@@ -216,7 +181,9 @@ fn agent_down_fails_closed_then_recovers(stop: impl Fn(&Veil)) {
     let started = Instant::now();
     veil.agent().respawn();
     let recovered = wait_until(Duration::from_secs(5), || {
-        hello_peer(&probe_in(&sb, &["tcp", "--addr", &addr])).map(|p| p.ip())
+        sb.probe(&["tcp", "--addr", &addr])
+            .hello()
+            .map(|(_, p)| p.ip())
             == Some(IpAddr::from(world.host_v4()))
     });
     let took = started.elapsed();
@@ -253,7 +220,7 @@ fn control_killed_mid_traffic_leaves_traffic_flowing_and_nothing_attached_twice(
     let echo = TcpEcho::start(world.netns(), world.upstream_v4().into());
     let ns = NetNs::new("ctl");
     let sb = Sandbox::new("ctl", Some(&ns));
-    let mut veil = Veil::start(&[spec("ctl", &sb)]);
+    let mut veil = Veil::start(&[sb.agent_entry("ctl")]);
 
     let traffic = |seed: u32| {
         let mut cmd = sb.command(PROBE);
@@ -299,8 +266,8 @@ fn a_sandbox_process_cannot_bind_the_agents_listener_port() {
     require_root();
     let ns = NetNs::new("bind");
     let sb = Sandbox::new("bind", Some(&ns));
-    let veil = Veil::start(&[spec("bind", &sb)]);
-    let ports = listening_ports(&ns);
+    let veil = Veil::start(&[sb.agent_entry("bind")]);
+    let ports: Vec<u16> = ns.tcp_listeners().iter().map(|a| a.port()).collect();
     assert!(!ports.is_empty(), "agent listener missing");
     let script = "import socket,sys\n\
                   for fam,host in ((socket.AF_INET,'127.0.0.1'),(socket.AF_INET,'0.0.0.0'),(socket.AF_INET6,'::1')):\n\
@@ -340,7 +307,7 @@ fn registration_is_guarded() {
     require_root();
     let ns = NetNs::new("guard");
     let sb = Sandbox::new("guard", Some(&ns));
-    let veil = Veil::start(&[spec("guard", &sb)]);
+    let veil = Veil::start(&[sb.agent_entry("guard")]);
     let api = veil.api();
 
     // A cgroup outside the configured parent.

@@ -5,54 +5,21 @@
 //! upstream saw and what the sandbox saw.
 
 use std::net::{IpAddr, SocketAddr};
-use std::process::Command;
 use std::time::Duration;
 
 use veil_tests::cmd::run_probe;
 use veil_tests::{
-    AgentSandbox, AttachType, HttpHello, NetNs, ProbeOutput, Sandbox, TcpEcho, TcpHello, UdpEcho,
-    Veil, World, attached_prog_ids, require_root, sandbox_map_has,
+    AgentSandbox, AttachType, HttpHello, NetNs, Sandbox, TcpEcho, TcpHello, UdpEcho, Veil, World,
+    attached_prog_ids, require_root, sandbox_map_has,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_veil-probe");
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn spec(id: &str, sb: &Sandbox) -> AgentSandbox {
-    AgentSandbox {
-        id: id.to_owned(),
-        cgroup: sb.cgroup().path().to_owned(),
-        netns: sb.netns_path().map(ToOwned::to_owned),
-    }
-}
-
-fn probe_in(sb: &Sandbox, args: &[&str]) -> ProbeOutput {
-    let mut cmd = sb.command(PROBE);
-    cmd.args(args);
-    run_probe(&mut cmd, TIMEOUT)
-}
-
-fn probe_outside(sb: &Sandbox, args: &[&str]) -> ProbeOutput {
-    let mut cmd = sb.outside_command(PROBE);
-    cmd.args(args);
-    run_probe(&mut cmd, TIMEOUT)
-}
-
 fn field<'a>(json: &'a serde_json::Value, name: &str) -> &'a str {
     json.get(name)
         .and_then(|v| v.as_str())
         .unwrap_or_else(|| panic!("probe output {json} has no string field {name:?}"))
-}
-
-/// The `"{name} {peer}"` line a hello server answers, split.
-fn hello_reply(json: &serde_json::Value) -> (String, SocketAddr) {
-    let reply = field(json, "reply").trim();
-    let (name, peer) = reply
-        .split_once(' ')
-        .unwrap_or_else(|| panic!("unexpected hello reply {reply:?}"));
-    let peer = peer
-        .parse()
-        .unwrap_or_else(|e| panic!("hello reply {reply:?} has no peer address: {e}"));
-    (name.to_owned(), peer)
 }
 
 fn sock(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
@@ -75,16 +42,16 @@ fn ipv4_ipv6_and_mapped_connections_go_through_the_agent() {
     let sb = Sandbox::new("v46", Some(&ns));
     let hello4 = TcpHello::start(world.netns(), world.upstream_v4().into(), "U4");
     let hello6 = TcpHello::start(world.netns(), world.upstream_v6().into(), "U6");
-    let veil = Veil::start(&[spec("v46", &sb)]);
+    let veil = Veil::start(&[sb.agent_entry("v46")]);
 
     for (dial, expect_name, agent_ip) in [
         (hello4.addr(), "U4", IpAddr::from(world.host_v4())),
         (hello6.addr(), "U6", IpAddr::from(world.host_v6())),
         (mapped(hello4.addr()), "U4", IpAddr::from(world.host_v4())),
     ] {
-        let out = probe_in(&sb, &["tcp", "--addr", &dial.to_string()]);
+        let out = sb.probe(&["tcp", "--addr", &dial.to_string()]);
         let json = out.expect_ok();
-        let (name, upstream_saw) = hello_reply(json);
+        let (name, upstream_saw) = out.expect_hello();
         assert_eq!(name, expect_name, "dialled {dial}: wrong upstream");
         assert_eq!(
             upstream_saw.ip(),
@@ -109,7 +76,7 @@ fn real_curl_in_a_sandbox_reaches_its_upstream_through_the_agent() {
     let ns = NetNs::new("curl");
     let sb = Sandbox::new("curl", Some(&ns));
     let http = HttpHello::start(world.netns(), world.upstream_v4().into(), "H");
-    let _veil = Veil::start(&[spec("curl", &sb)]);
+    let _veil = Veil::start(&[sb.agent_entry("curl")]);
 
     let mut curl = sb.command("curl");
     curl.args([
@@ -141,11 +108,11 @@ fn loopback_and_processes_outside_the_cgroup_are_not_redirected() {
     let sb = Sandbox::new("lo", Some(&ns));
     let local = TcpHello::start(&ns, "127.0.0.1".parse().expect("ip"), "LOCAL");
     let remote = TcpHello::start(world.netns(), world.upstream_v4().into(), "R");
-    let veil = Veil::start(&[spec("lo", &sb)]);
+    let veil = Veil::start(&[sb.agent_entry("lo")]);
 
     // Loopback inside the sandbox: straight to the local server, not via the agent.
-    let out = probe_in(&sb, &["tcp", "--addr", &local.addr().to_string()]);
-    let (name, peer) = hello_reply(out.expect_ok());
+    let out = sb.probe(&["tcp", "--addr", &local.addr().to_string()]);
+    let (name, peer) = out.expect_hello();
     assert_eq!(name, "LOCAL");
     assert!(
         peer.ip().is_loopback(),
@@ -153,8 +120,8 @@ fn loopback_and_processes_outside_the_cgroup_are_not_redirected() {
     );
 
     // Same netns, outside the cgroup: the upstream sees the sandbox's own link address.
-    let out = probe_outside(&sb, &["tcp", "--addr", &remote.addr().to_string()]);
-    let (name, peer) = hello_reply(out.expect_ok());
+    let out = sb.probe_outside(&["tcp", "--addr", &remote.addr().to_string()]);
+    let (name, peer) = out.expect_hello();
     assert_eq!(name, "R");
     assert_eq!(
         peer.ip(),
@@ -164,8 +131,8 @@ fn loopback_and_processes_outside_the_cgroup_are_not_redirected() {
 
     // In the cgroup: through the agent, whose own upstream socket is not redirected again
     // (it would loop back into its listener and be closed as of unknown origin).
-    let out = probe_in(&sb, &["tcp", "--addr", &remote.addr().to_string()]);
-    let (_, peer) = hello_reply(out.expect_ok());
+    let out = sb.probe(&["tcp", "--addr", &remote.addr().to_string()]);
+    let (_, peer) = out.expect_hello();
     assert_eq!(peer.ip(), IpAddr::from(world.host_v4()));
     assert!(
         !veil.log().contains("original destination unknown"),
@@ -180,11 +147,11 @@ fn sandbox_sharing_the_agents_netns_is_redirected_without_looping() {
     let world = World::new();
     let sb = Sandbox::new("hostns", None);
     let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "HN");
-    let veil = Veil::start(&[spec("hostns", &sb)]);
+    let veil = Veil::start(&[sb.agent_entry("hostns")]);
 
-    let out = probe_in(&sb, &["tcp", "--addr", &hello.addr().to_string()]);
+    let out = sb.probe(&["tcp", "--addr", &hello.addr().to_string()]);
     let json = out.expect_ok();
-    let (name, _) = hello_reply(json);
+    let (name, _) = out.expect_hello();
     assert_eq!(name, "HN");
     let local: SocketAddr = field(json, "local").parse().expect("local address");
     assert!(
@@ -209,7 +176,7 @@ fn identical_client_addresses_in_two_sandboxes_reach_their_own_destinations() {
     );
     let up_a = TcpHello::start(world.netns(), world.upstream_v4().into(), "A");
     let up_b = TcpHello::start(world.netns(), world.upstream_v4().into(), "B");
-    let veil = Veil::start(&[spec("a", &sb_a), spec("b", &sb_b)]);
+    let veil = Veil::start(&[sb_a.agent_entry("a"), sb_b.agent_entry("b")]);
 
     // Stop the agent so both connections complete their handshakes and record their original
     // destinations before either is looked up: with identical (address, port) client ends,
@@ -238,7 +205,7 @@ fn identical_client_addresses_in_two_sandboxes_reach_their_own_destinations() {
         let json = out.expect_ok();
         assert_eq!(field(json, "local"), bind);
         assert_eq!(
-            hello_reply(json).0,
+            out.expect_hello().0,
             want,
             "a sandbox reached the other's destination"
         );
@@ -256,10 +223,10 @@ fn udp_443_is_refused_and_dns_still_works() {
     let dns4 = UdpEcho::start(world.netns(), world.upstream_v4().into(), 53);
     let quic6 = UdpEcho::start(world.netns(), world.upstream_v6().into(), 443);
     let dns6 = UdpEcho::start(world.netns(), world.upstream_v6().into(), 53);
-    let _veil = Veil::start(&[spec("udp", &sb)]);
+    let _veil = Veil::start(&[sb.agent_entry("udp")]);
 
     for quic in [quic4.addr(), quic6.addr()] {
-        let out = probe_in(&sb, &["udp", "--addr", &quic.to_string(), "--send", "quic"]);
+        let out = sb.probe(&["udp", "--addr", &quic.to_string(), "--send", "quic"]);
         assert_eq!(
             out.error(),
             Some("EPERM"),
@@ -268,15 +235,12 @@ fn udp_443_is_refused_and_dns_still_works() {
         );
     }
     for dns in [dns4.addr(), dns6.addr()] {
-        let out = probe_in(&sb, &["udp", "--addr", &dns.to_string(), "--send", "dns"]);
+        let out = sb.probe(&["udp", "--addr", &dns.to_string(), "--send", "dns"]);
         let json = out.expect_ok();
         assert_eq!(field(json, "reply"), "dns", "UDP 53 must pass: {json}");
     }
     // Outside the cgroup nothing is refused.
-    let out = probe_outside(
-        &sb,
-        &["udp", "--addr", &quic4.addr().to_string(), "--send", "q"],
-    );
+    let out = sb.probe_outside(&["udp", "--addr", &quic4.addr().to_string(), "--send", "q"]);
     assert_eq!(field(out.expect_ok(), "reply"), "q");
 }
 
@@ -294,7 +258,7 @@ fn five_hundred_concurrent_connections_across_five_sandboxes_are_byte_exact() {
     let specs: Vec<AgentSandbox> = sandboxes
         .iter()
         .enumerate()
-        .map(|(i, sb)| spec(&format!("c{i}"), sb))
+        .map(|(i, sb)| sb.agent_entry(&format!("c{i}")))
         .collect();
     let veil = Veil::start(&specs);
 
@@ -342,7 +306,7 @@ fn sighup_removal_detaches_programs_closes_listener_and_drains_maps() {
     let keep = Sandbox::new("keep", Some(&ns_keep));
     let gone = Sandbox::new("gone", Some(&ns_gone));
     let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "S");
-    let veil = Veil::start(&[spec("keep", &keep), spec("gone", &gone)]);
+    let veil = Veil::start(&[keep.agent_entry("keep"), gone.agent_entry("gone")]);
 
     let all_types = AttachType::ALL;
     for t in all_types {
@@ -354,17 +318,14 @@ fn sighup_removal_detaches_programs_closes_listener_and_drains_maps() {
     }
     assert!(sandbox_map_has(gone.cgroup().id()));
     assert_eq!(
-        listening_ports(&ns_gone).len(),
+        ns_gone.tcp_listeners().len(),
         2,
         "v4 and v6 listeners expected"
     );
-    let out = probe_in(&gone, &["tcp", "--addr", &hello.addr().to_string()]);
-    assert_eq!(
-        hello_reply(out.expect_ok()).1.ip(),
-        IpAddr::from(world.host_v4())
-    );
+    let out = gone.probe(&["tcp", "--addr", &hello.addr().to_string()]);
+    assert_eq!(out.expect_hello().1.ip(), IpAddr::from(world.host_v4()));
 
-    veil.reconfigure(&[spec("keep", &keep)]);
+    veil.reconfigure(&[keep.agent_entry("keep")]);
 
     for t in all_types {
         assert!(
@@ -382,18 +343,12 @@ fn sighup_removal_detaches_programs_closes_listener_and_drains_maps() {
         "map entry left behind"
     );
     assert!(sandbox_map_has(keep.cgroup().id()));
-    assert!(listening_ports(&ns_gone).is_empty(), "listener left behind");
+    assert!(ns_gone.tcp_listeners().is_empty(), "listener left behind");
     // Its traffic now goes direct; the kept sandbox still goes through the agent.
-    let out = probe_in(&gone, &["tcp", "--addr", &hello.addr().to_string()]);
-    assert_eq!(
-        hello_reply(out.expect_ok()).1.ip(),
-        IpAddr::from(link.sandbox_v4())
-    );
-    let out = probe_in(&keep, &["tcp", "--addr", &hello.addr().to_string()]);
-    assert_eq!(
-        hello_reply(out.expect_ok()).1.ip(),
-        IpAddr::from(world.host_v4())
-    );
+    let out = gone.probe(&["tcp", "--addr", &hello.addr().to_string()]);
+    assert_eq!(out.expect_hello().1.ip(), IpAddr::from(link.sandbox_v4()));
+    let out = keep.probe(&["tcp", "--addr", &hello.addr().to_string()]);
+    assert_eq!(out.expect_hello().1.ip(), IpAddr::from(world.host_v4()));
 }
 
 #[test]
@@ -401,11 +356,11 @@ fn connection_of_unknown_origin_is_closed_and_counted() {
     require_root();
     let ns = NetNs::new("unk");
     let sb = Sandbox::new("unk", Some(&ns));
-    let veil = Veil::start(&[spec("unk", &sb)]);
-    let port = *listening_ports(&ns).first().expect("agent listener");
+    let veil = Veil::start(&[sb.agent_entry("unk")]);
+    let port = ns.tcp_listeners().first().expect("agent listener").port();
 
     // Outside the cgroup, dialling the agent's listener directly: nothing was recorded for it.
-    let out = probe_outside(&sb, &["tcp", "--addr", &format!("127.0.0.1:{port}")]);
+    let out = sb.probe_outside(&["tcp", "--addr", &format!("127.0.0.1:{port}")]);
     let json = out.expect_ok();
     assert_eq!(field(json, "reply"), "", "nothing may be sent back: {json}");
     assert!(
@@ -424,7 +379,7 @@ fn sigterm_drains_open_connections_and_exits_zero() {
     let ns = NetNs::new("drain");
     let sb = Sandbox::new("drain", Some(&ns));
     let echo = TcpEcho::start(world.netns(), world.upstream_v4().into());
-    let veil = Veil::start(&[spec("drain", &sb)]);
+    let veil = Veil::start(&[sb.agent_entry("drain")]);
 
     // A client that connects, waits until told, then uses the connection.
     let script = format!(
@@ -467,18 +422,4 @@ fn sigterm_drains_open_connections_and_exits_zero() {
         terminator.join().expect("terminate thread")
     });
     assert_eq!(status.code(), Some(0), "agent {pid} exit status");
-}
-
-/// TCP ports listening inside `ns` (read with `ss` in the namespace).
-fn listening_ports(ns: &NetNs) -> Vec<u16> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path().display()))
-        .args(["ss", "-Hltn"])
-        .output()
-        .expect("run ss");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(3))
-        .filter_map(|local| local.rsplit(':').next()?.parse().ok())
-        .collect()
 }
