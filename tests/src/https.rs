@@ -56,8 +56,13 @@ impl TestCa {
         &self.pem_path
     }
 
-    /// A leaf certificate chain and key for `names`, signed by this CA.
-    pub fn issue(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    /// A leaf certificate and key for `names` as PEM text (for servers like nginx).
+    pub fn issue_pem(&self, names: &[&str]) -> (String, String) {
+        let (cert, key) = self.leaf(names);
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn leaf(&self, names: &[&str]) -> (rcgen::Certificate, KeyPair) {
         let key = KeyPair::generate().unwrap_or_else(|e| panic!("leaf key: {e}"));
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let params = CertificateParams::new(names).unwrap_or_else(|e| panic!("leaf params: {e}"));
@@ -65,6 +70,12 @@ impl TestCa {
         let cert = params
             .signed_by(&key, &issuer)
             .unwrap_or_else(|e| panic!("leaf cert: {e}"));
+        (cert, key)
+    }
+
+    /// A leaf certificate chain and key for `names`, signed by this CA.
+    pub fn issue(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let (cert, key) = self.leaf(names);
         (
             vec![cert.der().clone()],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),

@@ -16,6 +16,9 @@ pub const TEST_PACKAGES: &[&str] = &[
     "util-linux",
 ];
 
+/// Extra Debian packages for benchmarks: the load generators and the reference upstream.
+pub const BENCH_PACKAGES: &[&str] = &["nginx", "nghttp2-client", "wrk"];
+
 /// Fails with a message naming `what` unless running as root.
 pub fn require_root(what: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.

@@ -38,7 +38,7 @@ enum Cmd {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Run a benchmark at full size (`passthrough`).
+    /// Run a benchmark at full size: passthrough, registration, restart or mitm.
     Bench {
         /// Which benchmark.
         #[arg(default_value = "passthrough")]
@@ -131,6 +131,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 fn bench(root: &Path, which: &str, extra: &[String]) -> Result<()> {
     host::require_root("cargo xtask bench")?;
     host::ensure_packages(host::TEST_PACKAGES)?;
+    host::ensure_packages(host::BENCH_PACKAGES)?;
     build_ebpf(root)?;
     cargo(root, &["build", "--release", "--workspace", "--bins"])?;
     let bin = root.join("target/release/veil-bench");

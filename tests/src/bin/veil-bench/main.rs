@@ -16,6 +16,8 @@ use anyhow::{Context, Result, bail};
 use veil_tests::cmd::run_probe;
 use veil_tests::{AgentSandbox, NetNs, Sandbox, TcpEcho, TcpHello, Veil, World};
 
+mod mitm;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |name: &str, default: u64| -> Result<u64> {
@@ -36,6 +38,7 @@ fn main() -> Result<()> {
         ),
         Some("registration") => registration(arg("--count", 100)?),
         Some("restart") => restart(arg("--count", 20)?),
+        Some("mitm") => mitm::run(arg("--seconds", 10)?, arg("--runs", 3)?),
         Some("client-bulk") => client_bulk(parse_addr(args.get(1))?, arg("--bytes", 1 << 30)?),
         Some("client-connrate") => client_connrate(
             parse_addr(args.get(1))?,
@@ -43,7 +46,7 @@ fn main() -> Result<()> {
             arg("--concurrency", 8)?,
         ),
         _ => bail!(
-            "usage: veil-bench passthrough [--bytes N] [--seconds S] [--runs R] | registration [--count N] | restart [--count N]"
+            "usage: veil-bench passthrough [--bytes N] [--seconds S] [--runs R] | registration [--count N] | restart [--count N] | mitm [--seconds S] [--runs R]"
         ),
     }
 }
