@@ -20,11 +20,11 @@ use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
 use crate::crypto::RecordBinding;
-use veil_policy::HostPattern;
 use crate::paginate::{Cursor, Order, SortField, SortValue};
 use crate::store::{SecretPageQuery, SecretRecord, StoreError};
 use crate::timefmt::{now_ms, rfc3339};
 use crate::validate;
+use veil_policy::HostPattern;
 
 /// Routes of this resource.
 pub fn router() -> Router<AppState> {
