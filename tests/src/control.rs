@@ -14,30 +14,17 @@ use serde_json::Value;
 /// Path of the `veil-control` binary: `$VEIL_CONTROL_BIN` if set (e.g. a release build for load
 /// tests), else the one next to the running test executable.
 pub fn control_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("VEIL_CONTROL_BIN") {
-        return PathBuf::from(bin);
+    match std::env::var_os("VEIL_CONTROL_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => crate::env::bin_path("veil-control"),
     }
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> → target/<profile>/veil-control
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
-    let bin = profile_dir.join("veil-control");
-    assert!(
-        bin.exists(),
-        "{} not found: build it with `cargo build -p control` (or run `cargo test --workspace`)",
-        bin.display()
-    );
-    bin
 }
 
 /// The target profile dir (`target/<profile>`), for shared test state like the Python venv.
 pub fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps")
+    crate::env::bin_path("veil-control")
+        .parent()
+        .expect("a binary lives in target/<profile>")
         .to_path_buf()
 }
 
