@@ -120,7 +120,10 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
             "warnings",
         ],
     )?;
-    let mut args = vec!["test", "--workspace"];
+    // The e2e tests run the daemons' binaries, which `cargo test` alone does not build.
+    cargo(root, &["build", "--workspace", "--bins"])?;
+    // Every failing test binary is reported, not only the first.
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     if !extra.is_empty() {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
