@@ -190,14 +190,13 @@ fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
     let sb = Sandbox::new("bench", Some(&ns));
     let (sink, stop_sink) = start_sink(world.netns(), world.upstream_v4().into());
     let echo = TcpEcho::start(world.netns(), world.upstream_v4().into());
-    let _veil = Veil::start(&[AgentSandbox {
-        id: "bench".into(),
-        cgroup: sb.cgroup().path().to_owned(),
-        netns: Some(ns.path().to_owned()),
-    }]);
+    let veil = Veil::start(&[sb.agent_entry("bench")]);
 
     let mut results: [[Vec<f64>; 2]; 2] = Default::default(); // [direct, veil][bulk, conns]
     let mut steal = Vec::new();
+    // Where the time goes on the veil row: the agent's CPU per GiB, and how busy the box was.
+    let mut agent_cpu_per_gib = Vec::new();
+    let mut busy = [Vec::new(), Vec::new()];
     for run in 0..runs {
         for (row, via_agent) in [(0usize, false), (1, true)] {
             let cmd = |args: &[String]| {
@@ -210,6 +209,7 @@ fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
                 c
             };
             let before = cpu_times();
+            let agent_before = process_cpu_seconds(veil.pid());
             let secs: f64 = run_client(cmd(&[
                 "client-bulk".into(),
                 sink.to_string(),
@@ -218,6 +218,11 @@ fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
             ]))?
             .parse()?;
             let gbps = bytes as f64 * 8.0 / secs / 1e9;
+            busy[row].push(busy_percent(&before, &cpu_times()));
+            if via_agent {
+                let used = process_cpu_seconds(veil.pid()) - agent_before;
+                agent_cpu_per_gib.push(used / (bytes as f64 / (1u64 << 30) as f64));
+            }
             let rate_out = run_client(cmd(&[
                 "client-connrate".into(),
                 echo.addr().to_string(),
@@ -255,7 +260,35 @@ fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
         "max CPU steal during a run: {:.1} %",
         steal.iter().copied().fold(0.0, f64::max)
     );
+    println!(
+        "profile of the bulk runs: machine busy {:.0} % direct, {:.0} % veil (2 cores = 100 %); veil-agent CPU {:.2} s per GiB",
+        median(busy[0].clone()),
+        median(busy[1].clone()),
+        median(agent_cpu_per_gib)
+    );
     Ok(())
+}
+
+/// User + system CPU seconds a process has used (from /proc/<pid>/stat; 100 ticks/s).
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the command name.
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// Share of all CPU time that was not idle or iowait between two /proc/stat samples.
+fn busy_percent(before: &[u64], after: &[u64]) -> f64 {
+    let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    let total: u64 = delta.iter().sum();
+    let idle = delta.get(3).copied().unwrap_or(0) + delta.get(4).copied().unwrap_or(0);
+    if total == 0 {
+        0.0
+    } else {
+        100.0 * (total - idle) as f64 / total as f64
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
