@@ -82,6 +82,8 @@ pub fn run_foreground(root: &Path) -> Result<()> {
     let state = root.join("target/veil-run");
     let control_dir = state.join("control");
     let agent_dir = state.join("agent");
+    // Its own pin dir, so the try-out never touches an installed agent's pins.
+    let pin_dir = Path::new("/sys/fs/bpf/veil-xtask-run");
     std::fs::create_dir_all(&state).context("cannot create target/veil-run")?;
 
     let key = Command::new(bin.join("veil-control"))
@@ -105,7 +107,9 @@ pub fn run_foreground(root: &Path) -> Result<()> {
     let mut agent = match spawn(
         Command::new(bin.join("veil-agent"))
             .arg("--state-dir")
-            .arg(&agent_dir),
+            .arg(&agent_dir)
+            .arg("--pin-dir")
+            .arg(pin_dir),
     ) {
         Ok(a) => a,
         Err(e) => {
@@ -115,7 +119,7 @@ pub fn run_foreground(root: &Path) -> Result<()> {
         }
     };
     println!(
-        "\nveil is running (Ctrl-C stops it).\n  export VEIL_API_URL=http://127.0.0.1:3900/api\n  export VEIL_API_KEY={key}\n  echo -n 'my-value' | target/release/veil-control secret create my-secret --hosts example.test\n"
+        "\nveil is running (Ctrl-C stops it).\n  export VEIL_API_URL=http://127.0.0.1:3900/api\n  export VEIL_API_KEY={key}\n  echo -n 'my-value' | target/release/veil-control secret create --name my-secret --host example.test\n"
     );
     // Ctrl-C reaches the whole foreground process group; the daemons stop on it and this
     // process waits for them instead of dying first.
@@ -126,7 +130,15 @@ pub fn run_foreground(root: &Path) -> Result<()> {
     // SAFETY: kill on the PID of our own child, which we have not reaped yet.
     unsafe { libc::kill(control.id() as libc::pid_t, libc::SIGTERM) };
     let control_status = control.wait()?;
-    println!("veil-agent: {agent_status}; veil-control: {control_status}");
+    // A stopped agent leaves its sandboxes pinned (fail closed); the try-out removes them.
+    let teardown = Command::new(bin.join("veil-agent"))
+        .args(["teardown", "--all", "--state-dir"])
+        .arg(&agent_dir)
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .status()
+        .context("cannot run veil-agent teardown")?;
+    println!("veil-agent: {agent_status}; veil-control: {control_status}; teardown: {teardown}");
     Ok(())
 }
 
