@@ -6,6 +6,7 @@
 
 mod ebpf;
 mod host;
+mod install;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,6 +33,25 @@ enum Cmd {
     },
     /// Build in release and run veil-control and veil-agent in the foreground on their defaults.
     Run,
+    /// Install veil: binaries, documented config in /etc/veil, state dirs, systemd units.
+    Install {
+        /// Stage the tree below this directory (packaging); nothing outside it is touched.
+        #[arg(long)]
+        destdir: Option<PathBuf>,
+        /// Install the binaries found here instead of building them in release first.
+        #[arg(long, value_name = "DIR")]
+        from: Option<PathBuf>,
+    },
+    /// Remove what `install` put in place (config and state are kept unless --purge).
+    Uninstall {
+        /// The staging directory given to install.
+        #[arg(long)]
+        destdir: Option<PathBuf>,
+        /// Also remove /etc/veil and /var/lib/veil (the encrypted secrets and keys) and detach
+        /// every sandbox.
+        #[arg(long)]
+        purge: bool,
+    },
     /// Install test dependencies, then run fmt, clippy and the whole test suite (needs root).
     Test {
         /// Extra arguments passed to `cargo test` (after `--`).
@@ -56,6 +76,19 @@ fn main() -> Result<()> {
         Cmd::BuildEbpf => build_ebpf(&root).map(|obj| println!("{}", obj.display())),
         Cmd::Build { release } => build(&root, release),
         Cmd::Run => run(&root),
+        Cmd::Install { destdir, from } => {
+            let bin_dir = match from {
+                Some(dir) => dir,
+                None => {
+                    build(&root, true)?;
+                    root.join("target/release")
+                }
+            };
+            install::install(&install::Layout::new(destdir.as_deref()), &bin_dir)
+        }
+        Cmd::Uninstall { destdir, purge } => {
+            install::uninstall(&install::Layout::new(destdir.as_deref()), purge)
+        }
         Cmd::Test { cargo_test_args } => test(&root, &cargo_test_args),
         Cmd::Bench { which, args } => bench(&root, &which, &args),
     }
