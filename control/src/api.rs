@@ -40,6 +40,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The agent seam.
     pub agent: Arc<dyn AgentLink>,
+    /// Request metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Runs blocking store/crypto work off the async workers.
@@ -221,13 +223,26 @@ pub fn parse_limit(q: &HashMap<String, String>) -> Result<usize, ApiError> {
 
 /// Logs each request's method, path, status and latency (never bodies or query strings).
 async fn log_request(
+    axum::extract::State(state): axum::extract::State<AppState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    // The route template, not the path: ids must not become metric labels.
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_owned();
     let start = std::time::Instant::now();
     let resp = next.run(req).await;
+    state.metrics.observe(
+        method.as_str(),
+        &route,
+        resp.status().as_u16(),
+        start.elapsed(),
+    );
     tracing::debug!(
         target: "veil::http",
         %method,
@@ -266,6 +281,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(axum::middleware::from_fn(log_request))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            log_request,
+        ))
         .with_state(state)
 }

@@ -5,6 +5,7 @@
 //! data_dir = "/var/lib/veil/control"
 //! agent_socket = "/run/veil/control-agent.sock"
 //! placeholder_prefix = "veil_secret_"
+//! metrics_listen = "127.0.0.1:9464"
 //! [sandbox]
 //! cgroup_parents = ["veil.slice", "system.slice"]
 //! check_paths = true
@@ -64,6 +65,8 @@ pub struct Config {
     pub agent_socket: PathBuf,
     /// Prefix of generated placeholders.
     pub placeholder_prefix: String,
+    /// Loopback address of the Prometheus `/metrics` endpoint; `""` turns it off.
+    pub metrics_listen: String,
     /// Sandbox registration rules.
     pub sandbox: SandboxConfig,
     /// Agent link behaviour.
@@ -102,6 +105,9 @@ impl Default for AgentConfig {
     }
 }
 
+/// Default address of the metrics endpoint (the agent's is the next port).
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
+
 /// Default REST port.
 pub const DEFAULT_PORT: u16 = 3900;
 
@@ -112,6 +118,7 @@ impl Default for Config {
             data_dir: PathBuf::from("/var/lib/veil/control"),
             agent_socket: PathBuf::from("/run/veil/control-agent.sock"),
             placeholder_prefix: "veil_secret_".to_owned(),
+            metrics_listen: DEFAULT_METRICS.to_owned(),
             sandbox: SandboxConfig::default(),
             agent: AgentConfig::default(),
         }
@@ -169,6 +176,12 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "agent_socket must not be empty".into(),
             ));
+        }
+        if !self.metrics_listen.is_empty() && self.metrics_listen.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "metrics_listen {:?} is not an address:port (\"\" turns metrics off)",
+                self.metrics_listen
+            )));
         }
         for parent in &self.sandbox.cgroup_parents {
             let trimmed = parent.trim_matches('/');

@@ -12,6 +12,7 @@ use crate::agent_link::server::AgentServer;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::crypto::Keyring;
+use crate::metrics::{Gauges, Metrics};
 use crate::store::Store;
 use crate::store::sled::SledStore;
 
@@ -74,7 +75,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         keyring,
         config: Arc::new(config.clone()),
         agent: Arc::new(agent),
+        metrics: Arc::new(Metrics::default()),
     };
+    let metrics_task = serve_metrics(&config, state.clone()).await;
     tracing::info!(
         listen = %local,
         data_dir = %config.data_dir.display(),
@@ -88,10 +91,69 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .context("serving")?;
     admin_task.abort();
     agent_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     let _ = std::fs::remove_file(admin::socket_path(&config.data_dir));
     let _ = std::fs::remove_file(&config.agent_socket);
     tracing::info!("veil-control stopped");
     Ok(())
+}
+
+/// Serves `GET /metrics` on `metrics_listen` (loopback, no auth: counts only, never a value).
+/// A port already in use is logged, not fatal: metrics must not keep the API down.
+async fn serve_metrics(config: &Config, state: AppState) -> Option<tokio::task::JoinHandle<()>> {
+    if config.metrics_listen.is_empty() {
+        return None;
+    }
+    let listener = match tokio::net::TcpListener::bind(config.metrics_listen.as_str()).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(listen = %config.metrics_listen, error = %e, "metrics endpoint off");
+            return None;
+        }
+    };
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listen = %addr, "metrics endpoint ready");
+    }
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(render_metrics))
+        .with_state(state);
+    Some(tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    }))
+}
+
+async fn render_metrics(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    let st = state.clone();
+    let gauges = tokio::task::spawn_blocking(move || {
+        let secrets = st
+            .store
+            .list_orgs()
+            .map(|orgs| {
+                orgs.iter()
+                    .map(|o| st.store.list_secrets(&o.name).map_or(0, |s| s.len() as u64))
+                    .sum()
+            })
+            .unwrap_or(0);
+        let sandboxes = st.store.list_sandboxes().map_or(0, |s| s.len() as u64);
+        Gauges {
+            secrets,
+            sandboxes,
+            agent_connected: st.agent.connected(),
+        }
+    })
+    .await
+    .unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(gauges),
+    )
 }
 
 async fn shutdown_signal() {

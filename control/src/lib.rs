@@ -13,6 +13,7 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod hostcheck;
+pub mod metrics;
 pub mod paginate;
 pub mod store;
 pub mod timefmt;

@@ -72,6 +72,14 @@ pub struct AgentSettings {
     pub reconnect_min_ms: u64,
     /// Longest delay between reconnection attempts.
     pub reconnect_max_ms: u64,
+    /// How long the agent waits for a complete TLS ClientHello before passing the connection
+    /// through untouched (server-speaks-first protocols wait this long once).
+    pub peek_timeout_ms: u64,
+    /// Number of server names whose leaf certificates are kept (shared by every sandbox).
+    pub leaf_cache_size: usize,
+    /// System CA bundle trusted for upstream TLS (beside `upstream_ca`); a missing file means
+    /// only `upstream_ca` is trusted.
+    pub system_roots: PathBuf,
 }
 
 impl Default for AgentSettings {
@@ -86,6 +94,9 @@ impl Default for AgentSettings {
             bpf_pin_dir: PathBuf::from(DEFAULT_BPF_PIN_DIR),
             reconnect_min_ms: 25,
             reconnect_max_ms: 1_000,
+            peek_timeout_ms: 5_000,
+            leaf_cache_size: crate::tls::leaf::DEFAULT_LEAF_CACHE,
+            system_roots: PathBuf::from(crate::tls::upstream::SYSTEM_ROOTS),
         }
     }
 }
@@ -99,6 +110,11 @@ impl AgentSettings {
     /// [`Self::connect_timeout_ms`] as a duration.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// [`Self::peek_timeout_ms`] as a duration.
+    pub fn peek_timeout(&self) -> Duration {
+        Duration::from_millis(self.peek_timeout_ms)
     }
 
     /// The reconnection backoff bounds.
@@ -227,6 +243,11 @@ impl Config {
         if a.reconnect_min_ms == 0 || a.reconnect_min_ms > a.reconnect_max_ms {
             return Err(ConfigError::Invalid(
                 "agent.reconnect_min_ms must be > 0 and <= agent.reconnect_max_ms".into(),
+            ));
+        }
+        if a.peek_timeout_ms == 0 || a.leaf_cache_size == 0 {
+            return Err(ConfigError::Invalid(
+                "agent.peek_timeout_ms and agent.leaf_cache_size must be > 0".into(),
             ));
         }
         if !a.bpf_pin_dir.is_absolute() || !a.state_dir.is_absolute() {
@@ -374,6 +395,8 @@ mod tests {
             "[agent]\nreconnect_min_ms = 0",
             "[agent]\nreconnect_min_ms = 2000\nreconnect_max_ms = 1000",
             "[agent]\nbpf_pin_dir = \"rel/dir\"",
+            "[agent]\npeek_timeout_ms = 0",
+            "[agent]\nleaf_cache_size = 0",
         ];
         for text in bad {
             assert!(

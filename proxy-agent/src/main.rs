@@ -15,11 +15,14 @@ use proxy_agent::identity;
 use proxy_agent::link::{Identity, LinkClient};
 use proxy_agent::pins::PinLayout;
 use proxy_agent::proxy::Proxy;
+use proxy_agent::proxy::intercept::TlsContext;
 use proxy_agent::sandbox::Registry;
 use proxy_agent::secrets::SecretStore;
 use proxy_agent::state::SandboxFile;
 use proxy_agent::stats::Stats;
 use proxy_agent::tls::ca::InterceptionCa;
+use proxy_agent::tls::leaf::LeafCache;
+use proxy_agent::tls::upstream;
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::task::TaskTracker;
@@ -197,11 +200,23 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     let bpf = Bpf::load(&pins)
         .context("cannot load veil's eBPF programs (root with CAP_BPF and CAP_NET_ADMIN needed)")
         .map_err(Fatal::Host)?;
+    let upstream = upstream::client_configs(Some(&settings.system_roots), &settings.upstream_ca)
+        .context("upstream TLS trust")
+        .map_err(Fatal::Config)?;
+    let ca = Arc::new(ca);
+    let leaves = Arc::new(LeafCache::new(ca.clone(), settings.leaf_cache_size));
+    let tls = TlsContext::new(leaves, upstream)
+        .context("interception TLS configuration")
+        .map_err(Fatal::Host)?;
+    let secrets = SecretStore::default();
     let proxy = Arc::new(Proxy {
         orig: bpf.orig_dst(),
-        stats: Stats::default(),
+        stats: Arc::new(Stats::default()),
         tracker: TaskTracker::new(),
         connect_timeout: settings.connect_timeout(),
+        peek_timeout: settings.peek_timeout(),
+        secrets: secrets.clone(),
+        tls: Arc::new(tls),
     });
     let mut registry = Registry::open(
         bpf,
@@ -224,7 +239,6 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     );
     notify(&[NotifyState::Ready]);
 
-    let secrets = SecretStore::default();
     let link = LinkClient {
         socket: settings.control_socket.clone(),
         backoff: settings.reconnect(),

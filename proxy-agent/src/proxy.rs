@@ -1,23 +1,37 @@
-//! One sandbox connection, top to bottom: accept → identify → forward.
+//! One sandbox connection, top to bottom: accept → identify → peek → decide → passthrough |
+//! intercept.
 //!
 //! The listener names the sandbox; the eBPF map names the original destination. A connection
-//! whose destination was not recorded is closed and counted — never guessed.
+//! whose destination was not recorded is closed and counted — never guessed. A sandbox without
+//! secrets is spliced at once (nothing to decide); otherwise the ClientHello is peeked and the
+//! sandbox's policy decides. Everything that is not intercepted passes through byte for byte,
+//! the peeked bytes first.
 
+pub mod forward;
+pub mod intercept;
 pub mod passthrough;
+pub mod peek;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use veil_policy::{Decision, PassthroughReason};
+
 use crate::bpf::OrigDstTable;
 use crate::config::SandboxId;
+use crate::proxy::intercept::TlsContext;
+use crate::proxy::peek::{Peeked, PrefixedStream};
+use crate::secrets::SecretStore;
 use crate::stats::{ActiveGuard, Stats};
+use crate::tls::upstream::SandboxUpstream;
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -25,11 +39,17 @@ pub struct Proxy {
     /// Original destinations recorded by the kernel.
     pub orig: OrigDstTable,
     /// Counters.
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
     /// Connection tasks, waited for when draining.
     pub tracker: TaskTracker,
-    /// Timeout for reaching the original destination.
+    /// Timeout for reaching the original destination (and for TLS handshakes).
     pub connect_timeout: Duration,
+    /// How long the peek waits for a complete ClientHello.
+    pub peek_timeout: Duration,
+    /// Secrets, mounts and each sandbox's policy, as control sent them.
+    pub secrets: SecretStore,
+    /// Interception TLS material.
+    pub tls: Arc<TlsContext>,
 }
 
 /// The sandbox a listener belongs to.
@@ -39,6 +59,19 @@ pub struct SandboxTag {
     pub id: SandboxId,
     /// Cookie of its network namespace (half of the original-destination key).
     pub netns_cookie: u64,
+    /// Its upstream connection pools.
+    pub upstream: SandboxUpstream,
+}
+
+impl SandboxTag {
+    /// The tag of sandbox `id`, with empty pools.
+    pub fn new(id: SandboxId, netns_cookie: u64, proxy: &Proxy) -> Self {
+        Self {
+            id,
+            netns_cookie,
+            upstream: SandboxUpstream::new(proxy.tls.upstream.clone(), proxy.connect_timeout),
+        }
+    }
 }
 
 /// Accepts connections on one sandbox listener until `cancel` fires.
@@ -70,34 +103,168 @@ pub async fn serve(
     }
 }
 
-async fn handle(proxy: &Proxy, sandbox: &SandboxTag, client: TcpStream, peer: SocketAddr) {
+async fn handle(proxy: &Proxy, sandbox: &SandboxTag, mut client: TcpStream, peer: SocketAddr) {
     let _active = ActiveGuard::new(&proxy.stats);
     let Some(dst) = identify(proxy, sandbox, peer) else {
         return;
     };
-    let upstream = match tokio::time::timeout(proxy.connect_timeout, TcpStream::connect(dst)).await
+    // Small writes (TLS records, HTTP heads) must not wait for Nagle.
+    let _ = client.set_nodelay(true);
+    let Some(policy) = proxy.secrets.policy(sandbox.id.as_str()) else {
+        Stats::inc(&proxy.stats.passthrough_no_secrets);
+        return passthrough(proxy, sandbox, client, Vec::new(), dst, None).await;
+    };
+    let spare = match first_word(proxy, sandbox, &client, dst).await {
+        None => return,
+        Some(FirstWord::Client(spare)) => spare,
+        Some(FirstWord::Server(up) | FirstWord::Neither(up)) => {
+            Stats::inc(&proxy.stats.passthrough_silent);
+            return passthrough(proxy, sandbox, client, Vec::new(), dst, Some(up)).await;
+        }
+    };
+    let mut prefix = Vec::with_capacity(2048);
+    let peeked = match peek::peek_hello(&mut client, &mut prefix, proxy.peek_timeout).await {
+        Ok(p) => p,
+        Err(e) => {
+            debug!(sandbox = %sandbox.id, %dst, error = %e, "reading the client's first bytes failed");
+            return;
+        }
+    };
+    let hello = match peeked {
+        Peeked::Tls(hello) => hello,
+        Peeked::NotTls(_) => {
+            Stats::inc(&proxy.stats.passthrough_not_tls);
+            return passthrough(proxy, sandbox, client, prefix, dst, spare).await;
+        }
+        Peeked::Timeout | Peeked::Eof => {
+            Stats::inc(&proxy.stats.passthrough_silent);
+            return passthrough(proxy, sandbox, client, prefix, dst, spare).await;
+        }
+    };
+    match (policy.decide_hello(&hello), hello.sni) {
+        (Decision::Intercept(i), Some(sni)) => {
+            // The speculative upstream connection is not needed: interception pools its own.
+            drop(spare);
+            let client = PrefixedStream::new(prefix, client);
+            intercept::run(proxy, sandbox, client, dst, sni, i.offers_h2, policy).await;
+        }
+        (Decision::Intercept(_), None) => {
+            // decide() never intercepts without an SNI; pass through rather than guess.
+            Stats::inc(&proxy.stats.passthrough_no_sni);
+            passthrough(proxy, sandbox, client, prefix, dst, spare).await;
+        }
+        (Decision::Passthrough(reason), _) => {
+            Stats::inc(match reason {
+                PassthroughReason::NoSecrets => &proxy.stats.passthrough_no_secrets,
+                PassthroughReason::NoSni => &proxy.stats.passthrough_no_sni,
+                PassthroughReason::AlpnNotHttp | PassthroughReason::NoAlpn => {
+                    &proxy.stats.passthrough_alpn
+                }
+                PassthroughReason::HostNotAllowed => &proxy.stats.passthrough_not_allowed,
+            });
+            passthrough(proxy, sandbox, client, prefix, dst, spare).await;
+        }
+    }
+}
+
+/// A client silent this long may be waiting for the server to speak first (SMTP, MySQL, ...):
+/// veil then connects upstream and lets whichever side speaks first decide. TLS clients send
+/// their hello right after connecting, so they almost never get here.
+const SPECULATE_AFTER: Duration = Duration::from_millis(100);
+
+/// Who spoke first on a connection.
+enum FirstWord {
+    /// The client (with the upstream connection opened meanwhile, if any).
+    Client(Option<TcpStream>),
+    /// The server: not a TLS client, pass through.
+    Server(TcpStream),
+    /// Nobody within the peek timeout: pass through.
+    Neither(TcpStream),
+}
+
+/// Waits for the first bytes from either side; `None` (counted) if the upstream is unreachable.
+async fn first_word(
+    proxy: &Proxy,
+    sandbox: &SandboxTag,
+    client: &TcpStream,
+    dst: SocketAddr,
+) -> Option<FirstWord> {
+    if tokio::time::timeout(SPECULATE_AFTER, spoke(client))
+        .await
+        .is_ok()
     {
-        Ok(Ok(s)) => s,
+        return Some(FirstWord::Client(None));
+    }
+    let up = connect_upstream(proxy, sandbox, dst).await?;
+    let rest = proxy.peek_timeout.saturating_sub(SPECULATE_AFTER);
+    // An error counts as speaking: the read that follows reports it.
+    Some(tokio::select! {
+        () = spoke(client) => FirstWord::Client(Some(up)),
+        () = spoke(&up) => FirstWord::Server(up),
+        () = tokio::time::sleep(rest) => FirstWord::Neither(up),
+    })
+}
+
+/// Resolves once `s` has bytes (or EOF, or an error) to read; consumes nothing. Readiness
+/// alone can be a false positive, so this peeks.
+async fn spoke(s: &TcpStream) {
+    let mut byte = [0u8; 1];
+    let _ = s.peek(&mut byte).await;
+}
+
+async fn connect_upstream(
+    proxy: &Proxy,
+    sandbox: &SandboxTag,
+    dst: SocketAddr,
+) -> Option<TcpStream> {
+    match tokio::time::timeout(proxy.connect_timeout, TcpStream::connect(dst)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Some(s)
+        }
         Ok(Err(e)) => {
             Stats::inc(&proxy.stats.upstream_failed);
             debug!(sandbox = %sandbox.id, %dst, error = %e, "upstream connect failed");
-            return;
+            None
         }
         Err(_) => {
             Stats::inc(&proxy.stats.upstream_failed);
             debug!(sandbox = %sandbox.id, %dst, "upstream connect timed out");
-            return;
+            None
         }
+    }
+}
+
+/// Splices `client` to `dst` untouched (over `upstream` when already connected), after sending
+/// the bytes already read from the client.
+async fn passthrough(
+    proxy: &Proxy,
+    sandbox: &SandboxTag,
+    client: TcpStream,
+    prefix: Vec<u8>,
+    dst: SocketAddr,
+    upstream: Option<TcpStream>,
+) {
+    let upstream = match upstream {
+        Some(up) => Some(up),
+        None => connect_upstream(proxy, sandbox, dst).await,
     };
-    // Small writes (TLS records, HTTP heads) must not wait for Nagle on either leg.
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
+    let Some(mut upstream) = upstream else {
+        return;
+    };
+    if !prefix.is_empty()
+        && let Err(e) = upstream.write_all(&prefix).await
+    {
+        debug!(sandbox = %sandbox.id, %dst, error = %e, "passthrough ended");
+        return;
+    }
     match passthrough::splice_bidirectional(&client, &upstream).await {
         Ok(t) => {
-            proxy.stats.bytes_up.fetch_add(t.up, Ordering::Relaxed);
+            let up = t.up + prefix.len() as u64;
+            proxy.stats.bytes_up.fetch_add(up, Ordering::Relaxed);
             proxy.stats.bytes_down.fetch_add(t.down, Ordering::Relaxed);
             Stats::inc(&proxy.stats.completed);
-            debug!(sandbox = %sandbox.id, %dst, up = t.up, down = t.down, "passthrough done");
+            debug!(sandbox = %sandbox.id, %dst, up, down = t.down, "passthrough done");
         }
         Err(e) => debug!(sandbox = %sandbox.id, %dst, error = %e, "passthrough ended"),
     }

@@ -240,10 +240,11 @@ impl Registry {
             }
         };
         let cancel = CancellationToken::new();
-        let tag = Arc::new(SandboxTag {
-            id: spec.id.clone(),
-            netns_cookie: socks.netns_cookie,
-        });
+        let tag = Arc::new(SandboxTag::new(
+            spec.id.clone(),
+            socks.netns_cookie,
+            &self.proxy,
+        ));
         for listener in listeners {
             tokio::spawn(proxy::serve(
                 self.proxy.clone(),

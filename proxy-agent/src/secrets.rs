@@ -4,11 +4,18 @@
 //! redacted in Debug). The interception path asks [`SecretStore::for_sandbox`] which
 //! placeholders, values and hosts apply to one sandbox; a mount naming a secret of another
 //! organization, or one control has not sent, resolves to nothing.
+//!
+//! Each sandbox's [`SandboxPolicy`] is rebuilt here whenever its mounts or one of its secrets
+//! change, never per connection: a connection reads it once ([`SecretStore::policy`]) and keeps
+//! that `Arc` for its life. A sandbox whose secrets cannot form a policy (overlapping
+//! placeholders, say) gets none, so its traffic passes through untouched: fail closed.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+use tracing::warn;
 use veil_link::{SandboxState, SecretState, SecretValue};
+use veil_policy::SandboxPolicy;
 
 /// One secret as it applies to one sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +44,55 @@ struct Mounts {
 struct Inner {
     secrets: BTreeMap<String, SecretState>,
     sandboxes: BTreeMap<String, Mounts>,
+    policies: BTreeMap<String, Arc<SandboxPolicy>>,
+}
+
+impl Inner {
+    /// Rebuilds the policy of `sandbox` from its resolved mounts.
+    fn rebuild(&mut self, sandbox: &str) {
+        self.policies.remove(sandbox);
+        let Some(mounts) = self.sandboxes.get(sandbox) else {
+            return;
+        };
+        let mut mounted = Vec::new();
+        for secret_id in mounts.env_to_secret.values() {
+            let Some(s) = self.secrets.get(secret_id) else {
+                continue;
+            };
+            if s.org != mounts.org {
+                continue;
+            }
+            match veil_policy::MountedSecret::from_state(s) {
+                Ok(m) => mounted.push(m),
+                // The secret is left out (never substituted); the others still apply.
+                Err(e) => warn!(sandbox, error = %e, "secret left out of the sandbox's policy"),
+            }
+        }
+        if mounted.is_empty() {
+            return;
+        }
+        match SandboxPolicy::new(mounted) {
+            Ok(p) => {
+                self.policies.insert(sandbox.to_owned(), Arc::new(p));
+            }
+            Err(e) => {
+                warn!(sandbox, error = %e, "no policy for the sandbox: nothing is substituted")
+            }
+        }
+    }
+
+    /// Rebuilds the policies of every sandbox that mounts `secret_id`.
+    fn rebuild_mounting(&mut self, secret_id: &str) {
+        let ids: Vec<String> = self
+            .sandboxes
+            .iter()
+            .filter(|(_, m)| m.env_to_secret.values().any(|s| s == secret_id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.rebuild(&id);
+        }
+    }
 }
 
 /// The agent's in-memory secrets and mounts; cheap to clone, shared with connection tasks.
@@ -64,28 +120,47 @@ impl SecretStore {
             .iter()
             .map(|s| (s.id.clone(), mounts_of(s)))
             .collect();
+        inner.policies.clear();
+        let ids: Vec<String> = inner.sandboxes.keys().cloned().collect();
+        for id in ids {
+            inner.rebuild(&id);
+        }
     }
 
     /// Sets one sandbox's mounts.
     pub fn put_sandbox(&self, sandbox: &SandboxState) {
-        self.write()
+        let mut inner = self.write();
+        inner
             .sandboxes
             .insert(sandbox.id.clone(), mounts_of(sandbox));
+        inner.rebuild(&sandbox.id);
     }
 
     /// Forgets one sandbox's mounts.
     pub fn delete_sandbox(&self, id: &str) {
-        self.write().sandboxes.remove(id);
+        let mut inner = self.write();
+        inner.sandboxes.remove(id);
+        inner.policies.remove(id);
     }
 
     /// Adds or replaces a secret.
     pub fn put_secret(&self, secret: SecretState) {
-        self.write().secrets.insert(secret.id.clone(), secret);
+        let mut inner = self.write();
+        let id = secret.id.clone();
+        inner.secrets.insert(id.clone(), secret);
+        inner.rebuild_mounting(&id);
     }
 
     /// Forgets a secret (its value is zeroized as it drops).
     pub fn delete_secret(&self, id: &str) {
-        self.write().secrets.remove(id);
+        let mut inner = self.write();
+        inner.secrets.remove(id);
+        inner.rebuild_mounting(id);
+    }
+
+    /// The current policy of `sandbox`; `None` when no usable secret is mounted in it.
+    pub fn policy(&self, sandbox: &str) -> Option<Arc<SandboxPolicy>> {
+        self.read().policies.get(sandbox).cloned()
     }
 
     /// Number of secrets held.
@@ -186,6 +261,42 @@ mod tests {
         assert!(store.for_sandbox("a").is_empty());
         store.delete_sandbox("a");
         assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn policies_follow_mounts_and_secrets() {
+        let store = SecretStore::default();
+        store.replace(
+            &[
+                sandbox("a", "o1", &[("KEY", "s1")]),
+                sandbox("b", "o2", &[("KEY", "s1")]),
+            ],
+            vec![secret("s1", "o1", "v1")],
+        );
+        let p = store.policy("a").unwrap();
+        assert_eq!(p.secrets()[0].value.expose(), "v1");
+        assert!(store.policy("b").is_none(), "another org's secret applied");
+        // Unchanged: connections keep the policy they read; the same one is served.
+        assert!(Arc::ptr_eq(&p, &store.policy("a").unwrap()));
+        store.put_secret(secret("s1", "o1", "v2"));
+        let p2 = store.policy("a").unwrap();
+        assert_eq!(p2.secrets()[0].value.expose(), "v2");
+        assert_eq!(p.secrets()[0].value.expose(), "v1");
+        store.put_sandbox(&sandbox("a", "o1", &[]));
+        assert!(store.policy("a").is_none());
+        store.put_sandbox(&sandbox("a", "o1", &[("KEY", "s1")]));
+        assert!(store.policy("a").is_some());
+        store.delete_secret("s1");
+        assert!(store.policy("a").is_none());
+        // Overlapping placeholders: no policy at all (nothing substituted).
+        let mut s2 = secret("s2", "o1", "v");
+        s2.placeholder = "veil-ph-s1-longer".into();
+        store.put_secret(secret("s1", "o1", "v1"));
+        store.put_secret(s2);
+        store.put_sandbox(&sandbox("a", "o1", &[("KEY", "s1"), ("K2", "s2")]));
+        assert!(store.policy("a").is_none());
+        store.delete_sandbox("a");
+        assert!(store.policy("a").is_none());
     }
 
     #[test]

@@ -53,8 +53,11 @@ fn where_(ns: Option<&NetNs>) -> &str {
 
 impl TcpServer {
     fn start(ns: Option<&NetNs>, ip: IpAddr, behaviour: Behaviour) -> TcpServer {
+        TcpServer::start_on(ns, SocketAddr::new(ip, 0), behaviour)
+    }
+
+    fn start_on(ns: Option<&NetNs>, bind: SocketAddr, behaviour: Behaviour) -> TcpServer {
         crate::owner::init();
-        let bind = SocketAddr::new(ip, 0);
         let listener = in_netns(ns, move || -> std::io::Result<std::net::TcpListener> {
             let s = Socket::new(Domain::for_address(bind), Type::STREAM, Some(Protocol::TCP))?;
             s.set_reuse_address(true)?;
@@ -237,6 +240,11 @@ impl TcpEcho {
     /// Starts it in `ns`, bound to `ip` on a free port.
     pub fn start(ns: &NetNs, ip: IpAddr) -> TcpEcho {
         TcpEcho(TcpServer::start(Some(ns), ip, Behaviour::Echo))
+    }
+
+    /// Starts it in `ns` on a given address (e.g. port 443 for non-TLS bytes where TLS is due).
+    pub fn start_on(ns: &NetNs, addr: SocketAddr) -> TcpEcho {
+        TcpEcho(TcpServer::start_on(Some(ns), addr, Behaviour::Echo))
     }
 
     /// Starts it in the test's own (host) netns.

@@ -172,6 +172,11 @@ pub struct AgentProc {
 impl AgentProc {
     /// Starts it and waits (≤ 10 s) for READY=1.
     pub fn start(dirs: &Dirs) -> Self {
+        Self::start_with(dirs, &[])
+    }
+
+    /// Like [`Self::start`], with extra flags (e.g. `--upstream-ca`).
+    pub fn start_with(dirs: &Dirs, extra: &[&str]) -> Self {
         let notify_dir = tempfile::tempdir().unwrap();
         let notify_path = notify_dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).unwrap();
@@ -182,8 +187,12 @@ impl AgentProc {
         let started = Instant::now();
         let child = Command::new(env!("CARGO_BIN_EXE_veil-agent"))
             .args(dirs.args())
+            .args(extra)
             .env("NOTIFY_SOCKET", &notify_path)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("VEIL_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

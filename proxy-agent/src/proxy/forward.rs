@@ -1,0 +1,339 @@
+//! One request on an intercepted connection: substitute per the sandbox's policy, forward to the
+//! pooled upstream, stream the response back.
+//!
+//! Errors veil answers itself are plain text naming the host, the secret or the reason — never
+//! a value, and never a header value (headers may carry values).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tracing::debug;
+use veil_policy::{SandboxPolicy, SecretHit, ServerName, SubstituteError};
+
+use crate::config::SandboxId;
+use crate::stats::Stats;
+use crate::tls::upstream::{DstClient, verify_failure};
+
+/// Error type of bodies crossing the proxy.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A request or response body as the proxy passes it on.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// What every request of one intercepted connection shares.
+#[derive(Debug)]
+pub struct ConnContext {
+    /// The sandbox.
+    pub sandbox: SandboxId,
+    /// Its policy, as it was when the connection was accepted.
+    pub policy: Arc<SandboxPolicy>,
+    /// The SNI the client sent (and the name upstream TLS is verified for).
+    pub sni: ServerName,
+    /// The original destination.
+    pub dst: SocketAddr,
+    /// The sandbox's pooled client towards `dst`.
+    pub client: DstClient,
+    /// Set when the upstream could not be reached securely: every request gets a 502 saying so.
+    pub upstream_error: Option<String>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Handles one request; never fails (errors become responses).
+pub async fn handle(
+    ctx: Arc<ConnContext>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    Stats::inc(&ctx.stats.requests);
+    if let Some(reason) = &ctx.upstream_error {
+        return Ok(plain(
+            StatusCode::BAD_GATEWAY,
+            format!("veil: cannot reach {} securely: {reason}\n", ctx.sni),
+        ));
+    }
+    let (mut parts, body) = req.into_parts();
+    let hits = match substitute(&ctx.policy, &ctx.sni, &mut parts) {
+        Ok(hits) => hits,
+        Err(e) => {
+            Stats::inc(&ctx.stats.refused);
+            debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, error = %e, "request refused");
+            return Ok(plain(StatusCode::BAD_REQUEST, format!("veil: {e}\n")));
+        }
+    };
+    if !hits.is_empty() {
+        ctx.stats.record_hits(&ctx.policy, &hits);
+    }
+    let target = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    // Both sides speak the same protocol: an h1 request keeps its Host header (hyper sends
+    // origin-form), an h2 request its :authority — never both, some servers refuse that.
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    strip_hop_by_hop(&mut parts.headers);
+    parts.uri = match upstream_uri(authority.as_deref(), &ctx.sni, ctx.dst.port(), target) {
+        Some(uri) => uri,
+        None => {
+            return Ok(plain(
+                StatusCode::BAD_REQUEST,
+                "veil: request target cannot be forwarded\n".into(),
+            ));
+        }
+    };
+    parts.version = Version::HTTP_11;
+    let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+    match ctx.client.request(req).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Ok(Response::from_parts(parts, response_body(&ctx, body)))
+        }
+        Err(e) => {
+            if let Some(reason) = verify_failure(&e) {
+                Stats::inc(&ctx.stats.upstream_verify_failed);
+                return Ok(plain(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "veil: upstream {} failed TLS verification ({reason}); nothing was sent\n",
+                        ctx.sni
+                    ),
+                ));
+            }
+            Stats::inc(&ctx.stats.upstream_failed);
+            let reason = error_chain(&e);
+            debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, dst = %ctx.dst, error = %reason, "upstream request failed");
+            Ok(plain(
+                StatusCode::BAD_GATEWAY,
+                format!("veil: upstream {} failed: {reason}\n", ctx.sni),
+            ))
+        }
+    }
+}
+
+/// The seam for response scrubbing (issue 6): every upstream response body passes here.
+pub fn response_body(_ctx: &ConnContext, body: Incoming) -> ProxyBody {
+    body.map_err(BoxError::from).boxed_unsync()
+}
+
+/// Runs the policy's substitution over the request head; returns the per-secret counts.
+pub fn substitute(
+    policy: &SandboxPolicy,
+    sni: &ServerName,
+    parts: &mut http::request::Parts,
+) -> Result<Vec<SecretHit>, RequestError> {
+    let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
+    let hosts = parts
+        .headers
+        .get_all(header::HOST)
+        .iter()
+        .map(HeaderValue::as_bytes);
+    let mut sub = policy.begin_request(sni, authority.into_iter().chain(hosts));
+    if let Some(pq) = parts.uri.path_and_query()
+        && let Some(new) = sub.target(pq.as_str())?
+    {
+        let pq = PathAndQuery::try_from(new.as_str()).map_err(|_| RequestError::Target)?;
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.path_and_query = Some(pq);
+        parts.uri = Uri::from_parts(uri).map_err(|_| RequestError::Target)?;
+    }
+    for (name, value) in parts.headers.iter_mut() {
+        if let Some(new) = sub.header(name.as_str().as_bytes(), value.as_bytes())? {
+            let mut v = HeaderValue::from_bytes(new.as_bytes())
+                .map_err(|_| RequestError::Header(name.as_str().to_owned()))?;
+            // Never indexed by HPACK, and redacted in Debug output.
+            v.set_sensitive(true);
+            *value = v;
+        }
+    }
+    Ok(sub.finish())
+}
+
+/// Why a request is refused before it is forwarded; names no value.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The policy refused a substitution.
+    #[error(transparent)]
+    Substitute(#[from] SubstituteError),
+    /// The substituted target is not a valid request target.
+    #[error("the substituted request target is invalid")]
+    Target,
+    /// A substituted header value is not valid.
+    #[error("the substituted value of header {0} is invalid")]
+    Header(String),
+}
+
+/// The absolute URI hyper's client needs: the request's own authority (the SNI when it has
+/// none or an unusable one); the connection it goes on is chosen by (destination, SNI) anyway.
+fn upstream_uri(
+    authority: Option<&str>,
+    sni: &ServerName,
+    port: u16,
+    target: PathAndQuery,
+) -> Option<Uri> {
+    let build = |authority: String| {
+        Uri::builder()
+            .scheme("https")
+            .authority(authority)
+            .path_and_query(target.clone())
+            .build()
+            .ok()
+    };
+    authority.and_then(|a| build(a.to_owned())).or_else(|| {
+        build(if port == 443 {
+            sni.as_str().to_owned()
+        } else {
+            format!("{}:{port}", sni.as_str())
+        })
+    })
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named by Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        if name == header::TE
+            && headers
+                .get(header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        {
+            continue;
+        }
+        headers.remove(name);
+    }
+}
+
+/// A plain-text answer from veil itself.
+pub fn plain(status: StatusCode, text: String) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(text))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veil_link::SecretValue;
+    use veil_policy::{HostPattern, MountedSecret};
+
+    fn policy() -> SandboxPolicy {
+        SandboxPolicy::new(vec![MountedSecret {
+            id: "sec_1".into(),
+            name: "KEY".into(),
+            placeholder: "veil_ph_0123".into(),
+            hosts: vec![HostPattern::parse("api.allowed.test").unwrap()],
+            value: SecretValue::new("sk-real".into()),
+        }])
+        .unwrap()
+    }
+
+    fn parts(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = Request::builder().uri(uri);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn substitutes_headers_target_and_basic_only_for_the_sni() {
+        let p = policy();
+        let sni = ServerName::parse("api.allowed.test").unwrap();
+        let mut req = parts(
+            "/v1?k=veil_ph_0123",
+            &[
+                ("host", "API.allowed.test:443"),
+                ("x-key", "Bearer veil_ph_0123"),
+                // user:veil_ph_0123
+                ("authorization", "Basic dXNlcjp2ZWlsX3BoXzAxMjM="),
+            ],
+        );
+        let hits = substitute(&p, &sni, &mut req).unwrap();
+        assert_eq!(hits[0].substituted, 3);
+        assert_eq!(req.uri.to_string(), "/v1?k=sk-real");
+        assert_eq!(req.headers["x-key"].as_bytes(), b"Bearer sk-real");
+        assert!(req.headers["x-key"].is_sensitive());
+        // user:sk-real
+        assert_eq!(
+            req.headers["authorization"].as_bytes(),
+            b"Basic dXNlcjpzay1yZWFs"
+        );
+
+        let mut other = parts(
+            "/v1",
+            &[("host", "evil.test"), ("x-key", "Bearer veil_ph_0123")],
+        );
+        let hits = substitute(&p, &sni, &mut other).unwrap();
+        assert_eq!(hits[0].host_mismatch, 1);
+        assert_eq!(other.headers["x-key"].as_bytes(), b"Bearer veil_ph_0123");
+    }
+
+    #[test]
+    fn strips_hop_by_hop_but_keeps_te_trailers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["te", "x-keep"]);
+    }
+}

@@ -1,0 +1,155 @@
+//! Intercept: learn what the upstream speaks, terminate the client's TLS with a leaf for its
+//! SNI, and serve HTTP/1.1 or h2 to it, each request going through [`forward::handle`].
+//!
+//! The client is offered h2 only when the upstream speaks h2, and the upstream only when the
+//! client offers it. The first h2-offering connection of a sandbox to a (destination, SNI)
+//! connects upstream before answering the client's hello (that connection then serves the
+//! first request); later ones use what that taught. When the
+//! upstream cannot be reached or fails verification, the client's handshake still completes
+//! and every request gets a 502 naming the host and the reason: nothing is sent upstream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ServerConfig;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::debug;
+use veil_policy::{SandboxPolicy, ServerName};
+
+use crate::proxy::forward::{self, ConnContext};
+use crate::proxy::peek::PrefixedStream;
+use crate::proxy::{Proxy, SandboxTag};
+use crate::stats::Stats;
+use crate::tls::leaf::{LeafCache, LeafResolver};
+use crate::tls::upstream::{
+    ALPN_H2, ALPN_HTTP11, Probe, UpstreamConfigs, provider, verify_failure,
+};
+
+/// The TLS material interception needs, built once per agent.
+#[derive(Debug)]
+pub struct TlsContext {
+    /// Leaf certificates by SNI.
+    pub leaves: Arc<LeafCache>,
+    /// Client-side config offering h2 and http/1.1.
+    pub server_h2: Arc<ServerConfig>,
+    /// Client-side config offering http/1.1 only.
+    pub server_h1: Arc<ServerConfig>,
+    /// Upstream configs (roots, ALPN).
+    pub upstream: UpstreamConfigs,
+}
+
+impl TlsContext {
+    /// Builds the server configs over `leaves`.
+    pub fn new(leaves: Arc<LeafCache>, upstream: UpstreamConfigs) -> Result<Self, rustls::Error> {
+        let mut h1 = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(LeafResolver(leaves.clone())));
+        let mut h2 = h1.clone();
+        h1.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+        h2.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+        Ok(Self {
+            leaves,
+            server_h2: Arc::new(h2),
+            server_h1: Arc::new(h1),
+            upstream,
+        })
+    }
+}
+
+/// Runs one intercepted connection to its end.
+pub async fn run(
+    proxy: &Proxy,
+    sandbox: &SandboxTag,
+    client: PrefixedStream<TcpStream>,
+    dst: SocketAddr,
+    sni: ServerName,
+    offers_h2: bool,
+    policy: Arc<SandboxPolicy>,
+) {
+    let upstream = &sandbox.upstream;
+    // A client that does not offer h2 needs no probe: it speaks h1 on both sides, and a
+    // verification failure surfaces on its first request, before anything is sent.
+    let known = if offers_h2 {
+        upstream.known_h2(dst, sni.as_str())
+    } else {
+        Some(false)
+    };
+    let (upstream_h2, upstream_error) = match known {
+        Some(h2) => (h2, None),
+        None => match upstream.probe(dst, sni.as_str()).await {
+            Probe::Ready { h2 } => (h2, None),
+            Probe::Failed(e) => {
+                let reason = match verify_failure(&e) {
+                    Some(reason) => {
+                        Stats::inc(&proxy.stats.upstream_verify_failed);
+                        reason
+                    }
+                    None => {
+                        Stats::inc(&proxy.stats.upstream_failed);
+                        e.to_string()
+                    }
+                };
+                debug!(sandbox = %sandbox.id, %sni, %dst, %reason, "upstream unusable; answering 502");
+                (false, Some(reason))
+            }
+        },
+    };
+    // With an unusable upstream any protocol will do to deliver the 502.
+    let config = if offers_h2 && (upstream_h2 || upstream_error.is_some()) {
+        proxy.tls.server_h2.clone()
+    } else {
+        proxy.tls.server_h1.clone()
+    };
+    let accepted = tokio::time::timeout(
+        proxy.connect_timeout,
+        TlsAcceptor::from(config).accept(client),
+    )
+    .await;
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            Stats::inc(&proxy.stats.client_handshake_failed);
+            debug!(sandbox = %sandbox.id, %sni, error = %e, "client TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            Stats::inc(&proxy.stats.client_handshake_failed);
+            debug!(sandbox = %sandbox.id, %sni, "client TLS handshake timed out");
+            return;
+        }
+    };
+    Stats::inc(&proxy.stats.intercepted);
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
+    let client = upstream.client(dst, h2, sni.as_str());
+    let ctx = Arc::new(ConnContext {
+        sandbox: sandbox.id.clone(),
+        policy,
+        sni,
+        dst,
+        client,
+        upstream_error,
+        stats: proxy.stats.clone(),
+    });
+    let svc = service_fn(move |req| forward::handle(ctx.clone(), req));
+    let io = TokioIo::new(tls);
+    let served = if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(60)))
+            .serve_connection(io, svc)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(io, svc)
+            .await
+    };
+    if let Err(e) = served {
+        debug!(sandbox = %sandbox.id, error = %e, "intercepted connection ended");
+    }
+}

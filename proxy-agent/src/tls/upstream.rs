@@ -1,0 +1,394 @@
+//! Upstream TLS: the roots veil trusts, and per-sandbox pools of verified connections to
+//! original destinations.
+//!
+//! Roots are the system bundle ([`SYSTEM_ROOTS`]) plus every `--upstream-ca` PEM. A connection
+//! is verified for the SNI the client sent, never for the IP it goes to, and always goes to the
+//! original destination the kernel recorded, never to a DNS answer. Pools are per sandbox and
+//! keyed by (original destination, SNI): one [`SandboxUpstream`] holds one hyper client per
+//! (destination, protocol, SNI); the request URI carries the client's own authority. The upstream is offered h2 only
+//! when the client was, so each side speaks the same protocol (h1-only features such as
+//! Upgrade keep working).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::Uri;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName as TlsName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::proxy::forward::ProxyBody;
+
+/// The Debian/Ubuntu system bundle.
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// ALPN identifier of HTTP/2.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN identifier of HTTP/1.1.
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// How long a connection opened to learn the upstream's protocol waits for its first request.
+const PARKED_FOR: Duration = Duration::from_secs(10);
+
+/// Why the upstream trust could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum RootsError {
+    /// A PEM file could not be read or holds no certificate.
+    #[error("upstream CA {path}: {message}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls refused the configuration.
+    #[error("upstream TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The rustls crypto provider every config of the agent uses (explicit: the build may link
+/// more than one provider).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The upstream client configs: system roots (when the bundle exists) plus `extra` PEMs; one
+/// offers http/1.1 only, the other h2 and http/1.1.
+pub fn client_configs(
+    system: Option<&Path>,
+    extra: &[PathBuf],
+) -> Result<UpstreamConfigs, RootsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(system) = system
+        && system.exists()
+    {
+        let certs = read_pem(system)?;
+        // A few odd entries in a distribution bundle must not stop the agent.
+        roots.add_parsable_certificates(certs);
+    }
+    for path in extra {
+        for cert in read_pem(path)? {
+            roots.add(cert).map_err(|e| RootsError::Pem {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        }
+    }
+    let mut h1 = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut h2 = h1.clone();
+    h1.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    h2.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+    Ok(UpstreamConfigs {
+        h1: Arc::new(h1),
+        h2: Arc::new(h2),
+    })
+}
+
+/// Upstream TLS configs by what the client may be offered.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfigs {
+    /// ALPN http/1.1 only.
+    pub h1: Arc<rustls::ClientConfig>,
+    /// ALPN h2, http/1.1.
+    pub h2: Arc<rustls::ClientConfig>,
+}
+
+fn read_pem(path: &Path) -> Result<Vec<CertificateDer<'static>>, RootsError> {
+    let err = |message: String| RootsError::Pem {
+        path: path.to_owned(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no certificate in the file".into()));
+    }
+    Ok(certs)
+}
+
+/// A verified TLS connection to an original destination.
+#[derive(Debug)]
+pub struct UpstreamTls(TlsStream<TcpStream>);
+
+impl UpstreamTls {
+    /// Whether the upstream chose h2.
+    pub fn is_h2(&self) -> bool {
+        self.0.get_ref().1.alpn_protocol() == Some(ALPN_H2)
+    }
+}
+
+impl Connection for UpstreamTls {
+    fn connected(&self) -> Connected {
+        let c = Connected::new();
+        if self.is_h2() { c.negotiated_h2() } else { c }
+    }
+}
+
+impl AsyncRead for UpstreamTls {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for UpstreamTls {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+/// Opens a TCP connection to `dst` and a TLS session verified for `sni`.
+pub async fn connect_tls(
+    config: &Arc<rustls::ClientConfig>,
+    dst: SocketAddr,
+    sni: &str,
+    timeout: Duration,
+) -> io::Result<UpstreamTls> {
+    let name = TlsName::try_from(sni.to_owned())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let connect = async {
+        let tcp = TcpStream::connect(dst).await?;
+        let _ = tcp.set_nodelay(true);
+        TlsConnector::from(config.clone()).connect(name, tcp).await
+    };
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(r) => r.map(UpstreamTls),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connecting to {dst} timed out"),
+        )),
+    }
+}
+
+type Parked = Arc<Mutex<Vec<(Instant, UpstreamTls)>>>;
+
+/// hyper's connector for one (original destination, SNI): the URI only names the authority
+/// the request is for. It first takes a connection parked by [`SandboxUpstream::probe`], if a
+/// fresh one is there.
+#[derive(Clone, Debug)]
+pub struct DstConnector {
+    dst: SocketAddr,
+    sni: Arc<str>,
+    config: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+    parked: Parked,
+}
+
+impl tower_service::Service<Uri> for DstConnector {
+    type Response = TokioIo<UpstreamTls>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            if let Some(conn) = this.take_parked() {
+                return Ok(TokioIo::new(conn));
+            }
+            connect_tls(&this.config, this.dst, &this.sni, this.timeout)
+                .await
+                .map(TokioIo::new)
+        })
+    }
+}
+
+impl DstConnector {
+    fn take_parked(&self) -> Option<UpstreamTls> {
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        while let Some((at, conn)) = parked.pop() {
+            if now.duration_since(at) < PARKED_FOR {
+                return Some(conn);
+            }
+        }
+        None
+    }
+}
+
+/// A pooled client towards one (original destination, SNI).
+pub type DstClient = Client<DstConnector, ProxyBody>;
+
+#[derive(Debug)]
+struct PerDst {
+    client: DstClient,
+    parked: Parked,
+}
+
+/// One sandbox's upstream connections (never shared with another sandbox), pooled by
+/// (original destination, whether h2 may be used, SNI).
+#[derive(Debug)]
+pub struct SandboxUpstream {
+    configs: UpstreamConfigs,
+    timeout: Duration,
+    per_dst: Mutex<HashMap<(SocketAddr, bool, String), PerDst>>,
+    /// Whether (dst, SNI) speaks h2 when offered, learned by the first connection.
+    h2: Mutex<HashMap<(SocketAddr, String), bool>>,
+}
+
+/// What the first contact with an upstream taught.
+#[derive(Debug)]
+pub enum Probe {
+    /// Verified; whether it speaks h2.
+    Ready {
+        /// The upstream chose h2.
+        h2: bool,
+    },
+    /// Connecting or verifying failed.
+    Failed(io::Error),
+}
+
+impl SandboxUpstream {
+    /// An empty pool set.
+    pub fn new(configs: UpstreamConfigs, timeout: Duration) -> Self {
+        Self {
+            configs,
+            timeout,
+            per_dst: Mutex::new(HashMap::new()),
+            h2: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn with_dst<T>(
+        &self,
+        dst: SocketAddr,
+        h2: bool,
+        sni: &str,
+        f: impl FnOnce(&mut PerDst) -> T,
+    ) -> T {
+        let mut map = self.per_dst.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (dst, h2, sni.to_owned());
+        let entry = map.entry(key).or_insert_with(|| {
+            let parked: Parked = Arc::default();
+            let connector = DstConnector {
+                dst,
+                sni: Arc::from(sni),
+                config: if h2 {
+                    self.configs.h2.clone()
+                } else {
+                    self.configs.h1.clone()
+                },
+                timeout: self.timeout,
+                parked: parked.clone(),
+            };
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder.pool_idle_timeout(Duration::from_secs(90));
+            PerDst {
+                client: builder.build(connector),
+                parked,
+            }
+        });
+        f(entry)
+    }
+
+    /// The pooled client for (`dst`, `sni`), speaking h2 upstream when `h2` (and the upstream
+    /// agrees).
+    pub fn client(&self, dst: SocketAddr, h2: bool, sni: &str) -> DstClient {
+        self.with_dst(dst, h2, sni, |d| d.client.clone())
+    }
+
+    /// Whether (dst, sni) speaks h2; `None` until a connection told.
+    pub fn known_h2(&self, dst: SocketAddr, sni: &str) -> Option<bool> {
+        let map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&(dst, sni.to_owned())).copied()
+    }
+
+    /// Connects to (dst, sni) offering h2 to learn its protocol before the client's handshake
+    /// is answered; the connection is parked for the pool that will use it, so it serves the
+    /// first request instead of being wasted.
+    pub async fn probe(&self, dst: SocketAddr, sni: &str) -> Probe {
+        match connect_tls(&self.configs.h2, dst, sni, self.timeout).await {
+            Ok(conn) => {
+                let h2 = conn.is_h2();
+                self.h2
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert((dst, sni.to_owned()), h2);
+                self.with_dst(dst, h2, sni, |d| {
+                    let mut parked = d.parked.lock().unwrap_or_else(|p| p.into_inner());
+                    parked.push((Instant::now(), conn));
+                });
+                Probe::Ready { h2 }
+            }
+            Err(e) => Probe::Failed(e),
+        }
+    }
+}
+
+/// The certificate-verification failure inside an error chain, as text (names no value).
+pub fn verify_failure(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && let Some(inner) = io.get_ref()
+            && let Some(tls) = inner.downcast_ref::<rustls::Error>()
+            && let rustls::Error::InvalidCertificate(reason) = tls
+        {
+            return Some(format!("certificate verification failed: {reason:?}"));
+        }
+        if let Some(rustls::Error::InvalidCertificate(reason)) = e.downcast_ref::<rustls::Error>() {
+            return Some(format!("certificate verification failed: {reason:?}"));
+        }
+        cur = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_ca_must_be_a_pem_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.pem");
+        std::fs::write(&bad, "not a pem").unwrap();
+        let e = client_configs(None, std::slice::from_ref(&bad)).unwrap_err();
+        assert!(e.to_string().contains("bad.pem"), "{e}");
+        assert!(client_configs(None, &[dir.path().join("missing.pem")]).is_err());
+        let c = client_configs(Some(Path::new(SYSTEM_ROOTS)), &[]).unwrap();
+        assert_eq!(c.h1.alpn_protocols, [ALPN_HTTP11.to_vec()]);
+    }
+}

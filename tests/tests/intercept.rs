@@ -1,0 +1,444 @@
+//! Interception and substitution end to end: real clients in a sandbox hold only a placeholder;
+//! the upstream (a TLS server in another namespace) receives the real value only inside TLS to a
+//! host the secret allows. Assertions never print a value: they compare and report booleans.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use veil_tests::agent::AgentOptions;
+use veil_tests::clients::{node, python_clients};
+use veil_tests::control::random_token;
+use veil_tests::{
+    AgentSandbox, HttpsUpstream, NetNs, Sandbox, Seen, TcpEcho, TestCa, Veil, World, output_within,
+    require_root,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const ALLOWED: &str = "api.allowed.test";
+const OTHER: &str = "other.test";
+const WRONG_CERT: &str = "badcert.test";
+
+/// One world: a TLS upstream valid for `api.allowed.test` and `other.test`, one whose
+/// certificate is for another name, a plain HTTP upstream, veil, a secret allowed for
+/// `api.allowed.test`, and a sandbox with it mounted as `MY_KEY`.
+struct Setup {
+    world: World,
+    ca: TestCa,
+    up: HttpsUpstream,
+    badcert: HttpsUpstream,
+    plain: HttpsUpstream,
+    veil: Veil,
+    value: String,
+    placeholder: String,
+    bundle: PathBuf,
+    _bundle_dir: tempfile::TempDir,
+    _ns: Vec<NetNs>,
+    sandboxes: Vec<Sandbox>,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        require_root();
+        let world = World::new();
+        let ca = TestCa::new("intercept test CA");
+        let ip: IpAddr = world.upstream_v4().into();
+        let up = HttpsUpstream::start(world.netns(), ip, &ca, &[ALLOWED, OTHER]);
+        let badcert = HttpsUpstream::start(world.netns(), ip, &ca, &["somewhere-else.test"]);
+        let plain = HttpsUpstream::start_plain(world.netns(), ip);
+        let veil = Veil::start_with(
+            AgentOptions {
+                args: vec!["--upstream-ca".into(), ca.pem_path().into()],
+                ..AgentOptions::default()
+            },
+            &[],
+        );
+        let value = format!("sk-test-{}", random_token(40));
+        let created = veil.block_on(veil.api().post(
+            "/secret",
+            veil.key(),
+            json!({"name": "upstream-key", "value": value, "hosts": [ALLOWED]}),
+        ));
+        assert_eq!(created.0, 201, "create secret: status {}", created.0);
+        let placeholder = created.1["placeholder"]
+            .as_str()
+            .expect("placeholder")
+            .to_owned();
+        let bundle_dir = tempfile::tempdir().expect("tempdir");
+        let bundle = bundle_dir.path().join("bundle.pem");
+        let mut s = Setup {
+            world,
+            ca,
+            up,
+            badcert,
+            plain,
+            veil,
+            value,
+            placeholder,
+            bundle,
+            _bundle_dir: bundle_dir,
+            _ns: Vec::new(),
+            sandboxes: Vec::new(),
+        };
+        s.add_sandbox("with", true);
+        s
+    }
+
+    /// A sandbox (own netns, test names resolving to the world) registered with or without
+    /// the secret mounted as `MY_KEY`; writes the client CA bundle from the PUT answer.
+    fn add_sandbox(&mut self, id: &str, mounted: bool) -> usize {
+        let ns = NetNs::new(id);
+        let ip: IpAddr = self.world.upstream_v4().into();
+        let sb =
+            Sandbox::new(id, Some(&ns)).with_hosts(&[(ALLOWED, ip), (OTHER, ip), (WRONG_CERT, ip)]);
+        let spec = AgentSandbox {
+            id: id.to_owned(),
+            cgroup: sb.cgroup().path().to_owned(),
+            netns: Some(ns.path().to_owned()),
+        };
+        let mounts: &[(&str, &str)] = if mounted {
+            &[("MY_KEY", "upstream-key")]
+        } else {
+            &[]
+        };
+        let answer = self.veil.register_with(&spec, mounts);
+        if mounted {
+            assert_eq!(
+                answer["env"]["MY_KEY"].as_str(),
+                Some(self.placeholder.as_str()),
+                "PUT answer env"
+            );
+        }
+        let agent_ca = ca_pem(&answer);
+        let test_ca = std::fs::read_to_string(self.ca.pem_path()).expect("test CA");
+        std::fs::write(&self.bundle, format!("{agent_ca}\n{test_ca}")).expect("bundle");
+        self._ns.push(ns);
+        self.sandboxes.push(sb);
+        self.sandboxes.len() - 1
+    }
+
+    fn url(&self, host: &str, path: &str) -> String {
+        let port = if host == WRONG_CERT {
+            self.badcert.addr().port()
+        } else {
+            self.up.addr().port()
+        };
+        format!("https://{host}:{port}{path}")
+    }
+
+    /// Runs `program args` in sandbox `i` with the placeholder and CA trust in its env.
+    fn run(&self, i: usize, program: &str, args: &[&str]) -> (bool, String) {
+        let mut cmd = self.sandboxes[i].command(program);
+        cmd.args(args)
+            .env("MY_KEY", &self.placeholder)
+            .env("SSL_CERT_FILE", &self.bundle)
+            .env("REQUESTS_CA_BUNDLE", &self.bundle)
+            .env("CURL_CA_BUNDLE", &self.bundle)
+            .env("NODE_EXTRA_CA_CERTS", &self.bundle);
+        let out = output_within(&mut cmd, TIMEOUT);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        // Redact before anything reaches a message: the sandbox must not have seen the value,
+        // and a test must not print it either.
+        let text = format!("{stdout}\n{stderr}").replace(&self.value, "<VALUE!>");
+        (out.status.success(), text)
+    }
+
+    fn last_seen(&self, up: &HttpsUpstream) -> Seen {
+        up.seen().pop().expect("the upstream received no request")
+    }
+
+    fn curl(&self, i: usize, flag: &str, extra: &[&str], url: &str) -> (bool, String) {
+        let mut args = vec!["-sS", "--max-time", "20", flag];
+        args.extend_from_slice(extra);
+        args.push(url);
+        self.run(i, "curl", &args)
+    }
+}
+
+fn ca_pem(answer: &Value) -> String {
+    ["caCertificate", "caCert"]
+        .iter()
+        .find_map(|k| answer[*k].as_str())
+        .unwrap_or_else(|| {
+            panic!(
+                "PUT answer carries no CA certificate: keys {:?}",
+                keys(answer)
+            )
+        })
+        .to_owned()
+}
+
+fn keys(v: &Value) -> Vec<String> {
+    v.as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+fn basic(user: &str, secret: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}"))
+    )
+}
+
+#[test]
+fn curl_over_h1_and_h2_sends_the_value_in_header_query_and_basic_auth() {
+    let s = Setup::new();
+    for flag in ["--http1.1", "--http2"] {
+        let ph = s.placeholder.clone();
+        let url = s.url(ALLOWED, &format!("/v1/items?key={ph}&x=1"));
+        let header = format!("x-api-key: {ph}");
+        let (ok, out) = s.curl(0, flag, &["-H", &header], &url);
+        assert!(ok, "curl {flag} failed: {out}");
+        let seen = s.last_seen(&s.up);
+        assert_eq!(
+            seen.version,
+            if flag == "--http2" {
+                "HTTP/2.0"
+            } else {
+                "HTTP/1.1"
+            }
+        );
+        assert!(
+            seen.header("x-api-key") == Some(s.value.as_str()),
+            "{flag}: header not substituted"
+        );
+        assert!(
+            seen.target == format!("/v1/items?key={}&x=1", s.value),
+            "{flag}: query not substituted"
+        );
+        assert!(
+            !out.contains("<VALUE!>"),
+            "{flag}: the sandbox saw the value"
+        );
+
+        let user = format!("alice:{ph}");
+        let (ok, out) = s.curl(0, flag, &["-u", &user], &s.url(ALLOWED, "/basic"));
+        assert!(ok, "curl {flag} -u failed: {out}");
+        let seen = s.last_seen(&s.up);
+        assert!(
+            seen.header("authorization") == Some(basic("alice", &s.value).as_str()),
+            "{flag}: Basic credentials not substituted"
+        );
+    }
+}
+
+#[test]
+fn python_requests_httpx_h2_and_node_fetch_send_the_value() {
+    let s = Setup::new();
+    let python = python_clients();
+    let url = s.url(ALLOWED, "/py");
+    let requests = "import os,sys,requests\n\
+                    r=requests.get(sys.argv[1],headers={'Authorization':'Bearer '+os.environ['MY_KEY']},timeout=20)\n\
+                    print(r.status_code)";
+    let (ok, out) = s.run(0, python.to_str().expect("path"), &["-c", requests, &url]);
+    assert!(ok && out.trim_start().starts_with("200"), "requests: {out}");
+    let seen = s.last_seen(&s.up);
+    assert!(seen.header("authorization") == Some(format!("Bearer {}", s.value).as_str()));
+    assert_eq!(seen.version, "HTTP/1.1");
+
+    let httpx = "import os,sys,httpx\n\
+                 c=httpx.Client(http2=True,timeout=20)\n\
+                 r=c.get(sys.argv[1],headers={'x-api-key':os.environ['MY_KEY']})\n\
+                 print(r.status_code, r.http_version)";
+    let (ok, out) = s.run(0, python.to_str().expect("path"), &["-c", httpx, &url]);
+    assert!(ok && out.contains("200 HTTP/2"), "httpx h2: {out}");
+    let seen = s.last_seen(&s.up);
+    assert_eq!(seen.version, "HTTP/2.0");
+    assert!(
+        seen.header("x-api-key") == Some(s.value.as_str()),
+        "httpx: not substituted"
+    );
+
+    let fetch = "fetch(process.argv[1],{headers:{'x-api-key':process.env.MY_KEY}})\
+                 .then(r=>{console.log(r.status);process.exit(r.status===200?0:1)})\
+                 .catch(e=>{console.error(String(e));process.exit(2)})";
+    let node = node();
+    let (ok, out) = s.run(0, node.to_str().expect("path"), &["-e", fetch, &url]);
+    assert!(ok, "node fetch: {out}");
+    let seen = s.last_seen(&s.up);
+    assert!(
+        seen.header("x-api-key") == Some(s.value.as_str()),
+        "node: not substituted"
+    );
+}
+
+#[test]
+fn a_sandbox_without_the_mount_sends_the_placeholder_unchanged() {
+    let mut s = Setup::new();
+    let other = s.add_sandbox("without", false);
+    let header = format!("x-api-key: {}", s.placeholder);
+    let (ok, out) = s.curl(
+        other,
+        "--http1.1",
+        &["-H", &header],
+        &s.url(ALLOWED, "/no-mount"),
+    );
+    assert!(ok, "{out}");
+    let seen = s.last_seen(&s.up);
+    assert!(
+        seen.header("x-api-key") == Some(s.placeholder.as_str()),
+        "another sandbox's placeholder must arrive unchanged"
+    );
+}
+
+#[test]
+fn host_differing_from_sni_and_hosts_not_allowed_get_the_placeholder() {
+    let s = Setup::new();
+    let header = format!("x-api-key: {}", s.placeholder);
+    // SNI api.allowed.test, Host other.test: nothing substituted.
+    for flag in ["--http1.1", "--http2"] {
+        let (ok, out) = s.curl(
+            0,
+            flag,
+            &["-H", &header, "-H", "Host: other.test"],
+            &s.url(ALLOWED, "/host-mismatch"),
+        );
+        assert!(ok, "{flag}: {out}");
+        let seen = s.last_seen(&s.up);
+        assert!(
+            seen.header("x-api-key") == Some(s.placeholder.as_str()),
+            "{flag}: Host ≠ SNI must not be substituted"
+        );
+    }
+    // SNI other.test is not allowed: passthrough, so the client sees the upstream's own
+    // certificate (trusting only the test CA works) and the placeholder arrives.
+    let (ok, out) = s.curl(
+        0,
+        "--http1.1",
+        &[
+            "-H",
+            &header,
+            "--cacert",
+            s.ca.pem_path().to_str().expect("path"),
+        ],
+        &s.url(OTHER, "/not-allowed"),
+    );
+    assert!(ok, "passthrough to a host not allowed: {out}");
+    let seen = s.last_seen(&s.up);
+    assert_eq!(seen.sni.as_deref(), Some(OTHER));
+    assert!(seen.header("x-api-key") == Some(s.placeholder.as_str()));
+}
+
+#[test]
+fn plain_http_to_an_allowed_host_is_never_substituted() {
+    let s = Setup::new();
+    let url = format!("http://{ALLOWED}:{}/plain", s.plain.addr().port());
+    let header = format!("x-api-key: {}", s.placeholder);
+    let (ok, out) = s.curl(0, "--http1.1", &["-H", &header], &url);
+    assert!(ok, "{out}");
+    let seen = s.last_seen(&s.plain);
+    assert!(seen.header("x-api-key") == Some(s.placeholder.as_str()));
+}
+
+#[test]
+fn an_upstream_certificate_not_valid_for_the_sni_never_gets_the_value() {
+    let s = Setup::new();
+    // badcert.test resolves to an upstream whose certificate names another host; the secret
+    // does not allow badcert.test either — so use an allowed name on the bad server's port.
+    let url = format!("https://{ALLOWED}:{}/bad", s.badcert.addr().port());
+    let header = format!("x-api-key: {}", s.placeholder);
+    let (ok, out) = s.curl(0, "--http1.1", &["-H", &header, "-i"], &url);
+    assert!(
+        s.badcert.seen().is_empty(),
+        "the upstream must receive nothing"
+    );
+    assert!(!out.contains("<VALUE!>"));
+    assert!(
+        !ok || out.contains("502"),
+        "the client must get a clear error (502 or a TLS failure): {out}"
+    );
+}
+
+#[test]
+fn a_client_hello_split_across_segments_is_still_intercepted() {
+    let s = Setup::new();
+    let python = python_clients();
+    let script = r#"
+import os, socket, ssl, sys, time
+host, port, bundle = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ctx = ssl.create_default_context(cafile=bundle)
+ctx.set_alpn_protocols(['http/1.1'])
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(inc, out, server_hostname=host)
+sock = socket.create_connection((host, port))
+sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def flush(split=False):
+    data = out.read()
+    step = 7 if split else len(data) or 1
+    for i in range(0, len(data), step):
+        sock.sendall(data[i:i + step])
+        if split:
+            time.sleep(0.005)
+first = True
+while True:
+    try:
+        tls.do_handshake(); flush(); break
+    except ssl.SSLWantReadError:
+        flush(split=first); first = False
+        d = sock.recv(65536)
+        if not d: sys.exit('eof during handshake')
+        inc.write(d)
+req = 'GET /split HTTP/1.1\r\nHost: %s\r\nx-api-key: %s\r\nConnection: close\r\n\r\n' % (host, os.environ['MY_KEY'])
+tls.write(req.encode()); flush()
+resp = b''
+while True:
+    try:
+        chunk = tls.read(65536)
+        if not chunk: break
+        resp += chunk
+    except ssl.SSLWantReadError:
+        d = sock.recv(65536)
+        if not d: break
+        inc.write(d)
+    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+        break
+print(resp.split(b'\r\n', 1)[0].decode())
+"#;
+    let port = s.up.addr().port().to_string();
+    let bundle = s.bundle.to_str().expect("path").to_owned();
+    let (ok, out) = s.run(
+        0,
+        python.to_str().expect("path"),
+        &["-c", script, ALLOWED, &port, &bundle],
+    );
+    assert!(ok && out.contains("200"), "split hello client: {out}");
+    let seen = s.last_seen(&s.up);
+    assert_eq!(seen.target, "/split");
+    assert!(
+        seen.header("x-api-key") == Some(s.value.as_str()),
+        "not substituted"
+    );
+}
+
+#[test]
+fn non_tls_bytes_are_passed_through_untouched() {
+    let s = Setup::new();
+    // Port 443, where TLS is expected: the peek sees no ClientHello and passes bytes through.
+    let echo = TcpEcho::start_on(
+        s.world.netns(),
+        std::net::SocketAddr::new(s.world.upstream_v4().into(), 443),
+    );
+    let probe = env!("CARGO_BIN_EXE_veil-probe");
+    let text = format!("GET / HTTP/1.0 {}", s.placeholder);
+    let (ok, out) = s.run(
+        0,
+        probe,
+        &[
+            "tcp",
+            "--addr",
+            &echo.addr().to_string(),
+            "--send",
+            &text,
+            "--half-close",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&text),
+        "the echo must come back byte for byte: {out}"
+    );
+}
