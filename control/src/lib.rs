@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod hostcheck;
 pub mod metrics;
 pub mod paginate;
+pub mod run;
 pub mod store;
 pub mod timefmt;
 pub mod validate;

@@ -1,5 +1,5 @@
-//! `veil-control`: the daemon (`serve`), local administration (`apikey`, `rekey`) and a REST
-//! client (`secret`).
+//! `veil-control`: the daemon (`serve`), local administration (`apikey`, `rekey`) and REST
+//! clients (`secret`, `run`).
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -70,6 +70,13 @@ enum Command {
         api: ApiArgs,
         #[command(subcommand)]
         command: SecretCommand,
+    },
+    /// Run a command in a fresh sandbox with secrets as placeholders (VEIL_API_URL / VEIL_API_KEY).
+    Run {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        run: veil_control::run::RunArgs,
     },
 }
 
@@ -403,6 +410,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Secret { api, command } => secret_command(api, command).await,
+        Command::Run { .. } => bail!("run is dispatched in main"),
     }
 }
 
@@ -420,6 +428,14 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Command::Run { api, run } = cli.command {
+        let code = runtime.block_on(veil_control::run::run(
+            &api.api_url,
+            Zeroizing::new(api.api_key),
+            run,
+        ));
+        return std::process::ExitCode::from(code);
+    }
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
