@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use veil_tests::cmd::run_probe;
-use veil_tests::{AgentSandbox, NetNs, Sandbox, TcpEcho, TcpHello, Veil, World};
+use veil_tests::{AgentSandbox, NetNs, Sandbox, TcpHello, Veil, World};
 
 mod mitm;
 
@@ -82,7 +82,9 @@ fn client_bulk(addr: SocketAddr, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-/// Opens connections as fast as `concurrency` threads can for `seconds`, one byte each way.
+/// Opens connections as fast as `concurrency` threads can for `seconds`; each reads the
+/// server's greeting to EOF, then closes. The server closes first, so TIME_WAIT lands on the
+/// upstream's side and neither the client's nor the agent's ephemeral ports run out.
 fn client_connrate(addr: SocketAddr, seconds: u64, concurrency: u64) -> Result<()> {
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -94,9 +96,11 @@ fn client_connrate(addr: SocketAddr, seconds: u64, concurrency: u64) -> Result<(
                 while Instant::now() < deadline {
                     let ok = (|| -> std::io::Result<()> {
                         let mut s = TcpStream::connect(addr)?;
-                        s.write_all(b"x")?;
-                        let mut b = [0u8; 1];
-                        s.read_exact(&mut b)?;
+                        let mut greeting = Vec::new();
+                        s.read_to_end(&mut greeting)?;
+                        if greeting.is_empty() {
+                            return Err(std::io::Error::other("no greeting"));
+                        }
                         Ok(())
                     })();
                     let c = if ok.is_ok() { &done } else { &failed };
@@ -189,7 +193,7 @@ fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
     let _link = world.link_sandbox(&ns);
     let sb = Sandbox::new("bench", Some(&ns));
     let (sink, stop_sink) = start_sink(world.netns(), world.upstream_v4().into());
-    let echo = TcpEcho::start(world.netns(), world.upstream_v4().into());
+    let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "bench");
     let veil = Veil::start(&[sb.agent_entry("bench")]);
 
     let mut results: [[Vec<f64>; 2]; 2] = Default::default(); // [direct, veil][bulk, conns]
@@ -225,7 +229,7 @@ fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
             }
             let rate_out = run_client(cmd(&[
                 "client-connrate".into(),
-                echo.addr().to_string(),
+                hello.addr().to_string(),
                 "--seconds".into(),
                 seconds.to_string(),
             ]))?;
