@@ -171,7 +171,7 @@ fn cpu_steal_percent(before: &[u64], after: &[u64]) -> f64 {
     }
 }
 
-fn cpu_times() -> Vec<u64> {
+pub(crate) fn cpu_times() -> Vec<u64> {
     std::fs::read_to_string("/proc/stat")
         .ok()
         .and_then(|s| {
@@ -274,7 +274,7 @@ fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
 }
 
 /// User + system CPU seconds a process has used (from /proc/<pid>/stat; 100 ticks/s).
-fn process_cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn process_cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -284,7 +284,7 @@ fn process_cpu_seconds(pid: u32) -> f64 {
 }
 
 /// Share of all CPU time that was not idle or iowait between two /proc/stat samples.
-fn busy_percent(before: &[u64], after: &[u64]) -> f64 {
+pub(crate) fn busy_percent(before: &[u64], after: &[u64]) -> f64 {
     let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
     let total: u64 = delta.iter().sum();
     let idle = delta.get(3).copied().unwrap_or(0) + delta.get(4).copied().unwrap_or(0);

@@ -75,12 +75,16 @@ impl Drop for Nginx {
     }
 }
 
-/// One h2load measurement.
+/// One h2load measurement, with where the CPU went during it.
 #[derive(Debug, Clone, Copy, Default)]
 struct Sample {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// veil-agent CPU seconds per 1,000 requests (0 on the direct row).
+    agent_cpu_per_1k: f64,
+    /// Share of the machine's 2 cores that was busy.
+    busy: f64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -137,6 +141,7 @@ fn h2load(cmd: &mut Command, mode: Mode, seconds: u64, url: &str, header: &str) 
         rps,
         p50_ms: pick(0.5),
         p99_ms: pick(0.99),
+        ..Sample::default()
     })
 }
 
@@ -200,7 +205,16 @@ pub fn run(seconds: u64, runs: u64) -> Result<()> {
                 } else {
                     sb.outside_command("h2load")
                 };
-                let s = h2load(&mut cmd, *mode, seconds, &url, &header)?;
+                let (cpu_before, agent_before) =
+                    (crate::cpu_times(), crate::process_cpu_seconds(veil.pid()));
+                let started = std::time::Instant::now();
+                let mut s = h2load(&mut cmd, *mode, seconds, &url, &header)?;
+                s.busy = crate::busy_percent(&cpu_before, &crate::cpu_times());
+                if via_agent {
+                    let requests = s.rps * started.elapsed().as_secs_f64();
+                    let used = crate::process_cpu_seconds(veil.pid()) - agent_before;
+                    s.agent_cpu_per_1k = used / (requests / 1000.0);
+                }
                 let name = if via_agent { "veil  " } else { "direct" };
                 eprintln!(
                     "run {run} {name} {mode:?}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
@@ -239,5 +253,18 @@ pub fn run(seconds: u64, runs: u64) -> Result<()> {
         cell(1, 1).0 / cell(0, 1).0,
         cell(1, 2).0 / cell(0, 2).0
     );
+    let profile = |m: usize| {
+        (
+            median(&results[0][m], |s| s.busy),
+            median(&results[1][m], |s| s.busy),
+            median(&results[1][m], |s| s.agent_cpu_per_1k),
+        )
+    };
+    for (m, name) in [(0, "h1"), (1, "h2"), (2, "new conns")] {
+        let (busy_direct, busy_veil, cpu) = profile(m);
+        println!(
+            "profile {name}: machine busy {busy_direct:.0} % direct, {busy_veil:.0} % veil; veil-agent {cpu:.4} CPU-s per 1k requests"
+        );
+    }
     Ok(())
 }
