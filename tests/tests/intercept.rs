@@ -226,44 +226,56 @@ fn curl_over_h1_and_h2_sends_the_value_in_header_query_and_basic_auth() {
     }
 }
 
-#[test]
-fn python_requests_httpx_h2_and_node_fetch_send_the_value() {
-    let s = Setup::new();
-    let python = python_clients();
-    let url = s.url(ALLOWED, "/py");
-    let requests = "import os,sys,requests\n\
-                    r=requests.get(sys.argv[1],headers={'Authorization':'Bearer '+os.environ['MY_KEY']},timeout=20)\n\
-                    print(r.status_code)";
-    let (ok, out) = s.run(0, python.to_str().expect("path"), &["-c", requests, &url]);
-    assert!(ok && out.trim_start().starts_with("200"), "requests: {out}");
+/// Asserts the last request carried the value in `x-api-key`, in the query and in Basic auth.
+fn assert_substituted_everywhere(s: &Setup, client: &str, version: &str) {
     let seen = s.last_seen(&s.up);
-    assert!(seen.header("authorization") == Some(format!("Bearer {}", s.value).as_str()));
-    assert_eq!(seen.version, "HTTP/1.1");
-
-    let httpx = "import os,sys,httpx\n\
-                 c=httpx.Client(http2=True,timeout=20)\n\
-                 r=c.get(sys.argv[1],headers={'x-api-key':os.environ['MY_KEY']})\n\
-                 print(r.status_code, r.http_version)";
-    let (ok, out) = s.run(0, python.to_str().expect("path"), &["-c", httpx, &url]);
-    assert!(ok && out.contains("200 HTTP/2"), "httpx h2: {out}");
-    let seen = s.last_seen(&s.up);
-    assert_eq!(seen.version, "HTTP/2.0");
+    assert_eq!(seen.version, version, "{client}: protocol");
     assert!(
         seen.header("x-api-key") == Some(s.value.as_str()),
-        "httpx: not substituted"
+        "{client}: header not substituted"
     );
+    assert!(
+        seen.target == format!("/clients?key={}", s.value),
+        "{client}: query not substituted"
+    );
+    assert!(
+        seen.header("authorization") == Some(basic("alice", &s.value).as_str()),
+        "{client}: Basic credentials not substituted"
+    );
+}
 
-    let fetch = "fetch(process.argv[1],{headers:{'x-api-key':process.env.MY_KEY}})\
+#[test]
+fn python_requests_httpx_h2_and_node_fetch_send_the_value_in_header_query_and_basic_auth() {
+    let s = Setup::new();
+    let python = python_clients();
+    let python = python.to_str().expect("path");
+    let base = s.url(ALLOWED, "/clients");
+    let requests = "import os,sys,requests\n\
+                    k=os.environ['MY_KEY']\n\
+                    r=requests.get(sys.argv[1],params={'key':k},auth=('alice',k),headers={'x-api-key':k},timeout=20)\n\
+                    print(r.status_code)";
+    let (ok, out) = s.run(0, python, &["-c", requests, &base]);
+    assert!(ok && out.trim_start().starts_with("200"), "requests: {out}");
+    assert_substituted_everywhere(&s, "requests", "HTTP/1.1");
+
+    let httpx = "import os,sys,httpx\n\
+                 k=os.environ['MY_KEY']\n\
+                 c=httpx.Client(http2=True,timeout=20)\n\
+                 r=c.get(sys.argv[1],params={'key':k},auth=('alice',k),headers={'x-api-key':k})\n\
+                 print(r.status_code, r.http_version)";
+    let (ok, out) = s.run(0, python, &["-c", httpx, &base]);
+    assert!(ok && out.contains("200 HTTP/2"), "httpx h2: {out}");
+    assert_substituted_everywhere(&s, "httpx", "HTTP/2.0");
+
+    let fetch = "const k=process.env.MY_KEY;\
+                 fetch(process.argv[1]+'?key='+k,{headers:{'x-api-key':k,\
+                 'authorization':'Basic '+Buffer.from('alice:'+k).toString('base64')}})\
                  .then(r=>{console.log(r.status);process.exit(r.status===200?0:1)})\
                  .catch(e=>{console.error(String(e));process.exit(2)})";
     let node = node();
-    let (ok, out) = s.run(0, node.to_str().expect("path"), &["-e", fetch, &url]);
+    let (ok, out) = s.run(0, node.to_str().expect("path"), &["-e", fetch, &base]);
     assert!(ok, "node fetch: {out}");
-    let seen = s.last_seen(&s.up);
-    assert!(
-        seen.header("x-api-key") == Some(s.value.as_str()),
-        "node: not substituted"
-    );
+    assert_substituted_everywhere(&s, "node fetch", "HTTP/1.1");
 }
 
 #[test]
