@@ -13,7 +13,7 @@ use std::{
     io::Read as _,
     net::{SocketAddr, TcpListener, TcpStream},
     os::{
-        fd::{AsFd as _, AsRawFd as _, OwnedFd},
+        fd::{AsFd as _, OwnedFd},
         unix::{fs::MetadataExt as _, process::CommandExt as _},
     },
     path::{Path, PathBuf},
@@ -25,7 +25,7 @@ use std::{
     time::Duration,
 };
 
-use common::PinDir;
+use common::{PinDir, attached_program_ids};
 use proxy_agent::bpf::{Bpf, BpfError, netns_cookie};
 use proxy_common::{
     ConnKey, MAP_ORIG, MAP_SANDBOXES, MAP_SOCKS, OrigDst, STAT_NO_SANDBOX, STAT_ORIG_RECORDED,
@@ -366,53 +366,9 @@ fn read_tag(mut stream: TcpStream, peer: SocketAddr) -> (char, SocketAddr, u64) 
     (char::from(tag[0]), peer, cookie)
 }
 
-/// Program ids attached to `cgroup` at the attach points veil uses (raw BPF_PROG_QUERY).
+/// Number of programs attached to `cgroup` at the attach points veil uses.
 fn attached_programs(cgroup: &Path) -> usize {
     attached_program_ids(cgroup).len()
-}
-
-/// Ids of the programs attached directly to `cgroup` at veil's attach points.
-fn attached_program_ids(cgroup: &Path) -> Vec<u32> {
-    const BPF_PROG_QUERY: libc::c_long = 16;
-    // sock_ops, bind4/6, connect4/6, sendmsg4/6, getpeername4/6.
-    const ATTACH_TYPES: [u32; 9] = [3, 8, 9, 10, 11, 14, 15, 29, 30];
-    #[repr(C)]
-    #[derive(Default)]
-    struct Query {
-        target_fd: u32,
-        attach_type: u32,
-        query_flags: u32,
-        attach_flags: u32,
-        prog_ids: u64,
-        prog_cnt: u32,
-        _rest: [u32; 8],
-    }
-    let dir = File::open(cgroup).unwrap();
-    ATTACH_TYPES
-        .iter()
-        .flat_map(|&attach_type| {
-            let mut ids = [0u32; 64];
-            let mut q = Query {
-                target_fd: dir.as_raw_fd() as u32,
-                attach_type,
-                prog_ids: ids.as_mut_ptr() as u64,
-                prog_cnt: ids.len() as u32,
-                ..Query::default()
-            };
-            // SAFETY: `q` is a valid bpf_attr prefix for BPF_PROG_QUERY and outlives the call;
-            // the kernel writes at most `prog_cnt` ids into `ids`.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_PROG_QUERY,
-                    &raw mut q,
-                    std::mem::size_of::<Query>() as u32,
-                )
-            };
-            assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
-            ids[..q.prog_cnt as usize].to_vec()
-        })
-        .collect()
 }
 
 /// A map of the programs attached to `cgroup`, opened by id like an outside tool would.

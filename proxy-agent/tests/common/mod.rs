@@ -89,7 +89,6 @@ impl Drop for PinDir {
 
 // ---- the agent process ----------------------------------------------------------------------
 
-use std::os::fd::AsRawFd as _;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
@@ -380,45 +379,9 @@ pub fn attached_programs(cgroup: &Path) -> usize {
 
 /// Ids of programs attached directly to `cgroup` at veil's nine attach points.
 pub fn attached_program_ids(cgroup: &Path) -> Vec<u32> {
-    const BPF_PROG_QUERY: libc::c_long = 16;
-    // sock_ops, bind4/6, connect4/6, sendmsg4/6, getpeername4/6.
-    const ATTACH_TYPES: [u32; 9] = [3, 8, 9, 10, 11, 14, 15, 29, 30];
-    #[repr(C)]
-    #[derive(Default)]
-    struct Query {
-        target_fd: u32,
-        attach_type: u32,
-        query_flags: u32,
-        attach_flags: u32,
-        prog_ids: u64,
-        prog_cnt: u32,
-        _rest: [u32; 8],
-    }
-    let dir = std::fs::File::open(cgroup).unwrap();
-    ATTACH_TYPES
+    veil_tests::AttachType::ALL
         .iter()
-        .flat_map(|&attach_type| {
-            let mut ids = [0u32; 64];
-            let mut q = Query {
-                target_fd: dir.as_raw_fd() as u32,
-                attach_type,
-                prog_ids: ids.as_mut_ptr() as u64,
-                prog_cnt: ids.len() as u32,
-                ..Query::default()
-            };
-            // SAFETY: `q` is a valid bpf_attr prefix for BPF_PROG_QUERY and outlives the call;
-            // the kernel writes at most `prog_cnt` ids into `ids`.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_PROG_QUERY,
-                    &raw mut q,
-                    std::mem::size_of::<Query>() as u32,
-                )
-            };
-            assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
-            ids[..q.prog_cnt as usize].to_vec()
-        })
+        .flat_map(|t| veil_tests::attached_prog_ids(cgroup, *t))
         .collect()
 }
 
