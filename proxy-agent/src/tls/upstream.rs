@@ -257,15 +257,20 @@ struct PerDst {
     parked: Parked,
 }
 
+/// One SNI's pools, by (original destination, whether h2 may be used).
+type PoolsBySni = HashMap<(SocketAddr, bool), PerDst>;
+
 /// One sandbox's upstream connections (never shared with another sandbox), pooled by
 /// (original destination, whether h2 may be used, SNI).
 #[derive(Debug)]
 pub struct SandboxUpstream {
     configs: UpstreamConfigs,
     timeout: Duration,
-    per_dst: Mutex<HashMap<(SocketAddr, bool, String), PerDst>>,
-    /// Whether (dst, SNI) speaks h2 when offered, learned by the first connection.
-    h2: Mutex<HashMap<(SocketAddr, String), bool>>,
+    /// SNI → (destination, h2) → pool. Keyed by SNI first so a connection looks its pool up
+    /// by `&str`, without allocating a key.
+    per_dst: Mutex<HashMap<String, PoolsBySni>>,
+    /// SNI → destination → whether it speaks h2 when offered, learned by the first connection.
+    h2: Mutex<HashMap<String, HashMap<SocketAddr, bool>>>,
 }
 
 /// What the first contact with an upstream taught.
@@ -299,8 +304,11 @@ impl SandboxUpstream {
         f: impl FnOnce(&mut PerDst) -> T,
     ) -> T {
         let mut map = self.per_dst.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (dst, h2, sni.to_owned());
-        let entry = map.entry(key).or_insert_with(|| {
+        let by_dst = match map.get_mut(sni) {
+            Some(m) => m,
+            None => map.entry(sni.to_owned()).or_default(),
+        };
+        let entry = by_dst.entry((dst, h2)).or_insert_with(|| {
             let parked: Parked = Arc::default();
             let connector = DstConnector {
                 dst,
@@ -332,7 +340,7 @@ impl SandboxUpstream {
     /// Whether (dst, sni) speaks h2; `None` until a connection told.
     pub fn known_h2(&self, dst: SocketAddr, sni: &str) -> Option<bool> {
         let map = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&(dst, sni.to_owned())).copied()
+        map.get(sni).and_then(|by_dst| by_dst.get(&dst)).copied()
     }
 
     /// Connects to (dst, sni) offering h2 to learn its protocol before the client's handshake
@@ -345,7 +353,9 @@ impl SandboxUpstream {
                 self.h2
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert((dst, sni.to_owned()), h2);
+                    .entry(sni.to_owned())
+                    .or_default()
+                    .insert(dst, h2);
                 self.with_dst(dst, h2, sni, |d| {
                     let mut parked = d.parked.lock().unwrap_or_else(|p| p.into_inner());
                     parked.push((Instant::now(), conn));
