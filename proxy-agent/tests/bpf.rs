@@ -169,15 +169,7 @@ impl Drop for Cgroup {
 }
 
 fn cgroup2_mount() -> PathBuf {
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
-    mounts
-        .lines()
-        .find_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (_dev, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(dir))
-        })
-        .expect("no cgroup2 mount in /proc/self/mounts")
+    proxy_agent::config::cgroup2_mount().expect("no cgroup2 mount in /proc/self/mounts")
 }
 
 fn run(cmd: &mut Command) {
