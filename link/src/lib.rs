@@ -11,4 +11,6 @@ pub mod codec;
 pub mod proto;
 
 pub use codec::{FrameError, MAX_FRAME, read_frame, write_frame};
-pub use proto::{AgentMsg, ControlMsg, PROTOCOL_VERSION, SandboxState, SecretState, SecretValue};
+pub use proto::{
+    AgentMsg, ControlMsg, PROTOCOL_VERSION, SandboxState, SecretState, SecretValue, WrongHost,
+};

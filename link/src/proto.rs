@@ -65,6 +65,23 @@ pub struct SecretState {
     pub value: SecretValue,
     /// Bumped on every change of the secret.
     pub revision: u64,
+    /// Whether placeholders in request bodies are replaced too (bounded; off by default).
+    #[serde(default)]
+    pub body_substitution: bool,
+    /// What the agent does with this placeholder in a request to a host the secret does not allow.
+    #[serde(default)]
+    pub wrong_host: WrongHost,
+}
+
+/// What happens to a placeholder sent to a host its secret does not allow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WrongHost {
+    /// Forwarded unchanged (Daytona's behaviour).
+    #[default]
+    Forward,
+    /// The agent answers 403 naming the secret and control records an audit event.
+    Block,
 }
 
 /// Messages from control to an agent; each carries a sequence number the agent acknowledges.
@@ -160,6 +177,8 @@ mod tests {
             hosts: vec![],
             value: v.clone(),
             revision: 1,
+            body_substitution: false,
+            wrong_host: Default::default(),
         };
         assert!(!format!("{v:?} {s:?}").contains("hunter2"));
         assert_eq!(v.expose(), "hunter2-very-secret");

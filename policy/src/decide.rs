@@ -411,6 +411,8 @@ mod tests {
             hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
             value: SecretValue::new(format!("value-{id}")),
             revision: 1,
+            body_substitution: false,
+            wrong_host: Default::default(),
         };
         let secrets = vec![
             state("a", "o1", &["a.test"]),

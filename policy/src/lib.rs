@@ -21,6 +21,8 @@
 //!     placeholder: "veil_ph_0123".into(),
 //!     hosts: vec![HostPattern::parse("*.allowed.test").unwrap()],
 //!     value: SecretValue::new("sk-real".into()),
+//!     body_substitution: false,
+//!     wrong_host: Default::default(),
 //! }])
 //! .unwrap();
 //!
@@ -63,3 +65,4 @@ pub use scrub::{ScrubPatterns, Scrubber};
 pub use secret::{MountedSecret, PolicyError};
 pub use secret::{Redacted, RedactedString};
 pub use substitute::{RequestSubstitution, RequestView, SecretHit, SubstituteError, Substitution};
+pub use veil_link::proto::WrongHost;

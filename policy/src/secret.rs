@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use veil_link::proto::{SecretState, SecretValue};
+use veil_link::proto::{SecretState, SecretValue, WrongHost};
 use zeroize::Zeroizing;
 
 use crate::host::{HostPattern, HostPatternError};
@@ -20,6 +20,10 @@ pub struct MountedSecret {
     pub hosts: Vec<HostPattern>,
     /// The plaintext.
     pub value: SecretValue,
+    /// Whether placeholders in request bodies are replaced too.
+    pub body_substitution: bool,
+    /// What happens to the placeholder in a request to a host the secret does not allow.
+    pub wrong_host: WrongHost,
 }
 
 /// Why a sandbox's secrets cannot form a policy; names secrets, never values.
@@ -102,6 +106,8 @@ impl MountedSecret {
             placeholder: state.placeholder.clone(),
             hosts,
             value: state.value.clone(),
+            body_substitution: state.body_substitution,
+            wrong_host: state.wrong_host,
         })
     }
 
@@ -178,6 +184,8 @@ pub(crate) mod testing {
                 .map(|h| HostPattern::parse(h).unwrap())
                 .collect(),
             value: SecretValue::new(value.to_owned()),
+            body_substitution: false,
+            wrong_host: Default::default(),
         }
     }
 }
@@ -196,6 +204,8 @@ mod tests {
             hosts: vec!["*.Example.com".into(), "api.other.test".into()],
             value: SecretValue::new("sk-live-TOPSECRET".into()),
             revision: 1,
+            body_substitution: false,
+            wrong_host: Default::default(),
         };
         let s = MountedSecret::from_state(&state).unwrap();
         assert_eq!(s.hosts[0].to_string(), "*.example.com");

@@ -39,6 +39,8 @@ fn no_match_allocates_nothing() {
             placeholder: format!("veil_placeholder_{i}_0123456789abcdef"),
             hosts: vec![HostPattern::parse("*.allowed.test").unwrap()],
             value: SecretValue::new(format!("value-{i}")),
+            body_substitution: false,
+            wrong_host: Default::default(),
         })
         .collect();
     let policy = SandboxPolicy::new(secrets).unwrap();

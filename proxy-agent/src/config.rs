@@ -80,6 +80,9 @@ pub struct AgentSettings {
     /// System CA bundle trusted for upstream TLS (beside `upstream_ca`); a missing file means
     /// only `upstream_ca` is trusted.
     pub system_roots: PathBuf,
+    /// Replace mounted values in intercepted responses by their placeholders. Turn off only
+    /// to measure what scrubbing costs: without it an upstream that echoes a value leaks it.
+    pub scrub_responses: bool,
 }
 
 impl Default for AgentSettings {
@@ -97,6 +100,7 @@ impl Default for AgentSettings {
             peek_timeout_ms: 5_000,
             leaf_cache_size: crate::tls::leaf::DEFAULT_LEAF_CACHE,
             system_roots: PathBuf::from(crate::tls::upstream::SYSTEM_ROOTS),
+            scrub_responses: true,
         }
     }
 }

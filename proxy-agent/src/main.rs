@@ -215,6 +215,7 @@ async fn run(args: &Common) -> Result<(), Fatal> {
         tracker: TaskTracker::new(),
         connect_timeout: settings.connect_timeout(),
         peek_timeout: settings.peek_timeout(),
+        scrub_responses: settings.scrub_responses,
         secrets: secrets.clone(),
         tls: Arc::new(tls),
     });

@@ -11,6 +11,7 @@ pub mod forward;
 pub mod intercept;
 pub mod passthrough;
 pub mod peek;
+pub mod scrub;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub struct Proxy {
     pub connect_timeout: Duration,
     /// How long the peek waits for a complete ClientHello.
     pub peek_timeout: Duration,
+    /// Whether responses are scrubbed (see [`crate::config::AgentSettings::scrub_responses`]).
+    pub scrub_responses: bool,
     /// Secrets, mounts and each sandbox's policy, as control sent them.
     pub secrets: SecretStore,
     /// Interception TLS material.

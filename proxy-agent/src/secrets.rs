@@ -231,6 +231,8 @@ mod tests {
             hosts: vec!["api.example.com".into()],
             value: SecretValue::new(value.into()),
             revision: 1,
+            body_substitution: false,
+            wrong_host: Default::default(),
         }
     }
 

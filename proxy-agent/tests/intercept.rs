@@ -67,6 +67,8 @@ impl Setup {
                 hosts: vec![ALLOWED.into(), BADCERT.into()],
                 value: SecretValue::new(value.clone()),
                 revision: 1,
+                body_substitution: false,
+                wrong_host: Default::default(),
             }],
         });
         Setup {

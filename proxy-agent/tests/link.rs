@@ -88,6 +88,8 @@ fn hello_snapshot_attaches_and_redirects_and_delete_detaches() {
             hosts: vec!["api.example.com".into()],
             value: SecretValue::new("plaintext-never-logged-42".into()),
             revision: 1,
+            body_substitution: false,
+            wrong_host: Default::default(),
         }],
     });
     assert_eq!(attached_programs(sb.cgroup().path()), 9);

@@ -588,6 +588,8 @@ fn secret_state(ring: &Keyring, s: &SecretRecord) -> Result<SecretState, AgentLi
         hosts: s.hosts.clone(),
         value: SecretValue::new(text),
         revision: s.revision,
+        body_substitution: false,
+        wrong_host: Default::default(),
     })
 }
 

@@ -19,6 +19,7 @@ use tracing::debug;
 use veil_policy::{SandboxPolicy, SecretHit, ServerName, SubstituteError};
 
 use crate::config::SandboxId;
+use crate::proxy::scrub;
 use crate::stats::Stats;
 use crate::tls::upstream::{DstClient, verify_failure};
 
@@ -42,6 +43,8 @@ pub struct ConnContext {
     pub client: DstClient,
     /// Set when the upstream could not be reached securely: every request gets a 502 saying so.
     pub upstream_error: Option<String>,
+    /// Whether responses are scrubbed.
+    pub scrub: bool,
     /// Counters.
     pub stats: Arc<Stats>,
 }
@@ -63,6 +66,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     Stats::inc(&ctx.stats.requests);
+    let started = std::time::Instant::now();
     if let Some(reason) = &ctx.upstream_error {
         return Ok(plain(
             StatusCode::BAD_GATEWAY,
@@ -79,7 +83,8 @@ pub async fn handle(
         }
     };
     if !hits.is_empty() {
-        ctx.stats.record_hits(&ctx.policy, &hits);
+        ctx.stats
+            .record_hits(ctx.sandbox.as_str(), ctx.sni.as_str(), &ctx.policy, &hits);
     }
     let target = parts
         .uri
@@ -113,9 +118,11 @@ pub async fn handle(
     let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
     match ctx.client.request(req).await {
         Ok(resp) => {
+            ctx.stats.request_seconds.observe(started.elapsed());
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Ok(Response::from_parts(parts, response_body(&ctx, body)))
+            let body = scrub::response(&ctx, &mut parts, body);
+            Ok(Response::from_parts(parts, body))
         }
         Err(e) => {
             if let Some(reason) = verify_failure(&e) {
@@ -137,11 +144,6 @@ pub async fn handle(
             ))
         }
     }
-}
-
-/// The seam for response scrubbing (issue 6): every upstream response body passes here.
-pub fn response_body(_ctx: &ConnContext, body: Incoming) -> ProxyBody {
-    body.map_err(BoxError::from).boxed_unsync()
 }
 
 /// Runs the policy's substitution over the request head; returns the per-secret counts.
@@ -276,6 +278,8 @@ mod tests {
             placeholder: "veil_ph_0123".into(),
             hosts: vec![HostPattern::parse("api.allowed.test").unwrap()],
             value: SecretValue::new("sk-real".into()),
+            body_substitution: false,
+            wrong_host: Default::default(),
         }])
         .unwrap()
     }

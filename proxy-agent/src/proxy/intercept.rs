@@ -105,6 +105,7 @@ pub async fn run(
     } else {
         proxy.tls.server_h1.clone()
     };
+    let handshake_started = std::time::Instant::now();
     let accepted = tokio::time::timeout(
         proxy.connect_timeout,
         TlsAcceptor::from(config).accept(client),
@@ -124,6 +125,10 @@ pub async fn run(
         }
     };
     Stats::inc(&proxy.stats.intercepted);
+    proxy
+        .stats
+        .client_handshake_seconds
+        .observe(handshake_started.elapsed());
     let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
     let client = upstream.client(dst, h2, sni.as_str());
     let ctx = Arc::new(ConnContext {
@@ -133,6 +138,7 @@ pub async fn run(
         dst,
         client,
         upstream_error,
+        scrub: proxy.scrub_responses,
         stats: proxy.stats.clone(),
     });
     let svc = service_fn(move |req| forward::handle(ctx.clone(), req));
