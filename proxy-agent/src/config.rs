@@ -83,6 +83,8 @@ pub struct AgentSettings {
     /// Replace mounted values in intercepted responses by their placeholders. Turn off only
     /// to measure what scrubbing costs: without it an upstream that echoes a value leaks it.
     pub scrub_responses: bool,
+    /// Loopback address of the Prometheus `/metrics` endpoint; absent = no endpoint.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for AgentSettings {
@@ -101,6 +103,7 @@ impl Default for AgentSettings {
             leaf_cache_size: crate::tls::leaf::DEFAULT_LEAF_CACHE,
             system_roots: PathBuf::from(crate::tls::upstream::SYSTEM_ROOTS),
             scrub_responses: true,
+            metrics_listen: None,
         }
     }
 }

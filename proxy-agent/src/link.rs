@@ -58,6 +58,8 @@ pub struct LinkClient {
     pub identity: Identity,
     /// cgroup2 mount, against which sandbox cgroups are resolved.
     pub cgroup2: PathBuf,
+    /// The data path's counters, whose usage and blocked requests are reported to control.
+    pub stats: std::sync::Arc<crate::stats::Stats>,
 }
 
 impl LinkClient {

@@ -248,6 +248,7 @@ async fn run(args: &Common) -> Result<(), Fatal> {
             ca_pem: ca.cert_pem().to_owned(),
         },
         cgroup2,
+        stats: proxy.stats.clone(),
     };
     let mut hup = signal(SignalKind::hangup()).map_err(|e| Fatal::Runtime(e.into()))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| Fatal::Runtime(e.into()))?;
