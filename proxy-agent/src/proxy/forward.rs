@@ -105,6 +105,7 @@ pub async fn handle(
                 .map(str::to_owned)
         });
     strip_hop_by_hop(&mut parts.headers);
+    scrub::request(&ctx, &mut parts.headers);
     parts.uri = match upstream_uri(authority.as_deref(), &ctx.sni, ctx.dst.port(), target) {
         Some(uri) => uri,
         None => {

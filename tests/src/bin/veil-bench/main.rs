@@ -17,6 +17,7 @@ use veil_tests::cmd::run_probe;
 use veil_tests::{AgentSandbox, NetNs, Sandbox, TcpHello, Veil, World};
 
 mod mitm;
+mod rotation;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,6 +39,7 @@ fn main() -> Result<()> {
         ),
         Some("registration") => registration(arg("--count", 100)?),
         Some("restart") => restart(arg("--count", 20)?),
+        Some("rotation") => rotation::run(arg("--count", 100)?),
         Some("mitm") => mitm::run(arg("--seconds", 10)?, arg("--runs", 3)?),
         Some("client-bulk") => client_bulk(parse_addr(args.get(1))?, arg("--bytes", 1 << 30)?),
         Some("client-connrate") => client_connrate(
