@@ -3,6 +3,6 @@
 use anyhow::{Result, bail};
 
 /// Runs `count` rotations under continuous traffic and prints p50/p99 latency.
-pub fn run(count: usize) -> Result<()> {
+pub fn run(count: u64) -> Result<()> {
     bail!("rotation benchmark not built yet ({count} rotations asked)")
 }
