@@ -10,6 +10,7 @@ pub mod server;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use crate::store::SandboxRecord;
 
@@ -59,6 +60,47 @@ pub trait AgentLink: Send + Sync + fmt::Debug {
     fn connected(&self) -> bool;
     /// PEM of the interception CA that sandboxes must trust, once an agent reported it.
     fn ca_certificate(&self) -> Option<String>;
+    /// Which agents acknowledged which revision of secret `id`.
+    fn propagation(&self, _id: &str) -> Propagation {
+        Propagation::default()
+    }
+    /// Resolves once no agent may still use a revision of secret `id` older than `revision`
+    /// (see [`Propagation::pending`]); `NoAck` naming the pending agents after `timeout`.
+    fn wait_acked(&self, _id: &str, _revision: u64, _timeout: Duration) -> LinkFuture<'_> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// One agent's acknowledgement of one secret, as control remembers it (in memory: after a
+/// control restart every agent re-acknowledges through its snapshot).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretAck {
+    /// The agent's stable id.
+    pub agent_id: String,
+    /// Whether the agent is connected now (a disconnected one keeps enforcing what it had).
+    pub connected: bool,
+    /// The revision it acknowledged last; `None` = sent, not acknowledged yet.
+    pub revision: Option<u64>,
+    /// When control received that acknowledgement, ms since the epoch.
+    pub at: Option<i64>,
+}
+
+/// Where a secret stands with the agents that hold (or held) it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Propagation {
+    /// Every agent that holds the secret, was sent it, or held it when it disconnected; by id.
+    pub agents: Vec<SecretAck>,
+}
+
+impl Propagation {
+    /// Agents that may still use something older than `revision`.
+    pub fn pending(&self, revision: u64) -> Vec<&str> {
+        self.agents
+            .iter()
+            .filter(|a| a.revision.is_none_or(|r| r < revision))
+            .map(|a| a.agent_id.as_str())
+            .collect()
+    }
 }
 
 /// A link without agents: accepts everything, knows no CA.

@@ -149,8 +149,8 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 /// Removes what runs that were killed outright (SIGKILL, a crash) left behind: their cgroups
-/// under `parent` (and what still runs there), registrations and network namespaces (their veth
-/// pairs go with them). Only objects named for a pid that no longer exists are touched.
+/// under `parent` (and what still runs there), registrations, network namespaces (their veth
+/// pairs go with them) and temp dirs. Only objects named for a pid that no longer exists are touched.
 async fn reap_stale(client: &Client, parent: &str) {
     let Ok(mount) = hostcheck::cgroup2_mount() else {
         return;
@@ -176,6 +176,15 @@ async fn reap_stale(client: &Client, parent: &str) {
             Err(e) => eprintln!("veil-control run: unregistering stale sandbox {name}: {e}"),
         }
         cg.remove().await;
+    }
+    let tmp = std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten();
+    for entry in tmp.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if run_owner(&name, "veil-run-").is_some_and(|pid| !pid_alive(pid)) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
     let netns = std::fs::read_dir(netns::NETNS_DIR).into_iter().flatten();
     for entry in netns.flatten() {
@@ -325,8 +334,11 @@ async fn setup(
     res: &mut Resources,
 ) -> anyhow::Result<tokio::process::Command> {
     let user = child::resolve_user(&args.user)?;
+    // Named after the run (`veil-<id>`, id = `run-<pid>-<hex>`) so that the next run can tell
+    // the directory of one killed outright from a live one and remove it.
     let dir = tempfile::Builder::new()
-        .prefix("veil-run-")
+        .prefix(&format!("veil-{id}"))
+        .rand_bytes(0)
         .tempdir()
         .context("creating a temp dir")?;
     let dir_path = dir.path().to_path_buf();

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Permission;
 use crate::crypto::Sealed;
 use crate::paginate::{Cursor, Order, SortField};
+pub use veil_link::WrongHost;
 
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +83,101 @@ pub struct SecretRecord {
     pub revision: u64,
     /// The sealed value.
     pub sealed: Sealed,
+    /// Whether placeholders in request bodies are replaced too (issue 6; records written
+    /// before the field existed load as `false`).
+    #[serde(default)]
+    pub body_substitution: bool,
+    /// What the agent does with the placeholder towards a host the secret does not allow.
+    #[serde(default)]
+    pub wrong_host: WrongHost,
+}
+
+/// Placeholder occurrences, by outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageCounts {
+    /// Replaced by the value.
+    pub substituted: u64,
+    /// Left alone: the secret does not allow the host.
+    pub wrong_host: u64,
+    /// Left alone: Host / :authority differed from the SNI.
+    pub host_mismatch: u64,
+    /// Refused: the secret blocks hosts it does not allow.
+    pub blocked: u64,
+}
+
+impl UsageCounts {
+    /// Adds `other` (saturating: counters never wrap).
+    pub fn add(&mut self, other: &UsageCounts) {
+        self.substituted = self.substituted.saturating_add(other.substituted);
+        self.wrong_host = self.wrong_host.saturating_add(other.wrong_host);
+        self.host_mismatch = self.host_mismatch.saturating_add(other.host_mismatch);
+        self.blocked = self.blocked.saturating_add(other.blocked);
+    }
+
+    /// Whether every count is zero.
+    pub fn is_zero(&self) -> bool {
+        *self == UsageCounts::default()
+    }
+}
+
+/// One host's share of a secret's usage.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostUsage {
+    /// Counts since the secret was created.
+    pub counts: UsageCounts,
+    /// Last time the value was substituted towards this host, ms since the epoch.
+    pub last_used_at: Option<i64>,
+    /// Last time the placeholder was seen towards this host (any outcome).
+    pub last_seen_at: Option<i64>,
+}
+
+/// What agents reported about one secret's use, kept beside (not in) the secret record so
+/// usage never bumps its revision or `updatedAt`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretUsage {
+    /// Last time the value was substituted anywhere, ms since the epoch.
+    pub last_used_at: Option<i64>,
+    /// Per host (the connection's SNI); at most [`MAX_USAGE_HOSTS`] entries, further hosts are
+    /// counted under [`OTHER_HOSTS`].
+    pub hosts: std::collections::BTreeMap<String, HostUsage>,
+}
+
+/// Most hosts tracked per secret: a sandbox choosing SNIs must not grow a record without bound.
+pub const MAX_USAGE_HOSTS: usize = 256;
+/// The bucket for hosts beyond [`MAX_USAGE_HOSTS`].
+pub const OTHER_HOSTS: &str = "(other hosts)";
+
+impl SecretUsage {
+    /// Adds `counts` seen towards `host` at `at`.
+    pub fn add(&mut self, host: &str, counts: &UsageCounts, at: i64) {
+        let key = if self.hosts.contains_key(host) || self.hosts.len() < MAX_USAGE_HOSTS {
+            host
+        } else {
+            OTHER_HOSTS
+        };
+        let entry = self.hosts.entry(key.to_owned()).or_default();
+        entry.counts.add(counts);
+        entry.last_seen_at = entry.last_seen_at.max(Some(at));
+        if counts.substituted > 0 {
+            entry.last_used_at = entry.last_used_at.max(Some(at));
+            self.last_used_at = self.last_used_at.max(Some(at));
+        }
+    }
+}
+
+/// Usage an agent reported for one (secret, sandbox, host) over one report interval.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageDelta {
+    /// Secret id.
+    pub secret_id: String,
+    /// Sandbox id.
+    pub sandbox: String,
+    /// The connection's SNI.
+    pub host: String,
+    /// What to add (all zero: nothing is counted, only the audit entry is written).
+    pub counts: UsageCounts,
+    /// When, ms since the epoch.
+    pub at: i64,
 }
 
 /// One environment variable of a sandbox bound to a secret.
@@ -255,6 +351,17 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         previous: Option<&SandboxRecord>,
         audit: AuditRecord,
     ) -> Result<bool, StoreError>;
+
+    /// Adds agent-reported usage to each secret's [`SecretUsage`] and writes the audit entries
+    /// `audit` builds for them, in one durable transaction. Deltas naming a secret that no
+    /// longer exists are skipped. Returns how many deltas were recorded.
+    fn record_usage(
+        &self,
+        deltas: &[UsageDelta],
+        audit: &mut dyn FnMut(&SecretRecord, &UsageDelta) -> Option<AuditRecord>,
+    ) -> Result<usize, StoreError>;
+    /// What agents reported about a secret's use (empty when nothing was reported).
+    fn secret_usage(&self, id: &str) -> Result<SecretUsage, StoreError>;
 
     /// A page of `org`'s audit entries after the cursor sequence, in `dir` order.
     fn audit_page(

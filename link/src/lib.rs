@@ -4,7 +4,9 @@
 //! other's peer credentials). Frames are a 4-byte big-endian length and a JSON message. After
 //! the agent's [`AgentMsg::Hello`], control sends a [`ControlMsg::Snapshot`] of everything the
 //! agent must enforce, then pushes changes; the agent answers every numbered message with
-//! [`AgentMsg::Applied`]. Secret values travel only here, only for secrets mounted in some
+//! [`AgentMsg::Applied`], which for a message carrying secrets also acknowledges their revisions;
+//! unprompted, it reports aggregated [`AgentMsg::Usage`] (about once a second) and
+//! [`AgentMsg::Blocked`] requests (promptly). Secret values travel only here, only for secrets mounted in some
 //! sandbox, and live in [`SecretValue`]s that are zeroized on drop and never printed.
 
 pub mod codec;
@@ -12,5 +14,6 @@ pub mod proto;
 
 pub use codec::{FrameError, MAX_FRAME, read_frame, write_frame};
 pub use proto::{
-    AgentMsg, ControlMsg, PROTOCOL_VERSION, SandboxState, SecretState, SecretValue, WrongHost,
+    AgentMsg, BlockedReport, ControlMsg, PROTOCOL_VERSION, SandboxState, SecretState, SecretValue,
+    UsageReport, WrongHost,
 };

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// Version spoken by this build; a Hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// A secret's plaintext: zeroized on drop, redacted in Debug, serialized only onto the channel.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
@@ -153,13 +153,59 @@ pub enum AgentMsg {
         /// PEM certificate of the agent's interception CA, which sandboxes must trust.
         ca_pem: String,
     },
-    /// Result of applying control's message `seq`.
+    /// Result of applying control's message `seq`. Control knows which secret revisions each
+    /// message carried, so an error-free `Applied` is also the acknowledgement of those revisions.
     Applied {
         /// The acknowledged sequence number.
         seq: u64,
         /// Per-sandbox or per-secret failures; empty = fully applied.
         errors: Vec<String>,
     },
+    /// Placeholder occurrences since the previous report, aggregated per (sandbox, secret, host).
+    /// Not acknowledged: sent at most about once a second, never per request.
+    Usage {
+        /// When the agent took these counts, ms since the epoch.
+        at_ms: i64,
+        /// One entry per (sandbox, secret, host) with activity.
+        reports: Vec<UsageReport>,
+    },
+    /// Requests refused because a placeholder went to a host its secret blocks; sent promptly.
+    Blocked {
+        /// One entry per refused request.
+        events: Vec<BlockedReport>,
+    },
+}
+
+/// Occurrences of one secret's placeholder in one sandbox towards one host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// Sandbox id.
+    pub sandbox: String,
+    /// Secret id.
+    pub secret_id: String,
+    /// The connection's SNI.
+    pub host: String,
+    /// Replaced by the value.
+    pub substituted: u64,
+    /// Left alone: the secret does not allow the host.
+    pub wrong_host: u64,
+    /// Left alone: Host / :authority differed from the SNI.
+    pub host_mismatch: u64,
+    /// Refused: the secret blocks hosts it does not allow.
+    pub blocked: u64,
+}
+
+/// One request refused because its placeholder went to a host the secret blocks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockedReport {
+    /// Sandbox id.
+    pub sandbox: String,
+    /// Secret id.
+    pub secret_id: String,
+    /// The connection's SNI.
+    pub host: String,
+    /// When, ms since the epoch.
+    pub at_ms: i64,
 }
 
 #[cfg(test)]
@@ -194,5 +240,18 @@ mod tests {
         assert_eq!(j, r#"{"type":"delete_sandbox","seq":7,"id":"sb"}"#);
         assert_eq!(serde_json::from_str::<ControlMsg>(&j).unwrap(), m);
         assert_eq!(m.seq(), 7);
+        let u = AgentMsg::Usage {
+            at_ms: 5,
+            reports: vec![UsageReport {
+                sandbox: "sb".into(),
+                secret_id: "s".into(),
+                host: "h".into(),
+                substituted: 3,
+                ..UsageReport::default()
+            }],
+        };
+        let j = serde_json::to_string(&u).unwrap();
+        assert!(j.starts_with(r#"{"type":"usage","at_ms":5,"#), "{j}");
+        assert_eq!(serde_json::from_str::<AgentMsg>(&j).unwrap(), u);
     }
 }

@@ -9,17 +9,25 @@
 //! 3. an ALPN list that offers neither `h2` nor `http/1.1` → passthrough (veil only speaks HTTP;
 //!    this also covers host-restricted secrets, whose hosts may serve other protocols);
 //! 4. a host-restricted secret allows the SNI → intercept (with or without ALPN);
-//! 5. an unrestricted secret is mounted and the client offers `h2` or `http/1.1` by ALPN →
-//!    intercept; without ALPN → passthrough (unknown protocol to an arbitrary host);
+//! 5. an unrestricted secret is mounted, or a secret that blocks hosts it does not allow
+//!    ([`WrongHost::Block`], by its own field or the agent's [`ModeOverrides`]), and the client
+//!    offers `h2` or `http/1.1` by ALPN → intercept; without ALPN → passthrough (unknown protocol
+//!    to an arbitrary host). A placeholder sent to a wrong host can only be seen, and blocked, on
+//!    a connection veil terminates;
 //! 6. otherwise → passthrough.
+//!
+//! Per request, [`SandboxPolicy::blocked_by`] says whether a request must be answered 403
+//! instead of being forwarded: a placeholder of a blocking secret went to a host it does not
+//! allow.
 
 use veil_link::proto::{SandboxState, SecretState};
 
 use crate::client_hello::ClientHelloInfo;
 use crate::host::{HostPattern, ServerName};
 use crate::scrub::ScrubPatterns;
-use crate::secret::{MountedSecret, PolicyError, placeholder_is_url_safe};
-use crate::substitute::Substituter;
+use crate::secret::{ModeOverrides, MountedSecret, PolicyError, placeholder_is_url_safe};
+use crate::substitute::{SecretHit, Substituter};
+use veil_link::proto::WrongHost;
 
 const ALPN_H2: &[u8] = b"h2";
 const ALPN_HTTP11: &[u8] = b"http/1.1";
@@ -31,6 +39,8 @@ pub struct SandboxPolicy {
     /// Union of all secrets' patterns, deduplicated.
     patterns: Vec<HostPattern>,
     any_unrestricted: bool,
+    /// Some secret's own field says [`WrongHost::Block`].
+    any_block: bool,
     pub(crate) substituter: Substituter,
     scrub: ScrubPatterns,
 }
@@ -109,12 +119,14 @@ impl SandboxPolicy {
             }
         }
         let any_unrestricted = unique.iter().any(MountedSecret::unrestricted);
+        let any_block = unique.iter().any(|s| s.wrong_host == WrongHost::Block);
         let substituter = Substituter::new(&unique);
         let scrub = ScrubPatterns::new(&unique);
         Ok(Self {
             secrets: unique,
             patterns,
             any_unrestricted,
+            any_block,
             substituter,
             scrub,
         })
@@ -167,12 +179,45 @@ impl SandboxPolicy {
 
     /// Decides from a parsed ClientHello.
     pub fn decide_hello(&self, hello: &ClientHelloInfo) -> Decision {
+        self.decide_hello_with(hello, ModeOverrides::default())
+    }
+
+    /// Decides from a parsed ClientHello, with the agent's mode overrides.
+    pub fn decide_hello_with(&self, hello: &ClientHelloInfo, overrides: ModeOverrides) -> Decision {
         let alpn = hello.alpn_present.then_some(hello.alpn.as_slice());
-        self.decide(hello.sni.as_ref(), alpn)
+        self.decide_with(hello.sni.as_ref(), alpn, overrides)
     }
 
     /// Decides for an SNI and an offered ALPN list (`None` = no ALPN extension).
     pub fn decide(&self, sni: Option<&ServerName>, alpn: Option<&[Vec<u8>]>) -> Decision {
+        self.decide_with(sni, alpn, ModeOverrides::default())
+    }
+
+    /// Whether some mounted secret blocks hosts it does not allow.
+    pub fn blocks_wrong_hosts(&self, overrides: ModeOverrides) -> bool {
+        !self.secrets.is_empty() && (self.any_block || overrides.wrong_host == WrongHost::Block)
+    }
+
+    /// The secret a request must be refused for: the first of `hits` whose placeholder went to
+    /// a host it does not allow while its effective mode is [`WrongHost::Block`].
+    pub fn blocked_by(
+        &self,
+        hits: &[SecretHit],
+        overrides: ModeOverrides,
+    ) -> Option<&MountedSecret> {
+        hits.iter()
+            .filter(|h| h.wrong_host > 0)
+            .filter_map(|h| self.secrets.get(h.secret))
+            .find(|s| s.wrong_host_with(overrides) == WrongHost::Block)
+    }
+
+    /// [`Self::decide`] with the agent's mode overrides.
+    pub fn decide_with(
+        &self,
+        sni: Option<&ServerName>,
+        alpn: Option<&[Vec<u8>]>,
+        overrides: ModeOverrides,
+    ) -> Decision {
         if self.secrets.is_empty() {
             return Decision::Passthrough(PassthroughReason::NoSecrets);
         }
@@ -196,7 +241,7 @@ impl SandboxPolicy {
                 host_match: true,
             });
         }
-        if self.any_unrestricted {
+        if self.any_unrestricted || self.blocks_wrong_hosts(overrides) {
             if alpn.is_none() {
                 return Decision::Passthrough(PassthroughReason::NoAlpn);
             }
@@ -328,6 +373,60 @@ mod tests {
             p.decide(Some(&n), Some(&alpn(&["h2"]))),
             intercept(true, false, false)
         );
+    }
+
+    #[test]
+    fn block_mode_intercepts_http_to_any_host_and_blocks_by_hits() {
+        let mut blocking = secret("b", "v", &["b.test"]);
+        blocking.wrong_host = WrongHost::Block;
+        let p = SandboxPolicy::new(vec![secret("f", "w", &["f.test"]), blocking]).unwrap();
+        let other = name("elsewhere.test");
+        let h2 = alpn(&["h2"]);
+        assert_eq!(
+            p.decide(Some(&other), Some(&h2)),
+            intercept(true, false, false)
+        );
+        assert_eq!(p.decide(Some(&other), None), Decision::Passthrough(NoAlpn));
+        assert_eq!(
+            p.decide(Some(&other), Some(&alpn(&["imap"]))),
+            Decision::Passthrough(AlpnNotHttp)
+        );
+        // Forward mode everywhere: hosts nobody allows pass through, unless the config blocks.
+        let f = SandboxPolicy::new(vec![secret("f", "w", &["f.test"])]).unwrap();
+        assert_eq!(
+            f.decide(Some(&other), Some(&h2)),
+            Decision::Passthrough(HostNotAllowed)
+        );
+        let block_all = ModeOverrides {
+            wrong_host: WrongHost::Block,
+            ..ModeOverrides::default()
+        };
+        assert_eq!(
+            f.decide_with(Some(&other), Some(&h2), block_all),
+            intercept(true, false, false)
+        );
+        assert!(
+            !SandboxPolicy::new(vec![])
+                .unwrap()
+                .blocks_wrong_hosts(block_all)
+        );
+
+        let hit = |secret, wrong_host, substituted| SecretHit {
+            secret,
+            substituted,
+            wrong_host,
+            host_mismatch: 0,
+        };
+        let off = ModeOverrides::default();
+        assert!(p.blocked_by(&[], off).is_none());
+        assert!(p.blocked_by(&[hit(0, 2, 0)], off).is_none());
+        assert!(p.blocked_by(&[hit(1, 0, 3)], off).is_none());
+        assert_eq!(
+            p.blocked_by(&[hit(0, 1, 0), hit(1, 1, 0)], off).unwrap().id,
+            "b"
+        );
+        assert_eq!(p.blocked_by(&[hit(0, 1, 0)], block_all).unwrap().id, "f");
+        assert!(p.blocked_by(&[hit(7, 1, 0)], block_all).is_none());
     }
 
     #[test]
@@ -466,24 +565,35 @@ mod tests {
         /// The decision equals the rule written naively over the secrets.
         #[test]
         fn matches_naive_rule(
-            secrets in prop::collection::vec(prop::collection::vec((any::<bool>(), host()), 0..3), 0..4),
+            secrets in prop::collection::vec((prop::collection::vec((any::<bool>(), host()), 0..3), any::<bool>()), 0..4),
             sni in prop::option::of(host()),
             protos in prop::option::of(prop::collection::vec(prop::sample::select(vec!["h2", "http/1.1", "h3", "x"]), 0..3)),
+            block_all in any::<bool>(),
         ) {
-            let mounted: Vec<_> = secrets.iter().enumerate().map(|(i, hosts)| {
+            let mounted: Vec<_> = secrets.iter().enumerate().map(|(i, (hosts, block))| {
                 let pats: Vec<String> = hosts.iter().map(|(w, h)| if *w { format!("*.{h}") } else { h.clone() }).collect();
                 let pats: Vec<&str> = pats.iter().map(String::as_str).collect();
-                secret(&i.to_string(), "v", &pats)
+                let mut s = secret(&i.to_string(), "v", &pats);
+                if *block {
+                    s.wrong_host = WrongHost::Block;
+                }
+                s
             }).collect();
             let p = SandboxPolicy::new(mounted.clone()).unwrap();
             let sni = sni.map(|s| name(&s));
             let alpn = protos.map(|l| alpn(&l));
-            let d = p.decide(sni.as_ref(), alpn.as_deref());
+            let overrides = ModeOverrides {
+                wrong_host: if block_all { WrongHost::Block } else { WrongHost::Forward },
+                ..ModeOverrides::default()
+            };
+            let d = p.decide_with(sni.as_ref(), alpn.as_deref(), overrides);
             let http = alpn.as_ref().is_none_or(|l| l.iter().any(|x| x == b"h2" || x == b"http/1.1"));
             let expect_intercept = match &sni {
                 None => false,
                 Some(n) => http && mounted.iter().any(|s| {
-                    (s.unrestricted() && alpn.is_some()) || s.hosts.iter().any(|h| h.matches_name(n))
+                    let blocks = s.wrong_host_with(overrides) == WrongHost::Block;
+                    ((s.unrestricted() || blocks) && alpn.is_some())
+                        || s.hosts.iter().any(|h| h.matches_name(n))
                 }),
             };
             prop_assert_eq!(matches!(d, Decision::Intercept(_)), expect_intercept, "{:?}", d);

@@ -4,6 +4,7 @@
 //! - [`client_hello`]: peek a TLS ClientHello from a stream prefix (SNI, ALPN);
 //! - [`decide`]: intercept or pass a connection through, per sandbox;
 //! - [`substitute`]: swap placeholders for values in a request;
+//! - [`body`]: the same in JSON, form and text request bodies, for secrets that turn it on;
 //! - [`scrub`]: swap values back to placeholders in a response stream.
 //!
 //! Secret values never reach a `Debug` output, an error or a panic message from this crate.
@@ -51,6 +52,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod body;
 pub mod client_hello;
 pub mod decide;
 pub mod host;
@@ -58,11 +60,12 @@ pub mod scrub;
 pub mod secret;
 pub mod substitute;
 
+pub use body::{BodyKind, BodySubstitution, merge_hits};
 pub use client_hello::{ClientHelloInfo, NotTlsReason, Peek, parse_client_hello};
 pub use decide::{Decision, Intercept, PassthroughReason, SandboxPolicy};
 pub use host::{HostPattern, HostPatternError, ServerName};
 pub use scrub::{ScrubPatterns, Scrubber};
-pub use secret::{MountedSecret, PolicyError};
+pub use secret::{ModeOverrides, MountedSecret, PolicyError};
 pub use secret::{Redacted, RedactedString};
 pub use substitute::{RequestSubstitution, RequestView, SecretHit, SubstituteError, Substitution};
 pub use veil_link::proto::WrongHost;

@@ -16,12 +16,20 @@
 //!   most 4 bits of the value's first or last byte and is left as it is, so decoding the scrubbed
 //!   text gives the placeholder with at most a garbled byte at each end (the rest of the text
 //!   stays aligned only when the lengths are equal modulo 3). Encoded forms shorter than
-//!   [`MIN_ENCODED_LEN`] characters are not matched, as they would hit unrelated text.
+//!   [`MIN_ENCODED_LEN`] characters are not matched, as they would hit unrelated text;
+//! - JSON string escapings (`\"`, `\\`, `\/`, control characters, and non-ASCII as `\uXXXX`
+//!   in either hex case), when they differ from the literal → the placeholder.
 //!
-//! Not covered here: compressed bodies (the caller decompresses), line-wrapped base64, JSON
-//! escapes (`\/`, `\uXXXX`).
+//! Beside the scrubbing itself, this module decides what HTTP needs for it, without I/O: which
+//! `Content-Encoding` a body has and whether it can be decoded ([`ScrubPatterns::content_coding`]),
+//! and the `Accept-Encoding` to send upstream so it can ([`accept_encoding`]).
+//!
+//! Not covered here: compressed bodies (the caller decompresses), line-wrapped base64, and any
+//! other transformation an upstream may apply (hex, reversal, case changes, a value cut in
+//! pieces across responses).
 
 use std::fmt;
+use std::fmt::Write as _;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use base64::Engine;
@@ -39,6 +47,8 @@ pub struct ScrubPatterns {
     /// Per pattern: (secret index, replacement).
     replacements: Vec<(usize, Vec<u8>)>,
     max_len: usize,
+    /// Every replacement is as long as what it replaces.
+    preserves_length: bool,
 }
 
 impl fmt::Debug for ScrubPatterns {
@@ -68,6 +78,11 @@ impl ScrubPatterns {
                 }
             };
             add(Zeroizing::new(value.to_vec()), placeholder.to_vec());
+            for form in json_forms(s.value.expose()) {
+                if form.as_slice() != value {
+                    add(form, placeholder.to_vec());
+                }
+            }
             for form in percent_forms(value) {
                 if form.len() >= MIN_ENCODED_LEN && form.as_slice() != value {
                     add(form, placeholder.to_vec());
@@ -84,6 +99,10 @@ impl ScrubPatterns {
             }
         }
         let max_len = patterns.iter().map(|p| p.len()).max().unwrap_or(0);
+        let preserves_length = patterns
+            .iter()
+            .zip(&replacements)
+            .all(|(p, (_, r))| p.len() == r.len());
         let ac = if patterns.is_empty() {
             None
         } else {
@@ -98,6 +117,7 @@ impl ScrubPatterns {
             ac,
             replacements,
             max_len,
+            preserves_length,
         }
     }
 
@@ -112,21 +132,77 @@ impl ScrubPatterns {
         self.max_len
     }
 
+    /// Whether scrubbing keeps a text's length (every replacement as long as what it replaces),
+    /// so a response may keep its `Content-Length`.
+    pub fn preserves_length(&self) -> bool {
+        self.preserves_length
+    }
+
     /// Scrubs a whole buffer (a header value, a small body); `None` if nothing matched.
     pub fn scrub_all(&self, input: &[u8]) -> Option<Vec<u8>> {
+        self.scrub_counted(input).map(|(out, _)| out)
+    }
+
+    /// Scrubs a whole buffer and says how many occurrences it replaced; `None` if none.
+    pub fn scrub_counted(&self, input: &[u8]) -> Option<(Vec<u8>, u64)> {
         let ac = self.ac.as_ref()?;
-        let mut out: Option<Vec<u8>> = None;
+        let mut out: Option<(Vec<u8>, u64)> = None;
         let mut copied = 0;
         for m in ac.find_iter(input) {
-            let buf = out.get_or_insert_with(|| Vec::with_capacity(input.len()));
+            let (buf, n) = out.get_or_insert_with(|| (Vec::with_capacity(input.len()), 0));
             buf.extend_from_slice(&input[copied..m.start()]);
             buf.extend_from_slice(&self.replacements[m.pattern().as_usize()].1);
+            *n += 1;
             copied = m.end();
         }
-        out.map(|mut buf| {
+        out.map(|(mut buf, n)| {
             buf.extend_from_slice(&input[copied..]);
-            buf
+            (buf, n)
         })
+    }
+
+    /// The content coding of a response whose `Content-Encoding` header values are `values`,
+    /// as far as scrubbing is concerned; see [`ContentCoding`].
+    pub fn content_coding<'a>(
+        &self,
+        values: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<ContentCoding, UnsupportedCoding> {
+        let mut codings: Vec<String> = Vec::new();
+        for value in values {
+            for coding in value.split(|&b| b == b',') {
+                let coding = String::from_utf8_lossy(coding.trim_ascii()).to_ascii_lowercase();
+                if !coding.is_empty() && coding != "identity" {
+                    codings.push(coding);
+                }
+            }
+        }
+        match codings.as_slice() {
+            [] => Ok(ContentCoding::Identity),
+            [one] => match one.as_str() {
+                "gzip" | "x-gzip" => Ok(ContentCoding::Gzip),
+                "deflate" => Ok(ContentCoding::Deflate),
+                "br" => Ok(ContentCoding::Brotli),
+                _ => Err(self.unsupported(&codings)),
+            },
+            _ => Err(self.unsupported(&codings)),
+        }
+    }
+
+    /// The error naming `codings`. An upstream chooses that text, and one that echoes a value
+    /// there must not get it (or a case-folded copy) repeated to the sandbox: only registered
+    /// coding names are repeated.
+    fn unsupported(&self, codings: &[String]) -> UnsupportedCoding {
+        let named: Vec<&str> = codings
+            .iter()
+            .map(|c| {
+                REGISTERED_CODINGS
+                    .iter()
+                    .find(|r| **r == c.as_str())
+                    .copied()
+                    .unwrap_or("(unknown)")
+            })
+            .collect();
+        UnsupportedCoding(named.join(", "))
     }
 
     /// Indices of the secrets whose value (in any form) occurs in `input`.
@@ -147,18 +223,12 @@ impl ScrubPatterns {
 /// Scrubs one stream; see the module docs.
 pub struct Scrubber<'p> {
     patterns: &'p ScrubPatterns,
-    /// Bytes that may still be the start of a value.
-    pending: Zeroizing<Vec<u8>>,
-    /// Replacements made so far, per secret index.
-    counts: Vec<(usize, u64)>,
+    state: ScrubState,
 }
 
 impl fmt::Debug for Scrubber<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Scrubber")
-            .field("pending_len", &self.pending.len())
-            .field("counts", &self.counts)
-            .finish_non_exhaustive()
+        self.state.fmt(f)
     }
 }
 
@@ -167,11 +237,54 @@ impl<'p> Scrubber<'p> {
     pub fn new(patterns: &'p ScrubPatterns) -> Self {
         Self {
             patterns,
-            pending: Zeroizing::new(Vec::new()),
-            counts: Vec::new(),
+            state: ScrubState::default(),
         }
     }
 
+    /// Bytes held back, waiting for the next chunk.
+    pub fn pending_len(&self) -> usize {
+        self.state.pending_len()
+    }
+
+    /// Replacements made so far: (secret index, count).
+    pub fn counts(&self) -> &[(usize, u64)] {
+        self.state.counts()
+    }
+
+    /// Scrubs the next chunk, appending what is final to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        self.state.push(self.patterns, chunk, out);
+    }
+
+    /// Ends the stream, appending the scrubbed remainder to `out`.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        self.state.finish(self.patterns, out);
+    }
+}
+
+/// The state of one scrubbed stream without a borrow of its patterns, for owners that keep the
+/// patterns behind a shared pointer (a response body holding its sandbox's policy). Every call
+/// must pass the same patterns; [`Scrubber`] is the borrowing form.
+#[derive(Default)]
+pub struct ScrubState {
+    /// Bytes that may still be the start of a value.
+    pending: Zeroizing<Vec<u8>>,
+    /// Replacements made so far, per secret index.
+    counts: Vec<(usize, u64)>,
+    /// Sum of `counts`.
+    total: u64,
+}
+
+impl fmt::Debug for ScrubState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scrubber")
+            .field("pending_len", &self.pending.len())
+            .field("counts", &self.counts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScrubState {
     /// Bytes held back, waiting for the next chunk.
     pub fn pending_len(&self) -> usize {
         self.pending.len()
@@ -182,9 +295,14 @@ impl<'p> Scrubber<'p> {
         &self.counts
     }
 
-    /// Scrubs the next chunk, appending what is final to `out`.
-    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        let Some(ac) = &self.patterns.ac else {
+    /// Replacements made so far, all secrets together.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Scrubs the next chunk with `patterns`, appending what is final to `out`.
+    pub fn push(&mut self, patterns: &ScrubPatterns, chunk: &[u8], out: &mut Vec<u8>) {
+        let Some(ac) = &patterns.ac else {
             out.extend_from_slice(chunk);
             return;
         };
@@ -200,16 +318,16 @@ impl<'p> Scrubber<'p> {
             &joined
         };
         // A match starting before `horizon` lies wholly inside `buf`, so it is final.
-        let horizon = buf.len().saturating_sub(self.patterns.max_len - 1);
+        let horizon = buf.len().saturating_sub(patterns.max_len - 1);
         let mut pos = 0;
         for m in ac.find_iter(buf) {
             if m.start() >= horizon {
                 break;
             }
-            let (secret, replacement) = &self.patterns.replacements[m.pattern().as_usize()];
+            let (secret, replacement) = &patterns.replacements[m.pattern().as_usize()];
             out.extend_from_slice(&buf[pos..m.start()]);
             out.extend_from_slice(replacement);
-            bump(&mut self.counts, *secret);
+            self.bump(*secret);
             pos = m.end();
         }
         let keep_from = pos.max(horizon);
@@ -218,23 +336,92 @@ impl<'p> Scrubber<'p> {
         self.pending = rest;
     }
 
-    /// Ends the stream, appending the scrubbed remainder to `out`.
-    pub fn finish(&mut self, out: &mut Vec<u8>) {
+    /// Ends the stream, appending the remainder scrubbed with `patterns` to `out`.
+    pub fn finish(&mut self, patterns: &ScrubPatterns, out: &mut Vec<u8>) {
         let pending = std::mem::take(&mut *self.pending);
         let pending = Zeroizing::new(pending);
-        if let Some(ac) = &self.patterns.ac {
+        if let Some(ac) = &patterns.ac {
             let mut pos = 0;
             for m in ac.find_iter(pending.as_slice()) {
-                let (secret, replacement) = &self.patterns.replacements[m.pattern().as_usize()];
+                let (secret, replacement) = &patterns.replacements[m.pattern().as_usize()];
                 out.extend_from_slice(&pending[pos..m.start()]);
                 out.extend_from_slice(replacement);
-                bump(&mut self.counts, *secret);
+                self.bump(*secret);
                 pos = m.end();
             }
             out.extend_from_slice(&pending[pos..]);
         } else {
             out.extend_from_slice(&pending);
         }
+    }
+
+    fn bump(&mut self, secret: usize) {
+        self.total += 1;
+        bump(&mut self.counts, secret);
+    }
+}
+
+/// How a response body is encoded, among the codings veil can decode to scrub it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentCoding {
+    /// No coding (or only `identity`).
+    Identity,
+    /// `gzip` (or `x-gzip`), possibly several members.
+    Gzip,
+    /// `deflate`: the zlib format (RFC 9110 §8.4.1.2).
+    Deflate,
+    /// `br`: Brotli.
+    Brotli,
+}
+
+/// A content coding (or a stack of codings) veil cannot decode, so cannot scrub.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("content-encoding {0} cannot be scrubbed")]
+pub struct UnsupportedCoding(pub String);
+
+/// The IANA HTTP Content Coding Registry (and `x-` aliases): names an error may repeat.
+const REGISTERED_CODINGS: [&str; 13] = [
+    "aes128gcm",
+    "br",
+    "compress",
+    "dcb",
+    "dcz",
+    "deflate",
+    "exi",
+    "gzip",
+    "identity",
+    "pack200-gzip",
+    "x-compress",
+    "x-gzip",
+    "zstd",
+];
+
+/// Codings that [`ScrubPatterns::content_coding`] accepts, besides `identity`.
+const DECODABLE: [&str; 4] = ["gzip", "x-gzip", "deflate", "br"];
+
+/// The `Accept-Encoding` to send upstream for a client's `offers` (its header values), so the
+/// response comes in a coding veil can decode: the client's entries for decodable codings and
+/// `identity`, in its order and with its weights; `*` and other codings are dropped; `identity`
+/// when nothing is left (an absent header would allow any coding).
+pub fn accept_encoding<'a>(offers: impl IntoIterator<Item = &'a [u8]>) -> String {
+    let mut kept: Vec<String> = Vec::new();
+    for value in offers {
+        for entry in value.split(|&b| b == b',') {
+            let Ok(entry) = std::str::from_utf8(entry.trim_ascii()) else {
+                continue;
+            };
+            let coding = entry.split(';').next().unwrap_or_default().trim();
+            if coding.eq_ignore_ascii_case("identity")
+                || DECODABLE.iter().any(|d| coding.eq_ignore_ascii_case(d))
+            {
+                kept.push(entry.to_owned());
+            }
+        }
+    }
+    if kept.is_empty() {
+        "identity".to_owned()
+    } else {
+        kept.join(", ")
     }
 }
 
@@ -258,6 +445,45 @@ fn base64_core(
     let start = (align * 8).div_ceil(6);
     let end = ((align + bytes.len()) * 8 / 6).min(encoded.len());
     Zeroizing::new(encoded.get(start..end).unwrap_or_default().to_vec())
+}
+
+/// JSON string escapings of `value` that serializers produce: minimal (`\"`, `\\`, control
+/// characters), with `\/` for `/` (PHP's default), and with non-ASCII as `\uXXXX` (Python's
+/// default), in lower- and upper-case hex; duplicates are left to the caller.
+fn json_forms(value: &str) -> Vec<Zeroizing<Vec<u8>>> {
+    let mut forms = Vec::new();
+    for slash in [false, true] {
+        for ascii in [None, Some(false), Some(true)] {
+            // Room for the longest escaping (6 bytes per byte): no reallocation leaves a copy.
+            let mut out = Zeroizing::new(String::with_capacity(value.len() * 6));
+            for c in value.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    '/' if slash => out.push_str("\\/"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    '\u{8}' => out.push_str("\\b"),
+                    '\u{c}' => out.push_str("\\f"),
+                    c if u32::from(c) < 0x20 || (ascii.is_some() && !c.is_ascii()) => {
+                        let mut units = [0u16; 2];
+                        for unit in c.encode_utf16(&mut units) {
+                            // Writing into a String cannot fail.
+                            let _ = if ascii == Some(true) {
+                                write!(out, "\\u{unit:04X}")
+                            } else {
+                                write!(out, "\\u{unit:04x}")
+                            };
+                        }
+                    }
+                    c => out.push(c),
+                }
+            }
+            forms.push(Zeroizing::new(std::mem::take(&mut *out).into_bytes()));
+        }
+    }
+    forms
 }
 
 /// Percent-encodings of `bytes`: upper-case hex, lower-case hex, form (`+` for space).
@@ -413,6 +639,95 @@ mod tests {
         s.push(&VALUE.as_bytes()[..5], &mut out);
         let dbg = format!("{p:?} {s:?}");
         assert!(!dbg.contains("sk-li") && !dbg.contains("tok_"), "{dbg}");
+    }
+
+    #[test]
+    fn json_escapes() {
+        let value = "k/\"q\\é\u{1}";
+        let p = ScrubPatterns::new(&[secret("j", value, &[])]);
+        for form in [
+            "k/\\\"q\\\\é\\u0001",
+            "k\\/\\\"q\\\\é\\u0001",
+            "k/\\\"q\\\\\\u00e9\\u0001",
+            "k\\/\\\"q\\\\\\u00E9\\u0001",
+        ] {
+            let doc = format!("{{\"echo\":\"{form}\"}}");
+            let out = p.scrub_all(doc.as_bytes()).expect("escaped value found");
+            assert_eq!(out, b"{\"echo\":\"ph_j_placeholder\"}");
+        }
+        // What serde_json writes is one of them.
+        let json = serde_like(value);
+        assert!(p.scrub_all(json.as_bytes()).is_some());
+    }
+
+    /// serde_json's escaping, spelled out (no serde dependency here).
+    fn serde_like(v: &str) -> String {
+        let mut out = String::new();
+        for c in v.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn scrub_counted_and_length() {
+        let p = patterns();
+        let body = format!("{VALUE}-{VALUE}-tok_BBBBBBBBBBBB");
+        let (out, n) = p.scrub_counted(body.as_bytes()).unwrap();
+        assert_eq!(n, 3);
+        assert!(!contains(&out, VALUE.as_bytes()));
+        assert!(!p.preserves_length());
+        let same = ScrubPatterns::new(&[secret("s", "0123456789abcdef", &[])]);
+        // ph_s_placeholder is 16 bytes, like the value; its encodings too.
+        assert!(same.preserves_length());
+    }
+
+    #[test]
+    fn content_codings() {
+        let p = patterns();
+        let cc = |v: &[&str]| p.content_coding(v.iter().map(|s| s.as_bytes()));
+        assert_eq!(cc(&[]), Ok(ContentCoding::Identity));
+        assert_eq!(cc(&["identity"]), Ok(ContentCoding::Identity));
+        assert_eq!(cc(&[" GZip "]), Ok(ContentCoding::Gzip));
+        assert_eq!(cc(&["x-gzip"]), Ok(ContentCoding::Gzip));
+        assert_eq!(cc(&["identity, deflate"]), Ok(ContentCoding::Deflate));
+        assert_eq!(cc(&["br"]), Ok(ContentCoding::Brotli));
+        assert_eq!(cc(&["zstd"]), Err(UnsupportedCoding("zstd".into())));
+        assert_eq!(
+            cc(&["gzip", "br"]),
+            Err(UnsupportedCoding("gzip, br".into()))
+        );
+        assert_eq!(
+            cc(&["compress, gzip"]),
+            Err(UnsupportedCoding("compress, gzip".into()))
+        );
+        // An upstream naming the value as its coding does not get it repeated.
+        let err = cc(&["tok_BBBBBBBBBBBB"]).unwrap_err();
+        assert_eq!(err.0, "(unknown)");
+        let err = cc(&[VALUE, "zstd"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "content-encoding (unknown), zstd cannot be scrubbed"
+        );
+    }
+
+    #[test]
+    fn accept_encoding_keeps_only_decodable() {
+        let ae = |v: &[&str]| accept_encoding(v.iter().map(|s| s.as_bytes()));
+        assert_eq!(ae(&[]), "identity");
+        assert_eq!(ae(&["zstd"]), "identity");
+        assert_eq!(ae(&["*"]), "identity");
+        assert_eq!(ae(&["gzip, deflate, br, zstd"]), "gzip, deflate, br");
+        assert_eq!(
+            ae(&["zstd;q=1.0, BR;q=0.9", "gzip;q=0.5,*;q=0.1, identity;q=0"]),
+            "BR;q=0.9, gzip;q=0.5, identity;q=0"
+        );
+        assert_eq!(ae(&["compress, x-gzip"]), "x-gzip");
     }
 
     /// Splits `data` at the given cut points.

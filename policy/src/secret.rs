@@ -115,6 +115,33 @@ impl MountedSecret {
     pub fn unrestricted(&self) -> bool {
         self.hosts.is_empty()
     }
+
+    /// Whether placeholders in request bodies are replaced: the secret's own field, or the
+    /// agent's config turning it on for every secret.
+    pub fn body_substitution_with(&self, overrides: ModeOverrides) -> bool {
+        self.body_substitution || overrides.body_substitution
+    }
+
+    /// What happens to this placeholder sent to a host the secret does not allow: `Block` when
+    /// the secret or the agent's config says so.
+    pub fn wrong_host_with(&self, overrides: ModeOverrides) -> WrongHost {
+        if self.wrong_host == WrongHost::Block || overrides.wrong_host == WrongHost::Block {
+            WrongHost::Block
+        } else {
+            WrongHost::Forward
+        }
+    }
+}
+
+/// Agent-wide settings that turn a request mode on for every secret (the agent's config). They
+/// only ever make a secret stricter or its substitution wider; a secret's own field still
+/// applies when the override is off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModeOverrides {
+    /// Body substitution for every secret.
+    pub body_substitution: bool,
+    /// `Block` = every secret blocks hosts it does not allow.
+    pub wrong_host: WrongHost,
 }
 
 /// Whether a placeholder can appear literally in a URL (RFC 3986 unreserved characters).
@@ -136,6 +163,12 @@ impl Redacted {
 
     /// The bytes, for writing onto the wire.
     pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for Redacted {
+    fn as_ref(&self) -> &[u8] {
         &self.0
     }
 }
@@ -219,6 +252,33 @@ mod tests {
         let rs = RedactedString::new("TOPSECRET".into());
         assert!(!format!("{r:?} {rs:?}").contains("TOPSECRET"));
         assert_eq!(r.as_bytes(), b"TOPSECRET");
+    }
+
+    #[test]
+    fn effective_modes_are_the_secret_field_or_the_override() {
+        use crate::secret::testing::secret;
+        let mut s = secret("a", "v", &[]);
+        let off = ModeOverrides::default();
+        let on = ModeOverrides {
+            body_substitution: true,
+            wrong_host: WrongHost::Block,
+        };
+        for (field_body, field_block, o, body, block) in [
+            (false, false, off, false, false),
+            (true, false, off, true, false),
+            (false, true, off, false, true),
+            (false, false, on, true, true),
+            (true, true, on, true, true),
+        ] {
+            s.body_substitution = field_body;
+            s.wrong_host = if field_block {
+                WrongHost::Block
+            } else {
+                WrongHost::Forward
+            };
+            assert_eq!(s.body_substitution_with(o), body);
+            assert_eq!(s.wrong_host_with(o) == WrongHost::Block, block);
+        }
     }
 
     #[test]

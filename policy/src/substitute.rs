@@ -36,7 +36,7 @@ const BASIC_DECODE: GeneralPurpose = GeneralPurpose::new(
 /// The per-sandbox automaton over placeholders (pattern index = secret index).
 #[derive(Debug)]
 pub(crate) struct Substituter {
-    ac: Option<AhoCorasick>,
+    pub(crate) ac: Option<AhoCorasick>,
     /// The value may be written into a header value.
     header_safe: Vec<bool>,
     /// The value may be written into a request target.
@@ -142,7 +142,8 @@ pub struct SecretHit {
     pub secret: usize,
     /// Occurrences replaced by the value.
     pub substituted: u32,
-    /// Occurrences left alone: the secret does not allow the SNI (issue 6 may block these).
+    /// Occurrences left alone: the secret does not allow the SNI (a blocking secret's request
+    /// is refused, see [`SandboxPolicy::blocked_by`]).
     pub wrong_host: u32,
     /// Occurrences left alone: the request's authority differs from the SNI.
     pub host_mismatch: u32,

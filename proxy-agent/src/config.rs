@@ -5,6 +5,8 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use veil_link::proto::WrongHost;
+use veil_policy::ModeOverrides;
 
 /// Where the agent looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/veil/agent.toml";
@@ -85,6 +87,31 @@ pub struct AgentSettings {
     pub scrub_responses: bool,
     /// Loopback address of the Prometheus `/metrics` endpoint; absent = no endpoint.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Replace placeholders in request bodies (JSON, form, text) for every secret; when false
+    /// (the default) only secrets created with `bodySubstitution: true` get it.
+    pub body_substitution: bool,
+    /// What a placeholder sent to a host its secret does not allow does, for every secret:
+    /// `"forward"` (the default, Daytona's behaviour: sent on unchanged) or `"block"` (the
+    /// request is answered 403 naming the secret and control records an audit event). A secret
+    /// created with `wrongHost: "block"` blocks whatever this says.
+    pub wrong_host: WrongHost,
+    /// Largest request body read for substitution, in bytes; a larger one is forwarded unchanged
+    /// (counted as `body_too_large`), so placeholders beyond it are neither replaced nor blocked.
+    pub body_substitution_max_bytes: usize,
+    /// Largest request head a sandbox may send on an intercepted connection, in bytes (HTTP/1.1
+    /// read buffer, h2 header list); at least 8192. Larger heads are refused (431 / stream error).
+    pub max_header_bytes: usize,
+    /// How long a sandbox's client has to complete its TLS handshake with veil.
+    pub handshake_timeout_ms: u64,
+    /// An intercepted connection with no request waiting for its response and no bytes moving
+    /// for this long is closed (HTTP/1.1 keep-alive included).
+    pub idle_timeout_ms: u64,
+    /// Connections one sandbox may have open through veil at once (intercepted or passed
+    /// through); more are closed at once and counted as `limit_refused`. Per sandbox, so one
+    /// sandbox's flood does not starve the others.
+    pub max_connections_per_sandbox: usize,
+    /// Concurrent h2 streams per intercepted connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for AgentSettings {
@@ -104,6 +131,14 @@ impl Default for AgentSettings {
             system_roots: PathBuf::from(crate::tls::upstream::SYSTEM_ROOTS),
             scrub_responses: true,
             metrics_listen: None,
+            body_substitution: false,
+            wrong_host: WrongHost::Forward,
+            body_substitution_max_bytes: 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            max_connections_per_sandbox: 1024,
+            max_streams_per_connection: 100,
         }
     }
 }
@@ -124,6 +159,27 @@ impl AgentSettings {
         Duration::from_millis(self.peek_timeout_ms)
     }
 
+    /// The per-secret modes this config turns on for every secret.
+    pub fn mode_overrides(&self) -> ModeOverrides {
+        ModeOverrides {
+            body_substitution: self.body_substitution,
+            wrong_host: self.wrong_host,
+        }
+    }
+
+    /// What the data path needs of these settings, beside timeouts it already had.
+    pub fn request_limits(&self) -> RequestLimits {
+        RequestLimits {
+            overrides: self.mode_overrides(),
+            body_max_bytes: self.body_substitution_max_bytes,
+            max_header_bytes: self.max_header_bytes,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections_per_sandbox: self.max_connections_per_sandbox,
+            max_streams_per_connection: self.max_streams_per_connection,
+        }
+    }
+
     /// The reconnection backoff bounds.
     pub fn reconnect(&self) -> (Duration, Duration) {
         (
@@ -132,6 +188,34 @@ impl AgentSettings {
         )
     }
 }
+
+/// Request policy and limits of the data path (see the [`AgentSettings`] keys of the same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Modes turned on for every secret.
+    pub overrides: ModeOverrides,
+    /// Largest request body read for substitution.
+    pub body_max_bytes: usize,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Client TLS handshake timeout.
+    pub handshake_timeout: Duration,
+    /// Idle timeout of intercepted connections.
+    pub idle_timeout: Duration,
+    /// Open connections per sandbox.
+    pub max_connections_per_sandbox: usize,
+    /// Concurrent h2 streams per connection.
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        AgentSettings::default().request_limits()
+    }
+}
+
+/// Smallest `max_header_bytes`: hyper's HTTP/1.1 read buffer cannot be smaller.
+pub const MIN_HEADER_BYTES: usize = 8192;
 
 /// A sandbox's identifier: 1–128 of `[A-Za-z0-9_.-]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
@@ -255,6 +339,37 @@ impl Config {
         if a.peek_timeout_ms == 0 || a.leaf_cache_size == 0 {
             return Err(ConfigError::Invalid(
                 "agent.peek_timeout_ms and agent.leaf_cache_size must be > 0".into(),
+            ));
+        }
+        for (key, value) in [
+            (
+                "body_substitution_max_bytes",
+                a.body_substitution_max_bytes as u64,
+            ),
+            ("handshake_timeout_ms", a.handshake_timeout_ms),
+            ("idle_timeout_ms", a.idle_timeout_ms),
+            (
+                "max_connections_per_sandbox",
+                a.max_connections_per_sandbox as u64,
+            ),
+            (
+                "max_streams_per_connection",
+                u64::from(a.max_streams_per_connection),
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("agent.{key} must be > 0")));
+            }
+        }
+        if a.max_header_bytes < MIN_HEADER_BYTES || a.max_header_bytes > u32::MAX as usize {
+            return Err(ConfigError::Invalid(format!(
+                "agent.max_header_bytes must be between {MIN_HEADER_BYTES} and {}",
+                u32::MAX
+            )));
+        }
+        if a.max_connections_per_sandbox > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(ConfigError::Invalid(
+                "agent.max_connections_per_sandbox is too large".into(),
             ));
         }
         if !a.bpf_pin_dir.is_absolute() || !a.state_dir.is_absolute() {
@@ -404,6 +519,15 @@ mod tests {
             "[agent]\nbpf_pin_dir = \"rel/dir\"",
             "[agent]\npeek_timeout_ms = 0",
             "[agent]\nleaf_cache_size = 0",
+            "[agent]\nbody_substitution_max_bytes = 0",
+            "[agent]\nhandshake_timeout_ms = 0",
+            "[agent]\nidle_timeout_ms = 0",
+            "[agent]\nmax_connections_per_sandbox = 0",
+            "[agent]\nmax_streams_per_connection = 0",
+            "[agent]\nmax_header_bytes = 0",
+            "[agent]\nmax_header_bytes = 8191",
+            "[agent]\nwrong_host = \"drop\"",
+            "[agent]\nbody_substitution = \"yes\"",
         ];
         for text in bad {
             assert!(
@@ -418,6 +542,37 @@ mod tests {
         .unwrap();
         assert_eq!(c.agent.bpf_pin_dir, Path::new("/sys/fs/bpf/t1"));
         assert_eq!(c.agent.reconnect().1, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn request_policy_keys() {
+        let d = AgentSettings::default();
+        assert_eq!(d.mode_overrides(), ModeOverrides::default());
+        assert_eq!(d.request_limits(), RequestLimits::default());
+        let c = Config::parse(
+            "[agent]\nbody_substitution = true\nwrong_host = \"block\"\n\
+             body_substitution_max_bytes = 4096\nmax_header_bytes = 8192\n\
+             handshake_timeout_ms = 1500\nidle_timeout_ms = 2500\n\
+             max_connections_per_sandbox = 7\nmax_streams_per_connection = 3",
+            Path::new(MNT),
+        )
+        .unwrap();
+        let l = c.agent.request_limits();
+        assert_eq!(
+            l.overrides,
+            ModeOverrides {
+                body_substitution: true,
+                wrong_host: WrongHost::Block
+            }
+        );
+        assert_eq!(l.body_max_bytes, 4096);
+        assert_eq!(l.max_header_bytes, 8192);
+        assert_eq!(l.handshake_timeout, Duration::from_millis(1500));
+        assert_eq!(l.idle_timeout, Duration::from_millis(2500));
+        assert_eq!(l.max_connections_per_sandbox, 7);
+        assert_eq!(l.max_streams_per_connection, 3);
+        let e = Config::parse("[agent]\nidle_timeout_ms = 0", Path::new(MNT)).unwrap_err();
+        assert!(e.to_string().contains("agent.idle_timeout_ms"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod bpf;
 pub mod config;
 pub mod identity;
 pub mod link;
+pub mod metrics;
 pub mod pins;
 pub mod proxy;
 pub mod sandbox;

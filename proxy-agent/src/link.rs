@@ -6,18 +6,37 @@
 //! acknowledgement is redirected. While control is down the agent keeps enforcing what it has
 //! and reconnects with exponential backoff; a reconnection's snapshot is reconciled against the
 //! running set, so nothing is attached twice.
+//!
+//! The acknowledgement of a message is also the acknowledgement of the secret revisions it
+//! carried (control knows which). Usage goes the other way, unprompted: every
+//! [`USAGE_INTERVAL`] the counts gathered by [`Stats`] are sent aggregated per (sandbox,
+//! secret, host), and blocked requests as soon as one is recorded. Reports that could not be
+//! written are kept (bounded) and sent on the next session; a report written just as the link
+//! breaks may be lost — usage is statistics, and the blocked request was already refused.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::io::AsyncWrite;
 use tokio::net::UnixStream;
+use tokio::sync::mpsc;
 use tracing::{info, warn};
-use veil_link::{AgentMsg, ControlMsg, FrameError, PROTOCOL_VERSION, read_frame, write_frame};
+use veil_link::{
+    AgentMsg, BlockedReport, ControlMsg, FrameError, PROTOCOL_VERSION, UsageReport, read_frame,
+    write_frame,
+};
 
 use crate::config::SandboxSpec;
 use crate::sandbox::Registry;
 use crate::secrets::SecretStore;
+use crate::stats::{BlockedEvent, SecretUsage, UsageKey};
+
+/// How often aggregated usage is reported (when there is any).
+pub const USAGE_INTERVAL: Duration = Duration::from_secs(1);
+/// Most blocked events kept while control is unreachable; older ones are dropped (counted).
+const MAX_UNSENT_BLOCKS: usize = 10_000;
 
 /// Why a session with control ended.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +81,99 @@ pub struct LinkClient {
     pub stats: std::sync::Arc<crate::stats::Stats>,
 }
 
+/// Reports taken from [`Stats`] and not yet written to control.
+#[derive(Debug, Default)]
+pub struct Unsent {
+    usage: BTreeMap<UsageKey, SecretUsage>,
+    blocks: Vec<BlockedEvent>,
+    /// Blocked events dropped because too many waited.
+    dropped_blocks: u64,
+}
+
+impl Unsent {
+    /// Adds newly taken reports, summing usage per key.
+    pub fn merge(&mut self, usage: Vec<(UsageKey, SecretUsage)>, blocks: Vec<BlockedEvent>) {
+        for (key, u) in usage {
+            let e = self.usage.entry(key).or_default();
+            e.substituted = e.substituted.saturating_add(u.substituted);
+            e.wrong_host = e.wrong_host.saturating_add(u.wrong_host);
+            e.host_mismatch = e.host_mismatch.saturating_add(u.host_mismatch);
+            e.blocked = e.blocked.saturating_add(u.blocked);
+        }
+        self.blocks.extend(blocks);
+        if self.blocks.len() > MAX_UNSENT_BLOCKS {
+            let extra = self.blocks.len() - MAX_UNSENT_BLOCKS;
+            self.blocks.drain(..extra);
+            self.dropped_blocks += extra as u64;
+        }
+    }
+
+    /// The usage message for what is pending, if any.
+    pub fn usage_msg(&self, at: SystemTime) -> Option<AgentMsg> {
+        if self.usage.is_empty() {
+            return None;
+        }
+        let reports = self
+            .usage
+            .iter()
+            .map(|(k, u)| UsageReport {
+                sandbox: k.sandbox.clone(),
+                secret_id: k.secret_id.clone(),
+                host: k.host.clone(),
+                substituted: u.substituted,
+                wrong_host: u.wrong_host,
+                host_mismatch: u.host_mismatch,
+                blocked: u.blocked,
+            })
+            .collect();
+        Some(AgentMsg::Usage {
+            at_ms: epoch_ms(at),
+            reports,
+        })
+    }
+
+    /// The blocked message for what is pending, if any.
+    pub fn blocked_msg(&self) -> Option<AgentMsg> {
+        if self.blocks.is_empty() {
+            return None;
+        }
+        let events = self
+            .blocks
+            .iter()
+            .map(|b| BlockedReport {
+                sandbox: b.key.sandbox.clone(),
+                secret_id: b.key.secret_id.clone(),
+                host: b.key.host.clone(),
+                at_ms: epoch_ms(b.at),
+            })
+            .collect();
+        Some(AgentMsg::Blocked { events })
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.usage.is_empty() && self.blocks.is_empty()
+    }
+}
+
+/// Milliseconds since the epoch (0 for times before it).
+fn epoch_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Aborts the frame reader when a session ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the frame reader hands the session: a message, the end of the stream, or an error.
+type Incoming = Result<Option<ControlMsg>, FrameError>;
+
 impl LinkClient {
     /// Runs sessions forever, reconnecting after each one ends. Cancel by dropping the future
     /// (it never leaves a message half-applied: applying is synchronous).
@@ -69,9 +181,13 @@ impl LinkClient {
         let (min, max) = self.backoff;
         let mut delay = min;
         let mut last_error = String::new();
+        let mut unsent = Unsent::default();
         loop {
             let mut synced = false;
-            match self.session(registry, secrets, &mut synced).await {
+            match self
+                .session(registry, secrets, &mut synced, &mut unsent)
+                .await
+            {
                 Ok(()) => info!("control closed the link; reconnecting"),
                 Err(e) => {
                     // Logged once per distinct failure: a control that is down for long must
@@ -97,6 +213,7 @@ impl LinkClient {
         registry: &mut Registry,
         secrets: &SecretStore,
         synced: &mut bool,
+        unsent: &mut Unsent,
     ) -> Result<(), LinkError> {
         let mut stream =
             UnixStream::connect(&self.socket)
@@ -125,22 +242,81 @@ impl LinkClient {
         )
         .await?;
         info!(socket = %self.socket.display(), "connected to control");
-        while let Some(msg) = read_frame::<ControlMsg, _>(&mut stream).await? {
-            let seq = msg.seq();
-            let is_snapshot = matches!(msg, ControlMsg::Snapshot { .. });
-            let errors = apply(msg, registry, secrets, &self.cgroup2);
-            for e in &errors {
-                warn!(seq, "applying control's change: {e}");
+        let (mut reader, mut writer) = stream.into_split();
+        // Frames are read by their own task: a read cut short by select! would lose bytes.
+        let (tx, mut rx) = mpsc::channel::<Incoming>(64);
+        let _reader = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let frame = read_frame::<ControlMsg, _>(&mut reader).await;
+                let last = !matches!(frame, Ok(Some(_)));
+                if tx.send(frame).await.is_err() || last {
+                    break;
+                }
             }
-            write_frame(&mut stream, &AgentMsg::Applied { seq, errors }).await?;
-            if is_snapshot {
-                *synced = true;
-                info!(
-                    sandboxes = registry.len(),
-                    secrets = secrets.len(),
-                    "in sync with control"
-                );
+        }));
+        let mut tick = tokio::time::interval(USAGE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                // Control's changes first: a rotation waits for their acknowledgement.
+                biased;
+                incoming = rx.recv() => {
+                    let msg = match incoming {
+                        Some(Ok(Some(msg))) => msg,
+                        Some(Ok(None)) | None => return Ok(()),
+                        Some(Err(e)) => return Err(e.into()),
+                    };
+                    let seq = msg.seq();
+                    let is_snapshot = matches!(msg, ControlMsg::Snapshot { .. });
+                    let errors = apply(msg, registry, secrets, &self.cgroup2);
+                    for e in &errors {
+                        warn!(seq, "applying control's change: {e}");
+                    }
+                    write_frame(&mut writer, &AgentMsg::Applied { seq, errors }).await?;
+                    if is_snapshot {
+                        *synced = true;
+                        info!(
+                            sandboxes = registry.len(),
+                            secrets = secrets.len(),
+                            "in sync with control"
+                        );
+                        // What waited while control was away goes at once.
+                        self.report(&mut writer, unsent).await?;
+                    }
+                }
+                () = self.stats.report_ready.notified(), if *synced => {
+                    self.report(&mut writer, unsent).await?;
+                }
+                _ = tick.tick(), if *synced => {
+                    self.report(&mut writer, unsent).await?;
+                }
             }
+        }
+    }
+
+    /// Sends the usage and blocked requests gathered since the last report; what cannot be
+    /// written stays in `unsent` for the next session.
+    async fn report<W: AsyncWrite + Unpin>(
+        &self,
+        writer: &mut W,
+        unsent: &mut Unsent,
+    ) -> Result<(), LinkError> {
+        let (usage, blocks) = self.stats.take_reports();
+        unsent.merge(usage, blocks);
+        if unsent.dropped_blocks > 0 {
+            warn!(
+                dropped = unsent.dropped_blocks,
+                "blocked requests not reported: too many waited for control"
+            );
+            unsent.dropped_blocks = 0;
+        }
+        if let Some(msg) = unsent.blocked_msg() {
+            write_frame(writer, &msg).await?;
+            unsent.blocks.clear();
+        }
+        if let Some(msg) = unsent.usage_msg(SystemTime::now()) {
+            write_frame(writer, &msg).await?;
+            unsent.usage.clear();
         }
         Ok(())
     }
@@ -214,6 +390,44 @@ mod tests {
         assert!(!trusted_peer(1001, 1000));
         assert!(trusted_peer(0, 0));
         assert!(!trusted_peer(65534, 0));
+    }
+
+    fn key(secret: &str, host: &str) -> UsageKey {
+        UsageKey {
+            sandbox: "sb".into(),
+            secret_id: secret.into(),
+            host: host.into(),
+        }
+    }
+
+    #[test]
+    fn unsent_reports_aggregate_and_stay_bounded() {
+        let mut u = Unsent::default();
+        assert!(u.is_empty() && u.usage_msg(SystemTime::now()).is_none());
+        let one = SecretUsage {
+            substituted: 2,
+            ..SecretUsage::default()
+        };
+        u.merge(vec![(key("s", "h"), one), (key("s", "g"), one)], vec![]);
+        u.merge(vec![(key("s", "h"), one)], vec![]);
+        let Some(AgentMsg::Usage { reports, at_ms }) = u.usage_msg(UNIX_EPOCH) else {
+            panic!("no usage message");
+        };
+        assert_eq!(at_ms, 0);
+        assert_eq!(reports.len(), 2, "one entry per (sandbox, secret, host)");
+        let h = reports.iter().find(|r| r.host == "h").unwrap();
+        assert_eq!(h.substituted, 4);
+        let ev = |n: u64| BlockedEvent {
+            key: key("s", "h"),
+            at: UNIX_EPOCH + Duration::from_millis(n),
+        };
+        u.merge(vec![], (0..MAX_UNSENT_BLOCKS as u64 + 5).map(ev).collect());
+        assert_eq!(u.dropped_blocks, 5);
+        let Some(AgentMsg::Blocked { events }) = u.blocked_msg() else {
+            panic!("no blocked message");
+        };
+        assert_eq!(events.len(), MAX_UNSENT_BLOCKS);
+        assert_eq!(events[0].at_ms, 5, "the oldest are dropped first");
     }
 
     #[test]

@@ -8,11 +8,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
-use clap::{Args as ClapArgs, Parser, Subcommand};
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use proxy_agent::bpf::{self, Bpf};
 use proxy_agent::config::{self, Config};
 use proxy_agent::identity;
 use proxy_agent::link::{Identity, LinkClient};
+use proxy_agent::metrics;
 use proxy_agent::pins::PinLayout;
 use proxy_agent::proxy::Proxy;
 use proxy_agent::proxy::intercept::TlsContext;
@@ -59,6 +60,18 @@ struct Common {
     /// Extra CA certificate (PEM) trusted for upstream TLS; repeatable.
     #[arg(long = "upstream-ca", value_name = "PEM")]
     upstream_ca: Vec<PathBuf>,
+    /// Log format on stderr: `human` (text) or `json` (one object per line, for log shippers).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+}
+
+/// How log records are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable text (colours only on a terminal).
+    Human,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,8 +118,8 @@ impl Fatal {
 }
 
 fn main() -> ExitCode {
-    init_tracing();
     let args = Args::parse();
+    init_tracing(args.common.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -131,17 +144,25 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    // Both also install the `log` → tracing bridge that carries aya-log's kernel records; it
+    // must be in place before the programs load.
+    match format {
         // Colour codes only for a person at a terminal, never in journald or log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        // Also installs the `log` → tracing bridge that carries aya-log's kernel records;
-        // it must be in place before the programs load.
-        .init();
+        LogFormat::Human => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_ansi(false)
+            .with_current_span(false)
+            .init(),
+    }
 }
 
 fn load_config(args: &Common, cgroup2: &Path) -> Result<Config, Fatal> {
@@ -184,6 +205,9 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     let cgroup2 = config::cgroup2_mount().map_err(|e| Fatal::Host(e.into()))?;
     let config = load_config(args, &cgroup2)?;
     let settings = &config.agent;
+    if let Some(addr) = settings.metrics_listen {
+        metrics::check_listen(addr).map_err(|e| Fatal::Config(e.into()))?;
+    }
     create_state_dir(&settings.state_dir).map_err(Fatal::Host)?;
     let _lock = lock_state_dir(&settings.state_dir)?;
     let agent_id = identity::load_or_create(&settings.state_dir)
@@ -218,7 +242,21 @@ async fn run(args: &Common) -> Result<(), Fatal> {
         scrub_responses: settings.scrub_responses,
         secrets: secrets.clone(),
         tls: Arc::new(tls),
+        limits: settings.request_limits(),
     });
+    let _metrics = match settings.metrics_listen {
+        Some(addr) => metrics::serve(
+            addr,
+            metrics::Sources {
+                stats: proxy.stats.clone(),
+                secrets: secrets.clone(),
+                pins: pins.clone(),
+            },
+        )
+        .await
+        .map_err(|e| Fatal::Config(e.into()))?,
+        None => None,
+    };
     let mut registry = Registry::open(
         bpf,
         proxy.clone(),
@@ -238,6 +276,11 @@ async fn run(args: &Common) -> Result<(), Fatal> {
         adoption_ms = adoption.elapsed().as_millis() as u64,
         "veil-agent ready"
     );
+    // Handlers before READY=1: a SIGTERM sent as soon as the service manager sees it ready
+    // must drain and exit cleanly, not kill the process by default disposition.
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| Fatal::Runtime(e.into()))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Fatal::Runtime(e.into()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Fatal::Runtime(e.into()))?;
     notify(&[NotifyState::Ready]);
 
     let link = LinkClient {
@@ -250,9 +293,6 @@ async fn run(args: &Common) -> Result<(), Fatal> {
         cgroup2,
         stats: proxy.stats.clone(),
     };
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| Fatal::Runtime(e.into()))?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Fatal::Runtime(e.into()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| Fatal::Runtime(e.into()))?;
     {
         let linked = link.run(&mut registry, &secrets);
         tokio::pin!(linked);

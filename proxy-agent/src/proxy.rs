@@ -6,8 +6,15 @@
 //! secrets is spliced at once (nothing to decide); otherwise the ClientHello is peeked and the
 //! sandbox's policy decides. Everything that is not intercepted passes through byte for byte,
 //! the peeked bytes first.
+//!
+//! Each sandbox may hold `max_connections_per_sandbox` connections at once; one more is closed
+//! as soon as it is accepted and counted (`limit_refused`). The limit is per sandbox, and each
+//! sandbox has its own listener and accept loop, so a sandbox flooding veil with connections
+//! exhausts only its own share.
 
+pub mod body;
 pub mod forward;
+pub mod idle;
 pub mod intercept;
 pub mod passthrough;
 pub mod peek;
@@ -20,6 +27,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -27,7 +35,7 @@ use tracing::{debug, warn};
 use veil_policy::{Decision, PassthroughReason};
 
 use crate::bpf::OrigDstTable;
-use crate::config::SandboxId;
+use crate::config::{RequestLimits, SandboxId};
 use crate::proxy::intercept::TlsContext;
 use crate::proxy::peek::{Peeked, PrefixedStream};
 use crate::secrets::SecretStore;
@@ -53,6 +61,8 @@ pub struct Proxy {
     pub secrets: SecretStore,
     /// Interception TLS material.
     pub tls: Arc<TlsContext>,
+    /// Request modes and limits (see [`crate::config::AgentSettings::request_limits`]).
+    pub limits: RequestLimits,
 }
 
 /// The sandbox a listener belongs to.
@@ -64,6 +74,8 @@ pub struct SandboxTag {
     pub netns_cookie: u64,
     /// Its upstream connection pools.
     pub upstream: SandboxUpstream,
+    /// Its share of connections: one permit per open connection.
+    connections: Arc<Semaphore>,
 }
 
 impl SandboxTag {
@@ -73,6 +85,7 @@ impl SandboxTag {
             id,
             netns_cookie,
             upstream: SandboxUpstream::new(proxy.tls.upstream.clone(), proxy.connect_timeout),
+            connections: Arc::new(Semaphore::new(proxy.limits.max_connections_per_sandbox)),
         }
     }
 }
@@ -92,8 +105,15 @@ pub async fn serve(
         match accepted {
             Ok((stream, peer)) => {
                 Stats::inc(&proxy.stats.accepted);
+                let Some(permit) = admit(&proxy, &sandbox, peer) else {
+                    // Closed at once: the kernel drops its original-destination record with the
+                    // socket.
+                    drop(stream);
+                    continue;
+                };
                 let (proxy, sandbox) = (proxy.clone(), sandbox.clone());
                 proxy.tracker.clone().spawn(async move {
+                    let _permit = permit;
                     handle(&proxy, &sandbox, stream, peer).await;
                 });
             }
@@ -102,6 +122,18 @@ pub async fn serve(
                 warn!(sandbox = %sandbox.id, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// A permit for one more connection of `sandbox`; `None` (counted) when it has its limit open.
+fn admit(proxy: &Proxy, sandbox: &SandboxTag, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
+    match sandbox.connections.clone().try_acquire_owned() {
+        Ok(permit) => Some(permit),
+        Err(_) => {
+            Stats::inc(&proxy.stats.limit_refused);
+            debug!(sandbox = %sandbox.id, %peer, limit = proxy.limits.max_connections_per_sandbox, "connection limit reached; connection closed");
+            None
         }
     }
 }
@@ -144,7 +176,10 @@ async fn handle(proxy: &Proxy, sandbox: &SandboxTag, mut client: TcpStream, peer
             return passthrough(proxy, sandbox, client, prefix, dst, spare).await;
         }
     };
-    match (policy.decide_hello(&hello), hello.sni) {
+    match (
+        policy.decide_hello_with(&hello, proxy.limits.overrides),
+        hello.sni,
+    ) {
         (Decision::Intercept(i), Some(sni)) => {
             // The speculative upstream connection is not needed: interception pools its own.
             drop(spare);

@@ -47,6 +47,11 @@ pub struct AgentOptions {
     pub ready_timeout: Duration,
     /// How long [`Agent::terminate`] waits after SIGTERM.
     pub terminate_timeout: Duration,
+    /// `[agent] metrics_listen`, when set; `None` (the default) = no endpoint, so parallel
+    /// agents never race for a port. Use [`crate::control::free_port`] for a free one.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Extra TOML lines for the `[agent]` table (keys this fixture has no field for).
+    pub extra_config: String,
 }
 
 impl Default for AgentOptions {
@@ -60,6 +65,8 @@ impl Default for AgentOptions {
             env: Vec::new(),
             ready_timeout: Duration::from_secs(30),
             terminate_timeout: Duration::from_secs(15),
+            metrics_listen: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -76,6 +83,8 @@ struct AgentSection<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     control_socket: Option<&'a Path>,
     bpf_pin_dir: &'a Path,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Renders the agent's TOML config.
@@ -89,9 +98,32 @@ pub fn render_config(
             drain_timeout_ms,
             control_socket,
             bpf_pin_dir: pin_dir,
+            metrics_listen: None,
         },
     })
     .unwrap_or_else(|e| panic!("rendering agent config: {e}"))
+}
+
+/// Renders the agent's TOML config as `options` say (pin dir resolved by the caller).
+pub fn render_options(options: &AgentOptions, pin_dir: &Path) -> String {
+    let mut text = toml::to_string(&ConfigFile {
+        agent: AgentSection {
+            drain_timeout_ms: options.drain_timeout_ms,
+            control_socket: options.control_socket.as_deref(),
+            bpf_pin_dir: pin_dir,
+            metrics_listen: options.metrics_listen,
+        },
+    })
+    .unwrap_or_else(|e| panic!("rendering agent config: {e}"));
+    // `[agent]` is the only table, so lines appended at the end belong to it.
+    if !options.extra_config.is_empty() {
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&options.extra_config);
+        text.push('\n');
+    }
+    text
 }
 
 /// Prefix of per-agent pin directories in bpffs.
@@ -215,14 +247,7 @@ impl Agent {
             ),
         };
         let config = dir.path().join("agent.toml");
-        write_atomically(
-            &config,
-            &render_config(
-                options.drain_timeout_ms,
-                options.control_socket.as_deref(),
-                &pin_dir,
-            ),
-        );
+        write_atomically(&config, &render_options(&options, &pin_dir));
         let sock = dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&sock)
             .unwrap_or_else(|e| panic!("binding notify socket {}: {e}", sock.display()));
@@ -273,6 +298,13 @@ impl Agent {
             st.notifications.len()
         };
         self.wait_notify_from("READY=1", from, self.options.ready_timeout);
+    }
+
+    /// `http://ADDR/metrics` when the agent was started with `metrics_listen`.
+    pub fn metrics_url(&self) -> Option<String> {
+        self.options
+            .metrics_listen
+            .map(|addr| format!("http://{addr}/metrics"))
     }
 
     /// The agent's bpffs pin directory.
@@ -606,6 +638,18 @@ mod tests {
         let bare: toml::Value =
             toml::from_str(&render_config(None, None, Path::new("/p"))).unwrap();
         assert!(bare["agent"].get("control_socket").is_none(), "{bare}");
+        assert!(bare["agent"].get("metrics_listen").is_none(), "{bare}");
+        let options = AgentOptions {
+            metrics_listen: Some("127.0.0.1:9999".parse().unwrap()),
+            extra_config: "scrub_responses = false".into(),
+            ..AgentOptions::default()
+        };
+        let full: toml::Value = toml::from_str(&render_options(&options, Path::new("/p"))).unwrap();
+        assert_eq!(
+            full["agent"]["metrics_listen"].as_str(),
+            Some("127.0.0.1:9999")
+        );
+        assert_eq!(full["agent"]["scrub_responses"].as_bool(), Some(false));
     }
 
     #[test]

@@ -61,6 +61,7 @@ pub struct Control {
     pub agent_socket: PathBuf,
     config_path: PathBuf,
     rust_log: String,
+    extra_args: Vec<String>,
     _tmp: tempfile::TempDir,
 }
 
@@ -77,6 +78,12 @@ impl Control {
 
     /// Starts a daemon with this TOML config and `RUST_LOG` filter.
     pub fn start_with(config: &str, rust_log: &str) -> Self {
+        Self::start_with_args(config, rust_log, &[])
+    }
+
+    /// Starts a daemon with this TOML config, `RUST_LOG` filter and extra `serve` arguments
+    /// (e.g. `--log-format json`).
+    pub fn start_with_args(config: &str, rust_log: &str, args: &[&str]) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("veil-control-test-")
             .tempdir()
@@ -102,6 +109,7 @@ impl Control {
             agent_socket,
             config_path,
             rust_log: rust_log.to_owned(),
+            extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
             _tmp: tmp,
         };
         // The free port may be taken between probing and binding: retry on another one.
@@ -140,6 +148,7 @@ impl Control {
             .arg(&self.data_dir)
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
+            .args(&self.extra_args)
             .env("RUST_LOG", &self.rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

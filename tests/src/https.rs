@@ -1,12 +1,20 @@
 //! TLS upstreams for interception tests: a test CA, and an HTTPS server (HTTP/1.1 and h2 by
 //! ALPN) that answers every request with a JSON echo of what it received and records it, so a
-//! test can assert both what arrived upstream and what the sandbox saw.
+//! test can assert both what arrived upstream and what the sandbox saw. On every upstream,
+//! `POST|PUT /store` keeps the request body and `GET /load` answers with the last one kept.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use http_body_util::{BodyExt, Full};
+use std::convert::Infallible;
+use std::io::Write as _;
+use std::time::Duration;
+
+use base64::Engine as _;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
@@ -118,7 +126,40 @@ pub enum Reply {
     Summary,
     /// The whole [`Seen`] record as JSON (for scrubbing tests: values echoed back).
     Echo,
+    /// Reflects the request's `x-reflect` header (as it arrived) in the form the path names,
+    /// for scrubbing tests; see [`REFLECT_FORMS`]. Other paths answer as [`Reply::Echo`].
+    Reflect,
 }
+
+/// The request header whose value [`Reply::Reflect`] sends back.
+pub const REFLECT_HEADER: &str = "x-reflect";
+
+/// The forms [`Reply::Reflect`] answers in, at `GET /reflect/<form>`:
+/// - `header`: response header `x-echo: <v>`;
+/// - `reason`: the value as the h1 reason phrase;
+/// - `body`: `you sent <v>` as text; `json`: `{"echo": "<v>"}`;
+/// - `base64`, `base64url`: `token=<v>` in standard / URL-safe base64 (padded);
+/// - `percent`: `q=<v percent-encoded>`;
+/// - `gzip`, `deflate`, `br`: the `body` text (repeated) with that `Content-Encoding`;
+/// - `zstd`: the `body` text, labelled `Content-Encoding: zstd` (veil cannot decode that);
+/// - `chunked`: the `body` text in three frames cut inside the value, 30 ms apart;
+/// - `trailer`: a short body and the trailer `x-echo-trailer: <v>`.
+pub const REFLECT_FORMS: [&str; 14] = [
+    "header",
+    "reason",
+    "body",
+    "json",
+    "base64",
+    "base64url",
+    "percent",
+    "gzip",
+    "deflate",
+    "br",
+    "zstd",
+    "chunked",
+    "trailer",
+    "trailer-h1",
+];
 
 /// An HTTPS (or plain HTTP) recording server inside a namespace; stops on drop.
 #[derive(Debug)]
@@ -127,6 +168,13 @@ pub struct HttpsUpstream {
     seen: Arc<Mutex<Vec<Seen>>>,
     _stop: DropGuard,
 }
+
+/// What the upstream answers with.
+type ReplyBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// The body last sent to `POST|PUT /store` (shared by every connection of one upstream), which
+/// `GET /load` returns.
+type Stored = Arc<Mutex<Bytes>>;
 
 impl HttpsUpstream {
     /// Serves TLS for `names` (certificate from `ca`) on `ip`:port 0 in `ns`, offering h2 and
@@ -162,6 +210,7 @@ impl HttpsUpstream {
         let stopped = CancellationToken::new();
         let stop = stopped.clone().drop_guard();
         let seen2 = seen.clone();
+        let stored: Stored = Arc::default();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -177,14 +226,15 @@ impl HttpsUpstream {
                         a = listener.accept() => a,
                     };
                     let Ok((tcp, _)) = accepted else { continue };
-                    let (acceptor, seen) = (acceptor.clone(), seen2.clone());
+                    let (acceptor, seen, stored) =
+                        (acceptor.clone(), seen2.clone(), stored.clone());
                     tokio::spawn(async move {
                         let builder = hyper_util::server::conn::auto::Builder::new(
                             hyper_util::rt::TokioExecutor::new(),
                         );
                         let Some(acceptor) = acceptor else {
                             let service = hyper::service::service_fn(move |req| {
-                                record(req, None, seen.clone(), reply)
+                                record(req, None, seen.clone(), stored.clone(), reply)
                             });
                             let io = hyper_util::rt::TokioIo::new(tcp);
                             let _ = builder.serve_connection(io, service).await;
@@ -195,7 +245,7 @@ impl HttpsUpstream {
                         };
                         let sni = tls.get_ref().1.server_name().map(str::to_owned);
                         let service = hyper::service::service_fn(move |req| {
-                            record(req, sni.clone(), seen.clone(), reply)
+                            record(req, sni.clone(), seen.clone(), stored.clone(), reply)
                         });
                         let io = hyper_util::rt::TokioIo::new(tls);
                         let _ = builder.serve_connection(io, service).await;
@@ -239,8 +289,9 @@ async fn record(
     req: Request<Incoming>,
     sni: Option<String>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    stored: Stored,
     reply: Reply,
-) -> Result<Response<Full<Bytes>>, hyper::Error> {
+) -> Result<Response<ReplyBody>, hyper::Error> {
     let version = format!("{:?}", req.version());
     let method = req.method().to_string();
     let target = req
@@ -260,7 +311,21 @@ async fn record(
     if let Some(authority) = req.uri().authority() {
         headers.push((":authority".to_owned(), authority.to_string()));
     }
+    let reflected = req
+        .headers()
+        .get(REFLECT_HEADER)
+        .map(|v| v.as_bytes().to_vec());
     let body = req.into_body().collect().await?.to_bytes();
+    // The store/load pair answers on every upstream whatever its reply mode, so a test can send
+    // a body through veil and read back what arrived upstream through veil again.
+    let stored_reply = match (method.as_str(), target.as_str()) {
+        ("POST" | "PUT", "/store") => {
+            *stored.lock().unwrap_or_else(|p| p.into_inner()) = body.clone();
+            Some(Bytes::from_static(b"{\"stored\":true}"))
+        }
+        ("GET", "/load") => Some(stored.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+        _ => None,
+    };
     let record = Seen {
         version,
         method,
@@ -269,8 +334,19 @@ async fn record(
         body: String::from_utf8_lossy(&body).into_owned(),
         sni,
     };
+    if let Some(body) = stored_reply {
+        seen.lock().unwrap_or_else(|p| p.into_inner()).push(record);
+        return Ok(Response::new(full(body)));
+    }
+    if reply == Reply::Reflect
+        && let Some(form) = record.target.strip_prefix("/reflect/")
+    {
+        let form = form.to_owned();
+        seen.lock().unwrap_or_else(|p| p.into_inner()).push(record);
+        return Ok(reflect(&form, &reflected.unwrap_or_default()));
+    }
     let json = match reply {
-        Reply::Echo => serde_json::to_vec(&record).unwrap_or_default(),
+        Reply::Echo | Reply::Reflect => serde_json::to_vec(&record).unwrap_or_default(),
         Reply::Summary => serde_json::to_vec(&serde_json::json!({
             "version": record.version,
             "sni": record.sni,
@@ -281,6 +357,119 @@ async fn record(
     seen.lock().unwrap_or_else(|p| p.into_inner()).push(record);
     Ok(Response::builder()
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(json)))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+        .body(full(Bytes::from(json)))
+        .unwrap_or_else(|_| Response::new(full(Bytes::new()))))
+}
+
+fn full(bytes: Bytes) -> ReplyBody {
+    Full::new(bytes).boxed_unsync()
+}
+
+/// The answer of [`Reply::Reflect`] for `form` (see [`REFLECT_FORMS`]) and the value `v`.
+fn reflect(form: &str, v: &[u8]) -> Response<ReplyBody> {
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+    let text = |v: &[u8]| [b"you sent ".as_slice(), v, b"\n"].concat();
+    let mut resp = Response::builder().header("content-type", "text/plain");
+    let body = match form {
+        "header" => {
+            resp = resp.header("x-echo", v);
+            full(Bytes::from_static(b"see x-echo\n"))
+        }
+        "reason" => {
+            if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(v.to_vec()) {
+                resp = resp.extension(reason);
+            }
+            full(Bytes::from_static(b"see the status line\n"))
+        }
+        "body" => full(Bytes::from(text(v))),
+        "json" => {
+            let v = String::from_utf8_lossy(v);
+            full(Bytes::from(
+                serde_json::to_vec(&serde_json::json!({ "echo": v })).unwrap_or_default(),
+            ))
+        }
+        "base64" => full(Bytes::from(STANDARD.encode([b"token=", v].concat()))),
+        "base64url" => full(Bytes::from(URL_SAFE.encode([b"token=", v].concat()))),
+        "percent" => full(Bytes::from(format!("q={}", percent_encode(v)))),
+        "gzip" | "deflate" | "br" | "zstd" => {
+            // Long enough to span several compressed blocks and decoded reads.
+            let plain = text(v).repeat(2000);
+            resp = resp.header("content-encoding", form);
+            full(Bytes::from(compress(form, &plain)))
+        }
+        "chunked" => {
+            let third = v.len() / 3;
+            let pieces = [
+                [b"you sent ".as_slice(), &v[..third]].concat(),
+                v[third..2 * third].to_vec(),
+                [&v[2 * third..], b"\n".as_slice()].concat(),
+            ];
+            streamed(pieces.into_iter().map(|p| Frame::data(Bytes::from(p))))
+        }
+        "trailer" | "trailer-h1" => {
+            let mut trailers = hyper::HeaderMap::new();
+            if let Ok(v) = hyper::header::HeaderValue::from_bytes(v) {
+                trailers.insert("x-echo-trailer", v);
+            }
+            resp = resp.header("trailer", "x-echo-trailer");
+            streamed(
+                [
+                    Frame::data(Bytes::from_static(b"trailer follows\n")),
+                    Frame::trailers(trailers),
+                ]
+                .into_iter(),
+            )
+        }
+        _ => full(Bytes::from_static(b"unknown reflect form\n")),
+    };
+    resp.body(body)
+        .unwrap_or_else(|_| Response::new(full(Bytes::new())))
+}
+
+/// Frames sent 30 ms apart, so each goes out (h1 chunk, h2 DATA) on its own.
+fn streamed(frames: impl Iterator<Item = Frame<Bytes>> + Send + 'static) -> ReplyBody {
+    use futures_util::StreamExt as _;
+    let stream = futures_util::stream::iter(frames).then(|frame| async move {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        Ok::<_, Infallible>(frame)
+    });
+    StreamBody::new(stream).boxed_unsync()
+}
+
+/// RFC 3986 percent-encoding (upper-case hex), unreserved characters kept.
+pub fn percent_encode(v: &[u8]) -> String {
+    let mut out = String::new();
+    for &b in v {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn compress(coding: &str, plain: &[u8]) -> Vec<u8> {
+    match coding {
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            let _ = e.write_all(plain);
+            e.finish().unwrap_or_default()
+        }
+        "deflate" => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            let _ = e.write_all(plain);
+            e.finish().unwrap_or_default()
+        }
+        "br" => {
+            let mut out = Vec::new();
+            {
+                let mut e = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+                let _ = e.write_all(plain);
+            }
+            out
+        }
+        // Not compressed: only the label matters to veil, which must refuse it.
+        _ => plain.to_vec(),
+    }
 }

@@ -64,7 +64,13 @@ async fn secret_crud() {
     // Get, list, paginated.
     let (status, got) = api.get(&format!("/secret/{id}"), &key).await;
     assert_eq!(status, 200);
-    assert_eq!(got, created);
+    // The single-secret view is the list view plus veil's propagation and usage fields.
+    for (field, v) in created.as_object().unwrap() {
+        assert_eq!(&got[field], v, "{field}");
+    }
+    assert_eq!(got["propagation"]["complete"], true);
+    assert_eq!(got["lastUsedAt"], Value::Null);
+    assert_eq!(got["usage"], json!({}));
     let (status, list) = api.get("/secret", &key).await;
     assert_eq!(status, 200);
     assert_eq!(list, json!([created.clone()]));

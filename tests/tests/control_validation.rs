@@ -311,6 +311,8 @@ async fn patch_and_query_validation() {
         .create_secret(&key, "target", "v1", &["a.example"])
         .await;
     let path = format!("/secret/{}", s["id"].as_str().unwrap());
+    // The GET view (with veil's propagation and usage fields) to compare against.
+    let (_, s) = api.get(&path, &key).await;
     let audit_before = audit_total(&api, &key).await;
     let cases: Vec<(&str, Value, &str)> = vec![
         ("empty value", json!({"value": ""}), "value"),

@@ -319,3 +319,92 @@ fn both_daemons_work_under_their_units_restrictions_and_pins_survive_a_restart()
         veil.agent().log_tail(20)
     );
 }
+
+/// `pub <field>:` names of `pub struct <name> { … }` in Rust source `src`.
+fn struct_fields(src: &str, name: &str) -> Vec<(String, String)> {
+    let start = src
+        .find(&format!("pub struct {name} {{"))
+        .unwrap_or_else(|| panic!("no struct {name}"));
+    let body = &src[start..];
+    let body = &body[..body.find("\n}").expect("struct end")];
+    body.lines()
+        .filter_map(|l| l.trim().strip_prefix("pub "))
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(field, _)| !field.contains(' '))
+        .map(|(field, ty)| (field.to_owned(), ty.trim().trim_end_matches(',').to_owned()))
+        .collect()
+}
+
+/// The keys (`table.key`, or `key` at the top level) of every struct in `structs` (table name,
+/// struct name) from `src`; a field whose type is another listed struct is a table, not a key.
+fn config_keys(src: &str, structs: &[(&str, &str)]) -> Vec<String> {
+    let mut keys = Vec::new();
+    for (table, name) in structs {
+        for (field, ty) in struct_fields(src, name) {
+            if structs.iter().any(|(_, s)| *s == ty) {
+                continue;
+            }
+            keys.push(if table.is_empty() {
+                field
+            } else {
+                format!("{table}.{field}")
+            });
+        }
+    }
+    keys
+}
+
+/// Every `table.key` (or top-level `key`) set in a TOML text.
+fn toml_keys(text: &str) -> Vec<String> {
+    let table: toml::Table = toml::from_str(text).expect("valid TOML");
+    let mut keys = Vec::new();
+    for (k, v) in &table {
+        match v.as_table() {
+            Some(inner) => keys.extend(inner.keys().map(|ik| format!("{k}.{ik}"))),
+            None => keys.push(k.clone()),
+        }
+    }
+    keys
+}
+
+#[test]
+fn shipped_configs_and_the_readme_document_every_config_key() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let read = |p: &str| {
+        std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("reading {p}: {e}"))
+    };
+    let readme = read("README.md");
+    for (config_rs, structs, dist) in [
+        (
+            "proxy-agent/src/config.rs",
+            vec![("agent", "AgentSettings")],
+            "xtask/dist/agent.toml",
+        ),
+        (
+            "control/src/config.rs",
+            vec![
+                ("", "Config"),
+                ("sandbox", "SandboxConfig"),
+                ("agent", "AgentConfig"),
+            ],
+            "xtask/dist/control.toml",
+        ),
+    ] {
+        let mut want = config_keys(&read(config_rs), &structs);
+        want.sort();
+        let shipped = read(dist);
+        let mut have = toml_keys(&shipped);
+        have.sort();
+        assert_eq!(have, want, "{dist} vs the keys of {config_rs}");
+        // The README's reference carries the shipped file's settings line for line.
+        for line in shipped
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        {
+            assert!(
+                readme.lines().any(|r| r == line),
+                "README's configuration reference lacks `{line}` from {dist}"
+            );
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! The Prometheus endpoints answer and count what the test did.
 
 use serde_json::json;
+use veil_tests::AgentOptions;
 use veil_tests::control::{Control, free_port};
 
 fn scrape(port: u16) -> String {
@@ -55,4 +56,198 @@ fn control_metrics_count_requests_by_route_and_status_and_report_gauges() {
     }
     assert!(!text.contains(&id), "ids must not become labels");
     assert!(!text.contains("v-metrics-1"));
+}
+
+/// The value of the sample `key` (name with labels, exactly as rendered) in `text`.
+fn sample(text: &str, key: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.rsplit_once(' ').filter(|(k, _)| *k == key))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+#[test]
+fn agent_metrics_count_an_intercepted_request() {
+    use std::net::IpAddr;
+    use veil_tests::{HttpsUpstream, NetNs, Sandbox, TestCa, Veil, World};
+
+    veil_tests::require_root();
+    const HOST: &str = "metrics.allowed.test";
+    let world = World::new();
+    let ca = TestCa::new("metrics test CA");
+    let ip: IpAddr = world.upstream_v4().into();
+    let up = HttpsUpstream::start(world.netns(), ip, &ca, &[HOST]);
+    let port = free_port();
+    let veil = Veil::start_with(
+        AgentOptions {
+            args: vec!["--upstream-ca".into(), ca.pem_path().into()],
+            metrics_listen: Some(([127, 0, 0, 1], port).into()),
+            ..AgentOptions::default()
+        },
+        &[],
+    );
+    let url = veil.agent().metrics_url().expect("metrics url");
+    assert!(url.contains(&port.to_string()));
+    let before = scrape(port);
+    assert_eq!(sample(&before, "veil_agent_requests_total"), Some(0.0));
+    assert_eq!(sample(&before, "veil_agent_sandboxes"), Some(0.0));
+
+    let value = format!("metrics-value-{}", veil_tests::control::random_token(24));
+    let created = veil.block_on(veil.api().post(
+        "/secret",
+        veil.key(),
+        json!({"name": "metrics-key", "value": value, "hosts": [HOST]}),
+    ));
+    assert_eq!(created.0, 201);
+    let id = created.1["id"].as_str().expect("id").to_owned();
+    let placeholder = created.1["placeholder"].as_str().expect("ph").to_owned();
+
+    let ns = NetNs::new("metrics");
+    let sb = Sandbox::new("metrics", Some(&ns)).with_hosts(&[(HOST, ip)]);
+    let answer = veil.register_with(&sb.agent_entry("metrics"), &[("MY_KEY", "metrics-key")]);
+    let agent_ca = answer["caCertificate"]
+        .as_str()
+        .or(answer["caCert"].as_str())
+        .expect("CA in the PUT answer");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, agent_ca).expect("bundle");
+
+    let out = veil_tests::output_within(
+        sb.command("curl")
+            .args(["-sS", "--max-time", "20", "-H"])
+            .arg(format!("x-api-key: {placeholder}"))
+            .arg(format!("https://{HOST}:{}/m", up.addr().port()))
+            .env("CURL_CA_BUNDLE", &bundle),
+        std::time::Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "curl failed (status {})", out.status);
+    let seen = up.seen().pop().expect("the upstream received no request");
+    assert!(
+        seen.header("x-api-key") == Some(value.as_str()),
+        "header not substituted"
+    );
+
+    let text = scrape(port);
+    assert!(!text.contains(&value), "a value on the metrics page");
+    assert!(
+        !text.contains(&placeholder),
+        "a placeholder on the metrics page"
+    );
+    let at_least_one = |key: &str| {
+        let v = sample(&text, key);
+        assert!(v.is_some_and(|v| v >= 1.0), "{key} = {v:?} in:\n{text}");
+    };
+    at_least_one("veil_agent_requests_total");
+    at_least_one("veil_agent_intercepted_total");
+    at_least_one("veil_agent_accepted_total");
+    at_least_one("veil_agent_request_seconds_count");
+    at_least_one("veil_agent_request_seconds_bucket{le=\"+Inf\"}");
+    at_least_one("veil_agent_client_handshake_seconds_count");
+    assert_eq!(
+        sample(
+            &text,
+            &format!(
+                "veil_agent_secret_placeholders_total{{secret=\"{id}\",outcome=\"substituted\"}}"
+            )
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "veil_agent_sandboxes"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "veil_agent_secrets"), Some(1.0), "{text}");
+
+    // Only GET /metrics answers.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let status = rt.block_on(async {
+        reqwest::get(format!("http://127.0.0.1:{port}/other"))
+            .await
+            .expect("request")
+            .status()
+    });
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn agent_refuses_a_non_loopback_metrics_address() {
+    veil_tests::require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "[agent]\nmetrics_listen = \"0.0.0.0:9465\"\n").expect("config");
+    let out = std::process::Command::new(veil_tests::bin_path("veil-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--pin-dir")
+        .arg(dir.path().join("never-used"))
+        .output()
+        .expect("run veil-agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("metrics_listen") && stderr.contains("loopback"),
+        "stderr:\n{stderr}"
+    );
+}
+
+/// Every non-empty line of `log` is a JSON object with a level and a message field.
+fn assert_json_lines(who: &str, log: &str) -> usize {
+    let mut n = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("{who}: not a JSON line ({e}): {line}"));
+        assert!(v["level"].is_string(), "{who}: no level: {line}");
+        assert!(v["timestamp"].is_string(), "{who}: no timestamp: {line}");
+        assert!(v["fields"].is_object(), "{who}: no fields: {line}");
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn log_format_json_makes_both_daemons_write_json_lines() {
+    veil_tests::require_root();
+    let control = Control::start_with_args(
+        veil_tests::control::TEST_CONFIG,
+        "info",
+        &["--log-format", "json"],
+    );
+    let key = control.apikey("json-org", &["admin"]);
+    let api = control.api();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    assert_eq!(rt.block_on(api.get("/secret", &key)).0, 200);
+    let log = control.log();
+    let n = assert_json_lines("veil-control", &log);
+    assert!(n >= 1, "veil-control wrote no log line:\n{log}");
+    assert!(
+        log.lines().any(|l| l.contains("\"level\":\"INFO\"")),
+        "no INFO record:\n{log}"
+    );
+
+    let agent = veil_tests::Agent::start_with(AgentOptions {
+        args: vec!["--log-format".into(), "json".into()],
+        ..AgentOptions::default()
+    });
+    let ready = veil_tests::cmd::wait_until(std::time::Duration::from_secs(10), || {
+        agent.log().contains("veil-agent ready")
+    });
+    assert!(ready, "agent log:\n{}", agent.log());
+    // SIGTERM right after READY=1 drains and exits 0 (handlers are in place before READY).
+    let status = agent.terminate();
+    assert!(
+        status.success(),
+        "agent exit: {status}; log:\n{}",
+        agent.log()
+    );
+    let log = agent.log();
+    let n = assert_json_lines("veil-agent", &log);
+    assert!(n >= 2, "veil-agent wrote {n} lines:\n{log}");
+    assert!(log.contains("veil-agent stopped"), "{log}");
 }

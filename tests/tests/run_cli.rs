@@ -599,7 +599,6 @@ fn upstream_gets_the_value_through_a_netns_sandbox() {
 }
 
 #[test]
-#[ignore = "needs response scrubbing in veil-agent (issue 6)"]
 fn echoed_value_is_scrubbed_in_a_netns_sandbox() {
     upstream_gets_the_value(true, true);
 }
@@ -636,6 +635,14 @@ fn a_killed_run_is_reaped_by_the_next_one() {
         .and_then(|l| l.rsplit('/').next())
         .unwrap_or_else(|| panic!("no cgroup line:\n{seen}"))
         .to_owned();
+    // Checked before the kill: once it is dead, any other test's run may reap its temp dir
+    // (cgroups are reaped only under their own parent, temp dirs wherever they are).
+    let tmp = std::env::temp_dir().join(format!("veil-{id}"));
+    assert!(
+        tmp.exists(),
+        "the run's temp dir {} is not where it should be",
+        tmp.display()
+    );
     let (status, _) = run.stop(libc::SIGKILL);
     assert_eq!(status.code(), None, "veil-control run survived SIGKILL");
     // SIGKILL leaves everything in place (this is what the next run must clean) ...
@@ -648,4 +655,5 @@ fn a_killed_run_is_reaped_by_the_next_one() {
     let (_, out) = run_with_pid(&mut s.command_in(&parent, &[], "exit 0"));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     s.assert_gone_in(&parent, &id, run.pid);
+    assert!(!tmp.exists(), "the killed run's temp dir is left");
 }

@@ -2,9 +2,12 @@
 //!
 //! `build-ebpf` makes the toolchain and the eBPF object; `build` builds everything; `run` starts
 //! veil on its embedded defaults; `test` installs what the suite needs and runs all of it;
-//! `bench` measures.
+//! `bench` measures (`bench` alone: the comparison against direct, nginx and mitmproxy, written
+//! to docs/benchmarks.md); `fuzz` runs the cargo-fuzz targets.
 
+mod bench;
 mod ebpf;
+mod fuzz;
 mod host;
 mod install;
 
@@ -58,14 +61,24 @@ enum Cmd {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Run a benchmark at full size: passthrough, registration, restart or mitm.
+    /// Run a benchmark at full size: all (the comparison suite, written to docs/benchmarks.md),
+    /// passthrough, registration, restart, mitm, rotation or soak.
     Bench {
         /// Which benchmark.
-        #[arg(default_value = "passthrough")]
+        #[arg(default_value = "all")]
         which: String,
         /// Extra arguments for the benchmark binary.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Run the cargo-fuzz targets (nightly), one after the other, each for --seconds.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all): client_hello, host_pattern, scrub_stream, substitute,
+        /// rest_json.
+        targets: Vec<String>,
     },
 }
 
@@ -81,7 +94,7 @@ fn main() -> Result<()> {
                 Some(dir) => dir,
                 None => {
                     build(&root, true)?;
-                    root.join("target/release")
+                    host::release_dir(&root)
                 }
             };
             install::install(&install::Layout::new(destdir.as_deref()), &bin_dir)
@@ -90,7 +103,8 @@ fn main() -> Result<()> {
             install::uninstall(&install::Layout::new(destdir.as_deref()), purge)
         }
         Cmd::Test { cargo_test_args } => test(&root, &cargo_test_args),
-        Cmd::Bench { which, args } => bench(&root, &which, &args),
+        Cmd::Bench { which, args } => bench::run(&root, &which, &args),
+        Cmd::Fuzz { seconds, targets } => fuzz::run(&root, seconds, &targets),
     }
 }
 
@@ -102,13 +116,13 @@ fn workspace_root() -> Result<PathBuf> {
         .context("xtask has no parent directory")
 }
 
-fn build_ebpf(root: &Path) -> Result<PathBuf> {
+pub(crate) fn build_ebpf(root: &Path) -> Result<PathBuf> {
     ebpf::build_object(root, &mut |line| eprintln!("xtask: {line}"))
         .map_err(|e| anyhow::anyhow!("building the eBPF object failed: {e}"))
 }
 
 /// Runs `cargo` with `args` in the workspace root, failing on a non-zero exit.
-fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+pub(crate) fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(&cargo)
         .args(args)
@@ -162,23 +176,4 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         args.extend(extra.iter().map(String::as_str));
     }
     cargo(root, &args)
-}
-
-fn bench(root: &Path, which: &str, extra: &[String]) -> Result<()> {
-    host::require_root("cargo xtask bench")?;
-    host::ensure_packages(host::TEST_PACKAGES)?;
-    host::ensure_packages(host::BENCH_PACKAGES)?;
-    build_ebpf(root)?;
-    cargo(root, &["build", "--release", "--workspace", "--bins"])?;
-    let bin = root.join("target/release/veil-bench");
-    let status = Command::new(&bin)
-        .arg(which)
-        .args(extra)
-        .current_dir(root)
-        .status()
-        .with_context(|| format!("cannot run {}", bin.display()))?;
-    if !status.success() {
-        bail!("benchmark {which} failed ({status})");
-    }
-    Ok(())
 }

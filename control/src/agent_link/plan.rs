@@ -162,6 +162,8 @@ mod tests {
                 nonce: String::new(),
                 ciphertext: String::new(),
             },
+            body_substitution: false,
+            wrong_host: Default::default(),
         }
     }
 

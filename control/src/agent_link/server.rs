@@ -12,17 +12,20 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
+use serde_json::json;
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use veil_link::{
-    AgentMsg, ControlMsg, PROTOCOL_VERSION, SecretState, SecretValue, read_frame, write_frame,
+    AgentMsg, BlockedReport, ControlMsg, PROTOCOL_VERSION, SecretState, SecretValue, UsageReport,
+    read_frame, write_frame,
 };
 
 use super::plan::{Change, Held, RegistryView, Step, apply_to_held, plan};
-use super::{AgentEvent, AgentLink, AgentLinkError, LinkFuture};
+use super::{AgentEvent, AgentLink, AgentLinkError, LinkFuture, Propagation, SecretAck};
 use crate::crypto::{Keyring, RecordBinding};
-use crate::store::{SecretRecord, Store};
+use crate::store::{AuditRecord, SecretRecord, Store, UsageCounts, UsageDelta};
 use crate::timefmt::now_ms;
 
 /// File in the data dir keeping the last CA certificate an agent reported.
@@ -31,6 +34,9 @@ pub const CA_FILE: &str = "agent-ca.pem";
 const MAX_AGENT_ID: usize = 128;
 /// Largest accepted CA PEM.
 const MAX_CA_PEM: usize = 64 * 1024;
+/// Usage batches waiting for the store; beyond this a batch is dropped (and logged) rather than
+/// slowing the link, whose acknowledgements rotations wait for.
+const USAGE_QUEUE: usize = 256;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +80,26 @@ struct Pending {
     done: Option<oneshot::Sender<Vec<String>>>,
     /// The secret a PutSecret carried: forgotten on failure so it is sent again next time.
     secret: Option<String>,
+    /// What the acknowledgement says about the agent's secrets.
+    holds: Holds,
 }
+
+/// The secret revisions a message's acknowledgement confirms: control derives them from the
+/// sequence number it sent rather than trusting a list from the agent.
+#[derive(Debug)]
+enum Holds {
+    /// Nothing about secrets.
+    Unchanged,
+    /// The agent now holds exactly these (id, revision): a snapshot replaces everything.
+    Exactly(Vec<(String, u64)>),
+    /// The agent holds this revision of this secret (only when applied without errors).
+    Put(String, u64),
+    /// The agent dropped this secret.
+    Dropped(String),
+}
+
+/// An acknowledged revision and when it arrived (ms since the epoch).
+type Acked = (u64, i64);
 
 #[derive(Debug)]
 struct Agent {
@@ -90,6 +115,25 @@ struct LinkState {
     next_seq: u64,
     next_conn: u64,
     ca_pem: Option<String>,
+    /// secret id → agent id → last acknowledged revision. In memory: kept across an agent's
+    /// disconnection (it keeps enforcing what it had), rebuilt from snapshots after a restart.
+    acks: HashMap<String, BTreeMap<String, Acked>>,
+}
+
+/// Agent reports on their way to the store.
+#[derive(Debug)]
+struct UsageJob {
+    agent_id: String,
+    kind: ReportKind,
+    deltas: Vec<UsageDelta>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReportKind {
+    /// Aggregated counts: one `secret.used` audit entry per (secret, sandbox, host) and report.
+    Usage,
+    /// One `secret.blocked` audit entry per refused request.
+    Blocked,
 }
 
 #[derive(Debug)]
@@ -99,6 +143,9 @@ struct Inner {
     timeout: Duration,
     ca_file: PathBuf,
     state: Mutex<LinkState>,
+    /// Woken whenever acknowledgements or connections change (for [`AgentLink::wait_acked`]).
+    acked: Notify,
+    usage: mpsc::Sender<UsageJob>,
 }
 
 /// The agent link over a Unix socket.
@@ -199,6 +246,8 @@ impl AgentServer {
             .map_err(io_err("chmod", socket))?;
         let ca_file = data_dir.join(CA_FILE);
         let ca_pem = std::fs::read_to_string(&ca_file).ok();
+        let (usage, usage_rx) = mpsc::channel(USAGE_QUEUE);
+        tokio::spawn(write_usage(store.clone(), usage_rx));
         let server = AgentServer {
             inner: Arc::new(Inner {
                 store,
@@ -210,6 +259,8 @@ impl AgentServer {
                     next_seq: 1,
                     ..LinkState::default()
                 }),
+                acked: Notify::new(),
+                usage,
             }),
         };
         let accept = server.clone();
@@ -325,6 +376,14 @@ impl AgentServer {
             loop {
                 match read_frame::<AgentMsg, _>(&mut reader).await {
                     Ok(Some(AgentMsg::Applied { seq, errors })) => self.applied(conn, seq, errors),
+                    Ok(Some(AgentMsg::Usage { at_ms, reports })) => self.report(
+                        &info.agent_id,
+                        ReportKind::Usage,
+                        usage_deltas(at_ms, reports),
+                    ),
+                    Ok(Some(AgentMsg::Blocked { events })) => {
+                        self.report(&info.agent_id, ReportKind::Blocked, blocked_deltas(events))
+                    }
                     Ok(Some(AgentMsg::Hello { .. })) => {
                         tracing::warn!(agent_id = %info.agent_id, "second Hello; closing");
                         break;
@@ -343,6 +402,7 @@ impl AgentServer {
         }
         // Dropping the entry fails its pending acknowledgements (the waiters see a disconnect).
         self.lock().agents.remove(&conn);
+        self.inner.acked.notify_waiters();
         tracing::info!(agent_id = %info.agent_id, "agent disconnected");
     }
 
@@ -385,6 +445,12 @@ impl AgentServer {
             Pending {
                 done: None,
                 secret: None,
+                holds: Holds::Exactly(
+                    view.mounted
+                        .values()
+                        .map(|s| (s.id.clone(), s.revision))
+                        .collect(),
+                ),
             },
         );
         if st.ca_pem.as_deref() != Some(ca_pem.as_str()) {
@@ -438,8 +504,35 @@ impl AgentServer {
         } else {
             tracing::debug!(agent_id = %agent.info.agent_id, seq, "applied");
         }
+        let agent_id = agent.info.agent_id.clone();
+        record_holds(
+            &mut st.acks,
+            &agent_id,
+            pending.holds,
+            errors.is_empty(),
+            now_ms(),
+        );
+        drop(st);
         if let Some(done) = pending.done {
             let _ = done.send(errors);
+        }
+        self.inner.acked.notify_waiters();
+    }
+
+    /// Queues an agent's usage or blocked report for the store; never waits (the link's
+    /// acknowledgements must not queue behind a disk flush).
+    fn report(&self, agent_id: &str, kind: ReportKind, deltas: Vec<UsageDelta>) {
+        if deltas.is_empty() {
+            return;
+        }
+        let n = deltas.len();
+        let job = UsageJob {
+            agent_id: agent_id.to_owned(),
+            kind,
+            deltas,
+        };
+        if self.inner.usage.try_send(job).is_err() {
+            tracing::warn!(%agent_id, entries = n, ?kind, "usage report dropped: the store is behind");
         }
     }
 
@@ -461,7 +554,7 @@ impl AgentServer {
             for step in plan(&view, change, &agent.held) {
                 let seq = *next_seq;
                 *next_seq += 1;
-                let (msg, secret) = match &step {
+                let (msg, secret, holds) = match &step {
                     Step::PutSecret(id) => {
                         let state = match built.get(id) {
                             Some(s) => s.clone(),
@@ -474,9 +567,11 @@ impl AgentServer {
                                 s
                             }
                         };
+                        let holds = Holds::Put(id.clone(), state.revision);
                         (
                             ControlMsg::PutSecret { seq, secret: state },
                             Some(id.clone()),
+                            holds,
                         )
                     }
                     Step::PutSandbox(id) => {
@@ -489,6 +584,7 @@ impl AgentServer {
                                 sandbox: view.sandbox_state(sb),
                             },
                             None,
+                            Holds::Unchanged,
                         )
                     }
                     Step::DeleteSandbox(id) => (
@@ -497,6 +593,7 @@ impl AgentServer {
                             id: id.clone(),
                         },
                         None,
+                        Holds::Unchanged,
                     ),
                     Step::DeleteSecret(id) => (
                         ControlMsg::DeleteSecret {
@@ -504,6 +601,7 @@ impl AgentServer {
                             id: id.clone(),
                         },
                         None,
+                        Holds::Dropped(id.clone()),
                     ),
                 };
                 apply_to_held(&mut agent.held, &view, &step);
@@ -513,6 +611,7 @@ impl AgentServer {
                     Pending {
                         done: Some(done),
                         secret,
+                        holds,
                     },
                 );
                 // A closed channel means the agent is going away; its entry is removed then,
@@ -588,9 +687,133 @@ fn secret_state(ring: &Keyring, s: &SecretRecord) -> Result<SecretState, AgentLi
         hosts: s.hosts.clone(),
         value: SecretValue::new(text),
         revision: s.revision,
-        body_substitution: false,
-        wrong_host: Default::default(),
+        body_substitution: s.body_substitution,
+        wrong_host: s.wrong_host,
     })
+}
+
+/// Updates what control knows an agent holds, once it acknowledged a message.
+fn record_holds(
+    acks: &mut HashMap<String, BTreeMap<String, Acked>>,
+    agent_id: &str,
+    holds: Holds,
+    applied: bool,
+    now: i64,
+) {
+    match holds {
+        Holds::Unchanged => {}
+        // A snapshot replaces the agent's secrets even when some sandbox failed.
+        Holds::Exactly(list) => {
+            for per_agent in acks.values_mut() {
+                per_agent.remove(agent_id);
+            }
+            for (id, revision) in list {
+                acks.entry(id)
+                    .or_default()
+                    .insert(agent_id.to_owned(), (revision, now));
+            }
+        }
+        Holds::Put(id, revision) if applied => {
+            acks.entry(id)
+                .or_default()
+                .insert(agent_id.to_owned(), (revision, now));
+        }
+        Holds::Put(..) => {}
+        Holds::Dropped(id) => {
+            if let Some(per_agent) = acks.get_mut(&id) {
+                per_agent.remove(agent_id);
+            }
+        }
+    }
+    acks.retain(|_, per_agent| !per_agent.is_empty());
+}
+
+fn usage_deltas(at_ms: i64, reports: Vec<UsageReport>) -> Vec<UsageDelta> {
+    reports
+        .into_iter()
+        .map(|r| UsageDelta {
+            secret_id: r.secret_id,
+            sandbox: r.sandbox,
+            host: r.host,
+            counts: UsageCounts {
+                substituted: r.substituted,
+                wrong_host: r.wrong_host,
+                host_mismatch: r.host_mismatch,
+                blocked: r.blocked,
+            },
+            at: at_ms,
+        })
+        .filter(|d| !d.counts.is_zero())
+        .collect()
+}
+
+/// Blocked events count nothing (the usage report carries the counts): they only audit.
+fn blocked_deltas(events: Vec<BlockedReport>) -> Vec<UsageDelta> {
+    events
+        .into_iter()
+        .map(|e| UsageDelta {
+            secret_id: e.secret_id,
+            sandbox: e.sandbox,
+            host: e.host,
+            counts: UsageCounts::default(),
+            at: e.at_ms,
+        })
+        .collect()
+}
+
+/// The audit entry for one reported delta (no value, ever: only ids, host and counts).
+fn report_audit(
+    agent_id: &str,
+    kind: ReportKind,
+    secret: &SecretRecord,
+    d: &UsageDelta,
+) -> AuditRecord {
+    let (action, changes) = match kind {
+        ReportKind::Usage => (
+            "secret.used",
+            json!({
+                "sandboxId": d.sandbox,
+                "host": d.host,
+                "substituted": d.counts.substituted,
+                "wrongHost": d.counts.wrong_host,
+                "hostMismatch": d.counts.host_mismatch,
+                "blocked": d.counts.blocked,
+            }),
+        ),
+        ReportKind::Blocked => (
+            "secret.blocked",
+            json!({"sandboxId": d.sandbox, "host": d.host}),
+        ),
+    };
+    AuditRecord {
+        seq: 0,
+        time: d.at,
+        actor: format!("veil-agent:{agent_id}"),
+        org: secret.org.clone(),
+        action: action.to_owned(),
+        target_type: "secret".into(),
+        target_id: secret.id.clone(),
+        target_name: Some(secret.name.clone()),
+        changes,
+    }
+}
+
+/// Writes agents' reports to the store, one batch at a time, in arrival order.
+async fn write_usage(store: Arc<dyn Store>, mut rx: mpsc::Receiver<UsageJob>) {
+    while let Some(job) = rx.recv().await {
+        let store = store.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            store.record_usage(&job.deltas, &mut |secret, d| {
+                Some(report_audit(&job.agent_id, job.kind, secret, d))
+            })
+        })
+        .await;
+        match written {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "recording agent usage"),
+            Err(e) => tracing::warn!(error = %e, "recording agent usage"),
+        }
+    }
 }
 
 impl AgentLink for AgentServer {
@@ -611,6 +834,68 @@ impl AgentLink for AgentServer {
     fn ca_certificate(&self) -> Option<String> {
         self.lock().ca_pem.clone()
     }
+
+    fn propagation(&self, id: &str) -> Propagation {
+        let st = self.lock();
+        let mut agents: BTreeMap<String, SecretAck> = BTreeMap::new();
+        if let Some(per_agent) = st.acks.get(id) {
+            for (agent_id, (revision, at)) in per_agent {
+                agents.insert(
+                    agent_id.clone(),
+                    SecretAck {
+                        agent_id: agent_id.clone(),
+                        connected: false,
+                        revision: Some(*revision),
+                        at: Some(*at),
+                    },
+                );
+            }
+        }
+        for agent in st.agents.values() {
+            let agent_id = &agent.info.agent_id;
+            if let Some(a) = agents.get_mut(agent_id) {
+                a.connected = true;
+            } else if agent.held.contains_key(id) {
+                agents.insert(
+                    agent_id.clone(),
+                    SecretAck {
+                        agent_id: agent_id.clone(),
+                        connected: true,
+                        revision: None,
+                        at: None,
+                    },
+                );
+            }
+        }
+        Propagation {
+            agents: agents.into_values().collect(),
+        }
+    }
+
+    fn wait_acked(&self, id: &str, revision: u64, timeout: Duration) -> LinkFuture<'_> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                // Registered before the check, so an acknowledgement in between is not missed.
+                let notified = self.inner.acked.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let propagation = self.propagation(&id);
+                let pending = propagation.pending(revision);
+                if pending.is_empty() {
+                    return Ok(());
+                }
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    return Err(AgentLinkError::NoAck(format!(
+                        "not acknowledged within {} by veil-agent(s) {}",
+                        human(timeout),
+                        pending.join(", ")
+                    )));
+                }
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -628,6 +913,70 @@ mod tests {
         assert!(check_hello(PROTOCOL_VERSION, "", pem).is_err());
         assert!(check_hello(PROTOCOL_VERSION, "a b", pem).is_err());
         assert!(check_hello(PROTOCOL_VERSION, "a", "not a pem").is_err());
+    }
+
+    #[test]
+    fn acknowledgements_track_what_each_agent_holds() {
+        let mut acks = HashMap::new();
+        let snap = Holds::Exactly(vec![("s1".into(), 3), ("s2".into(), 1)]);
+        record_holds(&mut acks, "a", snap, false, 10);
+        record_holds(&mut acks, "b", Holds::Put("s1".into(), 3), true, 11);
+        assert_eq!(
+            acks["s1"]["a"],
+            (3, 10),
+            "a snapshot counts even with sandbox errors"
+        );
+        // A failed put acknowledges nothing; a successful one moves the revision.
+        record_holds(&mut acks, "a", Holds::Put("s1".into(), 4), false, 12);
+        assert_eq!(acks["s1"]["a"], (3, 10));
+        record_holds(&mut acks, "a", Holds::Put("s1".into(), 4), true, 13);
+        assert_eq!(acks["s1"]["a"], (4, 13));
+        record_holds(&mut acks, "a", Holds::Dropped("s2".into()), true, 14);
+        assert!(!acks.contains_key("s2"));
+        // A new snapshot replaces: what it does not list, the agent no longer holds.
+        record_holds(&mut acks, "a", Holds::Exactly(vec![]), true, 15);
+        assert!(!acks["s1"].contains_key("a"));
+        assert_eq!(acks["s1"]["b"], (3, 11));
+        record_holds(&mut acks, "a", Holds::Unchanged, true, 16);
+        assert_eq!(acks.len(), 1);
+    }
+
+    #[test]
+    fn pending_agents_are_those_behind() {
+        let ack = |id: &str, revision: Option<u64>| SecretAck {
+            agent_id: id.into(),
+            connected: true,
+            revision,
+            at: None,
+        };
+        let p = Propagation {
+            agents: vec![ack("a", Some(4)), ack("b", Some(5)), ack("c", None)],
+        };
+        assert_eq!(p.pending(5), vec!["a", "c"]);
+        assert_eq!(p.pending(4), vec!["c"]);
+        assert!(Propagation::default().pending(9).is_empty());
+    }
+
+    #[test]
+    fn reports_become_deltas_without_empty_ones() {
+        let r = |substituted| UsageReport {
+            sandbox: "sb".into(),
+            secret_id: "s".into(),
+            host: "h".into(),
+            substituted,
+            ..UsageReport::default()
+        };
+        let d = usage_deltas(7, vec![r(0), r(2)]);
+        assert_eq!(d.len(), 1);
+        assert_eq!((d[0].counts.substituted, d[0].at), (2, 7));
+        let b = blocked_deltas(vec![BlockedReport {
+            sandbox: "sb".into(),
+            secret_id: "s".into(),
+            host: "h".into(),
+            at_ms: 9,
+        }]);
+        assert!(b[0].counts.is_zero());
+        assert_eq!(b[0].at, 9);
     }
 
     #[test]

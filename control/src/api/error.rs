@@ -38,6 +38,9 @@ pub enum ApiError {
     /// 502: the agent could not apply a change; the message carries its report (never a value).
     #[error("{0}")]
     AgentFailed(String),
+    /// 504: the change is stored but the agents did not acknowledge it within the asked wait.
+    #[error("{0}")]
+    GatewayTimeout(String),
     /// 500: logged in full, sent as a generic message.
     #[error("internal error: {0}")]
     Internal(String),
@@ -61,6 +64,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::AgentFailed(_) => StatusCode::BAD_GATEWAY,
+            Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

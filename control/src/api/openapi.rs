@@ -84,10 +84,15 @@ pub fn document() -> Value {
             "/secret/{secretId}": {
                 "parameters": [secret_id],
                 "get": {"operationId": "getSecret", "summary": "Get a secret (manage:secrets)",
-                    "responses": std_errors(json!({"200": ok("The secret", r("Secret"))}), &[("404", "No such secret in the organization")])},
+                    "description": "Beyond the list view: propagation (which revision each veil-agent acknowledged, and when) and usage (agent-reported placeholder counts per host, lastUsedAt).",
+                    "responses": std_errors(json!({"200": ok("The secret", r("SecretDetail"))}), &[("404", "No such secret in the organization")])},
                 "patch": {"operationId": "updateSecret", "summary": "Update a secret; omitted or null fields are unchanged, hosts [] makes it unrestricted (manage:secrets)",
+                    "description": "Every change bumps revision and is pushed to the veil-agents at once. Without wait the answer comes after the push (bounded by agent.timeout_ms) and is 200 even if an agent did not acknowledge; with wait it is 200 only once no agent may still use an older revision (propagation.complete), else 504 — the change is stored either way and agents converge when they reconnect. Once an agent acknowledged, every request it sends upstream carries the new value.",
+                    "parameters": [{"name": "wait", "in": "query", "required": false,
+                        "description": "Wait up to this long (1 ms to 60 s; a plain number is seconds) for every veil-agent that holds or held the secret to acknowledge the new revision.",
+                        "schema": {"type": "string", "pattern": "^[0-9.]+(ms|s)?$", "examples": ["500ms", "5s"]}}],
                     "requestBody": body(r("UpdateSecret")),
-                    "responses": std_errors(json!({"200": ok("Updated", r("Secret"))}), &[("404", "No such secret in the organization"), ("415", "Not JSON")])},
+                    "responses": std_errors(json!({"200": ok("Updated (with wait: and acknowledged by every agent)", r("SecretDetail"))}), &[("404", "No such secret in the organization"), ("415", "Not JSON"), ("502", "wait: an agent reported it could not apply the change (stored anyway)"), ("504", "wait: not every agent acknowledged in time; the message names them; the change is stored")])},
                 "delete": {"operationId": "deleteSecret", "summary": "Delete a secret (manage:secrets)",
                     "responses": std_errors(json!({"204": {"description": "Deleted"}}), &[("404", "No such secret in the organization")])}
             },
@@ -146,15 +151,36 @@ pub fn document() -> Value {
                 "Secret": {"type": "object", "required": ["id", "name", "placeholder", "hosts", "createdAt", "updatedAt"], "properties": {
                     "id": {"type": "string"}, "name": {"type": "string"}, "description": {"type": ["string", "null"]},
                     "placeholder": {"type": "string"}, "hosts": {"type": "array", "items": {"type": "string"}},
-                    "createdAt": {"type": "string", "format": "date-time"}, "updatedAt": {"type": "string", "format": "date-time"}}},
+                    "createdAt": {"type": "string", "format": "date-time"}, "updatedAt": {"type": "string", "format": "date-time"},
+                    "revision": {"type": "integer", "description": "veil: bumped on every change of the secret"},
+                    "bodySubstitution": {"type": "boolean", "description": "veil: placeholders in request bodies are replaced too"},
+                    "wrongHost": {"type": "string", "enum": ["forward", "block"], "description": "veil: the placeholder sent to a host the secret does not allow is forwarded unchanged (Daytona's behaviour) or the request is refused with 403 and audited as secret.blocked"}}},
+                "SecretDetail": {"allOf": [r("Secret"), {"type": "object", "properties": {
+                    "propagation": {"type": "object", "description": "veil: what the agents acknowledged (in memory in veil-control: after its restart every agent re-acknowledges through its snapshot)", "properties": {
+                        "complete": {"type": "boolean", "description": "no agent may still use an older revision than revision"},
+                        "agents": {"type": "array", "items": {"type": "object", "properties": {
+                            "agentId": {"type": "string"},
+                            "connected": {"type": "boolean", "description": "a disconnected agent keeps enforcing the revision it acknowledged"},
+                            "acknowledgedRevision": {"type": ["integer", "null"], "description": "null = sent, not acknowledged yet"},
+                            "acknowledgedAt": {"type": ["string", "null"], "format": "date-time"}}}}}},
+                    "lastUsedAt": {"type": ["string", "null"], "format": "date-time", "description": "veil: last time an agent substituted the value (reported about once a second)"},
+                    "usage": {"type": "object", "description": "veil: per host (the SNI): counts since creation, as the agents reported them", "additionalProperties": {"type": "object", "properties": {
+                        "substituted": {"type": "integer"}, "wrongHost": {"type": "integer", "description": "placeholder sent to a host the secret does not allow (forwarded unchanged)"},
+                        "hostMismatch": {"type": "integer", "description": "Host / :authority differed from the SNI (not substituted)"},
+                        "blocked": {"type": "integer", "description": "requests refused (wrongHost: block)"},
+                        "lastUsedAt": {"type": ["string", "null"], "format": "date-time"}, "lastSeenAt": {"type": ["string", "null"], "format": "date-time"}}}}}}]},
                 "CreateSecret": {"type": "object", "required": ["name", "value"], "additionalProperties": false, "properties": {
                     "name": {"type": "string", "pattern": "^[a-zA-Z_][a-zA-Z0-9_-]*$", "maxLength": 255},
                     "value": {"type": "string", "minLength": 1, "description": "at most 64 KiB; write-only"},
                     "description": {"type": ["string", "null"]},
-                    "hosts": {"type": ["array", "null"], "items": {"type": "string"}, "description": "hostnames or *.wildcards; omitted or [] = unrestricted"}}},
+                    "hosts": {"type": ["array", "null"], "items": {"type": "string"}, "description": "hostnames or *.wildcards; omitted or [] = unrestricted"},
+                    "bodySubstitution": {"type": ["boolean", "null"], "description": "veil: default false"},
+                    "wrongHost": {"type": ["string", "null"], "enum": ["forward", "block", null], "description": "veil: default forward"}}},
                 "UpdateSecret": {"type": "object", "additionalProperties": false, "properties": {
                     "value": {"type": ["string", "null"]}, "description": {"type": ["string", "null"]},
-                    "hosts": {"type": ["array", "null"], "items": {"type": "string"}}}},
+                    "hosts": {"type": ["array", "null"], "items": {"type": "string"}},
+                    "bodySubstitution": {"type": ["boolean", "null"]},
+                    "wrongHost": {"type": ["string", "null"], "enum": ["forward", "block", null]}}},
                 "SecretPage": {"type": "object", "required": ["items", "total", "nextCursor"], "properties": {
                     "items": {"type": "array", "items": r("Secret")}, "total": {"type": "integer"}, "nextCursor": {"type": ["string", "null"]}}},
                 "MountList": {"type": "array", "items": {"type": "object", "minProperties": 1, "maxProperties": 1, "additionalProperties": {"type": "string"}},
@@ -181,7 +207,7 @@ pub fn document() -> Value {
                     "id": {"type": "string"}, "createdAt": {"type": "string", "format": "date-time"}, "actorKeyId": {"type": "string"},
                     "organizationId": {"type": "string"}, "action": {"type": "string"}, "targetType": {"type": "string"},
                     "targetId": {"type": "string"}, "targetName": {"type": ["string", "null"]},
-                    "changes": {"type": "object", "description": "field → {from, to}; values are always ***"}}},
+                    "changes": {"type": "object", "description": "field → {from, to}; values are always ***. Agent reports (actor veil-agent:ID): secret.used {sandboxId, host, substituted, wrongHost, hostMismatch, blocked} aggregated per report interval (about 1 s) and (secret, sandbox, host), never per request; secret.blocked {sandboxId, host} per refused request"}}},
                 "AuditPage": {"type": "object", "properties": {
                     "items": {"type": "array", "items": r("AuditEntry")}, "total": {"type": "integer"}, "nextCursor": {"type": ["string", "null"]}}}
             }

@@ -1,6 +1,7 @@
 //! `/api/secret…`: create, list, paginate, get, update, delete. No route returns a value.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -16,12 +17,12 @@ use super::{
     ApiError, AppState, Caller, blocking, json_object, only_fields, opt_string, opt_string_array,
     parse_limit, query_map,
 };
-use crate::agent_link::{AgentEvent, AgentLinkError};
+use crate::agent_link::{AgentEvent, AgentLinkError, Propagation};
 use crate::api::audit::entry;
 use crate::auth::Permission;
 use crate::crypto::RecordBinding;
 use crate::paginate::{Cursor, Order, SortField, SortValue};
-use crate::store::{SecretPageQuery, SecretRecord, StoreError};
+use crate::store::{SecretPageQuery, SecretRecord, SecretUsage, StoreError, WrongHost};
 use crate::timefmt::{now_ms, rfc3339};
 use crate::validate;
 use veil_policy::HostPattern;
@@ -34,7 +35,10 @@ pub fn router() -> Router<AppState> {
         .route("/secret/{id}", get(get_one).patch(update).delete(remove))
 }
 
-/// The public view of a secret: metadata only.
+/// Longest `?wait=` a PATCH accepts.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// The public view of a secret: metadata only (Daytona's fields, then veil's extra ones).
 pub fn view(s: &SecretRecord) -> Value {
     json!({
         "id": s.id,
@@ -44,7 +48,109 @@ pub fn view(s: &SecretRecord) -> Value {
         "hosts": s.hosts,
         "createdAt": rfc3339(s.created_at),
         "updatedAt": rfc3339(s.updated_at),
+        "revision": s.revision,
+        "bodySubstitution": s.body_substitution,
+        "wrongHost": wrong_host_name(s.wrong_host),
     })
+}
+
+/// The single-secret view (GET, PATCH): [`view`] plus what the agents acknowledged and what
+/// they reported about its use.
+pub fn detail(s: &SecretRecord, propagation: &Propagation, usage: &SecretUsage) -> Value {
+    let mut v = view(s);
+    let agents: Vec<Value> = propagation
+        .agents
+        .iter()
+        .map(|a| {
+            json!({
+                "agentId": a.agent_id,
+                "connected": a.connected,
+                "acknowledgedRevision": a.revision,
+                "acknowledgedAt": a.at.map(rfc3339),
+            })
+        })
+        .collect();
+    v["propagation"] = json!({
+        "complete": propagation.pending(s.revision).is_empty(),
+        "agents": agents,
+    });
+    let hosts: serde_json::Map<String, Value> = usage
+        .hosts
+        .iter()
+        .map(|(host, u)| {
+            (
+                host.clone(),
+                json!({
+                    "substituted": u.counts.substituted,
+                    "wrongHost": u.counts.wrong_host,
+                    "hostMismatch": u.counts.host_mismatch,
+                    "blocked": u.counts.blocked,
+                    "lastUsedAt": u.last_used_at.map(rfc3339),
+                    "lastSeenAt": u.last_seen_at.map(rfc3339),
+                }),
+            )
+        })
+        .collect();
+    v["lastUsedAt"] = json!(usage.last_used_at.map(rfc3339));
+    v["usage"] = Value::Object(hosts);
+    v
+}
+
+fn wrong_host_name(w: WrongHost) -> &'static str {
+    match w {
+        WrongHost::Forward => "forward",
+        WrongHost::Block => "block",
+    }
+}
+
+fn parse_wrong_host(
+    map: &mut serde_json::Map<String, Value>,
+) -> Result<Option<WrongHost>, ApiError> {
+    match opt_string(map, "wrongHost")
+        .map_err(|_| bad("wrongHost must be \"forward\" or \"block\"".into()))?
+        .as_deref()
+    {
+        None => Ok(None),
+        Some("forward") => Ok(Some(WrongHost::Forward)),
+        Some("block") => Ok(Some(WrongHost::Block)),
+        Some(_) => Err(bad("wrongHost must be \"forward\" or \"block\"".into())),
+    }
+}
+
+fn parse_body_substitution(
+    map: &mut serde_json::Map<String, Value>,
+) -> Result<Option<bool>, ApiError> {
+    match map.remove("bodySubstitution") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(b)),
+        Some(_) => Err(bad("bodySubstitution must be true or false".into())),
+    }
+}
+
+/// `?wait=` of a PATCH: `500ms`, `5s` or plain seconds, 1 ms to [`MAX_WAIT`].
+pub fn parse_wait(q: &HashMap<String, String>) -> Result<Option<Duration>, ApiError> {
+    let Some(raw) = q.get("wait").map(|w| w.trim()).filter(|w| !w.is_empty()) else {
+        return Ok(None);
+    };
+    let invalid = || {
+        bad(format!(
+            "wait must be a duration like 500ms or 5s (at most {} s)",
+            MAX_WAIT.as_secs()
+        ))
+    };
+    let (number, unit_ms) = if let Some(n) = raw.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = raw.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (raw, 1000.0)
+    };
+    let n: f64 = number.trim().parse().map_err(|_| invalid())?;
+    let ms = n * unit_ms;
+    if !ms.is_finite() || ms < 1.0 || ms > MAX_WAIT.as_millis() as f64 {
+        return Err(invalid());
+    }
+    Ok(Some(Duration::from_millis(ms as u64)))
 }
 
 /// A random UUID v4 string.
@@ -115,13 +221,24 @@ async fn create(
     let mut map = json_object(&headers, body)?;
     // Move the value into a wiped buffer before anything else can fail and drop the map.
     let value = opt_string(&mut map, "value")?.map(Zeroizing::new);
-    only_fields(&map, &["name", "description", "hosts"])?;
+    only_fields(
+        &map,
+        &[
+            "name",
+            "description",
+            "hosts",
+            "bodySubstitution",
+            "wrongHost",
+        ],
+    )?;
     let value = value.ok_or_else(|| bad("value is required".into()))?;
     let name = opt_string(&mut map, "name")?.ok_or_else(|| bad("name is required".into()))?;
     validate::secret_name(&name).map_err(bad)?;
     validate::secret_value(&value).map_err(bad)?;
     let description = parse_description(opt_string(&mut map, "description")?)?;
     let hosts = parse_hosts(opt_string_array(&mut map, "hosts")?.unwrap_or_default())?;
+    let body_substitution = parse_body_substitution(&mut map)?.unwrap_or(false);
+    let wrong_host = parse_wrong_host(&mut map)?.unwrap_or_default();
     let now = now_ms();
     let id = new_uuid();
     let placeholder = new_placeholder(&state.config.placeholder_prefix);
@@ -155,6 +272,8 @@ async fn create(
             updated_at: now,
             revision: 1,
             sealed,
+            body_substitution,
+            wrong_host,
         };
         let audit = entry(
             &caller2,
@@ -167,6 +286,8 @@ async fn create(
                 "value": {"to": "***"},
                 "description": {"to": record.description},
                 "hosts": {"to": hosts, "unrestricted": hosts.is_empty()},
+                "bodySubstitution": {"to": body_substitution},
+                "wrongHost": {"to": wrong_host_name(wrong_host)},
             }),
         );
         st.store
@@ -292,20 +413,33 @@ async fn get_one(
         .secret(&caller.org, &id)
         .map_err(|e| ApiError::from_store(e, "secret"))?
         .ok_or_else(|| ApiError::NotFound(format!("secret {id} not found")))?;
-    Ok(Json(view(&s)))
+    detail_of(&state, &s).map(Json)
+}
+
+fn detail_of(state: &AppState, s: &SecretRecord) -> Result<Value, ApiError> {
+    let usage = state
+        .store
+        .secret_usage(&s.id)
+        .map_err(|e| ApiError::from_store(e, "secret"))?;
+    Ok(detail(s, &state.agent.propagation(&s.id), &usage))
 }
 
 async fn update(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Permission::ManageSecrets)?;
+    let wait = parse_wait(&query_map(q)?)?;
     let mut map = json_object(&headers, body)?;
     let value = opt_string(&mut map, "value")?.map(Zeroizing::new);
-    only_fields(&map, &["description", "hosts"])?;
+    only_fields(
+        &map,
+        &["description", "hosts", "bodySubstitution", "wrongHost"],
+    )?;
     if let Some(v) = &value {
         validate::secret_value(v).map_err(bad)?;
     }
@@ -314,9 +448,25 @@ async fn update(
         Some(h) => Some(parse_hosts(h)?),
         None => None,
     };
-    if value.is_none() && description.is_none() && hosts.is_none() {
-        // Nothing to change: answer like a GET, without a write or an audit entry.
-        return get_one(State(state), caller, Path(id)).await;
+    let body_substitution = parse_body_substitution(&mut map)?;
+    let wrong_host = parse_wrong_host(&mut map)?;
+    if value.is_none()
+        && description.is_none()
+        && hosts.is_none()
+        && body_substitution.is_none()
+        && wrong_host.is_none()
+    {
+        // Nothing to change: answer like a GET, without a write or an audit entry (with
+        // `wait`, once the agents hold the current revision).
+        let s = state
+            .store
+            .secret(&caller.org, &id)
+            .map_err(|e| ApiError::from_store(e, "secret"))?
+            .ok_or_else(|| ApiError::NotFound(format!("secret {id} not found")))?;
+        if let Some(wait) = wait {
+            wait_for_agents(&state, &id, s.revision, wait).await?;
+        }
+        return detail_of(&state, &s).map(Json);
     }
     let st = state.clone();
     let caller2 = caller.clone();
@@ -354,6 +504,24 @@ async fn update(
                 }
                 changes.insert("hosts".into(), c);
                 new.hosts = h.clone();
+            }
+            if let Some(b) = body_substitution
+                && b != old.body_substitution
+            {
+                changes.insert(
+                    "bodySubstitution".into(),
+                    json!({"from": old.body_substitution, "to": b}),
+                );
+                new.body_substitution = b;
+            }
+            if let Some(w) = wrong_host
+                && w != old.wrong_host
+            {
+                changes.insert(
+                    "wrongHost".into(),
+                    json!({"from": wrong_host_name(old.wrong_host), "to": wrong_host_name(w)}),
+                );
+                new.wrong_host = w;
             }
             if !changes.is_empty() {
                 // Every change bumps the revision (agents and caches key on it); the value is
@@ -401,8 +569,45 @@ async fn update(
             })
     })
     .await?;
-    push_secret(&state, &id).await;
-    Ok(Json(view(&record)))
+    match wait {
+        None => push_secret(&state, &id).await,
+        Some(wait) => {
+            // The push runs on its own, bounded by agent.timeout_ms, while this answer waits
+            // for the acknowledgements for at most `wait`.
+            let agent = state.agent.clone();
+            let event = AgentEvent::SecretChanged { id: id.clone() };
+            tokio::spawn(async move {
+                if let Err(e) = agent.notify(event).await
+                    && !matches!(e, AgentLinkError::NotConnected)
+                {
+                    tracing::warn!(error = %e, "secret change not acknowledged by the agents");
+                }
+            });
+            wait_for_agents(&state, &id, record.revision, wait).await?;
+        }
+    }
+    detail_of(&state, &record).map(Json)
+}
+
+/// Waits until no agent may still use a revision older than `revision`; a 504 that says the
+/// change is stored when they do not acknowledge in time, a 502 when one reported a failure.
+async fn wait_for_agents(
+    state: &AppState,
+    id: &str,
+    revision: u64,
+    wait: Duration,
+) -> Result<(), ApiError> {
+    match state.agent.wait_acked(id, revision, wait).await {
+        Ok(()) => Ok(()),
+        Err(AgentLinkError::Rejected(e)) => Err(ApiError::AgentFailed(format!(
+            "secret {id} is stored at revision {revision}, but a veil-agent reported: {}",
+            e.join("; ")
+        ))),
+        Err(e) => Err(ApiError::GatewayTimeout(format!(
+            "secret {id} is stored at revision {revision}, but it was {e}; agents converge when \
+             they reconnect, and GET /api/secret/{id} shows the propagation"
+        ))),
+    }
 }
 
 async fn remove(
@@ -434,4 +639,26 @@ async fn remove(
     .await?;
     push_secret(&state, &id).await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait(v: &str) -> Result<Option<Duration>, ApiError> {
+        parse_wait(&HashMap::from([("wait".to_owned(), v.to_owned())]))
+    }
+
+    #[test]
+    fn wait_parses_durations_within_bounds() {
+        assert_eq!(wait("").unwrap(), None);
+        assert_eq!(parse_wait(&HashMap::new()).unwrap(), None);
+        assert_eq!(wait("500ms").unwrap(), Some(Duration::from_millis(500)));
+        assert_eq!(wait("5s").unwrap(), Some(Duration::from_secs(5)));
+        assert_eq!(wait("2").unwrap(), Some(Duration::from_secs(2)));
+        assert_eq!(wait("1.5s").unwrap(), Some(Duration::from_millis(1500)));
+        for bad in ["0", "0ms", "61s", "-1", "abc", "5m", "NaN", "inf"] {
+            assert!(wait(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -14,7 +14,7 @@ use sled::{Db, Tree};
 
 use super::{
     ApiKeyRecord, AuditRecord, Direction, OrgRecord, SandboxChange, SandboxRecord, SecretChange,
-    SecretRecord, Store, StoreError,
+    SecretRecord, SecretUsage, Store, StoreError, UsageDelta,
 };
 use super::{SecretPage, SecretPageQuery};
 use crate::crypto::Sealed;
@@ -43,6 +43,7 @@ pub struct SledStore {
     sandboxes: Tree,
     sandbox_cgroups: Tree,
     audit: Tree,
+    usage: Tree,
     write_lock: Mutex<()>,
 }
 
@@ -165,6 +166,7 @@ impl SledStore {
             sandboxes: tree("sandboxes")?,
             sandbox_cgroups: tree("sandbox_cgroups")?,
             audit: tree("audit")?,
+            usage: tree("secret_usage")?,
             db,
             write_lock: Mutex::new(()),
         })
@@ -199,6 +201,12 @@ impl SledStore {
     /// Makes the change durable, then emits its audit entry as a tracing event.
     fn commit(&self, pending: &PendingAudit) -> Result<(), StoreError> {
         self.flush()?;
+        Self::emit(pending);
+        Ok(())
+    }
+
+    /// Emits a committed audit entry as a tracing event.
+    fn emit(pending: &PendingAudit) {
         let a = &pending.record;
         tracing::info!(
             target: "veil::audit",
@@ -211,7 +219,6 @@ impl SledStore {
             changes = %a.changes,
             "audit"
         );
-        Ok(())
     }
 
     fn get_secret_raw(&self, id: &str) -> Result<Option<SecretRecord>, StoreError> {
@@ -521,9 +528,11 @@ impl Store for SledStore {
             &self.placeholders,
             &self.org_counts,
             &self.audit,
+            &self.usage,
         )
             .transaction(
-                |(secrets, names, created, updated, placeholders, counts, audit)| {
+                |(secrets, names, created, updated, placeholders, counts, audit, usage)| {
+                    usage.remove(old.id.as_bytes())?;
                     secrets.remove(old.id.as_bytes())?;
                     names.remove(pair(&old.org, &old.name))?;
                     created.remove(time_key(&old.org, old.created_at, &old.id))?;
@@ -804,6 +813,67 @@ impl Store for SledStore {
         Ok(true)
     }
 
+    fn record_usage(
+        &self,
+        deltas: &[UsageDelta],
+        audit: &mut dyn FnMut(&SecretRecord, &UsageDelta) -> Option<AuditRecord>,
+    ) -> Result<usize, StoreError> {
+        let _guard = self.lock();
+        let mut usages: std::collections::BTreeMap<String, SecretUsage> = Default::default();
+        let mut audits = Vec::new();
+        let mut recorded = 0;
+        for d in deltas {
+            // Under the write lock: a secret seen here cannot be deleted before the commit.
+            let Some(secret) = self.get_secret_raw(&d.secret_id)? else {
+                continue;
+            };
+            recorded += 1;
+            if let Some(a) = audit(&secret, d) {
+                audits.push(self.audit_entry(a)?);
+            }
+            if d.counts.is_zero() {
+                continue;
+            }
+            if !usages.contains_key(&d.secret_id) {
+                let current = self.secret_usage(&d.secret_id)?;
+                usages.insert(d.secret_id.clone(), current);
+            }
+            if let Some(u) = usages.get_mut(&d.secret_id) {
+                u.add(&d.host, &d.counts, d.at);
+            }
+        }
+        if usages.is_empty() && audits.is_empty() {
+            return Ok(recorded);
+        }
+        let encoded = usages
+            .iter()
+            .map(|(id, u)| Ok((id.as_bytes().to_vec(), enc(u)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        (&self.usage, &self.audit)
+            .transaction(|(usage, audit)| {
+                for (k, v) in &encoded {
+                    usage.insert(k.as_slice(), v.as_slice())?;
+                }
+                for a in &audits {
+                    audit.insert(a.key.as_slice(), a.value.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_err)?;
+        self.flush()?;
+        for a in &audits {
+            Self::emit(a);
+        }
+        Ok(recorded)
+    }
+
+    fn secret_usage(&self, id: &str) -> Result<SecretUsage, StoreError> {
+        match self.usage.get(id.as_bytes()).map_err(backend)? {
+            Some(bytes) => dec("secret_usage", &bytes),
+            None => Ok(SecretUsage::default()),
+        }
+    }
+
     fn audit_page(
         &self,
         org: &str,
@@ -872,6 +942,8 @@ mod tests {
                 nonce: String::new(),
                 ciphertext: String::new(),
             },
+            body_substitution: false,
+            wrong_host: Default::default(),
         }
     }
 
@@ -1032,5 +1104,85 @@ mod tests {
         };
         assert_eq!(store.page_secrets("acme", &all).unwrap().total, 3);
         assert_eq!(store.page_secrets("nobody", &all).unwrap().total, 0);
+    }
+
+    #[test]
+    fn usage_adds_up_audits_and_goes_with_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let s = secret("acme", 1, 1);
+        store.insert_secret(&s, audit("acme")).unwrap();
+        let delta = |host: &str, substituted: u64, at: i64| UsageDelta {
+            secret_id: s.id.clone(),
+            sandbox: "sb".into(),
+            host: host.into(),
+            counts: super::super::UsageCounts {
+                substituted,
+                wrong_host: 1,
+                ..Default::default()
+            },
+            at,
+        };
+        let gone = UsageDelta {
+            secret_id: "no-such-secret".into(),
+            ..delta("h", 1, 1)
+        };
+        let mut audited = Vec::new();
+        let n = store
+            .record_usage(
+                &[delta("a.test", 2, 10), delta("b.test", 0, 20), gone],
+                &mut |sec, d| {
+                    audited.push((sec.id.clone(), d.host.clone()));
+                    Some(audit(&sec.org))
+                },
+            )
+            .unwrap();
+        assert_eq!(n, 2, "the unknown secret is skipped");
+        assert_eq!(audited.len(), 2);
+        store
+            .record_usage(&[delta("a.test", 3, 30)], &mut |_, _| None)
+            .unwrap();
+        let u = store.secret_usage(&s.id).unwrap();
+        assert_eq!(u.last_used_at, Some(30));
+        assert_eq!(u.hosts["a.test"].counts.substituted, 5);
+        assert_eq!(u.hosts["a.test"].counts.wrong_host, 2);
+        // Seen but never substituted: counted, not "used".
+        assert_eq!(u.hosts["b.test"].last_used_at, None);
+        assert_eq!(u.hosts["b.test"].last_seen_at, Some(20));
+        let (entries, _) = store.audit_page("acme", None, 100, Direction::Asc).unwrap();
+        assert_eq!(entries.len(), 3, "create + one entry per recorded delta");
+        // Durable across a reopen.
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.secret_usage(&s.id).unwrap(), u);
+        store
+            .delete_secret("acme", &s.id, &mut |_| audit("acme"))
+            .unwrap();
+        assert_eq!(store.secret_usage(&s.id).unwrap(), SecretUsage::default());
+    }
+
+    #[test]
+    fn records_without_issue_6_fields_still_load() {
+        let mut v = serde_json::to_value(secret("acme", 1, 1)).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("body_substitution");
+        o.remove("wrong_host");
+        let r: SecretRecord = dec("secrets", v.to_string().as_bytes()).unwrap();
+        assert!(!r.body_substitution);
+        assert_eq!(r.wrong_host, super::super::WrongHost::Forward);
+    }
+
+    #[test]
+    fn usage_hosts_are_bounded() {
+        let mut u = SecretUsage::default();
+        let one = super::super::UsageCounts {
+            substituted: 1,
+            ..Default::default()
+        };
+        for i in 0..super::super::MAX_USAGE_HOSTS + 10 {
+            u.add(&format!("h{i}.test"), &one, 1);
+        }
+        assert_eq!(u.hosts.len(), super::super::MAX_USAGE_HOSTS + 1);
+        assert_eq!(u.hosts[super::super::OTHER_HOSTS].counts.substituted, 10);
     }
 }

@@ -1,6 +1,18 @@
 //! One request on an intercepted connection: substitute per the sandbox's policy, forward to the
 //! pooled upstream, stream the response back.
 //!
+//! In order: a protocol upgrade (WebSocket over HTTP/1.1 `Upgrade`, any `CONNECT` including
+//! h2's extended CONNECT) is refused with 501 — after an upgrade the bytes are frames, not HTTP,
+//! which veil does not scrub, and a sandbox holding a placeholder must not get an unscrubbed
+//! channel to a host its value goes to (a connection to a host no mounted value is allowed for
+//! was passed through before interception, so its WebSockets work). Then the head is
+//! substituted with the sandbox's policy as it is now (a rotation or removal acknowledged to
+//! control applies to open connections too); a placeholder of a blocking secret sent to a host
+//! it does not allow answers 403 naming the secret and nothing is sent upstream. Then, when some
+//! secret's body substitution applies and the content type is JSON, form or text, the body is
+//! read up to the configured bound and substituted (Content-Length recomputed); a larger body is
+//! forwarded unchanged and counted.
+//!
 //! Errors veil answers itself are plain text naming the host, the secret or the reason — never
 //! a value, and never a header value (headers may carry values).
 
@@ -11,15 +23,19 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use tracing::debug;
-use veil_policy::{SandboxPolicy, SecretHit, ServerName, SubstituteError};
+use tracing::{debug, info};
+use veil_policy::{BodyKind, SandboxPolicy, SecretHit, ServerName, SubstituteError, merge_hits};
 
-use crate::config::SandboxId;
+use crate::config::{RequestLimits, SandboxId};
+use crate::proxy::body::{Bounded, read_bounded, whole};
+use crate::proxy::idle::{Activity, InflightBody};
 use crate::proxy::scrub;
+use crate::secrets::SecretStore;
 use crate::stats::Stats;
 use crate::tls::upstream::{DstClient, verify_failure};
 
@@ -33,8 +49,15 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 pub struct ConnContext {
     /// The sandbox.
     pub sandbox: SandboxId,
-    /// Its policy, as it was when the connection was accepted.
+    /// Its policy when the connection was accepted (it decided interception); requests
+    /// substitute with the policy current when they arrive, from `secrets`.
     pub policy: Arc<SandboxPolicy>,
+    /// The live secrets and policies.
+    pub secrets: SecretStore,
+    /// Request modes and limits from the agent's config.
+    pub limits: RequestLimits,
+    /// The connection's activity, for its idle timeout.
+    pub activity: Arc<Activity>,
     /// The SNI the client sent (and the name upstream TLS is verified for).
     pub sni: ServerName,
     /// The original destination.
@@ -66,6 +89,8 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     Stats::inc(&ctx.stats.requests);
+    // Held until the response body ends (handed to the body below), for the idle timeout.
+    let inflight = ctx.activity.begin();
     let started = std::time::Instant::now();
     if let Some(reason) = &ctx.upstream_error {
         return Ok(plain(
@@ -73,19 +98,28 @@ pub async fn handle(
             format!("veil: cannot reach {} securely: {reason}\n", ctx.sni),
         ));
     }
-    let (mut parts, body) = req.into_parts();
-    let hits = match substitute(&ctx.policy, &ctx.sni, &mut parts) {
-        Ok(hits) => hits,
-        Err(e) => {
-            Stats::inc(&ctx.stats.refused);
-            debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, error = %e, "request refused");
-            return Ok(plain(StatusCode::BAD_REQUEST, format!("veil: {e}\n")));
-        }
-    };
-    if !hits.is_empty() {
-        ctx.stats
-            .record_hits(ctx.sandbox.as_str(), ctx.sni.as_str(), &ctx.policy, &hits);
+    if let Some(kind) = upgrade_kind(&req) {
+        Stats::inc(&ctx.stats.upgrade_refused);
+        debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, kind, "protocol upgrade refused");
+        return Ok(plain(StatusCode::NOT_IMPLEMENTED, upgrade_refusal(kind)));
     }
+    let (mut parts, body) = req.into_parts();
+    // Read per request: a rotation, delete or detach acknowledged to control applies to open
+    // keep-alive and h2 connections too. No policy (every secret gone) = nothing to substitute.
+    let policy = ctx.secrets.policy(ctx.sandbox.as_str());
+    let body = match &policy {
+        Some(policy) => match apply_policy(&ctx, policy, &mut parts, body).await {
+            Ok((body, hits)) => {
+                if !hits.is_empty() {
+                    ctx.stats
+                        .record_hits(ctx.sandbox.as_str(), ctx.sni.as_str(), policy, &hits);
+                }
+                body
+            }
+            Err(answer) => return Ok(answer),
+        },
+        None => body.map_err(BoxError::from).boxed_unsync(),
+    };
     let target = parts
         .uri
         .path_and_query()
@@ -116,13 +150,14 @@ pub async fn handle(
         }
     };
     parts.version = Version::HTTP_11;
-    let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+    let req = Request::from_parts(parts, body);
     match ctx.client.request(req).await {
         Ok(resp) => {
             ctx.stats.request_seconds.observe(started.elapsed());
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             let body = scrub::response(&ctx, &mut parts, body);
+            let body = InflightBody::new(body, inflight).boxed_unsync();
             Ok(Response::from_parts(parts, body))
         }
         Err(e) => {
@@ -147,12 +182,152 @@ pub async fn handle(
     }
 }
 
+/// Substitutes the head and, where it applies, the body; an `Err` is veil's own answer (400
+/// refused, 403 blocked) and nothing goes upstream.
+async fn apply_policy(
+    ctx: &ConnContext,
+    policy: &SandboxPolicy,
+    parts: &mut http::request::Parts,
+    body: Incoming,
+) -> Result<(ProxyBody, Vec<SecretHit>), Response<ProxyBody>> {
+    let head = match substitute(policy, &ctx.sni, parts) {
+        Ok(head) => head,
+        Err(e) => {
+            Stats::inc(&ctx.stats.refused);
+            debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, error = %e, "request refused");
+            return Err(plain(StatusCode::BAD_REQUEST, format!("veil: {e}\n")));
+        }
+    };
+    let mut hits = head.hits;
+    if let Some(answer) = block(ctx, policy, &hits) {
+        return Err(answer);
+    }
+    let overrides = ctx.limits.overrides;
+    let kind = BodyKind::of(
+        parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(HeaderValue::as_bytes),
+        parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .map(HeaderValue::as_bytes),
+    );
+    let kind = match kind {
+        Some(kind)
+            if head.host_ok
+                && !body.is_end_stream()
+                && policy.body_scan_needed(&ctx.sni, overrides) =>
+        {
+            kind
+        }
+        _ => return Ok((body.map_err(BoxError::from).boxed_unsync(), hits)),
+    };
+    let read = match read_bounded(body, ctx.limits.body_max_bytes).await {
+        Ok(read) => read,
+        Err(e) => {
+            debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, error = %e, "reading the request body failed");
+            return Err(plain(
+                StatusCode::BAD_REQUEST,
+                "veil: reading the request body failed\n".into(),
+            ));
+        }
+    };
+    let (data, trailers) = match read {
+        Bounded::Over(replay) => {
+            Stats::inc(&ctx.stats.body_too_large);
+            debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, max = ctx.limits.body_max_bytes, "request body over the substitution bound; forwarded unchanged");
+            return Ok((replay.boxed_unsync(), hits));
+        }
+        Bounded::Whole(data, trailers) => (data, trailers),
+    };
+    let sub = policy.substitute_body(&ctx.sni, head.host_ok, kind, &data, overrides);
+    merge_hits(&mut hits, &sub.hits);
+    if let Some(answer) = block(ctx, policy, &hits) {
+        return Err(answer);
+    }
+    let body = match sub.body {
+        Some(new) => {
+            Stats::inc(&ctx.stats.body_substituted);
+            set_content_length(&mut parts.headers, new.as_bytes().len());
+            // The buffer is zeroized when the last reference to it is gone.
+            whole(Bytes::from_owner(new), trailers).boxed_unsync()
+        }
+        None => whole(Bytes::from(data), trailers).boxed_unsync(),
+    };
+    Ok((body, hits))
+}
+
+/// The 403 answer (counted, reported to control) when `hits` carry a blocking secret's
+/// placeholder to a host it does not allow.
+fn block(
+    ctx: &ConnContext,
+    policy: &SandboxPolicy,
+    hits: &[SecretHit],
+) -> Option<Response<ProxyBody>> {
+    let secret = policy.blocked_by(hits, ctx.limits.overrides)?;
+    ctx.stats
+        .record_blocked(ctx.sandbox.as_str(), ctx.sni.as_str(), &secret.id);
+    info!(sandbox = %ctx.sandbox, sni = %ctx.sni, secret = %secret.id, name = %secret.name, "request blocked: placeholder sent to a host its secret does not allow");
+    Some(plain(
+        StatusCode::FORBIDDEN,
+        blocked_message(&secret.name, &secret.id, &ctx.sni),
+    ))
+}
+
+/// The 403 text of a blocked request: the secret's name and id, never its value.
+fn blocked_message(name: &str, id: &str, sni: &ServerName) -> String {
+    format!("veil: secret {name} ({id}) is not allowed for host {sni}\n")
+}
+
+/// Sets Content-Length to `len` (after a body changed size).
+fn set_content_length(headers: &mut HeaderMap, len: usize) {
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+}
+
+/// What kind of protocol switch a request asks for, if any: HTTP/1.1 `Upgrade` (WebSocket, …),
+/// `CONNECT`, or h2's extended CONNECT (`:protocol`).
+fn upgrade_kind<B>(req: &Request<B>) -> Option<&'static str> {
+    if req.extensions().get::<hyper::ext::Protocol>().is_some() {
+        return Some("extended CONNECT");
+    }
+    if req.method() == Method::CONNECT {
+        return Some("CONNECT");
+    }
+    let upgrade = req.headers().get(header::UPGRADE)?;
+    if String::from_utf8_lossy(upgrade.as_bytes())
+        .to_ascii_lowercase()
+        .contains("websocket")
+    {
+        Some("WebSocket")
+    } else {
+        Some("Upgrade")
+    }
+}
+
+/// The 501 text of a refused upgrade.
+fn upgrade_refusal(kind: &str) -> String {
+    format!(
+        "veil: {kind} is not supported on connections veil intercepts: after a protocol switch the \
+         bytes are not HTTP and veil cannot keep secret values out of them\n"
+    )
+}
+
+/// What head substitution found.
+#[derive(Debug)]
+pub struct HeadSubstitution {
+    /// Per-secret counts.
+    pub hits: Vec<SecretHit>,
+    /// Whether every authority of the request named the SNI (otherwise nothing was replaced).
+    pub host_ok: bool,
+}
+
 /// Runs the policy's substitution over the request head; returns the per-secret counts.
 pub fn substitute(
     policy: &SandboxPolicy,
     sni: &ServerName,
     parts: &mut http::request::Parts,
-) -> Result<Vec<SecretHit>, RequestError> {
+) -> Result<HeadSubstitution, RequestError> {
     let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
     let hosts = parts
         .headers
@@ -177,7 +352,11 @@ pub fn substitute(
             *value = v;
         }
     }
-    Ok(sub.finish())
+    let host_ok = sub.host_matches();
+    Ok(HeadSubstitution {
+        hits: sub.finish(),
+        host_ok,
+    })
 }
 
 /// Why a request is refused before it is forwarded; names no value.
@@ -306,8 +485,9 @@ mod tests {
                 ("authorization", "Basic dXNlcjp2ZWlsX3BoXzAxMjM="),
             ],
         );
-        let hits = substitute(&p, &sni, &mut req).unwrap();
-        assert_eq!(hits[0].substituted, 3);
+        let head = substitute(&p, &sni, &mut req).unwrap();
+        assert!(head.host_ok);
+        assert_eq!(head.hits[0].substituted, 3);
         assert_eq!(req.uri.to_string(), "/v1?k=sk-real");
         assert_eq!(req.headers["x-key"].as_bytes(), b"Bearer sk-real");
         assert!(req.headers["x-key"].is_sensitive());
@@ -321,9 +501,60 @@ mod tests {
             "/v1",
             &[("host", "evil.test"), ("x-key", "Bearer veil_ph_0123")],
         );
-        let hits = substitute(&p, &sni, &mut other).unwrap();
-        assert_eq!(hits[0].host_mismatch, 1);
+        let head = substitute(&p, &sni, &mut other).unwrap();
+        assert!(!head.host_ok);
+        assert_eq!(head.hits[0].host_mismatch, 1);
         assert_eq!(other.headers["x-key"].as_bytes(), b"Bearer veil_ph_0123");
+    }
+
+    #[test]
+    fn upgrades_are_recognised() {
+        let req = |method: Method, headers: &[(&str, &str)]| {
+            let mut b = Request::builder().method(method).uri("/");
+            for (n, v) in headers {
+                b = b.header(*n, *v);
+            }
+            b.body(()).unwrap()
+        };
+        let ws = req(
+            Method::GET,
+            &[("connection", "Upgrade"), ("upgrade", "WebSocket")],
+        );
+        assert_eq!(upgrade_kind(&ws), Some("WebSocket"));
+        assert_eq!(
+            upgrade_kind(&req(Method::GET, &[("upgrade", "h2c")])),
+            Some("Upgrade")
+        );
+        assert_eq!(upgrade_kind(&req(Method::CONNECT, &[])), Some("CONNECT"));
+        let mut ext = req(Method::CONNECT, &[]);
+        ext.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        assert_eq!(upgrade_kind(&ext), Some("extended CONNECT"));
+        assert_eq!(
+            upgrade_kind(&req(Method::POST, &[("connection", "close")])),
+            None
+        );
+        assert!(upgrade_refusal("WebSocket").starts_with("veil: WebSocket is not supported"));
+    }
+
+    #[test]
+    fn blocked_message_names_the_secret_never_the_value() {
+        let sni = ServerName::parse("evil.test").unwrap();
+        let m = blocked_message("KEY", "sec_1", &sni);
+        assert_eq!(
+            m,
+            "veil: secret KEY (sec_1) is not allowed for host evil.test\n"
+        );
+        assert!(!m.contains("sk-real"));
+    }
+
+    #[test]
+    fn content_length_is_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        set_content_length(&mut h, 40);
+        assert_eq!(h.get_all(header::CONTENT_LENGTH).iter().count(), 1);
+        assert_eq!(h[header::CONTENT_LENGTH], "40");
     }
 
     #[test]

@@ -7,6 +7,12 @@
 //! first request); later ones use what that taught. When the
 //! upstream cannot be reached or fails verification, the client's handshake still completes
 //! and every request gets a 502 naming the host and the reason: nothing is sent upstream.
+//!
+//! Limits (agent config): the client's handshake must finish within `handshake_timeout_ms`;
+//! request heads are bounded by `max_header_bytes` (HTTP/1.1 read buffer, h2 header list); an
+//! h2 connection carries at most `max_streams_per_connection` concurrent streams; a connection
+//! with no request in flight (arrival to end of response body) for `idle_timeout_ms` is closed
+//! (gracefully: h2 GOAWAY, h1 close between requests).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +27,7 @@ use tracing::debug;
 use veil_policy::{SandboxPolicy, ServerName};
 
 use crate::proxy::forward::{self, ConnContext};
+use crate::proxy::idle::Activity;
 use crate::proxy::peek::PrefixedStream;
 use crate::proxy::{Proxy, SandboxTag};
 use crate::stats::Stats;
@@ -106,8 +113,9 @@ pub async fn run(
         proxy.tls.server_h1.clone()
     };
     let handshake_started = std::time::Instant::now();
+    let limits = proxy.limits;
     let accepted = tokio::time::timeout(
-        proxy.connect_timeout,
+        limits.handshake_timeout,
         TlsAcceptor::from(config).accept(client),
     )
     .await;
@@ -131,9 +139,13 @@ pub async fn run(
         .observe(handshake_started.elapsed());
     let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
     let client = upstream.client(dst, h2, sni.as_str());
+    let activity = Activity::new();
     let ctx = Arc::new(ConnContext {
         sandbox: sandbox.id.clone(),
         policy,
+        secrets: proxy.secrets.clone(),
+        limits,
+        activity: activity.clone(),
         sni,
         dst,
         client,
@@ -143,19 +155,46 @@ pub async fn run(
     });
     let svc = service_fn(move |req| forward::handle(ctx.clone(), req));
     let io = TokioIo::new(tls);
+    let idle = activity.idle(limits.idle_timeout);
+    // After the idle timeout, a graceful close gets this long before the connection is dropped.
+    let grace = limits.handshake_timeout;
     let served = if h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(60)))
-            .serve_connection(io, svc)
-            .await
+            .max_concurrent_streams(limits.max_streams_per_connection)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = idle => {
+                debug!(sandbox = %sandbox.id, "idle intercepted connection closed");
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(grace, conn).await.unwrap_or(Ok(()))
+            }
+        }
     } else {
-        hyper::server::conn::http1::Builder::new()
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
             .keep_alive(true)
-            .serve_connection(io, svc)
-            .await
+            .max_buf_size(limits.max_header_bytes.max(crate::config::MIN_HEADER_BYTES))
+            // With a timer set, hyper would otherwise cut a keep-alive connection waiting for
+            // its next request after 30 s: the idle timeout decides that.
+            .header_read_timeout(limits.idle_timeout)
+            .serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = idle => {
+                debug!(sandbox = %sandbox.id, "idle intercepted connection closed");
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(grace, conn).await.unwrap_or(Ok(()))
+            }
+        }
     };
-    if let Err(e) = served {
-        debug!(sandbox = %sandbox.id, error = %e, "intercepted connection ended");
+    match served {
+        Ok(()) => Stats::inc(&proxy.stats.completed),
+        Err(e) => debug!(sandbox = %sandbox.id, error = %e, "intercepted connection ended"),
     }
 }

@@ -1,17 +1,420 @@
 //! Response scrubbing on intercepted connections (issue 6): every mounted value in a response
 //! reaches the sandbox as its placeholder.
+//!
+//! What is scrubbed, with the sandbox's [`ScrubPatterns`] (literal, base64, percent and JSON
+//! forms, see `veil_policy::scrub`):
+//! - **head**: every response header's value and name, and an h1 reason phrase. A header whose
+//!   scrubbed name or value is no longer valid is dropped rather than passed on; a reason phrase
+//!   carrying a value is replaced by the canonical one.
+//! - **body**: [`ScrubBody`] scrubs DATA streaming, holding at most the longest pattern's length
+//!   minus one byte back (a value split across chunks is still found), scrubs trailers (h2, or
+//!   chunked h1) like headers, and flushes what it holds at the end. When the scrubbed length may
+//!   differ (a placeholder and a value, or one of their encodings, differ in length),
+//!   `Content-Length` is removed and hyper re-frames the body (h1 chunked, h2 DATA frames).
+//!   Bodies that are empty by protocol (HEAD, 204, 304, length 0) pass unchanged.
+//! - **compressed bodies**: `gzip`/`x-gzip`, `deflate` (zlib) and `br` are decoded streaming
+//!   (bounded: one upstream chunk, the decoder's window, and [`body::DECODE_BUF`] decoded bytes
+//!   at a time), scrubbed, and forwarded as identity: `Content-Encoding` and `Content-Length` are
+//!   removed and a strong `ETag` becomes weak (the representation changed). Not re-compressed:
+//!   the hop to the sandbox is on the same host, where size does not matter, while compressing
+//!   costs CPU on the data path and a compressor holds data back until it flushes, which would
+//!   delay streamed responses (server-sent events, long polls). A body that fails to decode is
+//!   cut off with an error (the client sees a truncated response, never undecoded bytes).
+//! - **other codings** (`zstd`, `compress`, stacked codings): the response is withheld and the
+//!   sandbox gets a 502 naming the coding. [`request`] makes that rare: it rewrites
+//!   `Accept-Encoding` to the codings veil can decode, and drops `Range`/`If-Range` so a value
+//!   cannot be fetched piecewise, a few bytes per partial response, past the scrubber.
+//!
+//! Scrubbing is skipped, at no cost, when the sandbox has no value to scrub or when it is
+//! switched off in config (`scrub_responses = false`, for measurements only). Upgraded
+//! connections (WebSocket) are refused before they get here, in `forward`.
 
-use http::HeaderMap;
+mod body;
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::response::Parts;
-use http_body_util::BodyExt;
+use http::{StatusCode, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use tracing::debug;
+use veil_policy::ScrubPatterns;
+use veil_policy::scrub::{ContentCoding, UnsupportedCoding, accept_encoding};
 
 use crate::proxy::forward::{BoxError, ConnContext, ProxyBody};
 
+pub use body::ScrubBody;
+
 /// Scrubs an upstream response's head in place and wraps its body so it is scrubbed as it streams.
-pub fn response(_ctx: &ConnContext, _parts: &mut Parts, body: Incoming) -> ProxyBody {
+pub fn response(ctx: &ConnContext, parts: &mut Parts, body: Incoming) -> ProxyBody {
+    if !ctx.scrub || ctx.policy.secrets().is_empty() {
+        return passthrough(body);
+    }
+    let (plan, replaced) = plan_response(ctx.policy.scrub_patterns(), parts, body.is_end_stream());
+    ctx.stats.scrubbed.fetch_add(replaced, Ordering::Relaxed);
+    match plan {
+        BodyPlan::Pass => passthrough(body),
+        BodyPlan::Scrub {
+            coding,
+            keep_length,
+        } => ScrubBody::new(
+            body,
+            coding,
+            ctx.policy.clone(),
+            ctx.stats.clone(),
+            keep_length,
+        )
+        .boxed_unsync(),
+        BodyPlan::Withhold(reason) => withhold(ctx, parts, reason),
+    }
+}
+
+/// What becomes of a response body, decided from the head.
+#[derive(Debug, PartialEq, Eq)]
+enum BodyPlan {
+    /// Empty by protocol (HEAD, 204, 304, length 0): passed as it is.
+    Pass,
+    /// Decoded from `coding` and scrubbed; `keep_length` when `Content-Length` still holds.
+    Scrub {
+        coding: ContentCoding,
+        keep_length: bool,
+    },
+    /// Not forwarded, for this reason (names no value).
+    Withhold(String),
+}
+
+/// Scrubs a response head with the sandbox's `patterns` and adjusts its framing headers for
+/// the plan it returns, with the number of occurrences replaced. `empty`: the body is empty by
+/// protocol.
+fn plan_response(patterns: &ScrubPatterns, parts: &mut Parts, empty: bool) -> (BodyPlan, u64) {
+    if !patterns.is_active() {
+        // Secrets are mounted but their patterns could not be built: nothing can be scrubbed.
+        let reason = "veil cannot scrub responses for this sandbox".to_owned();
+        return (BodyPlan::Withhold(reason), 0);
+    }
+    let mut replaced = scrub_headers(patterns, &mut parts.headers);
+    if let Some(reason) = parts.extensions.get::<hyper::ext::ReasonPhrase>()
+        && patterns.scrub_counted(reason.as_bytes()).is_some()
+    {
+        parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+        replaced += 1;
+    }
+    // Whole representations are asked for (see `request`).
+    parts.headers.remove(header::ACCEPT_RANGES);
+    if empty {
+        return (BodyPlan::Pass, replaced);
+    }
+    let coding = match patterns.content_coding(
+        parts
+            .headers
+            .get_all(header::CONTENT_ENCODING)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    ) {
+        Ok(coding) => coding,
+        Err(e) => return (BodyPlan::Withhold(unsupported_message(&e)), replaced),
+    };
+    let keep_length = coding == ContentCoding::Identity && patterns.preserves_length();
+    if !keep_length {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    if coding != ContentCoding::Identity {
+        parts.headers.remove(header::CONTENT_ENCODING);
+        weaken_etag(&mut parts.headers);
+    }
+    let plan = BodyPlan::Scrub {
+        coding,
+        keep_length,
+    };
+    (plan, replaced)
+}
+
+/// Prepares a request's headers so that its response can be scrubbed: only encodings veil can
+/// decode are offered, and whole representations are asked for.
+pub fn request(ctx: &ConnContext, headers: &mut HeaderMap) {
+    if ctx.scrub && !ctx.policy.secrets().is_empty() {
+        restrict_request(headers);
+    }
+}
+
+/// See [`request`]. Without `Range`, a value cannot be fetched a few bytes per partial
+/// response, each too short for the scrubber to recognise.
+fn restrict_request(headers: &mut HeaderMap) {
+    let offer = accept_encoding(
+        headers
+            .get_all(header::ACCEPT_ENCODING)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
+    let offer = HeaderValue::from_str(&offer).unwrap_or(HeaderValue::from_static("identity"));
+    headers.insert(header::ACCEPT_ENCODING, offer);
+    headers.remove(header::RANGE);
+    headers.remove(header::IF_RANGE);
+}
+
+fn passthrough(body: Incoming) -> ProxyBody {
     body.map_err(BoxError::from).boxed_unsync()
 }
 
-/// Prepares a request's headers so that its response can be scrubbed (e.g. the encodings offered).
-pub fn request(_ctx: &ConnContext, _headers: &mut HeaderMap) {}
+fn unsupported_message(e: &UnsupportedCoding) -> String {
+    format!("the upstream answered with {e}; veil offers only gzip, deflate and br")
+}
+
+/// Replaces the response by a 502 saying why it was withheld; the upstream body is dropped.
+fn withhold(ctx: &ConnContext, parts: &mut Parts, reason: String) -> ProxyBody {
+    debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, reason = %reason, "response withheld");
+    parts.status = StatusCode::BAD_GATEWAY;
+    parts.headers.clear();
+    parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if parts.version < Version::HTTP_2 {
+        parts.version = Version::HTTP_11;
+    }
+    let text = format!(
+        "veil: response from {} withheld: {reason}\n",
+        ctx.sni.as_str()
+    );
+    Full::new(Bytes::from(text))
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Scrubs every header's name and value in place; drops a header that scrubbing makes invalid.
+/// Returns the number of occurrences replaced.
+pub fn scrub_headers(patterns: &ScrubPatterns, headers: &mut HeaderMap) -> u64 {
+    let dirty = headers.iter().any(|(n, v)| {
+        patterns.scrub_counted(n.as_str().as_bytes()).is_some()
+            || patterns.scrub_counted(v.as_bytes()).is_some()
+    });
+    if !dirty {
+        return 0;
+    }
+    let mut replaced = 0;
+    let mut out = HeaderMap::with_capacity(headers.len());
+    let mut name: Option<HeaderName> = None;
+    for (n, value) in std::mem::take(headers) {
+        if let Some(n) = n {
+            name = match patterns.scrub_counted(n.as_str().as_bytes()) {
+                None => Some(n),
+                Some((new, count)) => {
+                    replaced += count;
+                    HeaderName::from_bytes(&new).ok()
+                }
+            };
+        }
+        let Some(name) = &name else { continue };
+        let value = match patterns.scrub_counted(value.as_bytes()) {
+            None => Some(value),
+            Some((new, count)) => {
+                replaced += count;
+                HeaderValue::from_bytes(&new).ok()
+            }
+        };
+        if let Some(value) = value {
+            out.append(name.clone(), value);
+        }
+    }
+    *headers = out;
+    replaced
+}
+
+/// A strong validator no longer matches a decoded representation; a weak one still may.
+fn weaken_etag(headers: &mut HeaderMap) {
+    if let Some(etag) = headers.get(header::ETAG)
+        && etag.as_bytes().starts_with(b"\"")
+    {
+        let mut weak = b"W/".to_vec();
+        weak.extend_from_slice(etag.as_bytes());
+        match HeaderValue::from_bytes(&weak) {
+            Ok(v) => {
+                headers.insert(header::ETAG, v);
+            }
+            Err(_) => {
+                headers.remove(header::ETAG);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veil_link::SecretValue;
+    use veil_policy::MountedSecret;
+
+    pub(super) const VALUE: &str = "sk-real/0123456789";
+    pub(super) const PLACEHOLDER: &str = "veil_ph_abcdef";
+
+    pub(super) fn patterns() -> ScrubPatterns {
+        ScrubPatterns::new(&[MountedSecret {
+            id: "sec_1".into(),
+            name: "KEY".into(),
+            placeholder: PLACEHOLDER.into(),
+            hosts: vec![],
+            value: SecretValue::new(VALUE.into()),
+            body_substitution: false,
+            wrong_host: Default::default(),
+        }])
+    }
+
+    #[test]
+    fn headers_names_and_values_are_scrubbed_or_dropped() {
+        let p = patterns();
+        let mut h = HeaderMap::new();
+        h.append("x-echo", HeaderValue::from_str(VALUE).unwrap());
+        h.append("x-echo", HeaderValue::from_static("second"));
+        h.append(
+            "x-b64",
+            HeaderValue::from_static("Bearer c2stcmVhbC8wMTIzNDU2Nzg5"),
+        );
+        h.append(
+            HeaderName::from_bytes(b"x-sk-real/0123456789").unwrap_or(header::WARNING),
+            HeaderValue::from_static("name"),
+        );
+        h.append("x-clean", HeaderValue::from_static("ok"));
+        let n = scrub_headers(&p, &mut h);
+        assert!(n >= 2);
+        let all: Vec<(String, Vec<u8>)> = h
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        for (n, v) in &all {
+            assert!(!n.contains("sk-real") && !v.windows(7).any(|w| w == b"sk-real"));
+        }
+        let echo: Vec<&[u8]> = h.get_all("x-echo").iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(echo, [PLACEHOLDER.as_bytes(), b"second"]);
+        assert_eq!(h["x-clean"], "ok");
+        assert!(!h["x-b64"].as_bytes().windows(8).any(|w| w == b"c2stcmVh"));
+    }
+
+    #[test]
+    fn clean_headers_are_untouched() {
+        let p = patterns();
+        let mut h = HeaderMap::new();
+        h.append("a", HeaderValue::from_static("1"));
+        h.append("a", HeaderValue::from_static("2"));
+        let before = h.clone();
+        assert_eq!(scrub_headers(&p, &mut h), 0);
+        assert_eq!(h, before);
+    }
+
+    fn head(headers: &[(&str, &str)]) -> Parts {
+        let mut b = http::Response::builder();
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn response_plans() {
+        let p = patterns();
+        let mut parts = head(&[
+            ("content-length", "120"),
+            ("content-encoding", "gzip"),
+            ("etag", "\"v1\""),
+            ("accept-ranges", "bytes"),
+            ("x-echo", VALUE),
+        ]);
+        let (plan, n) = plan_response(&p, &mut parts, false);
+        assert_eq!(
+            plan,
+            BodyPlan::Scrub {
+                coding: ContentCoding::Gzip,
+                keep_length: false
+            }
+        );
+        assert_eq!(n, 1);
+        let mut names: Vec<&str> = parts.headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["etag", "x-echo"]);
+        assert_eq!(parts.headers["etag"], "W/\"v1\"");
+
+        // Identity keeps nothing it cannot vouch for: the placeholder is shorter.
+        let mut parts = head(&[("content-length", "5")]);
+        let (plan, _) = plan_response(&p, &mut parts, false);
+        assert!(matches!(
+            plan,
+            BodyPlan::Scrub {
+                keep_length: false,
+                coding: ContentCoding::Identity
+            }
+        ));
+        assert!(parts.headers.get("content-length").is_none());
+
+        // Empty by protocol (HEAD, 304): framing untouched, headers still scrubbed.
+        let mut parts = head(&[
+            ("content-length", "120"),
+            ("content-encoding", "zstd"),
+            ("x-echo", VALUE),
+        ]);
+        let (plan, n) = plan_response(&p, &mut parts, true);
+        assert_eq!((plan, n), (BodyPlan::Pass, 1));
+        assert_eq!(parts.headers["content-length"], "120");
+
+        // An undecodable coding is withheld, named, without the value.
+        for coding in ["zstd", "gzip, br", VALUE] {
+            let mut parts = head(&[("content-encoding", coding)]);
+            let (plan, _) = plan_response(&p, &mut parts, false);
+            let BodyPlan::Withhold(reason) = plan else {
+                panic!("{coding}: not withheld")
+            };
+            assert!(reason.contains("content-encoding") && !reason.contains("sk-real"));
+        }
+    }
+
+    #[test]
+    fn reason_phrase_with_a_value_is_dropped() {
+        let p = patterns();
+        let mut parts = head(&[]);
+        let reason =
+            hyper::ext::ReasonPhrase::try_from(format!("OK {VALUE}").into_bytes()).unwrap();
+        parts.extensions.insert(reason);
+        let (_, n) = plan_response(&p, &mut parts, false);
+        assert_eq!(n, 1);
+        assert!(parts.extensions.get::<hyper::ext::ReasonPhrase>().is_none());
+
+        let mut parts = head(&[]);
+        parts
+            .extensions
+            .insert(hyper::ext::ReasonPhrase::from_static(b"Fine"));
+        plan_response(&p, &mut parts, false);
+        assert!(parts.extensions.get::<hyper::ext::ReasonPhrase>().is_some());
+    }
+
+    #[test]
+    fn requests_offer_only_decodable_codings_and_whole_ranges() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("zstd, gzip;q=0.5, *"),
+        );
+        h.insert(header::RANGE, HeaderValue::from_static("bytes=0-3"));
+        h.insert(header::IF_RANGE, HeaderValue::from_static("\"v1\""));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        restrict_request(&mut h);
+        assert_eq!(h[header::ACCEPT_ENCODING], "gzip;q=0.5");
+        assert!(h.get(header::RANGE).is_none() && h.get(header::IF_RANGE).is_none());
+        assert_eq!(h["x-keep"], "1");
+
+        let mut h = HeaderMap::new();
+        restrict_request(&mut h);
+        assert_eq!(h[header::ACCEPT_ENCODING], "identity");
+    }
+
+    #[test]
+    fn etag_weakened() {
+        let mut h = HeaderMap::new();
+        h.insert(header::ETAG, HeaderValue::from_static("\"abc\""));
+        weaken_etag(&mut h);
+        assert_eq!(h[header::ETAG], "W/\"abc\"");
+        weaken_etag(&mut h);
+        assert_eq!(h[header::ETAG], "W/\"abc\"");
+    }
+}

@@ -322,7 +322,11 @@ impl SandboxUpstream {
                 parked: parked.clone(),
             };
             let mut builder = Client::builder(TokioExecutor::new());
-            builder.pool_idle_timeout(Duration::from_secs(90));
+            // Without a timer hyper only drops idle connections when the pool is next used:
+            // a sandbox that stops talking to a host would keep its upstream sockets forever.
+            builder
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_timer(hyper_util::rt::TokioTimer::new());
             PerDst {
                 client: builder.build(connector),
                 parked,

@@ -3,7 +3,10 @@
 //! `veil-bench passthrough [--bytes N] [--seconds S] [--runs R]` measures bulk throughput and new
 //! connections per second from a sandbox to an upstream, direct (same netns, outside the
 //! cgroup) and through veil-agent (inside the cgroup), interleaved, and prints medians and
-//! ratios. The `client-*` subcommands are the client side, re-executed inside the sandbox.
+//! ratios. `veil-bench suite [--seconds S] [--runs R] [--out MD] [--png PNG] [--mitmdump PATH]`
+//! compares veil with direct, nginx and mitmproxy and writes docs/benchmarks.md (see suite.rs);
+//! `veil-bench soak [--connections N] [--sandboxes S] [--seconds T]` is the load and leak soak.
+//! The `client-*` subcommands are the client side, re-executed inside the sandbox.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -16,8 +19,13 @@ use anyhow::{Context, Result, bail};
 use veil_tests::cmd::run_probe;
 use veil_tests::{AgentSandbox, NetNs, Sandbox, TcpHello, Veil, World};
 
+mod idle;
+mod load;
 mod mitm;
+mod peers;
 mod rotation;
+mod soak;
+mod suite;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -31,7 +39,44 @@ fn main() -> Result<()> {
             None => Ok(default),
         }
     };
+    let sarg = |name: &str, default: &str| -> String {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map_or_else(|| default.to_owned(), Clone::clone)
+    };
     match args.first().map(String::as_str) {
+        Some("suite") => suite::run(&suite::Options {
+            seconds: arg("--seconds", 5)?,
+            runs: arg("--runs", 3)?,
+            out: sarg("--out", "docs/benchmarks.md").into(),
+            png: sarg("--png", "docs/benchmarks.png").into(),
+            mitmdump: sarg(
+                "--mitmdump",
+                &peers::default_mitmdump().display().to_string(),
+            )
+            .into(),
+            nginx_keepalive: u32::try_from(arg("--nginx-keepalive", 256)?)?,
+            nginx_workers: u32::try_from(arg("--nginx-workers", 2)?)?,
+            bulk_bytes: arg("--bytes", 512 << 20)?,
+        }),
+        Some("soak") => soak::run(
+            arg("--connections", 10_000)?,
+            arg("--sandboxes", 100)?,
+            arg("--seconds", 300)?,
+        ),
+        Some("client-idle") => idle::client(
+            parse_addr(args.get(1))?,
+            arg("--count", 1000)?,
+            &sarg("--header", "x-bench: 1"),
+        ),
+        Some("client-soak") => soak::client(
+            parse_addr(args.get(1))?,
+            arg("--count", 100)?,
+            arg("--seconds", 60)?,
+            &sarg("--header", "x-bench: 1"),
+            arg("--seed", 0)?,
+        ),
         Some("passthrough") => passthrough(
             arg("--bytes", 2 << 30)?,
             arg("--seconds", 5)?,
@@ -48,8 +93,24 @@ fn main() -> Result<()> {
             arg("--concurrency", 8)?,
         ),
         _ => bail!(
-            "usage: veil-bench passthrough [--bytes N] [--seconds S] [--runs R] | registration [--count N] | restart [--count N] | mitm [--seconds S] [--runs R]"
+            "usage: veil-bench suite [--seconds S] [--runs R] [--out MD] [--png PNG] [--mitmdump PATH] [--nginx-keepalive N] [--nginx-workers N] [--bytes N] | soak [--connections N] [--sandboxes S] [--seconds T] | passthrough [--bytes N] [--seconds S] [--runs R] | registration [--count N] | restart [--count N] | mitm [--seconds S] [--runs R] | rotation [--count N]"
         ),
+    }
+}
+
+/// Raises the soft open-files limit to the hard one (children inherit it): the benchmarks hold
+/// thousands of connections.
+pub(crate) fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 
@@ -120,7 +181,7 @@ fn client_connrate(addr: SocketAddr, seconds: u64, concurrency: u64) -> Result<(
 }
 
 /// A server in `ns` that reads to EOF and answers the byte count (8 bytes, big-endian).
-fn start_sink(ns: &NetNs, ip: std::net::IpAddr) -> (SocketAddr, Arc<AtomicBool>) {
+pub(crate) fn start_sink(ns: &NetNs, ip: std::net::IpAddr) -> (SocketAddr, Arc<AtomicBool>) {
     let listener = ns.run(move || TcpListener::bind((ip, 0)).expect("bind sink"));
     let addr = listener.local_addr().expect("sink addr");
     let stop = Arc::new(AtomicBool::new(false));
@@ -147,7 +208,7 @@ fn start_sink(ns: &NetNs, ip: std::net::IpAddr) -> (SocketAddr, Arc<AtomicBool>)
     (addr, stop)
 }
 
-fn run_client(mut cmd: Command) -> Result<String> {
+pub(crate) fn run_client(mut cmd: Command) -> Result<String> {
     let out = cmd.output().context("run bench client")?;
     if !out.status.success() {
         bail!(
@@ -163,7 +224,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn cpu_steal_percent(before: &[u64], after: &[u64]) -> f64 {
+pub(crate) fn cpu_steal_percent(before: &[u64], after: &[u64]) -> f64 {
     let total: u64 = after.iter().zip(before).map(|(a, b)| a - b).sum();
     let steal = after.get(7).zip(before.get(7)).map_or(0, |(a, b)| a - b);
     if total == 0 {

@@ -1,0 +1,580 @@
+//! [`ScrubBody`]: a response body scrubbed as it streams, decoded first when compressed.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+
+use async_compression::tokio::bufread::{BrotliDecoder, GzipDecoder, ZlibDecoder};
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncBufRead, AsyncRead, ReadBuf};
+use veil_policy::SandboxPolicy;
+use veil_policy::scrub::{ContentCoding, ScrubState};
+
+use crate::proxy::forward::BoxError;
+use crate::stats::Stats;
+
+/// Decoded bytes produced per poll: with the decoder's window and one upstream chunk, this
+/// bounds what a compressed body (however well it compresses) makes veil hold.
+pub const DECODE_BUF: usize = 16 * 1024;
+
+/// A body whose data (decoded from `coding`) and trailers are scrubbed with the sandbox's
+/// patterns; it emits identity data. Replacements are added to `Stats::scrubbed` as they happen.
+pub struct ScrubBody<B> {
+    source: Source<B>,
+    policy: Arc<SandboxPolicy>,
+    state: ScrubState,
+    stats: Arc<Stats>,
+    /// Replacements already added to `stats`.
+    counted: u64,
+    /// Whether the output is as long as the input (identity coding, length-preserving patterns).
+    same_length: bool,
+    /// Set once the source ended and what was held back went out.
+    finished: bool,
+    /// Scrubbed trailers, sent after the last data.
+    trailers: Option<HeaderMap>,
+}
+
+impl<B> std::fmt::Debug for ScrubBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScrubBody")
+            .field("state", &self.state)
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Source<B> {
+    Plain(B),
+    Decoded {
+        decoder: Box<Decoder<B>>,
+        buf: Box<[u8]>,
+        /// The compressed stream ended; what follows it (trailers) is being read.
+        draining: bool,
+    },
+}
+
+enum Decoder<B> {
+    Gzip(GzipDecoder<FrameReader<B>>),
+    Zlib(ZlibDecoder<FrameReader<B>>),
+    Brotli(BrotliDecoder<FrameReader<B>>),
+}
+
+impl<B> ScrubBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Wraps `body`, encoded with `coding`; `same_length` when the caller kept `Content-Length`
+    /// (identity coding and length-preserving patterns).
+    pub fn new(
+        body: B,
+        coding: ContentCoding,
+        policy: Arc<SandboxPolicy>,
+        stats: Arc<Stats>,
+        same_length: bool,
+    ) -> Self {
+        let frames = |body| FrameReader {
+            body,
+            chunk: Bytes::new(),
+            trailers: None,
+            done: false,
+        };
+        let decoder = match coding {
+            ContentCoding::Identity => {
+                return Self::with_source(Source::Plain(body), policy, stats, same_length);
+            }
+            ContentCoding::Gzip => {
+                let mut d = GzipDecoder::new(frames(body));
+                d.multiple_members(true);
+                Decoder::Gzip(d)
+            }
+            ContentCoding::Deflate => Decoder::Zlib(ZlibDecoder::new(frames(body))),
+            ContentCoding::Brotli => Decoder::Brotli(BrotliDecoder::new(frames(body))),
+        };
+        let source = Source::Decoded {
+            decoder: Box::new(decoder),
+            buf: vec![0; DECODE_BUF].into_boxed_slice(),
+            draining: false,
+        };
+        Self::with_source(source, policy, stats, false)
+    }
+
+    fn with_source(
+        source: Source<B>,
+        policy: Arc<SandboxPolicy>,
+        stats: Arc<Stats>,
+        same_length: bool,
+    ) -> Self {
+        ScrubBody {
+            source,
+            policy,
+            state: ScrubState::default(),
+            stats,
+            counted: 0,
+            same_length,
+            finished: false,
+            trailers: None,
+        }
+    }
+
+    fn count(&mut self) {
+        let total = self.state.total();
+        if total > self.counted {
+            self.stats
+                .scrubbed
+                .fetch_add(total - self.counted, Ordering::Relaxed);
+            self.counted = total;
+        }
+    }
+}
+
+/// What one step of the source gave.
+enum Step {
+    /// Scrubbed output (possibly empty while a value may be starting).
+    Data(Vec<u8>),
+    /// The source ended, with these trailers.
+    End(Option<HeaderMap>),
+}
+
+impl<B> Body for ScrubBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if this.finished {
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            let patterns = this.policy.scrub_patterns();
+            let step = match &mut this.source {
+                Source::Plain(body) => match ready!(Pin::new(body).poll_frame(cx)) {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => {
+                            let mut out = Vec::with_capacity(data.len() + patterns.max_len());
+                            this.state.push(patterns, &data, &mut out);
+                            Step::Data(out)
+                        }
+                        Err(frame) => match frame.into_trailers() {
+                            Ok(trailers) => Step::End(Some(trailers)),
+                            // A frame kind this body does not know: not forwarded.
+                            Err(_) => continue,
+                        },
+                    },
+                    Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                    None => Step::End(None),
+                },
+                Source::Decoded {
+                    decoder,
+                    buf,
+                    draining,
+                } => {
+                    if *draining {
+                        // Bytes after the end of the compressed stream are not forwarded; the
+                        // trailers after them are.
+                        let frames = decoder.frames();
+                        loop {
+                            let n = match ready!(Pin::new(&mut *frames).poll_fill_buf(cx)) {
+                                Ok(rest) => rest.len(),
+                                Err(e) => return Poll::Ready(Some(Err(Box::new(DecodeError(e))))),
+                            };
+                            if n == 0 {
+                                break;
+                            }
+                            Pin::new(&mut *frames).consume(n);
+                        }
+                        Step::End(frames.trailers.take())
+                    } else {
+                        let mut read = ReadBuf::new(buf);
+                        match ready!(Pin::new(decoder.as_mut()).poll_read(cx, &mut read)) {
+                            Ok(()) if read.filled().is_empty() => {
+                                *draining = true;
+                                continue;
+                            }
+                            Ok(()) => {
+                                let decoded = read.filled();
+                                let mut out =
+                                    Vec::with_capacity(decoded.len() + patterns.max_len());
+                                this.state.push(patterns, decoded, &mut out);
+                                Step::Data(out)
+                            }
+                            Err(e) => return Poll::Ready(Some(Err(Box::new(DecodeError(e))))),
+                        }
+                    }
+                }
+            };
+            let out = match step {
+                Step::Data(out) => out,
+                Step::End(trailers) => {
+                    let mut out = Vec::new();
+                    this.state.finish(patterns, &mut out);
+                    this.trailers = trailers.map(|mut t| {
+                        let n = super::scrub_headers(patterns, &mut t);
+                        this.stats.scrubbed.fetch_add(n, Ordering::Relaxed);
+                        t
+                    });
+                    this.finished = true;
+                    out
+                }
+            };
+            this.count();
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.source {
+            Source::Plain(body) if self.same_length && !self.finished => {
+                let inner = body.size_hint();
+                match inner.exact() {
+                    // Held-back bytes are still to come.
+                    Some(n) => SizeHint::with_exact(n + self.state.pending_len() as u64),
+                    None => SizeHint::default(),
+                }
+            }
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// A compressed body that did not decode; names no content.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream's compressed body does not decode: {0}")]
+struct DecodeError(io::Error);
+
+impl<B> Decoder<B> {
+    fn frames(&mut self) -> &mut FrameReader<B> {
+        match self {
+            Decoder::Gzip(d) => d.get_mut(),
+            Decoder::Zlib(d) => d.get_mut(),
+            Decoder::Brotli(d) => d.get_mut(),
+        }
+    }
+}
+
+impl<B> AsyncRead for Decoder<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Decoder::Gzip(d) => Pin::new(d).poll_read(cx, buf),
+            Decoder::Zlib(d) => Pin::new(d).poll_read(cx, buf),
+            Decoder::Brotli(d) => Pin::new(d).poll_read(cx, buf),
+        }
+    }
+}
+
+/// A body's data frames as a byte stream for a decoder; keeps the trailers aside.
+struct FrameReader<B> {
+    body: B,
+    /// The rest of the current data frame.
+    chunk: Bytes,
+    trailers: Option<HeaderMap>,
+    done: bool,
+}
+
+impl<B> AsyncBufRead for FrameReader<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        let this = self.get_mut();
+        while this.chunk.is_empty() && !this.done {
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.chunk = data,
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            this.trailers = Some(trailers);
+                        }
+                    }
+                },
+                Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e.into()))),
+                None => this.done = true,
+            }
+        }
+        Poll::Ready(Ok(&this.chunk))
+    }
+
+    fn consume(self: Pin<&mut Self>, amt: usize) {
+        self.get_mut().chunk.advance(amt);
+    }
+}
+
+impl<B> AsyncRead for FrameReader<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let available = ready!(self.as_mut().poll_fill_buf(cx))?;
+        let n = available.len().min(buf.remaining());
+        buf.put_slice(&available[..n]);
+        self.consume(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+
+    use async_compression::tokio::write::{BrotliEncoder, GzipEncoder, ZlibEncoder};
+    use http_body_util::BodyExt;
+    use proptest::prelude::*;
+    use tokio::io::AsyncWriteExt;
+    use veil_link::SecretValue;
+    use veil_policy::MountedSecret;
+
+    use super::*;
+
+    const VALUE: &str = "sk-real/0123456789+abc";
+    const PLACEHOLDER: &str = "veil_ph_0123456789abcdef";
+
+    /// A body that yields the given frames, each ready at once.
+    struct Frames(VecDeque<Frame<Bytes>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(self.get_mut().0.pop_front().map(Ok))
+        }
+    }
+
+    fn policy(values: &[&str]) -> Arc<SandboxPolicy> {
+        let secrets = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| MountedSecret {
+                id: format!("sec_{i}"),
+                name: format!("K{i}"),
+                placeholder: format!("{PLACEHOLDER}{i}"),
+                hosts: vec![],
+                value: SecretValue::new((*v).into()),
+                body_substitution: false,
+                wrong_host: Default::default(),
+            })
+            .collect();
+        Arc::new(SandboxPolicy::new(secrets).unwrap())
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
+
+    async fn encode(coding: ContentCoding, data: &[u8]) -> Vec<u8> {
+        match coding {
+            ContentCoding::Identity => data.to_vec(),
+            ContentCoding::Gzip => {
+                let mut e = GzipEncoder::new(Vec::new());
+                e.write_all(data).await.unwrap();
+                e.shutdown().await.unwrap();
+                e.into_inner()
+            }
+            ContentCoding::Deflate => {
+                let mut e = ZlibEncoder::new(Vec::new());
+                e.write_all(data).await.unwrap();
+                e.shutdown().await.unwrap();
+                e.into_inner()
+            }
+            ContentCoding::Brotli => {
+                let mut e = BrotliEncoder::new(Vec::new());
+                e.write_all(data).await.unwrap();
+                e.shutdown().await.unwrap();
+                e.into_inner()
+            }
+        }
+    }
+
+    /// Splits `data` at the given cut points.
+    fn split(data: &[u8], cuts: &[usize]) -> Vec<Bytes> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut out = Vec::new();
+        let mut prev = 0;
+        for c in cuts {
+            out.push(Bytes::copy_from_slice(&data[prev..c]));
+            prev = c;
+        }
+        out.push(Bytes::copy_from_slice(&data[prev..]));
+        out
+    }
+
+    /// Runs `wire` (cut into `chunks`, then `trailers`) through a [`ScrubBody`]; returns the
+    /// data, the trailers, and what `Stats::scrubbed` counted.
+    async fn run(
+        policy: &Arc<SandboxPolicy>,
+        coding: ContentCoding,
+        chunks: Vec<Bytes>,
+        trailers: Option<HeaderMap>,
+    ) -> Result<(Vec<u8>, Option<HeaderMap>, u64), BoxError> {
+        let mut frames: VecDeque<Frame<Bytes>> = chunks.into_iter().map(Frame::data).collect();
+        if let Some(t) = trailers {
+            frames.push_back(Frame::trailers(t));
+        }
+        let stats = Arc::new(Stats::default());
+        let body = ScrubBody::new(Frames(frames), coding, policy.clone(), stats.clone(), false);
+        let collected = body.collect().await?;
+        let trailers = collected.trailers().cloned();
+        let data = collected.to_bytes().to_vec();
+        Ok((data, trailers, stats.scrubbed.load(Ordering::Relaxed)))
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn every_coding_is_decoded_and_scrubbed_with_trailers() {
+        let p = policy(&[VALUE]);
+        let doc = format!("{{\"echo\":\"{VALUE}\"}} and again {VALUE}\n").repeat(50);
+        let want = p.scrub_patterns().scrub_all(doc.as_bytes()).unwrap();
+        rt().block_on(async {
+            for coding in [
+                ContentCoding::Identity,
+                ContentCoding::Gzip,
+                ContentCoding::Deflate,
+                ContentCoding::Brotli,
+            ] {
+                let wire = encode(coding, doc.as_bytes()).await;
+                let mut t = HeaderMap::new();
+                t.insert("x-trailer", VALUE.parse().unwrap());
+                t.insert("grpc-status", "0".parse().unwrap());
+                let (data, trailers, n) = run(&p, coding, split(&wire, &[3, 17, 400]), Some(t))
+                    .await
+                    .unwrap();
+                assert!(
+                    data == want,
+                    "{coding:?}: output differs from whole-buffer scrub"
+                );
+                let t = trailers.expect("trailers kept");
+                assert_eq!(t["x-trailer"], format!("{PLACEHOLDER}0").as_str());
+                assert_eq!(t["grpc-status"], "0");
+                assert_eq!(n, 101, "{coding:?}");
+            }
+        });
+    }
+
+    #[test]
+    fn gzip_members_concatenated() {
+        let p = policy(&[VALUE]);
+        rt().block_on(async {
+            let mut wire = encode(ContentCoding::Gzip, b"first sk-real/0123").await;
+            wire.extend(encode(ContentCoding::Gzip, b"456789+abc second").await);
+            let (data, _, n) = run(&p, ContentCoding::Gzip, vec![Bytes::from(wire)], None)
+                .await
+                .unwrap();
+            assert_eq!(data, format!("first {PLACEHOLDER}0 second").as_bytes());
+            assert_eq!(n, 1);
+        });
+    }
+
+    #[test]
+    fn corrupt_compressed_body_is_an_error_without_content() {
+        let p = policy(&[VALUE]);
+        rt().block_on(async {
+            for coding in [
+                ContentCoding::Gzip,
+                ContentCoding::Deflate,
+                ContentCoding::Brotli,
+            ] {
+                let garbage = format!("not compressed at all: {VALUE}").repeat(20);
+                let result = run(&p, coding, vec![Bytes::from(garbage)], None).await;
+                let err = result.err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(err.contains("does not decode"), "{coding:?}: {err}");
+                assert!(!err.contains("sk-real"));
+            }
+        });
+    }
+
+    #[test]
+    fn decoding_a_bomb_stays_bounded_per_frame() {
+        // 16 MiB of zeros compress to ~16 KiB; each frame out is at most DECODE_BUF plus what
+        // the scrubber held back.
+        let p = policy(&[VALUE]);
+        rt().block_on(async {
+            let zeros = vec![0u8; 16 << 20];
+            let wire = encode(ContentCoding::Gzip, &zeros).await;
+            drop(zeros);
+            let frames: VecDeque<Frame<Bytes>> = VecDeque::from([Frame::data(Bytes::from(wire))]);
+            let stats = Arc::new(Stats::default());
+            let mut body =
+                ScrubBody::new(Frames(frames), ContentCoding::Gzip, p.clone(), stats, false);
+            let mut total = 0usize;
+            while let Some(frame) = body.frame().await {
+                let data = frame.unwrap().into_data().unwrap();
+                assert!(data.len() <= DECODE_BUF + p.scrub_patterns().max_len());
+                total += data.len();
+            }
+            assert_eq!(total, 16 << 20);
+        });
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Whatever the chunking, and whatever the coding, the body equals the whole-buffer
+        /// scrub of the decoded text.
+        #[test]
+        fn body_equals_whole_buffer_scrub(
+            parts in prop::collection::vec(prop_oneof![
+                "[a-z /+]{0,12}",
+                Just(VALUE.to_owned()),
+                Just("c2stcmVhbC8wMTIzNDU2Nzg5K2FiYw".to_owned()),
+                Just("sk-real%2F0123456789%2Babc".to_owned()),
+            ], 0..10),
+            cuts in prop::collection::vec(any::<usize>(), 0..12),
+            coding in prop_oneof![
+                Just(ContentCoding::Identity),
+                Just(ContentCoding::Gzip),
+                Just(ContentCoding::Deflate),
+                Just(ContentCoding::Brotli),
+            ],
+        ) {
+            let p = policy(&[VALUE, "another-value-xyz"]);
+            let doc = parts.concat().into_bytes();
+            let want = p.scrub_patterns().scrub_all(&doc).unwrap_or_else(|| doc.clone());
+            let (data, _, _) = rt().block_on(async {
+                let wire = encode(coding, &doc).await;
+                run(&p, coding, split(&wire, &cuts), None).await
+            }).unwrap();
+            prop_assert!(data == want);
+            prop_assert!(!contains(&data, VALUE.as_bytes()));
+        }
+    }
+}
