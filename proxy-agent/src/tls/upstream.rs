@@ -32,6 +32,9 @@ use tokio_rustls::client::TlsStream;
 
 use crate::proxy::forward::ProxyBody;
 
+/// How long an idle pooled upstream connection is kept.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(30);
+
 /// The Debian/Ubuntu system bundle.
 pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// ALPN identifier of HTTP/2.
@@ -324,8 +327,9 @@ impl SandboxUpstream {
             let mut builder = Client::builder(TokioExecutor::new());
             // Without a timer hyper only drops idle connections when the pool is next used:
             // a sandbox that stops talking to a host would keep its upstream sockets forever.
+            // The timer sweeps once per timeout, so an idle connection lives up to twice this.
             builder
-                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_idle_timeout(UPSTREAM_IDLE)
                 .pool_timer(hyper_util::rt::TokioTimer::new());
             PerDst {
                 client: builder.build(connector),
