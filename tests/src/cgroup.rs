@@ -89,9 +89,15 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        remove_tree(&self.path);
-        remove_parent_if_empty();
+        remove_cgroup_tree(&self.path);
     }
+}
+
+/// Kills everything in the cgroup tree at `path` and removes it bottom-up, then the shared
+/// parent if no test cgroup is left in it.
+pub fn remove_cgroup_tree(path: &Path) {
+    remove_tree(path);
+    remove_parent_if_empty();
 }
 
 /// Removes the shared parent once no test cgroup is left in it (EBUSY otherwise: fine).

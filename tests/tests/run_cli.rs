@@ -603,12 +603,12 @@ fn echoed_value_is_scrubbed_in_a_netns_sandbox() {
     upstream_gets_the_value(true, true);
 }
 
-/// A cgroup directory removed (when empty) on drop.
+/// A cgroup tree removed on drop with what runs in it, also when the test failed half-way.
 struct ParentCgroup(std::path::PathBuf);
 
 impl Drop for ParentCgroup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
+        veil_tests::cgroup::remove_cgroup_tree(&self.0);
     }
 }
 
@@ -620,7 +620,8 @@ fn a_killed_run_is_reaped_by_the_next_one() {
     let s = Setup::new(AgentOptions::default());
     // A parent of its own: the other tests' runs (which reap under PARENT) must not reap our
     // leftover before we looked at it.
-    let parent = format!("{PARENT}/reap-{}", std::process::id());
+    // Named like the harness's cgroups, so cleanup_stale() removes it if this process dies.
+    let parent = format!("{PARENT}/veil-test-{}-0-reap", std::process::id());
     let _parent = ParentCgroup(cgroup2_mount().join(&parent));
     let resolv_path = resolv.path().to_string_lossy().into_owned();
     let script = "cat /proc/self/cgroup; echo ready; exec sleep 60";
