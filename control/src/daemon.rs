@@ -58,18 +58,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(resealed = report.resealed, retired = ?report.retired, "rekey completed");
     }
     let admin_task = admin::serve(admin, &config.data_dir).context("binding admin socket")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let local = listener.local_addr()?;
+    // Sandboxes must never reach control's own listeners (security invariant 5): the agents
+    // refuse connections to them.
+    let mut guarded = vec![local];
+    guarded.extend(config.metrics_listen.parse::<std::net::SocketAddr>().ok());
     let (agent, agent_task) = AgentServer::bind(
         &config.agent_socket,
         &config.data_dir,
         Duration::from_millis(config.agent.timeout_ms),
         store.clone(),
         keyring.clone(),
+        guarded,
     )
     .context("starting the agent link")?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
-    let local = listener.local_addr()?;
     let state = AppState {
         store,
         keyring,

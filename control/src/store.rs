@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Permission;
 use crate::crypto::Sealed;
 use crate::paginate::{Cursor, Order, SortField};
-pub use veil_link::WrongHost;
+pub use veil_link::{Egress, WrongHost};
 
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +204,10 @@ pub struct SandboxRecord {
     pub netns: Option<String>,
     /// Mounted secrets.
     pub mounts: Vec<Mount>,
+    /// Where the agent opens its upstream connections (records written before the field
+    /// existed: inside its own netns).
+    #[serde(default)]
+    pub egress: Egress,
     /// Creation time, ms since the epoch.
     pub created_at: i64,
     /// Last update time, ms since the epoch.

@@ -14,6 +14,6 @@ pub mod proto;
 
 pub use codec::{FrameError, MAX_FRAME, read_frame, write_frame};
 pub use proto::{
-    AgentMsg, BlockedReport, ControlMsg, PROTOCOL_VERSION, SandboxState, SecretState, SecretValue,
-    UsageReport, WrongHost,
+    AgentMsg, BlockedReport, ControlMsg, Egress, MAX_PREVIOUS_VALUES, PROTOCOL_VERSION,
+    SandboxState, SecretState, SecretValue, UsageReport, WrongHost,
 };

@@ -2,13 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// Version spoken by this build; a Hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// A secret's plaintext: zeroized on drop, redacted in Debug, serialized only onto the channel.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
@@ -46,6 +47,23 @@ pub struct SandboxState {
     pub netns: Option<PathBuf>,
     /// Mounted secrets: environment variable name → secret id.
     pub mounts: BTreeMap<String, String>,
+    /// Where the agent opens the sandbox's upstream connections.
+    #[serde(default)]
+    pub egress: Egress,
+}
+
+/// Where a sandbox's upstream connections leave from (security invariant 7: veil never widens
+/// what a sandbox can reach).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    /// Inside the sandbox's own network namespace: its routes, source address and firewall
+    /// apply exactly as without veil.
+    #[default]
+    Sandbox,
+    /// From the host, through the agent's egress deny list: for a namespace whose only way out
+    /// is veil (what `veil-control run --netns` makes).
+    Host,
 }
 
 /// A secret mounted in at least one sandbox, as the agent needs it.
@@ -71,7 +89,19 @@ pub struct SecretState {
     /// What the agent does with this placeholder in a request to a host the secret does not allow.
     #[serde(default)]
     pub wrong_host: WrongHost,
+    /// Values this secret had before, still inside control's `rotated_value_grace` (newest
+    /// first, at most [`MAX_PREVIOUS_VALUES`]): scrubbed from responses, never substituted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous: Vec<SecretValue>,
+    /// The secret was deleted: `value` is its last value, kept only so that responses are
+    /// still scrubbed of it during the grace period, in every sandbox of its organization. Its
+    /// placeholder is never honoured.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retired: bool,
 }
+
+/// Most rotated-out values control keeps (and sends) per secret.
+pub const MAX_PREVIOUS_VALUES: usize = 4;
 
 /// What happens to a placeholder sent to a host its secret does not allow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -94,8 +124,14 @@ pub enum ControlMsg {
         seq: u64,
         /// All registered sandboxes.
         sandboxes: Vec<SandboxState>,
-        /// Every secret mounted in one of them.
+        /// Every secret mounted in one of them, and every retired secret (see
+        /// [`SecretState::retired`]) of their organizations.
         secrets: Vec<SecretState>,
+        /// veil's own listeners (control's REST and metrics, the agent's metrics): no sandbox
+        /// may connect to them, whatever its netns. An unspecified address (`0.0.0.0`, `::`)
+        /// means that port on every address of the host.
+        #[serde(default)]
+        guarded: Vec<SocketAddr>,
     },
     /// A sandbox was registered or its mounts changed.
     PutSandbox {
@@ -225,8 +261,19 @@ mod tests {
             revision: 1,
             body_substitution: false,
             wrong_host: Default::default(),
+            previous: vec![SecretValue::new("hunter2-older".into())],
+            retired: false,
         };
         assert!(!format!("{v:?} {s:?}").contains("hunter2"));
+        // Older peers' messages (no previous values, not retired, no egress) still parse.
+        let j = serde_json::to_string(&s).unwrap();
+        let legacy = j.replace(r#","previous":["hunter2-older"]"#, "");
+        assert!(
+            !legacy.contains("previous") && !legacy.contains("retired"),
+            "{legacy}"
+        );
+        let back: SecretState = serde_json::from_str(&legacy).unwrap();
+        assert!(back.previous.is_empty() && !back.retired);
         assert_eq!(v.expose(), "hunter2-very-secret");
     }
 

@@ -35,7 +35,11 @@ const ALPN_HTTP11: &[u8] = b"http/1.1";
 /// Everything the agent decides for one sandbox, precomputed from its mounted secrets.
 #[derive(Debug)]
 pub struct SandboxPolicy {
+    /// Live secrets: their placeholders are substituted.
     secrets: Vec<MountedSecret>,
+    /// Retired (deleted) secrets inside their grace period: scrubbed and intercepted for, never
+    /// substituted.
+    retired: Vec<MountedSecret>,
     /// Union of all secrets' patterns, deduplicated.
     patterns: Vec<HostPattern>,
     any_unrestricted: bool,
@@ -85,10 +89,12 @@ impl SandboxPolicy {
     /// are merged).
     pub fn new(secrets: Vec<MountedSecret>) -> Result<Self, PolicyError> {
         let mut unique: Vec<MountedSecret> = Vec::with_capacity(secrets.len());
-        for s in secrets {
+        for mut s in secrets {
             if unique.iter().any(|u| u.id == s.id) {
                 continue;
             }
+            // An empty previous value has nothing to scrub.
+            s.previous.retain(|v| !v.expose().is_empty());
             if !placeholder_is_url_safe(&s.placeholder) {
                 return Err(PolicyError::Placeholder {
                     id: s.id,
@@ -119,11 +125,16 @@ impl SandboxPolicy {
             }
         }
         let any_unrestricted = unique.iter().any(MountedSecret::unrestricted);
-        let any_block = unique.iter().any(|s| s.wrong_host == WrongHost::Block);
-        let substituter = Substituter::new(&unique);
-        let scrub = ScrubPatterns::new(&unique);
+        let any_block = unique
+            .iter()
+            .any(|s| !s.retired && s.wrong_host == WrongHost::Block);
+        // Scrub indexes follow this order: live secrets first, then retired ones.
+        let (live, retired): (Vec<_>, Vec<_>) = unique.into_iter().partition(|s| !s.retired);
+        let substituter = Substituter::new(&live);
+        let scrub = ScrubPatterns::new(&[live.as_slice(), retired.as_slice()].concat());
         Ok(Self {
-            secrets: unique,
+            secrets: live,
+            retired,
             patterns,
             any_unrestricted,
             any_block,
@@ -160,9 +171,19 @@ impl SandboxPolicy {
         Self::new(mounted)
     }
 
-    /// The mounted secrets, indexed as in reports ([`crate::substitute::SecretHit::secret`]).
+    /// The live mounted secrets, indexed as in reports ([`crate::substitute::SecretHit::secret`]).
     pub fn secrets(&self) -> &[MountedSecret] {
         &self.secrets
+    }
+
+    /// Retired secrets still scrubbed (after [`Self::secrets`] in scrub indexes).
+    pub fn retired(&self) -> &[MountedSecret] {
+        &self.retired
+    }
+
+    /// Whether responses must be scrubbed: some live or retired value is known.
+    pub fn scrubs(&self) -> bool {
+        !self.secrets.is_empty() || !self.retired.is_empty()
     }
 
     /// The response-scrubbing patterns of this sandbox.
@@ -218,7 +239,7 @@ impl SandboxPolicy {
         alpn: Option<&[Vec<u8>]>,
         overrides: ModeOverrides,
     ) -> Decision {
-        if self.secrets.is_empty() {
+        if !self.scrubs() {
             return Decision::Passthrough(PassthroughReason::NoSecrets);
         }
         let Some(sni) = sni else {
@@ -279,6 +300,53 @@ mod tests {
     }
 
     use PassthroughReason::*;
+
+    #[test]
+    fn rotated_out_and_retired_values_are_scrubbed_never_substituted() {
+        use crate::substitute::RequestView;
+        use veil_link::proto::SecretValue;
+        let mut live = secret("a", "value-now-0123456789", &["api.allowed.test"]);
+        live.previous = vec![
+            SecretValue::new("value-before-0123456".into()),
+            SecretValue::new(String::new()),
+        ];
+        let mut gone = secret("b", "deleted-value-987654", &["api.allowed.test"]);
+        gone.retired = true;
+        let p = SandboxPolicy::new(vec![gone, live]).unwrap();
+        assert_eq!(p.secrets().len(), 1);
+        assert_eq!(p.retired().len(), 1);
+        let body = b"value-now-0123456789 value-before-0123456 deleted-value-987654";
+        let out = p.scrub_patterns().scrub_all(body).unwrap();
+        assert_eq!(
+            out,
+            b"ph_a_placeholder ph_a_placeholder ph_b_placeholder".to_vec()
+        );
+        // The retired placeholder goes out as it is.
+        let sni = name("api.allowed.test");
+        let headers: [(&[u8], &[u8]); 2] = [
+            (b"host", b"api.allowed.test"),
+            (b"x-k", b"ph_a_placeholder ph_b_placeholder"),
+        ];
+        let view = RequestView {
+            target: "/",
+            authority: None,
+            headers: &headers,
+        };
+        let change = p.substitute(&sni, &view).unwrap();
+        assert_eq!(
+            change.headers[0].1.as_bytes(),
+            b"value-now-0123456789 ph_b_placeholder"
+        );
+        // A sandbox holding only a retired secret is still intercepted (its value is scrubbed).
+        let mut only = secret("c", "deleted-value-555555", &["api.allowed.test"]);
+        only.retired = true;
+        let p = SandboxPolicy::new(vec![only]).unwrap();
+        assert!(p.secrets().is_empty() && p.scrubs());
+        assert!(matches!(
+            p.decide(Some(&sni), Some(&alpn(&["http/1.1"]))),
+            Decision::Intercept(_)
+        ));
+    }
 
     #[test]
     fn policy_is_shareable_across_tasks() {
@@ -503,6 +571,8 @@ mod tests {
     fn for_sandbox_uses_its_mounts_only() {
         use veil_link::proto::SecretValue;
         let state = |id: &str, org: &str, hosts: &[&str]| SecretState {
+            previous: Vec::new(),
+            retired: false,
             id: id.into(),
             org: org.into(),
             name: format!("N{id}"),
@@ -519,6 +589,7 @@ mod tests {
             state("c", "o2", &[]),
         ];
         let mut sb = SandboxState {
+            egress: Default::default(),
             id: "sb1".into(),
             org: "o1".into(),
             cgroup: "x".into(),

@@ -65,8 +65,12 @@ impl ScrubPatterns {
     pub fn new(secrets: &[MountedSecret]) -> Self {
         let mut patterns: Vec<Zeroizing<Vec<u8>>> = Vec::new();
         let mut replacements: Vec<(usize, Vec<u8>)> = Vec::new();
-        for (i, s) in secrets.iter().enumerate() {
-            let value = s.value.expose().as_bytes();
+        for (i, s, secret_value) in secrets
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.scrubbed_values().map(move |v| (i, s, v)))
+        {
+            let value = secret_value.expose().as_bytes();
             let placeholder = s.placeholder.as_bytes();
             if value.is_empty() {
                 continue;
@@ -78,7 +82,7 @@ impl ScrubPatterns {
                 }
             };
             add(Zeroizing::new(value.to_vec()), placeholder.to_vec());
-            for form in json_forms(s.value.expose()) {
+            for form in json_forms(secret_value.expose()) {
                 if form.as_slice() != value {
                     add(form, placeholder.to_vec());
                 }

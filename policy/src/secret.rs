@@ -24,6 +24,10 @@ pub struct MountedSecret {
     pub body_substitution: bool,
     /// What happens to the placeholder in a request to a host the secret does not allow.
     pub wrong_host: WrongHost,
+    /// Rotated-out values still inside control's grace period: scrubbed, never substituted.
+    pub previous: Vec<SecretValue>,
+    /// Deleted: `value` is its last value, scrubbed only; the placeholder is not honoured.
+    pub retired: bool,
 }
 
 /// Why a sandbox's secrets cannot form a policy; names secrets, never values.
@@ -108,7 +112,14 @@ impl MountedSecret {
             value: state.value.clone(),
             body_substitution: state.body_substitution,
             wrong_host: state.wrong_host,
+            previous: state.previous.clone(),
+            retired: state.retired,
         })
+    }
+
+    /// Every value responses are scrubbed of: the current one, then the rotated-out ones.
+    pub fn scrubbed_values(&self) -> impl Iterator<Item = &SecretValue> {
+        std::iter::once(&self.value).chain(&self.previous)
     }
 
     /// Whether this secret may be sent to any host.
@@ -209,6 +220,8 @@ pub(crate) mod testing {
     /// A mounted secret with id `id`, name `NAME_<id>`, placeholder `ph_<id>_placeholder`.
     pub(crate) fn secret(id: &str, value: &str, hosts: &[&str]) -> MountedSecret {
         MountedSecret {
+            previous: Vec::new(),
+            retired: false,
             id: id.to_owned(),
             name: format!("NAME_{id}"),
             placeholder: format!("ph_{id}_placeholder"),
@@ -230,6 +243,8 @@ mod tests {
     #[test]
     fn from_state_validates_hosts_and_never_prints_values() {
         let mut state = SecretState {
+            previous: Vec::new(),
+            retired: false,
             id: "id1".into(),
             org: "o".into(),
             name: "OPENAI".into(),

@@ -34,6 +34,8 @@ static GLOBAL: Counting = Counting;
 fn no_match_allocates_nothing() {
     let secrets = (0..4)
         .map(|i| MountedSecret {
+            previous: Vec::new(),
+            retired: false,
             id: format!("s{i}"),
             name: format!("S{i}"),
             placeholder: format!("veil_placeholder_{i}_0123456789abcdef"),

@@ -265,6 +265,8 @@ pub struct SandboxSpec {
     pub cgroup: PathBuf,
     /// Network namespace file (`/run/netns/NAME` or `/proc/PID/ns/net`); absent = the agent's.
     pub netns: Option<PathBuf>,
+    /// Where its upstream connections leave from.
+    pub egress: veil_link::Egress,
 }
 
 impl SandboxSpec {
@@ -289,6 +291,7 @@ impl SandboxSpec {
             org: state.org.clone(),
             cgroup,
             netns: state.netns.clone(),
+            egress: state.egress,
         })
     }
 
@@ -464,6 +467,7 @@ mod tests {
 
     fn state(id: &str, cgroup: &str, netns: Option<&str>) -> veil_link::SandboxState {
         veil_link::SandboxState {
+            egress: Default::default(),
             id: id.into(),
             org: "o".into(),
             cgroup: cgroup.into(),

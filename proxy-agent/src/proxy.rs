@@ -13,7 +13,9 @@
 //! exhausts only its own share.
 
 pub mod body;
+pub mod connect;
 pub mod forward;
+pub mod identify;
 pub mod idle;
 pub mod intercept;
 pub mod passthrough;
@@ -21,6 +23,7 @@ pub mod peek;
 pub mod scrub;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -32,10 +35,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use veil_link::Egress;
 use veil_policy::{Decision, PassthroughReason};
 
 use crate::bpf::OrigDstTable;
-use crate::config::{RequestLimits, SandboxId};
+use crate::config::{RequestLimits, SandboxId, SandboxSpec};
 use crate::proxy::intercept::TlsContext;
 use crate::proxy::peek::{Peeked, PrefixedStream};
 use crate::secrets::SecretStore;
@@ -70,6 +74,12 @@ pub struct Proxy {
 pub struct SandboxTag {
     /// Its id.
     pub id: SandboxId,
+    /// Inode id of its cgroup v2 directory (what the kernel records a connection under).
+    pub cgroup_id: u64,
+    /// Its network namespace file; `None` = the agent's own.
+    pub netns: Option<PathBuf>,
+    /// Where its upstream connections leave from.
+    pub egress: Egress,
     /// Cookie of its network namespace (half of the original-destination key).
     pub netns_cookie: u64,
     /// Its upstream connection pools.
@@ -79,10 +89,13 @@ pub struct SandboxTag {
 }
 
 impl SandboxTag {
-    /// The tag of sandbox `id`, with empty pools.
-    pub fn new(id: SandboxId, netns_cookie: u64, proxy: &Proxy) -> Self {
+    /// The tag of sandbox `spec`, with empty pools.
+    pub fn new(spec: &SandboxSpec, cgroup_id: u64, netns_cookie: u64, proxy: &Proxy) -> Self {
         Self {
-            id,
+            id: spec.id.clone(),
+            cgroup_id,
+            netns: spec.netns.clone(),
+            egress: spec.egress,
             netns_cookie,
             upstream: SandboxUpstream::new(proxy.tls.upstream.clone(), proxy.connect_timeout),
             connections: Arc::new(Semaphore::new(proxy.limits.max_connections_per_sandbox)),
@@ -140,7 +153,7 @@ fn admit(proxy: &Proxy, sandbox: &SandboxTag, peer: SocketAddr) -> Option<OwnedS
 
 async fn handle(proxy: &Proxy, sandbox: &SandboxTag, mut client: TcpStream, peer: SocketAddr) {
     let _active = ActiveGuard::new(&proxy.stats);
-    let Some(dst) = identify(proxy, sandbox, peer) else {
+    let Some(dst) = identify::origin(proxy, sandbox, peer) else {
         return;
     };
     // Small writes (TLS records, HTTP heads) must not wait for Nagle.
@@ -184,7 +197,7 @@ async fn handle(proxy: &Proxy, sandbox: &SandboxTag, mut client: TcpStream, peer
             // The speculative upstream connection is not needed: interception pools its own.
             drop(spare);
             let client = PrefixedStream::new(prefix, client);
-            intercept::run(proxy, sandbox, client, dst, sni, i.offers_h2, policy).await;
+            intercept::run(proxy, sandbox, client, dst, sni, i.offers_h2).await;
         }
         (Decision::Intercept(_), None) => {
             // decide() never intercepts without an SNI; pass through rather than guess.
@@ -233,7 +246,7 @@ async fn first_word(
     {
         return Some(FirstWord::Client(None));
     }
-    let up = connect_upstream(proxy, sandbox, dst).await?;
+    let up = connect::upstream(proxy, sandbox, dst).await?;
     let rest = proxy.peek_timeout.saturating_sub(SPECULATE_AFTER);
     // An error counts as speaking: the read that follows reports it.
     Some(tokio::select! {
@@ -250,29 +263,6 @@ async fn spoke(s: &TcpStream) {
     let _ = s.peek(&mut byte).await;
 }
 
-async fn connect_upstream(
-    proxy: &Proxy,
-    sandbox: &SandboxTag,
-    dst: SocketAddr,
-) -> Option<TcpStream> {
-    match tokio::time::timeout(proxy.connect_timeout, TcpStream::connect(dst)).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Some(s)
-        }
-        Ok(Err(e)) => {
-            Stats::inc(&proxy.stats.upstream_failed);
-            debug!(sandbox = %sandbox.id, %dst, error = %e, "upstream connect failed");
-            None
-        }
-        Err(_) => {
-            Stats::inc(&proxy.stats.upstream_failed);
-            debug!(sandbox = %sandbox.id, %dst, "upstream connect timed out");
-            None
-        }
-    }
-}
-
 /// Splices `client` to `dst` untouched (over `upstream` when already connected), after sending
 /// the bytes already read from the client.
 async fn passthrough(
@@ -285,7 +275,7 @@ async fn passthrough(
 ) {
     let upstream = match upstream {
         Some(up) => Some(up),
-        None => connect_upstream(proxy, sandbox, dst).await,
+        None => connect::upstream(proxy, sandbox, dst).await,
     };
     let Some(mut upstream) = upstream else {
         return;
@@ -305,22 +295,5 @@ async fn passthrough(
             debug!(sandbox = %sandbox.id, %dst, up, down = t.down, "passthrough done");
         }
         Err(e) => debug!(sandbox = %sandbox.id, %dst, error = %e, "passthrough ended"),
-    }
-}
-
-/// Finds where the connection from `peer` was going; `None` (counted) when it cannot be known.
-fn identify(proxy: &Proxy, sandbox: &SandboxTag, peer: SocketAddr) -> Option<SocketAddr> {
-    match proxy.orig.take(sandbox.netns_cookie, peer) {
-        Ok(Some(dst)) => Some(dst),
-        Ok(None) => {
-            Stats::inc(&proxy.stats.origin_unknown);
-            warn!(sandbox = %sandbox.id, %peer, "original destination unknown; connection closed");
-            None
-        }
-        Err(e) => {
-            Stats::inc(&proxy.stats.origin_unknown);
-            warn!(sandbox = %sandbox.id, %peer, error = %e, "original destination lookup failed; connection closed");
-            None
-        }
     }
 }

@@ -148,6 +148,7 @@ impl Registry {
                     org: record.org.clone(),
                     cgroup: record.cgroup.clone(),
                     netns: record.netns.clone(),
+                    egress: record.egress,
                 },
                 // Written by an agent that validated it: keep it pinned, fail closed.
                 Err(why) => {
@@ -176,6 +177,7 @@ impl Registry {
                 && record.netns == spec.netns
                 && bpf::cgroup_id(&spec.cgroup).is_ok_and(|id| id == record.cgroup_id);
             let prefer = (record.port_v4, record.port_v6);
+            let record_egress = record.egress;
             let org_changed = record.org != spec.org;
             if same {
                 if org_changed {
@@ -184,9 +186,10 @@ impl Registry {
                     }
                     self.persist()?;
                 }
-                if self.live.contains_key(id) {
+                if self.live.contains_key(id) && record_egress == spec.egress {
                     return Ok(());
                 }
+                // New egress: new listeners and tag; the links and the redirect stay in place.
                 return self.start(spec, Some(prefer), Origin::Known);
             }
             // Moved to another cgroup or netns: start over.
@@ -241,7 +244,8 @@ impl Registry {
         };
         let cancel = CancellationToken::new();
         let tag = Arc::new(SandboxTag::new(
-            spec.id.clone(),
+            spec,
+            cgroup_id,
             socks.netns_cookie,
             &self.proxy,
         ));
@@ -270,6 +274,7 @@ impl Registry {
                 cgroup_id,
                 port_v4: target.port_v4,
                 port_v6: target.port_v6,
+                egress: spec.egress,
             },
         );
         self.persist()

@@ -11,6 +11,7 @@
 //! placeholders, say) gets none, so its traffic passes through untouched: fail closed.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tracing::warn;
@@ -99,13 +100,25 @@ impl Inner {
 #[derive(Debug, Clone, Default)]
 pub struct SecretStore {
     inner: Arc<RwLock<Inner>>,
+    /// Bumped on every change, so long-lived readers (a streaming response's scrubber) can
+    /// notice a new policy without taking the lock.
+    generation: Arc<AtomicU64>,
 }
 
 impl SecretStore {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the maps half-updated (each update is
         // one insert or remove), so the data stays usable.
-        self.inner.write().unwrap_or_else(|p| p.into_inner())
+        let guard = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        // Bumped while the write lock is held: a reader that saw the new generation and then
+        // takes the read lock sees the new maps.
+        self.generation.fetch_add(1, Ordering::Release);
+        guard
+    }
+
+    /// A number that changes whenever any secret, mount or policy may have changed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -211,6 +224,7 @@ mod tests {
 
     fn sandbox(id: &str, org: &str, mounts: &[(&str, &str)]) -> SandboxState {
         SandboxState {
+            egress: Default::default(),
             id: id.into(),
             org: org.into(),
             cgroup: "x".into(),
@@ -224,6 +238,8 @@ mod tests {
 
     fn secret(id: &str, org: &str, value: &str) -> SecretState {
         SecretState {
+            previous: Vec::new(),
+            retired: false,
             id: id.into(),
             org: org.into(),
             name: format!("name-{id}"),

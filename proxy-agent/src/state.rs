@@ -32,6 +32,9 @@ pub struct SandboxRecord {
     pub port_v4: u16,
     /// Port of its IPv6 listener (0 = none).
     pub port_v6: u16,
+    /// Where its upstream connections leave from (records of older agents: from its netns).
+    #[serde(default)]
+    pub egress: veil_link::Egress,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -137,6 +140,7 @@ mod tests {
 
     fn record(id: &str) -> SandboxRecord {
         SandboxRecord {
+            egress: Default::default(),
             id: id.into(),
             org: "o".into(),
             cgroup: "/sys/fs/cgroup/x".into(),

@@ -57,9 +57,12 @@ impl Setup {
         let mut state = sandbox_state("sb-int", &sb);
         state.mounts.insert("MY_KEY".into(), "sec-1".into());
         conn.apply(ControlMsg::Snapshot {
+            guarded: Vec::new(),
             seq: 1,
             sandboxes: vec![state],
             secrets: vec![SecretState {
+                previous: Vec::new(),
+                retired: false,
                 id: "sec-1".into(),
                 org: "org-1".into(),
                 name: "upstream-key".into(),

@@ -36,6 +36,7 @@ fn assert_via_agent(sb: &Sandbox, hello: &TcpHello, world: &World) {
 
 fn snapshot(seq: u64, sandboxes: Vec<veil_link::SandboxState>) -> ControlMsg {
     ControlMsg::Snapshot {
+        guarded: Vec::new(),
         seq,
         sandboxes,
         secrets: Vec::new(),
@@ -78,9 +79,12 @@ fn hello_snapshot_attaches_and_redirects_and_delete_detaches() {
     let mut state = sandbox_state("sb-1", &sb);
     state.mounts.insert("API_KEY".into(), "sec-1".into());
     conn.apply(ControlMsg::Snapshot {
+        guarded: Vec::new(),
         seq: 1,
         sandboxes: vec![state],
         secrets: vec![SecretState {
+            previous: Vec::new(),
+            retired: false,
             id: "sec-1".into(),
             org: "org-1".into(),
             name: "api".into(),

@@ -57,6 +57,7 @@ impl RegistryView {
                 })
                 .map(|m| (m.env.clone(), m.secret_id.clone()))
                 .collect(),
+            egress: sb.egress,
         }
     }
 
@@ -169,6 +170,7 @@ mod tests {
 
     fn sandbox(id: &str, mounts: &[(&str, &str)]) -> SandboxRecord {
         SandboxRecord {
+            egress: Default::default(),
             id: id.into(),
             org: "acme".into(),
             cgroup: format!("veil.slice/{id}"),

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -141,6 +142,8 @@ struct Inner {
     store: Arc<dyn Store>,
     keyring: Arc<RwLock<Keyring>>,
     timeout: Duration,
+    /// veil's own listeners, sent in every snapshot for the agents to refuse.
+    guarded: Vec<SocketAddr>,
     ca_file: PathBuf,
     state: Mutex<LinkState>,
     /// Woken whenever acknowledgements or connections change (for [`AgentLink::wait_acked`]).
@@ -238,6 +241,7 @@ impl AgentServer {
         timeout: Duration,
         store: Arc<dyn Store>,
         keyring: Arc<RwLock<Keyring>>,
+        guarded: Vec<SocketAddr>,
     ) -> Result<(AgentServer, JoinHandle<()>), ServerError> {
         prepare_path(socket)?;
         let listener = UnixListener::bind(socket).map_err(io_err("binding", socket))?;
@@ -253,6 +257,7 @@ impl AgentServer {
                 store,
                 keyring,
                 timeout,
+                guarded,
                 ca_file,
                 state: Mutex::new(LinkState {
                     ca_pem,
@@ -435,6 +440,7 @@ impl AgentServer {
         let (n_sandboxes, n_secrets) = (sandboxes.len(), secrets.len());
         // A closed receiver is impossible here: the writer has not started yet.
         let _ = tx.send(ControlMsg::Snapshot {
+            guarded: self.inner.guarded.clone(),
             seq,
             sandboxes,
             secrets,
@@ -680,6 +686,8 @@ fn secret_state(ring: &Keyring, s: &SecretRecord) -> Result<SecretState, AgentLi
     let text = String::from_utf8(plain.to_vec())
         .map_err(|_| AgentLinkError::Internal(format!("secret {}: value is not UTF-8", s.id)))?;
     Ok(SecretState {
+        previous: Vec::new(),
+        retired: false,
         id: s.id.clone(),
         org: s.org.clone(),
         name: s.name.clone(),

@@ -304,6 +304,7 @@ async fn put_sandbox(
         }
         let mounts = resolve(&st, &caller2.org, &wanted)?;
         let record = SandboxRecord {
+            egress: Default::default(),
             id: id.clone(),
             org: caller2.org.clone(),
             cgroup,

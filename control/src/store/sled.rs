@@ -1031,6 +1031,7 @@ mod tests {
 
     fn sandbox(id: &str, cgroup: &str, env: &str) -> SandboxRecord {
         SandboxRecord {
+            egress: Default::default(),
             id: id.into(),
             org: "acme".into(),
             cgroup: cgroup.into(),

@@ -49,10 +49,9 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 pub struct ConnContext {
     /// The sandbox.
     pub sandbox: SandboxId,
-    /// Its policy when the connection was accepted (it decided interception); requests
-    /// substitute with the policy current when they arrive, from `secrets`.
-    pub policy: Arc<SandboxPolicy>,
-    /// The live secrets and policies.
+    /// The live secrets and policies. Each request reads its sandbox's policy once, when it
+    /// arrives, and uses that one snapshot to substitute and to scrub its response: a rotation,
+    /// mount or delete acknowledged to control applies to open keep-alive and h2 connections.
     pub secrets: SecretStore,
     /// Request modes and limits from the agent's config.
     pub limits: RequestLimits,
@@ -139,7 +138,9 @@ pub async fn handle(
                 .map(str::to_owned)
         });
     strip_hop_by_hop(&mut parts.headers);
-    scrub::request(&ctx, &mut parts.headers);
+    if let Some(policy) = &policy {
+        scrub::request(&ctx, policy, &mut parts.headers);
+    }
     parts.uri = match upstream_uri(authority.as_deref(), &ctx.sni, ctx.dst.port(), target) {
         Some(uri) => uri,
         None => {
@@ -156,7 +157,10 @@ pub async fn handle(
             ctx.stats.request_seconds.observe(started.elapsed());
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            let body = scrub::response(&ctx, &mut parts, body);
+            let body = match &policy {
+                Some(policy) => scrub::response(&ctx, policy, &mut parts, body),
+                None => body.map_err(BoxError::from).boxed_unsync(),
+            };
             let body = InflightBody::new(body, inflight).boxed_unsync();
             Ok(Response::from_parts(parts, body))
         }
@@ -453,6 +457,8 @@ mod tests {
 
     fn policy() -> SandboxPolicy {
         SandboxPolicy::new(vec![MountedSecret {
+            previous: Vec::new(),
+            retired: false,
             id: "sec_1".into(),
             name: "KEY".into(),
             placeholder: "veil_ph_0123".into(),

@@ -24,7 +24,7 @@ use rustls::ServerConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
-use veil_policy::{SandboxPolicy, ServerName};
+use veil_policy::ServerName;
 
 use crate::proxy::forward::{self, ConnContext};
 use crate::proxy::idle::Activity;
@@ -76,7 +76,6 @@ pub async fn run(
     dst: SocketAddr,
     sni: ServerName,
     offers_h2: bool,
-    policy: Arc<SandboxPolicy>,
 ) {
     let upstream = &sandbox.upstream;
     // A client that does not offer h2 needs no probe: it speaks h1 on both sides, and a
@@ -142,7 +141,6 @@ pub async fn run(
     let activity = Activity::new();
     let ctx = Arc::new(ConnContext {
         sandbox: sandbox.id.clone(),
-        policy,
         secrets: proxy.secrets.clone(),
         limits,
         activity: activity.clone(),

@@ -31,6 +31,7 @@
 
 mod body;
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
@@ -41,33 +42,33 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::debug;
-use veil_policy::ScrubPatterns;
 use veil_policy::scrub::{ContentCoding, UnsupportedCoding, accept_encoding};
+use veil_policy::{SandboxPolicy, ScrubPatterns};
 
 use crate::proxy::forward::{BoxError, ConnContext, ProxyBody};
 
 pub use body::ScrubBody;
 
-/// Scrubs an upstream response's head in place and wraps its body so it is scrubbed as it streams.
-pub fn response(ctx: &ConnContext, parts: &mut Parts, body: Incoming) -> ProxyBody {
-    if !ctx.scrub || ctx.policy.secrets().is_empty() {
+/// Scrubs an upstream response's head in place and wraps its body so it is scrubbed as it
+/// streams, with `policy`: the snapshot its request was substituted with.
+pub fn response(
+    ctx: &ConnContext,
+    policy: &Arc<SandboxPolicy>,
+    parts: &mut Parts,
+    body: Incoming,
+) -> ProxyBody {
+    if !ctx.scrub || !policy.scrubs() {
         return passthrough(body);
     }
-    let (plan, replaced) = plan_response(ctx.policy.scrub_patterns(), parts, body.is_end_stream());
+    let (plan, replaced) = plan_response(policy.scrub_patterns(), parts, body.is_end_stream());
     ctx.stats.scrubbed.fetch_add(replaced, Ordering::Relaxed);
     match plan {
         BodyPlan::Pass => passthrough(body),
         BodyPlan::Scrub {
             coding,
             keep_length,
-        } => ScrubBody::new(
-            body,
-            coding,
-            ctx.policy.clone(),
-            ctx.stats.clone(),
-            keep_length,
-        )
-        .boxed_unsync(),
+        } => ScrubBody::new(body, coding, policy.clone(), ctx.stats.clone(), keep_length)
+            .boxed_unsync(),
         BodyPlan::Withhold(reason) => withhold(ctx, parts, reason),
     }
 }
@@ -134,8 +135,8 @@ fn plan_response(patterns: &ScrubPatterns, parts: &mut Parts, empty: bool) -> (B
 
 /// Prepares a request's headers so that its response can be scrubbed: only encodings veil can
 /// decode are offered, and whole representations are asked for.
-pub fn request(ctx: &ConnContext, headers: &mut HeaderMap) {
-    if ctx.scrub && !ctx.policy.secrets().is_empty() {
+pub fn request(ctx: &ConnContext, policy: &SandboxPolicy, headers: &mut HeaderMap) {
+    if ctx.scrub && policy.scrubs() {
         restrict_request(headers);
     }
 }
@@ -253,6 +254,8 @@ mod tests {
 
     pub(super) fn patterns() -> ScrubPatterns {
         ScrubPatterns::new(&[MountedSecret {
+            previous: Vec::new(),
+            retired: false,
             id: "sec_1".into(),
             name: "KEY".into(),
             placeholder: PLACEHOLDER.into(),

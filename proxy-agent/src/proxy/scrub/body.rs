@@ -379,6 +379,8 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, v)| MountedSecret {
+                previous: Vec::new(),
+                retired: false,
                 id: format!("sec_{i}"),
                 name: format!("K{i}"),
                 placeholder: format!("{PLACEHOLDER}{i}"),
