@@ -3,6 +3,7 @@
 
 pub mod bpf;
 pub mod config;
+pub mod hostaddrs;
 pub mod identity;
 pub mod link;
 pub mod metrics;

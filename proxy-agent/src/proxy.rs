@@ -44,7 +44,7 @@ use crate::proxy::intercept::TlsContext;
 use crate::proxy::peek::{Peeked, PrefixedStream};
 use crate::secrets::SecretStore;
 use crate::stats::{ActiveGuard, Stats};
-use crate::tls::upstream::SandboxUpstream;
+use crate::tls::upstream::{SandboxUpstream, SocketPlace};
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -97,7 +97,14 @@ impl SandboxTag {
             netns: spec.netns.clone(),
             egress: spec.egress,
             netns_cookie,
-            upstream: SandboxUpstream::new(proxy.tls.upstream.clone(), proxy.connect_timeout),
+            upstream: SandboxUpstream::new(
+                proxy.tls.upstream.clone(),
+                proxy.connect_timeout,
+                SocketPlace {
+                    netns: spec.netns.clone(),
+                    egress: spec.egress,
+                },
+            ),
             connections: Arc::new(Semaphore::new(proxy.limits.max_connections_per_sandbox)),
         }
     }

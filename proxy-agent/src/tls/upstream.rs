@@ -269,11 +269,22 @@ type PoolsBySni = HashMap<(SocketAddr, bool), PerDst>;
 pub struct SandboxUpstream {
     configs: UpstreamConfigs,
     timeout: Duration,
+    /// Where upstream sockets are created (see [`SocketPlace`]).
+    place: SocketPlace,
     /// SNI → (destination, h2) → pool. Keyed by SNI first so a connection looks its pool up
     /// by `&str`, without allocating a key.
     per_dst: Mutex<HashMap<String, PoolsBySni>>,
     /// SNI → destination → whether it speaks h2 when offered, learned by the first connection.
     h2: Mutex<HashMap<String, HashMap<SocketAddr, bool>>>,
+}
+
+/// Where a sandbox's upstream sockets are opened: its egress mode and network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketPlace {
+    /// The sandbox's network namespace file; `None` = the agent's own.
+    pub netns: Option<std::path::PathBuf>,
+    /// Its egress mode.
+    pub egress: veil_link::Egress,
 }
 
 /// What the first contact with an upstream taught.
@@ -290,13 +301,19 @@ pub enum Probe {
 
 impl SandboxUpstream {
     /// An empty pool set.
-    pub fn new(configs: UpstreamConfigs, timeout: Duration) -> Self {
+    pub fn new(configs: UpstreamConfigs, timeout: Duration, place: SocketPlace) -> Self {
         Self {
             configs,
             timeout,
+            place,
             per_dst: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Where this sandbox's upstream sockets are opened.
+    pub fn place(&self) -> &SocketPlace {
+        &self.place
     }
 
     fn with_dst<T>(
