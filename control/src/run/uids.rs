@@ -305,6 +305,27 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_claims_never_share_a_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let range = UidRange {
+            first: 3_999_000_100,
+            last: 3_999_000_115,
+        };
+        let leases: Vec<Lease> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|i| {
+                    let dir = dir.path();
+                    s.spawn(move || claim(dir, range, &record(1, &format!("s{i}"))).unwrap())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let uids: HashSet<u32> = leases.iter().map(Lease::uid).collect();
+        assert_eq!(uids.len(), 16);
+        assert!(claim(dir.path(), range, &record(1, "one-too-many")).is_err());
+    }
+
+    #[test]
     fn a_dead_runs_record_is_stale_until_released() {
         let dir = tempfile::tempdir().unwrap();
         let range = UidRange {
