@@ -12,6 +12,8 @@
 //! [agent]
 //! required = true
 //! timeout_ms = 5000
+//! [run]
+//! uid_range = [200000, 265535]
 //! ```
 //!
 //! - `agent_socket`: the Unix socket veil-agents connect to (created 0600; a missing parent is
@@ -23,6 +25,9 @@
 //!   no agent connected the PUT is a 503 that changes nothing. Production keeps the default
 //!   (true); API-only tests turn it off.
 //! - `agent.timeout_ms`: how long a REST call waits for the agents' acknowledgements.
+//! - `run.uid_range`: the uids `veil-control run` gives its sandboxes, one each (first and last,
+//!   inclusive). Read by `veil-control run --config` (default /etc/veil/control.toml); the
+//!   daemon ignores it. Keep it clear of the host's users and of ranges other tools map.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -71,6 +76,8 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     /// Agent link behaviour.
     pub agent: AgentConfig,
+    /// `veil-control run` settings.
+    pub run: RunConfig,
 }
 
 /// Sandbox registration rules.
@@ -91,6 +98,35 @@ pub struct AgentConfig {
     pub required: bool,
     /// How long to wait for acknowledgements, in milliseconds (default 5000).
     pub timeout_ms: u64,
+}
+
+/// `veil-control run` settings (the daemon ignores them).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// First and last uid (inclusive) that `run` sandboxes get, one each.
+    pub uid_range: [u32; 2],
+}
+
+/// Default `run.uid_range`.
+pub const DEFAULT_RUN_UIDS: [u32; 2] = [200_000, 265_535];
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            uid_range: DEFAULT_RUN_UIDS,
+        }
+    }
+}
+
+impl RunConfig {
+    /// The range as `run` uses it (valid once [`Config::validate`] passed).
+    pub fn uid_range(&self) -> crate::run::uids::UidRange {
+        crate::run::uids::UidRange {
+            first: self.uid_range[0],
+            last: self.uid_range[1],
+        }
+    }
 }
 
 /// Default acknowledgement timeout.
@@ -121,6 +157,7 @@ impl Default for Config {
             metrics_listen: DEFAULT_METRICS.to_owned(),
             sandbox: SandboxConfig::default(),
             agent: AgentConfig::default(),
+            run: RunConfig::default(),
         }
     }
 }
@@ -183,6 +220,14 @@ impl Config {
                 self.metrics_listen
             )));
         }
+        let [first, last] = self.run.uid_range;
+        // 0 is root; u32::MAX is (uid_t)-1, "no change" to setuid(2).
+        if first == 0 || first > last || last == u32::MAX {
+            return Err(ConfigError::Invalid(format!(
+                "run.uid_range [{first}, {last}] must be [first, last] with 1 <= first <= last < {}",
+                u32::MAX
+            )));
+        }
         for parent in &self.sandbox.cgroup_parents {
             let trimmed = parent.trim_matches('/');
             if trimmed.is_empty()
@@ -236,5 +281,20 @@ mod tests {
         assert_eq!(c.agent.timeout_ms, 250);
         let bad: Config = toml::from_str("[agent]\ntimeout_ms = 0").unwrap();
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn run_uid_range() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.run.uid_range, DEFAULT_RUN_UIDS);
+        let c: Config = toml::from_str("[run]\nuid_range = [300000, 300009]\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.run.uid_range().first, 300_000);
+        assert_eq!(c.run.uid_range().last, 300_009);
+        for bad in ["[0, 10]", "[10, 9]", "[1, 4294967295]"] {
+            let c: Config = toml::from_str(&format!("[run]\nuid_range = {bad}\n")).unwrap();
+            assert!(c.validate().is_err(), "{bad} accepted");
+        }
+        assert!(toml::from_str::<Config>("[run]\nuid_range = [1]\n").is_err());
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use reqwest::Method;
 use serde_json::{Value, json};
 use veil_control::admin::{self, Admin, Request};
@@ -453,10 +453,28 @@ fn main() -> std::process::ExitCode {
         }
     };
     if let Command::Run { api, run } = cli.command {
+        if let Err(msg) = run.check() {
+            let mut cli = Cli::command();
+            cli.build();
+            let kind = clap::error::ErrorKind::ArgumentConflict;
+            match cli.find_subcommand_mut("run") {
+                Some(sub) => sub.error(kind, msg).exit(),
+                None => cli.error(kind, msg).exit(),
+            }
+        }
+        // A bad config is a bad argument (exit 2), as with clap's own errors.
+        let settings = match run.settings() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("veil-control run: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        };
         let code = runtime.block_on(veil_control::run::run(
             &api.api_url,
             Zeroizing::new(api.api_key),
             run,
+            settings,
         ));
         return std::process::ExitCode::from(code);
     }

@@ -1,26 +1,37 @@
 //! `veil-control run`: runs one command in a fresh, registered sandbox and removes the sandbox
 //! when the command exits (also on SIGINT/SIGTERM/SIGHUP/SIGQUIT, which are forwarded to it).
 //!
-//! Steps: a cgroup `<parent>/<id>` under the cgroup2 mount; with `--netns` a named netns linked
-//! to the host by a veth (see [`netns`]) and a DNS forwarder on the host end (see [`dns`]); the
-//! REST registration (`PUT /api/sandbox/{id}`, answered once veil-agent enforces it), which
-//! returns the placeholders and veil's CA; a CA bundle (system roots + veil's CA) in a private
-//! temp dir; then the command, which joins the cgroup and netns before exec (see [`child`]).
+//! Steps: a directory for the run's files (see [`state`]); a cgroup `<parent>/<id>` under the
+//! cgroup2 mount (see [`cgroup`]); a uid of its own from `run.uid_range` (see [`uids`]) unless
+//! `--user` names one; with `--netns` a named netns linked to the host by a veth (see
+//! [`netns`]) and a DNS forwarder on the host end (see [`dns`]); the REST registration
+//! (`PUT /api/sandbox/{id}`, answered once veil-agent enforces it), which returns the
+//! placeholders and veil's CA; a CA bundle (system roots + veil's CA); then the command, with an
+//! environment built from an allowlist (see [`env`]), in its own pid, mount and IPC namespaces
+//! (see [`child`]).
 //!
 //! Exit status: the command's own, 128+N when a signal N killed it, 125 when veil-control run
 //! itself failed, 126 when the command could not be executed, 127 when it was not found.
+#![deny(unsafe_code)]
 
+pub mod cgroup;
 pub mod child;
 pub mod dns;
+pub mod env;
 pub mod netns;
+mod reap;
+pub mod state;
+pub mod uids;
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
@@ -28,12 +39,30 @@ use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
 use crate::client::{Client, ClientError};
-use crate::hostcheck;
-use child::{Entry, Identity};
+use crate::config::{Config, ConfigError, RunConfig};
+use cgroup::SandboxCgroup;
+use child::Entry;
+use env::EnvArg;
 use netns::{Ipv4Range, SandboxNet};
+use state::RunDir;
 
 /// Exit status when veil-control run itself fails.
 pub const EXIT_SETUP: u8 = 125;
+/// HOME of a sandbox with a uid of its own: in its private /tmp, so it goes with the sandbox.
+pub const SANDBOX_HOME: &str = "/tmp/home";
+/// The world-writable directories every sandbox gets a fresh, private tmpfs on (those that
+/// exist on the host): what it leaves there goes with it, and it sees nothing of the host's
+/// or another sandbox's.
+pub const PRIVATE_DIRS: [&str; 4] = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"];
+/// Control's config file `run` reads `[run]` from when `--config` is not given (if it exists).
+pub const DEFAULT_CONFIG: &str = "/etc/veil/control.toml";
+/// Subdirectory of [`state::PRIVATE_DIR`] holding the uid records.
+const UID_RECORDS: &str = "uids";
+/// Whether a `--netns` run says `"egress": "host"` in its sandbox PUT: its namespace's only
+/// way out is veil, so upstream connections must leave from the host (through the agent's
+/// deny list). Off until control accepts the field; a plain run never sends it (the default,
+/// `"sandbox"`, applies).
+const SEND_EGRESS_HOST: bool = false;
 
 /// Options of `veil-control run` (the API URL and key come with the other client commands).
 #[derive(clap::Args, Debug)]
@@ -41,12 +70,21 @@ pub struct RunArgs {
     /// Mount a secret as an environment variable holding its placeholder (repeatable).
     #[arg(long = "secret", value_name = "ENV=SECRET_NAME", value_parser = parse_mount)]
     pub secrets: Vec<(String, String)>,
+    /// Pass a variable to the command: NAME=VALUE, or NAME alone for this shell's value
+    /// (repeatable). Nothing else of the caller's environment is passed but PATH, LANG,
+    /// LC_*, TERM and TZ.
+    #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = env::parse_env)]
+    pub env: Vec<EnvArg>,
     /// Give the sandbox its own network namespace (with DNS through a forwarder on the host).
     #[arg(long)]
     pub netns: bool,
-    /// User (name or uid) the command runs as.
-    #[arg(long, default_value = "nobody")]
-    pub user: String,
+    /// Run as this user (name or uid) instead of a uid of the sandbox's own from
+    /// `run.uid_range` (sandboxes of the same user are not isolated from each other by uid).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// veil-control's TOML config, for `[run]` (default: /etc/veil/control.toml if it exists).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// cgroup under which the sandbox's cgroup is made (relative to the cgroup2 mount; must be
     /// one of control's `sandbox.cgroup_parents`).
     #[arg(long, env = "VEIL_CGROUP_PARENT", default_value = "veil.slice")]
@@ -64,9 +102,30 @@ pub struct RunArgs {
     /// sandbox is killed.
     #[arg(long, default_value_t = 10)]
     pub stop_timeout: u64,
+    /// Seconds to wait for the host-wide network set-up lock (`--netns`) before giving up.
+    #[arg(long, env = "VEIL_RUN_LOCK_TIMEOUT", default_value_t = 30)]
+    pub lock_timeout: u64,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
+}
+
+impl RunArgs {
+    /// What clap cannot check: an `--env` name that is also a `--secret` ENV.
+    pub fn check(&self) -> Result<(), String> {
+        env::check_conflicts(&self.env, &self.secrets)
+    }
+
+    /// `[run]` of control's config: `--config`, else [`DEFAULT_CONFIG`] when it exists, else
+    /// the defaults.
+    pub fn settings(&self) -> Result<RunConfig, ConfigError> {
+        let default = Path::new(DEFAULT_CONFIG);
+        let path = match &self.config {
+            Some(p) => Some(p.as_path()),
+            None => default.exists().then_some(default),
+        };
+        Ok(Config::load(path)?.run)
+    }
 }
 
 /// Parses `ENV=SECRET_NAME`.
@@ -83,7 +142,12 @@ pub fn parse_mount(s: &str) -> Result<(String, String), String> {
 }
 
 /// Runs `args.command` in a fresh sandbox; returns the exit status to report.
-pub async fn run(api_url: &str, api_key: Zeroizing<String>, args: RunArgs) -> u8 {
+pub async fn run(
+    api_url: &str,
+    api_key: Zeroizing<String>,
+    args: RunArgs,
+    settings: RunConfig,
+) -> u8 {
     let mut signals = match forward_signals() {
         Ok(s) => s,
         Err(e) => {
@@ -98,11 +162,11 @@ pub async fn run(api_url: &str, api_key: Zeroizing<String>, args: RunArgs) -> u8
             return EXIT_SETUP;
         }
     };
-    reap_stale(&client, &args.cgroup_parent).await;
+    reap::reap_stale(&client, &args.cgroup_parent).await;
     let id = format!("run-{}-{:08x}", std::process::id(), rand::random::<u32>());
     let mut res = Resources::default();
     let prepared = tokio::select! {
-        r = setup(&client, &args, &id, &mut res) => match r {
+        r = setup(&client, &args, &settings, &id, &mut res) => match r {
             Ok(cmd) => SetUp::Ready(cmd),
             Err(e) => SetUp::Failed(e),
         },
@@ -132,69 +196,6 @@ pub async fn run(api_url: &str, api_key: Zeroizing<String>, args: RunArgs) -> u8
     code
 }
 
-/// The pid of the `veil-control run` that made `name` (`<prefix><pid>-<hex>`).
-fn run_owner(name: &str, prefix: &str) -> Option<u32> {
-    let (pid, suffix) = name.strip_prefix(prefix)?.split_once('-')?;
-    let ok = !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_hexdigit());
-    ok.then(|| pid.parse().ok()).flatten()
-}
-
-fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: signal 0 only checks that the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-/// Removes what runs that were killed outright (SIGKILL, a crash) left behind: their cgroups
-/// under `parent` (and what still runs there), registrations, network namespaces (their veth
-/// pairs go with them) and temp dirs. Only objects named for a pid that no longer exists are touched.
-async fn reap_stale(client: &Client, parent: &str) {
-    let Ok(mount) = hostcheck::cgroup2_mount() else {
-        return;
-    };
-    let parent = parent.trim_matches('/');
-    let dirs = std::fs::read_dir(mount.join(parent)).into_iter().flatten();
-    for entry in dirs.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if run_owner(&name, "run-").is_none_or(pid_alive) {
-            continue;
-        }
-        let cg = SandboxCgroup {
-            path: entry.path(),
-            relative: format!("{parent}/{name}"),
-            created_parent: None,
-        };
-        cg.kill_all().await;
-        match client
-            .call(Method::DELETE, &format!("/sandbox/{name}"), &[], None)
-            .await
-        {
-            Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
-            Err(e) => eprintln!("veil-control run: unregistering stale sandbox {name}: {e}"),
-        }
-        cg.remove().await;
-    }
-    let tmp = std::fs::read_dir(std::env::temp_dir())
-        .into_iter()
-        .flatten();
-    for entry in tmp.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if run_owner(&name, "veil-run-").is_some_and(|pid| !pid_alive(pid)) {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-    let netns = std::fs::read_dir(netns::NETNS_DIR).into_iter().flatten();
-    for entry in netns.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if run_owner(&name, "veil-run-").is_some_and(|pid| !pid_alive(pid)) {
-            netns::remove_named(&entry.path());
-        }
-    }
-}
-
 /// How set-up ended.
 enum SetUp {
     Ready(tokio::process::Command),
@@ -205,13 +206,8 @@ enum SetUp {
 /// A channel of the termination signals veil-control run receives (it no longer dies of them).
 fn forward_signals() -> anyhow::Result<mpsc::UnboundedReceiver<i32>> {
     let (tx, rx) = mpsc::unbounded_channel();
-    for (kind, n) in [
-        (SignalKind::interrupt(), libc::SIGINT),
-        (SignalKind::terminate(), libc::SIGTERM),
-        (SignalKind::hangup(), libc::SIGHUP),
-        (SignalKind::quit(), libc::SIGQUIT),
-    ] {
-        let mut stream = signal(kind).context("installing signal handlers")?;
+    for n in child::FORWARDED {
+        let mut stream = signal(SignalKind::from_raw(n)).context("installing signal handlers")?;
         let tx = tx.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() {
@@ -252,9 +248,9 @@ async fn supervise(
         tokio::select! {
             st = child.wait() => break st,
             Some(sig) = signals.recv() => {
-                if let Some(pid) = pid {
-                    // SAFETY: kill(2) of our own child, which we have not reaped yet.
-                    unsafe { libc::kill(pid, sig) };
+                // Our own child, not yet reaped: it relays the signal to the command.
+                if let (Some(pid), Ok(sig)) = (pid, Signal::try_from(sig)) {
+                    let _ = kill(Pid::from_raw(pid), sig);
                 }
                 if !signalled {
                     signalled = true;
@@ -297,11 +293,13 @@ struct Resources {
     net: Option<SandboxNet>,
     dns: Option<dns::Forwarder>,
     registered: bool,
-    dir: Option<tempfile::TempDir>,
+    dir: Option<RunDir>,
+    uid: Option<uids::Lease>,
 }
 
 impl Resources {
-    /// Removes the sandbox: its processes, the registration, the cgroup, the network, files.
+    /// Removes the sandbox: its processes, the registration, the cgroup, the network, files,
+    /// and last its uid (free again only now that nothing of the sandbox is left).
     async fn teardown(mut self, client: &Client, id: &str) {
         if let Some(cg) = &self.cgroup {
             cg.kill_all().await;
@@ -315,32 +313,51 @@ impl Resources {
                 Err(e) => eprintln!("veil-control run: unregistering sandbox {id}: {e}"),
             }
         }
-        if let Some(cg) = self.cgroup.take() {
-            cg.remove().await;
-        }
+        let emptied = match self.cgroup.take() {
+            Some(cg) => {
+                let empty = !cg.populated();
+                cg.remove().await;
+                empty
+            }
+            None => true,
+        };
         drop(self.dns.take());
         if let (Some(net), Some(host)) = (self.net.take(), &self.host) {
             net.remove(host).await;
         }
         drop(self.dir.take());
+        match self.uid.take() {
+            Some(lease) if emptied => lease.release(),
+            // Something of the sandbox may still run as it: the next run reaps it first.
+            Some(lease) => eprintln!(
+                "veil-control run: keeping uid {} taken: sandbox {id} did not empty",
+                lease.uid()
+            ),
+            None => {}
+        }
     }
+}
+
+/// Who the command runs as.
+struct Who {
+    uid: u32,
+    gid: u32,
+    home: PathBuf,
+    name: Option<String>,
 }
 
 /// Creates the sandbox and prepares the command (not yet started).
 async fn setup(
     client: &Client,
     args: &RunArgs,
+    settings: &RunConfig,
     id: &str,
     res: &mut Resources,
 ) -> anyhow::Result<tokio::process::Command> {
-    let user = child::resolve_user(&args.user)?;
-    // Named after the run (`veil-<id>`, id = `run-<pid>-<hex>`) so that the next run can tell
-    // the directory of one killed outright from a live one and remove it.
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("veil-{id}"))
-        .rand_bytes(0)
-        .tempdir()
-        .context("creating a temp dir")?;
+    let named = args.user.as_deref().map(child::resolve_user).transpose()?;
+    // Named after the run (id = `run-<pid>-<hex>`) so that the next run can tell the
+    // directory of one killed outright from a live one and remove it.
+    let dir = RunDir::create(id).context("creating the run's directory")?;
     let dir_path = dir.path().to_path_buf();
     res.dir = Some(dir);
 
@@ -352,6 +369,41 @@ async fn setup(
     let relative = cgroup.relative.clone();
     res.cgroup = Some(cgroup);
 
+    let private_dirs: Vec<&str> = PRIVATE_DIRS
+        .into_iter()
+        .filter(|d| std::fs::symlink_metadata(d).is_ok_and(|m| m.is_dir()))
+        .collect();
+    let who = match named {
+        Some(user) => Who {
+            uid: user.uid,
+            gid: user.gid,
+            home: user.home,
+            name: Some(user.name),
+        },
+        None => {
+            if !private_dirs.contains(&"/tmp") {
+                anyhow::bail!(
+                    "/tmp is not a directory on this host: no place for the sandbox's HOME"
+                );
+            }
+            let records = state::private_dir(Some(UID_RECORDS))?;
+            let record = uids::Record {
+                owner: std::process::id(),
+                sandbox: id.to_owned(),
+                cgroup: relative.clone(),
+            };
+            let lease = uids::claim(&records, settings.uid_range(), &record)?;
+            let uid = lease.uid();
+            res.uid = Some(lease);
+            Who {
+                uid,
+                gid: uid,
+                home: PathBuf::from(SANDBOX_HOME),
+                name: None,
+            }
+        }
+    };
+
     let mut netns_path = None;
     let mut netns_file = None;
     let mut resolv = None;
@@ -360,7 +412,8 @@ async fn setup(
         res.host = Some(host.clone());
         let name = format!("veil-{id}");
         let host_if = format!("vrun-{}", std::process::id());
-        let net = SandboxNet::create(&name, &host_if, args.address_range, &host).await?;
+        let timeout = Duration::from_secs(args.lock_timeout);
+        let net = SandboxNet::create(&name, &host_if, args.address_range, &host, timeout).await?;
         netns_path = Some(net.path().to_string_lossy().into_owned());
         netns_file = Some(net.file().try_clone().context("duplicating the netns fd")?);
         let host_ip = net.host_ip;
@@ -389,6 +442,9 @@ async fn setup(
     let mut body = json!({ "cgroup": relative, "secrets": secrets });
     if let Some(n) = &netns_path {
         body["netns"] = json!(n);
+        if SEND_EGRESS_HOST {
+            body["egress"] = json!("host");
+        }
     }
     // From here on the registration may exist even if the call fails (a timeout keeps it).
     res.registered = true;
@@ -417,33 +473,30 @@ async fn setup(
         &ca_bundle(&args.system_roots, answer["caCertificate"].as_str()),
         0o644,
     )?;
-    // The command (unprivileged) reads the bundle; nobody else needs the directory.
-    std::fs::set_permissions(&dir_path, std::fs::Permissions::from_mode(0o700))?;
-    nix::unistd::chown(
-        &dir_path,
-        Some(nix::unistd::Uid::from_raw(user.uid)),
-        Some(nix::unistd::Gid::from_raw(user.gid)),
-    )
-    .context("handing the temp dir to the command's user")?;
 
-    Ok(command(
-        args,
-        &user,
-        &placeholders,
-        &bundle,
-        Entry {
-            cgroup_procs: procs,
-            netns: netns_file,
-            resolv_conf: resolv,
-            uid: user.uid,
-            gid: user.gid,
-        },
-    ))
+    let private_dirs = private_dirs
+        .into_iter()
+        .map(|d| CString::new(d).context("a private directory"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let make_home = match who.name {
+        None => Some(child::c_path(&who.home)?),
+        Some(_) => None,
+    };
+    let entry = Entry {
+        cgroup_procs: procs,
+        netns: netns_file,
+        private_dirs,
+        resolv_conf: resolv,
+        make_home,
+        uid: who.uid,
+        gid: who.gid,
+    };
+    Ok(command(args, &who, &placeholders, &bundle, entry))
 }
 
 fn command(
     args: &RunArgs,
-    user: &Identity,
+    who: &Who,
     placeholders: &BTreeMap<String, String>,
     bundle: &Path,
     entry: Entry,
@@ -452,17 +505,19 @@ fn command(
         Some((p, r)) => (p.clone(), r.to_vec()),
         None => (OsString::from("true"), Vec::new()),
     };
+    let person = env::Person {
+        home: &who.home,
+        name: who.name.as_deref(),
+    };
     let mut cmd = tokio::process::Command::new(program);
-    cmd.args(rest).env_clear().envs(child::child_env(
+    cmd.args(rest).env_clear().envs(env::child_env(
         std::env::vars_os(),
+        &args.env,
         placeholders,
         bundle,
-        user,
+        person,
     ));
-    // SAFETY: `Entry::enter` only makes async-signal-safe system calls on data prepared here.
-    unsafe {
-        cmd.pre_exec(move || entry.enter());
-    }
+    child::prepare(&mut cmd, entry);
     cmd
 }
 
@@ -491,106 +546,6 @@ fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("chmod {}", path.display()))
 }
 
-/// The sandbox's cgroup directory.
-#[derive(Debug)]
-struct SandboxCgroup {
-    path: PathBuf,
-    relative: String,
-    /// The parent, when this run created it (removed again when empty).
-    created_parent: Option<PathBuf>,
-}
-
-impl SandboxCgroup {
-    fn create(parent: &str, id: &str) -> anyhow::Result<SandboxCgroup> {
-        let parent = parent.trim_matches('/');
-        if parent.is_empty()
-            || parent
-                .split('/')
-                .any(|p| p.is_empty() || p == "." || p == "..")
-        {
-            anyhow::bail!("--cgroup-parent {parent:?} must be a relative path without . or ..");
-        }
-        let mount = hostcheck::cgroup2_mount()?;
-        let parent_path = mount.join(parent);
-        let created_parent = (!parent_path.exists()).then(|| parent_path.clone());
-        let path = parent_path.join(id);
-        // Another process may remove an empty parent between our two steps: retry.
-        for attempt in 0.. {
-            std::fs::create_dir_all(&parent_path)
-                .with_context(|| format!("creating cgroup {}", parent_path.display()))?;
-            match std::fs::create_dir(&path) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < 10 => {}
-                Err(e) => {
-                    return Err(e).with_context(|| format!("creating cgroup {}", path.display()));
-                }
-            }
-        }
-        Ok(SandboxCgroup {
-            path,
-            relative: format!("{parent}/{id}"),
-            created_parent,
-        })
-    }
-
-    fn populated(&self) -> bool {
-        match std::fs::read_to_string(self.path.join("cgroup.events")) {
-            Ok(events) => events.lines().any(|l| l.trim() == "populated 1"),
-            Err(_) => false,
-        }
-    }
-
-    /// Kills whatever the command left running in the cgroup and waits (≤ 5 s) until it is empty.
-    async fn kill_all(&self) {
-        for _ in 0..100 {
-            if !self.populated() {
-                return;
-            }
-            if std::fs::write(self.path.join("cgroup.kill"), "1").is_err() {
-                let pids =
-                    std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
-                for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                    // SAFETY: kill(2) of a process in the sandbox cgroup this run made.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        eprintln!(
-            "veil-control run: cgroup {} still has processes after 5 s",
-            self.path.display()
-        );
-    }
-
-    async fn remove(self) {
-        let mut last = None;
-        for _ in 0..100 {
-            match std::fs::remove_dir(&self.path) {
-                Ok(()) => {
-                    last = None;
-                    break;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    last = None;
-                    break;
-                }
-                Err(e) => last = Some(e),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if let Some(e) = last {
-            eprintln!(
-                "veil-control run: removing cgroup {}: {e}",
-                self.path.display()
-            );
-        }
-        if let Some(parent) = self.created_parent {
-            // Busy when other sandboxes live there: fine.
-            let _ = std::fs::remove_dir(parent);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -605,16 +560,6 @@ mod tests {
         assert!(parse_mount("VEIL_API_KEY=x").is_err());
         assert!(parse_mount("1BAD=x").is_err());
         assert!(parse_mount("GOOD=").is_err());
-    }
-
-    #[test]
-    fn finds_the_owner_of_run_objects() {
-        assert_eq!(run_owner("run-123-00ab12cd", "run-"), Some(123));
-        assert_eq!(run_owner("veil-run-123-00ab12cd", "veil-run-"), Some(123));
-        assert_eq!(run_owner("run-123-", "run-"), None);
-        assert_eq!(run_owner("run-x-00ab", "run-"), None);
-        assert_eq!(run_owner("docker-123-00ab", "run-"), None);
-        assert_eq!(run_owner("run-123-zz", "run-"), None);
     }
 
     #[test]

@@ -386,6 +386,7 @@ fn shipped_configs_and_the_readme_document_every_config_key() {
                 ("", "Config"),
                 ("sandbox", "SandboxConfig"),
                 ("agent", "AgentConfig"),
+                ("run", "RunConfig"),
             ],
             "xtask/dist/control.toml",
         ),

@@ -6,205 +6,22 @@
 //! naming it, so the forwarder veil-control run serves for the sandbox asks the test's responder.
 //! Assertions never print the secret value: they compare and report booleans.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::json;
 use veil_tests::agent::AgentOptions;
 use veil_tests::cgroup::PARENT;
-use veil_tests::control::{control_bin, random_token};
-use veil_tests::{HttpsUpstream, TestCa, UpstreamReply, Veil, World, cgroup2_mount, require_root};
-
-const TIMEOUT: Duration = Duration::from_secs(90);
-const NAME: &str = "api.run.test";
-
-/// veil with a secret `run-key` allowed for [`NAME`]; the value and placeholder.
-struct Setup {
-    veil: Veil,
-    value: String,
-    placeholder: String,
-}
-
-impl Setup {
-    fn new(options: AgentOptions) -> Setup {
-        require_root();
-        let veil = Veil::start_with(options, &[]);
-        let value = format!("sk-run-{}", random_token(32));
-        let created = veil.block_on(veil.api().post(
-            "/secret",
-            veil.key(),
-            json!({"name": "run-key", "value": value, "hosts": [NAME]}),
-        ));
-        assert_eq!(created.0, 201, "create secret: status {}", created.0);
-        let placeholder = created.1["placeholder"]
-            .as_str()
-            .expect("placeholder")
-            .to_owned();
-        Setup {
-            veil,
-            value,
-            placeholder,
-        }
-    }
-
-    /// `veil-control run --cgroup-parent veil-test.slice --secret K=run-key <extra> -- sh -c script`.
-    fn command(&self, extra: &[&str], script: &str) -> Command {
-        self.command_in(PARENT, extra, script)
-    }
-
-    /// As [`Setup::command`], under another cgroup parent.
-    fn command_in(&self, parent: &str, extra: &[&str], script: &str) -> Command {
-        let mut cmd = Command::new(control_bin());
-        cmd.args(["run", "--cgroup-parent", parent, "--secret", "K=run-key"])
-            .args(extra)
-            .args(["--", "sh", "-c", script])
-            .env("VEIL_API_URL", self.veil.control().url())
-            .env("VEIL_API_KEY", self.veil.key())
-            .env_remove("RUST_LOG");
-        cmd
-    }
-
-    /// Asserts nothing of sandbox `id` made by the run with pid `pid` is left.
-    fn assert_gone(&self, id: &str, pid: u32) {
-        self.assert_gone_in(PARENT, id, pid);
-    }
-
-    fn assert_gone_in(&self, parent: &str, id: &str, pid: u32) {
-        let cg = cgroup2_mount().join(parent).join(id);
-        assert!(!cg.exists(), "cgroup {} left behind", cg.display());
-        let ns = Path::new("/run/netns").join(format!("veil-{id}"));
-        assert!(!ns.exists(), "netns {} left behind", ns.display());
-        // A netns (and with it the veth) is destroyed asynchronously once released.
-        let veth = Path::new("/sys/class/net").join(format!("vrun-{pid}"));
-        let start = Instant::now();
-        while veth.exists() && start.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(!veth.exists(), "veth {} left behind", veth.display());
-        let (status, _) = self.veil.block_on(
-            self.veil
-                .api()
-                .get(&format!("/sandbox/{id}"), self.veil.key()),
-        );
-        assert_eq!(status, 404, "sandbox {id} still registered");
-    }
-}
-
-/// A `veil-control run` started in the background; stopped (SIGINT, then SIGKILL) on drop.
-struct Running {
-    child: std::process::Child,
-    pid: u32,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Running {
-    /// Starts `cmd` and waits until its command printed a line `ready`; the lines before it.
-    fn start(cmd: &mut Command) -> (Running, String) {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn veil-control run");
-        let pid = child.id();
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let run = Running { child, pid, lines };
-        let mut seen = String::new();
-        let deadline = Instant::now() + TIMEOUT;
-        while !seen.contains("ready\n") {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match run.lines.recv_timeout(left) {
-                Ok(line) => {
-                    seen.push_str(&line);
-                    seen.push('\n');
-                }
-                Err(_) => panic!("command never got ready:\n{seen}"),
-            }
-        }
-        (run, seen)
-    }
-
-    /// Sends `sig` and waits (≤ 30 s) for the exit; the status and the rest of the output.
-    fn stop(&mut self, sig: i32) -> (std::process::ExitStatus, String) {
-        // SAFETY: kill(2) of the child this test started and has not reaped.
-        unsafe { libc::kill(self.pid as i32, sig) };
-        let start = Instant::now();
-        let status = loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                break st;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "veil-control run did not exit within 30 s of signal {sig}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let mut rest = String::new();
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            rest.push_str(&line);
-            rest.push('\n');
-        }
-        (status, rest)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            // SAFETY: kill(2) of the child this test started and has not reaped.
-            unsafe { libc::kill(self.pid as i32, libc::SIGINT) };
-            let start = Instant::now();
-            while matches!(self.child.try_wait(), Ok(None)) {
-                if start.elapsed() > Duration::from_secs(20) {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
-                    let _ = self.child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        // Runs create the shared parent when missing but leave it to whoever else uses it;
-        // the last test out removes it (EBUSY while another sandbox lives there: fine).
-        let _ = std::fs::remove_dir(cgroup2_mount().join(PARENT));
-    }
-}
-
-/// The sandbox id from a `/proc/self/cgroup` line printed by the command.
-fn sandbox_id(out: &str) -> String {
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("0::/"))
-        .unwrap_or_else(|| panic!("no cgroup line in the command's output:\n{out}"));
-    let id = line.rsplit('/').next().unwrap_or_default().to_owned();
-    assert!(
-        line.contains(&format!("/{PARENT}/run-")),
-        "command ran in cgroup {line:?}, not a run sandbox under {PARENT}"
-    );
-    id
-}
-
-fn line_value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines().find_map(|l| l.strip_prefix(key))
-}
+use veil_tests::control::control_bin;
+use veil_tests::runcli::{
+    DEFAULT_UIDS, NAME, Running, Setup, UID_RECORDS, line_value, run_with_pid, sandbox_id,
+};
+use veil_tests::veil::ORG;
+use veil_tests::{HttpsUpstream, TestCa, UpstreamReply, World, cgroup2_mount};
 
 #[test]
 fn command_sees_placeholder_runs_unprivileged_and_its_exit_code_comes_back() {
@@ -274,28 +91,6 @@ fn unknown_command_and_secret_fail_cleanly() {
             })
             .unwrap_or_default();
         assert!(left.is_empty(), "{args:?} left cgroups {left:?}");
-    }
-}
-
-/// Runs `cmd` to its end (≤ [`TIMEOUT`], killed by pid after that); its pid and output.
-fn run_with_pid(cmd: &mut Command) -> (u32, std::process::Output) {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn veil-control run");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(TIMEOUT) {
-        Ok(out) => (pid, out.expect("waiting for veil-control run")),
-        Err(_) => {
-            // SAFETY: kill(2) of the child this test started.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("veil-control run did not finish within {TIMEOUT:?}");
-        }
     }
 }
 
@@ -559,7 +354,11 @@ fn upstream_gets_the_value(netns: bool, echo: bool) {
          -H \"Authorization: Bearer $K\" https://{NAME}:{port}/run; echo; printf 'K=%s\\n' \"$K\"; \
          cat /proc/self/cgroup; exit 5"
     );
-    let (pid, out) = run_with_pid(&mut s.command(&extra, &script));
+    // The walk-through's key: it may register sandboxes, nothing else.
+    let run_key = s.veil.control().apikey(ORG, &["write:sandboxes"]);
+    let mut cmd = s.command(&extra, &script);
+    cmd.env("VEIL_API_KEY", run_key);
+    let (pid, out) = run_with_pid(&mut cmd);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let leaked = stdout.contains(&s.value) || stderr.contains(&s.value);
@@ -636,25 +435,165 @@ fn a_killed_run_is_reaped_by_the_next_one() {
         .and_then(|l| l.rsplit('/').next())
         .unwrap_or_else(|| panic!("no cgroup line:\n{seen}"))
         .to_owned();
-    // Checked before the kill: once it is dead, any other test's run may reap its temp dir
-    // (cgroups are reaped only under their own parent, temp dirs wherever they are).
-    let tmp = std::env::temp_dir().join(format!("veil-{id}"));
+    // Checked before the kill: once it is dead, any other test's run may reap its directory
+    // and its uid record (cgroups are reaped only under their own parent, those wherever
+    // they are).
+    let dir = Path::new("/run/veil-run").join(&id);
     assert!(
-        tmp.exists(),
-        "the run's temp dir {} is not where it should be",
-        tmp.display()
+        dir.exists(),
+        "the run's directory {} is not where it should be",
+        dir.display()
     );
+    let record = uid_record(&id);
+    assert!(record.is_some(), "the run holds no uid record");
     let (status, _) = run.stop(libc::SIGKILL);
     assert_eq!(status.code(), None, "veil-control run survived SIGKILL");
-    // SIGKILL leaves everything in place (this is what the next run must clean) ...
+    // SIGKILL leaves everything in place (this is what the next run must clean): the sandbox
+    // still runs, its uid still taken.
     let cg = cgroup2_mount().join(&parent).join(&id);
-    assert!(
-        cg.exists(),
-        "nothing was left to reap: the test proves nothing"
-    );
-    // ... and the next run under the same parent removes it.
+    let left = cg.exists() && uid_record(&id).is_some();
+    // ... and the next run removes it (unless another test's run already did: then it is
+    // gone just the same).
     let (_, out) = run_with_pid(&mut s.command_in(&parent, &[], "exit 0"));
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     s.assert_gone_in(&parent, &id, run.pid);
-    assert!(!tmp.exists(), "the killed run's temp dir is left");
+    assert!(!dir.exists(), "the killed run's directory is left");
+    assert!(
+        uid_record(&id).is_none(),
+        "the killed run's uid record is left"
+    );
+    if !left {
+        // SIGKILL cleans nothing: only another test's run, reaping in between, explains this.
+        eprintln!("note: sandbox {id} was reaped by another run before the next one started");
+    }
+}
+
+/// The uid record (path) naming sandbox `id`, if any.
+fn uid_record(id: &str) -> Option<std::path::PathBuf> {
+    let records = std::fs::read_dir(UID_RECORDS)
+        .into_iter()
+        .flatten()
+        .flatten();
+    records.map(|r| r.path()).find(|p| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l == id)
+    })
+}
+
+#[test]
+fn env_passes_what_the_caller_names_and_refuses_secret_and_veil_names() {
+    let s = Setup::new(AgentOptions::default());
+    let script = r#"for v in GIVEN COPIED UNNAMED LANG PATH; do eval "printf '%s=%s\n' $v \"\${$v-unset}\""; done"#;
+    let mut cmd = s.command(&["--env", "GIVEN=a b=c", "--env", "COPIED"], script);
+    cmd.env("COPIED", "from-caller")
+        .env("UNNAMED", "not-passed")
+        .env("LANG", "C.UTF-8")
+        .env("PATH", "/usr/bin:/bin");
+    let (_, out) = run_with_pid(&mut cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(line_value(&stdout, "GIVEN="), Some("a b=c"));
+    assert_eq!(line_value(&stdout, "COPIED="), Some("from-caller"));
+    assert_eq!(line_value(&stdout, "UNNAMED="), Some("unset"));
+    assert_eq!(line_value(&stdout, "LANG="), Some("C.UTF-8"));
+    assert_eq!(line_value(&stdout, "PATH="), Some("/usr/bin:/bin"));
+
+    // A name that is also a --secret ENV, a VEIL_* name, a bad name: usage errors (exit 2)
+    // naming it, before anything is made.
+    for (args, names) in [
+        (vec!["--env", "K"], "K"),
+        (vec!["--env", "K=mine"], "K"),
+        (vec!["--env", "VEIL_API_KEY"], "VEIL_API_KEY"),
+        (vec!["--env", "1BAD=x"], "1BAD"),
+    ] {
+        let (pid, out) = run_with_pid(&mut s.command(&args, "echo ran"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(
+            stderr.contains(names),
+            "{args:?}: error does not name {names}: {stderr}"
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("ran"));
+        let made = std::fs::read_dir(cgroup2_mount().join(PARENT))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("run-{pid}-"))
+            });
+        assert!(!made, "{args:?}: a sandbox was made");
+    }
+}
+
+#[test]
+fn a_sandbox_has_its_own_uid_home_tmp_and_pids() {
+    let s = Setup::new(AgentOptions::default());
+    // Something of the host's in /tmp: the sandbox's /tmp is its own.
+    let host_file = tempfile::Builder::new()
+        .prefix("veil-run-host-")
+        .tempfile_in("/tmp")
+        .expect("host temp file");
+    let host_name = host_file
+        .path()
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let script = format!(
+        "echo \"uid=$(id -u)\"; echo \"gid=$(id -g)\"; echo \"home=$HOME\"; \
+         touch \"$HOME/x\" && echo home-writable; echo \"home-owner=$(stat -c %u \"$HOME\")\"; \
+         test -e /tmp/{host_name} && echo host-tmp-visible; echo x > /tmp/mine && echo tmp-writable; \
+         echo \"pid=$$\"; echo \"procs=$(ls /proc | grep -c '^[0-9]')\"; cat /proc/self/cgroup"
+    );
+    let (pid, out) = run_with_pid(&mut s.command(&[], &script));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let uid: u32 = line_value(&stdout, "uid=")
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("no uid:\n{stdout}"));
+    assert!(
+        DEFAULT_UIDS.contains(&uid),
+        "uid {uid} not from run.uid_range"
+    );
+    assert_eq!(line_value(&stdout, "gid="), Some(uid.to_string().as_str()));
+    assert_eq!(line_value(&stdout, "home="), Some("/tmp/home"));
+    assert!(stdout.contains("home-writable\n"), "{stdout}");
+    assert_eq!(
+        line_value(&stdout, "home-owner="),
+        Some(uid.to_string().as_str())
+    );
+    assert!(stdout.contains("tmp-writable\n"), "{stdout}");
+    assert!(
+        !stdout.contains("host-tmp-visible"),
+        "the host's /tmp is visible"
+    );
+    assert!(
+        !Path::new("/tmp/mine").exists(),
+        "the sandbox's /tmp is the host's"
+    );
+    // sh is pid 2 (pid 1 is veil's init, hidden from it); only its own processes are listed.
+    assert_eq!(line_value(&stdout, "pid="), Some("2"), "{stdout}");
+    let procs: u32 = line_value(&stdout, "procs=")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u32::MAX);
+    // sh, the command substitution, ls and grep.
+    assert!(procs <= 5, "the sandbox lists {procs} processes");
+    let id = sandbox_id(&stdout);
+    s.assert_gone(&id, pid);
+
+    // A named user keeps its own uid and HOME (and the private /tmp and pids).
+    let (_, out) = run_with_pid(&mut s.command(
+        &["--user", "nobody"],
+        "echo \"uid=$(id -u)\"; echo \"home=$HOME\"; echo \"user=$USER\"; echo \"pid=$$\"",
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(line_value(&stdout, "uid="), Some("65534"));
+    assert_eq!(line_value(&stdout, "home="), Some("/nonexistent"));
+    assert_eq!(line_value(&stdout, "user="), Some("nobody"));
+    assert_eq!(line_value(&stdout, "pid="), Some("2"));
 }

@@ -2,7 +2,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -417,29 +417,46 @@ pub fn run_foreground(root: &Path) -> Result<()> {
         ),
     )?;
 
-    let key = Command::new(bin.join("veil-control"))
-        .args(["apikey", "create", "--org", "demo", "--permission", "admin"])
-        .arg("--data-dir")
-        .arg(&control_dir)
-        .stderr(Stdio::inherit())
-        .output()
-        .context("cannot run veil-control apikey create")?;
-    if !key.status.success() {
-        bail!("veil-control apikey create failed ({})", key.status);
-    }
-    let key = String::from_utf8_lossy(&key.stdout).trim().to_owned();
+    // Two keys, each with only what its use needs: the shell's (VEIL_API_KEY, for
+    // `veil-control run`) can register sandboxes but not read, create or change secrets; the
+    // one that manages secrets stays in a file and is named only where a command needs it.
+    let apikey = |permission: &str| -> Result<String> {
+        let out = Command::new(bin.join("veil-control"))
+            .args([
+                "apikey",
+                "create",
+                "--org",
+                "demo",
+                "--permission",
+                permission,
+            ])
+            .arg("--data-dir")
+            .arg(&control_dir)
+            .stderr(Stdio::inherit())
+            .output()
+            .context("cannot run veil-control apikey create")?;
+        if !out.status.success() {
+            bail!("veil-control apikey create failed ({})", out.status);
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let run_key = apikey("write:sandboxes")?;
+    let secrets_key = apikey("manage:secrets")?;
+    let secrets_key_file = state.join("secrets.key");
+    write_private(&secrets_key_file, &format!("{secrets_key}\n"))?;
     let env_file = state.join("env");
-    std::fs::write(
+    write_private(
         &env_file,
-        format!(
+        &format!(
             "# Written by cargo xtask run: `. target/veil-run/env` points the CLI and SDKs at it.\n\
-             export VEIL_API_URL=http://{API}/api\nexport VEIL_API_KEY={key}\n\
-             export DAYTONA_API_URL=http://{API}/api\nexport DAYTONA_API_KEY={key}\n\
+             # VEIL_API_KEY may only register sandboxes (write:sandboxes), what `veil-control run`\n\
+             # needs; the key that manages secrets is in target/veil-run/secrets.key.\n\
+             export VEIL_API_URL=http://{API}/api\nexport VEIL_API_KEY={run_key}\n\
+             export DAYTONA_API_URL=http://{API}/api\n\
              export PATH={}:\"$PATH\"\n",
             shell_quote(&bin.display().to_string())
         ),
     )?;
-    std::fs::set_permissions(&env_file, std::fs::Permissions::from_mode(0o600))?;
 
     // From here on a signal stops everything in order instead of killing this process first.
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
@@ -505,13 +522,14 @@ pub fn run_foreground(root: &Path) -> Result<()> {
     println!(
         "\n\
          veil is running; Ctrl-C here stops it and removes everything it attached.\n\
-         \n  REST API        http://{API}/api   (admin key of org `demo` in target/veil-run/env)\
+         \n  REST API        http://{API}/api   (org `demo`: a write:sandboxes key in target/veil-run/env,\
+         \n                  a manage:secrets key in target/veil-run/secrets.key)\
          \n  metrics         http://{CONTROL_METRICS}/metrics (veil-control), http://{AGENT_METRICS}/metrics (veil-agent)\
          \n  demo upstream   https://{DEMO_HOST} at {DEMO_IP}:443 (netns {DEMO_NETNS}); it prints what it receives\
          \n                  here and in target/veil-run/demo-upstream.log; veil-agent trusts its CA\n\
          \nNext, in another terminal, as root, in {}:\
          \n  . target/veil-run/env\
-         \n  curl -sS -X POST \"$VEIL_API_URL/secret\" -H \"Authorization: Bearer $VEIL_API_KEY\" \\\
+         \n  curl -sS -X POST \"$VEIL_API_URL/secret\" -H \"Authorization: Bearer $(cat target/veil-run/secrets.key)\" \\\
          \n    -H 'Content-Type: application/json' \\\
          \n    -d '{{\"name\": \"demo\", \"value\": \"sk-demo-123\", \"hosts\": [\"{DEMO_HOST}\"]}}'\
          \n  veil-control run --secret DEMO_KEY=demo -- sh -c \\\
@@ -548,6 +566,18 @@ pub fn run_foreground(root: &Path) -> Result<()> {
     }
     println!("teardown: {teardown}; demo namespace removed");
     Ok(())
+}
+
+/// Writes `text` to a new file only its owner may read (0600 from the start: it holds a key).
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// `s` single-quoted for sh.

@@ -4,14 +4,18 @@
 //! Everything goes through rtnetlink (never `ip`). The /30 is chosen from a configured range
 //! (default 198.19.0.0/16, part of RFC 2544's benchmarking block, never routed on the internet)
 //! so that it overlaps no address or route of the host netns; a lock file serializes concurrent
-//! `veil-control run`s between choosing and assigning. Nothing is forwarded: the sandbox reaches
+//! `veil-control run`s between choosing and assigning. The lock lives in the root-only state
+//! directory (a sandbox that could open it could hold it and stall every later `run --netns`)
+//! and is waited for at most a given time. Nothing is forwarded: the sandbox reaches
 //! only the host side of its link (the DNS forwarder) and whatever veil-agent opens inside it.
 
 use std::fs::File;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -23,7 +27,8 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBu
 
 /// Where named network namespaces live (as with `ip netns`).
 pub const NETNS_DIR: &str = "/run/netns";
-const LOCK_PATH: &str = "/run/veil/run-net.lock";
+/// The lock's file name in [`super::state::PRIVATE_DIR`].
+pub const LOCK_FILE: &str = "net.lock";
 /// Name of the sandbox's end of the veth pair, inside its netns.
 pub const SANDBOX_IF: &str = "eth0";
 
@@ -55,6 +60,20 @@ pub enum NetError {
     /// The helper thread that enters a namespace panicked.
     #[error("the network namespace helper thread panicked")]
     Thread,
+    /// The state directory holding the lock is not safe.
+    #[error(transparent)]
+    State(#[from] super::state::StateError),
+    /// Another `veil-control run` held the lock for the whole timeout.
+    #[error(
+        "timed out after {waited:?} waiting for the lock {path} (another veil-control run is \
+         setting up its network, or is stuck holding it)"
+    )]
+    LockTimeout {
+        /// The lock file.
+        path: PathBuf,
+        /// How long we waited.
+        waited: Duration,
+    },
 }
 
 fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetError {
@@ -154,11 +173,13 @@ impl SandboxNet {
 
     /// Creates the netns `name` and its link; `host_if` names the host end of the veth.
     /// On failure, what was created is removed again.
+    /// The host-wide lock is waited for at most `lock_timeout`.
     pub async fn create(
         name: &str,
         host_if: &str,
         range: Ipv4Range,
         host: &Handle,
+        lock_timeout: Duration,
     ) -> Result<SandboxNet, NetError> {
         let path = Path::new(NETNS_DIR).join(name);
         let file = create_named_netns(&path)?;
@@ -169,15 +190,20 @@ impl SandboxNet {
             host_ip: Ipv4Addr::UNSPECIFIED,
             sandbox_ip: Ipv4Addr::UNSPECIFIED,
         };
-        if let Err(e) = net.link(range, host).await {
+        if let Err(e) = net.link(range, host, lock_timeout).await {
             net.remove(host).await;
             return Err(e);
         }
         Ok(net)
     }
 
-    async fn link(&mut self, range: Ipv4Range, host: &Handle) -> Result<(), NetError> {
-        let lock = lock()?;
+    async fn link(
+        &mut self,
+        range: Ipv4Range,
+        host: &Handle,
+        lock_timeout: Duration,
+    ) -> Result<(), NetError> {
+        let lock = lock(lock_timeout).await?;
         let taken = host_prefixes(host).await?;
         let net = pick_block(range, &taken, rand::random::<u32>()).ok_or_else(|| {
             NetError::Range(format!("no free /30 left in {}/{}", range.base, range.len))
@@ -329,19 +355,34 @@ async fn host_prefixes(host: &Handle) -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
     Ok(out)
 }
 
-/// An exclusive lock held while a /30 is chosen and assigned.
-fn lock() -> Result<nix::fcntl::Flock<File>, NetError> {
-    if let Some(dir) = Path::new(LOCK_PATH).parent() {
-        std::fs::create_dir_all(dir).map_err(sys(format!("creating {}", dir.display())))?;
-    }
-    let f = std::fs::OpenOptions::new()
+/// An exclusive lock held while a /30 is chosen and assigned: `net.lock` (0600) in the
+/// root-only state directory, waited for at most `timeout`.
+async fn lock(timeout: Duration) -> Result<nix::fcntl::Flock<File>, NetError> {
+    let path = super::state::private_dir(None)?.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(LOCK_PATH)
-        .map_err(sys(format!("opening {LOCK_PATH}")))?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| nix_err(format!("locking {LOCK_PATH}"))(e))
+        .mode(0o600)
+        .open(&path)
+        .map_err(sys(format!("opening {}", path.display())))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(sys(format!("chmod {}", path.display())))?;
+    let start = Instant::now();
+    loop {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => file = f,
+            Err((_, e)) => return Err(nix_err(format!("locking {}", path.display()))(e)),
+        }
+        if start.elapsed() >= timeout {
+            return Err(NetError::LockTimeout {
+                path,
+                waited: start.elapsed(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Makes `/run/netns` a shared mount point as `ip netns add` does, so that namespaces bound there
