@@ -95,7 +95,7 @@ pub fn tombstone(old: &SecretRecord, now: i64, grace: Duration) -> Option<Tombst
 }
 
 /// How long to wait after a sweep at `now` that kept values as old as `oldest_kept`: until the
-/// oldest expires, but at most the grace or [`MAX_PAUSE`].
+/// oldest expires, but at most the grace or a minute.
 pub fn pause(now: i64, oldest_kept: Option<i64>, grace: Duration) -> Duration {
     let cap = grace.min(MAX_PAUSE).max(MIN_PAUSE);
     let Some(oldest) = oldest_kept else {
@@ -265,5 +265,77 @@ mod tests {
         assert_eq!(pause(now, Some(now), H), MAX_PAUSE);
         assert_eq!(pause(now, Some(now - 2 * H_MS), H), MIN_PAUSE);
         assert_eq!(cutoff(now, H), 9 * H_MS);
+    }
+
+    /// Records the changes it is told about.
+    #[derive(Debug, Default)]
+    struct Recorder(std::sync::Mutex<Vec<String>>);
+
+    impl AgentLink for Recorder {
+        fn notify(&self, event: AgentEvent) -> crate::agent_link::LinkFuture<'_> {
+            if let AgentEvent::SecretChanged { id } = event {
+                self.0.lock().unwrap().push(id);
+            }
+            Box::pin(async { Ok(()) })
+        }
+
+        fn connected(&self) -> bool {
+            true
+        }
+
+        fn ca_certificate(&self) -> Option<String> {
+            None
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_drops_values_at_start_and_when_they_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::sled::SledStore::open(dir.path()).unwrap());
+        let audit = || crate::store::AuditRecord {
+            seq: 0,
+            time: 0,
+            actor: "t".into(),
+            org: "acme".into(),
+            action: "t".into(),
+            target_type: "t".into(),
+            target_id: String::new(),
+            target_name: None,
+            changes: serde_json::Value::Null,
+        };
+        let now = now_ms();
+        // Expired while the daemon was down, and one due a second from now.
+        let mut stale = record(2, vec![prev(1, now - 5_000)]);
+        stale.id = "stale".into();
+        stale.placeholder = "ph-stale".into();
+        let mut fresh = record(2, vec![prev(1, now)]);
+        fresh.name = "fresh".into();
+        store.insert_secret(&stale, audit()).unwrap();
+        store.insert_secret(&fresh, audit()).unwrap();
+        let agent = Arc::new(Recorder::default());
+        let task = tokio::spawn(sweeper(
+            store.clone(),
+            agent.clone(),
+            Duration::from_secs(1),
+        ));
+        let told = || agent.0.lock().unwrap().clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while told().len() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "told {:?}", told());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        task.abort();
+        assert_eq!(
+            told(),
+            ["stale", "s1"],
+            "the expired one at once, then the other"
+        );
+        for id in ["stale", "s1"] {
+            let s = store.secret("acme", id).unwrap().unwrap();
+            assert!(s.previous.is_empty(), "{id}");
+        }
+        // With the grace off, one sweep and the task ends.
+        sweeper(store, agent, Duration::ZERO).await;
     }
 }

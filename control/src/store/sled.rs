@@ -1,7 +1,9 @@
 //! The embedded backend: sled trees, one transaction per change, flushed before returning.
 //!
 //! All writes are serialised by one mutex, so uniqueness checks done just before a transaction
-//! cannot race another writer; readers never block.
+//! cannot race another writer; readers never block. One file per resource: `secrets`,
+//! `sandboxes`, `usage`, and `grace` (rotated-out values, tombstones, rekey, sweep); the
+//! [`Store`] implementation here delegates to them.
 
 mod grace;
 mod sandboxes;

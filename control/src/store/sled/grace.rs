@@ -36,6 +36,7 @@ fn reseal_value(
     Ok(true)
 }
 
+/// Re-seals every value not under `active_key`, record by record (see [`crate::store::Store::reseal_all`]).
 pub(super) fn reseal_all(
     store: &SledStore,
     active_key: &str,
@@ -91,6 +92,7 @@ pub(super) fn reseal_all(
     Ok(count)
 }
 
+/// Keys any current, previous or tombstoned value is sealed with.
 pub(super) fn key_ids_in_use(store: &SledStore) -> Result<Vec<String>, StoreError> {
     let mut ids = BTreeSet::new();
     for entry in store.secrets.iter() {
@@ -112,6 +114,7 @@ fn expire(values: &mut Vec<PreviousValue>, cutoff: i64) -> usize {
     before - values.len()
 }
 
+/// Drops values replaced at or before `cutoff` (see [`crate::store::Store::sweep_grace`]).
 pub(super) fn sweep(store: &SledStore, cutoff: i64) -> Result<Swept, StoreError> {
     let mut swept = Swept::default();
     let mut keep = |values: &[PreviousValue]| {
