@@ -16,7 +16,9 @@ use zeroize::Zeroizing;
 
 use crate::auth::{self, Permission};
 use crate::crypto::{CryptoError, Keyring, RecordBinding};
-use crate::store::{ApiKeyRecord, AuditRecord, SecretRecord, Store, StoreError};
+use crate::store::{
+    ApiKeyRecord, AuditRecord, PreviousValue, SealedRef, SecretRecord, Store, StoreError,
+};
 use crate::timefmt::{now_ms, rfc3339};
 use crate::validate;
 
@@ -102,7 +104,21 @@ pub struct VerifiedSecret {
     pub org: String,
     /// Name.
     pub name: String,
-    /// Value revision.
+    /// Value revision (for a deleted secret: the revision of its deletion).
+    pub revision: u64,
+    /// Key that seals it.
+    pub key_id: String,
+    /// Whether it opened under its record binding.
+    pub decrypts: bool,
+    /// Rotated-out values still inside the grace period, newest first.
+    #[serde(default)]
+    pub previous: Vec<VerifiedValue>,
+}
+
+/// One kept earlier value's verification result (never the value).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VerifiedValue {
+    /// The revision it was sealed under.
     pub revision: u64,
     /// Key that seals it.
     pub key_id: String,
@@ -115,6 +131,10 @@ pub struct VerifiedSecret {
 pub struct VerifyReport {
     /// Per secret.
     pub secrets: Vec<VerifiedSecret>,
+    /// Deleted secrets whose last values are still scrubbed (tombstones): `key_id` and
+    /// `decrypts` are those of the last value, `previous` the older ones.
+    #[serde(default)]
+    pub deleted: Vec<VerifiedSecret>,
     /// Index inconsistencies.
     pub problems: Vec<String>,
     /// Whether everything checked out.
@@ -136,6 +156,40 @@ fn binding(rec: &SecretRecord) -> RecordBinding<'_> {
         secret_id: &rec.id,
         revision: rec.revision,
     }
+}
+
+fn sealed_binding<'a>(v: &SealedRef<'a>) -> RecordBinding<'a> {
+    RecordBinding {
+        org: v.org,
+        secret_id: v.secret_id,
+        revision: v.revision,
+    }
+}
+
+/// Opens each earlier value of secret `id` (discarding the plaintext).
+fn verify_values(
+    ring: &Keyring,
+    org: &str,
+    id: &str,
+    values: &[PreviousValue],
+) -> Vec<VerifiedValue> {
+    values
+        .iter()
+        .map(|v| VerifiedValue {
+            revision: v.revision,
+            key_id: v.sealed.key_id.clone(),
+            decrypts: ring
+                .open(
+                    RecordBinding {
+                        org,
+                        secret_id: id,
+                        revision: v.revision,
+                    },
+                    &v.sealed,
+                )
+                .is_ok(),
+        })
+        .collect()
 }
 
 fn local_audit(org: &str, action: &str, id: &str, changes: serde_json::Value) -> AuditRecord {
@@ -240,11 +294,15 @@ impl Admin {
                 .read()
                 .map_err(|_| AdminError::Invalid("keyring poisoned".into()))?;
             let active = ring.active_id().to_owned();
-            let resealed = self.store.reseal_all(&active, &mut |rec| {
-                let plain = ring
-                    .open(binding(rec), &rec.sealed)
-                    .map_err(|e| StoreError::Backend(format!("open secret {}: {e}", rec.id)))?;
-                ring.seal(binding(rec), &plain)
+            // Previous and tombstoned values too: the old key is deleted below.
+            let resealed = self.store.reseal_all(&active, &mut |v| {
+                let plain = ring.open(sealed_binding(&v), v.sealed).map_err(|e| {
+                    StoreError::Backend(format!(
+                        "open secret {} revision {}: {e}",
+                        v.secret_id, v.revision
+                    ))
+                })?;
+                ring.seal(sealed_binding(&v), &plain)
                     .map_err(|e| StoreError::Backend(format!("seal: {e}")))
             })?;
             (active, resealed)
@@ -268,7 +326,8 @@ impl Admin {
         })
     }
 
-    /// Opens every secret (discarding the plaintext) and cross-checks the indexes.
+    /// Opens every value, previous and tombstoned ones included (discarding the plaintext),
+    /// and cross-checks the indexes.
     pub fn verify(&self) -> Result<VerifyReport, AdminError> {
         let ring = self
             .ring()?
@@ -280,6 +339,7 @@ impl Admin {
             .into_iter()
             .map(|s| VerifiedSecret {
                 decrypts: ring.open(binding(&s), &s.sealed).is_ok(),
+                previous: verify_values(&ring, &s.org, &s.id, &s.previous),
                 id: s.id,
                 org: s.org,
                 name: s.name,
@@ -287,10 +347,30 @@ impl Admin {
                 key_id: s.sealed.key_id,
             })
             .collect();
+        let deleted: Vec<VerifiedSecret> = self
+            .store
+            .tombstones()?
+            .into_iter()
+            .map(|t| {
+                let mut values = verify_values(&ring, &t.org, &t.id, &t.values).into_iter();
+                let last = values.next();
+                VerifiedSecret {
+                    key_id: last.as_ref().map(|v| v.key_id.clone()).unwrap_or_default(),
+                    decrypts: last.is_some_and(|v| v.decrypts),
+                    previous: values.collect(),
+                    id: t.id,
+                    org: t.org,
+                    name: t.name,
+                    revision: t.revision,
+                }
+            })
+            .collect();
         let problems = self.store.check_consistency()?;
-        let ok = problems.is_empty() && secrets.iter().all(|s| s.decrypts);
+        let opens = |s: &VerifiedSecret| s.decrypts && s.previous.iter().all(|p| p.decrypts);
+        let ok = problems.is_empty() && secrets.iter().chain(&deleted).all(opens);
         Ok(VerifyReport {
             secrets,
+            deleted,
             problems,
             ok,
         })
@@ -416,5 +496,106 @@ pub async fn request(
         Err(AdminError::Remote(
             v["error"].as_str().unwrap_or("unknown error").to_owned(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::TombstoneRecord;
+    use crate::store::sled::SledStore;
+
+    fn audit() -> AuditRecord {
+        local_audit("acme", "t", "t", json!({}))
+    }
+
+    #[test]
+    fn rekey_and_verify_cover_previous_and_deleted_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = Arc::new(RwLock::new(Keyring::open_or_create(dir.path()).unwrap()));
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+        let admin = Admin {
+            store: store.clone(),
+            keyring: Some(ring.clone()),
+        };
+        let seal = |id: &str, revision: u64| {
+            let binding = RecordBinding {
+                org: "acme",
+                secret_id: id,
+                revision,
+            };
+            ring.read().unwrap().seal(binding, b"v").unwrap()
+        };
+        let record = |id: &str| SecretRecord {
+            id: id.into(),
+            org: "acme".into(),
+            name: format!("n-{id}"),
+            description: None,
+            hosts: vec![],
+            placeholder: format!("ph-{id}"),
+            created_at: 0,
+            updated_at: 0,
+            revision: 2,
+            sealed: seal(id, 2),
+            body_substitution: false,
+            wrong_host: Default::default(),
+            previous: vec![PreviousValue {
+                revision: 1,
+                sealed: seal(id, 1),
+                replaced_at: 0,
+            }],
+        };
+        store.insert_secret(&record("live"), audit()).unwrap();
+        let gone = record("gone");
+        store.insert_secret(&gone, audit()).unwrap();
+        let tombstone = TombstoneRecord {
+            id: gone.id.clone(),
+            org: gone.org.clone(),
+            name: gone.name.clone(),
+            placeholder: gone.placeholder.clone(),
+            hosts: vec![],
+            revision: 3,
+            deleted_at: 0,
+            values: vec![
+                PreviousValue {
+                    revision: 2,
+                    sealed: gone.sealed.clone(),
+                    replaced_at: 0,
+                },
+                gone.previous[0].clone(),
+            ],
+        };
+        store
+            .delete_secret("acme", "gone", &mut |_| (audit(), Some(tombstone.clone())))
+            .unwrap();
+        let report = admin.verify().unwrap();
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.secrets[0].previous.len(), 1);
+        assert_eq!(report.deleted.len(), 1);
+        assert_eq!(report.deleted[0].previous[0].revision, 1);
+
+        let old = ring.read().unwrap().active_id().to_owned();
+        let rekey = admin.rekey().unwrap();
+        assert_eq!(rekey.resealed, 2, "the secret and the tombstone");
+        assert_eq!(rekey.retired, [old], "no value still needs the old key");
+        let report = admin.verify().unwrap();
+        assert!(report.ok, "{report:?}");
+        let keys: Vec<&str> = report
+            .secrets
+            .iter()
+            .chain(&report.deleted)
+            .flat_map(|s| std::iter::once(&s.key_id).chain(s.previous.iter().map(|p| &p.key_id)))
+            .map(String::as_str)
+            .collect();
+        assert!(keys.iter().all(|k| *k == rekey.active_key), "{keys:?}");
+
+        // A previous value that does not open fails verification.
+        let mut broken = record("broken");
+        broken.previous[0].sealed = seal("broken", 7);
+        store.insert_secret(&broken, audit()).unwrap();
+        let report = admin.verify().unwrap();
+        assert!(!report.ok);
+        let b = report.secrets.iter().find(|s| s.id == "broken").unwrap();
+        assert!(b.decrypts && !b.previous[0].decrypts);
     }
 }

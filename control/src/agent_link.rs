@@ -6,6 +6,7 @@
 
 pub mod plan;
 pub mod server;
+pub mod state;
 
 use std::fmt;
 use std::future::Future;

@@ -6,6 +6,7 @@
 //! agent_socket = "/run/veil/control-agent.sock"
 //! placeholder_prefix = "veil_secret_"
 //! metrics_listen = "127.0.0.1:9464"
+//! rotated_value_grace = "24h"
 //! [sandbox]
 //! cgroup_parents = ["veil.slice", "system.slice"]
 //! check_paths = true
@@ -28,9 +29,14 @@
 //! - `run.uid_range`: the uids `veil-control run` gives its sandboxes, one each (first and last,
 //!   inclusive). Read by `veil-control run --config` (default /etc/veil/control.toml); the
 //!   daemon ignores it. Keep it clear of the host's users and of ranges other tools map.
+//! - `rotated_value_grace`: how long a rotated-out value (at most the last
+//!   [`veil_link::MAX_PREVIOUS_VALUES`]), and a deleted secret's last values, are still scrubbed
+//!   from responses: a whole number with a unit `s`, `m`, `h` or `d` (`"90s"`, `"24h"`), at
+//!   most 365 days; `"0"` turns it off.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -72,6 +78,8 @@ pub struct Config {
     pub placeholder_prefix: String,
     /// Loopback address of the Prometheus `/metrics` endpoint; `""` turns it off.
     pub metrics_listen: String,
+    /// How long rotated-out and deleted values are still scrubbed (default 24 h; 0 = off).
+    pub rotated_value_grace: Grace,
     /// Sandbox registration rules.
     pub sandbox: SandboxConfig,
     /// Agent link behaviour.
@@ -129,6 +137,58 @@ impl RunConfig {
     }
 }
 
+/// A grace period as written in the config: `"0"`, or a whole number with a unit `s`, `m`,
+/// `h` or `d`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Grace(pub Duration);
+
+/// Default grace of rotated-out values.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Longest accepted grace.
+pub const MAX_GRACE: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl Default for Grace {
+    fn default() -> Self {
+        Self(DEFAULT_GRACE)
+    }
+}
+
+impl TryFrom<String> for Grace {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        parse_grace(&text).map(Grace).ok_or_else(|| {
+            format!(
+                "rotated_value_grace {text:?} is not a duration like \"24h\", \"30m\", \"90s\" \
+                 or \"0\" (off), at most 365d"
+            )
+        })
+    }
+}
+
+/// Parses `"0"` or `<digits><s|m|h|d>`; `None` when malformed or above [`MAX_GRACE`].
+pub fn parse_grace(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if text == "0" {
+        return Some(Duration::ZERO);
+    }
+    let unit = match text.chars().last()? {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return None,
+    };
+    let digits = &text[..text.len() - 1];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs = digits.parse::<u64>().ok()?.checked_mul(unit)?;
+    let d = Duration::from_secs(secs);
+    (d <= MAX_GRACE).then_some(d)
+}
+
 /// Default acknowledgement timeout.
 pub const DEFAULT_AGENT_TIMEOUT_MS: u64 = 5000;
 
@@ -155,6 +215,7 @@ impl Default for Config {
             agent_socket: PathBuf::from("/run/veil/control-agent.sock"),
             placeholder_prefix: "veil_secret_".to_owned(),
             metrics_listen: DEFAULT_METRICS.to_owned(),
+            rotated_value_grace: Grace::default(),
             sandbox: SandboxConfig::default(),
             agent: AgentConfig::default(),
             run: RunConfig::default(),
@@ -260,7 +321,40 @@ mod tests {
         );
         assert_eq!(c.agent.timeout_ms, DEFAULT_AGENT_TIMEOUT_MS);
         assert!(c.sandbox.check_paths);
+        assert_eq!(c.rotated_value_grace.0, DEFAULT_GRACE);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn grace_parses_units_and_names_the_key_when_bad() {
+        let grace = |t: &str| toml::from_str::<Config>(&format!("rotated_value_grace = {t}"));
+        for (text, secs) in [
+            ("\"0\"", 0),
+            ("\"90s\"", 90),
+            ("\"30m\"", 1800),
+            ("\"24h\"", 86_400),
+            ("\" 2d \"", 172_800),
+            ("\"365d\"", 365 * 86_400),
+        ] {
+            let c = grace(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(c.rotated_value_grace.0, Duration::from_secs(secs), "{text}");
+        }
+        for bad in [
+            "\"\"",
+            "\"24\"",
+            "\"h\"",
+            "\"-1h\"",
+            "\"1.5h\"",
+            "\"1h30m\"",
+            "\"366d\"",
+            "\"99999999999999999999d\"",
+            "\"0s0\"",
+            "86400",
+            "true",
+        ] {
+            let e = grace(bad).expect_err(bad).to_string();
+            assert!(e.contains("rotated_value_grace"), "{bad}: {e}");
+        }
     }
 
     #[test]

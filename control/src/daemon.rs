@@ -1,5 +1,5 @@
 //! `veil-control serve`: open the data dir, finish any interrupted rekey, serve REST, the admin
-//! socket and the agent link until SIGTERM/SIGINT.
+//! socket and the agent link, and sweep values past `rotated_value_grace`, until SIGTERM/SIGINT.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::sync::{Arc, RwLock};
@@ -12,6 +12,7 @@ use crate::agent_link::server::AgentServer;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::crypto::Keyring;
+use crate::grace;
 use crate::metrics::{Gauges, Metrics};
 use crate::store::Store;
 use crate::store::sled::SledStore;
@@ -75,11 +76,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         guarded,
     )
     .context("starting the agent link")?;
+    let agent: Arc<dyn crate::agent_link::AgentLink> = Arc::new(agent);
+    // At start too: values that passed their grace while the daemon was down go at once.
+    let sweeper = tokio::spawn(grace::sweeper(
+        store.clone(),
+        agent.clone(),
+        config.rotated_value_grace.0,
+    ));
     let state = AppState {
         store,
         keyring,
         config: Arc::new(config.clone()),
-        agent: Arc::new(agent),
+        agent,
         metrics: Arc::new(Metrics::default()),
     };
     let metrics_task = serve_metrics(&config, state.clone()).await;
@@ -88,6 +96,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         data_dir = %config.data_dir.display(),
         agent_socket = %config.agent_socket.display(),
         agent_required = config.agent.required,
+        rotated_value_grace_s = config.rotated_value_grace.0.as_secs(),
         "veil-control ready"
     );
     axum::serve(listener, api::router(state))
@@ -96,6 +105,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .context("serving")?;
     admin_task.abort();
     agent_task.abort();
+    sweeper.abort();
     if let Some(task) = metrics_task {
         task.abort();
     }

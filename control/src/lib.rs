@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod grace;
 pub mod hostcheck;
 pub mod metrics;
 pub mod paginate;

@@ -90,6 +90,68 @@ pub struct SecretRecord {
     /// What the agent does with the placeholder towards a host the secret does not allow.
     #[serde(default)]
     pub wrong_host: WrongHost,
+    /// Values this secret had before, newest first, kept for `rotated_value_grace` so that
+    /// agents scrub them too (see [`crate::grace`]); never shown by the API.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous: Vec<PreviousValue>,
+}
+
+/// A value a secret no longer has, still scrubbed during the grace period.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousValue {
+    /// The revision it was sealed under (its ciphertext binding; unique within the secret).
+    pub revision: u64,
+    /// The sealed value.
+    pub sealed: Sealed,
+    /// When it stopped being the secret's value, ms since the epoch; the grace counts from here.
+    pub replaced_at: i64,
+}
+
+/// A deleted secret whose last values are still scrubbed, in every sandbox of its
+/// organization, during the grace period; its placeholder is never honoured again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TombstoneRecord {
+    /// The deleted secret's id.
+    pub id: String,
+    /// Its organization.
+    pub org: String,
+    /// Its name (for messages; a new secret may take it at once).
+    pub name: String,
+    /// Its placeholder.
+    pub placeholder: String,
+    /// Its host patterns: connections to them stay intercepted so responses are scrubbed.
+    pub hosts: Vec<String>,
+    /// The secret's last revision + 1: agents acknowledge the deletion like a change.
+    pub revision: u64,
+    /// When the secret was deleted, ms since the epoch.
+    pub deleted_at: i64,
+    /// Its last value (replaced at `deleted_at`), then its previous ones; newest first.
+    pub values: Vec<PreviousValue>,
+}
+
+/// One sealed value with the record binding it was sealed under (for rekey).
+#[derive(Clone, Copy, Debug)]
+pub struct SealedRef<'a> {
+    /// Owning organization.
+    pub org: &'a str,
+    /// Secret id.
+    pub secret_id: &'a str,
+    /// The revision it was sealed under.
+    pub revision: u64,
+    /// The sealed value.
+    pub sealed: &'a Sealed,
+}
+
+/// What a grace sweep did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Secrets and tombstones that lost values (tombstones possibly removed), by id.
+    pub changed: Vec<String>,
+    /// Values dropped.
+    pub dropped: usize,
+    /// The oldest `replaced_at` still kept, if any value is (the next sweep is due one grace
+    /// period after it).
+    pub oldest_kept: Option<i64>,
 }
 
 /// Placeholder occurrences, by outcome.
@@ -276,6 +338,10 @@ pub enum Direction {
 /// A read-modify-write step for a secret: the new record and its audit entry.
 pub type SecretChange<'a> =
     &'a mut dyn FnMut(&SecretRecord) -> Result<(SecretRecord, AuditRecord), StoreError>;
+/// The deletion step for a secret: its audit entry, and the tombstone to keep (none when the
+/// grace period is off).
+pub type SecretDeletion<'a> =
+    &'a mut dyn FnMut(&SecretRecord) -> (AuditRecord, Option<TombstoneRecord>);
 /// A read-modify-write step for a sandbox: the new record and its audit entry.
 pub type SandboxChange<'a> =
     &'a mut dyn FnMut(&SandboxRecord) -> Result<(SandboxRecord, AuditRecord), StoreError>;
@@ -310,23 +376,30 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         id: &str,
         change: SecretChange<'_>,
     ) -> Result<SecretRecord, StoreError>;
-    /// Deletes a secret.
+    /// Deletes a secret and, in the same transaction, stores the tombstone `deletion` returns.
     fn delete_secret(
         &self,
         org: &str,
         id: &str,
-        audit: &mut dyn FnMut(&SecretRecord) -> AuditRecord,
+        deletion: SecretDeletion<'_>,
     ) -> Result<SecretRecord, StoreError>;
-    /// Re-seals every secret whose key is not `active_key` (rekey); returns how many.
+    /// Re-seals every value (current, previous, tombstoned) whose key is not `active_key`
+    /// (rekey); each record is rewritten atomically. Returns how many records changed.
     fn reseal_all(
         &self,
         active_key: &str,
-        reseal: &mut dyn FnMut(&SecretRecord) -> Result<Sealed, StoreError>,
+        reseal: &mut dyn FnMut(SealedRef<'_>) -> Result<Sealed, StoreError>,
     ) -> Result<usize, StoreError>;
-    /// Ids of keys referenced by any secret.
+    /// Ids of keys referenced by any sealed value, tombstones included.
     fn key_ids_in_use(&self) -> Result<Vec<String>, StoreError>;
     /// Every secret of every organization (for verification tools).
     fn all_secrets(&self) -> Result<Vec<SecretRecord>, StoreError>;
+    /// Every tombstone (deleted secrets inside their grace period).
+    fn tombstones(&self) -> Result<Vec<TombstoneRecord>, StoreError>;
+    /// Drops every previous and tombstoned value replaced at or before `cutoff` (ms since the
+    /// epoch), and tombstones left without values; each record changes atomically, and a
+    /// concurrent write is never overwritten.
+    fn sweep_grace(&self, cutoff: i64) -> Result<Swept, StoreError>;
     /// Cross-checks records against their indexes; returns every inconsistency found.
     fn check_consistency(&self) -> Result<Vec<String>, StoreError>;
 

@@ -6,9 +6,13 @@
 //! organization, or one control has not sent, resolves to nothing.
 //!
 //! Each sandbox's [`SandboxPolicy`] is rebuilt here whenever its mounts or one of its secrets
-//! change, never per connection: a connection reads it once ([`SecretStore::policy`]) and keeps
-//! that `Arc` for its life. A sandbox whose secrets cannot form a policy (overlapping
+//! change, never per request: a request reads it once ([`SecretStore::policy`]) and keeps that
+//! `Arc` until its response ends. A sandbox whose secrets cannot form a policy (overlapping
 //! placeholders, say) gets none, so its traffic passes through untouched: fail closed.
+//!
+//! A retired secret (deleted, inside control's grace period) applies to every sandbox of its
+//! organization, mounted or not: its values are scrubbed there, its placeholder is never
+//! substituted. Rotated-out values come with their secret and are scrubbed wherever it is.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,46 +52,76 @@ struct Inner {
     policies: BTreeMap<String, Arc<SandboxPolicy>>,
 }
 
+/// The policy form of `states`; a secret that cannot take part is left out (never substituted)
+/// and the others still apply.
+fn policy_secrets<'a>(
+    sandbox: &str,
+    states: impl Iterator<Item = &'a SecretState>,
+) -> Vec<veil_policy::MountedSecret> {
+    states
+        .filter_map(|s| match veil_policy::MountedSecret::from_state(s) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!(sandbox, error = %e, "secret left out of the sandbox's policy");
+                None
+            }
+        })
+        .collect()
+}
+
 impl Inner {
-    /// Rebuilds the policy of `sandbox` from its resolved mounts.
+    /// Rebuilds the policy of `sandbox` from its resolved mounts and its organization's retired
+    /// secrets.
     fn rebuild(&mut self, sandbox: &str) {
         self.policies.remove(sandbox);
         let Some(mounts) = self.sandboxes.get(sandbox) else {
             return;
         };
-        let mut mounted = Vec::new();
-        for secret_id in mounts.env_to_secret.values() {
-            let Some(s) = self.secrets.get(secret_id) else {
-                continue;
-            };
-            if s.org != mounts.org {
-                continue;
-            }
-            match veil_policy::MountedSecret::from_state(s) {
-                Ok(m) => mounted.push(m),
-                // The secret is left out (never substituted); the others still apply.
-                Err(e) => warn!(sandbox, error = %e, "secret left out of the sandbox's policy"),
-            }
-        }
-        if mounted.is_empty() {
+        let mounted = mounts
+            .env_to_secret
+            .values()
+            .filter_map(|id| self.secrets.get(id))
+            .filter(|s| s.org == mounts.org);
+        let live = policy_secrets(sandbox, mounted);
+        let retired = self
+            .secrets
+            .values()
+            .filter(|s| s.retired && s.org == mounts.org);
+        let retired = policy_secrets(sandbox, retired);
+        if live.is_empty() && retired.is_empty() {
             return;
         }
-        match SandboxPolicy::new(mounted) {
-            Ok(p) => {
+        let n_retired = retired.len();
+        let policy = match SandboxPolicy::new([live.clone(), retired].concat()) {
+            // A retired secret must never cost the live ones their policy: without it, its
+            // values are not scrubbed, but the sandbox keeps working (and without any policy
+            // they would not be scrubbed either).
+            Err(e) if n_retired > 0 => {
+                warn!(sandbox, error = %e, "retired secrets left out of the sandbox's policy");
+                SandboxPolicy::new(live)
+            }
+            other => other,
+        };
+        match policy {
+            Ok(p) if p.scrubs() => {
                 self.policies.insert(sandbox.to_owned(), Arc::new(p));
             }
+            Ok(_) => {}
             Err(e) => {
                 warn!(sandbox, error = %e, "no policy for the sandbox: nothing is substituted")
             }
         }
     }
 
-    /// Rebuilds the policies of every sandbox that mounts `secret_id`.
-    fn rebuild_mounting(&mut self, secret_id: &str) {
+    /// Rebuilds the policies of every sandbox `secret` applies to: those that mount it, and
+    /// when it is retired (or was), every sandbox of its organization.
+    fn rebuild_for(&mut self, secret_id: &str, org_wide: Option<&str>) {
         let ids: Vec<String> = self
             .sandboxes
             .iter()
-            .filter(|(_, m)| m.env_to_secret.values().any(|s| s == secret_id))
+            .filter(|(_, m)| {
+                org_wide == Some(m.org.as_str()) || m.env_to_secret.values().any(|s| s == secret_id)
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in ids {
@@ -156,19 +190,25 @@ impl SecretStore {
         inner.policies.remove(id);
     }
 
-    /// Adds or replaces a secret.
+    /// Adds or replaces a secret (the values it replaces are zeroized as they drop).
     pub fn put_secret(&self, secret: SecretState) {
         let mut inner = self.write();
         let id = secret.id.clone();
-        inner.secrets.insert(id.clone(), secret);
-        inner.rebuild_mounting(&id);
+        let org = secret.org.clone();
+        let retired = secret.retired;
+        let was_retired = inner
+            .secrets
+            .insert(id.clone(), secret)
+            .is_some_and(|s| s.retired);
+        inner.rebuild_for(&id, (retired || was_retired).then_some(org.as_str()));
     }
 
-    /// Forgets a secret (its value is zeroized as it drops).
+    /// Forgets a secret (its values are zeroized as they drop).
     pub fn delete_secret(&self, id: &str) {
         let mut inner = self.write();
-        inner.secrets.remove(id);
-        inner.rebuild_mounting(id);
+        let gone = inner.secrets.remove(id);
+        let org = gone.as_ref().filter(|s| s.retired).map(|s| s.org.clone());
+        inner.rebuild_for(id, org.as_deref());
     }
 
     /// The current policy of `sandbox`; `None` when no usable secret is mounted in it.
@@ -176,7 +216,7 @@ impl SecretStore {
         self.read().policies.get(sandbox).cloned()
     }
 
-    /// Number of secrets held.
+    /// Number of secrets held (retired ones included).
     pub fn len(&self) -> usize {
         self.read().secrets.len()
     }
@@ -186,8 +226,8 @@ impl SecretStore {
         self.len() == 0
     }
 
-    /// The secrets mounted in `sandbox` that resolve (same organization, value present),
-    /// ordered by environment variable.
+    /// The secrets mounted in `sandbox` that resolve (same organization, value present, not
+    /// retired), ordered by environment variable.
     pub fn for_sandbox(&self, sandbox: &str) -> Vec<MountedSecret> {
         let inner = self.read();
         let Some(mounts) = inner.sandboxes.get(sandbox) else {
@@ -198,7 +238,7 @@ impl SecretStore {
             .iter()
             .filter_map(|(env, secret_id)| {
                 let s = inner.secrets.get(secret_id)?;
-                (s.org == mounts.org).then(|| MountedSecret {
+                (s.org == mounts.org && !s.retired).then(|| MountedSecret {
                     env: env.clone(),
                     secret_id: secret_id.clone(),
                     placeholder: s.placeholder.clone(),
@@ -315,6 +355,83 @@ mod tests {
         assert!(store.policy("a").is_none());
         store.delete_sandbox("a");
         assert!(store.policy("a").is_none());
+    }
+
+    fn scrubbed(store: &SecretStore, sandbox: &str, text: &str) -> Option<String> {
+        let p = store.policy(sandbox)?;
+        let out = p.scrub_patterns().scrub_all(text.as_bytes());
+        Some(out.map_or_else(|| text.to_owned(), |o| String::from_utf8(o).unwrap()))
+    }
+
+    #[test]
+    fn rotated_out_values_are_scrubbed_where_the_secret_is_mounted() {
+        let store = SecretStore::default();
+        let mut s1 = secret("s1", "o1", "value-now-0001");
+        s1.previous = vec![SecretValue::new("value-old-0001".into())];
+        store.replace(&[sandbox("a", "o1", &[("KEY", "s1")])], vec![s1]);
+        assert_eq!(
+            scrubbed(&store, "a", "value-old-0001 value-now-0001").as_deref(),
+            Some("veil-ph-s1 veil-ph-s1")
+        );
+        // The sweep's PutSecret without it: no longer known.
+        store.put_secret(secret("s1", "o1", "value-now-0001"));
+        assert_eq!(
+            scrubbed(&store, "a", "value-old-0001").as_deref(),
+            Some("value-old-0001")
+        );
+    }
+
+    #[test]
+    fn retired_secrets_apply_to_every_sandbox_of_their_org_scrub_only() {
+        let store = SecretStore::default();
+        store.replace(
+            &[
+                sandbox("a", "o1", &[("KEY", "s1")]),
+                sandbox("b", "o1", &[]),
+                sandbox("c", "o2", &[]),
+            ],
+            vec![secret("s1", "o1", "live-value-0001")],
+        );
+        assert!(store.policy("b").is_none() && store.policy("c").is_none());
+        let mut gone = secret("s9", "o1", "deleted-value-09");
+        gone.retired = true;
+        gone.previous = vec![SecretValue::new("deleted-older-09".into())];
+        store.put_secret(gone.clone());
+        let text = "deleted-value-09 deleted-older-09 live-value-0001";
+        // Mounted or not, every sandbox of o1 scrubs it; o2's does not know it.
+        assert_eq!(
+            scrubbed(&store, "a", text).as_deref(),
+            Some("veil-ph-s9 veil-ph-s9 veil-ph-s1")
+        );
+        assert_eq!(
+            scrubbed(&store, "b", text).as_deref(),
+            Some("veil-ph-s9 veil-ph-s9 live-value-0001")
+        );
+        assert!(store.policy("c").is_none());
+        let b = store.policy("b").unwrap();
+        assert!(
+            b.secrets().is_empty(),
+            "a retired placeholder is never substituted"
+        );
+        assert_eq!(b.retired().len(), 1);
+        // A sandbox of o1 added later gets it too; a mount naming it resolves to nothing.
+        store.put_sandbox(&sandbox("d", "o1", &[("OLD", "s9")]));
+        assert_eq!(store.policy("d").unwrap().retired().len(), 1);
+        assert!(store.for_sandbox("d").is_empty());
+        // Its grace ends: gone everywhere.
+        store.delete_secret("s9");
+        assert!(store.policy("b").is_none() && store.policy("d").is_none());
+        assert_eq!(
+            scrubbed(&store, "a", text).as_deref(),
+            Some("deleted-value-09 deleted-older-09 veil-ph-s1")
+        );
+        // A retired secret that cannot join the policy never costs the live ones theirs.
+        let mut clash = gone;
+        clash.placeholder = "veil-ph-s1-longer".into();
+        store.put_secret(clash);
+        let a = store.policy("a").unwrap();
+        assert_eq!((a.secrets().len(), a.retired().len()), (1, 0));
+        assert_eq!(store.policy("b").unwrap().retired().len(), 1);
     }
 
     #[test]

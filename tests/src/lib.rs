@@ -33,6 +33,7 @@ pub mod cmd;
 pub mod control;
 pub mod env;
 pub mod https;
+pub mod interactive;
 pub mod netns;
 pub mod owner;
 pub mod runcli;

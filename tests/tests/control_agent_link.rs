@@ -199,14 +199,15 @@ async fn registration_waits_for_the_agent_and_pushes_follow_every_change() {
             format!("delete_secret {alpha_id}")
         ]
     );
-    // Deleting a mounted secret → DeleteSecret.
+    // Deleting a mounted secret → PutSecret, retired: its last value is still scrubbed during
+    // rotated_value_grace (default 24 h), never substituted.
     let n1 = agent.messages().len();
     let (status, _) = api.delete(&format!("/secret/{beta_id}"), &key).await;
     assert_eq!(status, 204);
-    assert_eq!(
-        kinds(&agent.messages_since(n1)),
-        [format!("delete_secret {beta_id}")]
-    );
+    let got = agent.messages_since(n1);
+    assert_eq!(kinds(&got), [format!("put_secret {beta_id}")]);
+    let s = put_secret_of(&got[0]).unwrap();
+    assert!(s.retired && s.revision == 2 && s.value.expose() == v_beta);
     // DELETE sandbox → DeleteSandbox, answered after the acknowledgement.
     let n1 = agent.messages().len();
     agent.set_behaviour(AgentBehaviour {
@@ -217,7 +218,14 @@ async fn registration_waits_for_the_agent_and_pushes_follow_every_change() {
     let (status, _) = api.delete("/sandbox/sb-1", &key).await;
     assert_eq!(status, 204);
     assert!(start.elapsed() >= delay);
-    assert_eq!(kinds(&agent.messages_since(n1)), ["delete_sandbox sb-1"]);
+    // The organization's last sandbox is gone: so is the retired secret.
+    assert_eq!(
+        kinds(&agent.messages_since(n1)),
+        [
+            "delete_sandbox sb-1".into(),
+            format!("delete_secret {beta_id}")
+        ]
+    );
 
     // No value ever reached control's log (debug level).
     let log = control.log();

@@ -3,24 +3,58 @@
 //!
 //! Messages are derived from the store's current state, not from the request that caused the
 //! change, so concurrent changes can never leave an agent on an older state than the store.
+//!
+//! A deleted secret inside its grace period (a tombstone) is sent, retired, to the agents that
+//! serve a sandbox of its organization, and applied there to every such sandbox: it is sent
+//! before a new sandbox of that organization, and dropped once the organization has no sandbox
+//! or the grace has passed. What an agent holds of a secret is its [`Stamp`]: a sweep that drops
+//! a rotated-out value changes the stamp but not the revision, and is sent all the same.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use veil_link::SandboxState;
 
-use crate::store::{SandboxRecord, SecretRecord, Store, StoreError};
+use crate::store::{SandboxRecord, SecretRecord, Store, StoreError, TombstoneRecord};
 
-/// Secrets one agent holds: id → revision.
-pub type Held = HashMap<String, u64>;
+/// What an agent was sent of one secret: enough to tell whether it must be sent again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    /// The revision (of a tombstone: the revision of the deletion).
+    pub revision: u64,
+    /// Revisions of the earlier values that came with it (rotated-out, or a tombstone's).
+    pub values: Vec<u64>,
+}
 
-/// The registry as agents see it: every sandbox, and the secrets mounted in at least one.
+impl Stamp {
+    fn of_secret(s: &SecretRecord) -> Self {
+        Self {
+            revision: s.revision,
+            values: s.previous.iter().map(|p| p.revision).collect(),
+        }
+    }
+
+    fn of_tombstone(t: &TombstoneRecord) -> Self {
+        Self {
+            revision: t.revision,
+            values: t.values.iter().map(|v| v.revision).collect(),
+        }
+    }
+}
+
+/// Secrets one agent holds: id → stamp.
+pub type Held = HashMap<String, Stamp>;
+
+/// The registry as agents see it: every sandbox, the secrets mounted in at least one, and the
+/// tombstones of organizations with at least one sandbox.
 #[derive(Debug, Default)]
 pub struct RegistryView {
     /// Registered sandboxes by id.
     pub sandboxes: BTreeMap<String, SandboxRecord>,
     /// Existing secrets mounted in some sandbox, by id.
     pub mounted: BTreeMap<String, SecretRecord>,
+    /// Deleted secrets still scrubbed in their organization's sandboxes, by id.
+    pub retired: BTreeMap<String, TombstoneRecord>,
 }
 
 impl RegistryView {
@@ -37,7 +71,25 @@ impl RegistryView {
             }
             view.sandboxes.insert(sb.id.clone(), sb);
         }
+        for t in store.tombstones()? {
+            if view.sandboxes.values().any(|sb| sb.org == t.org) {
+                view.retired.insert(t.id.clone(), t);
+            }
+        }
         Ok(view)
+    }
+
+    /// What an agent holds of secret `id` once it is up to date; `None` = it must not hold it.
+    pub fn stamp(&self, id: &str) -> Option<Stamp> {
+        match self.mounted.get(id) {
+            Some(s) => Some(Stamp::of_secret(s)),
+            None => self.retired.get(id).map(Stamp::of_tombstone),
+        }
+    }
+
+    /// The revision agents acknowledge for secret `id` (live or retired).
+    pub fn revision(&self, id: &str) -> Option<u64> {
+        self.stamp(id).map(|s| s.revision)
     }
 
     /// A sandbox as the agent enforces it: mounts whose secret no longer exists are left out.
@@ -63,10 +115,12 @@ impl RegistryView {
 
     /// What an agent holds right after a snapshot of this view.
     pub fn held(&self) -> Held {
-        self.mounted
+        let live = self
+            .mounted
             .values()
-            .map(|s| (s.id.clone(), s.revision))
-            .collect()
+            .map(|s| (s.id.clone(), Stamp::of_secret(s)));
+        let retired = (self.retired.values()).map(|t| (t.id.clone(), Stamp::of_tombstone(t)));
+        live.chain(retired).collect()
     }
 }
 
@@ -93,34 +147,39 @@ pub enum Step {
 }
 
 /// The messages that bring an agent holding `held` to `view` for `change`, in sending order:
-/// secrets a sandbox needs come before the sandbox; secrets mounted nowhere go last.
+/// secrets a sandbox needs (its mounts, its organization's retired ones) come before the
+/// sandbox; secrets mounted nowhere go last.
 pub fn plan(view: &RegistryView, change: Change<'_>, held: &Held) -> Vec<Step> {
     let mut steps = Vec::new();
-    let stale = |id: &str| view.mounted.get(id).map(|s| s.revision) != held.get(id).copied();
+    let stale = |id: &str| view.stamp(id).as_ref() != held.get(id);
+    let put = |steps: &mut Vec<Step>, id: &str| {
+        let step = Step::PutSecret(id.to_owned());
+        if stale(id) && !steps.contains(&step) {
+            steps.push(step);
+        }
+    };
     match change {
         Change::Sandbox(id) => match view.sandboxes.get(id) {
             Some(sb) => {
                 let state = view.sandbox_state(sb);
                 for secret_id in state.mounts.values() {
-                    let queued = steps.contains(&Step::PutSecret(secret_id.clone()));
-                    if stale(secret_id) && !queued {
-                        steps.push(Step::PutSecret(secret_id.clone()));
-                    }
+                    put(&mut steps, secret_id);
+                }
+                // Scrubbed in it from its first connection on.
+                for t in view.retired.values().filter(|t| t.org == sb.org) {
+                    put(&mut steps, &t.id);
                 }
                 steps.push(Step::PutSandbox(id.to_owned()));
             }
             None => steps.push(Step::DeleteSandbox(id.to_owned())),
         },
         Change::Secret(id) => {
-            if view.mounted.contains_key(id) && stale(id) {
-                steps.push(Step::PutSecret(id.to_owned()));
+            if view.stamp(id).is_some() {
+                put(&mut steps, id);
             }
         }
     }
-    let mut gone: Vec<&String> = held
-        .keys()
-        .filter(|id| !view.mounted.contains_key(*id))
-        .collect();
+    let mut gone: Vec<&String> = held.keys().filter(|id| view.stamp(id).is_none()).collect();
     gone.sort();
     steps.extend(gone.into_iter().map(|id| Step::DeleteSecret(id.clone())));
     steps
@@ -130,8 +189,8 @@ pub fn plan(view: &RegistryView, change: Change<'_>, held: &Held) -> Vec<Step> {
 pub fn apply_to_held(held: &mut Held, view: &RegistryView, step: &Step) {
     match step {
         Step::PutSecret(id) => {
-            if let Some(s) = view.mounted.get(id) {
-                held.insert(id.clone(), s.revision);
+            if let Some(stamp) = view.stamp(id) {
+                held.insert(id.clone(), stamp);
             }
         }
         Step::DeleteSecret(id) => {
@@ -165,6 +224,7 @@ mod tests {
             },
             body_substitution: false,
             wrong_host: Default::default(),
+            previous: Vec::new(),
         }
     }
 
@@ -204,8 +264,45 @@ mod tests {
         v
     }
 
+    /// Held at these revisions, without earlier values.
     fn held(pairs: &[(&str, u64)]) -> Held {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                let stamp = Stamp {
+                    revision: *v,
+                    values: vec![],
+                };
+                ((*k).to_owned(), stamp)
+            })
+            .collect()
+    }
+
+    fn prev(revision: u64) -> crate::store::PreviousValue {
+        crate::store::PreviousValue {
+            revision,
+            sealed: secret("x", revision).sealed,
+            replaced_at: 0,
+        }
+    }
+
+    /// The tombstone of secret `id` of `org`, deleted at revision `rev`, with `values` values.
+    fn tombstone(id: &str, org: &str, rev: u64, values: u64) -> TombstoneRecord {
+        TombstoneRecord {
+            id: id.into(),
+            org: org.into(),
+            name: format!("n-{id}"),
+            placeholder: format!("ph-{id}"),
+            hosts: vec![],
+            revision: rev,
+            deleted_at: 0,
+            values: (0..values).map(|i| prev(rev - 1 - i)).collect(),
+        }
+    }
+
+    fn with_org(mut sb: SandboxRecord, org: &str) -> SandboxRecord {
+        sb.org = org.into();
+        sb
     }
 
     fn put_secret(id: &str) -> Step {
@@ -279,5 +376,101 @@ mod tests {
                 .iter()
                 .all(|s| matches!(s, Step::PutSandbox(_)))
         );
+    }
+
+    #[test]
+    fn an_expired_previous_value_is_sent_though_the_revision_stays() {
+        let mut s1 = secret("s1", 3);
+        s1.previous = vec![prev(2), prev(1)];
+        let v = view(&[sandbox("sb", &[("A", "s1")])], &[s1.clone()]);
+        let mut h = v.held();
+        assert!(plan(&v, Change::Secret("s1"), &h).is_empty());
+        // The sweep dropped revision 1's value: same revision, new stamp.
+        s1.previous.pop();
+        let swept = view(&[sandbox("sb", &[("A", "s1")])], &[s1]);
+        let steps = plan(&swept, Change::Secret("s1"), &h);
+        assert_eq!(steps, vec![put_secret("s1")]);
+        apply_to_held(&mut h, &swept, &steps[0]);
+        assert_eq!(h["s1"].values, [2]);
+        assert_eq!(swept.revision("s1"), Some(3));
+    }
+
+    #[test]
+    fn retired_secrets_go_to_agents_with_a_sandbox_of_their_org() {
+        let mut v = view(
+            &[
+                sandbox("sb", &[("A", "s1")]),
+                with_org(sandbox("other", &[]), "globex"),
+            ],
+            &[secret("s1", 1)],
+        );
+        // s1 deleted at revision 2: in the view only as a tombstone.
+        v.mounted.remove("s1");
+        v.retired.insert("s1".into(), tombstone("s1", "acme", 2, 1));
+        let mut h = held(&[("s1", 1)]);
+        let steps = plan(&v, Change::Secret("s1"), &h);
+        assert_eq!(steps, vec![put_secret("s1")], "retired, not deleted");
+        apply_to_held(&mut h, &v, &steps[0]);
+        assert_eq!(h["s1"].revision, 2);
+        // The sandbox state no longer mounts it; the agent applies it org-wide.
+        assert!(v.sandbox_state(&v.sandboxes["sb"]).mounts.is_empty());
+        // A new sandbox of the org gets the tombstones it lacks first; another org's none.
+        v.retired.insert("s7".into(), tombstone("s7", "acme", 5, 2));
+        v.sandboxes.insert("new".into(), sandbox("new", &[]));
+        assert_eq!(
+            plan(&v, Change::Sandbox("new"), &h),
+            vec![put_secret("s7"), Step::PutSandbox("new".into())]
+        );
+        v.retired
+            .insert("g1".into(), tombstone("g1", "globex", 3, 1));
+        let steps = plan(&v, Change::Sandbox("other"), &h);
+        assert_eq!(
+            steps,
+            vec![put_secret("g1"), Step::PutSandbox("other".into())]
+        );
+        // The snapshot holds live and retired secrets alike.
+        let snap = v.held();
+        assert_eq!(snap["s7"].revision, 5);
+        assert_eq!(snap["s7"].values, [4, 3]);
+        // Past the grace (or no sandbox of the org left): the tombstone is deleted.
+        v.retired.remove("s1");
+        assert_eq!(
+            plan(&v, Change::Secret("s1"), &h),
+            vec![Step::DeleteSecret("s1".into())]
+        );
+    }
+
+    #[test]
+    fn tombstones_load_only_for_orgs_with_sandboxes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::sled::SledStore::open(dir.path()).unwrap();
+        let audit = || crate::store::AuditRecord {
+            seq: 0,
+            time: 0,
+            actor: "t".into(),
+            org: "acme".into(),
+            action: "t".into(),
+            target_type: "t".into(),
+            target_id: String::new(),
+            target_name: None,
+            changes: serde_json::Value::Null,
+        };
+        let mut globex = secret("g1", 1);
+        globex.org = "globex".into();
+        for s in [secret("s1", 1), globex] {
+            store.insert_secret(&s, audit()).unwrap();
+            let t = TombstoneRecord {
+                org: s.org.clone(),
+                ..tombstone(&s.id, "", 2, 1)
+            };
+            store
+                .delete_secret(&s.org, &s.id, &mut |_| (audit(), Some(t.clone())))
+                .unwrap();
+        }
+        store.put_sandbox(&sandbox("sb", &[]), audit()).unwrap();
+        let v = RegistryView::load(&store).unwrap();
+        assert_eq!(v.retired.keys().collect::<Vec<_>>(), ["s1"]);
+        assert_eq!(v.stamp("s1").map(|s| s.revision), Some(2));
+        assert_eq!(v.stamp("g1"), None);
     }
 }

@@ -19,13 +19,14 @@ use tokio::sync::Notify;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use veil_link::{
-    AgentMsg, BlockedReport, ControlMsg, PROTOCOL_VERSION, SecretState, SecretValue, UsageReport,
-    read_frame, write_frame,
+    AgentMsg, BlockedReport, ControlMsg, PROTOCOL_VERSION, SecretState, UsageReport, read_frame,
+    write_frame,
 };
 
 use super::plan::{Change, Held, RegistryView, Step, apply_to_held, plan};
+use super::state::{retired_state, secret_state};
 use super::{AgentEvent, AgentLink, AgentLinkError, LinkFuture, Propagation, SecretAck};
-use crate::crypto::{Keyring, RecordBinding};
+use crate::crypto::Keyring;
 use crate::store::{AuditRecord, SecretRecord, Store, UsageCounts, UsageDelta};
 use crate::timefmt::now_ms;
 
@@ -421,11 +422,14 @@ impl AgentServer {
         let mut st = self.lock();
         let view = RegistryView::load(self.inner.store.as_ref())
             .map_err(|e| AgentLinkError::Internal(e.to_string()))?;
-        let mut secrets = Vec::with_capacity(view.mounted.len());
+        let mut secrets = Vec::with_capacity(view.mounted.len() + view.retired.len());
         {
             let ring = self.ring()?;
             for s in view.mounted.values() {
                 secrets.push(secret_state(&ring, s)?);
+            }
+            for t in view.retired.values() {
+                secrets.push(retired_state(&ring, t)?);
             }
         }
         let sandboxes = view
@@ -452,9 +456,9 @@ impl AgentServer {
                 done: None,
                 secret: None,
                 holds: Holds::Exactly(
-                    view.mounted
-                        .values()
-                        .map(|s| (s.id.clone(), s.revision))
+                    view.held()
+                        .into_iter()
+                        .map(|(id, stamp)| (id, stamp.revision))
                         .collect(),
                 ),
             },
@@ -565,10 +569,15 @@ impl AgentServer {
                         let state = match built.get(id) {
                             Some(s) => s.clone(),
                             None => {
-                                let rec = view.mounted.get(id).ok_or_else(|| {
-                                    AgentLinkError::Internal(format!("secret {id} vanished"))
-                                })?;
-                                let s = secret_state(&ring, rec)?;
+                                let s = match (view.mounted.get(id), view.retired.get(id)) {
+                                    (Some(rec), _) => secret_state(&ring, rec)?,
+                                    (None, Some(t)) => retired_state(&ring, t)?,
+                                    (None, None) => {
+                                        return Err(AgentLinkError::Internal(format!(
+                                            "secret {id} vanished"
+                                        )));
+                                    }
+                                };
                                 built.insert(id.clone(), s.clone());
                                 s
                             }
@@ -669,35 +678,6 @@ impl AgentServer {
         }
         Ok(())
     }
-}
-
-/// A mounted secret with its opened value. Errors never carry the value.
-fn secret_state(ring: &Keyring, s: &SecretRecord) -> Result<SecretState, AgentLinkError> {
-    let plain = ring
-        .open(
-            RecordBinding {
-                org: &s.org,
-                secret_id: &s.id,
-                revision: s.revision,
-            },
-            &s.sealed,
-        )
-        .map_err(|e| AgentLinkError::Internal(format!("secret {}: {e}", s.id)))?;
-    let text = String::from_utf8(plain.to_vec())
-        .map_err(|_| AgentLinkError::Internal(format!("secret {}: value is not UTF-8", s.id)))?;
-    Ok(SecretState {
-        previous: Vec::new(),
-        retired: false,
-        id: s.id.clone(),
-        org: s.org.clone(),
-        name: s.name.clone(),
-        placeholder: s.placeholder.clone(),
-        hosts: s.hosts.clone(),
-        value: SecretValue::new(text),
-        revision: s.revision,
-        body_substitution: s.body_substitution,
-        wrong_host: s.wrong_host,
-    })
 }
 
 /// Updates what control knows an agent holds, once it acknowledged a message.

@@ -11,6 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use rand::RngCore;
 use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use super::{
@@ -21,6 +22,7 @@ use crate::agent_link::{AgentEvent, AgentLinkError, Propagation};
 use crate::api::audit::entry;
 use crate::auth::Permission;
 use crate::crypto::RecordBinding;
+use crate::grace;
 use crate::paginate::{Cursor, Order, SortField, SortValue};
 use crate::store::{SecretPageQuery, SecretRecord, SecretUsage, StoreError, WrongHost};
 use crate::timefmt::{now_ms, rfc3339};
@@ -274,6 +276,7 @@ async fn create(
             sealed,
             body_substitution,
             wrong_host,
+            previous: Vec::new(),
         };
         let audit = entry(
             &caller2,
@@ -471,12 +474,14 @@ async fn update(
     let st = state.clone();
     let caller2 = caller.clone();
     let id2 = id.clone();
+    let grace = state.config.rotated_value_grace.0;
     let record = blocking(move || {
         let ring = st
             .keyring
             .read()
             .map_err(|_| ApiError::internal("keyring", "poisoned"))?;
         let mut change = |old: &SecretRecord| {
+            let now = now_ms().max(old.updated_at);
             let mut new = old.clone();
             let mut changes = serde_json::Map::new();
             if value.is_some() {
@@ -533,6 +538,22 @@ async fn update(
                     secret_id: &new.id,
                     revision: new.revision,
                 };
+                // The replaced value stays scrubbed for the grace period, sealed as it was
+                // (bound to its own revision).
+                new.previous = match &value {
+                    Some(v) => grace::previous_after_rotation(old, now, grace, |p| {
+                        let stored = ring.open(
+                            RecordBinding {
+                                org: &old.org,
+                                secret_id: &old.id,
+                                revision: p.revision,
+                            },
+                            &p.sealed,
+                        );
+                        stored.is_ok_and(|s| bool::from(s.as_slice().ct_eq(v.as_bytes())))
+                    }),
+                    None => grace::previous_kept(old, now, grace),
+                };
                 new.sealed = match &value {
                     Some(v) => ring.seal(binding, v.as_bytes()).map_err(seal_err)?,
                     None => {
@@ -550,7 +571,7 @@ async fn update(
                     }
                 };
             }
-            new.updated_at = now_ms().max(old.updated_at);
+            new.updated_at = now;
             let audit = entry(
                 &caller2,
                 "secret.update",
@@ -619,17 +640,21 @@ async fn remove(
     let st = state.clone();
     let caller2 = caller.clone();
     let id2 = id.clone();
+    let grace = state.config.rotated_value_grace.0;
     blocking(move || {
         st.store
             .delete_secret(&caller2.org, &id2, &mut |old| {
-                entry(
+                let audit = entry(
                     &caller2,
                     "secret.delete",
                     "secret",
                     &old.id,
                     Some(&old.name),
                     json!({"value": {"from": "***"}}),
-                )
+                );
+                // Its last values are still scrubbed, in every sandbox of the organization,
+                // for the grace period.
+                (audit, grace::tombstone(old, now_ms(), grace))
             })
             .map_err(|e| match e {
                 StoreError::NotFound => ApiError::NotFound(format!("secret {id2} not found")),
