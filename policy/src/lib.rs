@@ -24,6 +24,8 @@
 //!     value: SecretValue::new("sk-real".into()),
 //!     body_substitution: false,
 //!     wrong_host: Default::default(),
+//!     previous: Vec::new(),
+//!     retired: false,
 //! }])
 //! .unwrap();
 //!

@@ -33,6 +33,7 @@ mod body;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -42,16 +43,23 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::debug;
-use veil_policy::scrub::{ContentCoding, UnsupportedCoding, accept_encoding};
+use veil_policy::scrub::{ContentCoding, UnsupportedCoding, accept_encoding, transfer_coding_ok};
 use veil_policy::{SandboxPolicy, ScrubPatterns};
 
 use crate::proxy::forward::{BoxError, ConnContext, ProxyBody};
+use crate::stats::Stats;
 
-pub use body::ScrubBody;
+pub use body::{ScrubBody, StillCompressed, Watch};
+
+/// How long a compressed body's first decoded bytes are waited for before the head is sent;
+/// after that, a body found still compressed is cut off instead of answered 502.
+const START_CHECK_WAIT: Duration = Duration::from_secs(2);
 
 /// Scrubs an upstream response's head in place and wraps its body so it is scrubbed as it
-/// streams, with `policy`: the snapshot its request was substituted with.
-pub fn response(
+/// streams, with `policy` (the snapshot its request was substituted with) — and with the
+/// current policy's values too when the sandbox's policy changed since (a rotation or mount
+/// during the request), for the head and for the body as it streams.
+pub async fn response(
     ctx: &ConnContext,
     policy: &Arc<SandboxPolicy>,
     parts: &mut Parts,
@@ -60,17 +68,62 @@ pub fn response(
     if !ctx.scrub || !policy.scrubs() {
         return passthrough(body);
     }
-    let (plan, replaced) = plan_response(policy.scrub_patterns(), parts, body.is_end_stream());
+    // Generation first: a change after it is seen by the body's next poll.
+    let generation = ctx.secrets.generation();
+    let union = match ctx.secrets.policy(ctx.sandbox.as_str()) {
+        Some(now) if !Arc::ptr_eq(&now, policy) => {
+            Some(Box::new(ScrubPatterns::union(policy, &now)))
+        }
+        _ => None,
+    };
+    let patterns = union.as_deref().unwrap_or(policy.scrub_patterns());
+    let (plan, replaced) = plan_response(patterns, parts, body.is_end_stream());
     ctx.stats.scrubbed.fetch_add(replaced, Ordering::Relaxed);
-    match plan {
-        BodyPlan::Pass => passthrough(body),
+    let (coding, keep_length) = match plan {
+        BodyPlan::Pass => return passthrough(body),
         BodyPlan::Scrub {
             coding,
             keep_length,
-        } => ScrubBody::new(body, coding, policy.clone(), ctx.stats.clone(), keep_length)
-            .boxed_unsync(),
-        BodyPlan::Withhold(reason) => withhold(ctx, parts, reason),
+        } => (coding, keep_length),
+        BodyPlan::Withhold(reason) => {
+            Stats::inc(&ctx.stats.scrub_withheld);
+            return withhold(ctx, parts, reason);
+        }
+    };
+    let watch = Watch {
+        store: ctx.secrets.clone(),
+        sandbox: ctx.sandbox.as_str().to_owned(),
+        generation,
+    };
+    let mut body = ScrubBody::new(body, coding, policy.clone(), ctx.stats.clone(), keep_length)
+        .watching(watch, union);
+    if coding != ContentCoding::Identity {
+        // A body compressed twice is answered 502 when its start arrives in time, and cut off
+        // (by the body itself) when it arrives later.
+        if let Ok(Err(e)) = tokio::time::timeout(START_CHECK_WAIT, body.check_start()).await {
+            return withhold(ctx, parts, e.to_string());
+        }
     }
+    body.boxed_unsync()
+}
+
+/// The 502 answer to an upstream response whose `Transfer-Encoding` is not exactly
+/// `chunked`, if it is not: the HTTP client removes only the chunked framing, so any other
+/// transfer coding would reach the sandbox coded, past the scrubber.
+pub fn refuse_transfer_coding(ctx: &ConnContext, parts: &mut Parts) -> Option<ProxyBody> {
+    let ok = transfer_coding_ok(
+        parts
+            .headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
+    if ok {
+        return None;
+    }
+    Stats::inc(&ctx.stats.scrub_withheld);
+    let reason = "its transfer-encoding is not chunked, which veil cannot scrub".to_owned();
+    Some(withhold(ctx, parts, reason))
 }
 
 /// What becomes of a response body, decided from the head.

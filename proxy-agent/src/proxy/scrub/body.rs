@@ -1,4 +1,6 @@
-//! [`ScrubBody`]: a response body scrubbed as it streams, decoded first when compressed.
+//! [`ScrubBody`]: a response body scrubbed as it streams, decoded first when compressed, with
+//! the patterns of its request's policy snapshot — widened to the values of a newer policy as
+//! soon as one appears (a rotation or mount during a long response).
 
 use std::io;
 use std::pin::Pin;
@@ -11,21 +13,38 @@ use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncBufRead, AsyncRead, ReadBuf};
-use veil_policy::SandboxPolicy;
-use veil_policy::scrub::{ContentCoding, ScrubState};
+use veil_policy::scrub::{ContentCoding, ScrubState, Sniff, sniff};
+use veil_policy::{SandboxPolicy, ScrubPatterns};
+use zeroize::Zeroizing;
 
 use crate::proxy::forward::BoxError;
+use crate::secrets::SecretStore;
 use crate::stats::Stats;
 
 /// Decoded bytes produced per poll: with the decoder's window and one upstream chunk, this
 /// bounds what a compressed body (however well it compresses) makes veil hold.
 pub const DECODE_BUF: usize = 16 * 1024;
 
+/// Where a streaming body looks for a newer policy of its sandbox.
+#[derive(Debug)]
+pub struct Watch {
+    /// The agent's live secrets.
+    pub store: SecretStore,
+    /// The sandbox.
+    pub sandbox: String,
+    /// The store's generation the current patterns were chosen at.
+    pub generation: u64,
+}
+
 /// A body whose data (decoded from `coding`) and trailers are scrubbed with the sandbox's
 /// patterns; it emits identity data. Replacements are added to `Stats::scrubbed` as they happen.
 pub struct ScrubBody<B> {
     source: Source<B>,
+    /// The snapshot the request was substituted with.
     policy: Arc<SandboxPolicy>,
+    /// The snapshot's values and the current policy's, once the policy changed.
+    union: Option<Box<ScrubPatterns>>,
+    watch: Option<Watch>,
     state: ScrubState,
     stats: Arc<Stats>,
     /// Replacements already added to `stats`.
@@ -36,6 +55,18 @@ pub struct ScrubBody<B> {
     finished: bool,
     /// Scrubbed trailers, sent after the last data.
     trailers: Option<HeaderMap>,
+    /// The first decoded bytes, before the check that they are not still compressed.
+    sniffing: Sniffing,
+}
+
+/// The check of a decoded body's first bytes.
+enum Sniffing {
+    /// Not decided yet: the decoded bytes so far.
+    Undecided(Zeroizing<Vec<u8>>),
+    /// Not compressed: these bytes are still to be scrubbed and sent.
+    Plain(Zeroizing<Vec<u8>>),
+    /// Decided and sent (or an identity body, which is not checked).
+    Done,
 }
 
 impl<B> std::fmt::Debug for ScrubBody<B> {
@@ -100,7 +131,9 @@ where
             buf: vec![0; DECODE_BUF].into_boxed_slice(),
             draining: false,
         };
-        Self::with_source(source, policy, stats, false)
+        let mut body = Self::with_source(source, policy, stats, false);
+        body.sniffing = Sniffing::Undecided(Zeroizing::new(Vec::new()));
+        body
     }
 
     fn with_source(
@@ -112,13 +145,91 @@ where
         ScrubBody {
             source,
             policy,
+            union: None,
+            watch: None,
             state: ScrubState::default(),
             stats,
             counted: 0,
             same_length,
             finished: false,
             trailers: None,
+            sniffing: Sniffing::Done,
         }
+    }
+
+    /// Follows `watch` for a newer policy, starting from `union` (the patterns chosen when the
+    /// response head arrived, if the policy had changed by then).
+    pub fn watching(mut self, watch: Watch, union: Option<Box<ScrubPatterns>>) -> Self {
+        if union.is_some() {
+            Stats::inc(&self.stats.scrub_policy_switched);
+        }
+        self.watch = Some(watch);
+        self.union = union;
+        self
+    }
+
+    /// Decodes until the first bytes show whether the body is still compressed: `Err` if it
+    /// is (or does not decode), so the caller can answer 502 before sending the head.
+    pub async fn check_start(&mut self) -> Result<(), BoxError> {
+        std::future::poll_fn(|cx| self.poll_sniff(cx)).await
+    }
+
+    fn poll_sniff(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let Source::Decoded {
+            decoder,
+            buf,
+            draining,
+        } = &mut self.source
+        else {
+            return Poll::Ready(Ok(()));
+        };
+        loop {
+            let Sniffing::Undecided(head) = &mut self.sniffing else {
+                return Poll::Ready(Ok(()));
+            };
+            let mut read = ReadBuf::new(buf);
+            if let Err(e) = ready!(Pin::new(decoder.as_mut()).poll_read(cx, &mut read)) {
+                self.finished = true;
+                return Poll::Ready(Err(Box::new(DecodeError(e))));
+            }
+            let ended = read.filled().is_empty();
+            head.extend_from_slice(read.filled());
+            match sniff(head, ended) {
+                Sniff::NeedMore => continue,
+                Sniff::Compressed(format) => {
+                    Stats::inc(&self.stats.scrub_withheld);
+                    self.finished = true;
+                    return Poll::Ready(Err(Box::new(StillCompressed(format))));
+                }
+                Sniff::Plain => {
+                    *draining |= ended;
+                    let head = std::mem::take(head);
+                    self.sniffing = Sniffing::Plain(head);
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+
+    /// Switches to the union of the snapshot's values and the current policy's when the store
+    /// changed: one atomic load per call otherwise.
+    fn follow_policy(&mut self) {
+        let Some(watch) = &mut self.watch else {
+            return;
+        };
+        let generation = watch.store.generation();
+        if generation == watch.generation {
+            return;
+        }
+        watch.generation = generation;
+        self.union = match watch.store.policy(&watch.sandbox) {
+            Some(now) if !Arc::ptr_eq(&now, &self.policy) => {
+                Stats::inc(&self.stats.scrub_policy_switched);
+                Some(Box::new(ScrubPatterns::union(&self.policy, &now)))
+            }
+            // Unchanged, or every secret gone: the snapshot's values are still scrubbed.
+            _ => None,
+        };
     }
 
     fn count(&mut self) {
@@ -157,59 +268,78 @@ where
             if this.finished {
                 return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
-            let patterns = this.policy.scrub_patterns();
-            let step = match &mut this.source {
-                Source::Plain(body) => match ready!(Pin::new(body).poll_frame(cx)) {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => {
-                            let mut out = Vec::with_capacity(data.len() + patterns.max_len());
-                            this.state.push(patterns, &data, &mut out);
-                            Step::Data(out)
-                        }
-                        Err(frame) => match frame.into_trailers() {
-                            Ok(trailers) => Step::End(Some(trailers)),
-                            // A frame kind this body does not know: not forwarded.
-                            Err(_) => continue,
-                        },
-                    },
-                    Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                    None => Step::End(None),
-                },
-                Source::Decoded {
-                    decoder,
-                    buf,
-                    draining,
-                } => {
-                    if *draining {
-                        // Bytes after the end of the compressed stream are not forwarded; the
-                        // trailers after them are.
-                        let frames = decoder.frames();
-                        loop {
-                            let n = match ready!(Pin::new(&mut *frames).poll_fill_buf(cx)) {
-                                Ok(rest) => rest.len(),
-                                Err(e) => return Poll::Ready(Some(Err(Box::new(DecodeError(e))))),
-                            };
-                            if n == 0 {
-                                break;
-                            }
-                            Pin::new(&mut *frames).consume(n);
-                        }
-                        Step::End(frames.trailers.take())
-                    } else {
-                        let mut read = ReadBuf::new(buf);
-                        match ready!(Pin::new(decoder.as_mut()).poll_read(cx, &mut read)) {
-                            Ok(()) if read.filled().is_empty() => {
-                                *draining = true;
-                                continue;
-                            }
-                            Ok(()) => {
-                                let decoded = read.filled();
-                                let mut out =
-                                    Vec::with_capacity(decoded.len() + patterns.max_len());
-                                this.state.push(patterns, decoded, &mut out);
+            this.follow_policy();
+            if let Err(e) = ready!(this.poll_sniff(cx)) {
+                return Poll::Ready(Some(Err(e)));
+            }
+            let patterns: &ScrubPatterns = match &this.union {
+                Some(union) => union,
+                None => this.policy.scrub_patterns(),
+            };
+            let step = if let Sniffing::Plain(head) = &mut this.sniffing {
+                let head = std::mem::take(head);
+                this.sniffing = Sniffing::Done;
+                let mut out = Vec::with_capacity(head.len() + patterns.max_len());
+                this.state.push(patterns, &head, &mut out);
+                Step::Data(out)
+            } else {
+                match &mut this.source {
+                    Source::Plain(body) => match ready!(Pin::new(body).poll_frame(cx)) {
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(data) => {
+                                let mut out = Vec::with_capacity(data.len() + patterns.max_len());
+                                this.state.push(patterns, &data, &mut out);
                                 Step::Data(out)
                             }
-                            Err(e) => return Poll::Ready(Some(Err(Box::new(DecodeError(e))))),
+                            Err(frame) => match frame.into_trailers() {
+                                Ok(trailers) => Step::End(Some(trailers)),
+                                // A frame kind this body does not know: not forwarded.
+                                Err(_) => continue,
+                            },
+                        },
+                        Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                        None => Step::End(None),
+                    },
+                    Source::Decoded {
+                        decoder,
+                        buf,
+                        draining,
+                    } => {
+                        if *draining {
+                            // Bytes after the end of the compressed stream are not forwarded;
+                            // the trailers after them are.
+                            let frames = decoder.frames();
+                            loop {
+                                let n = match ready!(Pin::new(&mut *frames).poll_fill_buf(cx)) {
+                                    Ok(rest) => rest.len(),
+                                    Err(e) => {
+                                        return Poll::Ready(Some(Err(Box::new(DecodeError(e)))));
+                                    }
+                                };
+                                if n == 0 {
+                                    break;
+                                }
+                                Pin::new(&mut *frames).consume(n);
+                            }
+                            Step::End(frames.trailers.take())
+                        } else {
+                            let mut read = ReadBuf::new(buf);
+                            match ready!(Pin::new(decoder.as_mut()).poll_read(cx, &mut read)) {
+                                Ok(()) if read.filled().is_empty() => {
+                                    *draining = true;
+                                    continue;
+                                }
+                                Ok(()) => {
+                                    let decoded = read.filled();
+                                    let mut out =
+                                        Vec::with_capacity(decoded.len() + patterns.max_len());
+                                    this.state.push(patterns, decoded, &mut out);
+                                    Step::Data(out)
+                                }
+                                Err(e) => {
+                                    return Poll::Ready(Some(Err(Box::new(DecodeError(e)))));
+                                }
+                            }
                         }
                     }
                 }
@@ -258,6 +388,12 @@ where
 #[derive(Debug, thiserror::Error)]
 #[error("the upstream's compressed body does not decode: {0}")]
 struct DecodeError(io::Error);
+
+/// A body that still starts with a compression format's magic once its content coding was
+/// decoded (compressed twice): its values would pass the scrubber.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream's body is still {0}-compressed after decoding its content-encoding")]
+pub struct StillCompressed(pub &'static str);
 
 impl<B> Decoder<B> {
     fn frames(&mut self) -> &mut FrameReader<B> {
