@@ -488,7 +488,7 @@ mod tests {
     use http_body_util::BodyExt;
     use proptest::prelude::*;
     use tokio::io::AsyncWriteExt;
-    use veil_link::SecretValue;
+    use veil_link::{SandboxState, SecretState, SecretValue};
     use veil_policy::MountedSecret;
 
     use super::*;
@@ -680,6 +680,125 @@ mod tests {
                 total += data.len();
             }
             assert_eq!(total, 16 << 20);
+        });
+    }
+
+    #[test]
+    fn a_body_still_compressed_after_decoding_is_refused() {
+        let p = policy(&[VALUE]);
+        rt().block_on(async {
+            let text = format!("echo {VALUE}\n").repeat(20);
+            for inner in [ContentCoding::Gzip, ContentCoding::Deflate] {
+                let once = encode(inner, text.as_bytes()).await;
+                let twice = encode(ContentCoding::Gzip, &once).await;
+                // Before the head: check_start says so.
+                let frames = VecDeque::from([Frame::data(Bytes::from(twice.clone()))]);
+                let stats = Arc::new(Stats::default());
+                let mut body = ScrubBody::new(
+                    Frames(frames),
+                    ContentCoding::Gzip,
+                    p.clone(),
+                    stats.clone(),
+                    false,
+                );
+                let err = body.check_start().await.unwrap_err().to_string();
+                assert!(err.contains("still") && !err.contains("sk-real"), "{err}");
+                assert_eq!(stats.scrub_withheld.load(Ordering::Relaxed), 1);
+                // Streaming, cut into bytes: an error, never the compressed data.
+                let chunks = split(&twice, &(1..twice.len()).collect::<Vec<_>>());
+                let err = run(&p, ContentCoding::Gzip, chunks, None)
+                    .await
+                    .unwrap_err();
+                assert!(err.to_string().contains("still"), "{inner:?}");
+            }
+            // A body that only looks like a magic's first byte is plain.
+            let wire = encode(ContentCoding::Gzip, b"\x1f is not enough").await;
+            let (data, _, _) = run(&p, ContentCoding::Gzip, vec![Bytes::from(wire)], None)
+                .await
+                .unwrap();
+            assert_eq!(data, b"\x1f is not enough");
+        });
+    }
+
+    fn state(value: &str, previous: &[&str]) -> SecretState {
+        SecretState {
+            id: "sec_r".into(),
+            org: "org".into(),
+            name: "ROTATED".into(),
+            placeholder: PLACEHOLDER.into(),
+            hosts: vec![],
+            value: SecretValue::new(value.into()),
+            revision: 1,
+            body_substitution: false,
+            wrong_host: Default::default(),
+            previous: previous
+                .iter()
+                .map(|v| SecretValue::new((*v).into()))
+                .collect(),
+            retired: false,
+        }
+    }
+
+    #[test]
+    fn a_stream_scrubs_values_that_became_current_while_it_streams() {
+        const NEW: &str = "sk-rotated/9876543210+xyz";
+        const MOUNTED: &str = "mounted-later-0123456789";
+        let store = SecretStore::default();
+        let sandbox = SandboxState {
+            id: "sb".into(),
+            org: "org".into(),
+            cgroup: "x".into(),
+            netns: None,
+            mounts: [("K".to_owned(), "sec_r".to_owned())].into(),
+            egress: Default::default(),
+        };
+        store.replace(std::slice::from_ref(&sandbox), vec![state(VALUE, &[])]);
+        let p1 = store.policy("sb").unwrap();
+        rt().block_on(async {
+            let filler = "x".repeat(2000);
+            let frames = VecDeque::from([
+                Frame::data(Bytes::from(format!(
+                    "{filler} first {VALUE} then {}",
+                    &NEW[..6]
+                ))),
+                Frame::data(Bytes::from(format!("{} and {MOUNTED} {filler}", &NEW[6..]))),
+            ]);
+            let stats = Arc::new(Stats::default());
+            let watch = Watch {
+                store: store.clone(),
+                sandbox: "sb".into(),
+                generation: store.generation(),
+            };
+            let mut body = ScrubBody::new(
+                Frames(frames),
+                ContentCoding::Identity,
+                p1,
+                stats.clone(),
+                false,
+            )
+            .watching(watch, None);
+            let mut out = Vec::new();
+            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            out.extend_from_slice(&first);
+            // Rotation, and a second secret mounted, while the response streams.
+            store.put_secret(state(NEW, &[VALUE]));
+            let mut later = state(MOUNTED, &[]);
+            later.id = "sec_m".into();
+            later.placeholder = "veil_ph_mounted".into();
+            store.put_secret(later);
+            let mut sandbox = sandbox.clone();
+            sandbox.mounts.insert("M".into(), "sec_m".into());
+            store.put_sandbox(&sandbox);
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    out.extend_from_slice(&data);
+                }
+            }
+            for v in [VALUE, NEW, MOUNTED] {
+                assert!(!contains(&out, v.as_bytes()));
+            }
+            assert!(contains(&out, b"veil_ph_mounted"));
+            assert_eq!(stats.scrub_policy_switched.load(Ordering::Relaxed), 1);
         });
     }
 
