@@ -285,8 +285,9 @@ fn perf_scrub() {
         let secs = start.elapsed().as_secs_f64();
         let mib = f64::from(iters) * body.len() as f64 / (1024.0 * 1024.0);
         println!(
-            "scrub 64 KiB {label} in 16 KiB chunks, 8 secrets ({} patterns): {:.0} MiB/s",
+            "scrub 64 KiB {label} in 16 KiB chunks, 8 secrets ({} patterns, {} KiB): {:.0} MiB/s",
             p.pattern_count(),
+            p.memory_usage() / 1024,
             mib / secs
         );
     }
