@@ -269,13 +269,40 @@ fn perf_scrub() {
         })
         .collect();
     let b64 = STANDARD.encode(&random).into_bytes();
-    for (label, body) in [("JSON text", &json), ("base64 of random bytes", &b64)] {
+    // Secrets as API keys look: 40 random base62 characters after a prefix.
+    let tokens: Vec<_> = (0..8)
+        .map(|i| {
+            let token: String = (0..40)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    char::from(
+                        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                            [(x % 62) as usize],
+                    )
+                })
+                .collect();
+            secret(&format!("s{i}"), &format!("sk-{token}"), &[])
+        })
+        .collect();
+    let random_tokens = ScrubPatterns::new(&tokens);
+    for (label, p, body) in [
+        ("JSON text", &p, &json),
+        ("base64 of random bytes", &p, &b64),
+        ("JSON text, random-token secrets", &random_tokens, &json),
+        (
+            "base64 of random bytes, random-token secrets",
+            &random_tokens,
+            &b64,
+        ),
+    ] {
         let iters = 2_000u32;
         let mut out = Vec::with_capacity(body.len() + 1024);
         let start = Instant::now();
         for _ in 0..iters {
             out.clear();
-            let mut s = Scrubber::new(&p);
+            let mut s = Scrubber::new(p);
             for c in body.chunks(16 * 1024) {
                 s.push(black_box(c), &mut out);
             }
