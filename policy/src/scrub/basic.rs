@@ -309,7 +309,7 @@ impl Token {
         if self.rewriting {
             // Padded like the original (canonical when it had whole groups), so equal-length
             // replacements keep the token's length.
-            let pad = self.pad > 0 || (self.group.is_empty() && self.chars_seen % 4 == 0);
+            let pad = self.pad > 0 || (self.group.is_empty() && self.chars_seen.is_multiple_of(4));
             let used = encode(&self.bytes, last, pad, out);
             self.bytes.drain(..used);
         } else {

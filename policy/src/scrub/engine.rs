@@ -296,12 +296,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A pattern, and for a window its (value, offset).
+    type Plain = (Vec<u8>, Option<(usize, usize)>);
+
     /// Leftmost-longest by brute force, windows extended: what `Engine::scrub` must equal.
-    fn naive(
-        patterns: &[(Vec<u8>, Option<(usize, usize)>)],
-        values: &[Vec<u8>],
-        text: &[u8],
-    ) -> Vec<u8> {
+    fn naive(patterns: &[Plain], values: &[Vec<u8>], text: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         let mut pos = 0;
         while pos < text.len() {
@@ -344,7 +343,7 @@ mod tests {
             text in "[abc]{0,80}",
         ) {
             let values: Vec<Vec<u8>> = values.into_iter().map(String::into_bytes).collect();
-            let mut list: Vec<(Vec<u8>, Option<(usize, usize)>)> = Vec::new();
+            let mut list: Vec<Plain> = Vec::new();
             for (i, v) in values.iter().enumerate() {
                 list.push((v.clone(), None));
                 for offset in 0..(v.len() + 1).saturating_sub(WINDOW) {
@@ -353,7 +352,7 @@ mod tests {
             }
             list.extend(extra.into_iter().map(|e| (e.into_bytes(), None)));
             // First of identical patterns wins, as in `Engine::new`.
-            let mut dedup: Vec<(Vec<u8>, Option<(usize, usize)>)> = Vec::new();
+            let mut dedup: Vec<Plain> = Vec::new();
             for p in list {
                 if !dedup.iter().any(|d| d.0 == p.0) {
                     dedup.push(p);

@@ -350,7 +350,7 @@ pub(super) fn secret_ranges(value: &[u8]) -> Vec<std::ops::Range<usize>> {
     {
         let public = if segments.len() == 3 { 2 } else { 1 };
         let start: usize = segments[..public].iter().map(|s| s.len() + 1).sum();
-        return vec![start..value.len()];
+        return std::iter::once(start..value.len()).collect();
     }
     if value.windows(10).any(|w| w == b"-----BEGIN") {
         let mut ranges = Vec::new();
@@ -370,5 +370,5 @@ pub(super) fn secret_ranges(value: &[u8]) -> Vec<std::ops::Range<usize>> {
         }
         return ranges;
     }
-    vec![0..value.len()]
+    std::iter::once(0..value.len()).collect()
 }
