@@ -7,7 +7,9 @@
 //!
 //! Routes: `/all` (every encoding: a header each, one body line each in a chunked/DATA stream,
 //! a trailer each), `/headers` (JSON of the request headers, and `x-echo-authorization`),
-//! `/te-gzip` (`Transfer-Encoding: gzip, chunked`, h1), `/gzip2` (gzip of gzip).
+//! `/te-gzip` (`Transfer-Encoding: gzip, chunked`, h1), `/gzip2` (gzip of gzip), `/stream`
+//! (server-sent events, every 20 ms, carrying the last value `/remember` received, until
+//! [`Adversary::stop_streams`] or 30 s).
 
 use std::convert::Infallible;
 use std::io::Write as _;
@@ -219,13 +221,27 @@ pub struct Received {
     pub reflected: Vec<Vec<u8>>,
     /// `authorization` values, in order.
     pub authorization: Vec<Vec<u8>>,
+    /// The last value `/remember` received.
+    pub remembered: Vec<u8>,
+    /// Events `/stream` sent carrying the remembered value.
+    pub streamed_remembered: u64,
+    /// Requests to `/stream` received.
+    pub streams: u64,
+}
+
+/// State shared by the adversary's connections.
+#[derive(Debug, Default)]
+struct Shared {
+    received: Mutex<Received>,
+    /// Cancelled (and replaced) by [`Adversary::stop_streams`].
+    stop: Mutex<CancellationToken>,
 }
 
 /// The adversarial upstream; stops on drop.
 #[derive(Debug)]
 pub struct Adversary {
     addr: SocketAddr,
-    received: Arc<Mutex<Received>>,
+    shared: Arc<Shared>,
     _stop: DropGuard,
 }
 
@@ -256,10 +272,10 @@ impl Adversary {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|e| panic!("local_addr: {e}"));
-        let received: Arc<Mutex<Received>> = Arc::default();
+        let shared: Arc<Shared> = Arc::default();
         let stopped = CancellationToken::new();
         let stop = stopped.clone().drop_guard();
-        let rec = received.clone();
+        let rec = shared.clone();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -293,7 +309,7 @@ impl Adversary {
         });
         Adversary {
             addr,
-            received,
+            shared,
             _stop: stop,
         }
     }
@@ -305,10 +321,18 @@ impl Adversary {
 
     /// What it received so far.
     pub fn received(&self) -> Received {
-        self.received
+        self.shared
+            .received
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Ends every `/stream` response.
+    pub fn stop_streams(&self) {
+        let mut stop = self.shared.stop.lock().unwrap_or_else(|p| p.into_inner());
+        stop.cancel();
+        *stop = CancellationToken::new();
     }
 }
 
@@ -324,7 +348,7 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 
 async fn answer(
     req: Request<Incoming>,
-    rec: Arc<Mutex<Received>>,
+    shared: Arc<Shared>,
 ) -> Result<Response<ReplyBody>, hyper::Error> {
     let path = req.uri().path().to_owned();
     let v = req
@@ -343,16 +367,24 @@ async fn answer(
         })
         .collect();
     {
-        let mut r = rec.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = shared.received.lock().unwrap_or_else(|p| p.into_inner());
         if !v.is_empty() {
             r.reflected.push(v.clone());
+        }
+        match path.as_str() {
+            "/remember" => r.remembered = v.clone(),
+            "/stream" => r.streams += 1,
+            _ => {}
         }
         if let Some(a) = req.headers().get("authorization") {
             r.authorization.push(a.as_bytes().to_vec());
         }
     }
     let _ = req.into_body().collect().await?;
-    let mut resp = Response::builder().header("content-type", "text/plain; charset=utf-8");
+    let mut resp = Response::builder();
+    if path != "/stream" {
+        resp = resp.header("content-type", "text/plain; charset=utf-8");
+    }
     let body = match path.as_str() {
         "/all" => {
             let forms = encodings(&v);
@@ -399,6 +431,11 @@ async fn answer(
             resp = resp.header("transfer-encoding", "gzip, chunked");
             full(gzip(&[b"you sent ", v.as_slice()].concat()))
         }
+        "/remember" => full(&b"remembered\n"[..]),
+        "/stream" => {
+            resp = resp.header("content-type", "text/event-stream");
+            sse(shared)
+        }
         "/gzip2" => {
             resp = resp.header("content-encoding", "gzip");
             full(gzip(&gzip(
@@ -420,4 +457,33 @@ fn streamed(frames: Vec<Frame<Bytes>>) -> ReplyBody {
         Ok::<_, Infallible>(frame)
     });
     StreamBody::new(stream).boxed_unsync()
+}
+
+/// Server-sent events every 20 ms carrying the remembered value, until stopped (or 30 s).
+fn sse(shared: Arc<Shared>) -> ReplyBody {
+    use futures_util::StreamExt as _;
+    let stop = shared
+        .stop
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let ticks = futures_util::stream::iter(0..1500).then(move |i| {
+        let shared = shared.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut r = shared.received.lock().unwrap_or_else(|p| p.into_inner());
+            if !r.remembered.is_empty() {
+                r.streamed_remembered += 1;
+            }
+            let event = [
+                format!("id: {i}\ndata: ").as_bytes(),
+                &r.remembered,
+                b"\n\n",
+            ]
+            .concat();
+            Ok::<_, Infallible>(Frame::data(Bytes::from(event)))
+        }
+    });
+    let ticks = ticks.take_until(async move { stop.cancelled().await });
+    StreamBody::new(ticks).boxed_unsync()
 }

@@ -31,7 +31,8 @@ struct Setup {
     _world: World,
     _ca: TestCa,
     up: Adversary,
-    _veil: Veil,
+    veil: Veil,
+    id: String,
     value: String,
     placeholder: String,
     bundle: PathBuf,
@@ -66,6 +67,7 @@ impl Setup {
             .as_str()
             .expect("placeholder")
             .to_owned();
+        let id = created.1["id"].as_str().expect("id").to_owned();
         let ns = NetNs::new(tag);
         let sandbox = Sandbox::new(tag, Some(&ns)).with_hosts(&[(HOST, ip)]);
         let spec = AgentSandbox {
@@ -83,7 +85,8 @@ impl Setup {
             _world: world,
             _ca: ca,
             up,
-            _veil: veil,
+            veil,
+            id,
             value,
             placeholder,
             bundle,
@@ -183,6 +186,18 @@ impl Setup {
             text = text.replace(&*String::from_utf8_lossy(w), "<LEAK:window>");
         }
         text
+    }
+
+    /// Rotates the secret to `value` (control answers once the agent acknowledged).
+    fn rotate(&mut self, value: String) {
+        let (status, answer) = self.veil.block_on(self.veil.api().patch(
+            &format!("/secret/{}?wait=5s", self.id),
+            self.veil.key(),
+            json!({ "value": value }),
+        ));
+        assert_eq!(status, 200, "rotation: status {status}");
+        drop(answer);
+        self.value = value;
     }
 
     fn upstream_got(&self, what: impl Fn(&[u8]) -> bool) -> bool {
@@ -416,6 +431,92 @@ fn a_body_compressed_twice_is_withheld() {
             status.starts_with("502") && !leaked && got,
             "curl {flag}: status {status}, the value (gunzipped) reached the client {leaked}, \
              upstream got the value {got}"
+        );
+    }
+}
+
+/// Polls `cond` every 20 ms for up to 20 s.
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never happened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A long response (server-sent events) that started before a rotation carries the new value
+/// after it — the upstream learnt it from a later request — and the sandbox sees only the
+/// placeholder: the stream's scrubber takes up the new policy's values while it streams.
+#[test]
+fn a_stream_started_before_a_rotation_scrubs_the_new_value() {
+    let mut s = Setup::new("adv-sse", nasty_value(), BOTH);
+    let header = format!("{REFLECT}: {}", s.placeholder);
+    for (n, flag) in ["--http1.1", "--http2"].into_iter().enumerate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("events");
+        let file_s = file.to_str().expect("path");
+        let mut cmd = s.sandbox.command("curl");
+        cmd.args([
+            "-sS",
+            "-N",
+            "--max-time",
+            "40",
+            flag,
+            "-o",
+            file_s,
+            "-H",
+            &header,
+        ])
+        .arg(s.url("/stream"))
+        .env("CURL_CA_BUNDLE", &s.bundle)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().expect("curl");
+        let streams = n as u64 + 1;
+        wait_until("the stream's start", || s.up.received().streams >= streams);
+        s.rotate(nasty_value());
+        let (ok, _) = s.run(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "20",
+                flag,
+                "-H",
+                &header,
+                &s.url("/remember"),
+            ],
+        );
+        assert!(ok, "{flag}: /remember failed");
+        let base = s.up.received().streamed_remembered;
+        wait_until("events with the new value", || {
+            s.up.received().streamed_remembered >= base + 25
+        });
+        s.up.stop_streams();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait curl") {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{flag}: curl never ended"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let out = std::fs::read(&file).unwrap_or_default();
+        let leaks = s.leaks(&out);
+        let got = s.up.received().remembered == s.value.as_bytes();
+        let shown = contains(&out, s.placeholder.as_bytes());
+        assert!(
+            status.success() && got && shown && leaks.is_empty(),
+            "{flag}: curl ok {}, upstream got the new value {got}, placeholder shown {shown}, \
+             leaked forms of the new value {leaks:?}; output:\n{}",
+            status.success(),
+            s.redact(&out)
         );
     }
 }
