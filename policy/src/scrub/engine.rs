@@ -37,6 +37,8 @@ pub(super) struct Engine {
     starts: Option<Starts>,
     /// Per pattern id: (secret index, action).
     actions: Vec<(usize, Action)>,
+    /// The patterns, sorted (pattern id order): whether a text's tail may still grow into one.
+    sorted: Vec<Zeroizing<Vec<u8>>>,
     values: Vec<Value>,
     max_len: usize,
     preserves_length: bool,
@@ -64,11 +66,17 @@ impl Engine {
             .start_kind(StartKind::Both)
             .build(patterns.iter().map(|p| p.bytes.as_slice()))
             .ok()?;
-        let actions = patterns.into_iter().map(|p| (p.secret, p.action)).collect();
+        let mut sorted = Vec::with_capacity(patterns.len());
+        let mut actions = Vec::with_capacity(patterns.len());
+        for p in patterns {
+            sorted.push(p.bytes);
+            actions.push((p.secret, p.action));
+        }
         Some(Engine {
             ac,
             starts,
             actions,
+            sorted,
             values,
             max_len,
             preserves_length,
@@ -94,6 +102,39 @@ impl Engine {
     /// Heap bytes of the automaton.
     pub fn memory_usage(&self) -> usize {
         self.ac.memory_usage() + self.starts.as_ref().map_or(0, |_| Starts::BYTES)
+    }
+
+    /// The first position at or after `from` where a match may begin that `buf` does not hold
+    /// whole: `buf[p..]` is a proper prefix of a pattern, or continues a value (a window's
+    /// extension) without reaching its end. `buf.len()` if there is none.
+    fn first_live(&self, buf: &[u8], from: usize) -> usize {
+        (from..buf.len())
+            .find(|&p| {
+                let tail = &buf[p..];
+                if tail.len() >= Starts::LEN
+                    && self.starts.as_ref().is_some_and(|s| !s.may_start(buf, p))
+                {
+                    return false;
+                }
+                self.grows_into_pattern(tail) || self.continues_a_value(tail)
+            })
+            .unwrap_or(buf.len())
+    }
+
+    fn grows_into_pattern(&self, tail: &[u8]) -> bool {
+        let at = self.sorted.partition_point(|p| p.as_slice() < tail);
+        self.sorted[at..]
+            .iter()
+            .take_while(|p| p.starts_with(tail))
+            .any(|p| p.len() > tail.len())
+    }
+
+    fn continues_a_value(&self, tail: &[u8]) -> bool {
+        tail.len() >= WINDOW
+            && self.values.iter().any(|v| {
+                v.bytes.len() > tail.len()
+                    && memchr::memmem::find(&v.bytes[..v.bytes.len() - 1], tail).is_some()
+            })
     }
 
     /// The leftmost-longest match starting in `from..until`.
@@ -201,9 +242,13 @@ impl Held {
             joined = j;
             &joined
         };
-        // A match starting before `horizon` lies wholly inside `buf`, so it is final.
+        // A match starting before `horizon` lies wholly inside `buf`, and so does one starting
+        // before the first position whose tail may still grow into a match: both are final.
+        // Only what may still begin a match is held, so a stream (server-sent events) is not
+        // delayed by a fixed tail.
         let horizon = buf.len().saturating_sub(engine.max_len() - 1);
-        let done = engine.scrub(buf, horizon, out, bump);
+        let live = engine.first_live(buf, horizon);
+        let done = engine.scrub(buf, live, out, bump);
         let mut rest = Zeroizing::new(Vec::with_capacity(engine.max_len()));
         rest.extend_from_slice(&buf[done..]);
         self.bytes = rest;

@@ -458,13 +458,14 @@ fn union_scrubs_the_values_of_both_policies() {
             .scrub_all(b"second-value-987654321")
             .is_none()
     );
-    // A stream switched to the union rescans what it held back.
+    // A stream switched to the union goes on with what it held back (raw input, rescanned).
     let mut s = ScrubState::default();
     let mut out = Vec::new();
-    s.push(p1.scrub_patterns(), b"echo: second-val", &mut out);
-    s.push(&u, b"ue-987654321 end", &mut out);
+    s.push(p1.scrub_patterns(), b"echo: first-value-01", &mut out);
+    assert!(s.pending_len() > 0);
+    s.push(&u, b"23456789 and second-value-987654321 end", &mut out);
     s.finish(&u, &mut out);
-    assert_eq!(out, b"echo: ph_a_placeholder end");
+    assert_eq!(out, b"echo: ph_a_placeholder and ph_a_placeholder end");
 }
 
 #[test]
@@ -507,4 +508,21 @@ fn hex_html_go_json_and_wrapped_base64() {
             assert!(!contains(&flat, &core), "{prefix}");
         }
     }
+}
+
+#[test]
+fn only_what_may_begin_a_match_is_held_back() {
+    let p = ScrubPatterns::new(&[secret("s", "sk-live-0123456789abcdefghij", &[])]);
+    let mut s = Scrubber::new(&p);
+    let mut out = Vec::new();
+    // A server-sent event goes out whole: nothing in it may begin a value.
+    s.push(b"data: {\"delta\": \"hello\"}\n\n", &mut out);
+    assert_eq!(s.pending_len(), 0);
+    assert_eq!(out, b"data: {\"delta\": \"hello\"}\n\n");
+    // The start of a value is held until it is decided.
+    s.push(b"data: sk-live-01", &mut out);
+    assert_eq!(s.pending_len(), "sk-live-01".len());
+    s.push(b"23456789abcdefghij\n\n", &mut out);
+    s.finish(&mut out);
+    assert!(out.ends_with(b"data: ph_s_placeholder\n\n"));
 }

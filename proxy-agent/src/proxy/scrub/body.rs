@@ -757,11 +757,13 @@ mod tests {
         rt().block_on(async {
             let filler = "x".repeat(2000);
             let frames = VecDeque::from([
+                // The first frame ends inside the old value: held back, then scanned again
+                // with the new patterns.
+                Frame::data(Bytes::from(format!("{filler} first {}", &VALUE[..9]))),
                 Frame::data(Bytes::from(format!(
-                    "{filler} first {VALUE} then {}",
-                    &NEW[..6]
+                    "{} then {NEW} and {MOUNTED} {filler}",
+                    &VALUE[9..]
                 ))),
-                Frame::data(Bytes::from(format!("{} and {MOUNTED} {filler}", &NEW[6..]))),
             ]);
             let stats = Arc::new(Stats::default());
             let watch = Watch {
