@@ -1,29 +1,37 @@
-//! Response scrubbing on intercepted connections (issue 6): every mounted value in a response
-//! reaches the sandbox as its placeholder.
+//! Response scrubbing on intercepted connections (issues 6 and 13): every scrubbed value in a
+//! response reaches the sandbox as its placeholder.
 //!
-//! What is scrubbed, with the sandbox's [`ScrubPatterns`] (literal, base64, percent and JSON
-//! forms, see `veil_policy::scrub`):
+//! What is scrubbed, with the patterns of the request's policy snapshot (every form listed in
+//! `veil_policy::scrub`) — and, when the sandbox's policy changed since (a rotation, a mount),
+//! with the union of the snapshot's values and the current policy's ([`ScrubPatterns::union`]),
+//! for the head and, from the first poll after the change, for the rest of the body:
 //! - **head**: every response header's value and name, and an h1 reason phrase. A header whose
 //!   scrubbed name or value is no longer valid is dropped rather than passed on; a reason phrase
 //!   carrying a value is replaced by the canonical one.
-//! - **body**: [`ScrubBody`] scrubs DATA streaming, holding at most the longest pattern's length
-//!   minus one byte back (a value split across chunks is still found), scrubs trailers (h2, or
-//!   chunked h1) like headers, and flushes what it holds at the end. When the scrubbed length may
-//!   differ (a placeholder and a value, or one of their encodings, differ in length),
-//!   `Content-Length` is removed and hyper re-frames the body (h1 chunked, h2 DATA frames).
-//!   Bodies that are empty by protocol (HEAD, 204, 304, length 0) pass unchanged.
+//! - **body**: [`ScrubBody`] scrubs DATA streaming, holding back only what may still begin a
+//!   match (a value split across chunks is still found, bounded by the patterns' `max_len`),
+//!   scrubs trailers (h2, or chunked h1) like headers, and flushes what it holds at the end.
+//!   While it streams, one atomic load per poll tells it whether the agent's secrets changed;
+//!   then it takes up the union patterns and rescans what it holds. When the scrubbed length
+//!   may differ, `Content-Length` is removed and hyper re-frames the body (h1 chunked, h2 DATA
+//!   frames). Bodies that are empty by protocol (HEAD, 204, 304, length 0) pass unchanged.
 //! - **compressed bodies**: `gzip`/`x-gzip`, `deflate` (zlib) and `br` are decoded streaming
 //!   (bounded: one upstream chunk, the decoder's window, and [`body::DECODE_BUF`] decoded bytes
 //!   at a time), scrubbed, and forwarded as identity: `Content-Encoding` and `Content-Length` are
 //!   removed and a strong `ETag` becomes weak (the representation changed). Not re-compressed:
 //!   the hop to the sandbox is on the same host, where size does not matter, while compressing
 //!   costs CPU on the data path and a compressor holds data back until it flushes, which would
-//!   delay streamed responses (server-sent events, long polls). A body that fails to decode is
-//!   cut off with an error (the client sees a truncated response, never undecoded bytes).
+//!   delay streamed responses (server-sent events, long polls). A decoded body that still starts
+//!   with a gzip, zlib or zstd magic (compressed twice under one coding) is answered 502 when its
+//!   first bytes arrive within [`START_CHECK_WAIT`], and cut off with an error otherwise; so is
+//!   a body that fails to decode (the client never sees undecoded bytes).
 //! - **other codings** (`zstd`, `compress`, stacked codings): the response is withheld and the
 //!   sandbox gets a 502 naming the coding. [`request`] makes that rare: it rewrites
 //!   `Accept-Encoding` to the codings veil can decode, and drops `Range`/`If-Range` so a value
 //!   cannot be fetched piecewise, a few bytes per partial response, past the scrubber.
+//! - **transfer codings**: a response whose `Transfer-Encoding` is not exactly `chunked`
+//!   (`gzip, chunked`) is answered 502 ([`refuse_transfer_coding`]): the HTTP client removes
+//!   only the chunked framing and would pass the coded bytes on.
 //!
 //! Scrubbing is skipped, at no cost, when the sandbox has no value to scrub or when it is
 //! switched off in config (`scrub_responses = false`, for measurements only). Upgraded
