@@ -1,6 +1,7 @@
 //! Response scrubbing: for any chunking, the streamed output equals `scrub_all` of the whole
-//! input (or the input itself when nothing matched), and the scrubber never holds back more
-//! than `max_len - 1` bytes.
+//! input (or the input itself when nothing matched), the scrubber never holds back more than
+//! `max_len - 1` bytes, and a planted value (literal, base64, hex, percent, HTML numeric, in a
+//! `Basic` credential, or a 12-byte piece of it) never survives.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -35,25 +36,45 @@ fuzz_target!(|input: Input| {
             value: SecretValue::new(v.clone()),
             body_substitution: false,
             wrong_host: Default::default(),
+            previous: Vec::new(),
+            retired: false,
         })
         .collect();
     let patterns = ScrubPatterns::new(&secrets);
 
     let mut body = input.body.clone();
+    let mut planted: Vec<usize> = Vec::new();
     for (which, at) in input.plant.iter().take(8) {
         let Some(s) = secrets.get(usize::from(*which) % secrets.len().max(1)) else {
             break;
         };
         let v = s.value.expose().as_bytes();
-        let form: Vec<u8> = match which / 64 {
+        let std = &base64::engine::general_purpose::STANDARD;
+        let form: Vec<u8> = match which / 32 {
             0 => v.to_vec(),
-            1 => base64::Engine::encode(&base64::engine::general_purpose::STANDARD, v).into_bytes(),
+            1 => base64::Engine::encode(std, v).into_bytes(),
             2 => base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE, v).into_bytes(),
-            _ => v
+            3 => v
                 .iter()
                 .flat_map(|b| format!("%{b:02X}").into_bytes())
                 .collect(),
+            4 => v.iter().flat_map(|b| format!("{b:02x}").into_bytes()).collect(),
+            5 => s
+                .value
+                .expose()
+                .chars()
+                .flat_map(|c| format!("&#{};", c as u32).into_bytes())
+                .collect(),
+            6 => format!(
+                "Basic {}",
+                base64::Engine::encode(std, [b"u:".as_slice(), v].concat())
+            )
+            .into_bytes(),
+            _ => v[..v.len().min(20)].to_vec(),
         };
+        if which / 32 == 0 || which / 32 >= 7 {
+            planted.push(usize::from(*which) % secrets.len().max(1));
+        }
         let at = usize::from(*at) % (body.len() + 1);
         body.splice(at..at, form);
     }
@@ -87,4 +108,21 @@ fuzz_target!(|input: Input| {
     scrubber.finish(&mut out);
     assert_eq!(scrubber.pending_len(), 0);
     assert!(out == expected, "streamed output differs from scrub_all");
+    // A planted literal (or a piece of 12 bytes or more) leaves no 12-byte window of its value
+    // behind (values whose windows are exempt — JWTs, PEM — or that share 12 bytes with a
+    // placeholder are not checked).
+    for i in planted {
+        let v = secrets[i].value.expose().as_bytes();
+        let exempt = v.starts_with(b"eyJ")
+            || v.windows(5).any(|w| w == b"-----")
+            || secrets
+                .iter()
+                .any(|s| v.windows(12).any(|w| s.placeholder.as_bytes().windows(12).any(|p| p == w)));
+        if v.len() >= 12 && !exempt {
+            assert!(
+                !out.windows(12).any(|w| v.windows(12).any(|x| x == w)),
+                "a planted value survived"
+            );
+        }
+    }
 });

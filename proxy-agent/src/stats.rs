@@ -57,6 +57,11 @@ pub struct Stats {
     pub limit_refused: AtomicU64,
     /// Protocol upgrades (WebSocket) refused on intercepted connections.
     pub upgrade_refused: AtomicU64,
+    /// Responses withheld or cut off because they could not be scrubbed: a transfer coding
+    /// other than chunked, an undecodable content coding, a body still compressed once decoded.
+    pub scrub_withheld: AtomicU64,
+    /// Response streams whose scrubber switched to a newer policy's values while streaming.
+    pub scrub_policy_switched: AtomicU64,
     /// Latency from a request's arrival to its upstream response head.
     pub request_seconds: Histogram,
     /// Duration of the client TLS handshakes veil terminates.
@@ -312,6 +317,16 @@ impl Stats {
                 "upgrade_refused",
                 "Protocol upgrades refused on intercepted connections.",
                 g(&self.upgrade_refused),
+            ),
+            (
+                "scrub_withheld",
+                "Responses withheld or cut off because veil could not scrub them.",
+                g(&self.scrub_withheld),
+            ),
+            (
+                "scrub_policy_switched",
+                "Response streams whose scrubber took up a newer policy's values mid-stream.",
+                g(&self.scrub_policy_switched),
             ),
         ]
     }

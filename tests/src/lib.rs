@@ -24,6 +24,7 @@
 //! ```
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 #![warn(missing_docs)]
+pub mod adversary;
 pub mod agent;
 pub mod alloc;
 pub mod bpfq;

@@ -156,9 +156,12 @@ pub async fn handle(
         Ok(resp) => {
             ctx.stats.request_seconds.observe(started.elapsed());
             let (mut parts, body) = resp.into_parts();
+            if let Some(answer) = scrub::refuse_transfer_coding(&ctx, &mut parts) {
+                return Ok(Response::from_parts(parts, answer));
+            }
             strip_hop_by_hop(&mut parts.headers);
             let body = match &policy {
-                Some(policy) => scrub::response(&ctx, policy, &mut parts, body),
+                Some(policy) => scrub::response(&ctx, policy, &mut parts, body).await,
                 None => body.map_err(BoxError::from).boxed_unsync(),
             };
             let body = InflightBody::new(body, inflight).boxed_unsync();

@@ -1,29 +1,37 @@
-//! Response scrubbing on intercepted connections (issue 6): every mounted value in a response
-//! reaches the sandbox as its placeholder.
+//! Response scrubbing on intercepted connections (issues 6 and 13): every scrubbed value in a
+//! response reaches the sandbox as its placeholder.
 //!
-//! What is scrubbed, with the sandbox's [`ScrubPatterns`] (literal, base64, percent and JSON
-//! forms, see `veil_policy::scrub`):
+//! What is scrubbed, with the patterns of the request's policy snapshot (every form listed in
+//! `veil_policy::scrub`) — and, when the sandbox's policy changed since (a rotation, a mount),
+//! with the union of the snapshot's values and the current policy's ([`ScrubPatterns::union`]),
+//! for the head and, from the first poll after the change, for the rest of the body:
 //! - **head**: every response header's value and name, and an h1 reason phrase. A header whose
 //!   scrubbed name or value is no longer valid is dropped rather than passed on; a reason phrase
 //!   carrying a value is replaced by the canonical one.
-//! - **body**: [`ScrubBody`] scrubs DATA streaming, holding at most the longest pattern's length
-//!   minus one byte back (a value split across chunks is still found), scrubs trailers (h2, or
-//!   chunked h1) like headers, and flushes what it holds at the end. When the scrubbed length may
-//!   differ (a placeholder and a value, or one of their encodings, differ in length),
-//!   `Content-Length` is removed and hyper re-frames the body (h1 chunked, h2 DATA frames).
-//!   Bodies that are empty by protocol (HEAD, 204, 304, length 0) pass unchanged.
+//! - **body**: [`ScrubBody`] scrubs DATA streaming, holding back only what may still begin a
+//!   match (a value split across chunks is still found, bounded by the patterns' `max_len`),
+//!   scrubs trailers (h2, or chunked h1) like headers, and flushes what it holds at the end.
+//!   While it streams, one atomic load per poll tells it whether the agent's secrets changed;
+//!   then it takes up the union patterns and rescans what it holds. When the scrubbed length
+//!   may differ, `Content-Length` is removed and hyper re-frames the body (h1 chunked, h2 DATA
+//!   frames). Bodies that are empty by protocol (HEAD, 204, 304, length 0) pass unchanged.
 //! - **compressed bodies**: `gzip`/`x-gzip`, `deflate` (zlib) and `br` are decoded streaming
 //!   (bounded: one upstream chunk, the decoder's window, and [`body::DECODE_BUF`] decoded bytes
 //!   at a time), scrubbed, and forwarded as identity: `Content-Encoding` and `Content-Length` are
 //!   removed and a strong `ETag` becomes weak (the representation changed). Not re-compressed:
 //!   the hop to the sandbox is on the same host, where size does not matter, while compressing
 //!   costs CPU on the data path and a compressor holds data back until it flushes, which would
-//!   delay streamed responses (server-sent events, long polls). A body that fails to decode is
-//!   cut off with an error (the client sees a truncated response, never undecoded bytes).
+//!   delay streamed responses (server-sent events, long polls). A decoded body that still starts
+//!   with a gzip, zlib or zstd magic (compressed twice under one coding) is answered 502 when its
+//!   first bytes arrive within [`START_CHECK_WAIT`], and cut off with an error otherwise; so is
+//!   a body that fails to decode (the client never sees undecoded bytes).
 //! - **other codings** (`zstd`, `compress`, stacked codings): the response is withheld and the
 //!   sandbox gets a 502 naming the coding. [`request`] makes that rare: it rewrites
 //!   `Accept-Encoding` to the codings veil can decode, and drops `Range`/`If-Range` so a value
 //!   cannot be fetched piecewise, a few bytes per partial response, past the scrubber.
+//! - **transfer codings**: a response whose `Transfer-Encoding` is not exactly `chunked`
+//!   (`gzip, chunked`) is answered 502 ([`refuse_transfer_coding`]): the HTTP client removes
+//!   only the chunked framing and would pass the coded bytes on.
 //!
 //! Scrubbing is skipped, at no cost, when the sandbox has no value to scrub or when it is
 //! switched off in config (`scrub_responses = false`, for measurements only). Upgraded
@@ -33,6 +41,7 @@ mod body;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -42,16 +51,23 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::debug;
-use veil_policy::scrub::{ContentCoding, UnsupportedCoding, accept_encoding};
+use veil_policy::scrub::{ContentCoding, UnsupportedCoding, accept_encoding, transfer_coding_ok};
 use veil_policy::{SandboxPolicy, ScrubPatterns};
 
 use crate::proxy::forward::{BoxError, ConnContext, ProxyBody};
+use crate::stats::Stats;
 
-pub use body::ScrubBody;
+pub use body::{ScrubBody, StillCompressed, Watch};
+
+/// How long a compressed body's first decoded bytes are waited for before the head is sent;
+/// after that, a body found still compressed is cut off instead of answered 502.
+const START_CHECK_WAIT: Duration = Duration::from_secs(2);
 
 /// Scrubs an upstream response's head in place and wraps its body so it is scrubbed as it
-/// streams, with `policy`: the snapshot its request was substituted with.
-pub fn response(
+/// streams, with `policy` (the snapshot its request was substituted with) — and with the
+/// current policy's values too when the sandbox's policy changed since (a rotation or mount
+/// during the request), for the head and for the body as it streams.
+pub async fn response(
     ctx: &ConnContext,
     policy: &Arc<SandboxPolicy>,
     parts: &mut Parts,
@@ -60,17 +76,62 @@ pub fn response(
     if !ctx.scrub || !policy.scrubs() {
         return passthrough(body);
     }
-    let (plan, replaced) = plan_response(policy.scrub_patterns(), parts, body.is_end_stream());
+    // Generation first: a change after it is seen by the body's next poll.
+    let generation = ctx.secrets.generation();
+    let union = match ctx.secrets.policy(ctx.sandbox.as_str()) {
+        Some(now) if !Arc::ptr_eq(&now, policy) => {
+            Some(Box::new(ScrubPatterns::union(policy, &now)))
+        }
+        _ => None,
+    };
+    let patterns = union.as_deref().unwrap_or(policy.scrub_patterns());
+    let (plan, replaced) = plan_response(patterns, parts, body.is_end_stream());
     ctx.stats.scrubbed.fetch_add(replaced, Ordering::Relaxed);
-    match plan {
-        BodyPlan::Pass => passthrough(body),
+    let (coding, keep_length) = match plan {
+        BodyPlan::Pass => return passthrough(body),
         BodyPlan::Scrub {
             coding,
             keep_length,
-        } => ScrubBody::new(body, coding, policy.clone(), ctx.stats.clone(), keep_length)
-            .boxed_unsync(),
-        BodyPlan::Withhold(reason) => withhold(ctx, parts, reason),
+        } => (coding, keep_length),
+        BodyPlan::Withhold(reason) => {
+            Stats::inc(&ctx.stats.scrub_withheld);
+            return withhold(ctx, parts, reason);
+        }
+    };
+    let watch = Watch {
+        store: ctx.secrets.clone(),
+        sandbox: ctx.sandbox.as_str().to_owned(),
+        generation,
+    };
+    let mut body = ScrubBody::new(body, coding, policy.clone(), ctx.stats.clone(), keep_length)
+        .watching(watch, union);
+    if coding != ContentCoding::Identity {
+        // A body compressed twice is answered 502 when its start arrives in time, and cut off
+        // (by the body itself) when it arrives later.
+        if let Ok(Err(e)) = tokio::time::timeout(START_CHECK_WAIT, body.check_start()).await {
+            return withhold(ctx, parts, e.to_string());
+        }
     }
+    body.boxed_unsync()
+}
+
+/// The 502 answer to an upstream response whose `Transfer-Encoding` is not exactly
+/// `chunked`, if it is not: the HTTP client removes only the chunked framing, so any other
+/// transfer coding would reach the sandbox coded, past the scrubber.
+pub fn refuse_transfer_coding(ctx: &ConnContext, parts: &mut Parts) -> Option<ProxyBody> {
+    let ok = transfer_coding_ok(
+        parts
+            .headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
+    if ok {
+        return None;
+    }
+    Stats::inc(&ctx.stats.scrub_withheld);
+    let reason = "its transfer-encoding is not chunked, which veil cannot scrub".to_owned();
+    Some(withhold(ctx, parts, reason))
 }
 
 /// What becomes of a response body, decided from the head.

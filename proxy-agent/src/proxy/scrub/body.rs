@@ -1,4 +1,6 @@
-//! [`ScrubBody`]: a response body scrubbed as it streams, decoded first when compressed.
+//! [`ScrubBody`]: a response body scrubbed as it streams, decoded first when compressed, with
+//! the patterns of its request's policy snapshot — widened to the values of a newer policy as
+//! soon as one appears (a rotation or mount during a long response).
 
 use std::io;
 use std::pin::Pin;
@@ -11,21 +13,38 @@ use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncBufRead, AsyncRead, ReadBuf};
-use veil_policy::SandboxPolicy;
-use veil_policy::scrub::{ContentCoding, ScrubState};
+use veil_policy::scrub::{ContentCoding, ScrubState, Sniff, sniff};
+use veil_policy::{SandboxPolicy, ScrubPatterns};
+use zeroize::Zeroizing;
 
 use crate::proxy::forward::BoxError;
+use crate::secrets::SecretStore;
 use crate::stats::Stats;
 
 /// Decoded bytes produced per poll: with the decoder's window and one upstream chunk, this
 /// bounds what a compressed body (however well it compresses) makes veil hold.
 pub const DECODE_BUF: usize = 16 * 1024;
 
+/// Where a streaming body looks for a newer policy of its sandbox.
+#[derive(Debug)]
+pub struct Watch {
+    /// The agent's live secrets.
+    pub store: SecretStore,
+    /// The sandbox.
+    pub sandbox: String,
+    /// The store's generation the current patterns were chosen at.
+    pub generation: u64,
+}
+
 /// A body whose data (decoded from `coding`) and trailers are scrubbed with the sandbox's
 /// patterns; it emits identity data. Replacements are added to `Stats::scrubbed` as they happen.
 pub struct ScrubBody<B> {
     source: Source<B>,
+    /// The snapshot the request was substituted with.
     policy: Arc<SandboxPolicy>,
+    /// The snapshot's values and the current policy's, once the policy changed.
+    union: Option<Box<ScrubPatterns>>,
+    watch: Option<Watch>,
     state: ScrubState,
     stats: Arc<Stats>,
     /// Replacements already added to `stats`.
@@ -36,6 +55,18 @@ pub struct ScrubBody<B> {
     finished: bool,
     /// Scrubbed trailers, sent after the last data.
     trailers: Option<HeaderMap>,
+    /// The first decoded bytes, before the check that they are not still compressed.
+    sniffing: Sniffing,
+}
+
+/// The check of a decoded body's first bytes.
+enum Sniffing {
+    /// Not decided yet: the decoded bytes so far.
+    Undecided(Zeroizing<Vec<u8>>),
+    /// Not compressed: these bytes are still to be scrubbed and sent.
+    Plain(Zeroizing<Vec<u8>>),
+    /// Decided and sent (or an identity body, which is not checked).
+    Done,
 }
 
 impl<B> std::fmt::Debug for ScrubBody<B> {
@@ -100,7 +131,9 @@ where
             buf: vec![0; DECODE_BUF].into_boxed_slice(),
             draining: false,
         };
-        Self::with_source(source, policy, stats, false)
+        let mut body = Self::with_source(source, policy, stats, false);
+        body.sniffing = Sniffing::Undecided(Zeroizing::new(Vec::new()));
+        body
     }
 
     fn with_source(
@@ -112,13 +145,91 @@ where
         ScrubBody {
             source,
             policy,
+            union: None,
+            watch: None,
             state: ScrubState::default(),
             stats,
             counted: 0,
             same_length,
             finished: false,
             trailers: None,
+            sniffing: Sniffing::Done,
         }
+    }
+
+    /// Follows `watch` for a newer policy, starting from `union` (the patterns chosen when the
+    /// response head arrived, if the policy had changed by then).
+    pub fn watching(mut self, watch: Watch, union: Option<Box<ScrubPatterns>>) -> Self {
+        if union.is_some() {
+            Stats::inc(&self.stats.scrub_policy_switched);
+        }
+        self.watch = Some(watch);
+        self.union = union;
+        self
+    }
+
+    /// Decodes until the first bytes show whether the body is still compressed: `Err` if it
+    /// is (or does not decode), so the caller can answer 502 before sending the head.
+    pub async fn check_start(&mut self) -> Result<(), BoxError> {
+        std::future::poll_fn(|cx| self.poll_sniff(cx)).await
+    }
+
+    fn poll_sniff(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let Source::Decoded {
+            decoder,
+            buf,
+            draining,
+        } = &mut self.source
+        else {
+            return Poll::Ready(Ok(()));
+        };
+        loop {
+            let Sniffing::Undecided(head) = &mut self.sniffing else {
+                return Poll::Ready(Ok(()));
+            };
+            let mut read = ReadBuf::new(buf);
+            if let Err(e) = ready!(Pin::new(decoder.as_mut()).poll_read(cx, &mut read)) {
+                self.finished = true;
+                return Poll::Ready(Err(Box::new(DecodeError(e))));
+            }
+            let ended = read.filled().is_empty();
+            head.extend_from_slice(read.filled());
+            match sniff(head, ended) {
+                Sniff::NeedMore => continue,
+                Sniff::Compressed(format) => {
+                    Stats::inc(&self.stats.scrub_withheld);
+                    self.finished = true;
+                    return Poll::Ready(Err(Box::new(StillCompressed(format))));
+                }
+                Sniff::Plain => {
+                    *draining |= ended;
+                    let head = std::mem::take(head);
+                    self.sniffing = Sniffing::Plain(head);
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+
+    /// Switches to the union of the snapshot's values and the current policy's when the store
+    /// changed: one atomic load per call otherwise.
+    fn follow_policy(&mut self) {
+        let Some(watch) = &mut self.watch else {
+            return;
+        };
+        let generation = watch.store.generation();
+        if generation == watch.generation {
+            return;
+        }
+        watch.generation = generation;
+        self.union = match watch.store.policy(&watch.sandbox) {
+            Some(now) if !Arc::ptr_eq(&now, &self.policy) => {
+                Stats::inc(&self.stats.scrub_policy_switched);
+                Some(Box::new(ScrubPatterns::union(&self.policy, &now)))
+            }
+            // Unchanged, or every secret gone: the snapshot's values are still scrubbed.
+            _ => None,
+        };
     }
 
     fn count(&mut self) {
@@ -157,59 +268,78 @@ where
             if this.finished {
                 return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
-            let patterns = this.policy.scrub_patterns();
-            let step = match &mut this.source {
-                Source::Plain(body) => match ready!(Pin::new(body).poll_frame(cx)) {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => {
-                            let mut out = Vec::with_capacity(data.len() + patterns.max_len());
-                            this.state.push(patterns, &data, &mut out);
-                            Step::Data(out)
-                        }
-                        Err(frame) => match frame.into_trailers() {
-                            Ok(trailers) => Step::End(Some(trailers)),
-                            // A frame kind this body does not know: not forwarded.
-                            Err(_) => continue,
-                        },
-                    },
-                    Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                    None => Step::End(None),
-                },
-                Source::Decoded {
-                    decoder,
-                    buf,
-                    draining,
-                } => {
-                    if *draining {
-                        // Bytes after the end of the compressed stream are not forwarded; the
-                        // trailers after them are.
-                        let frames = decoder.frames();
-                        loop {
-                            let n = match ready!(Pin::new(&mut *frames).poll_fill_buf(cx)) {
-                                Ok(rest) => rest.len(),
-                                Err(e) => return Poll::Ready(Some(Err(Box::new(DecodeError(e))))),
-                            };
-                            if n == 0 {
-                                break;
-                            }
-                            Pin::new(&mut *frames).consume(n);
-                        }
-                        Step::End(frames.trailers.take())
-                    } else {
-                        let mut read = ReadBuf::new(buf);
-                        match ready!(Pin::new(decoder.as_mut()).poll_read(cx, &mut read)) {
-                            Ok(()) if read.filled().is_empty() => {
-                                *draining = true;
-                                continue;
-                            }
-                            Ok(()) => {
-                                let decoded = read.filled();
-                                let mut out =
-                                    Vec::with_capacity(decoded.len() + patterns.max_len());
-                                this.state.push(patterns, decoded, &mut out);
+            this.follow_policy();
+            if let Err(e) = ready!(this.poll_sniff(cx)) {
+                return Poll::Ready(Some(Err(e)));
+            }
+            let patterns: &ScrubPatterns = match &this.union {
+                Some(union) => union,
+                None => this.policy.scrub_patterns(),
+            };
+            let step = if let Sniffing::Plain(head) = &mut this.sniffing {
+                let head = std::mem::take(head);
+                this.sniffing = Sniffing::Done;
+                let mut out = Vec::with_capacity(head.len() + patterns.max_len());
+                this.state.push(patterns, &head, &mut out);
+                Step::Data(out)
+            } else {
+                match &mut this.source {
+                    Source::Plain(body) => match ready!(Pin::new(body).poll_frame(cx)) {
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(data) => {
+                                let mut out = Vec::with_capacity(data.len() + patterns.max_len());
+                                this.state.push(patterns, &data, &mut out);
                                 Step::Data(out)
                             }
-                            Err(e) => return Poll::Ready(Some(Err(Box::new(DecodeError(e))))),
+                            Err(frame) => match frame.into_trailers() {
+                                Ok(trailers) => Step::End(Some(trailers)),
+                                // A frame kind this body does not know: not forwarded.
+                                Err(_) => continue,
+                            },
+                        },
+                        Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                        None => Step::End(None),
+                    },
+                    Source::Decoded {
+                        decoder,
+                        buf,
+                        draining,
+                    } => {
+                        if *draining {
+                            // Bytes after the end of the compressed stream are not forwarded;
+                            // the trailers after them are.
+                            let frames = decoder.frames();
+                            loop {
+                                let n = match ready!(Pin::new(&mut *frames).poll_fill_buf(cx)) {
+                                    Ok(rest) => rest.len(),
+                                    Err(e) => {
+                                        return Poll::Ready(Some(Err(Box::new(DecodeError(e)))));
+                                    }
+                                };
+                                if n == 0 {
+                                    break;
+                                }
+                                Pin::new(&mut *frames).consume(n);
+                            }
+                            Step::End(frames.trailers.take())
+                        } else {
+                            let mut read = ReadBuf::new(buf);
+                            match ready!(Pin::new(decoder.as_mut()).poll_read(cx, &mut read)) {
+                                Ok(()) if read.filled().is_empty() => {
+                                    *draining = true;
+                                    continue;
+                                }
+                                Ok(()) => {
+                                    let decoded = read.filled();
+                                    let mut out =
+                                        Vec::with_capacity(decoded.len() + patterns.max_len());
+                                    this.state.push(patterns, decoded, &mut out);
+                                    Step::Data(out)
+                                }
+                                Err(e) => {
+                                    return Poll::Ready(Some(Err(Box::new(DecodeError(e)))));
+                                }
+                            }
                         }
                     }
                 }
@@ -258,6 +388,12 @@ where
 #[derive(Debug, thiserror::Error)]
 #[error("the upstream's compressed body does not decode: {0}")]
 struct DecodeError(io::Error);
+
+/// A body that still starts with a compression format's magic once its content coding was
+/// decoded (compressed twice): its values would pass the scrubber.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream's body is still {0}-compressed after decoding its content-encoding")]
+pub struct StillCompressed(pub &'static str);
 
 impl<B> Decoder<B> {
     fn frames(&mut self) -> &mut FrameReader<B> {
@@ -344,239 +480,4 @@ where
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::VecDeque;
-    use std::convert::Infallible;
-
-    use async_compression::tokio::write::{BrotliEncoder, GzipEncoder, ZlibEncoder};
-    use http_body_util::BodyExt;
-    use proptest::prelude::*;
-    use tokio::io::AsyncWriteExt;
-    use veil_link::SecretValue;
-    use veil_policy::MountedSecret;
-
-    use super::*;
-
-    const VALUE: &str = "sk-real/0123456789+abc";
-    const PLACEHOLDER: &str = "veil_ph_0123456789abcdef";
-
-    /// A body that yields the given frames, each ready at once.
-    struct Frames(VecDeque<Frame<Bytes>>);
-
-    impl Body for Frames {
-        type Data = Bytes;
-        type Error = Infallible;
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            Poll::Ready(self.get_mut().0.pop_front().map(Ok))
-        }
-    }
-
-    fn policy(values: &[&str]) -> Arc<SandboxPolicy> {
-        let secrets = values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| MountedSecret {
-                previous: Vec::new(),
-                retired: false,
-                id: format!("sec_{i}"),
-                name: format!("K{i}"),
-                placeholder: format!("{PLACEHOLDER}{i}"),
-                hosts: vec![],
-                value: SecretValue::new((*v).into()),
-                body_substitution: false,
-                wrong_host: Default::default(),
-            })
-            .collect();
-        Arc::new(SandboxPolicy::new(secrets).unwrap())
-    }
-
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-    }
-
-    async fn encode(coding: ContentCoding, data: &[u8]) -> Vec<u8> {
-        match coding {
-            ContentCoding::Identity => data.to_vec(),
-            ContentCoding::Gzip => {
-                let mut e = GzipEncoder::new(Vec::new());
-                e.write_all(data).await.unwrap();
-                e.shutdown().await.unwrap();
-                e.into_inner()
-            }
-            ContentCoding::Deflate => {
-                let mut e = ZlibEncoder::new(Vec::new());
-                e.write_all(data).await.unwrap();
-                e.shutdown().await.unwrap();
-                e.into_inner()
-            }
-            ContentCoding::Brotli => {
-                let mut e = BrotliEncoder::new(Vec::new());
-                e.write_all(data).await.unwrap();
-                e.shutdown().await.unwrap();
-                e.into_inner()
-            }
-        }
-    }
-
-    /// Splits `data` at the given cut points.
-    fn split(data: &[u8], cuts: &[usize]) -> Vec<Bytes> {
-        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
-        cuts.sort_unstable();
-        let mut out = Vec::new();
-        let mut prev = 0;
-        for c in cuts {
-            out.push(Bytes::copy_from_slice(&data[prev..c]));
-            prev = c;
-        }
-        out.push(Bytes::copy_from_slice(&data[prev..]));
-        out
-    }
-
-    /// Runs `wire` (cut into `chunks`, then `trailers`) through a [`ScrubBody`]; returns the
-    /// data, the trailers, and what `Stats::scrubbed` counted.
-    async fn run(
-        policy: &Arc<SandboxPolicy>,
-        coding: ContentCoding,
-        chunks: Vec<Bytes>,
-        trailers: Option<HeaderMap>,
-    ) -> Result<(Vec<u8>, Option<HeaderMap>, u64), BoxError> {
-        let mut frames: VecDeque<Frame<Bytes>> = chunks.into_iter().map(Frame::data).collect();
-        if let Some(t) = trailers {
-            frames.push_back(Frame::trailers(t));
-        }
-        let stats = Arc::new(Stats::default());
-        let body = ScrubBody::new(Frames(frames), coding, policy.clone(), stats.clone(), false);
-        let collected = body.collect().await?;
-        let trailers = collected.trailers().cloned();
-        let data = collected.to_bytes().to_vec();
-        Ok((data, trailers, stats.scrubbed.load(Ordering::Relaxed)))
-    }
-
-    fn contains(hay: &[u8], needle: &[u8]) -> bool {
-        hay.windows(needle.len()).any(|w| w == needle)
-    }
-
-    #[test]
-    fn every_coding_is_decoded_and_scrubbed_with_trailers() {
-        let p = policy(&[VALUE]);
-        let doc = format!("{{\"echo\":\"{VALUE}\"}} and again {VALUE}\n").repeat(50);
-        let want = p.scrub_patterns().scrub_all(doc.as_bytes()).unwrap();
-        rt().block_on(async {
-            for coding in [
-                ContentCoding::Identity,
-                ContentCoding::Gzip,
-                ContentCoding::Deflate,
-                ContentCoding::Brotli,
-            ] {
-                let wire = encode(coding, doc.as_bytes()).await;
-                let mut t = HeaderMap::new();
-                t.insert("x-trailer", VALUE.parse().unwrap());
-                t.insert("grpc-status", "0".parse().unwrap());
-                let (data, trailers, n) = run(&p, coding, split(&wire, &[3, 17, 400]), Some(t))
-                    .await
-                    .unwrap();
-                assert!(
-                    data == want,
-                    "{coding:?}: output differs from whole-buffer scrub"
-                );
-                let t = trailers.expect("trailers kept");
-                assert_eq!(t["x-trailer"], format!("{PLACEHOLDER}0").as_str());
-                assert_eq!(t["grpc-status"], "0");
-                assert_eq!(n, 101, "{coding:?}");
-            }
-        });
-    }
-
-    #[test]
-    fn gzip_members_concatenated() {
-        let p = policy(&[VALUE]);
-        rt().block_on(async {
-            let mut wire = encode(ContentCoding::Gzip, b"first sk-real/0123").await;
-            wire.extend(encode(ContentCoding::Gzip, b"456789+abc second").await);
-            let (data, _, n) = run(&p, ContentCoding::Gzip, vec![Bytes::from(wire)], None)
-                .await
-                .unwrap();
-            assert_eq!(data, format!("first {PLACEHOLDER}0 second").as_bytes());
-            assert_eq!(n, 1);
-        });
-    }
-
-    #[test]
-    fn corrupt_compressed_body_is_an_error_without_content() {
-        let p = policy(&[VALUE]);
-        rt().block_on(async {
-            for coding in [
-                ContentCoding::Gzip,
-                ContentCoding::Deflate,
-                ContentCoding::Brotli,
-            ] {
-                let garbage = format!("not compressed at all: {VALUE}").repeat(20);
-                let result = run(&p, coding, vec![Bytes::from(garbage)], None).await;
-                let err = result.err().map(|e| e.to_string()).unwrap_or_default();
-                assert!(err.contains("does not decode"), "{coding:?}: {err}");
-                assert!(!err.contains("sk-real"));
-            }
-        });
-    }
-
-    #[test]
-    fn decoding_a_bomb_stays_bounded_per_frame() {
-        // 16 MiB of zeros compress to ~16 KiB; each frame out is at most DECODE_BUF plus what
-        // the scrubber held back.
-        let p = policy(&[VALUE]);
-        rt().block_on(async {
-            let zeros = vec![0u8; 16 << 20];
-            let wire = encode(ContentCoding::Gzip, &zeros).await;
-            drop(zeros);
-            let frames: VecDeque<Frame<Bytes>> = VecDeque::from([Frame::data(Bytes::from(wire))]);
-            let stats = Arc::new(Stats::default());
-            let mut body =
-                ScrubBody::new(Frames(frames), ContentCoding::Gzip, p.clone(), stats, false);
-            let mut total = 0usize;
-            while let Some(frame) = body.frame().await {
-                let data = frame.unwrap().into_data().unwrap();
-                assert!(data.len() <= DECODE_BUF + p.scrub_patterns().max_len());
-                total += data.len();
-            }
-            assert_eq!(total, 16 << 20);
-        });
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(200))]
-
-        /// Whatever the chunking, and whatever the coding, the body equals the whole-buffer
-        /// scrub of the decoded text.
-        #[test]
-        fn body_equals_whole_buffer_scrub(
-            parts in prop::collection::vec(prop_oneof![
-                "[a-z /+]{0,12}",
-                Just(VALUE.to_owned()),
-                Just("c2stcmVhbC8wMTIzNDU2Nzg5K2FiYw".to_owned()),
-                Just("sk-real%2F0123456789%2Babc".to_owned()),
-            ], 0..10),
-            cuts in prop::collection::vec(any::<usize>(), 0..12),
-            coding in prop_oneof![
-                Just(ContentCoding::Identity),
-                Just(ContentCoding::Gzip),
-                Just(ContentCoding::Deflate),
-                Just(ContentCoding::Brotli),
-            ],
-        ) {
-            let p = policy(&[VALUE, "another-value-xyz"]);
-            let doc = parts.concat().into_bytes();
-            let want = p.scrub_patterns().scrub_all(&doc).unwrap_or_else(|| doc.clone());
-            let (data, _, _) = rt().block_on(async {
-                let wire = encode(coding, &doc).await;
-                run(&p, coding, split(&wire, &cuts), None).await
-            }).unwrap();
-            prop_assert!(data == want);
-            prop_assert!(!contains(&data, VALUE.as_bytes()));
-        }
-    }
-}
+mod tests;
