@@ -1,22 +1,25 @@
 //! Request-side substitution: placeholders become values, only where the policy allows.
 //!
 //! Per request: [`SandboxPolicy::begin_request`] checks that every authority of the request
-//! (Host headers, `:authority`) names the connection's SNI, then
+//! (Host headers, `:authority`) names the connection's SNI and port, then
 //! [`RequestSubstitution::target`] and [`RequestSubstitution::header`] rewrite the request
 //! target and each header value, and [`RequestSubstitution::finish`] reports per-secret counts.
 //! [`SandboxPolicy::substitute`] does all of it for a [`RequestView`].
 //!
-//! Where placeholders are replaced: header values, the request target (placeholders are
-//! URL-safe, so they appear literally), and inside `Authorization: Basic` credentials (decoded,
-//! substituted, re-encoded). A placeholder of a secret that does not allow the SNI stays as it is
-//! and is reported as `wrong_host`; when an authority differs from the SNI nothing is replaced
-//! and every placeholder is reported as `host_mismatch`.
+//! Where placeholders are replaced: header values (raw), the request target (encoded for where
+//! the placeholder sits, see the `encode` module: the path percent-encodes every byte outside
+//! `pchar`, the query every byte outside `unreserved`), and inside `Authorization: Basic`
+//! credentials (decoded, substituted, re-encoded). A placeholder of a secret that does not
+//! allow the SNI stays as it is and is reported as `wrong_host`; when an authority differs from
+//! the SNI nothing is replaced and every placeholder is reported as `host_mismatch`.
 //!
-//! A value is never written where it would break framing: one with a control character (CR, LF,
-//! NUL, or any other except TAB) for a header, or one with a control character, space or
-//! non-ASCII byte for the target, fails the whole request with [`SubstituteError`] (the caller
-//! answers 4xx). Nothing allocates unless a placeholder is found (except to decode a Basic
-//! credential).
+//! The sandbox chooses the bytes around a placeholder, so a substitution that would let the
+//! upstream see the value split, partly decoded or transformed fails the whole request with a
+//! [`SubstituteError`] naming the secret (the caller answers 400): a placeholder in the target
+//! right after `%` or `%X` (the value's first characters would complete the escape), a value
+//! with `:` as the user-id of Basic credentials, and a value with a control character (CR, LF,
+//! NUL, or any other except TAB) for a header, which would break its framing. Nothing
+//! allocates unless a placeholder is found (except to decode a Basic credential).
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use base64::Engine;
@@ -24,6 +27,7 @@ use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
 
 use crate::decide::SandboxPolicy;
+use crate::encode::{Encoding, open_percent_escape};
 use crate::host::ServerName;
 use crate::secret::{MountedSecret, Redacted, RedactedString};
 
@@ -39,10 +43,11 @@ pub(crate) struct Substituter {
     pub(crate) ac: Option<AhoCorasick>,
     /// The value may be written into a header value.
     header_safe: Vec<bool>,
-    /// The value may be written into a request target.
-    target_safe: Vec<bool>,
-    /// Shortest placeholder, and the most a replacement can grow the text, for sizing output
-    /// buffers once: a reallocation would leave a copy of a value behind in freed memory.
+    /// The value contains `:` (it cannot be a Basic user-id).
+    has_colon: Vec<bool>,
+    /// Shortest placeholder, and the most a replacement can grow the text (encoded for a
+    /// query, the widest encoding of the head), for sizing output buffers once: a
+    /// reallocation would leave a copy of a value behind in freed memory.
     min_placeholder_len: usize,
     max_growth: usize,
 }
@@ -60,16 +65,16 @@ impl Substituter {
                 .build(secrets.iter().map(|s| s.placeholder.as_bytes()))
                 .ok()
         };
+        fn value(s: &MountedSecret) -> &[u8] {
+            s.value.expose().as_bytes()
+        }
         Self {
             ac,
             header_safe: secrets
                 .iter()
-                .map(|s| s.value.expose().bytes().all(header_safe_byte))
+                .map(|s| value(s).iter().copied().all(header_safe_byte))
                 .collect(),
-            target_safe: secrets
-                .iter()
-                .map(|s| s.value.expose().bytes().all(target_safe_byte))
-                .collect(),
+            has_colon: secrets.iter().map(|s| value(s).contains(&b':')).collect(),
             min_placeholder_len: secrets
                 .iter()
                 .map(|s| s.placeholder.len())
@@ -78,7 +83,11 @@ impl Substituter {
                 .max(1),
             max_growth: secrets
                 .iter()
-                .map(|s| s.value.expose().len().saturating_sub(s.placeholder.len()))
+                .map(|s| {
+                    Encoding::Query
+                        .len(value(s))
+                        .saturating_sub(s.placeholder.len())
+                })
                 .max()
                 .unwrap_or(0),
         }
@@ -96,11 +105,6 @@ impl Substituter {
 /// Bytes `http::HeaderValue` accepts: visible ASCII, space, TAB and obs-text.
 fn header_safe_byte(b: u8) -> bool {
     b == b'\t' || (b >= 0x20 && b != 0x7f)
-}
-
-/// Bytes that keep a request target one token: visible ASCII only.
-fn target_safe_byte(b: u8) -> bool {
-    b > 0x20 && b < 0x7f
 }
 
 /// A request, abstracted from HTTP/1.1 and h2.
@@ -164,11 +168,40 @@ pub enum SubstituteError {
         /// The header it would have landed in.
         header: String,
     },
-    /// The value contains a byte that would break the request target.
+    /// The placeholder follows an incomplete escape the value's first characters would
+    /// complete: the upstream would decode part of the value together with the bytes before it.
     #[error(
-        "secret {name} ({id}) contains a space, control or non-ASCII character and cannot be sent in the request target"
+        "secret {name} ({id}): its placeholder follows an incomplete escape ({escape}) in the {place}; \
+         the upstream would decode part of the value with it"
     )]
-    UnsafeInTarget {
+    OpenEscape {
+        /// Secret id.
+        id: String,
+        /// Secret name.
+        name: String,
+        /// Where: `request target`, `form body` or `JSON body`.
+        place: &'static str,
+        /// The kind of escape: `%`, `%X`, `\` or `\u`.
+        escape: &'static str,
+    },
+    /// The placeholder is outside every string of a JSON body: the value would not arrive as
+    /// a string.
+    #[error(
+        "secret {name} ({id}): its placeholder is outside a JSON string in the body; \
+         it is only substituted inside a string"
+    )]
+    OutsideJsonString {
+        /// Secret id.
+        id: String,
+        /// Secret name.
+        name: String,
+    },
+    /// The value contains `:` and its placeholder is the user-id of Basic credentials: the
+    /// upstream would split the value between user-id and password.
+    #[error(
+        "secret {name} ({id}) contains ':' and cannot be sent as the user-id of Basic credentials"
+    )]
+    ColonInBasicUser {
         /// Secret id.
         id: String,
         /// Secret name.
@@ -176,13 +209,35 @@ pub enum SubstituteError {
     },
 }
 
-/// Where a value lands, for its safety check.
+impl SubstituteError {
+    /// [`SubstituteError::OpenEscape`] for `secret`.
+    pub(crate) fn open_escape(
+        secret: &MountedSecret,
+        place: &'static str,
+        escape: &'static str,
+    ) -> Self {
+        Self::OpenEscape {
+            id: secret.id.clone(),
+            name: secret.name.clone(),
+            place,
+            escape,
+        }
+    }
+}
+
+/// Where a value lands, for its encoding and safety check.
 #[derive(Clone, Copy)]
 enum Place<'n> {
     Header(&'n [u8]),
-    Target,
-    /// Inside a base64 encoding: any byte is safe.
-    Encoded,
+    /// The request target; the query starts after this index (the first `?`).
+    Target {
+        query: Option<usize>,
+    },
+    /// Inside decoded Basic credentials (any byte is safe inside base64); the user-id ends at
+    /// this index (the first `:`).
+    Basic {
+        user_end: usize,
+    },
 }
 
 /// Substitution state for one request; see the module docs.
@@ -195,12 +250,14 @@ pub struct RequestSubstitution<'p> {
 }
 
 impl SandboxPolicy {
-    /// Starts substitution for a request on a connection intercepted for `sni`. `authorities`
-    /// are the request's `:authority` and every Host header; all must name the SNI, and a
-    /// request with none gets nothing substituted.
+    /// Starts substitution for a request on a connection intercepted for `sni` whose original
+    /// destination port is `port`. `authorities` are the request's `:authority` and every Host
+    /// header; all must name the SNI (see [`ServerName::matches_authority`]), and a request
+    /// with none gets nothing substituted.
     pub fn begin_request<'p, 'a, I>(
         &'p self,
         sni: &'p ServerName,
+        port: u16,
         authorities: I,
     ) -> RequestSubstitution<'p>
     where
@@ -210,7 +267,7 @@ impl SandboxPolicy {
         let mut all = true;
         for a in authorities {
             any = true;
-            all &= sni.matches_authority(a);
+            all &= sni.matches_authority(a, port);
         }
         RequestSubstitution {
             policy: self,
@@ -220,10 +277,12 @@ impl SandboxPolicy {
         }
     }
 
-    /// Substitutes placeholders in a whole request view.
+    /// Substitutes placeholders in a whole request view, on a connection intercepted for `sni`
+    /// to port `port`.
     pub fn substitute(
         &self,
         sni: &ServerName,
+        port: u16,
         req: &RequestView<'_>,
     ) -> Result<Substitution, SubstituteError> {
         let hosts = req
@@ -231,7 +290,7 @@ impl SandboxPolicy {
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case(b"host"))
             .map(|(_, v)| *v);
-        let mut ctx = self.begin_request(sni, req.authority.into_iter().chain(hosts));
+        let mut ctx = self.begin_request(sni, port, req.authority.into_iter().chain(hosts));
         let target = ctx.target(req.target)?;
         let mut headers = Vec::new();
         for (i, (name, value)) in req.headers.iter().enumerate() {
@@ -257,10 +316,11 @@ impl RequestSubstitution<'_> {
 
     /// Substitutes in the request target; `None` if unchanged.
     pub fn target(&mut self, target: &str) -> Result<Option<RedactedString>, SubstituteError> {
+        let query = target.find('?');
         Ok(self
-            .replace(target.as_bytes(), Place::Target)?
+            .replace(target.as_bytes(), Place::Target { query })?
             .map(|bytes| {
-                // Only whole ASCII placeholders were replaced by whole UTF-8 values.
+                // Percent-encoded values are ASCII and the rest is the original text.
                 RedactedString::new(String::from_utf8_lossy(bytes.as_bytes()).into_owned())
             }))
     }
@@ -298,7 +358,9 @@ impl RequestSubstitution<'_> {
             return Ok(None);
         };
         let decoded = Redacted::new(decoded);
-        let Some(new) = self.replace(decoded.as_bytes(), Place::Encoded)? else {
+        let bytes = decoded.as_bytes();
+        let user_end = bytes.iter().position(|&b| b == b':').unwrap_or(bytes.len());
+        let Some(new) = self.replace(bytes, Place::Basic { user_end })? else {
             return Ok(None);
         };
         let mut out = Vec::with_capacity(scheme.len() + 1 + new.as_bytes().len() * 4 / 3 + 4);
@@ -330,16 +392,16 @@ impl RequestSubstitution<'_> {
                 self.hit(i).wrong_host += 1;
                 continue;
             }
-            self.check(i, place)?;
             let Some(secret) = self.policy.secrets().get(i) else {
                 continue;
             };
+            let encoding = self.check(i, secret, place, &input[..m.start()])?;
             self.hit(i).substituted += 1;
             let buf = out.get_or_insert_with(|| {
                 Vec::with_capacity(self.policy.substituter.capacity_for(input))
             });
             buf.extend_from_slice(&input[copied..m.start()]);
-            buf.extend_from_slice(secret.value.expose().as_bytes());
+            encoding.write(secret.value.expose().as_bytes(), buf);
             copied = m.end();
         }
         Ok(out.map(|mut buf| {
@@ -349,21 +411,36 @@ impl RequestSubstitution<'_> {
         }))
     }
 
-    fn check(&self, i: usize, place: Place<'_>) -> Result<(), SubstituteError> {
+    /// How secret `i`'s value is written at a match preceded by `before`, or why it cannot be.
+    fn check(
+        &self,
+        i: usize,
+        secret: &MountedSecret,
+        place: Place<'_>,
+        before: &[u8],
+    ) -> Result<Encoding, SubstituteError> {
         let sub = &self.policy.substituter;
-        let secret = &self.policy.secrets()[i];
         match place {
-            Place::Encoded => Ok(()),
             Place::Header(name) if !sub.header_safe[i] => Err(SubstituteError::UnsafeInHeader {
                 id: secret.id.clone(),
                 name: secret.name.clone(),
                 header: String::from_utf8_lossy(name).into_owned(),
             }),
-            Place::Target if !sub.target_safe[i] => Err(SubstituteError::UnsafeInTarget {
-                id: secret.id.clone(),
-                name: secret.name.clone(),
-            }),
-            _ => Ok(()),
+            Place::Header(_) => Ok(Encoding::Raw),
+            Place::Basic { user_end } if before.len() < user_end && sub.has_colon[i] => {
+                Err(SubstituteError::ColonInBasicUser {
+                    id: secret.id.clone(),
+                    name: secret.name.clone(),
+                })
+            }
+            Place::Basic { .. } => Ok(Encoding::Raw),
+            Place::Target { .. } if open_percent_escape(before) => Err(
+                SubstituteError::open_escape(secret, "request target", "`%` or `%X`"),
+            ),
+            Place::Target { query } if query.is_some_and(|q| before.len() > q) => {
+                Ok(Encoding::Query)
+            }
+            Place::Target { .. } => Ok(Encoding::Path),
         }
     }
 
@@ -448,7 +525,7 @@ mod tests {
             authority: None,
             headers: &h,
         };
-        let s = p.substitute(&sni("api.allowed.test"), &view).unwrap();
+        let s = p.substitute(&sni("api.allowed.test"), 443, &view).unwrap();
         let (target, hs) = apply(&view, &s);
         assert_eq!(target, format!("/v1?key={V_A}&x=1"));
         assert_eq!(hs[1].1, format!("Bearer {V_A}").into_bytes());
@@ -482,7 +559,7 @@ mod tests {
     fn basic_variants() {
         let p = policy();
         let n = sni("api.allowed.test");
-        let mut ctx = p.begin_request(&n, [&b"api.allowed.test"[..]]);
+        let mut ctx = p.begin_request(&n, 443, [&b"api.allowed.test"[..]]);
         let unpadded = format!(
             "basic  {}",
             STANDARD.encode("ph_a_placeholder:x").trim_end_matches('=')
@@ -509,7 +586,7 @@ mod tests {
         );
         // A value with CR/LF is fine inside base64.
         let crlf = SandboxPolicy::new(vec![secret("c", "a\r\nb", &[])]).unwrap();
-        let mut ctx = crlf.begin_request(&n, [&b"api.allowed.test"[..]]);
+        let mut ctx = crlf.begin_request(&n, 443, [&b"api.allowed.test"[..]]);
         let v = format!("Basic {}", STANDARD.encode("u:ph_c_placeholder"));
         let out = ctx.header(b"Authorization", v.as_bytes()).unwrap().unwrap();
         assert_eq!(
@@ -532,7 +609,7 @@ mod tests {
             authority: None,
             headers: &h,
         };
-        let s = p.substitute(&sni("api.allowed.test"), &view).unwrap();
+        let s = p.substitute(&sni("api.allowed.test"), 443, &view).unwrap();
         let (target, hs) = apply(&view, &s);
         assert_eq!(target, "/ph_b_placeholder");
         assert_eq!(hs[2].1, b"ph_b_placeholder ph_b_placeholder");
@@ -568,13 +645,13 @@ mod tests {
                 authority: auth,
                 headers: h,
             };
-            p.substitute(&n, &view).unwrap()
+            p.substitute(&n, 8443, &view).unwrap()
         };
         for ok in [
             req(None, &[(b"Host", b"API.allowed.TEST.:8443")]),
             req(Some(b"api.allowed.test"), &[]),
             req(
-                Some(b"api.allowed.test:443"),
+                Some(b"api.allowed.test:8443"),
                 &[(b"host", b"api.allowed.test")],
             ),
         ] {
@@ -591,6 +668,19 @@ mod tests {
                 &[(b"host", b"api.allowed.test"), (b"host", b"evil.test")],
             ),
             req(None, &[(b"host", b"127.0.0.1")]),
+            // Another port than the connection's.
+            req(None, &[(b"host", b"api.allowed.test:443")]),
+            req(Some(b"api.allowed.test:8444"), &[]),
+            // Full-width letters IDNA would map to the SNI.
+            req(
+                None,
+                &[(
+                    b"host",
+                    b"\xef\xbd\x81\xef\xbd\x90\xef\xbd\x89.allowed.test",
+                )],
+            ),
+            req(None, &[(b"host", b"user@api.allowed.test")]),
+            req(None, &[(b"host", b"api.allowed.test..")]),
         ] {
             assert!(bad.host_mismatch);
             assert!(!bad.changed());
@@ -608,33 +698,30 @@ mod tests {
 
     #[test]
     fn unsafe_values_are_refused_by_name() {
-        for (value, in_header, in_target) in [
-            ("a\r\nX-Injected: 1", false, false),
-            ("a\nb", false, false),
-            ("a\0b", false, false),
-            ("a\x7fb", false, false),
-            ("a\tb", true, false),
-            ("a b", true, false),
-            ("ä-value", true, false),
-            ("a/b?c=d", true, true),
+        for (value, in_header) in [
+            ("a\r\nX-Injected: 1", false),
+            ("a\nb", false),
+            ("a\0b", false),
+            ("a\x7fb", false),
+            ("a\tb", true),
+            ("a b", true),
+            ("\u{e4}-value", true),
+            ("a/b?c=d", true),
         ] {
             let p = SandboxPolicy::new(vec![secret("x", value, &[])]).unwrap();
             let n = sni("api.test");
-            let mut ctx = p.begin_request(&n, [&b"api.test"[..]]);
+            let mut ctx = p.begin_request(&n, 443, [&b"api.test"[..]]);
             let h = ctx.header(b"X-Key", b"ph_x_placeholder");
-            let t = ctx.target("/ph_x_placeholder");
             assert_eq!(h.is_ok(), in_header, "{value:?}");
-            assert_eq!(t.is_ok(), in_target, "{value:?}");
-            for e in [
-                h.err().map(|e| e.to_string()),
-                t.err().map(|e| e.to_string()),
-            ]
-            .into_iter()
-            .flatten()
-            {
+            if let Err(e) = h {
+                let e = e.to_string();
                 assert!(e.contains("NAME_x") && e.contains("(x)"), "{e}");
                 assert!(!e.contains(value), "{e}");
             }
+            // Any value fits a target, encoded.
+            let t = ctx.target("/ph_x_placeholder?ph_x_placeholder").unwrap();
+            let t = t.unwrap();
+            assert!(!t.as_str().contains(value), "{value:?}");
         }
         // The error names the header.
         let p = SandboxPolicy::new(vec![secret("x", "a\r\nb", &[])]).unwrap();
@@ -643,6 +730,7 @@ mod tests {
         let e = p
             .substitute(
                 &n,
+                443,
                 &RequestView {
                     target: "/",
                     authority: None,
@@ -663,6 +751,7 @@ mod tests {
         let s = p
             .substitute(
                 &n,
+                443,
                 &RequestView {
                     target: "/",
                     authority: None,
@@ -685,6 +774,7 @@ mod tests {
         let s = p
             .substitute(
                 &n,
+                443,
                 &RequestView {
                     target: "/v1/chat",
                     authority: None,
@@ -699,6 +789,7 @@ mod tests {
         let s = empty
             .substitute(
                 &n,
+                443,
                 &RequestView {
                     target: "/ph_a_placeholder",
                     authority: None,
@@ -707,6 +798,111 @@ mod tests {
             )
             .unwrap();
         assert_eq!(s, Substitution::default());
+    }
+
+    #[test]
+    fn target_values_are_encoded_for_path_and_query() {
+        let p = SandboxPolicy::new(vec![
+            secret("x", "a+b/c?d#e%f&g=h;i:j@k l\u{e9}", &[]),
+            secret("t", "123456:ABC-DEF_gh", &[]),
+        ])
+        .unwrap();
+        let n = sni("api.test");
+        let mut ctx = p.begin_request(&n, 443, [&b"api.test"[..]]);
+        let t = ctx
+            .target(
+                "/v1/ph_x_placeholder/x?q=ph_x_placeholder&r=%41ph_x_placeholder#ph_x_placeholder",
+            )
+            .unwrap()
+            .unwrap();
+        let path = "a+b%2Fc%3Fd%23e%25f&g=h;i:j@k%20l%C3%A9";
+        let query = "a%2Bb%2Fc%3Fd%23e%25f%26g%3Dh%3Bi%3Aj%40k%20l%C3%A9";
+        assert_eq!(
+            t.as_str(),
+            format!("/v1/{path}/x?q={query}&r=%41{query}#{query}")
+        );
+        // A bot token keeps its colon in the path.
+        let t = ctx.target("/botph_t_placeholder/getMe").unwrap().unwrap();
+        assert_eq!(t.as_str(), "/bot123456:ABC-DEF_gh/getMe");
+        // `?` inside the path part of a value does not start the query.
+        let t = ctx
+            .target("/ph_x_placeholder/ph_x_placeholder")
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.as_str(), format!("/{path}/{path}"));
+        assert_eq!(ctx.finish()[0].substituted, 6);
+    }
+
+    #[test]
+    fn placeholders_after_an_open_percent_escape_are_refused() {
+        let p = policy();
+        let n = sni("api.allowed.test");
+        for target in [
+            "/%ph_a_placeholder",
+            "/x%4ph_a_placeholder",
+            "/?k=%ph_a_placeholder",
+            "/?k=%Aph_a_placeholder",
+            "/?k=%%ph_a_placeholder",
+            "/?k=ph_a_placeholder&j=%ph_a_placeholder",
+        ] {
+            let mut ctx = p.begin_request(&n, 443, [&b"api.allowed.test"[..]]);
+            let e = ctx.target(target).unwrap_err();
+            assert_eq!(
+                e,
+                SubstituteError::OpenEscape {
+                    id: "a".into(),
+                    name: "NAME_a".into(),
+                    place: "request target",
+                    escape: "`%` or `%X`",
+                },
+                "{target}"
+            );
+            assert!(!e.to_string().contains(V_A));
+        }
+        // Complete or impossible escapes are the sandbox's own bytes.
+        for target in [
+            "/%25ph_a_placeholder",
+            "/?k=%gph_a_placeholder",
+            "/%%41ph_a_placeholder",
+        ] {
+            let mut ctx = p.begin_request(&n, 443, [&b"api.allowed.test"[..]]);
+            assert!(ctx.target(target).unwrap().is_some(), "{target}");
+        }
+        // Not substituted (wrong host, host mismatch): nothing to refuse.
+        let mut ctx = p.begin_request(&n, 443, [&b"api.allowed.test"[..]]);
+        assert!(ctx.target("/%ph_b_placeholder").unwrap().is_none());
+        let mut ctx = p.begin_request(&n, 443, [&b"evil.test"[..]]);
+        assert!(ctx.target("/%ph_a_placeholder").unwrap().is_none());
+    }
+
+    #[test]
+    fn basic_user_id_never_splits_a_value() {
+        let p = SandboxPolicy::new(vec![secret("c", "id:secret", &[])]).unwrap();
+        let n = sni("api.test");
+        let mut ctx = p.begin_request(&n, 443, [&b"api.test"[..]]);
+        let basic = |creds: &str| format!("Basic {}", STANDARD.encode(creds));
+        for user in [
+            "ph_c_placeholder:pw",
+            "xph_c_placeholder",
+            "ph_c_placeholder",
+        ] {
+            let e = ctx
+                .header(b"authorization", basic(user).as_bytes())
+                .unwrap_err();
+            assert_eq!(
+                e,
+                SubstituteError::ColonInBasicUser {
+                    id: "c".into(),
+                    name: "NAME_c".into()
+                }
+            );
+        }
+        // As the password, a colon is data.
+        let out = ctx
+            .header(b"authorization", basic("user:ph_c_placeholder").as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.as_bytes(), basic("user:id:secret").as_bytes());
     }
 
     /// Naive reference: plain string replacement of allowed placeholders.
@@ -743,7 +939,7 @@ mod tests {
             let text = parts.concat();
             let target = format!("/{text}");
             let h = [(&b"host"[..], host.as_bytes()), (b"x", text.as_bytes())];
-            let s = p.substitute(&n, &RequestView { target: &target, authority: None, headers: &h }).unwrap();
+            let s = p.substitute(&n, 443, &RequestView { target: &target, authority: None, headers: &h }).unwrap();
             let (t, hs) = apply(&RequestView { target: &target, authority: None, headers: &h }, &s);
             prop_assert_eq!(&t, &reference(&p, &n, &target));
             prop_assert_eq!(String::from_utf8(hs[1].1.clone()).unwrap(), reference(&p, &n, &text));
@@ -761,7 +957,7 @@ mod tests {
             let p = policy();
             let n = sni("api.allowed.test");
             let h: Vec<(&[u8], &[u8])> = vals.iter().map(|v| (&b"authorization"[..], v.as_slice())).collect();
-            let _ = p.substitute(&n, &RequestView { target: &target, authority: Some(b"api.allowed.test"), headers: &h });
+            let _ = p.substitute(&n, 443, &RequestView { target: &target, authority: Some(b"api.allowed.test"), headers: &h });
         }
     }
 
@@ -808,7 +1004,7 @@ mod tests {
             let iters = 200_000u32;
             let start = Instant::now();
             for _ in 0..iters {
-                black_box(p.substitute(black_box(&n), black_box(&view)).unwrap());
+                black_box(p.substitute(black_box(&n), 443, black_box(&view)).unwrap());
             }
             let ns = start.elapsed().as_nanos() / u128::from(iters);
             println!("substitute, 7 headers, 8 secrets, {label}: {ns} ns/op");
