@@ -17,7 +17,9 @@
 //! upstream see the value split, partly decoded or transformed fails the whole request with a
 //! [`SubstituteError`] naming the secret (the caller answers 400): a placeholder in the target
 //! right after `%` or `%X` (the value's first characters would complete the escape), a value
-//! with `:` as the user-id of Basic credentials, and a value with a control character (CR, LF,
+//! with `:` in the user-id of Basic credentials next to the sandbox's bytes (a placeholder that
+//! is the whole credential, `user:password` in one secret, is fine), and a value with a control
+//! character (CR, LF,
 //! NUL, or any other except TAB) for a header, which would break its framing. Nothing
 //! allocates unless a placeholder is found (except to decode a Basic credential).
 
@@ -43,7 +45,7 @@ pub(crate) struct Substituter {
     pub(crate) ac: Option<AhoCorasick>,
     /// The value may be written into a header value.
     header_safe: Vec<bool>,
-    /// The value contains `:` (it cannot be a Basic user-id).
+    /// The value contains `:` (it splits a Basic user-id it lands in).
     has_colon: Vec<bool>,
     /// Shortest placeholder, and the most a replacement can grow the text (encoded for a
     /// query, the widest encoding of the head), for sizing output buffers once: a
@@ -196,10 +198,11 @@ pub enum SubstituteError {
         /// Secret name.
         name: String,
     },
-    /// The value contains `:` and its placeholder is the user-id of Basic credentials: the
-    /// upstream would split the value between user-id and password.
+    /// The value contains `:` and its placeholder is in the user-id of Basic credentials,
+    /// with other bytes: the upstream would split the value and join its parts with them.
     #[error(
-        "secret {name} ({id}) contains ':' and cannot be sent as the user-id of Basic credentials"
+        "secret {name} ({id}) contains ':' and cannot be sent inside the user-id of Basic \
+         credentials (as the whole credentials, or in the password, it can)"
     )]
     ColonInBasicUser {
         /// Secret id.
@@ -233,9 +236,10 @@ enum Place<'n> {
     Target {
         query: Option<usize>,
     },
-    /// Inside decoded Basic credentials (any byte is safe inside base64); the user-id ends at
-    /// this index (the first `:`).
+    /// Inside decoded Basic credentials of `len` bytes (any byte is safe inside base64); the
+    /// user-id ends at `user_end` (the first `:`).
     Basic {
+        len: usize,
         user_end: usize,
     },
 }
@@ -360,7 +364,11 @@ impl RequestSubstitution<'_> {
         let decoded = Redacted::new(decoded);
         let bytes = decoded.as_bytes();
         let user_end = bytes.iter().position(|&b| b == b':').unwrap_or(bytes.len());
-        let Some(new) = self.replace(bytes, Place::Basic { user_end })? else {
+        let place = Place::Basic {
+            len: bytes.len(),
+            user_end,
+        };
+        let Some(new) = self.replace(bytes, place)? else {
             return Ok(None);
         };
         let mut out = Vec::with_capacity(scheme.len() + 1 + new.as_bytes().len() * 4 / 3 + 4);
@@ -395,7 +403,7 @@ impl RequestSubstitution<'_> {
             let Some(secret) = self.policy.secrets().get(i) else {
                 continue;
             };
-            let encoding = self.check(i, secret, place, &input[..m.start()])?;
+            let encoding = self.check(i, secret, place, &input[..m.start()], m.end())?;
             self.hit(i).substituted += 1;
             let buf = out.get_or_insert_with(|| {
                 Vec::with_capacity(self.policy.substituter.capacity_for(input))
@@ -411,13 +419,15 @@ impl RequestSubstitution<'_> {
         }))
     }
 
-    /// How secret `i`'s value is written at a match preceded by `before`, or why it cannot be.
+    /// How secret `i`'s value is written at a match preceded by `before` and ending at `end`,
+    /// or why it cannot be.
     fn check(
         &self,
         i: usize,
         secret: &MountedSecret,
         place: Place<'_>,
         before: &[u8],
+        end: usize,
     ) -> Result<Encoding, SubstituteError> {
         let sub = &self.policy.substituter;
         match place {
@@ -427,7 +437,11 @@ impl RequestSubstitution<'_> {
                 header: String::from_utf8_lossy(name).into_owned(),
             }),
             Place::Header(_) => Ok(Encoding::Raw),
-            Place::Basic { user_end } if before.len() < user_end && sub.has_colon[i] => {
+            Place::Basic { len, user_end }
+                if before.len() < user_end
+                    && sub.has_colon[i]
+                    && !(before.is_empty() && end == len) =>
+            {
                 Err(SubstituteError::ColonInBasicUser {
                     id: secret.id.clone(),
                     name: secret.name.clone(),

@@ -421,25 +421,34 @@ fn basic_user_id_never_splits_a_value() {
     for user in [
         "ph_c_placeholder:pw",
         "xph_c_placeholder",
-        "ph_c_placeholder",
+        "ph_c_placeholderx",
+        "x:y",
     ] {
+        let creds = user.replace("x:y", "ph_c_placeholder:");
         let e = ctx
-            .header(b"authorization", basic(user).as_bytes())
+            .header(b"authorization", basic(&creds).as_bytes())
             .unwrap_err();
         assert_eq!(
             e,
             SubstituteError::ColonInBasicUser {
                 id: "c".into(),
                 name: "NAME_c".into()
-            }
+            },
+            "{creds}"
         );
     }
-    // As the password, a colon is data.
-    let out = ctx
-        .header(b"authorization", basic("user:ph_c_placeholder").as_bytes())
-        .unwrap()
-        .unwrap();
-    assert_eq!(out.as_bytes(), basic("user:id:secret").as_bytes());
+    // As the password, or as the whole credentials (`user:password` in one secret): fine.
+    for (creds, sent) in [
+        ("user:ph_c_placeholder", "user:id:secret"),
+        ("user:ph_c_placeholder:x", "user:id:secret:x"),
+        ("ph_c_placeholder", "id:secret"),
+    ] {
+        let out = ctx
+            .header(b"authorization", basic(creds).as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.as_bytes(), basic(sent).as_bytes(), "{creds}");
+    }
 }
 
 /// Naive reference: plain string replacement of allowed placeholders.
