@@ -1,10 +1,14 @@
-//! Request substitution: never panics, and a value only ever appears where the policy allows it.
+//! Request substitution: never panics, and a value only ever appears where the policy allows it,
+//! whole.
 //!
-//! Values are `§<i>§…`: the byte 0xA7 occurs in no input (it is removed), so any value found in
-//! the output was put there by substitution. Properties, for every header (Basic credentials
-//! decoded) and the target:
-//! - a value appears only if its secret allows the SNI, every authority named the SNI, and the
-//!   report counts a substitution for it;
+//! Values are `§<i>§…§`: the byte 0xA7 occurs in no input (it is removed, and so is every
+//! `%A7` escape of the target), so any value found in the output, raw or decoded, was put there
+//! by substitution. Properties, for every header (Basic credentials decoded) and the target
+//! (raw, path segments percent-decoded, query fields form-decoded):
+//! - a value appears only if its secret allows the SNI, every authority named the SNI on the
+//!   connection's port, and the report counts a substitution for it;
+//! - in the decoded target every `§<i>§` starts the whole value: never split, partly decoded or
+//!   transformed, whatever the bytes around its placeholder;
 //! - with a host mismatch nothing changes;
 //! - no placeholder of a secret that allows the SNI is left when the authority matched.
 #![no_main]
@@ -38,6 +42,8 @@ struct Secret {
 struct Input {
     secrets: Vec<Secret>,
     sni: u8,
+    /// The connection's port: 443 when even, 8443 when odd.
+    port: bool,
     target: String,
     authority: Option<Vec<u8>>,
     headers: Vec<(Vec<u8>, Vec<u8>)>,
@@ -62,6 +68,52 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
+fn count(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len().max(1))
+        .filter(|w| *w == needle)
+        .count()
+}
+
+/// `%A7` (either case) becomes `%B7`: then no decoding of the input alone yields a `§`.
+fn without_a7_escapes(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if after.len() >= 2 && after.as_bytes()[..2].eq_ignore_ascii_case(b"a7") {
+            out.push_str("%B7");
+            rest = &after[2..];
+        } else {
+            out.push('%');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The target as an application decodes it: path segments percent-decoded, query keys and
+/// values form-decoded (as bytes: a split UTF-8 sequence must stay visible).
+fn decode_target(target: &str) -> Vec<Vec<u8>> {
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let mut out: Vec<Vec<u8>> = path
+        .split('/')
+        .map(|s| percent_encoding::percent_decode_str(s).collect())
+        .collect();
+    for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        for part in [k, v] {
+            let spaced = part.replace('+', " ");
+            out.push(percent_encoding::percent_decode_str(&spaced).collect());
+        }
+    }
+    out
+}
+
 fuzz_target!(|input: Input| {
     let secrets: Vec<MountedSecret> = input
         .secrets
@@ -82,6 +134,8 @@ fuzz_target!(|input: Input| {
             value: SecretValue::new(value(i, &s.tail.replace(['§', '_'], ""))),
             body_substitution: false,
             wrong_host: Default::default(),
+            previous: Vec::new(),
+            retired: false,
         })
         .collect();
     let Ok(policy) = SandboxPolicy::new(secrets) else {
@@ -92,7 +146,8 @@ fuzz_target!(|input: Input| {
     };
 
     let clean = |b: &[u8]| -> Vec<u8> { b.iter().copied().filter(|&b| b != 0xa7).collect() };
-    let mut target = input.target.replace('§', "");
+    let port = if input.port { 8443 } else { 443 };
+    let mut target = without_a7_escapes(&input.target.replace('§', ""));
     let authority = input.authority.as_deref().map(clean);
     let mut headers: Vec<(Vec<u8>, Vec<u8>)> = input
         .headers
@@ -130,7 +185,7 @@ fuzz_target!(|input: Input| {
         authority: authority.as_deref(),
         headers: &header_refs,
     };
-    let Ok(sub) = policy.substitute(&sni, &view) else {
+    let Ok(sub) = policy.substitute(&sni, port, &view) else {
         return;
     };
     if sub.host_mismatch {
@@ -138,10 +193,24 @@ fuzz_target!(|input: Input| {
     }
 
     // The request as it would be forwarded: every text a value could land in.
-    let mut texts: Vec<Vec<u8>> =
-        vec![sub.target.as_ref().map_or(target.as_bytes().to_vec(), |t| {
-            t.as_str().as_bytes().to_vec()
-        })];
+    let out_target = sub
+        .target
+        .as_ref()
+        .map_or(target.clone(), |t| t.as_str().to_owned());
+    let decoded = decode_target(&out_target);
+    for piece in &decoded {
+        for i in 0..policy.secrets().len() {
+            let marker = format!("§{i}§");
+            let value = policy.secrets()[i].value.expose().as_bytes();
+            assert_eq!(
+                count(piece, marker.as_bytes()),
+                count(piece, value),
+                "secret {i}: a decoded target field holds part of its value"
+            );
+        }
+    }
+    let mut texts: Vec<Vec<u8>> = vec![out_target.into_bytes()];
+    texts.extend(decoded);
     for (i, (name, v)) in headers.iter().enumerate() {
         let out = sub
             .headers

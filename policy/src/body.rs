@@ -6,18 +6,21 @@
 //! says some secret could be replaced (or blocked) in it and [`BodyKind::of`] accepts its
 //! content type, and only up to its bound; a body over the bound is forwarded unchanged.
 //!
-//! How a value is written: into JSON escaped as a JSON string's content (the placeholder sits
-//! inside a string), into `application/x-www-form-urlencoded` percent-encoded (placeholders are
-//! URL-safe, so they appear literally in a form), into `text/*` as it is. Counts per secret come
-//! back as [`SecretHit`]s, exactly as for the head: substituted, `wrong_host` (left alone; a
-//! blocking secret's request is then refused by the caller) or `host_mismatch` (the request's
-//! authority is not the SNI: nothing is replaced). Placeholders of secrets without body
+//! How a value is written: into JSON escaped as a JSON string's content (the placeholder must
+//! sit inside a string, between whole characters), into `application/x-www-form-urlencoded`
+//! percent-encoded outside `unreserved` (never after an incomplete `%` escape), into `text/*`
+//! as it is (see the `encode` module). A placeholder that breaks those rules refuses the
+//! request with a [`SubstituteError`] naming the secret. Counts per secret come back as
+//! [`SecretHit`]s, exactly as for the head: substituted, `wrong_host` (left alone; a blocking
+//! secret's request is then refused by the caller) or `host_mismatch` (the request's authority
+//! is not the SNI: nothing is replaced). Placeholders of secrets without body
 //! substitution are left alone and not counted: for them a body is data like any other.
 
 use crate::decide::SandboxPolicy;
+use crate::encode::{Encoding, JsonContext, JsonSpot, open_percent_escape};
 use crate::host::ServerName;
-use crate::secret::{ModeOverrides, Redacted};
-use crate::substitute::SecretHit;
+use crate::secret::{ModeOverrides, MountedSecret, Redacted};
+use crate::substitute::{SecretHit, SubstituteError};
 use veil_link::proto::WrongHost;
 
 /// The body formats substitution understands.
@@ -91,6 +94,9 @@ impl SandboxPolicy {
 
     /// Substitutes placeholders in a whole request body of `kind` sent to `sni`; `host_ok` is
     /// whether the request's authorities name the SNI (see [`SandboxPolicy::begin_request`]).
+    /// Refused (naming the secret) when a placeholder to replace follows an incomplete escape
+    /// (`%`, `%X` in a form; a lone `\` or `\u`, `\u0`… in a JSON string) or is outside every
+    /// string of a JSON body: the upstream would not decode exactly the value there.
     pub fn substitute_body(
         &self,
         sni: &ServerName,
@@ -98,10 +104,16 @@ impl SandboxPolicy {
         kind: BodyKind,
         body: &[u8],
         overrides: ModeOverrides,
-    ) -> BodySubstitution {
+    ) -> Result<BodySubstitution, SubstituteError> {
         let Some(ac) = &self.substituter.ac else {
-            return BodySubstitution::default();
+            return Ok(BodySubstitution::default());
         };
+        let encoding = match kind {
+            BodyKind::Json => Encoding::JsonString,
+            BodyKind::Form => Encoding::Query,
+            BodyKind::Text => Encoding::Raw,
+        };
+        let mut json = JsonContext::default();
         let mut hits: Vec<SecretHit> = Vec::new();
         // Matches to replace, found first so the output is allocated once at its exact size: a
         // reallocation would leave a copy of a value behind in freed memory.
@@ -120,35 +132,62 @@ impl SandboxPolicy {
             } else if !self.secret_allows(i, sni) {
                 hit.wrong_host += 1;
             } else {
+                check_spot(kind, secret, body, m.start(), &mut json)?;
                 hit.substituted += 1;
                 replace.push((m.start(), m.end(), i));
             }
         }
         if replace.is_empty() {
-            return BodySubstitution { body: None, hits };
+            return Ok(BodySubstitution { body: None, hits });
         }
-        let mut encoded: Vec<Option<Redacted>> = vec![None; self.secrets().len()];
-        let mut len = body.len();
-        for &(start, end, i) in &replace {
-            let value = encoded[i]
-                .get_or_insert_with(|| encode(kind, self.secrets()[i].value.expose().as_bytes()));
-            len = len - (end - start) + value.as_bytes().len();
-        }
+        let value = |i: usize| self.secrets()[i].value.expose().as_bytes();
+        let len = replace.iter().fold(body.len(), |len, &(start, end, i)| {
+            len - (end - start) + encoding.len(value(i))
+        });
         let mut out = Vec::with_capacity(len);
         let mut copied = 0;
         for &(start, end, i) in &replace {
             out.extend_from_slice(&body[copied..start]);
-            if let Some(v) = &encoded[i] {
-                out.extend_from_slice(v.as_bytes());
-            }
+            encoding.write(value(i), &mut out);
             copied = end;
         }
         out.extend_from_slice(&body[copied..]);
         debug_assert_eq!(out.len(), len);
-        BodySubstitution {
+        Ok(BodySubstitution {
             body: Some(Redacted::new(out)),
             hits,
-        }
+        })
+    }
+}
+
+/// Whether `secret`'s value may be written at `at` in a body of `kind`.
+fn check_spot(
+    kind: BodyKind,
+    secret: &MountedSecret,
+    body: &[u8],
+    at: usize,
+    json: &mut JsonContext,
+) -> Result<(), SubstituteError> {
+    match kind {
+        BodyKind::Text => Ok(()),
+        BodyKind::Form if open_percent_escape(&body[..at]) => Err(SubstituteError::open_escape(
+            secret,
+            "form body",
+            "`%` or `%X`",
+        )),
+        BodyKind::Form => Ok(()),
+        BodyKind::Json => match json.spot(body, at) {
+            JsonSpot::InString => Ok(()),
+            JsonSpot::OpenEscape => Err(SubstituteError::open_escape(
+                secret,
+                "JSON body",
+                "`\\` or `\\u`",
+            )),
+            JsonSpot::OutsideString => Err(SubstituteError::OutsideJsonString {
+                id: secret.id.clone(),
+                name: secret.name.clone(),
+            }),
+        },
     }
 }
 
@@ -176,68 +215,9 @@ fn hit_mut(hits: &mut Vec<SecretHit>, secret: usize) -> &mut SecretHit {
     &mut hits[pos]
 }
 
-/// A value as it must be written into a body of `kind`.
-fn encode(kind: BodyKind, value: &[u8]) -> Redacted {
-    match kind {
-        BodyKind::Text => Redacted::new(value.to_vec()),
-        BodyKind::Json => Redacted::new(json_escape(value)),
-        BodyKind::Form => Redacted::new(percent_encode(value)),
-    }
-}
-
-const HEX: &[u8; 16] = b"0123456789ABCDEF";
-
-/// The content of a JSON string holding `value` (RFC 8259 §7); non-ASCII UTF-8 stays as it is.
-fn json_escape(value: &[u8]) -> Vec<u8> {
-    let extra: usize = value
-        .iter()
-        .map(|&b| match b {
-            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
-            0..0x20 => 5,
-            _ => 0,
-        })
-        .sum();
-    let mut out = Vec::with_capacity(value.len() + extra);
-    for &b in value {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0x08 => out.extend_from_slice(b"\\b"),
-            0x0c => out.extend_from_slice(b"\\f"),
-            0..0x20 => {
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0xf)]);
-            }
-            _ => out.push(b),
-        }
-    }
-    out
-}
-
-/// `value` percent-encoded for a form field: unreserved characters stay, every other byte
-/// becomes `%XX` (a space too, never `+`, which decodes the same).
-fn percent_encode(value: &[u8]) -> Vec<u8> {
-    let unreserved = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
-    let extra = value.iter().filter(|&&b| !unreserved(b)).count() * 2;
-    let mut out = Vec::with_capacity(value.len() + extra);
-    for &b in value {
-        if unreserved(b) {
-            out.push(b);
-        } else {
-            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::MountedSecret;
     use crate::secret::testing::secret;
     use proptest::prelude::*;
 
@@ -326,7 +306,9 @@ mod tests {
     fn json_values_are_escaped_and_parse_back() {
         let p = policy();
         let body = br#"{"key":"ph_a_placeholder","n":"ph_n_placeholder","x":["ph_a_placeholder"]}"#;
-        let s = p.substitute_body(&sni("api.allowed.test"), true, BodyKind::Json, body, OFF);
+        let s = p
+            .substitute_body(&sni("api.allowed.test"), true, BodyKind::Json, body, OFF)
+            .unwrap();
         let out = String::from_utf8(s.body.unwrap().as_bytes().to_vec()).unwrap();
         // A JSON parser reads the exact value back.
         let key = out
@@ -334,7 +316,10 @@ mod tests {
             .and_then(|r| r.split_once(r#"","n""#))
             .unwrap()
             .0;
-        assert_eq!(json_unescape(key), V_A);
+        assert_eq!(
+            serde_json::from_str::<String>(&format!("\"{key}\"")).unwrap(),
+            V_A
+        );
         assert!(out.contains(r#""n":"ph_n_placeholder""#));
         assert_eq!(
             s.hits,
@@ -345,42 +330,15 @@ mod tests {
                 host_mismatch: 0
             }]
         );
-        assert_eq!(
-            json_escape(b"\x01\x1f\x7f\x08\x0c"),
-            b"\\u0001\\u001F\x7f\\b\\f"
-        );
-    }
-
-    /// Minimal JSON string unescape for the tests (the forms `json_escape` writes).
-    fn json_unescape(s: &str) -> String {
-        let mut out = String::new();
-        let mut it = s.chars();
-        while let Some(c) = it.next() {
-            if c != '\\' {
-                out.push(c);
-                continue;
-            }
-            match it.next().unwrap() {
-                'n' => out.push('\n'),
-                'r' => out.push('\r'),
-                't' => out.push('\t'),
-                'b' => out.push('\u{8}'),
-                'f' => out.push('\u{c}'),
-                'u' => {
-                    let hex: String = it.by_ref().take(4).collect();
-                    out.push(char::from_u32(u32::from_str_radix(&hex, 16).unwrap()).unwrap());
-                }
-                other => out.push(other),
-            }
-        }
-        out
     }
 
     #[test]
     fn form_values_are_percent_encoded() {
         let p = policy();
         let body = b"a=1&key=ph_a_placeholder&z=ph_a_placeholder";
-        let s = p.substitute_body(&sni("x.allowed.test"), true, BodyKind::Form, body, OFF);
+        let s = p
+            .substitute_body(&sni("x.allowed.test"), true, BodyKind::Form, body, OFF)
+            .unwrap();
         let out = String::from_utf8(s.body.unwrap().as_bytes().to_vec()).unwrap();
         let enc = "sk-A%20%22quoted%22%20%5C%20back%0Anewline%20%C3%A9%26%3D%2B%25";
         assert_eq!(out, format!("a=1&key={enc}&z={enc}"));
@@ -388,15 +346,85 @@ mod tests {
     }
 
     #[test]
+    fn open_escapes_and_non_strings_are_refused() {
+        let p = policy();
+        let n = sni("api.allowed.test");
+        let open = SubstituteError::OpenEscape {
+            id: "a".into(),
+            name: "NAME_a".into(),
+            place: "JSON body",
+            escape: "`\\` or `\\u`",
+        };
+        let outside = SubstituteError::OutsideJsonString {
+            id: "a".into(),
+            name: "NAME_a".into(),
+        };
+        for (body, want) in [
+            (r#"{"k":"\ph_a_placeholder"}"#, &open),
+            (r#"{"k":"\\\ph_a_placeholder"}"#, &open),
+            (r#"{"k":"\uph_a_placeholder"}"#, &open),
+            (r#"{"k":"\u0ph_a_placeholder"}"#, &open),
+            (r#"{"k":"\u00ph_a_placeholder"}"#, &open),
+            (r#"{"k":"\u004ph_a_placeholder"}"#, &open),
+            (r#"{"k":ph_a_placeholder}"#, &outside),
+            (r#"["x",ph_a_placeholder]"#, &outside),
+            (r#"{"k":"ph_a_placeholder","j":ph_a_placeholder}"#, &outside),
+            ("ph_a_placeholder", &outside),
+        ] {
+            let e = p
+                .substitute_body(&n, true, BodyKind::Json, body.as_bytes(), OFF)
+                .unwrap_err();
+            assert_eq!(&e, want, "{body}");
+            assert!(!e.to_string().contains(V_A));
+        }
+        for body in [
+            r#"{"k":"\\ph_a_placeholder"}"#,
+            r#"{"k":"\u0041ph_a_placeholder"}"#,
+            r#"{"k":"\"ph_a_placeholder\""}"#,
+            r#"{"ph_a_placeholder":["ph_a_placeholder"]}"#,
+            // Not substituted (another secret, wrong host): nothing to refuse.
+            r#"{"k":\ph_n_placeholder}"#,
+        ] {
+            let s = p.substitute_body(&n, true, BodyKind::Json, body.as_bytes(), OFF);
+            assert!(s.is_ok(), "{body}");
+        }
+        let form_open = SubstituteError::OpenEscape {
+            id: "a".into(),
+            name: "NAME_a".into(),
+            place: "form body",
+            escape: "`%` or `%X`",
+        };
+        for body in [
+            "k=%ph_a_placeholder",
+            "k=%fph_a_placeholder",
+            "a=1&k=x%ph_a_placeholder",
+        ] {
+            let e = p
+                .substitute_body(&n, true, BodyKind::Form, body.as_bytes(), OFF)
+                .unwrap_err();
+            assert_eq!(e, form_open, "{body}");
+        }
+        for body in ["k=%25ph_a_placeholder", "k=%gph_a_placeholder"] {
+            let s = p.substitute_body(&n, true, BodyKind::Form, body.as_bytes(), OFF);
+            assert!(s.is_ok(), "{body}");
+        }
+        // Text is not decoded: any neighbour goes.
+        let s = p.substitute_body(&n, true, BodyKind::Text, br"%\ph_a_placeholder", OFF);
+        assert!(s.is_ok());
+    }
+
+    #[test]
     fn text_gets_the_value_as_is() {
         let p = policy();
-        let s = p.substitute_body(
-            &sni("api.allowed.test"),
-            true,
-            BodyKind::Text,
-            b"<ph_a_placeholder>",
-            OFF,
-        );
+        let s = p
+            .substitute_body(
+                &sni("api.allowed.test"),
+                true,
+                BodyKind::Text,
+                b"<ph_a_placeholder>",
+                OFF,
+            )
+            .unwrap();
         assert_eq!(s.body.unwrap().as_bytes(), format!("<{V_A}>").as_bytes());
     }
 
@@ -404,7 +432,9 @@ mod tests {
     fn wrong_host_and_mismatch_are_counted_not_replaced() {
         let p = policy();
         let body = b"ph_a_placeholder ph_b_placeholder ph_b_placeholder";
-        let s = p.substitute_body(&sni("b.test"), true, BodyKind::Text, body, OFF);
+        let s = p
+            .substitute_body(&sni("b.test"), true, BodyKind::Text, body, OFF)
+            .unwrap();
         assert_eq!(
             s.body.as_ref().map(Redacted::as_bytes),
             Some(&b"ph_a_placeholder VB VB"[..])
@@ -429,11 +459,15 @@ mod tests {
         );
         assert!(p.blocked_by(&s.hits, OFF).is_none());
         // To a host "b" does not allow: "b" blocks.
-        let s = p.substitute_body(&sni("api.allowed.test"), true, BodyKind::Text, body, OFF);
+        let s = p
+            .substitute_body(&sni("api.allowed.test"), true, BodyKind::Text, body, OFF)
+            .unwrap();
         assert_eq!(s.hits[1].wrong_host, 2);
         assert_eq!(p.blocked_by(&s.hits, OFF).unwrap().id, "b");
         // Authority is not the SNI: nothing replaced.
-        let s = p.substitute_body(&sni("api.allowed.test"), false, BodyKind::Text, body, OFF);
+        let s = p
+            .substitute_body(&sni("api.allowed.test"), false, BodyKind::Text, body, OFF)
+            .unwrap();
         assert!(s.body.is_none());
         assert_eq!(s.hits[0].host_mismatch, 1);
         assert_eq!(s.hits[1].host_mismatch, 2);
@@ -444,18 +478,23 @@ mod tests {
     fn secrets_without_body_substitution_are_untouched_unless_configured() {
         let p = SandboxPolicy::new(vec![secret("n", "VN", &[])]).unwrap();
         let n = sni("x.test");
-        let s = p.substitute_body(&n, true, BodyKind::Text, b"ph_n_placeholder", OFF);
+        let s = p
+            .substitute_body(&n, true, BodyKind::Text, b"ph_n_placeholder", OFF)
+            .unwrap();
         assert_eq!(s, BodySubstitution::default());
         let all = ModeOverrides {
             body_substitution: true,
             ..OFF
         };
-        let s = p.substitute_body(&n, true, BodyKind::Text, b"ph_n_placeholder", all);
+        let s = p
+            .substitute_body(&n, true, BodyKind::Text, b"ph_n_placeholder", all)
+            .unwrap();
         assert_eq!(s.body.unwrap().as_bytes(), b"VN");
         assert!(
             !format!(
                 "{:?}",
                 p.substitute_body(&n, true, BodyKind::Text, b"ph_n_placeholder", all)
+                    .unwrap()
             )
             .contains("VN")
         );
@@ -508,18 +547,18 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(500))]
 
-        /// JSON substitution equals naive replacement by the escaped value, and the escaped
-        /// value unescapes to the value.
+        /// Form and text substitution equal naive replacement by the encoded value (JSON
+        /// contexts are covered by `tests/decoders.rs`).
         #[test]
         fn agrees_with_naive_replacement(
             parts in prop::collection::vec(prop_oneof![
-                "[a-z{}\":, ]{0,6}",
+                "[a-z{}\":,&= ]{0,6}",
                 Just("ph_a_placeholder".to_owned()),
                 Just("ph_b_placeholder".to_owned()),
                 Just("ph_n_placeholder".to_owned()),
             ], 0..8),
             value in "\\PC{1,12}|[\\x00-\\x7f]{1,12}",
-            kind in prop::sample::select(vec![BodyKind::Json, BodyKind::Form, BodyKind::Text]),
+            kind in prop::sample::select(vec![BodyKind::Form, BodyKind::Text]),
         ) {
             let p = SandboxPolicy::new(vec![
                 with_body(secret("a", &value, &["a.test"])),
@@ -527,12 +566,14 @@ mod tests {
                 secret("n", "VN", &[]),
             ]).unwrap();
             let text = parts.concat();
-            let s = p.substitute_body(&sni("a.test"), true, kind, text.as_bytes(), OFF);
-            let enc = String::from_utf8(encode(kind, value.as_bytes()).as_bytes().to_vec()).unwrap();
+            let s = p.substitute_body(&sni("a.test"), true, kind, text.as_bytes(), OFF).unwrap();
+            let encoding = if kind == BodyKind::Form { Encoding::Query } else { Encoding::Raw };
+            let mut enc = Vec::new();
+            encoding.write(value.as_bytes(), &mut enc);
+            let enc = String::from_utf8(enc).unwrap();
             let expect = text.replace("ph_a_placeholder", &enc);
             let got = s.body.map_or(text.clone(), |b| String::from_utf8(b.as_bytes().to_vec()).unwrap());
             prop_assert_eq!(got, expect);
-            prop_assert_eq!(json_unescape(&String::from_utf8(json_escape(value.as_bytes())).unwrap()), value);
             let a = text.matches("ph_a_placeholder").count() as u32;
             let b = text.matches("ph_b_placeholder").count() as u32;
             let hits_a = s.hits.iter().find(|h| h.secret == 0).map_or(0, |h| h.substituted);

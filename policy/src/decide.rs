@@ -332,7 +332,7 @@ mod tests {
             authority: None,
             headers: &headers,
         };
-        let change = p.substitute(&sni, &view).unwrap();
+        let change = p.substitute(&sni, 443, &view).unwrap();
         assert_eq!(
             change.headers[0].1.as_bytes(),
             b"value-now-0123456789 ph_b_placeholder"

@@ -208,21 +208,32 @@ impl ServerName {
         &self.0
     }
 
-    /// Whether a Host header or `:authority` value names this server: port stripped,
-    /// case-insensitive, trailing dot ignored, unicode accepted. Allocation-free for ASCII.
-    pub fn matches_authority(&self, authority: &[u8]) -> bool {
-        let Some(host) = strip_port(authority) else {
-            return false;
+    /// Whether a Host header or `:authority` value names this server on a connection to
+    /// `port`: after removing a `:port` equal to `port` and one trailing dot, it must equal the
+    /// name up to ASCII case — nothing else. Userinfo, another port, IDNA look-alikes
+    /// (full-width letters) and any non-ASCII byte do not match: a front end may route such a
+    /// Host differently from the SNI the value was allowed for. Allocation-free.
+    pub fn matches_authority(&self, authority: &[u8], port: u16) -> bool {
+        let host = match authority.iter().rposition(|&b| b == b':') {
+            None => authority,
+            Some(i) if is_port(&authority[i + 1..], port) => &authority[..i],
+            Some(_) => return false,
         };
         let host = host.strip_suffix(b".").unwrap_or(host);
-        if host.is_ascii() {
-            return host.eq_ignore_ascii_case(self.0.as_bytes());
-        }
-        std::str::from_utf8(host)
-            .ok()
-            .and_then(|h| Self::parse(h).ok())
-            .is_some_and(|n| n == *self)
+        host.eq_ignore_ascii_case(self.0.as_bytes())
     }
+}
+
+/// Whether `digits` is `port` in canonical decimal (no sign, no leading zero).
+fn is_port(digits: &[u8], port: u16) -> bool {
+    let canonical = digits.first().is_some_and(|&d| d != b'0') || digits == b"0";
+    canonical
+        && digits.len() <= 5
+        && digits.iter().all(u8::is_ascii_digit)
+        && digits
+            .iter()
+            .fold(0u32, |n, &d| n * 10 + u32::from(d - b'0'))
+            == u32::from(port)
 }
 
 impl fmt::Display for ServerName {
@@ -234,26 +245,6 @@ impl fmt::Display for ServerName {
 impl AsRef<str> for ServerName {
     fn as_ref(&self) -> &str {
         &self.0
-    }
-}
-
-/// The host part of an authority (`host` or `host:port`); `None` for IP-literal brackets or a
-/// malformed port.
-fn strip_port(authority: &[u8]) -> Option<&[u8]> {
-    if authority.first() == Some(&b'[') {
-        return None;
-    }
-    match authority.iter().rposition(|&b| b == b':') {
-        None => Some(authority),
-        Some(i) => {
-            let port = &authority[i + 1..];
-            let host = &authority[..i];
-            (!port.is_empty()
-                && port.len() <= 5
-                && port.iter().all(u8::is_ascii_digit)
-                && !host.contains(&b':'))
-            .then_some(host)
-        }
     }
 }
 
@@ -468,31 +459,69 @@ mod tests {
             &b"api.example.com"[..],
             b"API.Example.COM",
             b"api.example.com.",
-            b"api.example.com:443",
+            b"api.example.com:8443",
             b"Api.Example.Com.:8443",
         ] {
-            assert!(n.matches_authority(ok), "{}", String::from_utf8_lossy(ok));
+            assert!(
+                n.matches_authority(ok, 8443),
+                "{}",
+                String::from_utf8_lossy(ok)
+            );
         }
         for bad in [
             &b"api.example.com:"[..],
             b"api.example.com:abc",
             b"api.example.com:1:2",
+            b"api.example.com:8443:8443",
             b"api.example.co",
             b"x.api.example.com",
-            b"[::1]:443",
+            b"[::1]:8443",
             b"",
+            b".",
             b"api.example.com..",
+            b"api.example.com..:8443",
             b"api.example.com:123456",
+            // Another port than the connection's, or the same one spelled otherwise.
+            b"api.example.com:443",
+            b"api.example.com:08443",
+            b"api.example.com:+8443",
+            b"api.example.com: 8443",
+            // Userinfo, whitespace, a path.
+            b"user@api.example.com",
+            b"user:pw@api.example.com:8443",
+            b" api.example.com",
+            b"api.example.com ",
+            b"api.example.com/",
+            b"api.example.com\0",
         ] {
             assert!(
-                !n.matches_authority(bad),
+                !n.matches_authority(bad, 8443),
                 "{}",
                 String::from_utf8_lossy(bad)
             );
         }
-        let idn = ServerName::parse("bücher.example").unwrap();
-        assert!(idn.matches_authority("BÜCHER.example:443".as_bytes()));
-        assert!(idn.matches_authority(b"xn--bcher-kva.example"));
+        // IDNA would map these to the SNI; a front end may not: never equal.
+        for look_alike in [
+            "\u{ff41}\u{ff50}\u{ff49}.example.com",
+            "\u{ff41}\u{ff50}\u{ff49}.example.com:8443",
+            "api\u{3002}example.com",
+            "api.example.com\u{3002}",
+            "API.EXAMPLE.CO\u{24c2}",
+            "api.exampl\u{e9}.com",
+        ] {
+            assert!(
+                !n.matches_authority(look_alike.as_bytes(), 8443),
+                "{look_alike}"
+            );
+        }
+        assert!(n.matches_authority(b"api.example.com:443", 443));
+        assert!(n.matches_authority(b"api.example.com", 443));
+        assert!(!n.matches_authority(b"api.example.com:8443", 443));
+        // An internationalised SNI: the Host must carry the same A-label.
+        let idn = ServerName::parse("b\u{fc}cher.example").unwrap();
+        assert!(idn.matches_authority(b"XN--BCHER-KVA.example:443", 443));
+        assert!(!idn.matches_authority("B\u{dc}CHER.example".as_bytes(), 443));
+        assert!(!idn.matches_authority("b\u{fc}cher.example".as_bytes(), 443));
     }
 
     fn label() -> impl Strategy<Value = String> {
@@ -558,20 +587,54 @@ mod tests {
             let n = ServerName::parse(&wire).unwrap();
             prop_assert_eq!(n.as_str(), host.as_str());
             prop_assert!(HostPattern::parse(&host).unwrap().matches_name(&n));
-            prop_assert!(n.matches_authority(wire.as_bytes()));
-            let with_port = format!("{wire}:443");
-            prop_assert!(n.matches_authority(with_port.as_bytes()));
+            prop_assert!(n.matches_authority(wire.as_bytes(), 443));
+            let with_port = format!("{wire}:8443");
+            prop_assert!(n.matches_authority(with_port.as_bytes(), 8443));
+            prop_assert!(!n.matches_authority(with_port.as_bytes(), 443));
         }
 
         #[test]
         fn server_name_never_panics(s in "\\PC{0,60}", b in prop::collection::vec(any::<u8>(), 0..60)) {
             if let Ok(n) = ServerName::parse(&s) {
                 prop_assert_eq!(ServerName::parse(n.as_str()).unwrap(), n.clone());
-                prop_assert!(n.matches_authority(n.as_str().as_bytes()));
+                prop_assert!(n.matches_authority(n.as_str().as_bytes(), 443));
             }
             let _ = ServerName::from_sni_bytes(&b);
             let n = ServerName::parse("api.example.com").unwrap();
-            let _ = n.matches_authority(&b);
+            let _ = n.matches_authority(&b, 443);
+        }
+
+        /// Exactly four spellings name the server, up to ASCII case: `sni`, `sni.`, `sni:port`
+        /// and `sni.:port`; any byte string that matches is one of them.
+        #[test]
+        fn only_the_sni_matches(
+            host in hostname(),
+            port in 1u16..,
+            noise in prop::collection::vec(any::<u8>(), 0..4),
+            at in 0usize..40,
+            flips in prop::collection::vec(any::<bool>(), 40),
+            form in 0usize..4,
+        ) {
+            let n = ServerName::parse(&host).unwrap();
+            let forms = [
+                host.clone(),
+                format!("{host}."),
+                format!("{host}:{port}"),
+                format!("{host}.:{port}"),
+            ];
+            let cased: String = forms[form]
+                .chars()
+                .zip(flips.iter().cycle())
+                .map(|(c, &up)| if up { c.to_ascii_uppercase() } else { c })
+                .collect();
+            prop_assert!(n.matches_authority(cased.as_bytes(), port));
+            let mut mangled = cased.into_bytes();
+            let at = at.min(mangled.len());
+            mangled.splice(at..at, noise.iter().copied());
+            if n.matches_authority(&mangled, port) {
+                let lower = mangled.to_ascii_lowercase();
+                prop_assert!(forms.iter().any(|f| f.as_bytes() == lower.as_slice()));
+            }
         }
 
         #[test]

@@ -35,12 +35,15 @@
 //! assert!(matches!(policy.decide_hello(&hello), Decision::Intercept(_)));
 //! let sni = hello.sni.unwrap();
 //!
-//! // Per request on an intercepted connection.
+//! // Per request on an intercepted connection (to port 443, the original destination's): the
+//! // Host must name the SNI; a value is written raw into headers, encoded into the target.
 //! let headers: [(&[u8], &[u8]); 2] =
 //!     [(b"host", b"api.allowed.test"), (b"authorization", b"Bearer veil_ph_0123")];
-//! let view = RequestView { target: "/v1/models", authority: None, headers: &headers };
-//! let change = policy.substitute(&sni, &view).unwrap();
+//! let target = "/v1/models?key=veil_ph_0123";
+//! let view = RequestView { target, authority: None, headers: &headers };
+//! let change = policy.substitute(&sni, 443, &view).unwrap();
 //! assert_eq!(change.headers[0].1.as_bytes(), b"Bearer sk-real");
+//! assert_eq!(change.target.unwrap().as_str(), "/v1/models?key=sk-real");
 //!
 //! // Per response body: values go back to placeholders.
 //! let mut scrubber = Scrubber::new(policy.scrub_patterns());
@@ -57,6 +60,7 @@
 pub mod body;
 pub mod client_hello;
 pub mod decide;
+mod encode;
 pub mod host;
 pub mod scrub;
 pub mod secret;

@@ -1,22 +1,27 @@
 //! Request-side substitution: placeholders become values, only where the policy allows.
 //!
 //! Per request: [`SandboxPolicy::begin_request`] checks that every authority of the request
-//! (Host headers, `:authority`) names the connection's SNI, then
+//! (Host headers, `:authority`) names the connection's SNI and port, then
 //! [`RequestSubstitution::target`] and [`RequestSubstitution::header`] rewrite the request
 //! target and each header value, and [`RequestSubstitution::finish`] reports per-secret counts.
 //! [`SandboxPolicy::substitute`] does all of it for a [`RequestView`].
 //!
-//! Where placeholders are replaced: header values, the request target (placeholders are
-//! URL-safe, so they appear literally), and inside `Authorization: Basic` credentials (decoded,
-//! substituted, re-encoded). A placeholder of a secret that does not allow the SNI stays as it is
-//! and is reported as `wrong_host`; when an authority differs from the SNI nothing is replaced
-//! and every placeholder is reported as `host_mismatch`.
+//! Where placeholders are replaced: header values (raw), the request target (encoded for where
+//! the placeholder sits, see the `encode` module: the path percent-encodes every byte outside
+//! `pchar`, the query every byte outside `unreserved`), and inside `Authorization: Basic`
+//! credentials (decoded, substituted, re-encoded). A placeholder of a secret that does not
+//! allow the SNI stays as it is and is reported as `wrong_host`; when an authority differs from
+//! the SNI nothing is replaced and every placeholder is reported as `host_mismatch`.
 //!
-//! A value is never written where it would break framing: one with a control character (CR, LF,
-//! NUL, or any other except TAB) for a header, or one with a control character, space or
-//! non-ASCII byte for the target, fails the whole request with [`SubstituteError`] (the caller
-//! answers 4xx). Nothing allocates unless a placeholder is found (except to decode a Basic
-//! credential).
+//! The sandbox chooses the bytes around a placeholder, so a substitution that would let the
+//! upstream see the value split, partly decoded or transformed fails the whole request with a
+//! [`SubstituteError`] naming the secret (the caller answers 400): a placeholder in the target
+//! right after `%` or `%X` (the value's first characters would complete the escape), a value
+//! with `:` in the user-id of Basic credentials next to the sandbox's bytes (a placeholder that
+//! is the whole credential, `user:password` in one secret, is fine), and a value with a control
+//! character (CR, LF,
+//! NUL, or any other except TAB) for a header, which would break its framing. Nothing
+//! allocates unless a placeholder is found (except to decode a Basic credential).
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use base64::Engine;
@@ -24,6 +29,7 @@ use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
 
 use crate::decide::SandboxPolicy;
+use crate::encode::{Encoding, open_percent_escape};
 use crate::host::ServerName;
 use crate::secret::{MountedSecret, Redacted, RedactedString};
 
@@ -39,10 +45,11 @@ pub(crate) struct Substituter {
     pub(crate) ac: Option<AhoCorasick>,
     /// The value may be written into a header value.
     header_safe: Vec<bool>,
-    /// The value may be written into a request target.
-    target_safe: Vec<bool>,
-    /// Shortest placeholder, and the most a replacement can grow the text, for sizing output
-    /// buffers once: a reallocation would leave a copy of a value behind in freed memory.
+    /// The value contains `:` (it splits a Basic user-id it lands in).
+    has_colon: Vec<bool>,
+    /// Shortest placeholder, and the most a replacement can grow the text (encoded for a
+    /// query, the widest encoding of the head), for sizing output buffers once: a
+    /// reallocation would leave a copy of a value behind in freed memory.
     min_placeholder_len: usize,
     max_growth: usize,
 }
@@ -60,16 +67,16 @@ impl Substituter {
                 .build(secrets.iter().map(|s| s.placeholder.as_bytes()))
                 .ok()
         };
+        fn value(s: &MountedSecret) -> &[u8] {
+            s.value.expose().as_bytes()
+        }
         Self {
             ac,
             header_safe: secrets
                 .iter()
-                .map(|s| s.value.expose().bytes().all(header_safe_byte))
+                .map(|s| value(s).iter().copied().all(header_safe_byte))
                 .collect(),
-            target_safe: secrets
-                .iter()
-                .map(|s| s.value.expose().bytes().all(target_safe_byte))
-                .collect(),
+            has_colon: secrets.iter().map(|s| value(s).contains(&b':')).collect(),
             min_placeholder_len: secrets
                 .iter()
                 .map(|s| s.placeholder.len())
@@ -78,7 +85,11 @@ impl Substituter {
                 .max(1),
             max_growth: secrets
                 .iter()
-                .map(|s| s.value.expose().len().saturating_sub(s.placeholder.len()))
+                .map(|s| {
+                    Encoding::Query
+                        .len(value(s))
+                        .saturating_sub(s.placeholder.len())
+                })
                 .max()
                 .unwrap_or(0),
         }
@@ -96,11 +107,6 @@ impl Substituter {
 /// Bytes `http::HeaderValue` accepts: visible ASCII, space, TAB and obs-text.
 fn header_safe_byte(b: u8) -> bool {
     b == b'\t' || (b >= 0x20 && b != 0x7f)
-}
-
-/// Bytes that keep a request target one token: visible ASCII only.
-fn target_safe_byte(b: u8) -> bool {
-    b > 0x20 && b < 0x7f
 }
 
 /// A request, abstracted from HTTP/1.1 and h2.
@@ -164,11 +170,41 @@ pub enum SubstituteError {
         /// The header it would have landed in.
         header: String,
     },
-    /// The value contains a byte that would break the request target.
+    /// The placeholder follows an incomplete escape the value's first characters would
+    /// complete: the upstream would decode part of the value together with the bytes before it.
     #[error(
-        "secret {name} ({id}) contains a space, control or non-ASCII character and cannot be sent in the request target"
+        "secret {name} ({id}): its placeholder follows an incomplete escape ({escape}) in the {place}; \
+         the upstream would decode part of the value with it"
     )]
-    UnsafeInTarget {
+    OpenEscape {
+        /// Secret id.
+        id: String,
+        /// Secret name.
+        name: String,
+        /// Where: `request target`, `form body` or `JSON body`.
+        place: &'static str,
+        /// The kind of escape: `%`, `%X`, `\` or `\u`.
+        escape: &'static str,
+    },
+    /// The placeholder is outside every string of a JSON body: the value would not arrive as
+    /// a string.
+    #[error(
+        "secret {name} ({id}): its placeholder is outside a JSON string in the body; \
+         it is only substituted inside a string"
+    )]
+    OutsideJsonString {
+        /// Secret id.
+        id: String,
+        /// Secret name.
+        name: String,
+    },
+    /// The value contains `:` and its placeholder is in the user-id of Basic credentials,
+    /// with other bytes: the upstream would split the value and join its parts with them.
+    #[error(
+        "secret {name} ({id}) contains ':' and cannot be sent inside the user-id of Basic \
+         credentials (as the whole credentials, or in the password, it can)"
+    )]
+    ColonInBasicUser {
         /// Secret id.
         id: String,
         /// Secret name.
@@ -176,13 +212,36 @@ pub enum SubstituteError {
     },
 }
 
-/// Where a value lands, for its safety check.
+impl SubstituteError {
+    /// [`SubstituteError::OpenEscape`] for `secret`.
+    pub(crate) fn open_escape(
+        secret: &MountedSecret,
+        place: &'static str,
+        escape: &'static str,
+    ) -> Self {
+        Self::OpenEscape {
+            id: secret.id.clone(),
+            name: secret.name.clone(),
+            place,
+            escape,
+        }
+    }
+}
+
+/// Where a value lands, for its encoding and safety check.
 #[derive(Clone, Copy)]
 enum Place<'n> {
     Header(&'n [u8]),
-    Target,
-    /// Inside a base64 encoding: any byte is safe.
-    Encoded,
+    /// The request target; the query starts after this index (the first `?`).
+    Target {
+        query: Option<usize>,
+    },
+    /// Inside decoded Basic credentials of `len` bytes (any byte is safe inside base64); the
+    /// user-id ends at `user_end` (the first `:`).
+    Basic {
+        len: usize,
+        user_end: usize,
+    },
 }
 
 /// Substitution state for one request; see the module docs.
@@ -195,12 +254,14 @@ pub struct RequestSubstitution<'p> {
 }
 
 impl SandboxPolicy {
-    /// Starts substitution for a request on a connection intercepted for `sni`. `authorities`
-    /// are the request's `:authority` and every Host header; all must name the SNI, and a
-    /// request with none gets nothing substituted.
+    /// Starts substitution for a request on a connection intercepted for `sni` whose original
+    /// destination port is `port`. `authorities` are the request's `:authority` and every Host
+    /// header; all must name the SNI (see [`ServerName::matches_authority`]), and a request
+    /// with none gets nothing substituted.
     pub fn begin_request<'p, 'a, I>(
         &'p self,
         sni: &'p ServerName,
+        port: u16,
         authorities: I,
     ) -> RequestSubstitution<'p>
     where
@@ -210,7 +271,7 @@ impl SandboxPolicy {
         let mut all = true;
         for a in authorities {
             any = true;
-            all &= sni.matches_authority(a);
+            all &= sni.matches_authority(a, port);
         }
         RequestSubstitution {
             policy: self,
@@ -220,10 +281,12 @@ impl SandboxPolicy {
         }
     }
 
-    /// Substitutes placeholders in a whole request view.
+    /// Substitutes placeholders in a whole request view, on a connection intercepted for `sni`
+    /// to port `port`.
     pub fn substitute(
         &self,
         sni: &ServerName,
+        port: u16,
         req: &RequestView<'_>,
     ) -> Result<Substitution, SubstituteError> {
         let hosts = req
@@ -231,7 +294,7 @@ impl SandboxPolicy {
             .iter()
             .filter(|(n, _)| n.eq_ignore_ascii_case(b"host"))
             .map(|(_, v)| *v);
-        let mut ctx = self.begin_request(sni, req.authority.into_iter().chain(hosts));
+        let mut ctx = self.begin_request(sni, port, req.authority.into_iter().chain(hosts));
         let target = ctx.target(req.target)?;
         let mut headers = Vec::new();
         for (i, (name, value)) in req.headers.iter().enumerate() {
@@ -257,10 +320,11 @@ impl RequestSubstitution<'_> {
 
     /// Substitutes in the request target; `None` if unchanged.
     pub fn target(&mut self, target: &str) -> Result<Option<RedactedString>, SubstituteError> {
+        let query = target.find('?');
         Ok(self
-            .replace(target.as_bytes(), Place::Target)?
+            .replace(target.as_bytes(), Place::Target { query })?
             .map(|bytes| {
-                // Only whole ASCII placeholders were replaced by whole UTF-8 values.
+                // Percent-encoded values are ASCII and the rest is the original text.
                 RedactedString::new(String::from_utf8_lossy(bytes.as_bytes()).into_owned())
             }))
     }
@@ -298,7 +362,13 @@ impl RequestSubstitution<'_> {
             return Ok(None);
         };
         let decoded = Redacted::new(decoded);
-        let Some(new) = self.replace(decoded.as_bytes(), Place::Encoded)? else {
+        let bytes = decoded.as_bytes();
+        let user_end = bytes.iter().position(|&b| b == b':').unwrap_or(bytes.len());
+        let place = Place::Basic {
+            len: bytes.len(),
+            user_end,
+        };
+        let Some(new) = self.replace(bytes, place)? else {
             return Ok(None);
         };
         let mut out = Vec::with_capacity(scheme.len() + 1 + new.as_bytes().len() * 4 / 3 + 4);
@@ -330,16 +400,16 @@ impl RequestSubstitution<'_> {
                 self.hit(i).wrong_host += 1;
                 continue;
             }
-            self.check(i, place)?;
             let Some(secret) = self.policy.secrets().get(i) else {
                 continue;
             };
+            let encoding = self.check(i, secret, place, &input[..m.start()], m.end())?;
             self.hit(i).substituted += 1;
             let buf = out.get_or_insert_with(|| {
                 Vec::with_capacity(self.policy.substituter.capacity_for(input))
             });
             buf.extend_from_slice(&input[copied..m.start()]);
-            buf.extend_from_slice(secret.value.expose().as_bytes());
+            encoding.write(secret.value.expose().as_bytes(), buf);
             copied = m.end();
         }
         Ok(out.map(|mut buf| {
@@ -349,21 +419,42 @@ impl RequestSubstitution<'_> {
         }))
     }
 
-    fn check(&self, i: usize, place: Place<'_>) -> Result<(), SubstituteError> {
+    /// How secret `i`'s value is written at a match preceded by `before` and ending at `end`,
+    /// or why it cannot be.
+    fn check(
+        &self,
+        i: usize,
+        secret: &MountedSecret,
+        place: Place<'_>,
+        before: &[u8],
+        end: usize,
+    ) -> Result<Encoding, SubstituteError> {
         let sub = &self.policy.substituter;
-        let secret = &self.policy.secrets()[i];
         match place {
-            Place::Encoded => Ok(()),
             Place::Header(name) if !sub.header_safe[i] => Err(SubstituteError::UnsafeInHeader {
                 id: secret.id.clone(),
                 name: secret.name.clone(),
                 header: String::from_utf8_lossy(name).into_owned(),
             }),
-            Place::Target if !sub.target_safe[i] => Err(SubstituteError::UnsafeInTarget {
-                id: secret.id.clone(),
-                name: secret.name.clone(),
-            }),
-            _ => Ok(()),
+            Place::Header(_) => Ok(Encoding::Raw),
+            Place::Basic { len, user_end }
+                if before.len() < user_end
+                    && sub.has_colon[i]
+                    && !(before.is_empty() && end == len) =>
+            {
+                Err(SubstituteError::ColonInBasicUser {
+                    id: secret.id.clone(),
+                    name: secret.name.clone(),
+                })
+            }
+            Place::Basic { .. } => Ok(Encoding::Raw),
+            Place::Target { .. } if open_percent_escape(before) => Err(
+                SubstituteError::open_escape(secret, "request target", "`%` or `%X`"),
+            ),
+            Place::Target { query } if query.is_some_and(|q| before.len() > q) => {
+                Ok(Encoding::Query)
+            }
+            Place::Target { .. } => Ok(Encoding::Path),
         }
     }
 
@@ -383,446 +474,4 @@ impl RequestSubstitution<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::secret::testing::secret;
-    use proptest::prelude::*;
-
-    const V_A: &str = "sk-ALLOWED-value-1";
-    const V_B: &str = "sk-OTHERHOST-value-2";
-    const V_U: &str = "unrestricted value 3";
-
-    fn policy() -> SandboxPolicy {
-        SandboxPolicy::new(vec![
-            secret("a", V_A, &["*.allowed.test"]),
-            secret("b", V_B, &["other.test"]),
-            secret("u", V_U, &[]),
-        ])
-        .unwrap()
-    }
-
-    fn sni(s: &str) -> ServerName {
-        ServerName::parse(s).unwrap()
-    }
-
-    fn headers<'a>(v: &'a [(&'a str, &'a str)]) -> Vec<(&'a [u8], &'a [u8])> {
-        v.iter()
-            .map(|(n, v)| (n.as_bytes(), v.as_bytes()))
-            .collect()
-    }
-
-    type Header = (Vec<u8>, Vec<u8>);
-
-    /// The request after substitution, as (target, headers).
-    fn apply(view: &RequestView<'_>, s: &Substitution) -> (String, Vec<Header>) {
-        let target = s
-            .target
-            .as_ref()
-            .map_or(view.target.to_owned(), |t| t.as_str().to_owned());
-        let mut hs: Vec<Header> = view
-            .headers
-            .iter()
-            .map(|(n, v)| (n.to_vec(), v.to_vec()))
-            .collect();
-        for (i, v) in &s.headers {
-            hs[*i].1 = v.as_bytes().to_vec();
-        }
-        (target, hs)
-    }
-
-    #[test]
-    fn header_target_and_basic_auth() {
-        let p = policy();
-        let basic = format!("Basic {}", STANDARD.encode("user:ph_a_placeholder"));
-        let h = [
-            ("Host", "api.allowed.test:443"),
-            ("Authorization", "Bearer ph_a_placeholder"),
-            ("X-Two", "ph_a_placeholder,ph_a_placeholder"),
-            ("Proxy-Thing", basic.as_str()),
-            ("Authorization", basic.as_str()),
-            ("Accept", "*/*"),
-        ];
-        let h = headers(&h);
-        let view = RequestView {
-            target: "/v1?key=ph_a_placeholder&x=1",
-            authority: None,
-            headers: &h,
-        };
-        let s = p.substitute(&sni("api.allowed.test"), &view).unwrap();
-        let (target, hs) = apply(&view, &s);
-        assert_eq!(target, format!("/v1?key={V_A}&x=1"));
-        assert_eq!(hs[1].1, format!("Bearer {V_A}").into_bytes());
-        assert_eq!(hs[2].1, format!("{V_A},{V_A}").into_bytes());
-        // Basic decoding applies to Authorization only.
-        assert_eq!(hs[3].1, basic.as_bytes());
-        assert_eq!(
-            hs[4].1,
-            format!("Basic {}", STANDARD.encode(format!("user:{V_A}"))).into_bytes()
-        );
-        assert_eq!(
-            s.headers.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
-            vec![1, 2, 4]
-        );
-        assert_eq!(
-            s.hits,
-            vec![SecretHit {
-                secret: 0,
-                substituted: 5,
-                wrong_host: 0,
-                host_mismatch: 0
-            }]
-        );
-        assert!(!s.host_mismatch);
-        assert!(s.changed());
-        // Nothing of the value in the Debug output of the result.
-        assert!(!format!("{s:?}").contains("ALLOWED"));
-    }
-
-    #[test]
-    fn basic_variants() {
-        let p = policy();
-        let n = sni("api.allowed.test");
-        let mut ctx = p.begin_request(&n, [&b"api.allowed.test"[..]]);
-        let unpadded = format!(
-            "basic  {}",
-            STANDARD.encode("ph_a_placeholder:x").trim_end_matches('=')
-        );
-        let out = ctx
-            .header(b"authorization", unpadded.as_bytes())
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            out.as_bytes(),
-            format!("basic {}", STANDARD.encode(format!("{V_A}:x"))).as_bytes()
-        );
-        // Not base64: literal substitution still applies.
-        let out = ctx
-            .header(b"authorization", b"Basic ph_a_placeholder!")
-            .unwrap()
-            .unwrap();
-        assert_eq!(out.as_bytes(), format!("Basic {V_A}!").as_bytes());
-        assert!(ctx.header(b"authorization", b"Basic").unwrap().is_none());
-        assert!(
-            ctx.header(b"authorization", b"Basic dXNlcjpwYXNz")
-                .unwrap()
-                .is_none()
-        );
-        // A value with CR/LF is fine inside base64.
-        let crlf = SandboxPolicy::new(vec![secret("c", "a\r\nb", &[])]).unwrap();
-        let mut ctx = crlf.begin_request(&n, [&b"api.allowed.test"[..]]);
-        let v = format!("Basic {}", STANDARD.encode("u:ph_c_placeholder"));
-        let out = ctx.header(b"Authorization", v.as_bytes()).unwrap().unwrap();
-        assert_eq!(
-            out.as_bytes(),
-            format!("Basic {}", STANDARD.encode("u:a\r\nb")).as_bytes()
-        );
-    }
-
-    #[test]
-    fn wrong_host_is_reported_not_substituted() {
-        let p = policy();
-        let h = [
-            ("host", "api.allowed.test"),
-            ("x-a", "ph_a_placeholder"),
-            ("x-b", "ph_b_placeholder ph_b_placeholder"),
-        ];
-        let h = headers(&h);
-        let view = RequestView {
-            target: "/ph_b_placeholder",
-            authority: None,
-            headers: &h,
-        };
-        let s = p.substitute(&sni("api.allowed.test"), &view).unwrap();
-        let (target, hs) = apply(&view, &s);
-        assert_eq!(target, "/ph_b_placeholder");
-        assert_eq!(hs[2].1, b"ph_b_placeholder ph_b_placeholder");
-        assert_eq!(hs[1].1, V_A.as_bytes());
-        assert_eq!(
-            s.hits,
-            vec![
-                SecretHit {
-                    secret: 1,
-                    substituted: 0,
-                    wrong_host: 3,
-                    host_mismatch: 0
-                },
-                SecretHit {
-                    secret: 0,
-                    substituted: 1,
-                    wrong_host: 0,
-                    host_mismatch: 0
-                },
-            ]
-        );
-        assert_eq!(s.headers.len(), 1);
-        assert!(s.target.is_none());
-    }
-
-    #[test]
-    fn host_must_match_sni() {
-        let p = policy();
-        let n = sni("api.allowed.test");
-        let req = |auth: Option<&'static [u8]>, h: &'static [(&'static [u8], &'static [u8])]| {
-            let view = RequestView {
-                target: "/?k=ph_a_placeholder",
-                authority: auth,
-                headers: h,
-            };
-            p.substitute(&n, &view).unwrap()
-        };
-        for ok in [
-            req(None, &[(b"Host", b"API.allowed.TEST.:8443")]),
-            req(Some(b"api.allowed.test"), &[]),
-            req(
-                Some(b"api.allowed.test:443"),
-                &[(b"host", b"api.allowed.test")],
-            ),
-        ] {
-            assert!(!ok.host_mismatch);
-            assert_eq!(ok.hits[0].substituted, 1);
-        }
-        for bad in [
-            req(None, &[]),
-            req(None, &[(b"Host", b"other.allowed.test")]),
-            req(Some(b"other.allowed.test"), &[]),
-            req(Some(b"api.allowed.test"), &[(b"host", b"evil.test")]),
-            req(
-                None,
-                &[(b"host", b"api.allowed.test"), (b"host", b"evil.test")],
-            ),
-            req(None, &[(b"host", b"127.0.0.1")]),
-        ] {
-            assert!(bad.host_mismatch);
-            assert!(!bad.changed());
-            assert_eq!(
-                bad.hits,
-                vec![SecretHit {
-                    secret: 0,
-                    substituted: 0,
-                    wrong_host: 0,
-                    host_mismatch: 1
-                }]
-            );
-        }
-    }
-
-    #[test]
-    fn unsafe_values_are_refused_by_name() {
-        for (value, in_header, in_target) in [
-            ("a\r\nX-Injected: 1", false, false),
-            ("a\nb", false, false),
-            ("a\0b", false, false),
-            ("a\x7fb", false, false),
-            ("a\tb", true, false),
-            ("a b", true, false),
-            ("ä-value", true, false),
-            ("a/b?c=d", true, true),
-        ] {
-            let p = SandboxPolicy::new(vec![secret("x", value, &[])]).unwrap();
-            let n = sni("api.test");
-            let mut ctx = p.begin_request(&n, [&b"api.test"[..]]);
-            let h = ctx.header(b"X-Key", b"ph_x_placeholder");
-            let t = ctx.target("/ph_x_placeholder");
-            assert_eq!(h.is_ok(), in_header, "{value:?}");
-            assert_eq!(t.is_ok(), in_target, "{value:?}");
-            for e in [
-                h.err().map(|e| e.to_string()),
-                t.err().map(|e| e.to_string()),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                assert!(e.contains("NAME_x") && e.contains("(x)"), "{e}");
-                assert!(!e.contains(value), "{e}");
-            }
-        }
-        // The error names the header.
-        let p = SandboxPolicy::new(vec![secret("x", "a\r\nb", &[])]).unwrap();
-        let n = sni("api.test");
-        let h = headers(&[("host", "api.test"), ("X-Key", "ph_x_placeholder")]);
-        let e = p
-            .substitute(
-                &n,
-                &RequestView {
-                    target: "/",
-                    authority: None,
-                    headers: &h,
-                },
-            )
-            .unwrap_err();
-        assert_eq!(
-            e,
-            SubstituteError::UnsafeInHeader {
-                id: "x".into(),
-                name: "NAME_x".into(),
-                header: "X-Key".into()
-            }
-        );
-        // A placeholder of an unsafe secret that is NOT substituted (wrong host) is no error.
-        let p = SandboxPolicy::new(vec![secret("x", "a\r\nb", &["elsewhere.test"])]).unwrap();
-        let s = p
-            .substitute(
-                &n,
-                &RequestView {
-                    target: "/",
-                    authority: None,
-                    headers: &h,
-                },
-            )
-            .unwrap();
-        assert_eq!(s.hits[0].wrong_host, 1);
-    }
-
-    #[test]
-    fn nothing_matches_nothing_changes() {
-        let p = policy();
-        let n = sni("api.allowed.test");
-        let h = headers(&[
-            ("host", "api.allowed.test"),
-            ("user-agent", "curl/8"),
-            ("x", "ph_a_placeholdeR"),
-        ]);
-        let s = p
-            .substitute(
-                &n,
-                &RequestView {
-                    target: "/v1/chat",
-                    authority: None,
-                    headers: &h,
-                },
-            )
-            .unwrap();
-        assert_eq!(s, Substitution::default());
-        assert_eq!(s.headers.capacity(), 0);
-        assert_eq!(s.hits.capacity(), 0);
-        let empty = SandboxPolicy::new(vec![]).unwrap();
-        let s = empty
-            .substitute(
-                &n,
-                &RequestView {
-                    target: "/ph_a_placeholder",
-                    authority: None,
-                    headers: &h,
-                },
-            )
-            .unwrap();
-        assert_eq!(s, Substitution::default());
-    }
-
-    /// Naive reference: plain string replacement of allowed placeholders.
-    fn reference(p: &SandboxPolicy, n: &ServerName, s: &str) -> String {
-        let mut out = s.to_owned();
-        for (i, sec) in p.secrets().iter().enumerate() {
-            if p.secret_allows(i, n) {
-                out = out.replace(&sec.placeholder, sec.value.expose());
-            }
-        }
-        out
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(1000))]
-
-        #[test]
-        fn agrees_with_naive_replacement(
-            parts in prop::collection::vec(prop_oneof![
-                "[a-z/?=&_-]{0,6}",
-                Just("ph_a_placeholder".to_owned()),
-                Just("ph_b_placeholder".to_owned()),
-                Just("ph_u_placeholder".to_owned()),
-                Just("ph_a_placehol".to_owned()),
-            ], 0..8),
-            host in prop::sample::select(vec!["api.allowed.test", "other.test", "x.test"]),
-        ) {
-            let p = SandboxPolicy::new(vec![
-                secret("a", "VA-a-value-much-longer-than-its-placeholder", &["*.allowed.test"]),
-                secret("b", "VB", &["other.test"]),
-                secret("u", "VU", &[]),
-            ]).unwrap();
-            let n = sni(host);
-            let text = parts.concat();
-            let target = format!("/{text}");
-            let h = [(&b"host"[..], host.as_bytes()), (b"x", text.as_bytes())];
-            let s = p.substitute(&n, &RequestView { target: &target, authority: None, headers: &h }).unwrap();
-            let (t, hs) = apply(&RequestView { target: &target, authority: None, headers: &h }, &s);
-            prop_assert_eq!(&t, &reference(&p, &n, &target));
-            prop_assert_eq!(String::from_utf8(hs[1].1.clone()).unwrap(), reference(&p, &n, &text));
-            let total: u32 = s.hits.iter().map(|h| h.substituted + h.wrong_host).sum();
-            let occurrences = ["ph_a_placeholder", "ph_b_placeholder", "ph_u_placeholder"]
-                .iter().map(|ph| text.matches(ph).count()).sum::<usize>();
-            prop_assert_eq!(total as usize, occurrences * 2);
-        }
-
-        #[test]
-        fn arbitrary_requests_never_panic(
-            target in "\\PC{0,40}",
-            vals in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 0..4),
-        ) {
-            let p = policy();
-            let n = sni("api.allowed.test");
-            let h: Vec<(&[u8], &[u8])> = vals.iter().map(|v| (&b"authorization"[..], v.as_slice())).collect();
-            let _ = p.substitute(&n, &RequestView { target: &target, authority: Some(b"api.allowed.test"), headers: &h });
-        }
-    }
-
-    /// Hot-path timing; run with
-    /// `cargo test -p veil-policy --release -- --ignored --nocapture perf`.
-    #[test]
-    #[ignore = "timing, run by hand in release mode"]
-    fn perf_substitution() {
-        use std::hint::black_box;
-        use std::time::Instant;
-        let p = SandboxPolicy::new(
-            (0..8)
-                .map(|i| {
-                    secret(
-                        &format!("s{i}"),
-                        "sk-0123456789abcdef0123456789abcdef",
-                        &["*.allowed.test"],
-                    )
-                })
-                .collect(),
-        )
-        .unwrap();
-        let n = sni("api.allowed.test");
-        let plain = [
-            (&b"host"[..], &b"api.allowed.test"[..]),
-            (b"user-agent", b"python-httpx/0.27.0"),
-            (b"accept", b"application/json"),
-            (b"accept-encoding", b"gzip, deflate, br"),
-            (b"content-type", b"application/json"),
-            (b"x-request-id", b"4b9a0b4e-7b2c-4f55-9d0a-3f1d1c2b7e11"),
-            (
-                b"authorization",
-                b"Bearer sk-not-a-placeholder-0123456789abcdef",
-            ),
-        ];
-        let mut with = plain;
-        with[6] = (b"authorization", b"Bearer ph_s3_placeholder");
-        for (label, h) in [("no match", &plain), ("one match", &with)] {
-            let view = RequestView {
-                target: "/v1/chat/completions?stream=true",
-                authority: None,
-                headers: h,
-            };
-            let iters = 200_000u32;
-            let start = Instant::now();
-            for _ in 0..iters {
-                black_box(p.substitute(black_box(&n), black_box(&view)).unwrap());
-            }
-            let ns = start.elapsed().as_nanos() / u128::from(iters);
-            println!("substitute, 7 headers, 8 secrets, {label}: {ns} ns/op");
-        }
-        let hello = include_bytes!("../testdata/curl_http2.bin");
-        let iters = 100_000u32;
-        let start = Instant::now();
-        for _ in 0..iters {
-            let peek = crate::client_hello::parse_client_hello(black_box(hello));
-            if let crate::client_hello::Peek::Tls(h) = peek {
-                black_box(p.decide_hello(&h));
-            }
-        }
-        let ns = start.elapsed().as_nanos() / u128::from(iters);
-        println!("parse_client_hello (curl h2, 517 B) + decide: {ns} ns/op");
-    }
-}
+mod tests;

@@ -59,9 +59,9 @@ fn no_match_allocates_nothing() {
         headers: &headers,
     };
     // Warm up lazily initialised state (the automaton's scratch space).
-    let _ = policy.substitute(&sni, &view).unwrap();
+    let _ = policy.substitute(&sni, 443, &view).unwrap();
     let before = ALLOCATIONS.load(Ordering::Relaxed);
-    let result = policy.substitute(&sni, &view).unwrap();
+    let result = policy.substitute(&sni, 443, &view).unwrap();
     let decision = policy.decide(Some(&sni), Some(&[]));
     let after = ALLOCATIONS.load(Ordering::Relaxed);
     assert!(!result.changed());
@@ -78,7 +78,7 @@ fn no_match_allocates_nothing() {
         ..view
     };
     let before = ALLOCATIONS.load(Ordering::Relaxed);
-    let result = policy.substitute(&sni, &view).unwrap();
+    let result = policy.substitute(&sni, 443, &view).unwrap();
     assert!(ALLOCATIONS.load(Ordering::Relaxed) > before);
     assert!(result.changed());
 }

@@ -32,6 +32,7 @@ pub mod cgroup;
 pub mod clients;
 pub mod cmd;
 pub mod control;
+pub mod decoding;
 pub mod env;
 pub mod https;
 pub mod interactive;

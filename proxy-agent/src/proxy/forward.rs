@@ -197,13 +197,9 @@ async fn apply_policy(
     parts: &mut http::request::Parts,
     body: Incoming,
 ) -> Result<(ProxyBody, Vec<SecretHit>), Response<ProxyBody>> {
-    let head = match substitute(policy, &ctx.sni, parts) {
+    let head = match substitute(policy, &ctx.sni, ctx.dst.port(), parts) {
         Ok(head) => head,
-        Err(e) => {
-            Stats::inc(&ctx.stats.refused);
-            debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, error = %e, "request refused");
-            return Err(plain(StatusCode::BAD_REQUEST, format!("veil: {e}\n")));
-        }
+        Err(e) => return Err(refuse(ctx, &e)),
     };
     let mut hits = head.hits;
     if let Some(answer) = block(ctx, policy, &hits) {
@@ -248,7 +244,10 @@ async fn apply_policy(
         }
         Bounded::Whole(data, trailers) => (data, trailers),
     };
-    let sub = policy.substitute_body(&ctx.sni, head.host_ok, kind, &data, overrides);
+    let sub = match policy.substitute_body(&ctx.sni, head.host_ok, kind, &data, overrides) {
+        Ok(sub) => sub,
+        Err(e) => return Err(refuse(ctx, &RequestError::from(e))),
+    };
     merge_hits(&mut hits, &sub.hits);
     if let Some(answer) = block(ctx, policy, &hits) {
         return Err(answer);
@@ -263,6 +262,14 @@ async fn apply_policy(
         None => whole(Bytes::from(data), trailers).boxed_unsync(),
     };
     Ok((body, hits))
+}
+
+/// The 400 answer (counted) when a value cannot be substituted safely; names the secret, never
+/// the value.
+fn refuse(ctx: &ConnContext, e: &RequestError) -> Response<ProxyBody> {
+    Stats::inc(&ctx.stats.refused);
+    debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, error = %e, "request refused");
+    plain(StatusCode::BAD_REQUEST, format!("veil: {e}\n"))
 }
 
 /// The 403 answer (counted, reported to control) when `hits` carry a blocking secret's
@@ -329,10 +336,12 @@ pub struct HeadSubstitution {
     pub host_ok: bool,
 }
 
-/// Runs the policy's substitution over the request head; returns the per-secret counts.
+/// Runs the policy's substitution over the request head on a connection intercepted for `sni`
+/// to port `port` (the original destination's); returns the per-secret counts.
 pub fn substitute(
     policy: &SandboxPolicy,
     sni: &ServerName,
+    port: u16,
     parts: &mut http::request::Parts,
 ) -> Result<HeadSubstitution, RequestError> {
     let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
@@ -341,7 +350,7 @@ pub fn substitute(
         .get_all(header::HOST)
         .iter()
         .map(HeaderValue::as_bytes);
-    let mut sub = policy.begin_request(sni, authority.into_iter().chain(hosts));
+    let mut sub = policy.begin_request(sni, port, authority.into_iter().chain(hosts));
     if let Some(pq) = parts.uri.path_and_query()
         && let Some(new) = sub.target(pq.as_str())?
     {
@@ -494,7 +503,7 @@ mod tests {
                 ("authorization", "Basic dXNlcjp2ZWlsX3BoXzAxMjM="),
             ],
         );
-        let head = substitute(&p, &sni, &mut req).unwrap();
+        let head = substitute(&p, &sni, 443, &mut req).unwrap();
         assert!(head.host_ok);
         assert_eq!(head.hits[0].substituted, 3);
         assert_eq!(req.uri.to_string(), "/v1?k=sk-real");
@@ -510,10 +519,35 @@ mod tests {
             "/v1",
             &[("host", "evil.test"), ("x-key", "Bearer veil_ph_0123")],
         );
-        let head = substitute(&p, &sni, &mut other).unwrap();
+        let head = substitute(&p, &sni, 443, &mut other).unwrap();
         assert!(!head.host_ok);
         assert_eq!(head.hits[0].host_mismatch, 1);
         assert_eq!(other.headers["x-key"].as_bytes(), b"Bearer veil_ph_0123");
+
+        // The Host names the SNI but another port than the connection's.
+        let mut port = parts(
+            "/v1",
+            &[("host", "api.allowed.test:8443"), ("x-key", "veil_ph_0123")],
+        );
+        let head = substitute(&p, &sni, 443, &mut port).unwrap();
+        assert!(!head.host_ok);
+        assert_eq!(port.headers["x-key"].as_bytes(), b"veil_ph_0123");
+        let head = substitute(&p, &sni, 8443, &mut port).unwrap();
+        assert!(head.host_ok);
+        assert_eq!(port.headers["x-key"].as_bytes(), b"sk-real");
+    }
+
+    #[test]
+    fn a_placeholder_after_an_open_escape_is_refused_by_name() {
+        let p = policy();
+        let sni = ServerName::parse("api.allowed.test").unwrap();
+        let mut req = parts("/v1?k=%veil_ph_0123", &[("host", "api.allowed.test")]);
+        let e = substitute(&p, &sni, 443, &mut req).unwrap_err().to_string();
+        assert!(
+            e.contains("secret KEY (sec_1)") && !e.contains("sk-real"),
+            "{e}"
+        );
+        assert_eq!(req.uri.to_string(), "/v1?k=%veil_ph_0123");
     }
 
     #[test]
