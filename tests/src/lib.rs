@@ -35,6 +35,7 @@ pub mod env;
 pub mod https;
 pub mod netns;
 pub mod owner;
+pub mod request_policy;
 pub mod runcli;
 pub mod sandbox;
 pub mod servers;
