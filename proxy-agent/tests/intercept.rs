@@ -345,8 +345,20 @@ impl Nginx {
             .args(["-p", &d.to_string(), "-c", &format!("{d}/nginx.conf")])
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        Nginx { child, _dir: dir }
+        let mut nginx = Nginx { child, _dir: dir };
+        // Ready means its socket listens in the world netns (before that a client is refused);
+        // an nginx that exited (bad config, port taken) never will.
+        let addr = std::net::SocketAddr::new(ip, port);
+        let mut exited = None;
+        let listening = veil_tests::cmd::wait_until(Duration::from_secs(10), || {
+            exited = nginx.child.try_wait().unwrap();
+            exited.is_some() || world.netns().tcp_listeners().contains(&addr)
+        }) && exited.is_none();
+        assert!(
+            listening,
+            "nginx is not listening on {addr} (exited: {exited:?}); its stderr is above"
+        );
+        nginx
     }
 }
 

@@ -38,6 +38,7 @@ pub mod https;
 pub mod interactive;
 pub mod netns;
 pub mod owner;
+pub mod request_policy;
 pub mod runcli;
 pub mod sandbox;
 pub mod servers;

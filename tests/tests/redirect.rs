@@ -194,7 +194,14 @@ fn identical_client_addresses_in_two_sandboxes_reach_their_own_destinations() {
     };
     let a = spawn(&sb_a, up_a.addr());
     let b = spawn(&sb_b, up_b.addr());
-    std::thread::sleep(Duration::from_millis(500));
+    // The kernel completes each handshake with the stopped agent's listener, and the sock_ops
+    // program records the original destination as the client socket becomes ESTABLISHED: once
+    // both sandboxes show theirs, both records exist and neither has been looked up.
+    let port = bind.rsplit(':').next().expect("port");
+    let both = veil_tests::cmd::wait_until(TIMEOUT, || {
+        [&ns_a, &ns_b].iter().all(|ns| established_from(ns, port))
+    });
+    assert!(both, "the probes' connections were not both established");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(veil.pid() as i32),
         nix::sys::signal::Signal::SIGCONT,
@@ -210,6 +217,26 @@ fn identical_client_addresses_in_two_sandboxes_reach_their_own_destinations() {
             "a sandbox reached the other's destination"
         );
     }
+}
+
+/// Whether a TCP connection from local port `port` is established in `ns` (per `ss`).
+fn established_from(ns: &NetNs, port: &str) -> bool {
+    let mut cmd = ns.command("ss");
+    cmd.args([
+        "-Htn",
+        "state",
+        "established",
+        "sport",
+        "=",
+        &format!(":{port}"),
+    ]);
+    let out = veil_tests::output_within(&mut cmd, TIMEOUT);
+    assert!(
+        out.status.success(),
+        "ss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    !String::from_utf8_lossy(&out.stdout).trim().is_empty()
 }
 
 #[test]
@@ -409,7 +436,15 @@ fn sigterm_drains_open_connections_and_exits_zero() {
     let pid = veil.pid();
     let status = std::thread::scope(|s| {
         let terminator = s.spawn(|| veil.agent().terminate());
-        std::thread::sleep(Duration::from_millis(500));
+        // Draining: the agent took SIGTERM (STOPPING=1) and stopped accepting (its listeners
+        // in the sandbox's netns are closed); only then is the open connection used.
+        veil.agent()
+            .wait_notify("STOPPING=1", Duration::from_secs(10));
+        assert!(
+            veil_tests::cmd::wait_until(Duration::from_secs(10), || ns.tcp_listeners().is_empty()),
+            "the agent still accepts after SIGTERM: {:?}",
+            ns.tcp_listeners()
+        );
         std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), b"go\n").expect("write");
         line.clear();
         std::io::BufRead::read_line(&mut stdout, &mut line).expect("read");

@@ -3,31 +3,142 @@
 //! It prints exactly ONE JSON line on stdout and exits 0 on success; on failure the line has an
 //! `"error"` field (an errno name such as `"EPERM"` or `"ETIMEDOUT"`, or `"USAGE"`, or for
 //! `echo` `"CONNECTIONS_FAILED"` with per-connection `"errors"`) and the exit code is non-zero.
+//! `--help` and `--version` print text instead and exit 0.
 //!
 //! ```text
 //! veil-probe tcp  --addr A [--bind B] [--send TEXT] [--half-close] [--timeout-ms T]
 //! veil-probe echo --addr A --conns N --bytes B [--seed S] [--timeout-ms T]
 //! veil-probe udp  --addr A --send TEXT [--connect] [--timeout-ms T]
 //! ```
-use std::collections::HashMap;
+//!
+//! Exit status: see [`EXIT_STATUS`].
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::process::ExitCode;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use clap::error::ErrorKind as ClapErrorKind;
+use clap::{Args, Parser, Subcommand};
 use rand::{RngCore, SeedableRng};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use socket2::{Domain, Protocol, Socket, Type};
 
+/// What the exit status means; shown under every `--help`.
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  the probe succeeded (its JSON line on stdout)
+  1  the probe failed: the JSON line's \"error\" names why (an errno name, CONNECTIONS_FAILED)
+  2  bad command line: the JSON line says {\"error\":\"USAGE\"}, the reason is on stderr";
+
+/// A network client for the end-to-end tests: prints one JSON line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "veil-probe",
+    version,
+    propagate_version = true,
+    after_help = EXIT_STATUS,
+    args_override_self = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Connects (optionally bound first), sends TEXT, reads one line or until EOF.
+    #[command(after_help = EXIT_STATUS)]
+    Tcp(TcpArgs),
+    /// N concurrent connections, each sending B seeded-random bytes and checking the echo.
+    #[command(after_help = EXIT_STATUS)]
+    Echo(EchoArgs),
+    /// Sends one datagram (sendto, or connect + send with --connect) and waits for one reply.
+    #[command(after_help = EXIT_STATUS)]
+    Udp(UdpArgs),
+}
+
+/// Options of `tcp`.
+#[derive(Debug, Args)]
+struct TcpArgs {
+    /// Where to connect: IP:PORT or [IPv6]:PORT.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Bind the socket to this IP:PORT before connecting.
+    #[arg(long)]
+    bind: Option<SocketAddr>,
+    /// Text to send once connected.
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
+    send: Option<String>,
+    /// Shut down the sending side after sending.
+    #[arg(long)]
+    half_close: bool,
+    /// Bound on connecting and on each read.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    timeout_ms: u64,
+}
+
+/// Options of `echo`.
+#[derive(Debug, Args)]
+struct EchoArgs {
+    /// The echo server: IP:PORT or [IPv6]:PORT.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Connections, all open at once before any sends.
+    #[arg(long, value_parser = at_least_one)]
+    conns: usize,
+    /// Bytes sent (and expected back) on each connection.
+    #[arg(long)]
+    bytes: usize,
+    /// Seed of the payloads (distinct per connection).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Bound on connecting and on each read and write.
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    timeout_ms: u64,
+}
+
+/// Options of `udp`.
+#[derive(Debug, Args)]
+struct UdpArgs {
+    /// Where to send: IP:PORT or [IPv6]:PORT.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// The datagram's text.
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
+    send: String,
+    /// connect(2) first and send(2), instead of sendto(2).
+    #[arg(long)]
+    connect: bool,
+    /// Bound on waiting for the reply.
+    #[arg(long, value_name = "MS", default_value_t = 2_000)]
+    timeout_ms: u64,
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// clap's error as one line: its first paragraph (a missing argument is named on the line
+/// after the sentence), without the `error: ` prefix.
+fn usage_message(e: &clap::Error) -> String {
+    if e.kind() == ClapErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        return "a subcommand is required: tcp, echo or udp".to_owned();
+    }
+    let rendered = e.to_string();
+    let first = rendered.split("\n\n").next().unwrap_or_default();
+    let line = first.split_whitespace().collect::<Vec<_>>().join(" ");
+    line.strip_prefix("error: ").unwrap_or(&line).to_owned()
+}
+
 /// A failure: the JSON error line to print.
 #[derive(Debug)]
 struct Failure(Value);
-
-fn usage(msg: impl std::fmt::Display) -> Failure {
-    Failure(json!({"error": "USAGE", "message": msg.to_string()}))
-}
 
 /// An I/O failure at `stage`, named by its errno.
 fn io_failure(stage: &str, e: &std::io::Error) -> Failure {
@@ -70,76 +181,31 @@ fn errno_name(e: &std::io::Error) -> String {
     }
 }
 
-/// `--key value` and `--flag` options after the subcommand.
-struct Opts(HashMap<String, Option<String>>);
-
-impl Opts {
-    fn parse(args: &[String], flags: &[&str]) -> Result<Opts, Failure> {
-        let mut map = HashMap::new();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let key = a
-                .strip_prefix("--")
-                .ok_or_else(|| usage(format!("unexpected argument {a:?}")))?;
-            if flags.contains(&key) {
-                map.insert(key.to_owned(), None);
-            } else {
-                let v = it
-                    .next()
-                    .ok_or_else(|| usage(format!("--{key} needs a value")))?;
-                map.insert(key.to_owned(), Some(v.clone()));
-            }
-        }
-        Ok(Opts(map))
-    }
-
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.as_deref())
-    }
-
-    fn flag(&self, key: &str) -> bool {
-        self.0.contains_key(key)
-    }
-
-    fn required(&self, key: &str) -> Result<&str, Failure> {
-        self.get(key)
-            .ok_or_else(|| usage(format!("--{key} is required")))
-    }
-
-    fn addr(&self, key: &str) -> Result<SocketAddr, Failure> {
-        let v = self.required(key)?;
-        v.parse()
-            .map_err(|e| usage(format!("--{key} {v:?} is not IP:PORT ([IPv6]:PORT): {e}")))
-    }
-
-    fn number<T: std::str::FromStr>(&self, key: &str, default: Option<T>) -> Result<T, Failure>
-    where
-        T::Err: std::fmt::Display,
-    {
-        match (self.get(key), default) {
-            (Some(v), _) => v.parse().map_err(|e| usage(format!("--{key} {v:?}: {e}"))),
-            (None, Some(d)) => Ok(d),
-            (None, None) => Err(usage(format!("--{key} is required"))),
-        }
-    }
-
-    fn timeout(&self) -> Result<Duration, Failure> {
-        Ok(Duration::from_millis(
-            self.number("timeout-ms", Some(10_000u64))?,
-        ))
-    }
-}
-
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.split_first() {
-        Some((cmd, rest)) => match cmd.as_str() {
-            "tcp" => tcp(rest),
-            "echo" => echo(rest),
-            "udp" => udp(rest),
-            other => Err(usage(format!("unknown subcommand {other:?}"))),
-        },
-        None => Err(usage("usage: veil-probe tcp|echo|udp --addr A ...")),
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ClapErrorKind::DisplayHelp | ClapErrorKind::DisplayVersion
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            // Callers parse stdout as the probe's one JSON line, so a usage error is one too;
+            // clap's message (one line naming the problem, then a hint) goes to stderr.
+            println!(
+                "{}",
+                json!({"error": "USAGE", "message": usage_message(&e)})
+            );
+            e.exit()
+        }
+    };
+    let result = match cli.cmd {
+        Cmd::Tcp(a) => tcp(&a),
+        Cmd::Echo(a) => echo(&a),
+        Cmd::Udp(a) => udp(&a),
     };
     match result {
         Ok(v) => {
@@ -154,16 +220,12 @@ fn main() -> ExitCode {
 }
 
 /// Connects (optionally bound first), sends TEXT, reads one line or until EOF.
-fn tcp(args: &[String]) -> Result<Value, Failure> {
-    let o = Opts::parse(args, &["half-close"])?;
-    let addr = o.addr("addr")?;
-    let timeout = o.timeout()?;
+fn tcp(a: &TcpArgs) -> Result<Value, Failure> {
+    let addr = a.addr;
+    let timeout = Duration::from_millis(a.timeout_ms);
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| io_failure("socket", &e))?;
-    if let Some(b) = o.get("bind") {
-        let bind: SocketAddr = b
-            .parse()
-            .map_err(|e| usage(format!("--bind {b:?} is not IP:PORT: {e}")))?;
+    if let Some(bind) = a.bind {
         sock.set_reuse_address(true)
             .map_err(|e| io_failure("setsockopt", &e))?;
         sock.bind(&bind.into())
@@ -185,12 +247,12 @@ fn tcp(args: &[String]) -> Result<Value, Failure> {
     stream
         .set_read_timeout(Some(timeout))
         .map_err(|e| io_failure("setsockopt", &e))?;
-    if let Some(text) = o.get("send") {
+    if let Some(text) = &a.send {
         stream
             .write_all(text.as_bytes())
             .map_err(|e| io_failure("send", &e))?;
     }
-    if o.flag("half-close") {
+    if a.half_close {
         stream
             .shutdown(Shutdown::Write)
             .map_err(|e| io_failure("shutdown", &e))?;
@@ -235,18 +297,9 @@ enum ConnResult {
 }
 
 /// N concurrent connections, each sending B seeded-random bytes and checking the echo.
-fn echo(args: &[String]) -> Result<Value, Failure> {
-    let o = Opts::parse(args, &[])?;
-    let addr = o.addr("addr")?;
-    let conns: usize = o.number("conns", None)?;
-    let bytes: usize = o.number("bytes", None)?;
-    let seed: u64 = o.number("seed", Some(0))?;
-    let timeout = o
-        .number("timeout-ms", Some(60_000u64))
-        .map(Duration::from_millis)?;
-    if conns == 0 {
-        return Err(usage("--conns must be at least 1"));
-    }
+fn echo(a: &EchoArgs) -> Result<Value, Failure> {
+    let (addr, conns, bytes, seed) = (a.addr, a.conns, a.bytes, a.seed);
+    let timeout = Duration::from_millis(a.timeout_ms);
     // Every connection is established before any sends, so all N are open at once.
     let barrier = Arc::new(Gate::new(conns, timeout));
     let handles: Vec<_> = (0..conns)
@@ -410,23 +463,19 @@ fn one_echo(
 }
 
 /// Sends one datagram (sendto, or connect + send with --connect) and waits for one reply.
-fn udp(args: &[String]) -> Result<Value, Failure> {
-    let o = Opts::parse(args, &["connect"])?;
-    let addr = o.addr("addr")?;
-    let text = o.required("send")?;
-    let timeout = o
-        .number("timeout-ms", Some(2_000u64))
-        .map(Duration::from_millis)?;
+fn udp(a: &UdpArgs) -> Result<Value, Failure> {
+    let (addr, text) = (a.addr, &a.send);
+    let timeout = Duration::from_millis(a.timeout_ms);
     let bind: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0".parse().map_err(|e| usage(format!("{e}")))?
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
-        "[::]:0".parse().map_err(|e| usage(format!("{e}")))?
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
     let socket = UdpSocket::bind(bind).map_err(|e| io_failure("bind", &e))?;
     socket
         .set_read_timeout(Some(timeout))
         .map_err(|e| io_failure("setsockopt", &e))?;
-    let connected = o.flag("connect");
+    let connected = a.connect;
     if connected {
         socket
             .connect(addr)
@@ -458,5 +507,17 @@ fn udp(args: &[String]) -> Result<Value, Failure> {
             "stage": "recv",
             "message": e.to_string(),
         }))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

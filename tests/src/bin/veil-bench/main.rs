@@ -1,24 +1,33 @@
 //! `veil-bench`: benchmarks run by `cargo xtask bench` (root; real namespaces and agent).
 //!
-//! `veil-bench passthrough [--bytes N] [--seconds S] [--runs R]` measures bulk throughput and new
-//! connections per second from a sandbox to an upstream, direct (same netns, outside the
-//! cgroup) and through veil-agent (inside the cgroup), interleaved, and prints medians and
-//! ratios. `veil-bench suite [--seconds S] [--runs R] [--out MD] [--png PNG] [--mitmdump PATH]`
-//! compares veil with direct, nginx and mitmproxy and writes docs/benchmarks.md (see suite.rs);
-//! `veil-bench soak [--connections N] [--sandboxes S] [--seconds T]` is the load and leak soak.
-//! The `client-*` subcommands are the client side, re-executed inside the sandbox.
+//! `veil-bench passthrough` measures bulk throughput and new connections per second from a
+//! sandbox to an upstream, direct (same netns, outside the cgroup) and through veil-agent
+//! (inside the cgroup), interleaved, and prints medians and ratios. `veil-bench suite` compares
+//! veil with direct, nginx and mitmproxy and writes docs/benchmarks.md (see suite.rs);
+//! `veil-bench soak` is the load and leak soak; `registration`, `restart`, `mitm` and `rotation`
+//! measure one thing each. The `client-*` subcommands are the client side, re-executed inside
+//! the sandbox. `veil-bench help SUBCOMMAND` lists a subcommand's options and defaults.
+//!
+//! The command line is parsed (cli.rs) before anything is set up: `--help`, `--version` and a
+//! bad argument create nothing. Exit status: 0 the benchmark ran and its checks held; 1 it
+//! failed (one line on stderr); 2 bad command line, nothing run; 101 a fixture could not be
+//! set up (the panic says which).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
+use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::Parser;
 use veil_tests::cmd::run_probe;
 use veil_tests::{AgentSandbox, NetNs, Sandbox, TcpHello, Veil, World};
 
+use crate::cli::{Cli, Cmd, SuiteArgs};
+
+mod cli;
 mod idle;
 mod load;
 mod mitm;
@@ -27,74 +36,71 @@ mod rotation;
 mod soak;
 mod suite;
 
-fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |name: &str, default: u64| -> Result<u64> {
-        match args.iter().position(|a| a == name) {
-            Some(i) => args
-                .get(i + 1)
-                .context(format!("{name} needs a value"))?
-                .parse()
-                .context(format!("{name} must be a number")),
-            None => Ok(default),
+fn main() -> ExitCode {
+    // Exits 0 for --help/--version and 2 for a bad command line, before anything runs.
+    let cli = Cli::parse();
+    match run(cli.cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("veil-bench: {e:#}");
+            ExitCode::FAILURE
         }
-    };
-    let sarg = |name: &str, default: &str| -> String {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .map_or_else(|| default.to_owned(), Clone::clone)
-    };
-    match args.first().map(String::as_str) {
-        Some("suite") => suite::run(&suite::Options {
-            seconds: arg("--seconds", 5)?,
-            runs: arg("--runs", 3)?,
-            out: sarg("--out", "docs/benchmarks.md").into(),
-            png: sarg("--png", "docs/benchmarks.png").into(),
-            mitmdump: sarg(
-                "--mitmdump",
-                &peers::default_mitmdump().display().to_string(),
-            )
-            .into(),
-            nginx_keepalive: u32::try_from(arg("--nginx-keepalive", 256)?)?,
-            nginx_workers: u32::try_from(arg("--nginx-workers", 2)?)?,
-            bulk_bytes: arg("--bytes", 512 << 20)?,
+    }
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Suite(SuiteArgs {
+            seconds,
+            runs,
+            out,
+            png,
+            mitmdump,
+            nginx_keepalive,
+            nginx_workers,
+            bytes,
+        }) => suite::run(&suite::Options {
+            seconds,
+            runs,
+            out,
+            png,
+            mitmdump,
+            nginx_keepalive,
+            nginx_workers,
+            bulk_bytes: bytes,
         }),
-        Some("soak") => soak::run(
-            arg("--connections", 10_000)?,
-            arg("--sandboxes", 100)?,
-            arg("--seconds", 300)?,
-        ),
-        Some("client-idle") => idle::client(
-            parse_addr(args.get(1))?,
-            arg("--count", 1000)?,
-            &sarg("--header", "x-bench: 1"),
-        ),
-        Some("client-soak") => soak::client(
-            parse_addr(args.get(1))?,
-            arg("--count", 100)?,
-            arg("--seconds", 60)?,
-            &sarg("--header", "x-bench: 1"),
-            arg("--seed", 0)?,
-        ),
-        Some("passthrough") => passthrough(
-            arg("--bytes", 2 << 30)?,
-            arg("--seconds", 5)?,
-            arg("--runs", 3)?,
-        ),
-        Some("registration") => registration(arg("--count", 100)?),
-        Some("restart") => restart(arg("--count", 20)?),
-        Some("rotation") => rotation::run(arg("--count", 100)?),
-        Some("mitm") => mitm::run(arg("--seconds", 10)?, arg("--runs", 3)?),
-        Some("client-bulk") => client_bulk(parse_addr(args.get(1))?, arg("--bytes", 1 << 30)?),
-        Some("client-connrate") => client_connrate(
-            parse_addr(args.get(1))?,
-            arg("--seconds", 5)?,
-            arg("--concurrency", 8)?,
-        ),
-        _ => bail!(
-            "usage: veil-bench suite [--seconds S] [--runs R] [--out MD] [--png PNG] [--mitmdump PATH] [--nginx-keepalive N] [--nginx-workers N] [--bytes N] | soak [--connections N] [--sandboxes S] [--seconds T] | passthrough [--bytes N] [--seconds S] [--runs R] | registration [--count N] | restart [--count N] | mitm [--seconds S] [--runs R] | rotation [--count N]"
-        ),
+        Cmd::Soak {
+            connections,
+            sandboxes,
+            seconds,
+        } => soak::run(connections, sandboxes, seconds),
+        Cmd::ClientIdle {
+            addr,
+            count,
+            header,
+        } => idle::client(addr, count, &header),
+        Cmd::ClientSoak {
+            addr,
+            count,
+            seconds,
+            header,
+            seed,
+        } => soak::client(addr, count, seconds, &header, seed),
+        Cmd::Passthrough {
+            bytes,
+            seconds,
+            runs,
+        } => passthrough(bytes, seconds, runs),
+        Cmd::Registration { count } => registration(count),
+        Cmd::Restart { count } => restart(count),
+        Cmd::Rotation { count } => rotation::run(count),
+        Cmd::Mitm { seconds, runs } => mitm::run(seconds, runs),
+        Cmd::ClientBulk { addr, bytes } => client_bulk(addr, bytes),
+        Cmd::ClientConnrate {
+            addr,
+            seconds,
+            concurrency,
+        } => client_connrate(addr, seconds, concurrency),
     }
 }
 
@@ -112,12 +118,6 @@ pub(crate) fn raise_nofile() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
-}
-
-fn parse_addr(a: Option<&String>) -> Result<SocketAddr> {
-    a.context("address missing")?
-        .parse()
-        .context("bad socket address")
 }
 
 /// Writes `bytes` to a sink and reports seconds until the sink confirmed receipt.

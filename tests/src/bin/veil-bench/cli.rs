@@ -1,0 +1,245 @@
+//! The command line of `veil-bench`: every subcommand and its options, parsed by clap before
+//! anything runs, so `--help`, `--version` and a bad argument never set up a namespace, a cgroup
+//! or an agent.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// What the exit status means; shown under every `--help`.
+pub const EXIT_STATUS: &str = "\
+Exit status:
+  0    the benchmark ran and every check it makes held (results on stdout)
+  1    the benchmark failed: a check did not hold or a step could not run (one line on stderr)
+  2    bad command line (unknown subcommand or option, bad value); nothing was run
+  101  a fixture could not be set up (not root, a binary missing); the panic message says which";
+
+/// Benchmarks run by `cargo xtask bench` (as root: real namespaces, cgroups and agent).
+#[derive(Debug, Parser)]
+#[command(
+    name = "veil-bench",
+    version,
+    propagate_version = true,
+    after_help = EXIT_STATUS,
+    // The suite's defaults may be given again by the caller (`cargo xtask bench` passes
+    // --out/--png/--mitmdump, extra arguments after it): the last one wins.
+    args_override_self = true
+)]
+pub struct Cli {
+    /// The benchmark (or client side) to run.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// A count, duration or size: at least 1 (a median or rate of nothing is no measurement).
+fn positive(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A positive number that fits a `u32` (nginx settings).
+fn positive_u32(s: &str) -> Result<u32, String> {
+    u32::try_from(positive(s)?).map_err(|e| e.to_string())
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// veil against direct, nginx and mitmproxy; writes a Markdown report and a PNG.
+    #[command(after_help = EXIT_STATUS)]
+    Suite(SuiteArgs),
+    /// Load and leak soak: many intercepted keep-alive connections over many sandboxes.
+    #[command(after_help = EXIT_STATUS)]
+    Soak {
+        /// Concurrent connections in all (at least one per sandbox).
+        #[arg(long, default_value_t = 10_000, value_parser = positive)]
+        connections: u64,
+        /// Sandboxes, one client process each.
+        #[arg(long, default_value_t = 100, value_parser = positive)]
+        sandboxes: u64,
+        /// Seconds the connections stay busy.
+        #[arg(long, default_value_t = 300, value_parser = positive)]
+        seconds: u64,
+    },
+    /// Bulk throughput and new connections/s, direct vs through veil-agent (not intercepted).
+    #[command(after_help = EXIT_STATUS)]
+    Passthrough {
+        /// Bytes per bulk run.
+        #[arg(long, default_value_t = 2 << 30, value_parser = positive)]
+        bytes: u64,
+        /// Seconds per connection-rate run.
+        #[arg(long, default_value_t = 5, value_parser = positive)]
+        seconds: u64,
+        /// Interleaved runs (medians are reported).
+        #[arg(long, default_value_t = 3, value_parser = positive)]
+        runs: u64,
+    },
+    /// Latency of PUT /api/sandbox/{id} until the redirect is live, over fresh sandboxes.
+    #[command(after_help = EXIT_STATUS)]
+    Registration {
+        /// Sandboxes registered (and removed) one after the other.
+        #[arg(long, default_value_t = 100, value_parser = positive)]
+        count: u64,
+    },
+    /// Time from an agent restart (after SIGKILL) to a sandbox served through it again.
+    #[command(after_help = EXIT_STATUS)]
+    Restart {
+        /// Kill and restart cycles.
+        #[arg(long, default_value_t = 20, value_parser = positive)]
+        count: u64,
+    },
+    /// TLS interception with header substitution vs a direct connection (h2load).
+    #[command(after_help = EXIT_STATUS)]
+    Mitm {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10, value_parser = positive)]
+        seconds: u64,
+        /// Interleaved runs (medians are reported).
+        #[arg(long, default_value_t = 3, value_parser = positive)]
+        runs: u64,
+    },
+    /// Time from a secret's PATCH answer to the upstream seeing the new value, under traffic
+    /// (VEIL_BENCH_ROTATION_CLIENT=fresh: a new connection per request).
+    #[command(after_help = EXIT_STATUS)]
+    Rotation {
+        /// Rotations.
+        #[arg(long, default_value_t = 100, value_parser = positive)]
+        count: u64,
+    },
+    /// Internal: client side of `passthrough`, run inside the sandbox; prints seconds taken.
+    #[command(after_help = EXIT_STATUS)]
+    ClientBulk {
+        /// The byte-counting sink.
+        addr: SocketAddr,
+        /// Bytes to send.
+        #[arg(long, default_value_t = 1 << 30, value_parser = positive)]
+        bytes: u64,
+    },
+    /// Internal: client side of `passthrough`; prints connections/s and failures.
+    #[command(after_help = EXIT_STATUS)]
+    ClientConnrate {
+        /// The greeting server.
+        addr: SocketAddr,
+        /// Seconds to open connections for.
+        #[arg(long, default_value_t = 5, value_parser = positive)]
+        seconds: u64,
+        /// Threads opening connections.
+        #[arg(long, default_value_t = 8, value_parser = positive)]
+        concurrency: u64,
+    },
+    /// Internal: client side of the suite's memory row; holds TLS connections open until
+    /// stdin closes.
+    #[command(after_help = EXIT_STATUS)]
+    ClientIdle {
+        /// The proxy (or upstream) to connect to.
+        addr: SocketAddr,
+        /// Connections to hold open.
+        #[arg(long, default_value_t = 1000, value_parser = positive)]
+        count: u64,
+        /// Header sent with each request (`name: value`).
+        #[arg(long, default_value = "x-bench: 1")]
+        header: String,
+    },
+    /// Internal: client side of `soak`; prints a JSON summary.
+    #[command(after_help = EXIT_STATUS)]
+    ClientSoak {
+        /// The echoing upstream, through veil.
+        addr: SocketAddr,
+        /// Connections.
+        #[arg(long, default_value_t = 100, value_parser = positive)]
+        count: u64,
+        /// Seconds of traffic.
+        #[arg(long, default_value_t = 60, value_parser = positive)]
+        seconds: u64,
+        /// Header sent with each request (`name: value`).
+        #[arg(long, default_value = "x-bench: 1")]
+        header: String,
+        /// Seed of the request bodies (distinct per client process).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+/// Options of `suite`.
+#[derive(Debug, Args)]
+pub struct SuiteArgs {
+    /// Seconds per keep-alive measurement.
+    #[arg(long, default_value_t = 5, value_parser = positive)]
+    pub seconds: u64,
+    /// Interleaved runs (medians are reported).
+    #[arg(long, default_value_t = 3, value_parser = positive)]
+    pub runs: u64,
+    /// Where the Markdown report goes.
+    #[arg(long, value_name = "MD", default_value = "docs/benchmarks.md")]
+    pub out: PathBuf,
+    /// Where the PNG chart goes.
+    #[arg(long, value_name = "PNG", default_value = "docs/benchmarks.png")]
+    pub png: PathBuf,
+    /// mitmproxy's mitmdump (`cargo xtask bench` installs one into target/mitmproxy-venv).
+    #[arg(long, value_name = "PATH", default_value_os_t = crate::peers::default_mitmdump())]
+    pub mitmdump: PathBuf,
+    /// nginx proxy: upstream keep-alive pool size.
+    #[arg(long, default_value_t = 256, value_parser = positive_u32)]
+    pub nginx_keepalive: u32,
+    /// nginx proxy: worker processes.
+    #[arg(long, default_value_t = 2, value_parser = positive_u32)]
+    pub nginx_workers: u32,
+    /// Bytes per passthrough bulk run.
+    #[arg(long, default_value_t = 512 << 20, value_parser = positive)]
+    pub bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_what_cargo_xtask_bench_passes() {
+        // xtask/src/bench.rs: `suite --mitmdump M --out O --png P`, then the caller's extra
+        // arguments, which win.
+        let cli = Cli::try_parse_from([
+            "veil-bench",
+            "suite",
+            "--mitmdump",
+            "m",
+            "--out",
+            "o",
+            "--png",
+            "p",
+            "--runs",
+            "1",
+            "--out",
+            "mine.md",
+        ])
+        .unwrap();
+        let Cmd::Suite(a) = cli.cmd else {
+            panic!("not the suite: {:?}", cli.cmd)
+        };
+        assert_eq!(
+            (a.out, a.png, a.mitmdump, a.runs, a.seconds),
+            ("mine.md".into(), "p".into(), "m".into(), 1, 5)
+        );
+        // The benchmarks `cargo xtask bench --help` names, passed as the subcommand.
+        for which in [
+            "passthrough",
+            "registration",
+            "restart",
+            "mitm",
+            "rotation",
+            "soak",
+        ] {
+            Cli::try_parse_from(["veil-bench", which]).unwrap();
+        }
+    }
+}
