@@ -1,9 +1,10 @@
 //! The sandboxes this agent enforces: for each, its listeners, accept loops, map entry and
 //! pinned links, and the persistent record that lets a restarted agent adopt it.
 //!
-//! Starting a sandbox opens its listeners first, puts their ports in the redirect map, then
-//! makes sure every program is linked (a pinned link left by an earlier agent is kept, never
-//! attached twice). Only [`Registry::delete`] (control's DeleteSandbox, or reconciling to a
+//! Starting a sandbox opens its listeners first, lists their ports in the bind guard (no
+//! sandbox process may bind them in that netns, whether or not the agent runs), puts them in
+//! the redirect map, then makes sure every program is linked (a pinned link left by an earlier
+//! agent is kept, never attached twice). Only [`Registry::delete`] (control's DeleteSandbox, or reconciling to a
 //! snapshot without the sandbox) unpins and removes the entry; stopping the agent closes the
 //! listeners and leaves the redirect in place, so connections are refused rather than sent
 //! around veil.
@@ -228,9 +229,15 @@ impl Registry {
             port_v6: listeners.get(1).map(port).transpose()?.unwrap_or(0),
             _pad: 0,
         };
+        let guarded: BTreeSet<_> = [target.port_v4, target.port_v6]
+            .into_iter()
+            .filter(|&p| p != 0)
+            .map(|p| bpf::port_key(socks.netns_cookie, p))
+            .collect();
         let linked = self
             .bpf
-            .set_target(cgroup_id, target)
+            .set_listener_ports(cgroup_id, &guarded)
+            .and_then(|()| self.bpf.set_target(cgroup_id, target))
             .and_then(|()| self.bpf.ensure_links(&spec.cgroup, cgroup_id));
         let report = match linked {
             Ok(report) => report,
@@ -304,7 +311,8 @@ impl Registry {
     fn unpin(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
         let unpinned = bpf::unpin_sandbox(self.bpf.pins(), cgroup_id);
         let removed = self.bpf.remove_target(cgroup_id);
-        unpinned.and(removed)
+        let ports = self.bpf.set_listener_ports(cgroup_id, &BTreeSet::new());
+        unpinned.and(removed).and(ports)
     }
 
     /// Brings the set to exactly `desired` (control's snapshot); a failing sandbox does not
@@ -340,6 +348,12 @@ impl Registry {
                     errors.push(bpf_error(&format!("cgroup {cgroup_id}"), e));
                 }
             }
+        }
+        if let Err(e) = self
+            .bpf
+            .retain_listener_ports(|owner| known.contains(&owner))
+        {
+            errors.push(bpf_error("listener ports", e));
         }
         errors
     }

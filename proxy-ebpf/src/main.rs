@@ -1,16 +1,20 @@
 //! veil's cgroup programs: send a sandbox's TCP connections to its veil-agent listener and
 //! remember where they were going.
 //!
-//! - `connect4` / `connect6`: redirect TCP to the sandbox's loopback listener (recording the
-//!   original destination by socket cookie); refuse UDP to port 443 so QUIC falls back to TCP;
-//!   leave loopback destinations alone; refuse when the socket's cgroup names no sandbox.
+//! - `connect4` / `connect6`: refuse connects to veil's own listeners (`VEIL_GUARDED`); redirect
+//!   TCP to the sandbox's loopback listener (recording the original destination and the
+//!   sandbox by socket cookie); refuse UDP to port 443 so QUIC falls back to TCP; leave other
+//!   loopback destinations alone; refuse when the socket's cgroup names no sandbox.
 //! - `sendmsg4` / `sendmsg6`: refuse unconnected UDP datagrams to port 443.
 //! - `sockops`: once the redirected connection is established, publish its original
-//!   destination keyed by what the agent's accepted socket sees (netns cookie, peer address,
-//!   peer port); forget the socket when it closes.
+//!   destination keyed by its four-tuple as the agent's accepted socket sees it (netns cookie,
+//!   peer, listener); when the socket is reset, or closes after the agent's side, delete that
+//!   record so no later connection reusing the tuple can find it; forget the socket.
 //! - `getpeername4` / `getpeername6`: report the address the application dialled.
-//! - `bind4` / `bind6`: refuse a sandbox process binding its own sandbox's listener port (on any
-//!   address), so that while the agent is down nothing in the sandbox can stand in for it.
+//! - `bind4` / `bind6`: refuse a sandbox process binding any veil listener port of its network
+//!   namespace (`VEIL_LISTENERS`: every sandbox's listeners there, and veil's own in the host
+//!   netns) or its own sandbox's listener port, on any address, so that while the agent is
+//!   down nothing in a sandbox can stand in for it.
 //!
 //! The contract with the agent (map names, key and value layouts) is `proxy-common`.
 #![no_std]
@@ -20,7 +24,8 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1,
+        BPF_TCP_FIN_WAIT2,
     },
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
@@ -32,9 +37,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use proxy_common::{
-    AF_INET, AF_INET6, ConnKey, MAX_CGROUP_DEPTH, MAX_SANDBOXES, MAX_TRACKED_CONNS, OrigDst,
-    STAT_BIND_REFUSED, STAT_COUNT, STAT_NO_SANDBOX, STAT_ORIG_RECORDED, STAT_REDIRECTED,
-    STAT_UDP443_REFUSED, SandboxTarget,
+    AF_INET, AF_INET6, ConnKey, GUARD_ANY_LOCAL, GuardKey, MAX_CGROUP_DEPTH, MAX_GUARDED,
+    MAX_LISTENER_PORTS, MAX_SANDBOXES, MAX_TRACKED_CONNS, OrigDst, PortKey, STAT_BIND_REFUSED,
+    STAT_COUNT, STAT_GUARDED_REFUSED, STAT_NO_SANDBOX, STAT_ORIG_FORGOTTEN, STAT_ORIG_RECORDED,
+    STAT_REDIRECTED, STAT_UDP443_REFUSED, SandboxTarget,
 };
 
 /// Cgroup programs: let the operation proceed.
@@ -66,6 +72,12 @@ static VEIL_ORIG: LruHashMap<ConnKey, OrigDst> = LruHashMap::with_max_entries(MA
 
 #[map]
 static VEIL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+#[map]
+static VEIL_LISTENERS: HashMap<PortKey, u64> = HashMap::with_max_entries(MAX_LISTENER_PORTS, 0);
+
+#[map]
+static VEIL_GUARDED: HashMap<GuardKey, u64> = HashMap::with_max_entries(MAX_GUARDED, 0);
 
 fn count(stat: u32) {
     if let Some(counter) = VEIL_STATS.get_ptr_mut(stat) {
@@ -125,6 +137,11 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
+fn netns_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: helper available to cgroup sock_addr programs; ctx is the program's context.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
 // ---- address classification -----------------------------------------------------------------
 
 /// 127.0.0.0/8 or 0.0.0.0 (network-order word).
@@ -155,13 +172,23 @@ fn mapped(ip4: u32) -> [u32; 4] {
 
 // ---- sandbox lookup ---------------------------------------------------------------------------
 
+/// A registered sandbox: its cgroup id and listener ports.
+#[derive(Clone, Copy)]
+struct Sandbox {
+    cgroup_id: u64,
+    target: SandboxTarget,
+}
+
 /// The sandbox owning the current task's cgroup: the cgroup itself, else its nearest
 /// registered ancestor.
-fn find_sandbox() -> Option<SandboxTarget> {
+fn find_sandbox() -> Option<Sandbox> {
     // SAFETY: helper without arguments, available to cgroup sock_addr programs.
     let own = unsafe { bpf_get_current_cgroup_id() };
     if let Some(target) = lookup_sandbox(own) {
-        return Some(target);
+        return Some(Sandbox {
+            cgroup_id: own,
+            target,
+        });
     }
     // Ancestor levels are absolute (0 = root) and yield 0 past the task's own depth; walking
     // down from the deepest level makes the nearest registered ancestor win.
@@ -173,7 +200,10 @@ fn find_sandbox() -> Option<SandboxTarget> {
             && id != own
             && let Some(target) = lookup_sandbox(id)
         {
-            return Some(target);
+            return Some(Sandbox {
+                cgroup_id: id,
+                target,
+            });
         }
         level -= 1;
     }
@@ -230,16 +260,18 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     let ip = ctx_read!(ctx, user_ip4);
-    if is_local_v4(ip) {
+    let port = user_port(ctx);
+    let local = is_local_v4(ip);
+    refuse_guarded(ctx, &mapped(ip), port, local)?;
+    if local {
         return Ok(ALLOW);
     }
-    let port = user_port(ctx);
     match classify(ctx, port) {
         Verdict::Pass => return Ok(ALLOW),
         Verdict::Refuse => return Err(REFUSE),
         Verdict::Redirect => {}
     }
-    let target = sandbox_or_refuse(ctx)?;
+    let sandbox = sandbox_or_refuse(ctx)?;
     record(
         ctx,
         &OrigDst {
@@ -247,10 +279,11 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
             port,
             family: AF_INET,
             _pad: 0,
+            cgroup_id: sandbox.cgroup_id,
         },
     )?;
     ctx_write!(ctx, LOOPBACK_V4, user_ip4);
-    set_user_port(ctx, target.port_v4);
+    set_user_port(ctx, sandbox.target.port_v4);
     count(STAT_REDIRECTED);
     Ok(ALLOW)
 }
@@ -264,16 +297,19 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     let addr = user_ip6(ctx);
-    if is_local_v6(&addr) {
+    let port = user_port(ctx);
+    let local = is_local_v6(&addr);
+    refuse_guarded(ctx, &addr, port, local)?;
+    if local {
         return Ok(ALLOW);
     }
-    let port = user_port(ctx);
     match classify(ctx, port) {
         Verdict::Pass => return Ok(ALLOW),
         Verdict::Refuse => return Err(REFUSE),
         Verdict::Redirect => {}
     }
-    let target = sandbox_or_refuse(ctx)?;
+    let sandbox = sandbox_or_refuse(ctx)?;
+    let target = sandbox.target;
     let (new_addr, new_port) = if is_v4_mapped(&addr) {
         (mapped(LOOPBACK_V4), target.port_v4)
     } else if target.port_v6 != 0 {
@@ -292,6 +328,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
             port,
             family: AF_INET6,
             _pad: 0,
+            cgroup_id: sandbox.cgroup_id,
         },
     )?;
     set_user_ip6(ctx, new_addr);
@@ -300,7 +337,48 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     Ok(ALLOW)
 }
 
-fn sandbox_or_refuse(ctx: &SockAddrContext) -> Result<SandboxTarget, i32> {
+/// Refuses (counted) a connect to one of veil's own listeners: a host address guarded from
+/// every netns, an address guarded in this socket's netns, or — for a local destination — any
+/// local address of this netns when the listener is on an unspecified address.
+fn refuse_guarded(
+    ctx: &SockAddrContext,
+    addr: &[u32; 4],
+    port: u16,
+    local: bool,
+) -> Result<(), i32> {
+    let netns = netns_cookie(ctx);
+    let mut key = GuardKey {
+        netns_cookie: 0,
+        addr: *addr,
+        port,
+        _pad: [0; 6],
+    };
+    let mut hit = is_guarded(&key);
+    if !hit {
+        key.netns_cookie = netns;
+        hit = is_guarded(&key);
+    }
+    if !hit && local {
+        key.addr = GUARD_ANY_LOCAL;
+        hit = is_guarded(&key);
+    }
+    if hit {
+        count(STAT_GUARDED_REFUSED);
+        warn!(
+            ctx,
+            "veil: refused connect to veil's own listener on port {}", port
+        );
+        return Err(REFUSE);
+    }
+    Ok(())
+}
+
+fn is_guarded(key: &GuardKey) -> bool {
+    // SAFETY: only the presence of the entry is used.
+    unsafe { VEIL_GUARDED.get(key) }.is_some()
+}
+
+fn sandbox_or_refuse(ctx: &SockAddrContext) -> Result<Sandbox, i32> {
     find_sandbox().ok_or_else(|| {
         count(STAT_NO_SANDBOX);
         warn!(
@@ -406,22 +484,29 @@ pub fn bind6(ctx: SockAddrContext) -> i32 {
     if bind_allowed(&ctx) { ALLOW } else { REFUSE }
 }
 
-/// Refuses the sandbox's listener ports whatever the address: a dual-stack or wildcard bind
-/// would shadow the agent's loopback listener just as well.
+/// Refuses every veil listener port of the socket's netns, and the sandbox's own listener
+/// ports in any netns, whatever the address: a dual-stack or wildcard bind would shadow the
+/// agent's loopback listener just as well. Port 0 is left to the kernel, which never picks a
+/// port the agent has reserved in that netns.
 fn bind_allowed(ctx: &SockAddrContext) -> bool {
     let port = user_port(ctx);
     if port == 0 {
         return true;
     }
-    let Some(target) = find_sandbox() else {
-        return true;
+    let key = PortKey {
+        netns_cookie: netns_cookie(ctx),
+        port,
+        _pad: [0; 6],
     };
-    if port == target.port_v4 || (target.port_v6 != 0 && port == target.port_v6) {
+    // SAFETY: only the presence of the entry is used.
+    let listener = unsafe { VEIL_LISTENERS.get(&key) }.is_some();
+    let own = match find_sandbox() {
+        Some(s) => port == s.target.port_v4 || (s.target.port_v6 != 0 && port == s.target.port_v6),
+        None => false,
+    };
+    if listener || own {
         count(STAT_BIND_REFUSED);
-        warn!(
-            ctx,
-            "veil: refused bind to the sandbox listener port {}", port
-        );
+        warn!(ctx, "veil: refused bind to the veil listener port {}", port);
         return false;
     }
     true
@@ -453,27 +538,38 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<u32, u32> {
             }
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            if let Some(orig) = tracked(ctx) {
-                let key = ConnKey {
-                    // SAFETY: helper available to sock_ops programs; ctx is the program's context.
-                    netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-                    addr: local_addr(ctx),
-                    port: ops_read!(ctx, local_port) as u16,
-                    _pad: [0; 6],
-                };
-                if VEIL_ORIG.insert(key, orig, 0).is_ok() {
-                    count(STAT_ORIG_RECORDED);
-                }
+            if let Some(orig) = tracked(ctx)
+                && VEIL_ORIG.insert(conn_key(ctx), orig, 0).is_ok()
+            {
+                count(STAT_ORIG_RECORDED);
             }
         }
         BPF_SOCK_OPS_STATE_CB if ops_read!(ctx, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE => {
             // SAFETY: helper available to sock_ops programs.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = VEIL_SOCKS.remove(cookie);
+            if tracked(ctx).is_some() {
+                let _ = VEIL_SOCKS.remove(cookie);
+                forget(ctx);
+            }
         }
         _ => {}
     }
     Ok(SOCK_OPS_DONE)
+}
+
+/// Deletes the connection's record once nothing can take it rightfully any more: the socket
+/// was reset (by either end) or closed after the agent's side. A client that closed first
+/// with a FIN (FIN_WAIT1/2, CLOSING) may still have its bytes waiting in the agent's accept
+/// queue, so its record stays for the agent to take; the agent also drops the records of a
+/// listener it closes, and every record when it starts.
+fn forget(ctx: &SockOpsContext) {
+    let old = ops_read!(ctx, __bindgen_anon_1.args[0]);
+    if old == BPF_TCP_FIN_WAIT1 || old == BPF_TCP_FIN_WAIT2 || old == BPF_TCP_CLOSING {
+        return;
+    }
+    if VEIL_ORIG.remove(conn_key(ctx)).is_ok() {
+        count(STAT_ORIG_FORGOTTEN);
+    }
 }
 
 fn tracked(ctx: &SockOpsContext) -> Option<OrigDst> {
@@ -483,23 +579,45 @@ fn tracked(ctx: &SockOpsContext) -> Option<OrigDst> {
     unsafe { VEIL_SOCKS.get(cookie) }.copied()
 }
 
-/// The client's local address, IPv4 as `::ffff:a.b.c.d` whichever family the socket has, so
-/// it matches the peer the agent's IPv4 listener sees.
-fn local_addr(ctx: &SockOpsContext) -> [u32; 4] {
+/// The connection's four-tuple as the agent's accepted socket sees it.
+fn conn_key(ctx: &SockOpsContext) -> ConnKey {
+    let (client_addr, listener_addr) = addrs(ctx);
+    ConnKey {
+        // SAFETY: helper available to sock_ops programs; ctx is the program's context.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        client_addr,
+        listener_addr,
+        client_port: ops_read!(ctx, local_port) as u16,
+        // The network-order port sits in the upper half of the word on little-endian.
+        listener_port: u16::from_be((ops_read!(ctx, remote_port) >> 16) as u16),
+        _pad: 0,
+    }
+}
+
+/// The client's local and remote addresses, IPv4 as `::ffff:a.b.c.d` whichever family the
+/// socket has, so they match what the agent's IPv4 listener sees.
+fn addrs(ctx: &SockOpsContext) -> ([u32; 4], [u32; 4]) {
     // Every field is read on every path: LLVM otherwise merges the two branches' loads into
     // one load at a computed ctx offset, which the verifier rejects.
     let family = ops_read!(ctx, family);
-    let ip4 = ops_read!(ctx, local_ip4);
-    let ip6 = [
+    let local4 = ops_read!(ctx, local_ip4);
+    let remote4 = ops_read!(ctx, remote_ip4);
+    let local6 = [
         ops_read!(ctx, local_ip6[0]),
         ops_read!(ctx, local_ip6[1]),
         ops_read!(ctx, local_ip6[2]),
         ops_read!(ctx, local_ip6[3]),
     ];
+    let remote6 = [
+        ops_read!(ctx, remote_ip6[0]),
+        ops_read!(ctx, remote_ip6[1]),
+        ops_read!(ctx, remote_ip6[2]),
+        ops_read!(ctx, remote_ip6[3]),
+    ];
     if family == u32::from(AF_INET) {
-        mapped(ip4)
+        (mapped(local4), mapped(remote4))
     } else {
-        ip6
+        (local6, remote6)
     }
 }
 
