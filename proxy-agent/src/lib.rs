@@ -3,6 +3,7 @@
 
 pub mod bpf;
 pub mod config;
+pub mod guard;
 pub mod hostaddrs;
 pub mod identity;
 pub mod link;
