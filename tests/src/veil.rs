@@ -30,10 +30,11 @@ pub struct Veil {
     _dir: tempfile::TempDir,
 }
 
-/// veil-control's config for the fixture: an agent is required; test cgroups are allowed.
-fn control_config(agent_socket: &Path) -> String {
+/// veil-control's config for the fixture: an agent is required; test cgroups are allowed;
+/// `top` holds extra top-level keys.
+fn control_config(agent_socket: &Path, top: &str) -> String {
     format!(
-        "agent_socket = {sock:?}\n[agent]\nrequired = true\n[sandbox]\ncgroup_parents = [{PARENT:?}]\n",
+        "agent_socket = {sock:?}\n{top}\n[agent]\nrequired = true\n[sandbox]\ncgroup_parents = [{PARENT:?}]\n",
         sock = agent_socket.display().to_string()
     )
 }
@@ -45,14 +46,24 @@ impl Veil {
     }
 
     /// As [`Veil::start`], with agent options (the control socket is set here).
-    pub fn start_with(mut options: AgentOptions, sandboxes: &[AgentSandbox]) -> Veil {
+    pub fn start_with(options: AgentOptions, sandboxes: &[AgentSandbox]) -> Veil {
+        Veil::start_with_control(options, "", sandboxes)
+    }
+
+    /// As [`Veil::start_with`], with extra top-level keys in control's config (e.g.
+    /// `metrics_listen = "0.0.0.0:9999"`).
+    pub fn start_with_control(
+        mut options: AgentOptions,
+        control_top: &str,
+        sandboxes: &[AgentSandbox],
+    ) -> Veil {
         owner::init();
         let dir = tempfile::Builder::new()
             .prefix(&owner::tempdir_prefix())
             .tempdir()
             .unwrap_or_else(|e| panic!("creating veil temp dir: {e}"));
         let socket = dir.path().join("agent.sock");
-        let control = Control::start_with_config(&control_config(&socket));
+        let control = Control::start_with_config(&control_config(&socket, control_top));
         options.control_socket = Some(socket);
         let agent = Agent::start_with(options);
         // READY=1 means the agent re-adopted what it had; registrations need it linked too.
