@@ -416,9 +416,18 @@ pub fn cgroup_id(cgroup_dir: &Path) -> Result<u64, BpfError> {
     Ok(std::fs::metadata(cgroup_dir).map_err(cgroup_err)?.ino())
 }
 
-/// Removes map entries of the pinned `VEIL_SANDBOXES` without loading any program (for
-/// `veil-agent teardown`): the ones listed, or all with `None`. A missing map is fine.
+/// Removes map entries of the pinned `VEIL_SANDBOXES`, and those sandboxes' listener ports
+/// from `VEIL_LISTENERS`, without loading any program (for `veil-agent teardown`): the ones
+/// listed, or all with `None`. A missing map is fine.
 pub fn remove_pinned_targets(pins: &PinLayout, which: Option<&[u64]>) -> Result<(), BpfError> {
+    let ports = pins.map(MAP_LISTENERS);
+    if ports.exists() {
+        let mut ports = PortTable::open(&ports)?;
+        match which {
+            Some(ids) => ports.retain_owners(|owner| !ids.contains(&owner))?,
+            None => ports.retain_owners(|_| false)?,
+        }
+    }
     let path = pins.map(MAP_SANDBOXES);
     if !path.exists() {
         return Ok(());

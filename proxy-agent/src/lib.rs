@@ -10,6 +10,7 @@ pub mod link;
 pub mod metrics;
 pub mod pins;
 pub mod proxy;
+pub mod reserved;
 pub mod sandbox;
 pub mod secrets;
 pub mod sockets;

@@ -351,9 +351,14 @@ fn teardown(args: &Common, sandbox: Option<&str>, all: bool) -> Result<(), Fatal
         .context("reading the sandbox set")
         .map_err(Fatal::Host)?;
     let host = |e: bpf::BpfError| Fatal::Host(anyhow::Error::new(e));
+    let unreserve = |r: &proxy_agent::state::SandboxRecord| {
+        // Best effort: a netns that is gone took its reservations along.
+        let _ = proxy_agent::reserved::update(r.netns.as_deref(), &[], &[r.port_v4, r.port_v6]);
+    };
     if all {
         let mut ids = pins.pinned_cgroups().unwrap_or_default();
         ids.extend(records.values().map(|r| r.cgroup_id));
+        records.values().for_each(unreserve);
         for id in ids {
             bpf::unpin_sandbox(&pins, id).map_err(host)?;
         }
@@ -381,6 +386,7 @@ fn teardown(args: &Common, sandbox: Option<&str>, all: bool) -> Result<(), Fatal
     };
     bpf::unpin_sandbox(&pins, record.cgroup_id).map_err(host)?;
     bpf::remove_pinned_targets(&pins, Some(&[record.cgroup_id])).map_err(host)?;
+    unreserve(&record);
     file.store(&records)
         .context("saving the sandbox set")
         .map_err(Fatal::Host)?;

@@ -2,9 +2,10 @@
 //! pinned links, and the persistent record that lets a restarted agent adopt it.
 //!
 //! Starting a sandbox opens its listeners first, lists their ports in the bind guard (no
-//! sandbox process may bind them in that netns, whether or not the agent runs), puts them in
-//! the redirect map, then makes sure every program is linked (a pinned link left by an earlier
-//! agent is kept, never attached twice). Only [`Registry::delete`] (control's DeleteSandbox, or reconciling to a
+//! sandbox process may bind them in that netns, whether or not the agent runs) and among the
+//! netns's reserved ports (the kernel never hands them out by itself, see [`crate::reserved`]),
+//! puts them in the redirect map, then makes sure every program is linked (a pinned link left
+//! by an earlier agent is kept, never attached twice). Only [`Registry::delete`] (control's DeleteSandbox, or reconciling to a
 //! snapshot without the sandbox) unpins and removes the entry; stopping the agent closes the
 //! listeners and leaves the redirect in place, so connections are refused rather than sent
 //! around veil.
@@ -20,8 +21,8 @@ use tracing::{info, warn};
 use crate::bpf::{self, Bpf, BpfError};
 use crate::config::{SandboxId, SandboxSpec};
 use crate::proxy::{self, Proxy, SandboxTag};
-use crate::sockets;
 use crate::state::{SandboxFile, SandboxRecord, StateError};
+use crate::{reserved, sockets};
 
 /// A sandbox that could not be started, adopted or removed.
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +235,16 @@ impl Registry {
             .filter(|&p| p != 0)
             .map(|p| bpf::port_key(socks.netns_cookie, p))
             .collect();
+        let previous: Vec<u16> = self
+            .records
+            .get(id)
+            .filter(|r| r.netns == spec.netns)
+            .map(|r| vec![r.port_v4, r.port_v6])
+            .unwrap_or_default();
+        let ports = [target.port_v4, target.port_v6];
+        if let Err(e) = reserved::update(spec.netns.as_deref(), &ports, &previous) {
+            warn!(sandbox = %id, error = %e, "cannot reserve the listener ports in the netns");
+        }
         let linked = self
             .bpf
             .set_listener_ports(cgroup_id, &guarded)
@@ -301,6 +312,11 @@ impl Registry {
         let detached = self.unpin(record.cgroup_id);
         if let Some(live) = live {
             live.cancel.cancel();
+        }
+        let ports = [record.port_v4, record.port_v6];
+        if let Err(e) = reserved::update(record.netns.as_deref(), &[], &ports) {
+            // A netns that is gone took its reservations along.
+            info!(sandbox = %id, error = %e, "listener ports not unreserved");
         }
         self.persist()?;
         detached.map_err(|e| bpf_error(id, e))?;

@@ -388,3 +388,24 @@ fn an_agent_starts_over_the_pinned_maps_of_the_previous_layout() {
     });
     assert!(Bpf::load(odd.layout()).is_err());
 }
+
+#[test]
+fn listener_ports_are_reserved_in_their_netns_and_released_leaving_the_rest() {
+    require_root();
+    let netns = Netns::new();
+    let path = Path::new("/run/netns").join(&netns.name);
+    let sysctl = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let read = || netns.within(|| std::fs::read_to_string(sysctl).unwrap().trim().to_owned());
+    // Someone else's reservations, which must survive.
+    netns.within(|| std::fs::write(sysctl, "1000,2000-2002\n").unwrap());
+    proxy_agent::reserved::update(Some(&path), &[3000, 3001, 0], &[]).unwrap();
+    assert_eq!(read(), "1000,2000-2002,3000-3001");
+    proxy_agent::reserved::update(Some(&path), &[], &[3000, 3001]).unwrap();
+    assert_eq!(read(), "1000,2000-2002");
+    // Emptied entirely, the list is empty (a zero-length write would change nothing).
+    netns.within(|| std::fs::write(sysctl, "3000\n").unwrap());
+    proxy_agent::reserved::update(Some(&path), &[], &[3000]).unwrap();
+    assert_eq!(read(), "");
+    // A netns that is gone is an error the caller may ignore.
+    assert!(proxy_agent::reserved::update(Some(Path::new("/run/netns/none")), &[1], &[]).is_err());
+}

@@ -76,6 +76,24 @@ if listener is not None:
         pass
 "#;
 
+/// Takes a port without naming it: `listen()` on an unbound socket, and `bind()` to port 0.
+/// Prints the port each got, or minus the errno.
+const AUTOBIND: &str = r#"
+import json, socket
+out = {}
+for how in ("listen", "bind0"):
+    s = socket.socket()
+    try:
+        if how == "bind0":
+            s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        out[how] = s.getsockname()[1]
+    except OSError as e:
+        out[how] = -e.errno
+    s.close()
+print(json.dumps(out))
+"#;
+
 /// Runs [`DIALLER`] in `sandbox`; (argument → (errno, first word received)).
 fn dial(sandbox: &Sandbox, targets: &[String]) -> Vec<(String, i64, String)> {
     let mut cmd = sandbox.command("python3");
@@ -130,16 +148,34 @@ impl Drop for Impostor {
 fn listener_ports_hold_while_the_agent_is_down(stop: impl FnOnce(&Veil)) {
     let pod = Pod::start(AgentOptions::default());
     let hello = pod.hello.addr().to_string();
-    let greeted = |sandbox: &Sandbox| {
-        let r = dial(sandbox, std::slice::from_ref(&hello));
-        r.first()
-            .is_some_and(|(_, errno, got)| *errno == 0 && got == "hello")
-    };
-    assert!(greeted(&pod.b), "B is not served before the agent stops");
     let (b4, b6) = pod.listener_ports("pod-b");
     stop(&pod.veil);
 
-    // From A: every way to take B's listener ports in the shared netns.
+    // From A, without naming the port: the kernel picks one. The odds of it being B's port are
+    // made 1 by narrowing the pod's ephemeral range to it (as root, for the test; an attacker
+    // loops). Nothing has connected to B's port yet, so no TIME_WAIT keeps it busy either.
+    let range = "/proc/sys/net/ipv4/ip_local_port_range";
+    let saved = pod
+        .netns()
+        .run(|| std::fs::read_to_string(range).expect("port range"));
+    pod.netns()
+        .run(|| std::fs::write(range, format!("{b4} {b4}")).expect("narrowing the port range"));
+    let mut cmd = pod.a.command("python3");
+    cmd.arg("-c").arg(AUTOBIND);
+    let out = output_within(&mut cmd, TIMEOUT);
+    pod.netns()
+        .run(|| std::fs::write(range, saved.trim()).expect("restoring the port range"));
+    let auto: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    for how in ["listen", "bind0"] {
+        assert_ne!(
+            auto[how].as_i64(),
+            Some(i64::from(b4)),
+            "a sandbox got another sandbox's listener port from the kernel ({how}): {auto}"
+        );
+    }
+
+    // From A, naming the port: every way to take B's listener ports in the shared netns.
     let targets = [
         format!("127.0.0.1:{b4}"),
         format!("0.0.0.0:{b4}"),
@@ -169,8 +205,13 @@ fn listener_ports_hold_while_the_agent_is_down(stop: impl FnOnce(&Veil)) {
     // The restarted agent serves B again, on the same guarded ports.
     pod.veil.agent().respawn();
     assert_eq!(pod.listener_ports("pod-b"), (b4, b6));
+    let greeted = || {
+        let r = dial(&pod.b, std::slice::from_ref(&hello));
+        r.first()
+            .is_some_and(|(_, errno, got)| *errno == 0 && got == "hello")
+    };
     assert!(
-        veil_tests::cmd::wait_until(Duration::from_secs(20), || greeted(&pod.b)),
+        veil_tests::cmd::wait_until(Duration::from_secs(20), greeted),
         "B is not served after the restart"
     );
 }
