@@ -147,7 +147,12 @@ impl Guard {
                     .map(|(k, _)| k),
             );
         }
-        if self.applied.as_ref() == Some(&wanted) {
+        if self.applied.as_ref() == Some(&wanted)
+            || (self.applied.is_none()
+                && wanted == Rules::default()
+                && self.connect.keys().is_empty())
+        {
+            self.applied = Some(wanted);
             return Ok(());
         }
         self.connect.set(&wanted.connect)?;

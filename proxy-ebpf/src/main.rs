@@ -506,7 +506,10 @@ fn bind_allowed(ctx: &SockAddrContext) -> bool {
     };
     if listener || own {
         count(STAT_BIND_REFUSED);
-        warn!(ctx, "veil: refused bind to the veil listener port {}", port);
+        warn!(
+            ctx,
+            "veil: refused bind to the sandbox listener port {}", port
+        );
         return false;
     }
     true
