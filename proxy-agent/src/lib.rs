@@ -3,12 +3,14 @@
 
 pub mod bpf;
 pub mod config;
+pub mod guard;
 pub mod hostaddrs;
 pub mod identity;
 pub mod link;
 pub mod metrics;
 pub mod pins;
 pub mod proxy;
+pub mod reserved;
 pub mod sandbox;
 pub mod secrets;
 pub mod sockets;

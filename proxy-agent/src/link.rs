@@ -29,6 +29,7 @@ use veil_link::{
 };
 
 use crate::config::SandboxSpec;
+use crate::guard::GuardHandle;
 use crate::sandbox::Registry;
 use crate::secrets::SecretStore;
 use crate::stats::{BlockedEvent, SecretUsage, UsageKey};
@@ -79,6 +80,8 @@ pub struct LinkClient {
     pub cgroup2: PathBuf,
     /// The data path's counters, whose usage and blocked requests are reported to control.
     pub stats: std::sync::Arc<crate::stats::Stats>,
+    /// Where control's own listen addresses go (guarded against sandboxes).
+    pub guard: Option<GuardHandle>,
 }
 
 /// Reports taken from [`Stats`] and not yet written to control.
@@ -268,7 +271,7 @@ impl LinkClient {
                     };
                     let seq = msg.seq();
                     let is_snapshot = matches!(msg, ControlMsg::Snapshot { .. });
-                    let errors = apply(msg, registry, secrets, &self.cgroup2);
+                    let errors = apply(msg, registry, secrets, &self.cgroup2, self.guard.as_ref());
                     for e in &errors {
                         warn!(seq, "applying control's change: {e}");
                     }
@@ -338,14 +341,19 @@ pub fn apply(
     registry: &mut Registry,
     secrets: &SecretStore,
     cgroup2: &Path,
+    guard: Option<&GuardHandle>,
 ) -> Vec<String> {
     let mut errors = Vec::new();
     match msg {
         ControlMsg::Snapshot {
             sandboxes,
             secrets: values,
+            guarded,
             ..
         } => {
+            if let Some(guard) = guard {
+                guard.set_control(guarded);
+            }
             let mut specs = Vec::with_capacity(sandboxes.len());
             for s in &sandboxes {
                 match SandboxSpec::from_state(s, cgroup2) {

@@ -11,6 +11,7 @@ use anyhow::{Context, anyhow};
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use proxy_agent::bpf::{self, Bpf};
 use proxy_agent::config::{self, Config};
+use proxy_agent::guard;
 use proxy_agent::identity;
 use proxy_agent::link::{Identity, LinkClient};
 use proxy_agent::metrics;
@@ -244,7 +245,7 @@ async fn run(args: &Common) -> Result<(), Fatal> {
         tls: Arc::new(tls),
         limits: settings.request_limits(),
     });
-    let _metrics = match settings.metrics_listen {
+    let metrics = match settings.metrics_listen {
         Some(addr) => metrics::serve(
             addr,
             metrics::Sources {
@@ -257,6 +258,14 @@ async fn run(args: &Common) -> Result<(), Fatal> {
         .map_err(|e| Fatal::Config(e.into()))?,
         None => None,
     };
+    // The agent's own listener is veil's too: no sandbox may reach it (or stand in for it).
+    let own: Vec<std::net::SocketAddr> = match &metrics {
+        Some((_, local)) => vec![*local],
+        None => settings.metrics_listen.into_iter().collect(),
+    };
+    let guard = guard::spawn(&pins, own)
+        .context("guarding veil's own listeners")
+        .map_err(Fatal::Host)?;
     let mut registry = Registry::open(
         bpf,
         proxy.clone(),
@@ -292,6 +301,7 @@ async fn run(args: &Common) -> Result<(), Fatal> {
         },
         cgroup2,
         stats: proxy.stats.clone(),
+        guard: Some(guard),
     };
     {
         let linked = link.run(&mut registry, &secrets);
@@ -341,9 +351,14 @@ fn teardown(args: &Common, sandbox: Option<&str>, all: bool) -> Result<(), Fatal
         .context("reading the sandbox set")
         .map_err(Fatal::Host)?;
     let host = |e: bpf::BpfError| Fatal::Host(anyhow::Error::new(e));
+    let unreserve = |r: &proxy_agent::state::SandboxRecord| {
+        // Best effort: a netns that is gone took its reservations along.
+        let _ = proxy_agent::reserved::update(r.netns.as_deref(), &[], &[r.port_v4, r.port_v6]);
+    };
     if all {
         let mut ids = pins.pinned_cgroups().unwrap_or_default();
         ids.extend(records.values().map(|r| r.cgroup_id));
+        records.values().for_each(unreserve);
         for id in ids {
             bpf::unpin_sandbox(&pins, id).map_err(host)?;
         }
@@ -371,6 +386,7 @@ fn teardown(args: &Common, sandbox: Option<&str>, all: bool) -> Result<(), Fatal
     };
     bpf::unpin_sandbox(&pins, record.cgroup_id).map_err(host)?;
     bpf::remove_pinned_targets(&pins, Some(&[record.cgroup_id])).map_err(host)?;
+    unreserve(&record);
     file.store(&records)
         .context("saving the sandbox set")
         .map_err(Fatal::Host)?;

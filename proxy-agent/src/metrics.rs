@@ -1,6 +1,7 @@
 //! Prometheus text exposition of the agent's counters on a loopback listener
 //! (`agent.metrics_listen`): connections by decision, requests, substitutions by secret and
-//! outcome, scrubs, blocks, errors, latency histograms and a few gauges.
+//! outcome, scrubs, blocks, errors, latency histograms, a few gauges, and the eBPF programs'
+//! counters (`veil_agent_kernel_events_total{event=…}`, read from the pinned stats map).
 //!
 //! Every counter of [`Stats::counters`] is rendered, whatever it is called, so a counter added
 //! there shows up here without a change. The page carries counts only, never a value or a
@@ -21,6 +22,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
+
+use proxy_common::{STAT_COUNT, STAT_NAMES};
 
 use crate::pins::PinLayout;
 use crate::secrets::SecretStore;
@@ -51,6 +54,8 @@ pub struct Gauges {
     pub sandboxes: u64,
     /// Secrets held in memory.
     pub secrets: u64,
+    /// The eBPF programs' counters (indexed like `proxy_common::STAT_NAMES`), when readable.
+    pub kernel: Option<[u64; STAT_COUNT as usize]>,
 }
 
 /// Where the endpoint reads its numbers.
@@ -69,6 +74,7 @@ impl Sources {
         Gauges {
             sandboxes: self.pins.pinned_cgroups().map_or(0, |ids| ids.len() as u64),
             secrets: self.secrets.len() as u64,
+            kernel: crate::bpf::pinned_stats(&self.pins),
         }
     }
 }
@@ -82,12 +88,13 @@ pub fn check_listen(addr: SocketAddr) -> Result<(), MetricsError> {
     }
 }
 
-/// Binds `addr` and serves `GET /metrics` until the runtime stops. A bind failure (the port is
-/// taken) is logged, not fatal: metrics must not keep sandboxes from being served.
+/// Binds `addr` and serves `GET /metrics` until the runtime stops; returns the task and the
+/// bound address. A bind failure (the port is taken) is logged, not fatal: metrics must not
+/// keep sandboxes from being served.
 pub async fn serve(
     addr: SocketAddr,
     sources: Sources,
-) -> Result<Option<tokio::task::JoinHandle<()>>, MetricsError> {
+) -> Result<Option<(tokio::task::JoinHandle<()>, SocketAddr)>, MetricsError> {
     check_listen(addr)?;
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
@@ -99,7 +106,7 @@ pub async fn serve(
     let local = listener.local_addr().unwrap_or(addr);
     info!(listen = %local, "metrics endpoint ready");
     let sources = Arc::new(sources);
-    Ok(Some(tokio::spawn(accept_loop(listener, sources))))
+    Ok(Some((tokio::spawn(accept_loop(listener, sources)), local)))
 }
 
 async fn accept_loop(listener: TcpListener, sources: Arc<Sources>) {
@@ -204,6 +211,17 @@ pub fn render(stats: &Stats, gauges: Gauges) -> String {
         "Secrets held in memory.",
         gauges.secrets,
     );
+    if let Some(kernel) = gauges.kernel {
+        let family = format!("{PREFIX}kernel_events_total");
+        let _ = writeln!(
+            out,
+            "# HELP {family} Events counted by veil's eBPF programs, by event.\n\
+             # TYPE {family} counter"
+        );
+        for (name, value) in STAT_NAMES.iter().zip(kernel) {
+            let _ = writeln!(out, "{family}{{event=\"{name}\"}} {value}");
+        }
+    }
 
     histogram(
         &mut out,
@@ -394,7 +412,22 @@ mod tests {
             Gauges {
                 sandboxes: 3,
                 secrets: 7,
+                kernel: Some([0, 0, 0, 0, 0, 4, 0]),
             },
+        );
+        assert_eq!(
+            value(
+                &text,
+                "veil_agent_kernel_events_total{event=\"guarded_refused\"}"
+            ),
+            Some(4.0)
+        );
+        assert_eq!(
+            value(
+                &text,
+                "veil_agent_kernel_events_total{event=\"redirected\"}"
+            ),
+            Some(0.0)
         );
         assert_eq!(value(&text, "veil_agent_sandboxes"), Some(3.0));
         assert_eq!(value(&text, "veil_agent_secrets"), Some(7.0));

@@ -1,11 +1,12 @@
 //! Where the agent pins its eBPF objects in bpffs, and making sure bpffs is there.
 //!
 //! ```text
-//! <pin dir>/maps/<MAP NAME>                      maps shared by every agent generation
+//! <pin dir>/maps/<MAP NAME>                      maps shared by agent generations of one layout
 //! <pin dir>/sandboxes/<cgroup id>/<program>      one bpf_link per program and sandbox cgroup
 //! ```
 //! Pinned links stay attached when the agent exits (SIGTERM, SIGKILL, upgrade), so a sandbox is
-//! never left without its redirect; only removing the pin detaches a link.
+//! never left without its redirect; only removing the pin detaches a link. A pinned map of
+//! another build's layout is replaced at load (see `bpf::layout`).
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -1,8 +1,9 @@
 //! One sandbox connection, top to bottom: accept → identify → peek → decide → passthrough |
 //! intercept.
 //!
-//! The listener names the sandbox; the eBPF map names the original destination. A connection
-//! whose destination was not recorded is closed and counted — never guessed. A sandbox without
+//! The listener names the sandbox; the eBPF map names the original destination, for this
+//! connection's own four-tuple and this sandbox only ([`identify`]). A connection whose
+//! destination was not recorded is closed and counted — never guessed. A sandbox without
 //! secrets is spliced at once (nothing to decide); otherwise the ClientHello is peeked and the
 //! sandbox's policy decides. Everything that is not intercepted passes through byte for byte,
 //! the peeked bytes first.
@@ -10,7 +11,8 @@
 //! Each sandbox may hold `max_connections_per_sandbox` connections at once; one more is closed
 //! as soon as it is accepted and counted (`limit_refused`). The limit is per sandbox, and each
 //! sandbox has its own listener and accept loop, so a sandbox flooding veil with connections
-//! exhausts only its own share.
+//! exhausts only its own share. The connection closed over the limit consumes its record all
+//! the same, and a listener that closes takes the records of its unaccepted connections along.
 
 pub mod body;
 pub mod connect;
@@ -38,7 +40,7 @@ use tracing::{debug, warn};
 use veil_link::Egress;
 use veil_policy::{Decision, PassthroughReason};
 
-use crate::bpf::OrigDstTable;
+use crate::bpf::{ConnTuple, OrigDstTable};
 use crate::config::{RequestLimits, SandboxId, SandboxSpec};
 use crate::proxy::intercept::TlsContext;
 use crate::proxy::peek::{Peeked, PrefixedStream};
@@ -110,31 +112,42 @@ impl SandboxTag {
     }
 }
 
-/// Accepts connections on one sandbox listener until `cancel` fires.
+/// Accepts connections on one sandbox listener until `cancel` fires; then closes it and drops
+/// the records of the connections it never accepted.
 pub async fn serve(
     proxy: Arc<Proxy>,
     sandbox: Arc<SandboxTag>,
     listener: TcpListener,
     cancel: CancellationToken,
 ) {
+    let local = listener.local_addr();
     loop {
         let accepted = tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
                 Stats::inc(&proxy.stats.accepted);
+                let Ok(listener_addr) = stream.local_addr() else {
+                    // Reset before we could look at it: nothing to serve, nothing to identify.
+                    Stats::inc(&proxy.stats.origin_unknown);
+                    continue;
+                };
+                let conn = ConnTuple {
+                    netns_cookie: sandbox.netns_cookie,
+                    listener: listener_addr,
+                    peer,
+                };
                 let Some(permit) = admit(&proxy, &sandbox, peer) else {
-                    // Closed at once: the kernel drops its original-destination record with the
-                    // socket.
+                    identify::consume(&proxy.orig, &conn);
                     drop(stream);
                     continue;
                 };
                 let (proxy, sandbox) = (proxy.clone(), sandbox.clone());
                 proxy.tracker.clone().spawn(async move {
                     let _permit = permit;
-                    handle(&proxy, &sandbox, stream, peer).await;
+                    handle(&proxy, &sandbox, stream, conn).await;
                 });
             }
             Err(e) => {
@@ -143,6 +156,12 @@ pub async fn serve(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+    drop(listener);
+    if let Ok(local) = local
+        && let Err(e) = proxy.orig.forget_listener(sandbox.netns_cookie, local)
+    {
+        warn!(sandbox = %sandbox.id, error = %e, "dropping the records of a closed listener failed");
     }
 }
 
@@ -158,9 +177,9 @@ fn admit(proxy: &Proxy, sandbox: &SandboxTag, peer: SocketAddr) -> Option<OwnedS
     }
 }
 
-async fn handle(proxy: &Proxy, sandbox: &SandboxTag, mut client: TcpStream, peer: SocketAddr) {
+async fn handle(proxy: &Proxy, sandbox: &SandboxTag, mut client: TcpStream, conn: ConnTuple) {
     let _active = ActiveGuard::new(&proxy.stats);
-    let Some(dst) = identify::origin(proxy, sandbox, peer) else {
+    let Some(dst) = identify::origin(proxy, sandbox, &client, &conn) else {
         return;
     };
     // Small writes (TLS records, HTTP heads) must not wait for Nagle.

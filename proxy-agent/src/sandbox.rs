@@ -1,9 +1,11 @@
 //! The sandboxes this agent enforces: for each, its listeners, accept loops, map entry and
 //! pinned links, and the persistent record that lets a restarted agent adopt it.
 //!
-//! Starting a sandbox opens its listeners first, puts their ports in the redirect map, then
-//! makes sure every program is linked (a pinned link left by an earlier agent is kept, never
-//! attached twice). Only [`Registry::delete`] (control's DeleteSandbox, or reconciling to a
+//! Starting a sandbox opens its listeners first, lists their ports in the bind guard (no
+//! sandbox process may bind them in that netns, whether or not the agent runs) and among the
+//! netns's reserved ports (the kernel never hands them out by itself, see [`crate::reserved`]),
+//! puts them in the redirect map, then makes sure every program is linked (a pinned link left
+//! by an earlier agent is kept, never attached twice). Only [`Registry::delete`] (control's DeleteSandbox, or reconciling to a
 //! snapshot without the sandbox) unpins and removes the entry; stopping the agent closes the
 //! listeners and leaves the redirect in place, so connections are refused rather than sent
 //! around veil.
@@ -19,8 +21,8 @@ use tracing::{info, warn};
 use crate::bpf::{self, Bpf, BpfError};
 use crate::config::{SandboxId, SandboxSpec};
 use crate::proxy::{self, Proxy, SandboxTag};
-use crate::sockets;
 use crate::state::{SandboxFile, SandboxRecord, StateError};
+use crate::{reserved, sockets};
 
 /// A sandbox that could not be started, adopted or removed.
 #[derive(Debug, thiserror::Error)]
@@ -228,9 +230,25 @@ impl Registry {
             port_v6: listeners.get(1).map(port).transpose()?.unwrap_or(0),
             _pad: 0,
         };
+        let guarded: BTreeSet<_> = [target.port_v4, target.port_v6]
+            .into_iter()
+            .filter(|&p| p != 0)
+            .map(|p| bpf::port_key(socks.netns_cookie, p))
+            .collect();
+        let previous: Vec<u16> = self
+            .records
+            .get(id)
+            .filter(|r| r.netns == spec.netns)
+            .map(|r| vec![r.port_v4, r.port_v6])
+            .unwrap_or_default();
+        let ports = [target.port_v4, target.port_v6];
+        if let Err(e) = reserved::update(spec.netns.as_deref(), &ports, &previous) {
+            warn!(sandbox = %id, error = %e, "cannot reserve the listener ports in the netns");
+        }
         let linked = self
             .bpf
-            .set_target(cgroup_id, target)
+            .set_listener_ports(cgroup_id, &guarded)
+            .and_then(|()| self.bpf.set_target(cgroup_id, target))
             .and_then(|()| self.bpf.ensure_links(&spec.cgroup, cgroup_id));
         let report = match linked {
             Ok(report) => report,
@@ -295,6 +313,11 @@ impl Registry {
         if let Some(live) = live {
             live.cancel.cancel();
         }
+        let ports = [record.port_v4, record.port_v6];
+        if let Err(e) = reserved::update(record.netns.as_deref(), &[], &ports) {
+            // A netns that is gone took its reservations along.
+            info!(sandbox = %id, error = %e, "listener ports not unreserved");
+        }
         self.persist()?;
         detached.map_err(|e| bpf_error(id, e))?;
         info!(sandbox = %id, "sandbox detached");
@@ -304,7 +327,8 @@ impl Registry {
     fn unpin(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
         let unpinned = bpf::unpin_sandbox(self.bpf.pins(), cgroup_id);
         let removed = self.bpf.remove_target(cgroup_id);
-        unpinned.and(removed)
+        let ports = self.bpf.set_listener_ports(cgroup_id, &BTreeSet::new());
+        unpinned.and(removed).and(ports)
     }
 
     /// Brings the set to exactly `desired` (control's snapshot); a failing sandbox does not
@@ -340,6 +364,12 @@ impl Registry {
                     errors.push(bpf_error(&format!("cgroup {cgroup_id}"), e));
                 }
             }
+        }
+        if let Err(e) = self
+            .bpf
+            .retain_listener_ports(|owner| known.contains(&owner))
+        {
+            errors.push(bpf_error("listener ports", e));
         }
         errors
     }

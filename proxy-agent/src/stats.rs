@@ -13,6 +13,8 @@ pub struct Stats {
     pub accepted: AtomicU64,
     /// Connections closed because their original destination was not recorded.
     pub origin_unknown: AtomicU64,
+    /// Connections closed because their record names another sandbox than the listener's.
+    pub origin_mismatch: AtomicU64,
     /// Connections closed because the original destination could not be reached.
     pub upstream_failed: AtomicU64,
     /// Connections forwarded to the end.
@@ -217,6 +219,11 @@ impl Stats {
                 "origin_unknown",
                 "Connections closed: original destination not recorded (map miss).",
                 g(&self.origin_unknown),
+            ),
+            (
+                "origin_mismatch",
+                "Connections closed: recorded for another sandbox than the listener's.",
+                g(&self.origin_mismatch),
             ),
             (
                 "upstream_failed",

@@ -7,34 +7,28 @@
 #![allow(clippy::unwrap_used, reason = "tests may unwrap")]
 
 mod common;
+mod twin;
 
 use std::{
-    fs::{self, File},
-    io::Read as _,
-    net::{SocketAddr, TcpListener, TcpStream},
-    os::{
-        fd::{AsFd as _, OwnedFd},
-        unix::{fs::MetadataExt as _, process::CommandExt as _},
-    },
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    sync::{
-        Mutex, Once,
-        atomic::{AtomicU32, Ordering},
-    },
+    net::SocketAddr,
+    path::Path,
+    sync::{Mutex, Once},
     time::Duration,
 };
 
 use common::{PinDir, attached_program_ids};
-use proxy_agent::bpf::{Bpf, BpfError, netns_cookie};
+use proxy_agent::bpf::{Bpf, BpfError, ConnTuple};
 use proxy_common::{
     ConnKey, MAP_ORIG, MAP_SANDBOXES, MAP_SOCKS, OrigDst, STAT_NO_SANDBOX, STAT_ORIG_RECORDED,
     STAT_REDIRECTED, STAT_UDP443_REFUSED, SandboxTarget,
 };
+use twin::{
+    Cgroup, ClientResult, EPERM, Netns, accept_tagged, cgroup2_mount, listeners, require_root,
+    result, run_script, runtime,
+};
 
 const DIALLED_V4: &str = "198.18.255.1:80";
 const DIALLED_V6: &str = "[fd76:6569:6c::1]:80";
-const EPERM: i64 = 1;
 const ENETUNREACH: i64 = 101;
 
 /// Every `log` record the process emits, for checking the aya-log bridge.
@@ -83,100 +77,6 @@ fn wait_for_log(needle: &str) {
     );
 }
 
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test loads eBPF programs and creates network namespaces and cgroups: run it as root"
-    );
-}
-
-fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// A network namespace with `lo` up and no routes; deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Self {
-        let name = unique("veil-ebpf");
-        run(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Self { name };
-        run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
-        ns
-    }
-
-    fn open(&self) -> File {
-        File::open(Path::new("/run/netns").join(&self.name)).unwrap()
-    }
-
-    /// Runs `f` on a short-lived thread that has entered the namespace.
-    fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let ns = self.open();
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                f()
-            })
-            .join()
-            .unwrap()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// A cgroup v2 directory under the cgroup2 mount; removed on drop.
-struct Cgroup {
-    path: PathBuf,
-}
-
-impl Cgroup {
-    fn new_under(parent: &Path) -> Self {
-        let path = parent.join(unique("veil-ebpf"));
-        fs::create_dir(&path).unwrap();
-        Self { path }
-    }
-
-    fn id(&self) -> u64 {
-        fs::metadata(&self.path).unwrap().ino()
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        // A child that just exited may linger in cgroup.procs for a moment.
-        for _ in 0..50 {
-            if fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn cgroup2_mount() -> PathBuf {
-    proxy_agent::config::cgroup2_mount().expect("no cgroup2 mount in /proc/self/mounts")
-}
-
-fn run(cmd: &mut Command) {
-    let status = cmd.status().unwrap();
-    assert!(status.success(), "{cmd:?}: {status}");
-}
-
 /// Client: dials the three test destinations (sending a one-byte tag), prints what
 /// getpeername says, then tries UDP to 443 and 53. One JSON object per line.
 const CLIENT: &str = r#"
@@ -218,13 +118,6 @@ for r in results:
     print(json.dumps(r))
 "#;
 
-/// One line of the client's output.
-#[derive(Debug)]
-struct ClientResult {
-    peer: Option<String>,
-    errno: Option<i64>,
-}
-
 /// Runs [`CLIENT`] in `netns`, and in `cgroup` if given.
 fn run_client(
     netns: &Netns,
@@ -232,130 +125,6 @@ fn run_client(
     loopback_port: u16,
 ) -> Vec<(String, ClientResult)> {
     run_script(netns, cgroup, CLIENT, &[loopback_port.to_string()])
-}
-
-/// Runs a Python script in `netns`, and in `cgroup` if given (joined before it creates a
-/// socket); parses its JSON lines.
-fn run_script(
-    netns: &Netns,
-    cgroup: Option<&Path>,
-    script: &str,
-    args: &[String],
-) -> Vec<(String, ClientResult)> {
-    let ns: OwnedFd = netns.open().into();
-    let procs: Option<OwnedFd> = cgroup.map(|c| {
-        fs::OpenOptions::new()
-            .write(true)
-            .open(c.join("cgroup.procs"))
-            .unwrap()
-            .into()
-    });
-    let mut cmd = Command::new("python3");
-    cmd.arg("-c")
-        .arg(script)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: only async-signal-safe calls (write, setns) on fds opened before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(procs) = &procs {
-                nix::unistd::write(procs, b"0")?;
-            }
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            Ok(())
-        });
-    }
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = cmd.output().unwrap();
-    assert!(
-        status.success(),
-        "client failed: {status}\n{}",
-        String::from_utf8_lossy(&stderr)
-    );
-    String::from_utf8(stdout)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            (
-                json_str(line, "tag").unwrap(),
-                ClientResult {
-                    peer: json_str(line, "peer"),
-                    errno: json_int(line, "errno"),
-                },
-            )
-        })
-        .collect()
-}
-
-/// Tiny extraction from the client's flat JSON lines (keys and values without escapes).
-fn json_str(line: &str, key: &str) -> Option<String> {
-    let start = line.find(&format!("\"{key}\": \""))? + key.len() + 5;
-    let end = start + line[start..].find('"')?;
-    Some(line[start..end].to_owned())
-}
-
-fn json_int(line: &str, key: &str) -> Option<i64> {
-    let start = line.find(&format!("\"{key}\": "))? + key.len() + 4;
-    let digits: String = line[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '-')
-        .collect();
-    digits.parse().ok()
-}
-
-fn result<'a>(results: &'a [(String, ClientResult)], tag: &str) -> &'a ClientResult {
-    &results
-        .iter()
-        .find(|(t, _)| t == tag)
-        .unwrap_or_else(|| panic!("client printed no result for {tag}: {results:?}"))
-        .1
-}
-
-/// Accepts `n` connections (nonblocking, with a deadline) from either listener; returns the
-/// one-byte tag each sent, its peer address and its netns cookie.
-fn accept_tagged(listeners: &[&TcpListener], n: usize) -> Vec<(char, SocketAddr, u64)> {
-    for l in listeners {
-        l.set_nonblocking(true).unwrap();
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut accepted = Vec::new();
-    while accepted.len() < n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "accepted only {accepted:?}"
-        );
-        let mut progressed = false;
-        for l in listeners {
-            match l.accept() {
-                Ok((stream, peer)) => {
-                    progressed = true;
-                    accepted.push(read_tag(stream, peer));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("accept: {e}"),
-            }
-        }
-        if !progressed {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    accepted
-}
-
-fn read_tag(mut stream: TcpStream, peer: SocketAddr) -> (char, SocketAddr, u64) {
-    stream.set_nonblocking(false).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut tag = [0u8; 1];
-    stream.read_exact(&mut tag).unwrap();
-    let cookie = netns_cookie(stream.as_fd()).unwrap();
-    (char::from(tag[0]), peer, cookie)
 }
 
 /// Number of programs attached to `cgroup` at the attach points veil uses.
@@ -406,30 +175,6 @@ fn wait_for_maps_to_drain(cgroup: &Path) {
     );
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Listeners on 127.0.0.1 and [::1] inside `netns`, and the target naming their ports.
-fn listeners(netns: &Netns) -> (TcpListener, TcpListener, SandboxTarget) {
-    let (l4, l6) = netns.within(|| {
-        (
-            TcpListener::bind("127.0.0.1:0").unwrap(),
-            TcpListener::bind("[::1]:0").unwrap(),
-        )
-    });
-    let target = SandboxTarget {
-        port_v4: l4.local_addr().unwrap().port(),
-        port_v6: l6.local_addr().unwrap().port(),
-        _pad: 0,
-    };
-    (l4, l6, target)
-}
-
 /// Binds the given local port, dials `host:80` over IPv4 and sends a one-byte tag.
 const BOUND_CLIENT: &str = r#"
 import json, socket, sys
@@ -476,19 +221,17 @@ fn identical_client_addresses_in_two_sandboxes_stay_apart() {
         );
         assert_eq!(result(&out, tag).errno, Some(0), "{tag}");
     }
-    let (ta, peer_a, cookie_a) = accept_tagged(&[&la], 1).remove(0);
-    let (tb, peer_b, cookie_b) = accept_tagged(&[&lb], 1).remove(0);
-    assert_eq!((ta, tb), ('a', 'b'));
-    assert_eq!(peer_a, peer_b);
-    assert_ne!(cookie_a, cookie_b);
-    assert_eq!(
-        orig.take(cookie_b, peer_b).unwrap(),
-        Some("198.18.0.2:80".parse().unwrap())
-    );
-    assert_eq!(
-        orig.take(cookie_a, peer_a).unwrap(),
-        Some("198.18.0.1:80".parse().unwrap())
-    );
+    let a = accept_tagged(&[&la], 1).remove(0);
+    let b = accept_tagged(&[&lb], 1).remove(0);
+    assert_eq!((a.tag, b.tag), ('a', 'b'));
+    assert_eq!(a.tuple.peer, b.tuple.peer);
+    assert_ne!(a.tuple.netns_cookie, b.tuple.netns_cookie);
+    let taken = orig.take(&b.tuple).unwrap().unwrap();
+    assert_eq!(taken.dst, "198.18.0.2:80".parse().unwrap());
+    assert_eq!(taken.cgroup_id, cg_b.id());
+    let taken = orig.take(&a.tuple).unwrap().unwrap();
+    assert_eq!(taken.dst, "198.18.0.1:80".parse().unwrap());
+    assert_eq!(taken.cgroup_id, cg_a.id());
     bpf.detach(att_a).unwrap();
     bpf.detach(att_b).unwrap();
 }
@@ -594,10 +337,11 @@ fn redirects_records_and_detaches() {
         }
 
         let accepted = accept_tagged(&[&l4, &l6], 4);
-        let mut tags: Vec<char> = accepted.iter().map(|(t, _, _)| *t).collect();
+        let mut tags: Vec<char> = accepted.iter().map(|a| a.tag).collect();
         tags.sort_unstable();
         assert_eq!(tags, ['4', '6', 'l', 'm']);
-        for (tag, peer, cookie) in accepted {
+        for twin::Accepted { tag, tuple, .. } in accepted {
+            let peer = tuple.peer;
             let expected: Option<SocketAddr> = match tag {
                 '4' | 'm' => Some(DIALLED_V4.parse().unwrap()),
                 '6' => Some(DIALLED_V6.parse().unwrap()),
@@ -607,14 +351,22 @@ fn redirects_records_and_detaches() {
                 '6' => assert!(peer.is_ipv6(), "{peer}"),
                 _ => assert!(peer.is_ipv4(), "{peer}"),
             }
-            assert_eq!(
-                orig.take(cookie, peer).unwrap(),
-                expected,
-                "{tag} from {peer}"
-            );
-            assert_eq!(orig.take(cookie, peer).unwrap(), None, "{tag}: taken twice");
-            // Another namespace's identical address is another key.
-            assert_eq!(orig.take(cookie ^ 1, peer).unwrap(), None);
+            // Another namespace's identical tuple, or another listener, is another key.
+            let other_ns = ConnTuple {
+                netns_cookie: tuple.netns_cookie ^ 1,
+                ..tuple
+            };
+            assert_eq!(orig.take(&other_ns).unwrap(), None);
+            let mut other_listener = tuple;
+            other_listener.listener.set_port(tuple.listener.port() ^ 1);
+            assert_eq!(orig.take(&other_listener).unwrap(), None);
+            let taken = orig.take(&tuple).unwrap();
+            assert_eq!(taken.map(|r| r.dst), expected, "{tag} from {peer}");
+            // The nested cgroup's connections are recorded under the registered sandbox.
+            if let Some(r) = taken {
+                assert_eq!(r.cgroup_id, sandbox.id(), "{tag}");
+            }
+            assert_eq!(orig.take(&tuple).unwrap(), None, "{tag}: taken twice");
         }
     }
 

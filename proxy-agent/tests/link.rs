@@ -104,7 +104,10 @@ fn hello_snapshot_attaches_and_redirects_and_delete_detaches() {
         9,
         "{pinned:?}"
     );
-    assert_eq!(pinned.iter().filter(|p| p.starts_with("maps")).count(), 4);
+    assert_eq!(
+        pinned.iter().filter(|p| p.starts_with("maps")).count(),
+        proxy_common::PINNED_MAPS.len()
+    );
 
     // The same snapshot again (a reconnection): nothing attached twice.
     conn.apply(snapshot(2, vec![sandbox_state("sb-1", &sb)]));

@@ -1,48 +1,49 @@
 //! veil's cgroup programs: send a sandbox's TCP connections to its veil-agent listener and
 //! remember where they were going.
 //!
-//! - `connect4` / `connect6`: redirect TCP to the sandbox's loopback listener (recording the
-//!   original destination by socket cookie); refuse UDP to port 443 so QUIC falls back to TCP;
-//!   leave loopback destinations alone; refuse when the socket's cgroup names no sandbox.
+//! - `connect4` / `connect6`: refuse connects to veil's own listeners (`VEIL_GUARDED`); redirect
+//!   TCP to the sandbox's loopback listener (recording the original destination and the
+//!   sandbox by socket cookie); refuse UDP to port 443 so QUIC falls back to TCP; leave other
+//!   loopback destinations alone; refuse when the socket's cgroup names no sandbox.
 //! - `sendmsg4` / `sendmsg6`: refuse unconnected UDP datagrams to port 443.
 //! - `sockops`: once the redirected connection is established, publish its original
-//!   destination keyed by what the agent's accepted socket sees (netns cookie, peer address,
-//!   peer port); forget the socket when it closes.
+//!   destination keyed by its four-tuple as the agent's accepted socket sees it (netns cookie,
+//!   peer, listener); when the socket is reset, or closes after the agent's side, delete that
+//!   record so no later connection reusing the tuple can find it; forget the socket.
 //! - `getpeername4` / `getpeername6`: report the address the application dialled.
-//! - `bind4` / `bind6`: refuse a sandbox process binding its own sandbox's listener port (on any
-//!   address), so that while the agent is down nothing in the sandbox can stand in for it.
+//! - `bind4` / `bind6`: refuse a sandbox process binding any veil listener port of its network
+//!   namespace (`VEIL_LISTENERS`: every sandbox's listeners there, and veil's own in the host
+//!   netns) or its own sandbox's listener port, on any address, so that while the agent is
+//!   down nothing in a sandbox can stand in for it.
 //!
 //! The contract with the agent (map names, key and value layouts) is `proxy-common`.
 #![no_std]
 #![no_main]
 
+mod sockops;
+
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
-    },
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
         bpf_get_socket_cookie,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock_addr, map},
     maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::SockAddrContext,
 };
 use aya_log_ebpf::{debug, warn};
 use proxy_common::{
-    AF_INET, AF_INET6, ConnKey, MAX_CGROUP_DEPTH, MAX_SANDBOXES, MAX_TRACKED_CONNS, OrigDst,
-    STAT_BIND_REFUSED, STAT_COUNT, STAT_NO_SANDBOX, STAT_ORIG_RECORDED, STAT_REDIRECTED,
-    STAT_UDP443_REFUSED, SandboxTarget,
+    AF_INET, AF_INET6, ConnKey, GUARD_ANY_LOCAL, GuardKey, MAX_CGROUP_DEPTH, MAX_GUARDED,
+    MAX_LISTENER_PORTS, MAX_SANDBOXES, MAX_TRACKED_CONNS, OrigDst, PortKey, STAT_BIND_REFUSED,
+    STAT_COUNT, STAT_GUARDED_REFUSED, STAT_NO_SANDBOX, STAT_REDIRECTED, STAT_UDP443_REFUSED,
+    SandboxTarget,
 };
 
 /// Cgroup programs: let the operation proceed.
 const ALLOW: i32 = 1;
 /// Cgroup programs: fail the operation with EPERM.
 const REFUSE: i32 = 0;
-/// sock_ops programs always return 1.
-const SOCK_OPS_DONE: u32 = 1;
 
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
@@ -66,6 +67,12 @@ static VEIL_ORIG: LruHashMap<ConnKey, OrigDst> = LruHashMap::with_max_entries(MA
 
 #[map]
 static VEIL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+#[map]
+static VEIL_LISTENERS: HashMap<PortKey, u64> = HashMap::with_max_entries(MAX_LISTENER_PORTS, 0);
+
+#[map]
+static VEIL_GUARDED: HashMap<GuardKey, u64> = HashMap::with_max_entries(MAX_GUARDED, 0);
 
 fn count(stat: u32) {
     if let Some(counter) = VEIL_STATS.get_ptr_mut(stat) {
@@ -125,6 +132,11 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
+fn netns_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: helper available to cgroup sock_addr programs; ctx is the program's context.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
 // ---- address classification -----------------------------------------------------------------
 
 /// 127.0.0.0/8 or 0.0.0.0 (network-order word).
@@ -155,13 +167,23 @@ fn mapped(ip4: u32) -> [u32; 4] {
 
 // ---- sandbox lookup ---------------------------------------------------------------------------
 
+/// A registered sandbox: its cgroup id and listener ports.
+#[derive(Clone, Copy)]
+struct Sandbox {
+    cgroup_id: u64,
+    target: SandboxTarget,
+}
+
 /// The sandbox owning the current task's cgroup: the cgroup itself, else its nearest
 /// registered ancestor.
-fn find_sandbox() -> Option<SandboxTarget> {
+fn find_sandbox() -> Option<Sandbox> {
     // SAFETY: helper without arguments, available to cgroup sock_addr programs.
     let own = unsafe { bpf_get_current_cgroup_id() };
     if let Some(target) = lookup_sandbox(own) {
-        return Some(target);
+        return Some(Sandbox {
+            cgroup_id: own,
+            target,
+        });
     }
     // Ancestor levels are absolute (0 = root) and yield 0 past the task's own depth; walking
     // down from the deepest level makes the nearest registered ancestor win.
@@ -173,7 +195,10 @@ fn find_sandbox() -> Option<SandboxTarget> {
             && id != own
             && let Some(target) = lookup_sandbox(id)
         {
-            return Some(target);
+            return Some(Sandbox {
+                cgroup_id: id,
+                target,
+            });
         }
         level -= 1;
     }
@@ -230,16 +255,18 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     let ip = ctx_read!(ctx, user_ip4);
-    if is_local_v4(ip) {
+    let port = user_port(ctx);
+    let local = is_local_v4(ip);
+    refuse_guarded(ctx, &mapped(ip), port, local)?;
+    if local {
         return Ok(ALLOW);
     }
-    let port = user_port(ctx);
     match classify(ctx, port) {
         Verdict::Pass => return Ok(ALLOW),
         Verdict::Refuse => return Err(REFUSE),
         Verdict::Redirect => {}
     }
-    let target = sandbox_or_refuse(ctx)?;
+    let sandbox = sandbox_or_refuse(ctx)?;
     record(
         ctx,
         &OrigDst {
@@ -247,10 +274,11 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
             port,
             family: AF_INET,
             _pad: 0,
+            cgroup_id: sandbox.cgroup_id,
         },
     )?;
     ctx_write!(ctx, LOOPBACK_V4, user_ip4);
-    set_user_port(ctx, target.port_v4);
+    set_user_port(ctx, sandbox.target.port_v4);
     count(STAT_REDIRECTED);
     Ok(ALLOW)
 }
@@ -264,16 +292,19 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     let addr = user_ip6(ctx);
-    if is_local_v6(&addr) {
+    let port = user_port(ctx);
+    let local = is_local_v6(&addr);
+    refuse_guarded(ctx, &addr, port, local)?;
+    if local {
         return Ok(ALLOW);
     }
-    let port = user_port(ctx);
     match classify(ctx, port) {
         Verdict::Pass => return Ok(ALLOW),
         Verdict::Refuse => return Err(REFUSE),
         Verdict::Redirect => {}
     }
-    let target = sandbox_or_refuse(ctx)?;
+    let sandbox = sandbox_or_refuse(ctx)?;
+    let target = sandbox.target;
     let (new_addr, new_port) = if is_v4_mapped(&addr) {
         (mapped(LOOPBACK_V4), target.port_v4)
     } else if target.port_v6 != 0 {
@@ -292,6 +323,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
             port,
             family: AF_INET6,
             _pad: 0,
+            cgroup_id: sandbox.cgroup_id,
         },
     )?;
     set_user_ip6(ctx, new_addr);
@@ -300,7 +332,48 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     Ok(ALLOW)
 }
 
-fn sandbox_or_refuse(ctx: &SockAddrContext) -> Result<SandboxTarget, i32> {
+/// Refuses (counted) a connect to one of veil's own listeners: a host address guarded from
+/// every netns, an address guarded in this socket's netns, or — for a local destination — any
+/// local address of this netns when the listener is on an unspecified address.
+fn refuse_guarded(
+    ctx: &SockAddrContext,
+    addr: &[u32; 4],
+    port: u16,
+    local: bool,
+) -> Result<(), i32> {
+    let netns = netns_cookie(ctx);
+    let mut key = GuardKey {
+        netns_cookie: 0,
+        addr: *addr,
+        port,
+        _pad: [0; 6],
+    };
+    let mut hit = is_guarded(&key);
+    if !hit {
+        key.netns_cookie = netns;
+        hit = is_guarded(&key);
+    }
+    if !hit && local {
+        key.addr = GUARD_ANY_LOCAL;
+        hit = is_guarded(&key);
+    }
+    if hit {
+        count(STAT_GUARDED_REFUSED);
+        warn!(
+            ctx,
+            "veil: refused connect to veil's own listener on port {}", port
+        );
+        return Err(REFUSE);
+    }
+    Ok(())
+}
+
+fn is_guarded(key: &GuardKey) -> bool {
+    // SAFETY: only the presence of the entry is used.
+    unsafe { VEIL_GUARDED.get(key) }.is_some()
+}
+
+fn sandbox_or_refuse(ctx: &SockAddrContext) -> Result<Sandbox, i32> {
     find_sandbox().ok_or_else(|| {
         count(STAT_NO_SANDBOX);
         warn!(
@@ -406,17 +479,27 @@ pub fn bind6(ctx: SockAddrContext) -> i32 {
     if bind_allowed(&ctx) { ALLOW } else { REFUSE }
 }
 
-/// Refuses the sandbox's listener ports whatever the address: a dual-stack or wildcard bind
-/// would shadow the agent's loopback listener just as well.
+/// Refuses every veil listener port of the socket's netns, and the sandbox's own listener
+/// ports in any netns, whatever the address: a dual-stack or wildcard bind would shadow the
+/// agent's loopback listener just as well. Port 0 is left to the kernel, which never picks a
+/// port the agent has reserved in that netns.
 fn bind_allowed(ctx: &SockAddrContext) -> bool {
     let port = user_port(ctx);
     if port == 0 {
         return true;
     }
-    let Some(target) = find_sandbox() else {
-        return true;
+    let key = PortKey {
+        netns_cookie: netns_cookie(ctx),
+        port,
+        _pad: [0; 6],
     };
-    if port == target.port_v4 || (target.port_v6 != 0 && port == target.port_v6) {
+    // SAFETY: only the presence of the entry is used.
+    let listener = unsafe { VEIL_LISTENERS.get(&key) }.is_some();
+    let own = match find_sandbox() {
+        Some(s) => port == s.target.port_v4 || (s.target.port_v6 != 0 && port == s.target.port_v6),
+        None => false,
+    };
+    if listener || own {
         count(STAT_BIND_REFUSED);
         warn!(
             ctx,
@@ -425,82 +508,6 @@ fn bind_allowed(ctx: &SockAddrContext) -> bool {
         return false;
     }
     true
-}
-
-// ---- sock_ops ---------------------------------------------------------------------------------
-
-macro_rules! ops_read {
-    ($ctx:expr, $($field:tt)+) => {
-        // SAFETY: the kernel hands the program a valid context; the field is readable.
-        unsafe { core::ptr::read_volatile(&raw const (*$ctx.ops).$($field)+) }
-    };
-}
-
-#[sock_ops]
-pub fn veil_sockops(ctx: SockOpsContext) -> u32 {
-    match try_sockops(&ctx) {
-        Ok(r) | Err(r) => r,
-    }
-}
-
-fn try_sockops(ctx: &SockOpsContext) -> Result<u32, u32> {
-    match ctx.op() {
-        // Before the SYN: watch the socket's state so it is forgotten even if it never connects.
-        BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            if tracked(ctx).is_some() {
-                let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
-                let _ = ctx.set_cb_flags(flags as i32);
-            }
-        }
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            if let Some(orig) = tracked(ctx) {
-                let key = ConnKey {
-                    // SAFETY: helper available to sock_ops programs; ctx is the program's context.
-                    netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-                    addr: local_addr(ctx),
-                    port: ops_read!(ctx, local_port) as u16,
-                    _pad: [0; 6],
-                };
-                if VEIL_ORIG.insert(key, orig, 0).is_ok() {
-                    count(STAT_ORIG_RECORDED);
-                }
-            }
-        }
-        BPF_SOCK_OPS_STATE_CB if ops_read!(ctx, __bindgen_anon_1.args[1]) == BPF_TCP_CLOSE => {
-            // SAFETY: helper available to sock_ops programs.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = VEIL_SOCKS.remove(cookie);
-        }
-        _ => {}
-    }
-    Ok(SOCK_OPS_DONE)
-}
-
-fn tracked(ctx: &SockOpsContext) -> Option<OrigDst> {
-    // SAFETY: helper available to sock_ops programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out at once.
-    unsafe { VEIL_SOCKS.get(cookie) }.copied()
-}
-
-/// The client's local address, IPv4 as `::ffff:a.b.c.d` whichever family the socket has, so
-/// it matches the peer the agent's IPv4 listener sees.
-fn local_addr(ctx: &SockOpsContext) -> [u32; 4] {
-    // Every field is read on every path: LLVM otherwise merges the two branches' loads into
-    // one load at a computed ctx offset, which the verifier rejects.
-    let family = ops_read!(ctx, family);
-    let ip4 = ops_read!(ctx, local_ip4);
-    let ip6 = [
-        ops_read!(ctx, local_ip6[0]),
-        ops_read!(ctx, local_ip6[1]),
-        ops_read!(ctx, local_ip6[2]),
-        ops_read!(ctx, local_ip6[3]),
-    ];
-    if family == u32::from(AF_INET) {
-        mapped(ip4)
-    } else {
-        ip6
-    }
 }
 
 #[cfg(not(test))]

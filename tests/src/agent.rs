@@ -488,7 +488,19 @@ impl Drop for Agent {
         }
         let _ = std::fs::remove_file(&self.pidfile);
         if self.owns_pin_dir {
-            // The agent is gone: unpinning its links detaches them, and its maps go with them.
+            // The agent is gone: its teardown releases what it holds outside the pin dir (the
+            // listener ports it reserved in each netns, the host's included).
+            if self.options.binary.is_none() {
+                let _ = Command::new(&self.binary)
+                    .arg("--config")
+                    .arg(self.config_path())
+                    .arg("--state-dir")
+                    .arg(self.state_dir())
+                    .args(["teardown", "--all"])
+                    .stdin(Stdio::null())
+                    .output();
+            }
+            // Unpinning its links detaches them, and its maps go with them.
             remove_pin_dir(&self.pin_dir);
         }
     }

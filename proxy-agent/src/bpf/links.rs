@@ -1,0 +1,170 @@
+//! The programs' links on each sandbox cgroup, pinned under `<pins>/sandboxes/<cgroup id>/` so
+//! the redirect outlives the agent.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd as _;
+use std::path::Path;
+
+use aya::programs::{CgroupAttachMode, links::FdLink};
+
+use super::sys::{link_detach, link_update, obj_get};
+use super::{
+    Bpf, BpfError, LinkOutcome, LinkReport, PROGRAMS, SOCK_OPS_PROGRAM, program_err,
+    sock_addr_program, sock_ops_program,
+};
+use crate::pins::PinLayout;
+
+impl Bpf {
+    /// Makes sure every program is linked to the cgroup through a pin under
+    /// `<pins>/sandboxes/<cgroup_id>/`: a pin that opens as a link is kept (never attached a
+    /// second time); a missing one is attached and pinned, a dead one replaced. On failure,
+    /// the links this call newly attached are removed again and the others are left alone.
+    pub fn ensure_links(
+        &mut self,
+        cgroup_dir: &Path,
+        cgroup_id: u64,
+    ) -> Result<LinkReport, BpfError> {
+        let cgroup_err = |source| BpfError::Cgroup {
+            path: cgroup_dir.to_owned(),
+            source,
+        };
+        let cgroup = File::open(cgroup_dir).map_err(cgroup_err)?;
+        let dir = self.pins.sandbox_dir(cgroup_id);
+        std::fs::create_dir_all(&dir).map_err(|source| BpfError::Pin {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut report = LinkReport::default();
+        let mut new_pins = Vec::new();
+        for name in PROGRAMS {
+            let path = self.pins.link(cgroup_id, name);
+            match self.ensure_link(&cgroup, name, &path) {
+                Ok(LinkOutcome::Attached) => {
+                    report.attached += 1;
+                    new_pins.push(path);
+                }
+                Ok(LinkOutcome::Replaced) => report.replaced += 1,
+                Ok(LinkOutcome::Kept) => report.reused += 1,
+                Err(e) => {
+                    for pin in new_pins.iter().rev() {
+                        let _ = std::fs::remove_file(pin);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn ensure_link(
+        &mut self,
+        cgroup: &File,
+        name: &'static str,
+        path: &Path,
+    ) -> Result<LinkOutcome, BpfError> {
+        let pin_err = |source| BpfError::Pin {
+            path: path.to_owned(),
+            source,
+        };
+        let old = match obj_get(path) {
+            Ok(fd) => Some(fd),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            // Not a bpf object: a stray file, replaced below.
+            Err(_) => {
+                std::fs::remove_file(path).map_err(pin_err)?;
+                None
+            }
+        };
+        if let Some(old) = &old {
+            // Kept, never attached twice; but switched over to this agent's program (same
+            // pinned maps), so an upgrade takes effect and kernel log records reach this agent
+            // rather than the ring buffer of the one before.
+            let program = self
+                .ebpf
+                .program(name)
+                .ok_or(BpfError::MissingProgram(name))?;
+            let updated = program
+                .fd()
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|fd| link_update(old.as_fd(), fd.as_fd()));
+            match updated {
+                Ok(()) => return Ok(LinkOutcome::Kept),
+                // A link detached behind our back (ENOLINK), or no link at all: replace it.
+                Err(e) => log::warn!("{}: replacing the pinned link: {e}", path.display()),
+            }
+        }
+        let fd_link: FdLink = if name == SOCK_OPS_PROGRAM {
+            let program = sock_ops_program(&mut self.ebpf)?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_err(name))?;
+            let link = program.take_link(id).map_err(program_err(name))?;
+            FdLink::try_from(link).map_err(|e| pin_err(io::Error::other(e)))?
+        } else {
+            let program = sock_addr_program(&mut self.ebpf, name)?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_err(name))?;
+            let link = program.take_link(id).map_err(program_err(name))?;
+            FdLink::try_from(link).map_err(|e| pin_err(io::Error::other(e)))?
+        };
+        let outcome = match old {
+            // The new link runs before the old one goes, so there is no moment without the
+            // hook (running both for an instant is harmless: a redirected connect targets
+            // loopback, which connect4/6 leave alone).
+            Some(old) => {
+                let _ = link_detach(old.as_fd());
+                std::fs::remove_file(path).map_err(pin_err)?;
+                LinkOutcome::Replaced
+            }
+            None => LinkOutcome::Attached,
+        };
+        // Dropping the pinned link closes our fd; the pin keeps the program attached.
+        fd_link
+            .pin(path)
+            .map_err(|e| pin_err(io::Error::other(e)))?;
+        Ok(outcome)
+    }
+}
+
+/// Removes the pins of one sandbox cgroup's links (connect first, so nothing new is redirected
+/// meanwhile), then its directory. Without pins and without an open fd the kernel detaches.
+pub fn unpin_sandbox(pins: &PinLayout, cgroup_id: u64) -> Result<(), BpfError> {
+    let mut first_err = None;
+    for name in PROGRAMS.iter().rev() {
+        let path = pins.link(cgroup_id, name);
+        // Dropping the last reference releases a link asynchronously; detaching it first makes
+        // "unpinned" mean "no longer runs" by the time this returns.
+        if let Ok(fd) = obj_get(&path)
+            && let Err(source) = link_detach(fd.as_fd())
+        {
+            first_err.get_or_insert(BpfError::Pin {
+                path: path.clone(),
+                source,
+            });
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                first_err.get_or_insert(BpfError::Pin { path, source });
+            }
+        }
+    }
+    let dir = pins.sandbox_dir(cgroup_id);
+    // Anything else in there (nothing we made) is removed too: the directory must go.
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    match std::fs::remove_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            first_err.get_or_insert(BpfError::Pin { path: dir, source });
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
