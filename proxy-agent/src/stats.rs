@@ -57,6 +57,8 @@ pub struct Stats {
     pub limit_refused: AtomicU64,
     /// Protocol upgrades (WebSocket) refused on intercepted connections.
     pub upgrade_refused: AtomicU64,
+    /// Upstream connections of `egress: "host"` sandboxes refused by the egress rules.
+    pub egress_refused: AtomicU64,
     /// Latency from a request's arrival to its upstream response head.
     pub request_seconds: Histogram,
     /// Duration of the client TLS handshakes veil terminates.
@@ -312,6 +314,11 @@ impl Stats {
                 "upgrade_refused",
                 "Protocol upgrades refused on intercepted connections.",
                 g(&self.upgrade_refused),
+            ),
+            (
+                "egress_refused",
+                "Upstream connections refused by the egress rules (egress: host).",
+                g(&self.egress_refused),
             ),
         ]
     }
