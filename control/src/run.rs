@@ -389,6 +389,8 @@ async fn setup(
     let mut body = json!({ "cgroup": relative, "secrets": secrets });
     if let Some(n) = &netns_path {
         body["netns"] = json!(n);
+        // Nothing is forwarded out of this netns: veil opens its connections from the host.
+        body["egress"] = json!("host");
     }
     // From here on the registration may exist even if the call fails (a timeout keeps it).
     res.registered = true;
