@@ -31,6 +31,7 @@ pub mod cgroup;
 pub mod clients;
 pub mod cmd;
 pub mod control;
+pub mod egress;
 pub mod env;
 pub mod https;
 pub mod netns;

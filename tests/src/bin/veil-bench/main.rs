@@ -368,6 +368,7 @@ fn sandbox_spec(id: &str, sb: &Sandbox) -> AgentSandbox {
         id: id.to_owned(),
         cgroup: sb.cgroup().path().to_owned(),
         netns: sb.netns_path().map(ToOwned::to_owned),
+        egress: None,
     }
 }
 
