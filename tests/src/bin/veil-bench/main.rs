@@ -3,7 +3,7 @@
 //! `veil-bench passthrough [--bytes N] [--seconds S] [--runs R]` measures bulk throughput and new
 //! connections per second from a sandbox to an upstream, direct (same netns, outside the
 //! cgroup) and through veil-agent (inside the cgroup), interleaved, and prints medians and
-//! ratios. `veil-bench suite [--seconds S] [--runs R] [--out MD] [--png PNG] [--mitmdump PATH]`
+//! ratios; the sandbox has egress "sandbox" unless `VEIL_BENCH_EGRESS=host`. `veil-bench suite [--seconds S] [--runs R] [--out MD] [--png PNG] [--mitmdump PATH]`
 //! compares veil with direct, nginx and mitmproxy and writes docs/benchmarks.md (see suite.rs);
 //! `veil-bench soak [--connections N] [--sandboxes S] [--seconds T]` is the load and leak soak.
 //! The `client-*` subcommands are the client side, re-executed inside the sandbox.
@@ -257,7 +257,14 @@ fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
     let sb = Sandbox::new("bench", Some(&ns));
     let (sink, stop_sink) = start_sink(world.netns(), world.upstream_v4().into());
     let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "bench");
-    let veil = Veil::start(&[sb.agent_entry("bench")]);
+    // VEIL_BENCH_EGRESS=host: the agent connects from the host netns; by default (egress
+    // "sandbox") it opens each upstream socket inside the sandbox's netns.
+    let mut spec = sb.agent_entry("bench");
+    if let Ok(mode) = std::env::var("VEIL_BENCH_EGRESS") {
+        spec = spec.with_egress(&mode);
+    }
+    eprintln!("egress: {}", spec.egress());
+    let veil = Veil::start(&[spec]);
 
     let mut results: [[Vec<f64>; 2]; 2] = Default::default(); // [direct, veil][bulk, conns]
     let mut steal = Vec::new();
