@@ -219,7 +219,7 @@ pub struct EgressGuard {
 #[derive(Debug, Default)]
 struct HostAddrs {
     read_at: Option<Instant>,
-    addrs: BTreeSet<IpAddr>,
+    addrs: Arc<BTreeSet<IpAddr>>,
 }
 
 #[derive(Debug, Default)]
@@ -298,12 +298,12 @@ impl EgressGuard {
         }
     }
 
-    fn host_addrs(&self) -> BTreeSet<IpAddr> {
+    fn host_addrs(&self) -> Arc<BTreeSet<IpAddr>> {
         let mut h = self.host.lock().unwrap_or_else(|p| p.into_inner());
         if h.read_at.is_none_or(|t| t.elapsed() >= HOST_ADDRS_TTL) {
             match crate::hostaddrs::host_addresses() {
                 Ok(addrs) => {
-                    h.addrs = addrs.into_iter().map(|a| a.to_canonical()).collect();
+                    h.addrs = Arc::new(addrs.into_iter().map(|a| a.to_canonical()).collect());
                     h.read_at = Some(Instant::now());
                 }
                 // The previous list stays; connections that reach the host are still caught
