@@ -62,7 +62,6 @@ const UID_RECORDS: &str = "uids";
 /// way out is veil, so upstream connections must leave from the host (through the agent's
 /// deny list). Off until control accepts the field; a plain run never sends it (the default,
 /// `"sandbox"`, applies).
-const SEND_EGRESS_HOST: bool = false;
 
 /// Options of `veil-control run` (the API URL and key come with the other client commands).
 #[derive(clap::Args, Debug)]
@@ -442,9 +441,8 @@ async fn setup(
     let mut body = json!({ "cgroup": relative, "secrets": secrets });
     if let Some(n) = &netns_path {
         body["netns"] = json!(n);
-        if SEND_EGRESS_HOST {
-            body["egress"] = json!("host");
-        }
+        // Nothing is forwarded out of this netns: veil opens its connections from the host.
+        body["egress"] = json!("host");
     }
     // From here on the registration may exist even if the call fails (a timeout keeps it).
     res.registered = true;

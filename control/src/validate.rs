@@ -158,6 +158,27 @@ pub fn netns(path: &str) -> Result<(), String> {
     Err(bad())
 }
 
+/// A sandbox's `egress`: `"sandbox"` (its upstream connections leave from its own netns) or
+/// `"host"` (from the host, through the agent's egress rules).
+pub fn egress(text: &str) -> Result<veil_link::Egress, String> {
+    match text {
+        "sandbox" => Ok(veil_link::Egress::Sandbox),
+        "host" => Ok(veil_link::Egress::Host),
+        other => Err(format!(
+            "egress {other:?} must be \"sandbox\" (connections leave from the sandbox's own \
+             netns) or \"host\" (from the host, through the agent's egress rules)"
+        )),
+    }
+}
+
+/// The API spelling of an egress mode.
+pub fn egress_name(egress: veil_link::Egress) -> &'static str {
+    match egress {
+        veil_link::Egress::Sandbox => "sandbox",
+        veil_link::Egress::Host => "host",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +198,17 @@ mod tests {
         assert!(sandbox_id("../x").is_err());
         org_name("acme").unwrap();
         assert!(org_name("a/b").is_err());
+    }
+
+    #[test]
+    fn egress_modes() {
+        for e in [veil_link::Egress::Sandbox, veil_link::Egress::Host] {
+            assert_eq!(egress(egress_name(e)), Ok(e));
+        }
+        for bad in ["", "Host", "none", "sandbox "] {
+            let e = egress(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
     }
 
     #[test]

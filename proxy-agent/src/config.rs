@@ -8,6 +8,8 @@ use serde::Deserialize;
 use veil_link::proto::WrongHost;
 use veil_policy::ModeOverrides;
 
+use crate::egress::{self, EgressRules};
+
 /// Where the agent looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/veil/agent.toml";
 /// Default state directory (the interception CA lives here once interception exists).
@@ -112,6 +114,12 @@ pub struct AgentSettings {
     pub max_connections_per_sandbox: usize,
     /// Concurrent h2 streams per intercepted connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_streams_per_connection: u32,
+    /// Ranges (CIDR or single addresses) `egress: "host"` sandboxes may not reach, in addition
+    /// to the built-in list ([`crate::egress::BUILTIN_DENY`]) and the host's own addresses.
+    pub egress_deny: Vec<String>,
+    /// Ranges `egress: "host"` sandboxes may reach although a deny rule (built-in, host
+    /// address or `egress_deny`) covers them: allow wins.
+    pub egress_allow: Vec<String>,
 }
 
 impl Default for AgentSettings {
@@ -139,6 +147,8 @@ impl Default for AgentSettings {
             idle_timeout_ms: 300_000,
             max_connections_per_sandbox: 1024,
             max_streams_per_connection: 100,
+            egress_deny: Vec::new(),
+            egress_allow: Vec::new(),
         }
     }
 }
@@ -178,6 +188,23 @@ impl AgentSettings {
             max_connections_per_sandbox: self.max_connections_per_sandbox,
             max_streams_per_connection: self.max_streams_per_connection,
         }
+    }
+
+    /// The egress rules of `egress: "host"` sandboxes; an entry that is not a network is an
+    /// error naming its key and text.
+    pub fn egress_rules(&self) -> Result<EgressRules, ConfigError> {
+        let parse = |key: &str, list: &[String]| {
+            list.iter()
+                .map(|text| {
+                    egress::parse_net(text)
+                        .map_err(|e| ConfigError::Invalid(format!("agent.{key}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(EgressRules::new(
+            parse("egress_deny", &self.egress_deny)?,
+            parse("egress_allow", &self.egress_allow)?,
+        ))
     }
 
     /// The reconnection backoff bounds.
@@ -380,6 +407,7 @@ impl Config {
                 "agent.bpf_pin_dir and agent.state_dir must be absolute paths".into(),
             ));
         }
+        a.egress_rules()?;
         Ok(())
     }
 }
@@ -532,6 +560,9 @@ mod tests {
             "[agent]\nmax_header_bytes = 8191",
             "[agent]\nwrong_host = \"drop\"",
             "[agent]\nbody_substitution = \"yes\"",
+            "[agent]\negress_deny = \"10.0.0.0/8\"",
+            "[agent]\negress_deny = [\"10.0.0.0/33\"]",
+            "[agent]\negress_allow = [\"metadata\"]",
         ];
         for text in bad {
             assert!(
@@ -577,6 +608,39 @@ mod tests {
         assert_eq!(l.max_streams_per_connection, 3);
         let e = Config::parse("[agent]\nidle_timeout_ms = 0", Path::new(MNT)).unwrap_err();
         assert!(e.to_string().contains("agent.idle_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn egress_keys_parse_and_errors_name_the_entry() {
+        use std::net::IpAddr;
+        let no_host = |_: IpAddr| false;
+        let d = AgentSettings::default().egress_rules().unwrap();
+        assert_eq!(d, EgressRules::default());
+        let c = Config::parse(
+            "[agent]\negress_deny = [\"203.0.113.0/24\"]\n\
+             egress_allow = [\"10.20.0.0/16\", \"169.254.169.254\"]",
+            Path::new(MNT),
+        )
+        .unwrap();
+        let r = c.agent.egress_rules().unwrap();
+        let verdict = |ip: &str| r.verdict(ip.parse().unwrap(), no_host);
+        assert!(matches!(verdict("203.0.113.9"), egress::Verdict::Denied(_)));
+        assert_eq!(verdict("10.20.1.1"), egress::Verdict::Allowed);
+        assert_eq!(verdict("169.254.169.254"), egress::Verdict::Allowed);
+        assert!(matches!(
+            verdict("169.254.169.253"),
+            egress::Verdict::Denied(_)
+        ));
+        let e = Config::parse(
+            "[agent]\negress_allow = [\"10.0.0.0/8\", \"nope\"]",
+            Path::new(MNT),
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("agent.egress_allow") && text.contains("\"nope\""),
+            "{text}"
+        );
     }
 
     #[test]

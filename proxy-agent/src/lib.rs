@@ -3,6 +3,8 @@
 
 pub mod bpf;
 pub mod config;
+pub mod dialer;
+pub mod egress;
 pub mod guard;
 pub mod hostaddrs;
 pub mod identity;

@@ -11,6 +11,7 @@ use anyhow::{Context, anyhow};
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use proxy_agent::bpf::{self, Bpf};
 use proxy_agent::config::{self, Config};
+use proxy_agent::dialer::EgressGuard;
 use proxy_agent::guard;
 use proxy_agent::identity;
 use proxy_agent::link::{Identity, LinkClient};
@@ -225,9 +226,15 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     let bpf = Bpf::load(&pins)
         .context("cannot load veil's eBPF programs (root with CAP_BPF and CAP_NET_ADMIN needed)")
         .map_err(Fatal::Host)?;
-    let upstream = upstream::client_configs(Some(&settings.system_roots), &settings.upstream_ca)
-        .context("upstream TLS trust")
-        .map_err(Fatal::Config)?;
+    let stats = Arc::new(Stats::default());
+    let egress = settings
+        .egress_rules()
+        .map_err(|e| Fatal::Config(e.into()))?;
+    let egress = Arc::new(EgressGuard::new(egress, stats.clone()));
+    let upstream =
+        upstream::client_configs(Some(&settings.system_roots), &settings.upstream_ca, egress)
+            .context("upstream TLS trust")
+            .map_err(Fatal::Config)?;
     let ca = Arc::new(ca);
     let leaves = Arc::new(LeafCache::new(ca.clone(), settings.leaf_cache_size));
     let tls = TlsContext::new(leaves, upstream)
@@ -236,7 +243,7 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     let secrets = SecretStore::default();
     let proxy = Arc::new(Proxy {
         orig: bpf.orig_dst(),
-        stats: Arc::new(Stats::default()),
+        stats,
         tracker: TaskTracker::new(),
         connect_timeout: settings.connect_timeout(),
         peek_timeout: settings.peek_timeout(),

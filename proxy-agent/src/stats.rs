@@ -64,6 +64,8 @@ pub struct Stats {
     pub scrub_withheld: AtomicU64,
     /// Response streams whose scrubber switched to a newer policy's values while streaming.
     pub scrub_policy_switched: AtomicU64,
+    /// Upstream connections of `egress: "host"` sandboxes refused by the egress rules.
+    pub egress_refused: AtomicU64,
     /// Latency from a request's arrival to its upstream response head.
     pub request_seconds: Histogram,
     /// Duration of the client TLS handshakes veil terminates.
@@ -334,6 +336,11 @@ impl Stats {
                 "scrub_policy_switched",
                 "Response streams whose scrubber took up a newer policy's values mid-stream.",
                 g(&self.scrub_policy_switched),
+            ),
+            (
+                "egress_refused",
+                "Upstream connections refused by the egress rules (egress: host).",
+                g(&self.egress_refused),
             ),
         ]
     }

@@ -25,6 +25,24 @@ pub struct AgentSandbox {
     /// Netns path; `None` = the sandbox shares the agent's netns.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
+    /// `egress` of the PUT; `None` = what a runner would choose ([`crate::egress::for_netns`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<String>,
+}
+
+impl AgentSandbox {
+    /// The same sandbox registered with `egress` (`"sandbox"` or `"host"`).
+    pub fn with_egress(mut self, egress: &str) -> AgentSandbox {
+        self.egress = Some(egress.to_owned());
+        self
+    }
+
+    /// The `egress` its PUT sends.
+    pub fn egress(&self) -> String {
+        self.egress
+            .clone()
+            .unwrap_or_else(|| crate::egress::for_netns(self.netns.as_deref()).to_owned())
+    }
 }
 
 /// How to start the agent; `Default` is the built `veil-agent` with its default settings.
@@ -52,6 +70,9 @@ pub struct AgentOptions {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Extra TOML lines for the `[agent]` table (keys this fixture has no field for).
     pub extra_config: String,
+    /// `[agent] egress_allow`; by default the test world's IPv6 block
+    /// ([`crate::egress::WORLD_V6`]), which stands for public addresses.
+    pub egress_allow: Vec<String>,
 }
 
 impl Default for AgentOptions {
@@ -67,6 +88,7 @@ impl Default for AgentOptions {
             terminate_timeout: Duration::from_secs(15),
             metrics_listen: None,
             extra_config: String::new(),
+            egress_allow: vec![crate::egress::WORLD_V6.to_owned()],
         }
     }
 }
@@ -85,6 +107,8 @@ struct AgentSection<'a> {
     bpf_pin_dir: &'a Path,
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics_listen: Option<std::net::SocketAddr>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    egress_allow: &'a [String],
 }
 
 /// Renders the agent's TOML config.
@@ -99,6 +123,7 @@ pub fn render_config(
             control_socket,
             bpf_pin_dir: pin_dir,
             metrics_listen: None,
+            egress_allow: &[],
         },
     })
     .unwrap_or_else(|e| panic!("rendering agent config: {e}"))
@@ -112,6 +137,7 @@ pub fn render_options(options: &AgentOptions, pin_dir: &Path) -> String {
             control_socket: options.control_socket.as_deref(),
             bpf_pin_dir: pin_dir,
             metrics_listen: options.metrics_listen,
+            egress_allow: &options.egress_allow,
         },
     })
     .unwrap_or_else(|e| panic!("rendering agent config: {e}"));

@@ -33,6 +33,7 @@ pub mod clients;
 pub mod cmd;
 pub mod control;
 pub mod decoding;
+pub mod egress;
 pub mod env;
 pub mod hostlink;
 pub mod https;

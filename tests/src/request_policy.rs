@@ -138,6 +138,7 @@ impl Setup {
             id: id.to_owned(),
             cgroup: sb.cgroup().path().to_owned(),
             netns: Some(ns.path().to_owned()),
+            egress: None,
         };
         let answer = self.veil.register_with(&spec, mounts);
         let agent_ca = ["caCertificate", "caCert"]

@@ -67,6 +67,7 @@ impl Sandbox {
             id: id.to_owned(),
             cgroup: self.cgroup.path().to_path_buf(),
             netns: self.netns.clone(),
+            egress: None,
         }
     }
 

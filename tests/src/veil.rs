@@ -123,7 +123,9 @@ impl Veil {
         self.rt.block_on(f)
     }
 
-    /// `PUT /api/sandbox/{id}` with these `(ENV, secret name)` mounts; the raw reply.
+    /// `PUT /api/sandbox/{id}` with these `(ENV, secret name)` mounts; the raw reply. The
+    /// `egress` is the sandbox's, else what a runner would choose for its netns
+    /// ([`crate::egress::for_netns`]).
     pub fn try_register(&self, sb: &AgentSandbox, secrets: &[(&str, &str)]) -> Reply {
         let cgroup = sb
             .cgroup
@@ -135,7 +137,7 @@ impl Veil {
             .iter()
             .map(|(env, name)| json!({ *env: name }))
             .collect();
-        let body = json!({ "cgroup": cgroup, "netns": sb.netns, "secrets": secrets });
+        let body = json!({ "cgroup": cgroup, "netns": sb.netns, "secrets": secrets, "egress": sb.egress() });
         let api = self.api();
         let path = format!("/sandbox/{}", sb.id);
         let reply = self.block_on(api.put(&path, &self.key, body));

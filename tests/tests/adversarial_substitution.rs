@@ -99,6 +99,7 @@ impl Setup {
         let ns = NetNs::new(tag);
         let sandbox = Sandbox::new(tag, Some(&ns)).with_hosts(&[(ALLOWED, ip)]);
         let spec = AgentSandbox {
+            egress: None,
             id: tag.to_owned(),
             cgroup: sandbox.cgroup().path().to_owned(),
             netns: Some(ns.path().to_owned()),

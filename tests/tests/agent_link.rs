@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use veil_tests::cmd::{run_probe, wait_until};
+use veil_tests::egress;
 use veil_tests::{
     AttachType, NetNs, Sandbox, TcpEcho, TcpHello, Veil, World, attached_prog_ids, require_root,
     sandbox_map_has,
@@ -135,9 +136,10 @@ fn a_client_started_right_after_the_put_is_redirected() {
         let sb = Sandbox::new(&format!("l{i}"), Some(&ns));
         veil.register(&sb.agent_entry(&format!("l{i}")));
         let out = sb.probe(&["tcp", "--addr", &hello.addr().to_string()]);
-        assert_eq!(
-            out.hello().map(|(_, p)| p.ip()),
-            Some(IpAddr::from(world.host_v4())),
+        // Redirected: connected to the agent's loopback listener, answered through it.
+        let local = out.json["local"].as_str().unwrap_or_default();
+        assert!(
+            out.hello().is_some() && local.starts_with("127.0.0.1:"),
             "round {i}: the first connection after PUT bypassed the agent: {}",
             out.json
         );
@@ -153,7 +155,8 @@ fn agent_down_fails_closed_then_recovers(stop: impl Fn(&Veil)) {
     let link = world.link_sandbox(&ns);
     let sb = Sandbox::new("down", Some(&ns));
     let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "U");
-    let veil = Veil::start(&[sb.agent_entry("down")]);
+    // Egress from the host: the upstream tells the agent's connections from direct ones.
+    let veil = Veil::start(&[sb.agent_entry("down").with_egress(egress::HOST)]);
     let addr = hello.addr().to_string();
     assert_eq!(
         sb.probe(&["tcp", "--addr", &addr])

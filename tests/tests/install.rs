@@ -276,7 +276,7 @@ fn both_daemons_work_under_their_units_restrictions_and_pins_survive_a_restart()
     let world = World::new();
     let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "U");
     let ns = NetNs::new("confined");
-    let _link = world.link_sandbox(&ns);
+    let link = world.link_sandbox(&ns);
     let sb = Sandbox::new("confined", Some(&ns));
     let veil = Veil::start_with(
         AgentOptions {
@@ -298,11 +298,14 @@ fn both_daemons_work_under_their_units_restrictions_and_pins_survive_a_restart()
     assert_eq!(bounding_set(control_pid), 0, "control bounding set");
     assert!(no_new_privs(control_pid) && root_read_only(control_pid));
 
+    // Redirected to the agent's loopback listener, and forwarded from inside the sandbox's
+    // netns (egress "sandbox": the confined agent can still enter it).
     let through_agent = || {
-        sb.probe(&["tcp", "--addr", &hello.addr().to_string()])
-            .hello()
-            .map(|(_, p)| p.ip())
-            == Some(world.host_v4().into())
+        let out = sb.probe(&["tcp", "--addr", &hello.addr().to_string()]);
+        out.hello().map(|(_, p)| p.ip()) == Some(link.sandbox_v4().into())
+            && out.json["local"]
+                .as_str()
+                .is_some_and(|l| l.starts_with("127.0.0.1:"))
     };
     assert!(through_agent(), "confined agent does not proxy");
 

@@ -96,6 +96,7 @@ impl Setup {
             id: id.to_owned(),
             cgroup: sb.cgroup().path().to_owned(),
             netns: Some(ns.path().to_owned()),
+            egress: None,
         };
         let mounts: &[(&str, &str)] = if mounted {
             &[("MY_KEY", "upstream-key")]

@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use veil_tests::cmd::run_probe;
+use veil_tests::egress;
 use veil_tests::{
     AgentSandbox, AttachType, HttpHello, NetNs, Sandbox, TcpEcho, TcpHello, UdpEcho, Veil, World,
     attached_prog_ids, require_root, sandbox_map_has,
@@ -129,11 +130,18 @@ fn loopback_and_processes_outside_the_cgroup_are_not_redirected() {
         "outside the cgroup must go direct"
     );
 
-    // In the cgroup: through the agent, whose own upstream socket is not redirected again
-    // (it would loop back into its listener and be closed as of unknown origin).
+    // In the cgroup: through the agent (the client's socket is connected to its loopback
+    // listener), whose own upstream socket, made in the sandbox's netns (egress "sandbox"), is
+    // not redirected again (it would loop back into its listener and be closed as of unknown
+    // origin): the upstream sees the sandbox's address, as without veil.
     let out = sb.probe(&["tcp", "--addr", &remote.addr().to_string()]);
     let (_, peer) = out.expect_hello();
-    assert_eq!(peer.ip(), IpAddr::from(world.host_v4()));
+    assert_eq!(peer.ip(), IpAddr::from(link.sandbox_v4()));
+    assert!(
+        field(&out.json, "local").starts_with("127.0.0.1:"),
+        "not through the agent: {}",
+        out.json
+    );
     assert!(
         !veil.log().contains("original destination unknown"),
         "{}",
@@ -333,7 +341,11 @@ fn sighup_removal_detaches_programs_closes_listener_and_drains_maps() {
     let keep = Sandbox::new("keep", Some(&ns_keep));
     let gone = Sandbox::new("gone", Some(&ns_gone));
     let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "S");
-    let veil = Veil::start(&[keep.agent_entry("keep"), gone.agent_entry("gone")]);
+    // Egress from the host: the upstream tells the agent's connections from direct ones.
+    let veil = Veil::start(&[
+        keep.agent_entry("keep"),
+        gone.agent_entry("gone").with_egress(egress::HOST),
+    ]);
 
     let all_types = AttachType::ALL;
     for t in all_types {

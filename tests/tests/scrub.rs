@@ -88,6 +88,7 @@ impl Setup {
             id: tag.to_owned(),
             cgroup: sandbox.cgroup().path().to_owned(),
             netns: Some(ns.path().to_owned()),
+            egress: None,
         };
         let answer = veil.register_with(&spec, &[("MY_KEY", "echo-key")]);
         assert_eq!(

@@ -188,9 +188,12 @@ pub fn document() -> Value {
                 "PutSandbox": {"type": "object", "required": ["cgroup"], "additionalProperties": false, "properties": {
                     "cgroup": {"type": "string", "description": "cgroup v2 path under a configured parent"},
                     "netns": {"type": ["string", "null"], "description": "/run/netns/NAME or /proc/PID/ns/net"},
+                    "egress": {"type": ["string", "null"], "enum": ["sandbox", "host", null], "default": "sandbox",
+                        "description": "veil: where veil-agent opens the sandbox's upstream connections. sandbox (default): inside the sandbox's own netns (or the host's when it has none), so its routes, source address and firewall apply exactly as without veil. host: from the host netns through the agent's egress rules (loopback, link-local and cloud metadata, the host's own addresses, private and ULA ranges refused unless agent.egress_allow opens them), for a netns whose only way out is veil, as veil-control run --netns makes. Omitted or null = sandbox; changing it on a re-PUT applies to new connections at once"},
                     "secrets": r("MountList")}},
                 "Sandbox": {"type": "object", "properties": {
                     "id": {"type": "string"}, "cgroup": {"type": "string"}, "netns": {"type": ["string", "null"]},
+                    "egress": {"type": "string", "enum": ["sandbox", "host"], "description": "veil: where the agent opens its upstream connections (see PutSandbox)"},
                     "secrets": r("MountList"), "env": {"type": "object", "additionalProperties": {"type": "string"}, "description": "ENV → placeholder"},
                     "caCert": {"type": ["string", "null"], "description": "PEM of the CA the sandbox must trust (once an agent is linked); same as caCertificate"},
                     "caCertificate": {"type": ["string", "null"], "description": "PEM of veil-agent's interception CA, which the sandbox must trust; the last CA an agent reported (kept across restarts), null until one did"},

@@ -1,7 +1,10 @@
 //! `/api/sandbox/{id}` and `/api/sandbox/{id}/secrets`: the sandbox registry.
 //!
 //! A sandbox is a cgroup (under a configured parent) and optionally a netns, with secrets mounted
-//! as env vars. Answers carry placeholders and hosts, never values.
+//! as env vars, and an `egress` saying where the agent opens its upstream connections:
+//! `"sandbox"` (default: inside its own netns, so its routes and firewall apply as without veil)
+//! or `"host"` (from the host through the agent's egress rules, for a netns whose only way out
+//! is veil). Answers carry placeholders and hosts, never values.
 //!
 //! Changes are stored first, then pushed to the agents, and answered once they acknowledged:
 //! - PUT with `agent.required` and no agent connected: 503, nothing stored.
@@ -29,7 +32,7 @@ use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
 use crate::hostcheck::{self, HostCheckError};
-use crate::store::{Mount, SandboxRecord, SecretRecord, StoreError};
+use crate::store::{Egress, Mount, SandboxRecord, SecretRecord, StoreError};
 use crate::timefmt::{now_ms, rfc3339};
 use crate::validate;
 
@@ -150,6 +153,7 @@ fn view(state: &AppState, sb: &SandboxRecord) -> Result<Value, ApiError> {
         "id": sb.id,
         "cgroup": sb.cgroup,
         "netns": sb.netns,
+        "egress": validate::egress_name(sb.egress),
         "secrets": secrets,
         "env": env,
         "caCert": ca,
@@ -276,13 +280,18 @@ async fn put_sandbox(
     caller.require(Permission::WriteSandboxes)?;
     validate::sandbox_id(&id).map_err(bad)?;
     let mut map: Map<String, Value> = json_object(&headers, body)?;
-    only_fields(&map, &["cgroup", "netns", "secrets"])?;
+    only_fields(&map, &["cgroup", "netns", "secrets", "egress"])?;
     let cgroup = opt_string(&mut map, "cgroup")?.ok_or_else(|| bad("cgroup is required".into()))?;
     let cgroup = validate::cgroup(&cgroup, &state.config.sandbox.cgroup_parents).map_err(bad)?;
     let netns = opt_string(&mut map, "netns")?;
     if let Some(n) = &netns {
         validate::netns(n).map_err(bad)?;
     }
+    // Omitted (or null) = the default, as every other field of this full replacement.
+    let egress = match opt_string(&mut map, "egress")? {
+        Some(text) => validate::egress(&text).map_err(bad)?,
+        None => Egress::default(),
+    };
     let wanted = parse_mount_list(map.remove("secrets"))?;
     require_agent(&state)?;
     let st = state.clone();
@@ -304,7 +313,7 @@ async fn put_sandbox(
         }
         let mounts = resolve(&st, &caller2.org, &wanted)?;
         let record = SandboxRecord {
-            egress: Default::default(),
+            egress,
             id: id.clone(),
             org: caller2.org.clone(),
             cgroup,
@@ -322,6 +331,7 @@ async fn put_sandbox(
             json!({
                 "cgroup": {"to": record.cgroup},
                 "netns": {"to": record.netns},
+                "egress": {"to": validate::egress_name(record.egress)},
                 "secrets": {"to": mounts_json(&record.mounts)},
             }),
         );

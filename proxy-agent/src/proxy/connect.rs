@@ -1,20 +1,26 @@
-//! Connect: the agent's own connections to a sandbox connection's original destination.
+//! Connect: the agent's own connections to a sandbox connection's original destination, opened
+//! where the sandbox's `egress` says (see [`crate::dialer`]).
 
 use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::dialer::DialError;
 use crate::proxy::{Proxy, SandboxTag};
 use crate::stats::Stats;
 
-/// Connects to `dst` for `sandbox`; `None` (counted, logged) when it cannot be reached in time.
+/// Connects to `dst` for `sandbox`; `None` (counted, logged) when it cannot be reached in time
+/// or its egress rules refuse it.
 pub async fn upstream(proxy: &Proxy, sandbox: &SandboxTag, dst: SocketAddr) -> Option<TcpStream> {
-    match tokio::time::timeout(proxy.connect_timeout, TcpStream::connect(dst)).await {
+    let dialer = sandbox.upstream.dialer();
+    match tokio::time::timeout(proxy.connect_timeout, dialer.connect(dst)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Some(s)
         }
+        // Counted as egress_refused and logged by the guard.
+        Ok(Err(DialError::Refused { .. })) => None,
         Ok(Err(e)) => {
             Stats::inc(&proxy.stats.upstream_failed);
             debug!(sandbox = %sandbox.id, %dst, error = %e, "upstream connect failed");

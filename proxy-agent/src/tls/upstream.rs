@@ -1,6 +1,9 @@
 //! Upstream TLS: the roots veil trusts, and per-sandbox pools of verified connections to
 //! original destinations.
 //!
+//! Every upstream socket of a sandbox comes from its [`Dialer`]: inside its own netns for
+//! `egress: "sandbox"`, from the host through the egress rules for `egress: "host"`.
+//!
 //! Roots are the system bundle ([`SYSTEM_ROOTS`]) plus every `--upstream-ca` PEM. A connection
 //! is verified for the SNI the client sent, never for the IP it goes to, and always goes to the
 //! original destination the kernel recorded, never to a DNS answer. Pools are per sandbox and
@@ -30,6 +33,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::dialer::{Dialer, EgressGuard};
 use crate::proxy::forward::ProxyBody;
 
 /// How long an idle pooled upstream connection is kept.
@@ -67,10 +71,11 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// The upstream client configs: system roots (when the bundle exists) plus `extra` PEMs; one
-/// offers http/1.1 only, the other h2 and http/1.1.
+/// offers http/1.1 only, the other h2 and http/1.1. `egress` guards `egress: "host"` sandboxes.
 pub fn client_configs(
     system: Option<&Path>,
     extra: &[PathBuf],
+    egress: Arc<EgressGuard>,
 ) -> Result<UpstreamConfigs, RootsError> {
     let mut roots = rustls::RootCertStore::empty();
     if let Some(system) = system
@@ -98,16 +103,20 @@ pub fn client_configs(
     Ok(UpstreamConfigs {
         h1: Arc::new(h1),
         h2: Arc::new(h2),
+        egress,
     })
 }
 
-/// Upstream TLS configs by what the client may be offered.
+/// How upstream connections are made: TLS configs by what the client may be offered, and the
+/// egress rules of `egress: "host"` sandboxes.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfigs {
     /// ALPN http/1.1 only.
     pub h1: Arc<rustls::ClientConfig>,
     /// ALPN h2, http/1.1.
     pub h2: Arc<rustls::ClientConfig>,
+    /// Egress rules (shared by every sandbox with `egress: "host"`).
+    pub egress: Arc<EgressGuard>,
 }
 
 fn read_pem(path: &Path) -> Result<Vec<CertificateDer<'static>>, RootsError> {
@@ -179,9 +188,10 @@ impl AsyncWrite for UpstreamTls {
     }
 }
 
-/// Opens a TCP connection to `dst` and a TLS session verified for `sni`.
+/// Opens a TCP connection to `dst` through `dialer` and a TLS session verified for `sni`.
 pub async fn connect_tls(
     config: &Arc<rustls::ClientConfig>,
+    dialer: &Dialer,
     dst: SocketAddr,
     sni: &str,
     timeout: Duration,
@@ -189,7 +199,7 @@ pub async fn connect_tls(
     let name = TlsName::try_from(sni.to_owned())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let connect = async {
-        let tcp = TcpStream::connect(dst).await?;
+        let tcp = dialer.connect(dst).await?;
         let _ = tcp.set_nodelay(true);
         TlsConnector::from(config.clone()).connect(name, tcp).await
     };
@@ -214,6 +224,7 @@ pub struct DstConnector {
     config: Arc<rustls::ClientConfig>,
     timeout: Duration,
     parked: Parked,
+    dialer: Arc<Dialer>,
 }
 
 impl tower_service::Service<Uri> for DstConnector {
@@ -231,9 +242,15 @@ impl tower_service::Service<Uri> for DstConnector {
             if let Some(conn) = this.take_parked() {
                 return Ok(TokioIo::new(conn));
             }
-            connect_tls(&this.config, this.dst, &this.sni, this.timeout)
-                .await
-                .map(TokioIo::new)
+            connect_tls(
+                &this.config,
+                &this.dialer,
+                this.dst,
+                &this.sni,
+                this.timeout,
+            )
+            .await
+            .map(TokioIo::new)
         })
     }
 }
@@ -271,6 +288,8 @@ pub struct SandboxUpstream {
     timeout: Duration,
     /// Where upstream sockets are created (see [`SocketPlace`]).
     place: SocketPlace,
+    /// What creates them there.
+    dialer: Arc<Dialer>,
     /// SNI → (destination, h2) → pool. Keyed by SNI first so a connection looks its pool up
     /// by `&str`, without allocating a key.
     per_dst: Mutex<HashMap<String, PoolsBySni>>,
@@ -302,10 +321,12 @@ pub enum Probe {
 impl SandboxUpstream {
     /// An empty pool set.
     pub fn new(configs: UpstreamConfigs, timeout: Duration, place: SocketPlace) -> Self {
+        let dialer = Arc::new(Dialer::new(&place, &configs.egress));
         Self {
             configs,
             timeout,
             place,
+            dialer,
             per_dst: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
         }
@@ -314,6 +335,11 @@ impl SandboxUpstream {
     /// Where this sandbox's upstream sockets are opened.
     pub fn place(&self) -> &SocketPlace {
         &self.place
+    }
+
+    /// What opens this sandbox's upstream sockets.
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
     }
 
     fn with_dst<T>(
@@ -340,6 +366,7 @@ impl SandboxUpstream {
                 },
                 timeout: self.timeout,
                 parked: parked.clone(),
+                dialer: self.dialer.clone(),
             };
             let mut builder = Client::builder(TokioExecutor::new());
             // Without a timer hyper only drops idle connections when the pool is next used:
@@ -372,7 +399,7 @@ impl SandboxUpstream {
     /// is answered; the connection is parked for the pool that will use it, so it serves the
     /// first request instead of being wasted.
     pub async fn probe(&self, dst: SocketAddr, sni: &str) -> Probe {
-        match connect_tls(&self.configs.h2, dst, sni, self.timeout).await {
+        match connect_tls(&self.configs.h2, &self.dialer, dst, sni, self.timeout).await {
             Ok(conn) => {
                 let h2 = conn.is_h2();
                 self.h2
@@ -420,10 +447,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bad = dir.path().join("bad.pem");
         std::fs::write(&bad, "not a pem").unwrap();
-        let e = client_configs(None, std::slice::from_ref(&bad)).unwrap_err();
+        let egress = Arc::new(EgressGuard::new(
+            crate::egress::EgressRules::default(),
+            Arc::default(),
+        ));
+        let e = client_configs(None, std::slice::from_ref(&bad), egress.clone()).unwrap_err();
         assert!(e.to_string().contains("bad.pem"), "{e}");
-        assert!(client_configs(None, &[dir.path().join("missing.pem")]).is_err());
-        let c = client_configs(Some(Path::new(SYSTEM_ROOTS)), &[]).unwrap();
+        assert!(client_configs(None, &[dir.path().join("missing.pem")], egress.clone()).is_err());
+        let c = client_configs(Some(Path::new(SYSTEM_ROOTS)), &[], egress).unwrap();
         assert_eq!(c.h1.alpn_protocols, [ALPN_HTTP11.to_vec()]);
     }
 }

@@ -364,7 +364,7 @@ impl ControlConn {
 /// The SandboxState for a test sandbox.
 pub fn sandbox_state(id: &str, sb: &veil_tests::Sandbox) -> SandboxState {
     SandboxState {
-        egress: Default::default(),
+        egress: veil_tests::egress::link_egress(sb.netns_path()),
         id: id.into(),
         org: "org-1".into(),
         cgroup: sb.cgroup().path().to_path_buf(),

@@ -2,7 +2,8 @@
 //!
 //! `veil-bench passthrough` measures bulk throughput and new connections per second from a
 //! sandbox to an upstream, direct (same netns, outside the cgroup) and through veil-agent
-//! (inside the cgroup), interleaved, and prints medians and ratios. `veil-bench suite` compares
+//! (inside the cgroup), interleaved, and prints medians and ratios; the sandbox has egress
+//! "sandbox" unless `VEIL_BENCH_EGRESS=host`. `veil-bench suite` compares
 //! veil with direct, nginx and mitmproxy and writes docs/benchmarks.md (see suite.rs);
 //! `veil-bench soak` is the load and leak soak; `registration`, `restart`, `mitm` and `rotation`
 //! measure one thing each. The `client-*` subcommands are the client side, re-executed inside
@@ -257,7 +258,14 @@ fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
     let sb = Sandbox::new("bench", Some(&ns));
     let (sink, stop_sink) = start_sink(world.netns(), world.upstream_v4().into());
     let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "bench");
-    let veil = Veil::start(&[sb.agent_entry("bench")]);
+    // VEIL_BENCH_EGRESS=host: the agent connects from the host netns; by default (egress
+    // "sandbox") it opens each upstream socket inside the sandbox's netns.
+    let mut spec = sb.agent_entry("bench");
+    if let Ok(mode) = std::env::var("VEIL_BENCH_EGRESS") {
+        spec = spec.with_egress(&mode);
+    }
+    eprintln!("egress: {}", spec.egress());
+    let veil = Veil::start(&[spec]);
 
     let mut results: [[Vec<f64>; 2]; 2] = Default::default(); // [direct, veil][bulk, conns]
     let mut steal = Vec::new();
@@ -368,6 +376,7 @@ fn sandbox_spec(id: &str, sb: &Sandbox) -> AgentSandbox {
         id: id.to_owned(),
         cgroup: sb.cgroup().path().to_owned(),
         netns: sb.netns_path().map(ToOwned::to_owned),
+        egress: None,
     }
 }
 
