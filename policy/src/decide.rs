@@ -88,8 +88,24 @@ impl SandboxPolicy {
     /// Builds the policy from the secrets mounted in a sandbox (each once; duplicates by id
     /// are merged).
     pub fn new(secrets: Vec<MountedSecret>) -> Result<Self, PolicyError> {
-        let mut unique: Vec<MountedSecret> = Vec::with_capacity(secrets.len());
-        for mut s in secrets {
+        Self::with_scrub_only(secrets, Vec::new())
+    }
+
+    /// [`Self::new`] plus retired secrets the sandbox never mounted (its organization's deleted
+    /// secrets in their grace period): their values are scrubbed on the connections veil
+    /// intercepts anyway, but their hosts never widen what is intercepted — a sandbox that
+    /// never held their placeholder must not start seeing veil's CA because of them.
+    pub fn with_scrub_only(
+        secrets: Vec<MountedSecret>,
+        scrub_only: Vec<MountedSecret>,
+    ) -> Result<Self, PolicyError> {
+        let deciding: Vec<String> = secrets.iter().map(|s| s.id.clone()).collect();
+        let mut unique: Vec<MountedSecret> = Vec::with_capacity(secrets.len() + scrub_only.len());
+        let scrub_only = scrub_only.into_iter().map(|mut s| {
+            s.retired = true;
+            s
+        });
+        for mut s in secrets.into_iter().chain(scrub_only) {
             if unique.iter().any(|u| u.id == s.id) {
                 continue;
             }
@@ -118,13 +134,17 @@ impl SandboxPolicy {
             }
             unique.push(s);
         }
+        let decides = |s: &&MountedSecret| deciding.contains(&s.id);
         let mut patterns: Vec<HostPattern> = Vec::new();
-        for p in unique.iter().flat_map(|s| s.hosts.iter()) {
+        for p in unique.iter().filter(decides).flat_map(|s| s.hosts.iter()) {
             if !patterns.contains(p) {
                 patterns.push(p.clone());
             }
         }
-        let any_unrestricted = unique.iter().any(MountedSecret::unrestricted);
+        let any_unrestricted = unique
+            .iter()
+            .filter(decides)
+            .any(MountedSecret::unrestricted);
         let any_block = unique
             .iter()
             .any(|s| !s.retired && s.wrong_host == WrongHost::Block);
@@ -239,7 +259,11 @@ impl SandboxPolicy {
         alpn: Option<&[Vec<u8>]>,
         overrides: ModeOverrides,
     ) -> Decision {
-        if !self.scrubs() {
+        if !self.scrubs()
+            || (self.patterns.is_empty()
+                && !self.any_unrestricted
+                && !self.blocks_wrong_hosts(overrides))
+        {
             return Decision::Passthrough(PassthroughReason::NoSecrets);
         }
         let Some(sni) = sni else {
@@ -337,7 +361,35 @@ mod tests {
             change.headers[0].1.as_bytes(),
             b"value-now-0123456789 ph_b_placeholder"
         );
-        // A sandbox holding only a retired secret is still intercepted (its value is scrubbed).
+        // Retired secrets the sandbox never mounted are scrubbed but decide nothing.
+        let mut other = secret("d", "deleted-value-444444", &[]);
+        other.retired = true;
+        let p = SandboxPolicy::with_scrub_only(
+            vec![secret("e", "live-value-3333333333", &["api.allowed.test"])],
+            vec![other],
+        )
+        .unwrap();
+        assert_eq!(p.retired().len(), 1);
+        assert!(
+            p.scrub_patterns()
+                .scrub_all(b"deleted-value-444444")
+                .is_some()
+        );
+        let elsewhere = name("elsewhere.test");
+        assert_eq!(
+            p.decide(Some(&elsewhere), Some(&alpn(&["http/1.1"]))),
+            Decision::Passthrough(HostNotAllowed),
+            "an unrestricted secret never mounted here widened interception"
+        );
+        let mut only = secret("f", "deleted-value-222222", &[]);
+        only.retired = true;
+        let p = SandboxPolicy::with_scrub_only(vec![], vec![only]).unwrap();
+        assert_eq!(
+            p.decide(Some(&elsewhere), Some(&alpn(&["http/1.1"]))),
+            Decision::Passthrough(NoSecrets)
+        );
+        // A sandbox holding only a retired secret it mounted is still intercepted for its
+        // hosts (the value is scrubbed).
         let mut only = secret("c", "deleted-value-555555", &["api.allowed.test"]);
         only.retired = true;
         let p = SandboxPolicy::new(vec![only]).unwrap();

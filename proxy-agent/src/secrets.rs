@@ -83,16 +83,17 @@ impl Inner {
             .filter_map(|id| self.secrets.get(id))
             .filter(|s| s.org == mounts.org);
         let live = policy_secrets(sandbox, mounted);
-        let retired = self
-            .secrets
-            .values()
-            .filter(|s| s.retired && s.org == mounts.org);
+        // The organization's retired secrets this sandbox did not mount: scrubbed, but they
+        // widen nothing (a mounted one came with `live` and keeps its hosts intercepted).
+        let retired = self.secrets.values().filter(|s| {
+            s.retired && s.org == mounts.org && !mounts.env_to_secret.values().any(|id| *id == s.id)
+        });
         let retired = policy_secrets(sandbox, retired);
         if live.is_empty() && retired.is_empty() {
             return;
         }
         let n_retired = retired.len();
-        let policy = match SandboxPolicy::new([live.clone(), retired].concat()) {
+        let policy = match SandboxPolicy::with_scrub_only(live.clone(), retired) {
             // A retired secret must never cost the live ones their policy: without it, its
             // values are not scrubbed, but the sandbox keeps working (and without any policy
             // they would not be scrubbed either).

@@ -468,7 +468,11 @@ fn a_deleted_secret_last_value_is_scrubbed_in_every_sandbox_of_its_org() {
     let mut w = Attack::new("24h");
     let (key, last) = w.secret("deleted-key", "value-deleted", true);
     let victim = w.sandbox("adv-del", &[("MY_KEY", &key.name)]);
-    let other = w.sandbox("adv-del-other", &[]);
+    // Another sandbox of the organization whose connections to the host veil intercepts for
+    // a secret of its own (a sandbox holding no secret for a host is passed through untouched,
+    // for deleted and live values alike: it never held the placeholder).
+    let (own, _) = w.secret("other-key", "value-of-the-other", false);
+    let other = w.sandbox("adv-del-other", &[("OWN_KEY", &own.name)]);
     w.store(&victim, &[&key.placeholder]);
     assert!(
         w.upstream_stored(&[&last]),

@@ -92,7 +92,9 @@ impl RegistryView {
         self.stamp(id).map(|s| s.revision)
     }
 
-    /// A sandbox as the agent enforces it: mounts whose secret no longer exists are left out.
+    /// A sandbox as the agent enforces it: mounts whose secret no longer exists are left out,
+    /// except a deleted secret in its grace period (sent retired: its hosts stay intercepted in
+    /// the sandboxes that mounted it, so its value is still scrubbed there).
     pub fn sandbox_state(&self, sb: &SandboxRecord) -> SandboxState {
         SandboxState {
             id: sb.id.clone(),
@@ -106,6 +108,10 @@ impl RegistryView {
                     self.mounted
                         .get(&m.secret_id)
                         .is_some_and(|s| s.org == sb.org)
+                        || self
+                            .retired
+                            .get(&m.secret_id)
+                            .is_some_and(|t| t.org == sb.org)
                 })
                 .map(|m| (m.env.clone(), m.secret_id.clone()))
                 .collect(),
@@ -412,8 +418,9 @@ mod tests {
         assert_eq!(steps, vec![put_secret("s1")], "retired, not deleted");
         apply_to_held(&mut h, &v, &steps[0]);
         assert_eq!(h["s1"].revision, 2);
-        // The sandbox state no longer mounts it; the agent applies it org-wide.
-        assert!(v.sandbox_state(&v.sandboxes["sb"]).mounts.is_empty());
+        // The sandbox that mounted it keeps the mount while the tombstone lasts (its hosts stay
+        // intercepted there); the agent scrubs it in the org's other sandboxes too.
+        assert_eq!(v.sandbox_state(&v.sandboxes["sb"]).mounts["A"], "s1");
         // A new sandbox of the org gets the tombstones it lacks first; another org's none.
         v.retired.insert("s7".into(), tombstone("s7", "acme", 5, 2));
         v.sandboxes.insert("new".into(), sandbox("new", &[]));
