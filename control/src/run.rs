@@ -58,11 +58,6 @@ pub const PRIVATE_DIRS: [&str; 4] = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"
 pub const DEFAULT_CONFIG: &str = "/etc/veil/control.toml";
 /// Subdirectory of [`state::PRIVATE_DIR`] holding the uid records.
 const UID_RECORDS: &str = "uids";
-/// Whether a `--netns` run says `"egress": "host"` in its sandbox PUT: its namespace's only
-/// way out is veil, so upstream connections must leave from the host (through the agent's
-/// deny list). Off until control accepts the field; a plain run never sends it (the default,
-/// `"sandbox"`, applies).
-
 /// Options of `veil-control run` (the API URL and key come with the other client commands).
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
