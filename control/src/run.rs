@@ -409,22 +409,23 @@ async fn setup(
         let timeout = Duration::from_secs(args.lock_timeout);
         let net = SandboxNet::create(&name, &host_if, args.address_range, &host, timeout).await?;
         netns_path = Some(net.path().to_string_lossy().into_owned());
-        netns_file = Some(net.file().try_clone().context("duplicating the netns fd")?);
-        let host_ip = net.host_ip;
+        let ns_file = net.file().try_clone().context("duplicating the netns fd")?;
+        // Owned by `res` from here, so a failure below still removes it.
         res.net = Some(net);
 
         let host_resolv = std::fs::read_to_string(&args.resolv_conf)
             .with_context(|| format!("reading {}", args.resolv_conf.display()))?;
-        let forwarder = dns::Forwarder::start(host_ip, dns::nameservers(&host_resolv))
-            .await
-            .with_context(|| format!("starting the DNS forwarder on {host_ip}:53"))?;
+        let forwarder = dns::Forwarder::start(&ns_file, dns::nameservers(&host_resolv))
+            .with_context(|| {
+                format!(
+                    "starting the DNS forwarder on {}:53 in the sandbox's netns",
+                    dns::FORWARDER_ADDR
+                )
+            })?;
         res.dns = Some(forwarder);
+        netns_file = Some(ns_file);
         let path = dir_path.join("resolv.conf");
-        write_file(
-            &path,
-            &dns::sandbox_resolv_conf(&host_resolv, host_ip),
-            0o644,
-        )?;
+        write_file(&path, &dns::sandbox_resolv_conf(&host_resolv), 0o644)?;
         resolv = Some(child::c_path(&path)?);
     }
 

@@ -91,6 +91,24 @@ impl Setup {
 
     /// As [`Setup::assert_gone`], under another cgroup parent.
     pub fn assert_gone_in(&self, parent: &str, id: &str, pid: u32) {
+        // Another test's concurrent run may be the one reaping a killed run's leftovers (it
+        // holds the uid record's lock meanwhile, so ours skipped it): give it the time to finish.
+        let held = || {
+            std::fs::read_dir(UID_RECORDS)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|r| {
+                    std::fs::read_to_string(r.path())
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .any(|w| w == id)
+                })
+        };
+        let start = Instant::now();
+        while held() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let cg = cgroup2_mount().join(parent).join(id);
         assert!(!cg.exists(), "cgroup {} left behind", cg.display());
         let ns = Path::new("/run/netns").join(format!("veil-{id}"));

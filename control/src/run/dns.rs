@@ -1,13 +1,18 @@
 //! Name resolution for a sandbox with its own netns: a small DNS forwarder that
-//! `veil-control run` serves on the host side of the sandbox's veth (UDP and TCP port 53) for
-//! the sandbox's lifetime, relaying each query unchanged to the host's own nameservers (read
-//! from the host's resolv.conf), and the sandbox's private resolv.conf pointing at it.
+//! `veil-control run` serves on the sandbox's own loopback ([`FORWARDER_ADDR`], UDP and TCP port
+//! 53) for the sandbox's lifetime, relaying each query unchanged to the host's own nameservers
+//! (read from the host's resolv.conf), and the sandbox's private resolv.conf pointing at it.
 //!
-//! Why a forwarder on the host side rather than copying the host's resolv.conf: host
-//! nameservers are often loopback stubs (systemd-resolved's 127.0.0.53) that a sandbox netns
-//! cannot reach, and the sandbox gets no route anywhere else. The forwarder sends from the host
-//! netns, so it reaches whatever the host resolves with. It does not cache or rewrite.
+//! Why a forwarder rather than copying the host's resolv.conf: host nameservers are often
+//! loopback stubs (systemd-resolved's 127.0.0.53) that a sandbox netns cannot reach, and the
+//! sandbox gets no route anywhere else. The forwarder's listening sockets are made inside the
+//! sandbox's netns (a loopback destination, which veil never redirects), its upstream sockets in
+//! the host's, so it reaches whatever the host resolves with. Listening on the sandbox's own
+//! loopback rather than on the host's end of its link matters for TCP: a TCP connection to a
+//! host address would be redirected into veil, whose `egress: "host"` rules refuse every
+//! address of the host. It does not cache or rewrite.
 
+use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,8 +50,8 @@ pub fn nameservers(resolv: &str) -> Vec<IpAddr> {
 
 /// The sandbox's resolv.conf: the forwarder as its only nameserver, with the host's `search`,
 /// `domain` and `options` lines kept so names resolve as they do on the host.
-pub fn sandbox_resolv_conf(host_resolv: &str, server: Ipv4Addr) -> String {
-    let mut out = format!("# written by veil-control run\nnameserver {server}\n");
+pub fn sandbox_resolv_conf(host_resolv: &str) -> String {
+    let mut out = format!("# written by veil-control run\nnameserver {FORWARDER_ADDR}\n");
     for line in host_resolv.lines() {
         let first = line.split_whitespace().next();
         if matches!(first, Some("search" | "domain" | "options")) {
@@ -56,6 +61,9 @@ pub fn sandbox_resolv_conf(host_resolv: &str, server: Ipv4Addr) -> String {
     }
     out
 }
+
+/// Where the forwarder listens inside the sandbox's netns (its own loopback).
+pub const FORWARDER_ADDR: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
 
 /// A running forwarder; it stops when dropped.
 #[derive(Debug)]
@@ -73,10 +81,28 @@ impl Drop for Forwarder {
 
 impl Forwarder {
     /// Listens on `bind`:53 (UDP and TCP) and forwards to `upstreams` (port 53 each).
-    pub async fn start(bind: Ipv4Addr, upstreams: Vec<IpAddr>) -> std::io::Result<Forwarder> {
-        let addr = SocketAddr::new(IpAddr::V4(bind), 53);
-        let udp = Arc::new(UdpSocket::bind(addr).await?);
-        let tcp = TcpListener::bind(addr).await?;
+    /// Listens on [`FORWARDER_ADDR`] port 53 inside the netns `sandbox_netns` and relays to
+    /// `upstreams` from the caller's netns. Must run inside the tokio runtime.
+    pub fn start(sandbox_netns: &File, upstreams: Vec<IpAddr>) -> std::io::Result<Forwarder> {
+        let addr = SocketAddr::new(IpAddr::V4(FORWARDER_ADDR), 53);
+        let ns = sandbox_netns.try_clone()?;
+        // setns changes only the calling thread, and a socket keeps the netns it was made in.
+        let (udp, tcp) = std::thread::scope(|scope| {
+            scope
+                .spawn(move || -> std::io::Result<_> {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)?;
+                    let udp = std::net::UdpSocket::bind(addr)?;
+                    let tcp = std::net::TcpListener::bind(addr)?;
+                    udp.set_nonblocking(true)?;
+                    tcp.set_nonblocking(true)?;
+                    Ok((udp, tcp))
+                })
+                .join()
+                .map_err(|_| std::io::Error::other("the netns thread panicked"))?
+        })?;
+        let udp = Arc::new(UdpSocket::from_std(udp)?);
+        let tcp = TcpListener::from_std(tcp)?;
         let upstreams: Arc<[SocketAddr]> = upstreams
             .into_iter()
             .map(|ip| SocketAddr::new(ip, 53))
@@ -223,11 +249,12 @@ mod tests {
 
     #[test]
     fn sandbox_resolv_conf_points_at_the_forwarder_only() {
-        let text = sandbox_resolv_conf(HOST, Ipv4Addr::new(198, 19, 0, 1));
+        let text = sandbox_resolv_conf(HOST);
         let servers = nameservers(&text);
-        assert_eq!(servers, vec!["198.19.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(servers, vec![IpAddr::V4(FORWARDER_ADDR)]);
         assert!(text.contains("search example.internal\n"));
         assert!(text.contains("options edns0 trust-ad\n"));
-        assert!(!text.contains("127.0.0.53"));
+        // The host's own nameserver lines are not copied.
+        assert_eq!(text.matches("nameserver").count(), 1);
     }
 }
