@@ -10,9 +10,11 @@
 //! sandbox, and live in [`SecretValue`]s that are zeroized on drop and never printed.
 
 pub mod codec;
+pub mod ids;
 pub mod proto;
 
 pub use codec::{FrameError, MAX_FRAME, read_frame, write_frame};
+pub use ids::{AgentId, IdError, OrgId, Revision, SandboxId, SecretId};
 pub use proto::{
     AgentMsg, BlockedReport, ControlMsg, Egress, MAX_PREVIOUS_VALUES, PROTOCOL_VERSION,
     SandboxState, SecretState, SecretValue, UsageReport, WrongHost,
