@@ -180,12 +180,19 @@ impl ScrubPatterns {
 
     /// Scrubs a whole buffer and says how many occurrences it replaced; `None` if none.
     pub fn scrub_counted(&self, input: &[u8]) -> Option<(Vec<u8>, u64)> {
-        self.main.as_ref()?;
-        let mut state = ScrubState::default();
-        let mut out = Vec::with_capacity(input.len());
-        state.push(self, input, &mut out);
-        state.finish(self, &mut out);
-        (state.total() > 0).then_some((out, state.total()))
+        let (main, basic) = self.engines()?;
+        // A whole buffer needs none of the stream's holding back: headers are scrubbed one by
+        // one on every response, so the common case (nothing found) allocates nothing.
+        let mut total = 0u64;
+        let mut bump = |_: usize| total += 1;
+        let staged = basic::scrub_whole(basic, input, &mut bump);
+        let text: &[u8] = staged.as_deref().map_or(input, Vec::as_slice);
+        if staged.is_none() && !main.has_match(text) {
+            return None;
+        }
+        let mut out = Vec::with_capacity(text.len());
+        main.scrub(text, text.len(), &mut out, &mut bump);
+        (total > 0).then_some((out, total))
     }
 
     /// The content coding of a response whose `Content-Encoding` header values are `values`;

@@ -18,6 +18,23 @@ const SCHEME: &[u8] = b"basic";
 const MAX_BLANKS: usize = 4;
 
 /// The most bytes this stage holds back with an inner engine of `max_len`.
+/// Scrubs the `Basic` tokens of a whole text with `engine`; `None` (nothing allocated) when
+/// the text holds no `basic` trigger.
+pub(super) fn scrub_whole(
+    engine: &Engine,
+    input: &[u8],
+    bump: &mut dyn FnMut(usize),
+) -> Option<Zeroizing<Vec<u8>>> {
+    let mut state = BasicState::default();
+    if state.passes(input) {
+        return None;
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(input.len() + 8));
+    state.push(engine, input, &mut out, bump);
+    state.finish(engine, &mut out, bump);
+    Some(out)
+}
+
 pub(super) fn hold_bound(max_len: usize) -> usize {
     // Trigger: "basic" + blanks. Token: characters of the groups the inner engine and the
     // encoder hold (max_len - 1 + 2 bytes), the incomplete group, the padding, and the bytes.

@@ -137,6 +137,11 @@ impl Engine {
             })
     }
 
+    /// Whether any pattern occurs in `buf` (a whole text).
+    pub fn has_match(&self, buf: &[u8]) -> bool {
+        !buf.is_empty() && self.find(buf, 0, buf.len()).is_some()
+    }
+
     /// The leftmost-longest match starting in `from..until`.
     fn find(&self, buf: &[u8], from: usize, until: usize) -> Option<aho_corasick::Match> {
         let Some(starts) = &self.starts else {
@@ -249,9 +254,9 @@ impl Held {
         let horizon = buf.len().saturating_sub(engine.max_len() - 1);
         let live = engine.first_live(buf, horizon);
         let done = engine.scrub(buf, live, out, bump);
-        let mut rest = Zeroizing::new(Vec::with_capacity(engine.max_len()));
-        rest.extend_from_slice(&buf[done..]);
-        self.bytes = rest;
+        // Exactly what is held: a buffer sized for the longest pattern would be allocated and
+        // zeroized (all of its capacity) on every chunk.
+        self.bytes = Zeroizing::new(buf[done..].to_vec());
     }
 
     /// Ends the stream: scrubs and appends what is held.

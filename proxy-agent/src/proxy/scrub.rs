@@ -51,9 +51,11 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::debug;
+use zeroize::Zeroizing;
 use veil_policy::scrub::{ContentCoding, UnsupportedCoding, accept_encoding, transfer_coding_ok};
 use veil_policy::{SandboxPolicy, ScrubPatterns};
 
+use crate::proxy::body::{Bounded, read_bounded, whole};
 use crate::proxy::forward::{BoxError, ConnContext, ProxyBody};
 use crate::stats::Stats;
 
@@ -98,6 +100,14 @@ pub async fn response(
             return withhold(ctx, parts, reason);
         }
     };
+    if coding == ContentCoding::Identity
+        && body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= WHOLE_BODY_MAX as u64)
+    {
+        return scrub_whole(ctx, patterns, parts, body).await;
+    }
     let watch = Watch {
         store: ctx.secrets.clone(),
         sandbox: ctx.sandbox.as_str().to_owned(),
@@ -113,6 +123,65 @@ pub async fn response(
         }
     }
     body.boxed_unsync()
+}
+
+/// Largest identity body (by its `Content-Length`) read whole before the head is sent.
+const WHOLE_BODY_MAX: usize = 64 * 1024;
+
+/// A small identity body is read whole, scrubbed at once and sent with its exact new
+/// `Content-Length`: one frame (one write) instead of a stream re-framed as chunks, which
+/// costs a system call per piece and holds nothing back anyway once the body has ended.
+async fn scrub_whole(
+    ctx: &ConnContext,
+    patterns: &ScrubPatterns,
+    parts: &mut Parts,
+    body: Incoming,
+) -> ProxyBody {
+    match read_bounded(body, WHOLE_BODY_MAX).await {
+        Ok(Bounded::Whole(data, trailers)) => {
+            let data = Zeroizing::new(data);
+            let (out, mut replaced) = match patterns.scrub_counted(&data) {
+                Some((out, n)) => (out, n),
+                None => (data.to_vec(), 0),
+            };
+            let trailers = trailers.map(|mut t| {
+                replaced += scrub_headers(patterns, &mut t);
+                t
+            });
+            ctx.stats.scrubbed.fetch_add(replaced, Ordering::Relaxed);
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+            whole(Bytes::from(out), trailers).boxed_unsync()
+        }
+        // The upstream sent more than its Content-Length said: hyper's framing refuses it.
+        Ok(Bounded::Over(_)) => failed("the upstream body is longer than its content-length"),
+        Err(e) => {
+            debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, error = %e, "reading the response body failed");
+            failed("reading the upstream response body failed")
+        }
+    }
+}
+
+/// A body that fails at once: the client sees the response cut off, never unscrubbed bytes.
+fn failed(why: &'static str) -> ProxyBody {
+    Failed(Some(why)).boxed_unsync()
+}
+
+/// See [`failed`].
+#[derive(Debug)]
+struct Failed(Option<&'static str>);
+
+impl http_body::Body for Failed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        std::task::Poll::Ready(self.0.take().map(|why| Err(why.into())))
+    }
 }
 
 /// The 502 answer to an upstream response whose `Transfer-Encoding` is not exactly
