@@ -51,9 +51,9 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::debug;
-use zeroize::Zeroizing;
 use veil_policy::scrub::{ContentCoding, UnsupportedCoding, accept_encoding, transfer_coding_ok};
 use veil_policy::{SandboxPolicy, ScrubPatterns};
+use zeroize::Zeroizing;
 
 use crate::proxy::body::{Bounded, read_bounded, whole};
 use crate::proxy::forward::{BoxError, ConnContext, ProxyBody};
