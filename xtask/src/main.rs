@@ -17,8 +17,21 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+/// What the exit status means; shown under every `--help`.
+const EXIT_STATUS: &str = "\
+Exit status:
+  0    the task ran to the end (tests and checks passed)
+  1    the task failed: a step, test or check did not pass (the error names it on stderr)
+  2    bad command line (unknown subcommand or option, bad value); nothing was run";
+
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "Build, run, test and benchmark veil")]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run, test and benchmark veil",
+    version,
+    propagate_version = true,
+    after_help = EXIT_STATUS
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
