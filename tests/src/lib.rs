@@ -41,6 +41,7 @@ pub mod interactive;
 pub mod netns;
 pub mod owner;
 pub mod pod;
+pub mod postgres;
 pub mod request_policy;
 pub mod runcli;
 pub mod sandbox;

@@ -98,7 +98,8 @@ pub fn is_stale(owner: Option<u32>) -> bool {
 }
 
 /// Removes what dead test processes left behind: their agents, cgroups (killing the processes
-/// still in them), network namespaces, root-netns veths, address locks and temp dirs.
+/// still in them), network namespaces, root-netns veths, address locks, PostgreSQL servers and
+/// temp dirs.
 ///
 /// Runs once per process from every constructor; safe to call again, and safe while other test
 /// processes run (their pids are alive, so their objects are kept).
@@ -109,6 +110,7 @@ pub fn cleanup_stale() {
     crate::netns::cleanup_stale_netns();
     crate::world::cleanup_stale_veths();
     crate::alloc::cleanup_stale_locks();
+    crate::postgres::cleanup_stale_servers();
     cleanup_stale_tempdirs();
 }
 

@@ -16,6 +16,7 @@ pub const TEST_PACKAGES: &[&str] = &[
     "curl",
     "iproute2",
     "nftables",
+    "postgresql",
     "procps",
     "python3",
     "python3-venv",
@@ -57,7 +58,47 @@ pub fn ensure_packages(packages: &[&str]) -> Result<()> {
     apt(&["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(&missing);
+    let _no_daemons = NoServiceStarts::install()?;
     apt(&args)
+}
+
+/// Where Debian's maintainer scripts ask whether they may start a service.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+/// While it lives, packages do not start their services on install (postgresql would start a
+/// cluster on port 5432; the tests run private servers instead). Leaves an existing policy alone.
+struct NoServiceStarts {
+    created: bool,
+}
+
+impl NoServiceStarts {
+    fn install() -> Result<NoServiceStarts> {
+        if Path::new(POLICY_RC_D).exists() {
+            return Ok(NoServiceStarts { created: false });
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .open(POLICY_RC_D)
+            .with_context(|| format!("cannot create {POLICY_RC_D}"))?;
+        // 101: "action forbidden by policy" (invoke-rc.d(8)).
+        f.write_all(
+            b"#!/bin/sh\n# written by cargo xtask for the duration of an install\nexit 101\n",
+        )
+        .with_context(|| format!("cannot write {POLICY_RC_D}"))?;
+        Ok(NoServiceStarts { created: true })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.created
+            && let Err(e) = std::fs::remove_file(POLICY_RC_D)
+        {
+            eprintln!("xtask: cannot remove {POLICY_RC_D}: {e}");
+        }
+    }
 }
 
 /// Installs Debian's `package` when `command` is not on PATH (a newer one may already be there,
