@@ -6,9 +6,9 @@ use std::fmt;
 
 use zeroize::Zeroizing;
 
-use super::ScrubPatterns;
 use super::basic::BasicState;
 use super::engine::Held;
+use super::patterns::ScrubPatterns;
 
 /// Scrubs one stream; see the module docs.
 pub struct Scrubber<'p> {
