@@ -2,9 +2,10 @@
 //! for where they land, for secrets whose body substitution is on.
 //!
 //! Off by default: a secret turns it on by its own field, or the agent's config for every secret
-//! ([`crate::ModeOverrides`]). The caller reads the body only when [`crate::SandboxPolicy::body_scan_needed`]
-//! says some secret could be replaced (or blocked) in it and [`BodyKind::of`] accepts its
-//! content type, and only up to its bound; a body over the bound is forwarded unchanged.
+//! ([`crate::ModeOverrides`]). The caller reads the body only when
+//! [`crate::SandboxPolicy::body_scan_needed`] says some secret could be replaced (or blocked) in
+//! it and [`BodyKind::of`] accepts its content type, and only up to its bound; a body over the
+//! bound is forwarded unchanged.
 //!
 //! How a value is written: into JSON escaped as a JSON string's content (the placeholder must
 //! sit inside a string, between whole characters), into `application/x-www-form-urlencoded`
@@ -93,7 +94,8 @@ impl Substituter {
     }
 
     /// Substitutes placeholders in a whole request body of `kind` sent to `sni`; `host_ok` is
-    /// whether the request's authorities name the SNI (see [`crate::SandboxPolicy::begin_request`]).
+    /// whether the request's authorities name the SNI (see
+    /// [`crate::SandboxPolicy::begin_request`]).
     /// Refused (naming the secret) when a placeholder to replace follows an incomplete escape
     /// (`%`, `%X` in a form; a lone `\` or `\u`, `\u0`… in a JSON string) or is outside every
     /// string of a JSON body: the upstream would not decode exactly the value there.

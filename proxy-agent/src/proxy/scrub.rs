@@ -3,7 +3,8 @@
 //!
 //! What is scrubbed, with the patterns of the request's policy snapshot (every form listed in
 //! `veil_policy::scrub`) — and, when the sandbox's policy changed since (a rotation, a mount),
-//! with the union of the snapshot's values and the current policy's ([`SandboxPolicy::scrub_union`]),
+//! with the union of the snapshot's values and the current policy's
+//! ([`SandboxPolicy::scrub_union`]),
 //! for the head and, from the first poll after the change, for the rest of the body:
 //! - **head**: every response header's value and name, and an h1 reason phrase. A header whose
 //!   scrubbed name or value is no longer valid is dropped rather than passed on; a reason phrase
