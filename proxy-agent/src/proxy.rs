@@ -13,6 +13,12 @@
 //! sandbox has its own listener and accept loop, so a sandbox flooding veil with connections
 //! exhausts only its own share. The connection closed over the limit consumes its record all
 //! the same, and a listener that closes takes the records of its unaccepted connections along.
+//!
+//! The two places the path touches the host sit behind small traits, so the whole path runs
+//! in-process in tests (`proxy/tests.rs`): the kernel's records ([`identify::OriginTable`],
+//! the eBPF map in the agent) and the upstream socket factory ([`crate::dialer::Connector`], a
+//! [`crate::dialer::Dialer`] in the agent: the sandbox's netns, or the host through the egress
+//! rules).
 
 pub mod body;
 pub mod conn;
