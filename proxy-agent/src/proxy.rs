@@ -110,14 +110,12 @@ pub async fn serve(
 
 /// A permit for one more connection of `sandbox`; `None` (counted) when it has its limit open.
 fn admit(proxy: &Proxy, sandbox: &SandboxTag, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
-    match sandbox.connections.clone().try_acquire_owned() {
-        Ok(permit) => Some(permit),
-        Err(_) => {
-            Stats::inc(&proxy.stats.limit_refused);
-            debug!(sandbox = %sandbox.id, %peer, limit = proxy.limits.max_connections_per_sandbox, "connection limit reached; connection closed");
-            None
-        }
+    let permit = sandbox.try_admit();
+    if permit.is_none() {
+        Stats::inc(&proxy.stats.limit_refused);
+        debug!(sandbox = %sandbox.id, %peer, limit = proxy.limits.max_connections_per_sandbox, "connection limit reached; connection closed");
     }
+    permit
 }
 
 async fn handle(proxy: &Proxy, sandbox: &SandboxTag, mut client: TcpStream, conn: ConnTuple) {

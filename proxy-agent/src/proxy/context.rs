@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 use veil_link::Egress;
 
@@ -56,7 +56,7 @@ pub struct SandboxTag {
     /// Its upstream connection pools.
     pub upstream: SandboxUpstream,
     /// Its share of connections: one permit per open connection.
-    pub(crate) connections: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
 }
 
 impl SandboxTag {
@@ -90,5 +90,10 @@ impl SandboxTag {
             upstream,
             connections: Arc::new(Semaphore::new(proxy.limits.max_connections_per_sandbox)),
         }
+    }
+
+    /// A permit for one more open connection; `None` when the sandbox has its share open.
+    pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
     }
 }
