@@ -2,7 +2,8 @@
 //!
 //! - [`host`]: host allowlist patterns and validated SNIs;
 //! - [`client_hello`]: peek a TLS ClientHello from a stream prefix (SNI, ALPN);
-//! - [`decide`]: intercept or pass a connection through, per sandbox;
+//! - [`sandbox`]: one sandbox's policy, built once from its secrets and the agent's modes;
+//! - [`decide`]: intercept or pass a connection through;
 //! - [`substitute`]: swap placeholders for values in a request;
 //! - [`body`]: the same in JSON, form and text request bodies, for secrets that turn it on;
 //! - [`scrub`]: swap values back to placeholders in a response stream.
@@ -29,11 +30,12 @@
 //! }])
 //! .unwrap();
 //!
-//! // Per connection: peek the ClientHello (read more while NeedMore), then decide.
+//! // Per connection: peek the ClientHello (read more while NeedMore), then decide; an
+//! // intercepted connection is served under the server name the decision carries.
 //! # let first_bytes: &[u8] = include_bytes!("../testdata/curl_http2.bin");
 //! let Peek::Tls(hello) = veil_policy::parse_client_hello(first_bytes) else { panic!() };
-//! assert!(matches!(policy.decide_hello(&hello), Decision::Intercept(_)));
-//! let sni = hello.sni.unwrap();
+//! let Decision::Intercept(intercept) = policy.decide(hello) else { panic!() };
+//! let sni = intercept.server_name;
 //!
 //! // Per request on an intercepted connection (to port 443, the original destination's): the
 //! // Host must name the SNI; a value is written raw into headers, encoded into the target.
@@ -62,14 +64,16 @@ pub mod client_hello;
 pub mod decide;
 mod encode;
 pub mod host;
+pub mod sandbox;
 pub mod scrub;
 pub mod secret;
 pub mod substitute;
 
 pub use body::{BodyKind, BodySubstitution, merge_hits};
 pub use client_hello::{ClientHelloInfo, NotTlsReason, Peek, parse_client_hello};
-pub use decide::{Decision, Intercept, PassthroughReason, SandboxPolicy};
+pub use decide::{Decision, Intercept, PassthroughReason};
 pub use host::{HostPattern, HostPatternError, ServerName};
+pub use sandbox::SandboxPolicy;
 pub use scrub::{ScrubPatterns, Scrubber};
 pub use secret::{ModeOverrides, MountedSecret, PolicyError};
 pub use secret::{Redacted, RedactedString};

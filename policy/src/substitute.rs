@@ -1,10 +1,10 @@
 //! Request-side substitution: placeholders become values, only where the policy allows.
 //!
-//! Per request: [`SandboxPolicy::begin_request`] checks that every authority of the request
+//! Per request: [`crate::SandboxPolicy::begin_request`] checks that every authority of the request
 //! (Host headers, `:authority`) names the connection's SNI and port, then
 //! [`RequestSubstitution::target`] and [`RequestSubstitution::header`] rewrite the request
 //! target and each header value, and [`RequestSubstitution::finish`] reports per-secret counts.
-//! [`SandboxPolicy::substitute`] does all of it for a [`RequestView`].
+//! [`crate::SandboxPolicy::substitute`] does all of it for a [`RequestView`].
 //!
 //! Where placeholders are replaced: header values (raw), the request target (encoded for where
 //! the placeholder sits, see the `encode` module: the path percent-encodes every byte outside
@@ -28,10 +28,9 @@ use base64::Engine;
 use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
 
-use crate::decide::SandboxPolicy;
 use crate::encode::{Encoding, open_percent_escape};
 use crate::host::ServerName;
-use crate::secret::{MountedSecret, Redacted, RedactedString};
+use crate::secret::{ModeOverrides, MountedSecret, Redacted, RedactedString};
 
 /// Accepts Basic credentials with or without padding.
 const BASIC_DECODE: GeneralPurpose = GeneralPurpose::new(
@@ -39,9 +38,12 @@ const BASIC_DECODE: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
-/// The per-sandbox automaton over placeholders (pattern index = secret index).
+/// The live secrets of a sandbox, the agent's modes, and the automaton over their
+/// placeholders (pattern index = secret index).
 #[derive(Debug)]
 pub(crate) struct Substituter {
+    secrets: Vec<MountedSecret>,
+    overrides: ModeOverrides,
     pub(crate) ac: Option<AhoCorasick>,
     /// The value may be written into a header value.
     header_safe: Vec<bool>,
@@ -55,7 +57,7 @@ pub(crate) struct Substituter {
 }
 
 impl Substituter {
-    pub(crate) fn new(secrets: &[MountedSecret]) -> Self {
+    pub(crate) fn new(secrets: Vec<MountedSecret>, overrides: ModeOverrides) -> Self {
         let ac = if secrets.is_empty() {
             None
         } else {
@@ -92,7 +94,26 @@ impl Substituter {
                 })
                 .max()
                 .unwrap_or(0),
+            secrets,
+            overrides,
         }
+    }
+
+    /// The live secrets, indexed as in reports ([`SecretHit::secret`]).
+    pub(crate) fn secrets(&self) -> &[MountedSecret] {
+        &self.secrets
+    }
+
+    /// The agent-wide modes.
+    pub(crate) fn overrides(&self) -> ModeOverrides {
+        self.overrides
+    }
+
+    /// Whether the secret at `index` may be sent to `sni`.
+    pub(crate) fn allows(&self, index: usize, sni: &ServerName) -> bool {
+        self.secrets
+            .get(index)
+            .is_some_and(|s| s.unrestricted() || s.hosts.iter().any(|p| p.matches_name(sni)))
     }
 
     /// An output capacity no substitution of `input` can exceed.
@@ -144,12 +165,12 @@ impl Substitution {
 /// How often one secret's placeholder occurred in a request, and what became of it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SecretHit {
-    /// Index into [`SandboxPolicy::secrets`].
+    /// Index into [`crate::SandboxPolicy::secrets`].
     pub secret: usize,
     /// Occurrences replaced by the value.
     pub substituted: u32,
     /// Occurrences left alone: the secret does not allow the SNI (a blocking secret's request
-    /// is refused, see [`SandboxPolicy::blocked_by`]).
+    /// is refused, see [`crate::SandboxPolicy::blocked_by`]).
     pub wrong_host: u32,
     /// Occurrences left alone: the request's authority differs from the SNI.
     pub host_mismatch: u32,
@@ -247,18 +268,18 @@ enum Place<'n> {
 /// Substitution state for one request; see the module docs.
 #[derive(Debug)]
 pub struct RequestSubstitution<'p> {
-    policy: &'p SandboxPolicy,
+    sub: &'p Substituter,
     sni: &'p ServerName,
     host_ok: bool,
     hits: Vec<SecretHit>,
 }
 
-impl SandboxPolicy {
+impl Substituter {
     /// Starts substitution for a request on a connection intercepted for `sni` whose original
     /// destination port is `port`. `authorities` are the request's `:authority` and every Host
     /// header; all must name the SNI (see [`ServerName::matches_authority`]), and a request
     /// with none gets nothing substituted.
-    pub fn begin_request<'p, 'a, I>(
+    pub(crate) fn begin_request<'p, 'a, I>(
         &'p self,
         sni: &'p ServerName,
         port: u16,
@@ -274,7 +295,7 @@ impl SandboxPolicy {
             all &= sni.matches_authority(a, port);
         }
         RequestSubstitution {
-            policy: self,
+            sub: self,
             sni,
             host_ok: any && all,
             hits: Vec::new(),
@@ -283,7 +304,7 @@ impl SandboxPolicy {
 
     /// Substitutes placeholders in a whole request view, on a connection intercepted for `sni`
     /// to port `port`.
-    pub fn substitute(
+    pub(crate) fn substitute(
         &self,
         sni: &ServerName,
         port: u16,
@@ -385,7 +406,7 @@ impl RequestSubstitution<'_> {
         input: &[u8],
         place: Place<'_>,
     ) -> Result<Option<Redacted>, SubstituteError> {
-        let Some(ac) = &self.policy.substituter.ac else {
+        let Some(ac) = &self.sub.ac else {
             return Ok(None);
         };
         let mut out: Option<Vec<u8>> = None;
@@ -396,25 +417,23 @@ impl RequestSubstitution<'_> {
                 self.hit(i).host_mismatch += 1;
                 continue;
             }
-            if !self.policy.secret_allows(i, self.sni) {
+            if !self.sub.allows(i, self.sni) {
                 self.hit(i).wrong_host += 1;
                 continue;
             }
-            let Some(secret) = self.policy.secrets().get(i) else {
+            let Some(secret) = self.sub.secrets().get(i) else {
                 continue;
             };
             let encoding = self.check(i, secret, place, &input[..m.start()], m.end())?;
             self.hit(i).substituted += 1;
-            let buf = out.get_or_insert_with(|| {
-                Vec::with_capacity(self.policy.substituter.capacity_for(input))
-            });
+            let buf = out.get_or_insert_with(|| Vec::with_capacity(self.sub.capacity_for(input)));
             buf.extend_from_slice(&input[copied..m.start()]);
             encoding.write(secret.value.expose().as_bytes(), buf);
             copied = m.end();
         }
         Ok(out.map(|mut buf| {
             buf.extend_from_slice(&input[copied..]);
-            debug_assert!(buf.len() <= self.policy.substituter.capacity_for(input));
+            debug_assert!(buf.len() <= self.sub.capacity_for(input));
             Redacted::new(buf)
         }))
     }
@@ -429,7 +448,7 @@ impl RequestSubstitution<'_> {
         before: &[u8],
         end: usize,
     ) -> Result<Encoding, SubstituteError> {
-        let sub = &self.policy.substituter;
+        let sub = self.sub;
         match place {
             Place::Header(name) if !sub.header_safe[i] => Err(SubstituteError::UnsafeInHeader {
                 id: secret.id.clone(),

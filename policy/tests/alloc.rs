@@ -7,7 +7,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use veil_link::proto::SecretValue;
-use veil_policy::{HostPattern, MountedSecret, RequestView, SandboxPolicy, ServerName};
+use veil_policy::{
+    ClientHelloInfo, HostPattern, MountedSecret, RequestView, SandboxPolicy, ServerName,
+};
 
 struct Counting;
 
@@ -60,9 +62,19 @@ fn no_match_allocates_nothing() {
     };
     // Warm up lazily initialised state (the automaton's scratch space).
     let _ = policy.substitute(&sni, 443, &view).unwrap();
+    // A hello offering an empty ALPN list: passed through (built before counting).
+    let hello = ClientHelloInfo {
+        sni: Some(sni.clone()),
+        sni_invalid: false,
+        alpn: Vec::new(),
+        alpn_present: true,
+        legacy_version: 0x0303,
+        supported_versions: Vec::new(),
+        stream_len: 0,
+    };
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     let result = policy.substitute(&sni, 443, &view).unwrap();
-    let decision = policy.decide(Some(&sni), Some(&[]));
+    let decision = policy.decide(hello);
     let after = ALLOCATIONS.load(Ordering::Relaxed);
     assert!(!result.changed());
     assert!(matches!(decision, veil_policy::Decision::Passthrough(_)));

@@ -12,8 +12,7 @@
 use proptest::prelude::*;
 use veil_link::proto::SecretValue;
 use veil_policy::{
-    BodyKind, HostPattern, ModeOverrides, MountedSecret, RequestView, SandboxPolicy, ServerName,
-    SubstituteError,
+    BodyKind, HostPattern, MountedSecret, RequestView, SandboxPolicy, ServerName, SubstituteError,
 };
 
 const HOST: &str = "api.allowed.test";
@@ -179,11 +178,6 @@ fn replace_in_json(v: &serde_json::Value, a: &str, b: &str) -> serde_json::Value
     }
 }
 
-const NO_OVERRIDES: ModeOverrides = ModeOverrides {
-    body_substitution: false,
-    wrong_host: veil_link::proto::WrongHost::Forward,
-};
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(1000))]
 
@@ -244,7 +238,7 @@ proptest! {
     fn form_bodies_decode_to_exactly_the_value(a in value(), b in value(), body in url_text()) {
         let p = policy(&a, &b);
         let sni = ServerName::parse(HOST).unwrap();
-        match p.substitute_body(&sni, true, BodyKind::Form, body.as_bytes(), NO_OVERRIDES) {
+        match p.substitute_body(&sni, true, BodyKind::Form, body.as_bytes()) {
             Err(e) => {
                 prop_assert!(matches!(e, SubstituteError::OpenEscape { .. }), "{e}");
                 prop_assert!(open_escape_before_placeholder(&body));
@@ -269,7 +263,7 @@ proptest! {
         let p = policy(&a, &b);
         let sni = ServerName::parse(HOST).unwrap();
         let original = serde_json::from_str::<serde_json::Value>(&body);
-        match p.substitute_body(&sni, true, BodyKind::Json, body.as_bytes(), NO_OVERRIDES) {
+        match p.substitute_body(&sni, true, BodyKind::Json, body.as_bytes()) {
             Err(e) => {
                 prop_assert!(
                     matches!(
@@ -309,7 +303,7 @@ fn refusals_name_the_secret_never_the_value() {
         r#"{"k":ph_a_placeholder}"#,
     ] {
         let e = p
-            .substitute_body(&sni, true, BodyKind::Json, body.as_bytes(), NO_OVERRIDES)
+            .substitute_body(&sni, true, BodyKind::Json, body.as_bytes())
             .unwrap_err()
             .to_string();
         assert!(e.contains("NAME_a (a)") && !e.contains("VALUE"), "{e}");

@@ -10,6 +10,9 @@ use veil_policy::ModeOverrides;
 
 use crate::egress::{self, EgressRules};
 
+/// The Debian/Ubuntu system bundle of trusted roots (the default of `system_roots`).
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 /// Where the agent looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/veil/agent.toml";
 /// Default state directory (the interception CA lives here once interception exists).
@@ -136,7 +139,7 @@ impl Default for AgentSettings {
             reconnect_max_ms: 1_000,
             peek_timeout_ms: 5_000,
             leaf_cache_size: crate::tls::leaf::DEFAULT_LEAF_CACHE,
-            system_roots: PathBuf::from(crate::tls::upstream::SYSTEM_ROOTS),
+            system_roots: PathBuf::from(SYSTEM_ROOTS),
             scrub_responses: true,
             metrics_listen: None,
             body_substitution: false,

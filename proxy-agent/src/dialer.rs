@@ -16,10 +16,13 @@
 //! A sandbox whose netns cannot be opened gets no connection at all: never one from the host.
 
 use std::collections::BTreeSet;
+use std::fmt;
 use std::fs::File;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -32,7 +35,6 @@ use veil_link::Egress;
 
 use crate::egress::{Denied, EgressRules, Verdict};
 use crate::stats::Stats;
-use crate::tls::upstream::SocketPlace;
 
 /// How long the host's address list is trusted before it is read again.
 const HOST_ADDRS_TTL: Duration = Duration::from_secs(1);
@@ -70,6 +72,32 @@ impl From<DialError> for io::Error {
             e @ DialError::Refused { .. } => io::Error::new(io::ErrorKind::PermissionDenied, e),
             e @ DialError::Netns { .. } => io::Error::new(io::ErrorKind::NotFound, e),
         }
+    }
+}
+
+/// Where a sandbox's upstream sockets are opened: its egress mode and network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketPlace {
+    /// The sandbox's network namespace file; `None` = the agent's own.
+    pub netns: Option<std::path::PathBuf>,
+    /// Its egress mode.
+    pub egress: veil_link::Egress,
+}
+
+/// The socket factory of a sandbox's upstream connections: a [`Dialer`] in the agent, an
+/// in-process stand-in in tests, so the same connection path runs in both.
+pub trait Connector: fmt::Debug + Send + Sync {
+    /// Opens a TCP connection to `dst` (no timeout: callers bound it).
+    fn connect(&self, dst: SocketAddr) -> ConnectFuture<'_>;
+}
+
+/// What [`Connector::connect`] returns.
+pub type ConnectFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<TcpStream, DialError>> + Send + 'a>>;
+
+impl Connector for Dialer {
+    fn connect(&self, dst: SocketAddr) -> ConnectFuture<'_> {
+        Box::pin(Dialer::connect(self, dst))
     }
 }
 

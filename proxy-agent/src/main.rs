@@ -18,13 +18,13 @@ use proxy_agent::link::{Identity, LinkClient};
 use proxy_agent::metrics;
 use proxy_agent::pins::PinLayout;
 use proxy_agent::proxy::Proxy;
-use proxy_agent::proxy::intercept::TlsContext;
 use proxy_agent::sandbox::Registry;
 use proxy_agent::secrets::SecretStore;
 use proxy_agent::state::SandboxFile;
 use proxy_agent::stats::Stats;
 use proxy_agent::tls::ca::InterceptionCa;
 use proxy_agent::tls::leaf::LeafCache;
+use proxy_agent::tls::server::TlsContext;
 use proxy_agent::tls::upstream;
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
@@ -240,9 +240,9 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     let tls = TlsContext::new(leaves, upstream)
         .context("interception TLS configuration")
         .map_err(Fatal::Host)?;
-    let secrets = SecretStore::default();
+    let secrets = SecretStore::with_overrides(settings.mode_overrides());
     let proxy = Arc::new(Proxy {
-        orig: bpf.orig_dst(),
+        orig: Arc::new(bpf.orig_dst()),
         stats,
         tracker: TaskTracker::new(),
         connect_timeout: settings.connect_timeout(),

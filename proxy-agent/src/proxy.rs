@@ -13,9 +13,17 @@
 //! sandbox has its own listener and accept loop, so a sandbox flooding veil with connections
 //! exhausts only its own share. The connection closed over the limit consumes its record all
 //! the same, and a listener that closes takes the records of its unaccepted connections along.
+//!
+//! The two places the path touches the host sit behind small traits, so the whole path runs
+//! in-process in tests (`proxy/tests.rs`): the kernel's records ([`identify::OriginTable`],
+//! the eBPF map in the agent) and the upstream socket factory ([`crate::dialer::Connector`], a
+//! [`crate::dialer::Dialer`] in the agent: the sandbox's netns, or the host through the egress
+//! rules).
 
 pub mod body;
+pub mod conn;
 pub mod connect;
+pub mod context;
 pub mod forward;
 pub mod identify;
 pub mod idle;
@@ -23,94 +31,29 @@ pub mod intercept;
 pub mod passthrough;
 pub mod peek;
 pub mod scrub;
+#[cfg(test)]
+mod tests;
+pub mod upstream;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use veil_link::Egress;
 use veil_policy::{Decision, PassthroughReason};
 
-use crate::bpf::{ConnTuple, OrigDstTable};
-use crate::config::{RequestLimits, SandboxId, SandboxSpec};
-use crate::proxy::intercept::TlsContext;
+use crate::bpf::ConnTuple;
+use crate::proxy::identify::Identity;
 use crate::proxy::peek::{Peeked, PrefixedStream};
-use crate::secrets::SecretStore;
 use crate::stats::{ActiveGuard, Stats};
-use crate::tls::upstream::{SandboxUpstream, SocketPlace};
 
-/// What every connection task shares.
-#[derive(Debug)]
-pub struct Proxy {
-    /// Original destinations recorded by the kernel.
-    pub orig: OrigDstTable,
-    /// Counters.
-    pub stats: Arc<Stats>,
-    /// Connection tasks, waited for when draining.
-    pub tracker: TaskTracker,
-    /// Timeout for reaching the original destination (and for TLS handshakes).
-    pub connect_timeout: Duration,
-    /// How long the peek waits for a complete ClientHello.
-    pub peek_timeout: Duration,
-    /// Whether responses are scrubbed (see [`crate::config::AgentSettings::scrub_responses`]).
-    pub scrub_responses: bool,
-    /// Secrets, mounts and each sandbox's policy, as control sent them.
-    pub secrets: SecretStore,
-    /// Interception TLS material.
-    pub tls: Arc<TlsContext>,
-    /// Request modes and limits (see [`crate::config::AgentSettings::request_limits`]).
-    pub limits: RequestLimits,
-}
-
-/// The sandbox a listener belongs to.
-#[derive(Debug)]
-pub struct SandboxTag {
-    /// Its id.
-    pub id: SandboxId,
-    /// Inode id of its cgroup v2 directory (what the kernel records a connection under).
-    pub cgroup_id: u64,
-    /// Its network namespace file; `None` = the agent's own.
-    pub netns: Option<PathBuf>,
-    /// Where its upstream connections leave from.
-    pub egress: Egress,
-    /// Cookie of its network namespace (half of the original-destination key).
-    pub netns_cookie: u64,
-    /// Its upstream connection pools.
-    pub upstream: SandboxUpstream,
-    /// Its share of connections: one permit per open connection.
-    connections: Arc<Semaphore>,
-}
-
-impl SandboxTag {
-    /// The tag of sandbox `spec`, with empty pools.
-    pub fn new(spec: &SandboxSpec, cgroup_id: u64, netns_cookie: u64, proxy: &Proxy) -> Self {
-        Self {
-            id: spec.id.clone(),
-            cgroup_id,
-            netns: spec.netns.clone(),
-            egress: spec.egress,
-            netns_cookie,
-            upstream: SandboxUpstream::new(
-                proxy.tls.upstream.clone(),
-                proxy.connect_timeout,
-                SocketPlace {
-                    netns: spec.netns.clone(),
-                    egress: spec.egress,
-                },
-            ),
-            connections: Arc::new(Semaphore::new(proxy.limits.max_connections_per_sandbox)),
-        }
-    }
-}
+pub use context::{Proxy, SandboxTag};
 
 /// Accepts connections on one sandbox listener until `cancel` fires; then closes it and drops
 /// the records of the connections it never accepted.
@@ -140,7 +83,7 @@ pub async fn serve(
                     peer,
                 };
                 let Some(permit) = admit(&proxy, &sandbox, peer) else {
-                    identify::consume(&proxy.orig, &conn);
+                    identify::consume(&*proxy.orig, &conn);
                     drop(stream);
                     continue;
                 };
@@ -167,19 +110,17 @@ pub async fn serve(
 
 /// A permit for one more connection of `sandbox`; `None` (counted) when it has its limit open.
 fn admit(proxy: &Proxy, sandbox: &SandboxTag, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
-    match sandbox.connections.clone().try_acquire_owned() {
-        Ok(permit) => Some(permit),
-        Err(_) => {
-            Stats::inc(&proxy.stats.limit_refused);
-            debug!(sandbox = %sandbox.id, %peer, limit = proxy.limits.max_connections_per_sandbox, "connection limit reached; connection closed");
-            None
-        }
+    let permit = sandbox.try_admit();
+    if permit.is_none() {
+        Stats::inc(&proxy.stats.limit_refused);
+        debug!(sandbox = %sandbox.id, %peer, limit = proxy.limits.max_connections_per_sandbox, "connection limit reached; connection closed");
     }
+    permit
 }
 
 async fn handle(proxy: &Proxy, sandbox: &SandboxTag, mut client: TcpStream, conn: ConnTuple) {
     let _active = ActiveGuard::new(&proxy.stats);
-    let Some(dst) = identify::origin(proxy, sandbox, &client, &conn) else {
+    let Some(dst) = origin(proxy, sandbox, &client, &conn) else {
         return;
     };
     // Small writes (TLS records, HTTP heads) must not wait for Nagle.
@@ -215,22 +156,14 @@ async fn handle(proxy: &Proxy, sandbox: &SandboxTag, mut client: TcpStream, conn
             return passthrough(proxy, sandbox, client, prefix, dst, spare).await;
         }
     };
-    match (
-        policy.decide_hello_with(&hello, proxy.limits.overrides),
-        hello.sni,
-    ) {
-        (Decision::Intercept(i), Some(sni)) => {
+    match policy.decide(hello) {
+        Decision::Intercept(i) => {
             // The speculative upstream connection is not needed: interception pools its own.
             drop(spare);
             let client = PrefixedStream::new(prefix, client);
-            intercept::run(proxy, sandbox, client, dst, sni, i.offers_h2).await;
+            intercept::run(proxy, sandbox, client, dst, i.server_name, i.offers_h2).await;
         }
-        (Decision::Intercept(_), None) => {
-            // decide() never intercepts without an SNI; pass through rather than guess.
-            Stats::inc(&proxy.stats.passthrough_no_sni);
-            passthrough(proxy, sandbox, client, prefix, dst, spare).await;
-        }
-        (Decision::Passthrough(reason), _) => {
+        Decision::Passthrough(reason) => {
             Stats::inc(match reason {
                 PassthroughReason::NoSecrets => &proxy.stats.passthrough_no_secrets,
                 PassthroughReason::NoSni => &proxy.stats.passthrough_no_sni,
@@ -240,6 +173,42 @@ async fn handle(proxy: &Proxy, sandbox: &SandboxTag, mut client: TcpStream, conn
                 PassthroughReason::HostNotAllowed => &proxy.stats.passthrough_not_allowed,
             });
             passthrough(proxy, sandbox, client, prefix, dst, spare).await;
+        }
+    }
+}
+
+/// Finds where the connection `conn` (accepted as `client`) was going, from its record
+/// ([`identify::check`]); `None` (counted, logged) when it may not be served.
+fn origin(
+    proxy: &Proxy,
+    sandbox: &SandboxTag,
+    client: &TcpStream,
+    conn: &ConnTuple,
+) -> Option<SocketAddr> {
+    let peer = conn.peer;
+    // A socket that went to CLOSE (reset) has no peer any more.
+    let alive = || client.peer_addr().is_ok();
+    match identify::check(&*proxy.orig, sandbox.cgroup_id, conn, alive) {
+        Identity::Known(dst) => Some(dst),
+        Identity::Unknown => {
+            Stats::inc(&proxy.stats.origin_unknown);
+            warn!(sandbox = %sandbox.id, %peer, "original destination unknown; connection closed");
+            None
+        }
+        Identity::Reset => {
+            Stats::inc(&proxy.stats.origin_unknown);
+            debug!(sandbox = %sandbox.id, %peer, "connection reset before it was identified");
+            None
+        }
+        Identity::Mismatch => {
+            Stats::inc(&proxy.stats.origin_mismatch);
+            warn!(sandbox = %sandbox.id, %peer, "connection recorded for another sandbox; closed");
+            None
+        }
+        Identity::Failed(e) => {
+            Stats::inc(&proxy.stats.origin_unknown);
+            warn!(sandbox = %sandbox.id, %peer, error = %e, "original destination lookup failed; connection closed");
+            None
         }
     }
 }

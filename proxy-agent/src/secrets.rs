@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 
 use tracing::warn;
 use veil_link::{SandboxState, SecretState, SecretValue};
-use veil_policy::SandboxPolicy;
+use veil_policy::{ModeOverrides, SandboxPolicy};
 
 /// One secret as it applies to one sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +50,8 @@ struct Inner {
     secrets: BTreeMap<String, SecretState>,
     sandboxes: BTreeMap<String, Mounts>,
     policies: BTreeMap<String, Arc<SandboxPolicy>>,
+    /// The agent-wide modes every policy is built with.
+    overrides: ModeOverrides,
 }
 
 /// The policy form of `states`; a secret that cannot take part is left out (never substituted)
@@ -93,13 +95,13 @@ impl Inner {
             return;
         }
         let n_retired = retired.len();
-        let policy = match SandboxPolicy::with_scrub_only(live.clone(), retired) {
+        let policy = match SandboxPolicy::build(live.clone(), retired, self.overrides) {
             // A retired secret must never cost the live ones their policy: without it, its
             // values are not scrubbed, but the sandbox keeps working (and without any policy
             // they would not be scrubbed either).
             Err(e) if n_retired > 0 => {
                 warn!(sandbox, error = %e, "retired secrets left out of the sandbox's policy");
-                SandboxPolicy::new(live)
+                SandboxPolicy::build(live, Vec::new(), self.overrides)
             }
             other => other,
         };
@@ -141,6 +143,13 @@ pub struct SecretStore {
 }
 
 impl SecretStore {
+    /// An empty store whose policies are built under the agent-wide `overrides`.
+    pub fn with_overrides(overrides: ModeOverrides) -> Self {
+        let store = Self::default();
+        store.write().overrides = overrides;
+        store
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the maps half-updated (each update is
         // one insert or remove), so the data stays usable.

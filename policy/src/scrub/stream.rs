@@ -6,9 +6,9 @@ use std::fmt;
 
 use zeroize::Zeroizing;
 
-use super::ScrubPatterns;
 use super::basic::BasicState;
 use super::engine::Held;
+use super::patterns::ScrubPatterns;
 
 /// Scrubs one stream; see the module docs.
 pub struct Scrubber<'p> {
@@ -54,9 +54,9 @@ impl<'p> Scrubber<'p> {
 
 /// The state of one scrubbed stream without a borrow of its patterns, for owners that keep the
 /// patterns behind a shared pointer (a response body holding its sandbox's policy). Every call
-/// passes the same patterns, or patterns that scrub more ([`ScrubPatterns::union`], after a
-/// policy change): what is held back is raw input, scanned again with the patterns of the call
-/// that releases it.
+/// passes the same patterns, or patterns that scrub more
+/// ([`crate::SandboxPolicy::scrub_union`], after a policy change): what is held back is raw
+/// input, scanned again with the patterns of the call that releases it.
 #[derive(Default)]
 pub struct ScrubState {
     basic: BasicState,

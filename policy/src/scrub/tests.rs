@@ -445,12 +445,12 @@ fn jwt_header_and_payload_and_pem_armor_are_not_windows() {
 
 #[test]
 fn union_scrubs_the_values_of_both_policies() {
-    use crate::decide::SandboxPolicy;
+    use crate::sandbox::SandboxPolicy;
     let p1 = SandboxPolicy::new(vec![secret("a", "first-value-0123456789", &[])]).unwrap();
     let mut rotated = secret("a", "second-value-987654321", &[]);
     rotated.previous = Vec::new();
     let p2 = SandboxPolicy::new(vec![rotated, secret("c", "mounted-later-abcdefgh", &[])]).unwrap();
-    let u = ScrubPatterns::union(&p1, &p2);
+    let u = p1.scrub_union(&p2);
     for v in [
         "first-value-0123456789",
         "second-value-987654321",

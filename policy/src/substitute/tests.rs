@@ -1,6 +1,7 @@
 //! Unit and property tests of request-head substitution.
 
 use super::*;
+use crate::sandbox::SandboxPolicy;
 use crate::secret::testing::secret;
 use proptest::prelude::*;
 
@@ -561,7 +562,7 @@ fn perf_substitution() {
     for _ in 0..iters {
         let peek = crate::client_hello::parse_client_hello(black_box(hello));
         if let crate::client_hello::Peek::Tls(h) = peek {
-            black_box(p.decide_hello(&h));
+            black_box(p.decide(h));
         }
     }
     let ns = start.elapsed().as_nanos() / u128::from(iters);

@@ -1,4 +1,5 @@
-//! Reading a request body up to a bound for substitution, and replaying what was read.
+//! Bodies crossing the proxy: their types, reading a request body up to a bound for
+//! substitution, and replaying what was read.
 //!
 //! A body within the bound is read whole (its trailers kept); one over it is handed on as the
 //! frames already read followed by the rest, byte for byte, so a large upload is delayed by at
@@ -12,8 +13,12 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
 
-use crate::proxy::forward::BoxError;
+/// Error type of bodies crossing the proxy.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A request or response body as the proxy passes it on.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// A body read up to a bound.
 #[derive(Debug)]

@@ -1,5 +1,5 @@
 //! Connect: the agent's own connections to a sandbox connection's original destination, opened
-//! where the sandbox's `egress` says (see [`crate::dialer`]).
+//! by the sandbox's connector, where its `egress` says (see [`crate::dialer`]).
 
 use std::net::SocketAddr;
 
@@ -7,14 +7,14 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::dialer::DialError;
-use crate::proxy::{Proxy, SandboxTag};
+use crate::proxy::context::{Proxy, SandboxTag};
 use crate::stats::Stats;
 
 /// Connects to `dst` for `sandbox`; `None` (counted, logged) when it cannot be reached in time
 /// or its egress rules refuse it.
 pub async fn upstream(proxy: &Proxy, sandbox: &SandboxTag, dst: SocketAddr) -> Option<TcpStream> {
-    let dialer = sandbox.upstream.dialer();
-    match tokio::time::timeout(proxy.connect_timeout, dialer.connect(dst)).await {
+    let connector = sandbox.upstream.connector();
+    match tokio::time::timeout(proxy.connect_timeout, connector.connect(dst)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Some(s)

@@ -17,7 +17,6 @@
 //! a value, and never a header value (headers may carry values).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -25,51 +24,17 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body;
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::{debug, info};
 use veil_policy::{BodyKind, SandboxPolicy, SecretHit, ServerName, SubstituteError, merge_hits};
 
-use crate::config::{RequestLimits, SandboxId};
-use crate::proxy::body::{Bounded, read_bounded, whole};
-use crate::proxy::idle::{Activity, InflightBody};
+use crate::proxy::body::{Bounded, BoxError, ProxyBody, read_bounded, whole};
+use crate::proxy::conn::ConnContext;
+use crate::proxy::idle::InflightBody;
 use crate::proxy::scrub;
-use crate::secrets::SecretStore;
 use crate::stats::Stats;
-use crate::tls::upstream::{DstClient, verify_failure};
-
-/// Error type of bodies crossing the proxy.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// A request or response body as the proxy passes it on.
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// What every request of one intercepted connection shares.
-#[derive(Debug)]
-pub struct ConnContext {
-    /// The sandbox.
-    pub sandbox: SandboxId,
-    /// The live secrets and policies. Each request reads its sandbox's policy once, when it
-    /// arrives, and uses that one snapshot to substitute and to scrub its response: a rotation,
-    /// mount or delete acknowledged to control applies to open keep-alive and h2 connections.
-    pub secrets: SecretStore,
-    /// Request modes and limits from the agent's config.
-    pub limits: RequestLimits,
-    /// The connection's activity, for its idle timeout.
-    pub activity: Arc<Activity>,
-    /// The SNI the client sent (and the name upstream TLS is verified for).
-    pub sni: ServerName,
-    /// The original destination.
-    pub dst: SocketAddr,
-    /// The sandbox's pooled client towards `dst`.
-    pub client: DstClient,
-    /// Set when the upstream could not be reached securely: every request gets a 502 saying so.
-    pub upstream_error: Option<String>,
-    /// Whether responses are scrubbed.
-    pub scrub: bool,
-    /// Counters.
-    pub stats: Arc<Stats>,
-}
+use crate::tls::upstream::verify_failure;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -205,7 +170,6 @@ async fn apply_policy(
     if let Some(answer) = block(ctx, policy, &hits) {
         return Err(answer);
     }
-    let overrides = ctx.limits.overrides;
     let kind = BodyKind::of(
         parts
             .headers
@@ -218,9 +182,7 @@ async fn apply_policy(
     );
     let kind = match kind {
         Some(kind)
-            if head.host_ok
-                && !body.is_end_stream()
-                && policy.body_scan_needed(&ctx.sni, overrides) =>
+            if head.host_ok && !body.is_end_stream() && policy.body_scan_needed(&ctx.sni) =>
         {
             kind
         }
@@ -244,7 +206,7 @@ async fn apply_policy(
         }
         Bounded::Whole(data, trailers) => (data, trailers),
     };
-    let sub = match policy.substitute_body(&ctx.sni, head.host_ok, kind, &data, overrides) {
+    let sub = match policy.substitute_body(&ctx.sni, head.host_ok, kind, &data) {
         Ok(sub) => sub,
         Err(e) => return Err(refuse(ctx, &RequestError::from(e))),
     };
@@ -279,7 +241,7 @@ fn block(
     policy: &SandboxPolicy,
     hits: &[SecretHit],
 ) -> Option<Response<ProxyBody>> {
-    let secret = policy.blocked_by(hits, ctx.limits.overrides)?;
+    let secret = policy.blocked_by(hits)?;
     ctx.stats
         .record_blocked(ctx.sandbox.as_str(), ctx.sni.as_str(), &secret.id);
     info!(sandbox = %ctx.sandbox, sni = %ctx.sni, secret = %secret.id, name = %secret.name, "request blocked: placeholder sent to a host its secret does not allow");

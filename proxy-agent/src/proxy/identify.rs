@@ -15,28 +15,31 @@
 //! exact: a record made by another connection on this tuple can only exist once this one was
 //! reset, and a reset is final.
 
+use std::fmt;
 use std::net::SocketAddr;
 
-use tokio::net::TcpStream;
-use tracing::{debug, warn};
-
 use crate::bpf::{BpfError, ConnTuple, OrigDstTable, Recorded};
-use crate::proxy::{Proxy, SandboxTag};
-use crate::stats::Stats;
 
 #[cfg(test)]
 mod model;
 
 /// Where the kernel's records are read (the eBPF map; an in-memory model of the kernel in
 /// tests).
-pub trait OriginTable {
+pub trait OriginTable: fmt::Debug {
     /// Removes and returns the record of `conn`, if there is one.
     fn take(&self, conn: &ConnTuple) -> Result<Option<Recorded>, BpfError>;
+    /// Removes every record of connections to the listener `listener` in netns
+    /// `netns_cookie` (a closed listener's unaccepted connections); returns how many.
+    fn forget_listener(&self, netns_cookie: u64, listener: SocketAddr) -> Result<usize, BpfError>;
 }
 
 impl OriginTable for OrigDstTable {
     fn take(&self, conn: &ConnTuple) -> Result<Option<Recorded>, BpfError> {
         OrigDstTable::take(self, conn)
+    }
+
+    fn forget_listener(&self, netns_cookie: u64, listener: SocketAddr) -> Result<usize, BpfError> {
+        OrigDstTable::forget_listener(self, netns_cookie, listener)
     }
 }
 
@@ -59,7 +62,7 @@ pub enum Identity {
 /// `cgroup_id`, and says whether the connection may be served and where it was going.
 /// `alive` tells, after the take, whether the accepted socket is still connected.
 pub fn check(
-    table: &impl OriginTable,
+    table: &(impl OriginTable + ?Sized),
     cgroup_id: u64,
     conn: &ConnTuple,
     alive: impl FnOnce() -> bool,
@@ -75,42 +78,6 @@ pub fn check(
 
 /// Consumes the record of a connection that will not be served (closed over the limit), so
 /// that nothing reusing its tuple later can find it.
-pub fn consume(table: &impl OriginTable, conn: &ConnTuple) {
+pub fn consume(table: &(impl OriginTable + ?Sized), conn: &ConnTuple) {
     let _ = table.take(conn);
-}
-
-/// Finds where the connection `conn` (accepted as `client`) was going; `None` (counted,
-/// logged) when it may not be served.
-pub fn origin(
-    proxy: &Proxy,
-    sandbox: &SandboxTag,
-    client: &TcpStream,
-    conn: &ConnTuple,
-) -> Option<SocketAddr> {
-    let peer = conn.peer;
-    // A socket that went to CLOSE (reset) has no peer any more.
-    let alive = || client.peer_addr().is_ok();
-    match check(&proxy.orig, sandbox.cgroup_id, conn, alive) {
-        Identity::Known(dst) => Some(dst),
-        Identity::Unknown => {
-            Stats::inc(&proxy.stats.origin_unknown);
-            warn!(sandbox = %sandbox.id, %peer, "original destination unknown; connection closed");
-            None
-        }
-        Identity::Reset => {
-            Stats::inc(&proxy.stats.origin_unknown);
-            debug!(sandbox = %sandbox.id, %peer, "connection reset before it was identified");
-            None
-        }
-        Identity::Mismatch => {
-            Stats::inc(&proxy.stats.origin_mismatch);
-            warn!(sandbox = %sandbox.id, %peer, "connection recorded for another sandbox; closed");
-            None
-        }
-        Identity::Failed(e) => {
-            Stats::inc(&proxy.stats.origin_unknown);
-            warn!(sandbox = %sandbox.id, %peer, error = %e, "original destination lookup failed; connection closed");
-            None
-        }
-    }
 }

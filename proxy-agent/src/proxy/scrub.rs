@@ -3,7 +3,8 @@
 //!
 //! What is scrubbed, with the patterns of the request's policy snapshot (every form listed in
 //! `veil_policy::scrub`) — and, when the sandbox's policy changed since (a rotation, a mount),
-//! with the union of the snapshot's values and the current policy's ([`ScrubPatterns::union`]),
+//! with the union of the snapshot's values and the current policy's
+//! ([`SandboxPolicy::scrub_union`]),
 //! for the head and, from the first poll after the change, for the rest of the body:
 //! - **head**: every response header's value and name, and an h1 reason phrase. A header whose
 //!   scrubbed name or value is no longer valid is dropped rather than passed on; a reason phrase
@@ -38,13 +39,14 @@
 //! connections (WebSocket) are refused before they get here, in `forward`.
 
 mod body;
+mod headers;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::response::Parts;
 use http::{StatusCode, Version};
 use http_body::Body as _;
@@ -55,11 +57,12 @@ use veil_policy::scrub::{ContentCoding, UnsupportedCoding, accept_encoding, tran
 use veil_policy::{SandboxPolicy, ScrubPatterns};
 use zeroize::Zeroizing;
 
-use crate::proxy::body::{Bounded, read_bounded, whole};
-use crate::proxy::forward::{BoxError, ConnContext, ProxyBody};
+use crate::proxy::body::{Bounded, BoxError, ProxyBody, read_bounded, whole};
+use crate::proxy::conn::ConnContext;
 use crate::stats::Stats;
 
 pub use body::{ScrubBody, StillCompressed, Watch};
+pub use headers::scrub_headers;
 
 /// How long a compressed body's first decoded bytes are waited for before the head is sent;
 /// after that, a body found still compressed is cut off instead of answered 502.
@@ -81,9 +84,7 @@ pub async fn response(
     // Generation first: a change after it is seen by the body's next poll.
     let generation = ctx.secrets.generation();
     let union = match ctx.secrets.policy(ctx.sandbox.as_str()) {
-        Some(now) if !Arc::ptr_eq(&now, policy) => {
-            Some(Box::new(ScrubPatterns::union(policy, &now)))
-        }
+        Some(now) if !Arc::ptr_eq(&now, policy) => Some(Box::new(policy.scrub_union(&now))),
         _ => None,
     };
     let patterns = union.as_deref().unwrap_or(policy.scrub_patterns());
@@ -316,45 +317,6 @@ fn withhold(ctx: &ConnContext, parts: &mut Parts, reason: String) -> ProxyBody {
         .boxed_unsync()
 }
 
-/// Scrubs every header's name and value in place; drops a header that scrubbing makes invalid.
-/// Returns the number of occurrences replaced.
-pub fn scrub_headers(patterns: &ScrubPatterns, headers: &mut HeaderMap) -> u64 {
-    let dirty = headers.iter().any(|(n, v)| {
-        patterns.scrub_counted(n.as_str().as_bytes()).is_some()
-            || patterns.scrub_counted(v.as_bytes()).is_some()
-    });
-    if !dirty {
-        return 0;
-    }
-    let mut replaced = 0;
-    let mut out = HeaderMap::with_capacity(headers.len());
-    let mut name: Option<HeaderName> = None;
-    for (n, value) in std::mem::take(headers) {
-        if let Some(n) = n {
-            name = match patterns.scrub_counted(n.as_str().as_bytes()) {
-                None => Some(n),
-                Some((new, count)) => {
-                    replaced += count;
-                    HeaderName::from_bytes(&new).ok()
-                }
-            };
-        }
-        let Some(name) = &name else { continue };
-        let value = match patterns.scrub_counted(value.as_bytes()) {
-            None => Some(value),
-            Some((new, count)) => {
-                replaced += count;
-                HeaderValue::from_bytes(&new).ok()
-            }
-        };
-        if let Some(value) = value {
-            out.append(name.clone(), value);
-        }
-    }
-    *headers = out;
-    replaced
-}
-
 /// A strong validator no longer matches a decoded representation; a weak one still may.
 fn weaken_etag(headers: &mut HeaderMap) {
     if let Some(etag) = headers.get(header::ETAG)
@@ -376,6 +338,7 @@ fn weaken_etag(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderName;
     use veil_link::SecretValue;
     use veil_policy::MountedSecret;
 

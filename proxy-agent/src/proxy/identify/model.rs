@@ -60,6 +60,7 @@ type Key = (u64, u16, u16);
 
 /// The record map: keyed like the kernel keys it. Each record also remembers which
 /// connection made it (the model's bookkeeping, invisible to the agent).
+#[derive(Debug)]
 struct Kernel {
     behaviour: Behaviour,
     records: RefCell<HashMap<Key, (Recorded, usize)>>,
@@ -94,6 +95,13 @@ impl OriginTable for Kernel {
                 .map_or(0, |(c, _)| *c);
         }
         Ok(rec)
+    }
+
+    fn forget_listener(&self, netns_cookie: u64, listener: SocketAddr) -> Result<usize, BpfError> {
+        let mut records = self.records.borrow_mut();
+        let before = records.len();
+        records.retain(|k, _| !(k.0 == netns_cookie && k.2 == listener.port()));
+        Ok(before - records.len())
     }
 }
 

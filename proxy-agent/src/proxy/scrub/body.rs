@@ -17,7 +17,7 @@ use veil_policy::scrub::{ContentCoding, ScrubState, Sniff, sniff};
 use veil_policy::{SandboxPolicy, ScrubPatterns};
 use zeroize::Zeroizing;
 
-use crate::proxy::forward::BoxError;
+use crate::proxy::body::BoxError;
 use crate::secrets::SecretStore;
 use crate::stats::Stats;
 
@@ -225,7 +225,7 @@ where
         self.union = match watch.store.policy(&watch.sandbox) {
             Some(now) if !Arc::ptr_eq(&now, &self.policy) => {
                 Stats::inc(&self.stats.scrub_policy_switched);
-                Some(Box::new(ScrubPatterns::union(&self.policy, &now)))
+                Some(Box::new(self.policy.scrub_union(&now)))
             }
             // Unchanged, or every secret gone: the snapshot's values are still scrubbed.
             _ => None,
@@ -350,7 +350,7 @@ where
                     let mut out = Vec::new();
                     this.state.finish(patterns, &mut out);
                     this.trailers = trailers.map(|mut t| {
-                        let n = super::scrub_headers(patterns, &mut t);
+                        let n = super::headers::scrub_headers(patterns, &mut t);
                         this.stats.scrubbed.fetch_add(n, Ordering::Relaxed);
                         t
                     });
