@@ -38,6 +38,7 @@ pub mod env;
 pub mod hostlink;
 pub mod https;
 pub mod interactive;
+pub mod intercept_world;
 pub mod netns;
 pub mod owner;
 pub mod pod;
