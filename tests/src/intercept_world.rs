@@ -88,6 +88,7 @@ pub struct Builder<'a> {
     resolve: Vec<&'a str>,
     metrics: bool,
     config: String,
+    control_config: String,
 }
 
 impl<'a> Builder<'a> {
@@ -109,6 +110,12 @@ impl<'a> Builder<'a> {
         self
     }
 
+    /// Append `lines` to veil-control's config (top level).
+    pub fn control_config(mut self, lines: &str) -> Self {
+        self.control_config.push_str(lines);
+        self
+    }
+
     /// Starts it all with an [`HttpsUpstream`] answering for the names.
     pub fn start(self) -> InterceptWorld<HttpsUpstream> {
         self.start_with(HttpsUpstream::start)
@@ -126,13 +133,14 @@ impl<'a> Builder<'a> {
         let ip: IpAddr = world.upstream_v4().into();
         let up = start(world.netns(), ip, &ca, self.names);
         let metrics_port = self.metrics.then(free_port);
-        let veil = Veil::start_with(
+        let veil = Veil::start_with_control(
             AgentOptions {
                 args: vec!["--upstream-ca".into(), ca.pem_path().into()],
                 metrics_listen: metrics_port.map(|port| ([127, 0, 0, 1], port).into()),
                 extra_config: self.config,
                 ..AgentOptions::default()
             },
+            &self.control_config,
             &[],
         );
         let dir = tempfile::tempdir().expect("tempdir");
@@ -186,6 +194,7 @@ impl InterceptWorld {
             resolve: Vec::new(),
             metrics: false,
             config: String::new(),
+            control_config: String::new(),
         }
     }
 
@@ -259,6 +268,11 @@ impl<U: Upstream> InterceptWorld<U> {
         self._ns.push(ns);
         self.sandboxes.push(sb);
         self.sandboxes.len() - 1
+    }
+
+    /// The loopback port of the agent's metrics endpoint (with [`Builder::metrics`]).
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_port
     }
 
     /// The PUT answer that registered sandbox `i` (its `env` carries the placeholders).
