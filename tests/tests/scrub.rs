@@ -76,7 +76,8 @@ impl Setup {
 
     /// Whether the last request reached the upstream carrying the value to reflect.
     fn upstream_got_the_value(&self) -> bool {
-        self.w.up
+        self.w
+            .up
             .seen()
             .last()
             .and_then(|r| r.header(REFLECT_HEADER).map(|v| v == self.key.value))
