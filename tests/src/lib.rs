@@ -30,6 +30,7 @@ pub mod alloc;
 pub mod bpfq;
 pub mod cgroup;
 pub mod clients;
+pub mod clock;
 pub mod cmd;
 pub mod control;
 pub mod decoding;
