@@ -33,6 +33,17 @@ use crate::{
 /// Bound on each client run.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Runs `cmd` (bounded by [`TIMEOUT`]); its success and stdout + stderr as (lossy) text.
+pub fn run_text(cmd: &mut Command) -> (bool, String) {
+    let out = output_within(cmd, TIMEOUT);
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// An upstream server the world can point clients at.
 pub trait Upstream {
     /// Where it listens (in the world's namespace).
@@ -303,16 +314,11 @@ impl<U: Upstream> InterceptWorld<U> {
         cmd.args(["-sS", "--max-time", "30"])
             .args(args)
             .env("CURL_CA_BUNDLE", &self.bundle);
-        let out = output_within(&mut cmd, TIMEOUT);
-        let mut text = format!(
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, mut text) = run_text(&mut cmd);
         for s in redact {
             text = text.replace(&s.value, "<VALUE!>");
         }
-        (out.status.success(), text)
+        (ok, text)
     }
 
     /// A directory for the test's own files, removed with the world.

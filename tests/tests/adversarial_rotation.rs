@@ -21,8 +21,8 @@ use veil_tests::clients::python_clients;
 use veil_tests::control::random_token;
 use veil_tests::https::REFLECT_HEADER;
 use veil_tests::interactive::Interactive;
-use veil_tests::intercept_world::InterceptWorld;
-use veil_tests::{HttpsUpstream, UpstreamReply, output_within};
+use veil_tests::intercept_world::{InterceptWorld, run_text};
+use veil_tests::{HttpsUpstream, UpstreamReply};
 
 const HOST: &str = "api.echo.test";
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -176,13 +176,7 @@ impl Attack {
     fn curl(&self, victim: &Victim, args: &[&str]) -> (bool, String) {
         let mut cmd = self.command(victim, "", "curl");
         cmd.args(["-sS", "--max-time", "20"]).args(args);
-        let out = output_within(&mut cmd, TIMEOUT);
-        let text = format!(
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        run_text(&mut cmd)
     }
 
     /// The sandbox makes the upstream keep `placeholder` (substituted in a JSON body).

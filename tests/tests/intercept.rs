@@ -3,14 +3,12 @@
 //! host the secret allows. Assertions never print a value: they compare and report booleans.
 
 use std::net::IpAddr;
-use std::time::Duration;
 
 use serde_json::json;
 use veil_tests::clients::{node, python_clients};
-use veil_tests::intercept_world::{InterceptWorld, Secret};
-use veil_tests::{HttpsUpstream, Seen, TcpEcho, output_within};
+use veil_tests::intercept_world::{InterceptWorld, Secret, run_text};
+use veil_tests::{HttpsUpstream, Seen, TcpEcho};
 
-const TIMEOUT: Duration = Duration::from_secs(60);
 const ALLOWED: &str = "api.allowed.test";
 const OTHER: &str = "other.test";
 const WRONG_CERT: &str = "badcert.test";
@@ -76,13 +74,10 @@ impl Setup {
     fn run(&self, i: usize, program: &str, args: &[&str]) -> (bool, String) {
         let mut cmd = self.w.command(i, program);
         cmd.args(args).env("MY_KEY", &self.key.placeholder);
-        let out = output_within(&mut cmd, TIMEOUT);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let (ok, text) = run_text(&mut cmd);
         // Redact before anything reaches a message: the sandbox must not have seen the value,
         // and a test must not print it either.
-        let text = format!("{stdout}\n{stderr}").replace(&self.key.value, "<VALUE!>");
-        (out.status.success(), text)
+        (ok, text.replace(&self.key.value, "<VALUE!>"))
     }
 
     fn last_seen(&self, up: &HttpsUpstream) -> Seen {

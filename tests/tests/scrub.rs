@@ -7,18 +7,15 @@
 //! substitution failing. Nothing here prints a value or an encoding of it: outputs are redacted
 //! before they reach a message, and comparisons report booleans.
 
-use std::time::Duration;
-
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use serde_json::json;
 use veil_tests::clients::{node, python_clients};
 use veil_tests::control::random_token;
 use veil_tests::https::{REFLECT_HEADER, percent_encode};
-use veil_tests::intercept_world::{InterceptWorld, Secret};
-use veil_tests::{HttpsUpstream, UpstreamReply, output_within};
+use veil_tests::intercept_world::{InterceptWorld, Secret, run_text};
+use veil_tests::{HttpsUpstream, UpstreamReply};
 
-const TIMEOUT: Duration = Duration::from_secs(60);
 const HOST: &str = "api.echo.test";
 
 /// A reflecting TLS upstream for [`HOST`], veil, a secret allowed for it, and a sandbox (own
@@ -65,13 +62,7 @@ impl Setup {
     fn run(&self, program: &str, args: &[&str]) -> (bool, String) {
         let mut cmd = self.w.command(0, program);
         cmd.args(args).env("MY_KEY", &self.key.placeholder);
-        let out = output_within(&mut cmd, TIMEOUT);
-        let text = format!(
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        run_text(&mut cmd)
     }
 
     /// Whether the last request reached the upstream carrying the value to reflect.
