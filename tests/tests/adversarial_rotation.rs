@@ -13,20 +13,16 @@
 //!
 //! Values are compared, never printed: outputs are redacted before any message.
 
-use std::net::IpAddr;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use veil_tests::agent::AgentOptions;
 use veil_tests::clients::python_clients;
 use veil_tests::control::random_token;
 use veil_tests::https::REFLECT_HEADER;
 use veil_tests::interactive::Interactive;
-use veil_tests::{
-    HttpsUpstream, NetNs, Sandbox, TestCa, UpstreamReply, Veil, World, output_within, require_root,
-};
+use veil_tests::intercept_world::{InterceptWorld, run_text};
+use veil_tests::{HttpsUpstream, UpstreamReply};
 
 const HOST: &str = "api.echo.test";
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -66,21 +62,16 @@ show("done", get(line[1]))
 
 /// A reflecting TLS upstream for [`HOST`] and veil with `rotated_value_grace = grace`.
 struct Attack {
-    world: World,
-    ca: TestCa,
-    up: HttpsUpstream,
-    veil: Veil,
+    w: InterceptWorld,
     /// Every value the test set, by name (for leak checks and redaction).
     values: Vec<(String, String)>,
-    bundle: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 /// A sandbox (own netns) registered with veil.
 struct Victim {
     id: String,
-    sandbox: Sandbox,
-    _ns: NetNs,
+    /// Its index in the world.
+    i: usize,
 }
 
 /// A secret the test created.
@@ -92,38 +83,20 @@ struct Secret {
 
 impl Attack {
     fn new(grace: &str) -> Attack {
-        require_root();
-        let world = World::new();
-        let ca = TestCa::new("adversarial rotation CA");
-        let up = HttpsUpstream::start_with(
-            world.netns(),
-            world.upstream_ip4(),
-            Some((&ca, &[HOST])),
-            UpstreamReply::Reflect,
-        );
-        let veil = Veil::start_with_control(
-            AgentOptions {
-                args: vec!["--upstream-ca".into(), ca.pem_path().into()],
-                ..AgentOptions::default()
-            },
-            &format!("rotated_value_grace = {grace:?}"),
-            &[],
-        );
-        let dir = tempfile::tempdir().expect("tempdir");
+        let w = InterceptWorld::builder("adversarial rotation CA", &[HOST])
+            .control_config(&format!("rotated_value_grace = {grace:?}"))
+            .start_with(|ns, ip, ca, names| {
+                HttpsUpstream::start_with(ns, ip, Some((ca, names)), UpstreamReply::Reflect)
+            });
         Attack {
-            bundle: dir.path().join("bundle.pem"),
-            world,
-            ca,
-            up,
-            veil,
+            w,
             values: Vec::new(),
-            _dir: dir,
         }
     }
 
     fn api(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
-        let (api, key) = (self.veil.api(), self.veil.key());
-        self.veil.block_on(async {
+        let (api, key) = (self.w.veil.api(), self.w.veil.key());
+        self.w.veil.block_on(async {
             match method {
                 "GET" => api.get(path, key).await,
                 "POST" => api.post(path, key, body).await,
@@ -145,20 +118,16 @@ impl Attack {
     /// Creates secret `name` (allowed for [`HOST`]) with a new value named `tag`.
     fn secret(&mut self, name: &str, tag: &str, body_substitution: bool) -> (Secret, String) {
         let value = self.value(tag);
-        let (status, created) = self.api(
-            "POST",
-            "/secret",
-            json!({"name": name, "value": value, "hosts": [HOST],
-                   "bodySubstitution": body_substitution}),
+        let created = self.w.secret_valued(
+            name,
+            value.clone(),
+            &[HOST],
+            json!({"bodySubstitution": body_substitution}),
         );
-        assert_eq!(status, 201, "create {name}: {created}");
         let secret = Secret {
-            id: created["id"].as_str().expect("id").to_owned(),
-            name: name.to_owned(),
-            placeholder: created["placeholder"]
-                .as_str()
-                .expect("placeholder")
-                .to_owned(),
+            id: created.id,
+            name: created.name,
+            placeholder: created.placeholder,
         };
         (secret, value)
     }
@@ -184,39 +153,22 @@ impl Attack {
     }
 
     /// Registers sandbox `id` with `(ENV, secret name)` mounts and writes the CA bundle.
-    fn sandbox(&self, id: &str, mounts: &[(&str, &str)]) -> Victim {
-        let ns = NetNs::new(id);
-        let ip: IpAddr = self.world.upstream_ip4();
-        let sandbox = Sandbox::new(id, Some(&ns)).with_hosts(&[(HOST, ip)]);
-        let answer = self.veil.register_with(&sandbox.agent_entry(id), mounts);
-        let agent_ca = answer["caCertificate"]
-            .as_str()
-            .expect("PUT answer carries the CA");
-        let test_ca = std::fs::read_to_string(self.ca.pem_path()).expect("test CA");
-        std::fs::write(&self.bundle, format!("{agent_ca}\n{test_ca}")).expect("bundle");
+    fn sandbox(&mut self, id: &str, mounts: &[(&str, &str)]) -> Victim {
+        let i = self.w.add_sandbox(id, mounts);
         Victim {
             id: id.to_owned(),
-            sandbox,
-            _ns: ns,
+            i,
         }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("https://{HOST}:{}{path}", self.up.addr().port())
+        self.w.url(HOST, path)
     }
 
     /// `program args` in the victim with `MY_KEY` and the CA trust in its environment.
-    fn command(
-        &self,
-        victim: &Victim,
-        my_key: &str,
-        program: impl AsRef<std::ffi::OsStr>,
-    ) -> Command {
-        let mut cmd = victim.sandbox.command(program);
-        cmd.env("MY_KEY", my_key)
-            .env("SSL_CERT_FILE", &self.bundle)
-            .env("REQUESTS_CA_BUNDLE", &self.bundle)
-            .env("CURL_CA_BUNDLE", &self.bundle);
+    fn command(&self, victim: &Victim, my_key: &str, program: &str) -> Command {
+        let mut cmd = self.w.command(victim.i, program);
+        cmd.env("MY_KEY", my_key);
         cmd
     }
 
@@ -224,13 +176,7 @@ impl Attack {
     fn curl(&self, victim: &Victim, args: &[&str]) -> (bool, String) {
         let mut cmd = self.command(victim, "", "curl");
         cmd.args(["-sS", "--max-time", "20"]).args(args);
-        let out = output_within(&mut cmd, TIMEOUT);
-        let text = format!(
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        run_text(&mut cmd)
     }
 
     /// The sandbox makes the upstream keep `placeholder` (substituted in a JSON body).
@@ -255,7 +201,7 @@ impl Attack {
 
     /// Whether the upstream's last `/store` body holds each of `values`.
     fn upstream_stored(&self, values: &[&str]) -> bool {
-        let seen = self.up.seen();
+        let seen = self.w.up.seen();
         let stored = seen.iter().rev().find(|s| s.target == "/store");
         stored.is_some_and(|s| values.iter().all(|v| s.body.contains(v)))
     }
@@ -299,7 +245,11 @@ impl Attack {
     /// Starts the attacker's script in `victim` (`mode` h1 or h2) and waits for its first
     /// answer, which must show `placeholder` scrubbed back.
     fn open(&self, victim: &Victim, mode: &str, placeholder: &str) -> (Interactive, String) {
-        let mut cmd = self.command(victim, placeholder, python_clients());
+        let mut cmd = self.command(
+            victim,
+            placeholder,
+            python_clients().to_str().expect("path"),
+        );
         cmd.args(["-c", SCRIPT, mode, &self.url("/reflect/body")]);
         let mut script = Interactive::spawn(&mut cmd);
         let Some(ready) = script.wait_for("ready ", TIMEOUT) else {
@@ -339,7 +289,7 @@ impl Attack {
     /// What the upstream received in `x-reflect` in its last `/reflect/body` request over
     /// `version`.
     fn reflected(&self, version: &str) -> Option<String> {
-        let seen = self.up.seen();
+        let seen = self.w.up.seen();
         let last = seen
             .iter()
             .rev()
@@ -349,21 +299,21 @@ impl Attack {
 
     /// The agent restarts (SIGTERM, same state dir) and syncs with control again.
     fn restart_agent(&self) {
-        let synced = || self.veil.log().matches("in sync with control").count();
+        let synced = || self.w.veil.log().matches("in sync with control").count();
         let before = synced();
-        self.veil.agent().terminate();
-        self.veil.agent().respawn();
+        self.w.veil.agent().terminate();
+        self.w.veil.agent().respawn();
         let back = veil_tests::cmd::wait_until(Duration::from_secs(20), || synced() > before);
         assert!(
             back,
             "the agent never synced again:\n{}",
-            self.veil.agent().log_tail(20)
+            self.w.veil.agent().log_tail(20)
         );
     }
 
     /// `veil-control verify` through the daemon (never shows a value).
     fn verify(&self) -> Value {
-        let control = self.veil.control();
+        let control = self.w.veil.control();
         let out = control.cli(&[
             "verify",
             "--data-dir",

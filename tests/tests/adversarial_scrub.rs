@@ -10,107 +10,50 @@
 //! substitution failing. Outputs are redacted before they reach a message.
 
 use std::io::Read as _;
-use std::net::IpAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD};
-use serde_json::{Value, json};
+use serde_json::json;
 use veil_tests::adversary::{Adversary, REFLECT, basic_token, encodings};
-use veil_tests::agent::AgentOptions;
 use veil_tests::clients::{node, python_clients};
 use veil_tests::control::random_token;
-use veil_tests::{AgentSandbox, NetNs, Sandbox, TestCa, Veil, World, output_within, require_root};
+use veil_tests::intercept_world::{InterceptWorld, Secret};
+use veil_tests::output_within;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const HOST: &str = "api.adversary.test";
 const BOTH: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 struct Setup {
-    _world: World,
-    _ca: TestCa,
-    up: Adversary,
-    veil: Veil,
-    id: String,
-    value: String,
-    placeholder: String,
-    bundle: PathBuf,
-    _bundle_dir: tempfile::TempDir,
-    sandbox: Sandbox,
-    _ns: NetNs,
+    w: InterceptWorld<Adversary>,
+    key: Secret,
 }
 
 impl Setup {
     /// The adversary for [`HOST`] (offering `alpn`), veil, a secret with `value` allowed for
     /// it, and a sandbox (own netns) with the secret mounted as `MY_KEY`.
     fn new(tag: &str, value: String, alpn: &[&[u8]]) -> Setup {
-        require_root();
-        let world = World::new();
-        let ca = TestCa::new("adversary CA");
-        let ip: IpAddr = world.upstream_v4().into();
-        let up = Adversary::start(world.netns(), ip, &ca, &[HOST], alpn);
-        let veil = Veil::start_with(
-            AgentOptions {
-                args: vec!["--upstream-ca".into(), ca.pem_path().into()],
-                ..AgentOptions::default()
-            },
-            &[],
+        let mut w = InterceptWorld::builder("adversary CA", &[HOST])
+            .start_with(|ns, ip, ca, names| Adversary::start(ns, ip, ca, names, alpn));
+        let key = w.secret_valued("adv-key", value, &[HOST], json!({}));
+        let sb = w.add_sandbox(tag, &[("MY_KEY", "adv-key")]);
+        assert_eq!(
+            w.answer(sb)["env"]["MY_KEY"].as_str(),
+            Some(key.placeholder.as_str())
         );
-        let created = veil.block_on(veil.api().post(
-            "/secret",
-            veil.key(),
-            json!({"name": "adv-key", "value": value, "hosts": [HOST]}),
-        ));
-        assert_eq!(created.0, 201, "create secret: status {}", created.0);
-        let placeholder = created.1["placeholder"]
-            .as_str()
-            .expect("placeholder")
-            .to_owned();
-        let id = created.1["id"].as_str().expect("id").to_owned();
-        let ns = NetNs::new(tag);
-        let sandbox = Sandbox::new(tag, Some(&ns)).with_hosts(&[(HOST, ip)]);
-        let spec = AgentSandbox {
-            egress: None,
-            id: tag.to_owned(),
-            cgroup: sandbox.cgroup().path().to_owned(),
-            netns: Some(ns.path().to_owned()),
-        };
-        let answer = veil.register_with(&spec, &[("MY_KEY", "adv-key")]);
-        assert_eq!(answer["env"]["MY_KEY"].as_str(), Some(placeholder.as_str()));
-        let bundle_dir = tempfile::tempdir().expect("tempdir");
-        let bundle = bundle_dir.path().join("bundle.pem");
-        let test_ca = std::fs::read_to_string(ca.pem_path()).expect("test CA");
-        std::fs::write(&bundle, format!("{}\n{test_ca}", ca_pem(&answer))).expect("bundle");
-        Setup {
-            _world: world,
-            _ca: ca,
-            up,
-            veil,
-            id,
-            value,
-            placeholder,
-            bundle,
-            _bundle_dir: bundle_dir,
-            sandbox,
-            _ns: ns,
-        }
+        Setup { w, key }
     }
 
     fn url(&self, route: &str) -> String {
-        format!("https://{HOST}:{}{route}", self.up.addr().port())
+        self.w.url(HOST, route)
     }
 
     /// Runs `program args` in the sandbox with the placeholder and CA trust in its env; returns
     /// success and stdout + stderr.
     fn run(&self, program: &str, args: &[&str]) -> (bool, Vec<u8>) {
-        let mut cmd = self.sandbox.command(program);
-        cmd.args(args)
-            .env("MY_KEY", &self.placeholder)
-            .env("SSL_CERT_FILE", &self.bundle)
-            .env("REQUESTS_CA_BUNDLE", &self.bundle)
-            .env("CURL_CA_BUNDLE", &self.bundle)
-            .env("NODE_EXTRA_CA_CERTS", &self.bundle);
+        let mut cmd = self.w.command(0, program);
+        cmd.args(args).env("MY_KEY", &self.key.placeholder);
         let out = output_within(&mut cmd, TIMEOUT);
         (
             out.status.success(),
@@ -120,7 +63,7 @@ impl Setup {
 
     /// Names of the value's forms found in `out` (see the module docs).
     fn leaks(&self, out: &[u8]) -> Vec<String> {
-        let v = self.value.as_bytes();
+        let v = self.key.value.as_bytes();
         let mut found = Vec::new();
         for (name, form) in encodings(v) {
             let skip = name.starts_with("base64") || name == "basic" || name == "truncated";
@@ -177,13 +120,13 @@ impl Setup {
     /// `out` with the value's forms replaced by their names, safe to print.
     fn redact(&self, out: &[u8]) -> String {
         let mut text = String::from_utf8_lossy(out).into_owned();
-        for (name, form) in encodings(self.value.as_bytes()) {
+        for (name, form) in encodings(self.key.value.as_bytes()) {
             let form = String::from_utf8_lossy(&form).into_owned();
             if !form.is_empty() {
                 text = text.replace(&form, &format!("<LEAK:{name}>"));
             }
         }
-        for w in self.value.as_bytes().windows(12) {
+        for w in self.key.value.as_bytes().windows(12) {
             text = text.replace(&*String::from_utf8_lossy(w), "<LEAK:window>");
         }
         text
@@ -191,28 +134,20 @@ impl Setup {
 
     /// Rotates the secret to `value` (control answers once the agent acknowledged).
     fn rotate(&mut self, value: String) {
-        let (status, answer) = self.veil.block_on(self.veil.api().patch(
-            &format!("/secret/{}?wait=5s", self.id),
-            self.veil.key(),
+        let (status, answer) = self.w.veil.block_on(self.w.veil.api().patch(
+            &format!("/secret/{}?wait=5s", self.key.id),
+            self.w.veil.key(),
             json!({ "value": value }),
         ));
         assert_eq!(status, 200, "rotation: status {status}");
         drop(answer);
-        self.value = value;
+        self.key.value = value;
     }
 
     fn upstream_got(&self, what: impl Fn(&[u8]) -> bool) -> bool {
-        let r = self.up.received();
+        let r = self.w.up.received();
         r.reflected.iter().chain(&r.authorization).any(|v| what(v))
     }
-}
-
-fn ca_pem(answer: &Value) -> String {
-    ["caCertificate", "caCert"]
-        .iter()
-        .find_map(|k| answer[*k].as_str())
-        .expect("PUT answer carries a CA certificate")
-        .to_owned()
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -239,7 +174,7 @@ fn nasty_value() -> String {
 #[test]
 fn every_encoding_through_headers_body_and_trailers() {
     let s = Setup::new("adv-all", nasty_value(), BOTH);
-    let header = format!("{REFLECT}: {}", s.placeholder);
+    let header = format!("{REFLECT}: {}", s.key.placeholder);
     let url = s.url("/all");
     let mut runs: Vec<(String, bool, Vec<u8>)> = Vec::new();
     for flag in ["--http1.1", "--http2"] {
@@ -284,10 +219,10 @@ fn every_encoding_through_headers_body_and_trailers() {
                     sys.stdout.flush(); sys.stdout.buffer.write(r.content)";
     let (ok, out) = s.run(python, &["-c", requests, &url]);
     runs.push(("python requests".into(), ok, out));
-    let got = s.upstream_got(|v| v == s.value.as_bytes());
+    let got = s.upstream_got(|v| v == s.key.value.as_bytes());
     for (what, ok, out) in runs {
         let leaks = s.leaks(&out);
-        let shown = contains(&out, s.placeholder.as_bytes());
+        let shown = contains(&out, s.key.placeholder.as_bytes());
         assert!(
             ok && got && shown && leaks.is_empty(),
             "{what}: client ok {ok}, upstream got the value {got}, placeholder shown {shown}, \
@@ -303,7 +238,7 @@ fn every_encoding_through_headers_body_and_trailers() {
 #[test]
 fn a_short_value_in_an_echoed_basic_credential() {
     let s = Setup::new("adv-basic", "p!n#7".to_owned(), BOTH);
-    let sent = basic_token(s.placeholder.as_bytes());
+    let sent = basic_token(s.key.placeholder.as_bytes());
     let header = format!("Authorization: {sent}");
     let url = s.url("/headers");
     let mut runs: Vec<(String, bool, Vec<u8>)> = Vec::new();
@@ -330,7 +265,7 @@ fn a_short_value_in_an_echoed_basic_credential() {
                     print(r.text)";
     let (ok, out) = s.run(python, &["-c", requests, &url]);
     runs.push(("python requests auth=".into(), ok, out));
-    let want = basic_token(s.value.as_bytes());
+    let want = basic_token(s.key.value.as_bytes());
     let got = s.upstream_got(|a| a == want.as_bytes());
     for (what, ok, out) in runs {
         let leaks = s.leaks(&out);
@@ -365,7 +300,7 @@ fn gunzip_all(mut data: Vec<u8>) -> Vec<u8> {
 #[test]
 fn a_transfer_coding_other_than_chunked_is_answered_502() {
     let s = Setup::new("adv-te", nasty_value(), &[b"http/1.1"]);
-    let header = format!("{REFLECT}: {}", s.placeholder);
+    let header = format!("{REFLECT}: {}", s.key.placeholder);
     for flag in ["--http1.1", "--http2"] {
         let dir = tempfile::tempdir().expect("tempdir");
         let body = dir.path().join("body");
@@ -387,8 +322,8 @@ fn a_transfer_coding_other_than_chunked_is_answered_502() {
         let data = std::fs::read(&body).unwrap_or_default();
         let decoded = gunzip_all(data.clone());
         let status = String::from_utf8_lossy(&out).trim().to_owned();
-        let leaked = contains(&decoded, s.value.as_bytes()) || !s.leaks(&decoded).is_empty();
-        let got = s.upstream_got(|v| v == s.value.as_bytes());
+        let leaked = contains(&decoded, s.key.value.as_bytes()) || !s.leaks(&decoded).is_empty();
+        let got = s.upstream_got(|v| v == s.key.value.as_bytes());
         assert!(
             status.starts_with("502") && !leaked && got,
             "curl {flag}: status {status}, the value (gunzipped) reached the client {leaked}, \
@@ -402,7 +337,7 @@ fn a_transfer_coding_other_than_chunked_is_answered_502() {
 #[test]
 fn a_body_compressed_twice_is_withheld() {
     let s = Setup::new("adv-gzip2", nasty_value(), BOTH);
-    let header = format!("{REFLECT}: {}", s.placeholder);
+    let header = format!("{REFLECT}: {}", s.key.placeholder);
     for flag in ["--http1.1", "--http2"] {
         let dir = tempfile::tempdir().expect("tempdir");
         let body = dir.path().join("body");
@@ -426,8 +361,8 @@ fn a_body_compressed_twice_is_withheld() {
         let data = std::fs::read(&body).unwrap_or_default();
         let decoded = gunzip_all(data);
         let status = String::from_utf8_lossy(&out).trim().to_owned();
-        let leaked = contains(&decoded, s.value.as_bytes()) || !s.leaks(&decoded).is_empty();
-        let got = s.upstream_got(|v| v == s.value.as_bytes());
+        let leaked = contains(&decoded, s.key.value.as_bytes()) || !s.leaks(&decoded).is_empty();
+        let got = s.upstream_got(|v| v == s.key.value.as_bytes());
         assert!(
             status.starts_with("502") && !leaked && got,
             "curl {flag}: status {status}, the value (gunzipped) reached the client {leaked}, \
@@ -454,12 +389,12 @@ fn wait_until(what: &str, cond: impl Fn() -> bool) {
 #[test]
 fn a_stream_started_before_a_rotation_scrubs_the_new_value() {
     let mut s = Setup::new("adv-sse", nasty_value(), BOTH);
-    let header = format!("{REFLECT}: {}", s.placeholder);
+    let header = format!("{REFLECT}: {}", s.key.placeholder);
     for (n, flag) in ["--http1.1", "--http2"].into_iter().enumerate() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("events");
         let file_s = file.to_str().expect("path");
-        let mut cmd = s.sandbox.command("curl");
+        let mut cmd = s.w.sandboxes[0].command("curl");
         cmd.args([
             "-sS",
             "-N",
@@ -472,12 +407,14 @@ fn a_stream_started_before_a_rotation_scrubs_the_new_value() {
             &header,
         ])
         .arg(s.url("/stream"))
-        .env("CURL_CA_BUNDLE", &s.bundle)
+        .env("CURL_CA_BUNDLE", &s.w.bundle)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
         let mut child = cmd.spawn().expect("curl");
         let streams = n as u64 + 1;
-        wait_until("the stream's start", || s.up.received().streams >= streams);
+        wait_until("the stream's start", || {
+            s.w.up.received().streams >= streams
+        });
         s.rotate(nasty_value());
         let (ok, _) = s.run(
             "curl",
@@ -492,11 +429,11 @@ fn a_stream_started_before_a_rotation_scrubs_the_new_value() {
             ],
         );
         assert!(ok, "{flag}: /remember failed");
-        let base = s.up.received().streamed_remembered;
+        let base = s.w.up.received().streamed_remembered;
         wait_until("events with the new value", || {
-            s.up.received().streamed_remembered >= base + 25
+            s.w.up.received().streamed_remembered >= base + 25
         });
-        s.up.stop_streams();
+        s.w.up.stop_streams();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let status = loop {
             if let Some(status) = child.try_wait().expect("wait curl") {
@@ -510,8 +447,8 @@ fn a_stream_started_before_a_rotation_scrubs_the_new_value() {
         };
         let out = std::fs::read(&file).unwrap_or_default();
         let leaks = s.leaks(&out);
-        let got = s.up.received().remembered == s.value.as_bytes();
-        let shown = contains(&out, s.placeholder.as_bytes());
+        let got = s.w.up.received().remembered == s.key.value.as_bytes();
+        let shown = contains(&out, s.key.placeholder.as_bytes());
         assert!(
             status.success() && got && shown && leaks.is_empty(),
             "{flag}: curl ok {}, upstream got the new value {got}, placeholder shown {shown}, \

@@ -9,27 +9,31 @@
 //! non-ASCII) with two random tokens; a leak is any 8 consecutive characters of a token in the
 //! sandbox's output. Nothing here prints a value: outputs are redacted before any message.
 
-use std::net::IpAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::{Value, json};
-use veil_tests::agent::AgentOptions;
-use veil_tests::control::{free_port, random_token};
+use serde_json::json;
+use veil_tests::control::random_token;
 use veil_tests::decoding::{Decoded, DecodingUpstream};
-use veil_tests::{AgentSandbox, NetNs, Sandbox, TestCa, Veil, World, output_within, require_root};
+use veil_tests::intercept_world::{self, InterceptWorld};
+use veil_tests::output_within;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const ALLOWED: &str = "api.allowed.test";
 
-/// A secret as created through the API; `tokens` are the random parts of its value.
+/// A secret as created through the API, mounted as `env`; `tokens` are the random parts of
+/// its value.
 struct Secret {
-    id: String,
-    name: String,
+    created: intercept_world::Secret,
     env: &'static str,
-    value: String,
-    placeholder: String,
     tokens: [String; 2],
+}
+
+impl std::ops::Deref for Secret {
+    type Target = intercept_world::Secret;
+
+    fn deref(&self) -> &Self::Target {
+        &self.created
+    }
 }
 
 /// What the sandbox got from one curl run.
@@ -42,35 +46,16 @@ struct Answer {
 /// A world with the decoding upstream for [`ALLOWED`], veil (metrics on), the secrets, and one
 /// sandbox (own netns) with all of them mounted.
 struct Setup {
-    _world: World,
-    _ca: TestCa,
-    up: DecodingUpstream,
-    veil: Veil,
-    metrics_port: u16,
+    w: InterceptWorld<DecodingUpstream>,
     secrets: Vec<Secret>,
-    bundle: PathBuf,
-    _dir: tempfile::TempDir,
-    sandbox: Sandbox,
-    _ns: NetNs,
 }
 
 impl Setup {
     /// `values`: (env name, value with `{t1}` and `{t2}` where the random tokens go).
     fn new(tag: &str, values: &[(&'static str, &str)]) -> Setup {
-        require_root();
-        let world = World::new();
-        let ca = TestCa::new("adversarial substitution test CA");
-        let ip: IpAddr = world.upstream_v4().into();
-        let up = DecodingUpstream::start(world.netns(), ip, &ca, &[ALLOWED]);
-        let metrics_port = free_port();
-        let veil = Veil::start_with(
-            AgentOptions {
-                args: vec!["--upstream-ca".into(), ca.pem_path().into()],
-                metrics_listen: Some(([127, 0, 0, 1], metrics_port).into()),
-                ..AgentOptions::default()
-            },
-            &[],
-        );
+        let mut w = InterceptWorld::builder("adversarial substitution test CA", &[ALLOWED])
+            .metrics()
+            .start_with(DecodingUpstream::start);
         let mut secrets = Vec::new();
         for (env, template) in values {
             let tokens = [random_token(16), random_token(16)];
@@ -78,57 +63,24 @@ impl Setup {
                 .replace("{t1}", &tokens[0])
                 .replace("{t2}", &tokens[1]);
             let name = format!("adv-{}", env.to_ascii_lowercase().replace('_', "-"));
-            let created = veil.block_on(veil.api().post(
-                "/secret",
-                veil.key(),
-                json!({"name": name, "value": value, "hosts": [ALLOWED], "bodySubstitution": true}),
-            ));
-            assert_eq!(created.0, 201, "create secret {name}: status {}", created.0);
+            let created =
+                w.secret_valued(&name, value, &[ALLOWED], json!({"bodySubstitution": true}));
             secrets.push(Secret {
-                id: created.1["id"].as_str().expect("id").to_owned(),
-                name,
+                created,
                 env,
-                value,
-                placeholder: created.1["placeholder"]
-                    .as_str()
-                    .expect("placeholder")
-                    .to_owned(),
                 tokens,
             });
         }
-        let ns = NetNs::new(tag);
-        let sandbox = Sandbox::new(tag, Some(&ns)).with_hosts(&[(ALLOWED, ip)]);
-        let spec = AgentSandbox {
-            egress: None,
-            id: tag.to_owned(),
-            cgroup: sandbox.cgroup().path().to_owned(),
-            netns: Some(ns.path().to_owned()),
-        };
         let mounts: Vec<(&str, &str)> = secrets.iter().map(|s| (s.env, s.name.as_str())).collect();
-        let answer = veil.register_with(&spec, &mounts);
+        let sb = w.add_sandbox(tag, &mounts);
         for s in &secrets {
             assert_eq!(
-                answer["env"][s.env].as_str(),
+                w.answer(sb)["env"][s.env].as_str(),
                 Some(s.placeholder.as_str()),
                 "PUT answer env"
             );
         }
-        let dir = tempfile::tempdir().expect("tempdir");
-        let bundle = dir.path().join("bundle.pem");
-        let test_ca = std::fs::read_to_string(ca.pem_path()).expect("test CA");
-        std::fs::write(&bundle, format!("{}\n{test_ca}", ca_pem(&answer))).expect("bundle");
-        Setup {
-            _world: world,
-            _ca: ca,
-            up,
-            veil,
-            metrics_port,
-            secrets,
-            bundle,
-            _dir: dir,
-            sandbox,
-            _ns: ns,
-        }
+        Setup { w, secrets }
     }
 
     fn secret(&self, env: &str) -> &Secret {
@@ -139,12 +91,12 @@ impl Setup {
     }
 
     fn url(&self, target: &str) -> String {
-        format!("https://{ALLOWED}:{}{target}", self.up.addr().port())
+        self.w.url(ALLOWED, target)
     }
 
     /// Runs curl in the sandbox (placeholders in its env, as the workload has them).
     fn curl(&self, args: &[&str]) -> Answer {
-        let mut cmd = self.sandbox.command("curl");
+        let mut cmd = self.w.sandboxes[0].command("curl");
         cmd.args([
             "-sS",
             "--globoff",
@@ -154,7 +106,7 @@ impl Setup {
             "\n%{http_code}",
         ])
         .args(args)
-        .env("CURL_CA_BUNDLE", &self.bundle);
+        .env("CURL_CA_BUNDLE", &self.w.bundle);
         for s in &self.secrets {
             cmd.env(s.env, &s.placeholder);
         }
@@ -189,9 +141,9 @@ impl Setup {
 
     /// Runs curl; the request the upstream received for it, if any.
     fn exchange(&self, args: &[&str]) -> (Answer, Option<Decoded>) {
-        let before = self.up.seen().len();
+        let before = self.w.up.seen().len();
         let answer = self.curl(args);
-        let seen = self.up.seen();
+        let seen = self.w.up.seen();
         assert!(seen.len() <= before + 1, "one request per run");
         (answer, seen.get(before).cloned())
     }
@@ -233,15 +185,7 @@ impl Setup {
 
     /// A placeholder outcome counter of secret `env` on the agent's metrics endpoint.
     fn placeholders(&self, env: &str, outcome: &str) -> f64 {
-        let port = self.metrics_port;
-        let text = self.veil.block_on(async move {
-            reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-                .await
-                .expect("scrape")
-                .text()
-                .await
-                .expect("metrics body")
-        });
+        let text = self.w.metrics_text();
         let metric = format!(
             "veil_agent_secret_placeholders_total{{secret=\"{}\",outcome=\"{outcome}\"}} ",
             self.secret(env).id
@@ -323,14 +267,6 @@ fn assert_none(failures: &[String]) {
         failures.len(),
         failures.join("\n")
     );
-}
-
-fn ca_pem(answer: &Value) -> String {
-    ["caCertificate", "caCert"]
-        .iter()
-        .find_map(|k| answer[*k].as_str())
-        .expect("PUT answer carries a CA certificate")
-        .to_owned()
 }
 
 /// Starts with hex digits that are also JSON escape letters (`\b`, `\f`), holds a `+`; only
@@ -478,7 +414,7 @@ fn a_placeholder_after_an_incomplete_escape_is_refused() {
 #[test]
 fn host_must_equal_the_sni() {
     let s = Setup::new("adv-host", &[("KEY", "sk-{t1}-{t2}")]);
-    let port = s.up.addr().port();
+    let port = s.w.up.addr().port();
     let key = s.secret("KEY");
     let bad = [
         "ａｐｉ.allowed.test".to_owned(),

@@ -81,7 +81,8 @@ async fn secret_crud() {
     assert_eq!(page["items"], json!([created.clone()]));
 
     // PATCH: omitted and null fields unchanged.
-    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    // updatedAt must move: the clock passes the creation's millisecond first.
+    veil_tests::clock::next_millisecond().await;
     let (status, patched) = api
         .patch(
             &format!("/secret/{id}"),

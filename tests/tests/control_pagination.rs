@@ -140,7 +140,8 @@ async fn filter_sort_order() {
     let other = control.apikey("globex", &["manage:secrets"]);
     for name in ["Bravo", "alpha", "charlie_db", "delta-db", "echo"] {
         api.create_secret(&key, name, "v", &[]).await;
-        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        // Distinct createdAt stamps, so the createdAt order is the creation order.
+        veil_tests::clock::next_millisecond().await;
     }
     api.create_secret(&other, "alpha_db", "v", &[]).await;
 
@@ -199,7 +200,7 @@ async fn filter_sort_order() {
         .iter()
         .find(|s| s["name"] == "alpha")
         .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    veil_tests::clock::next_millisecond().await;
     api.patch(
         &format!("/secret/{}", alpha["id"].as_str().unwrap()),
         &key,

@@ -3,19 +3,12 @@
 //! host the secret allows. Assertions never print a value: they compare and report booleans.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
-use std::time::Duration;
 
-use serde_json::{Value, json};
-use veil_tests::agent::AgentOptions;
+use serde_json::json;
 use veil_tests::clients::{node, python_clients};
-use veil_tests::control::random_token;
-use veil_tests::{
-    AgentSandbox, HttpsUpstream, NetNs, Sandbox, Seen, TcpEcho, TestCa, Veil, World, output_within,
-    require_root,
-};
+use veil_tests::intercept_world::{InterceptWorld, Secret, run_text};
+use veil_tests::{HttpsUpstream, Seen, TcpEcho};
 
-const TIMEOUT: Duration = Duration::from_secs(60);
 const ALLOWED: &str = "api.allowed.test";
 const OTHER: &str = "other.test";
 const WRONG_CERT: &str = "badcert.test";
@@ -24,62 +17,26 @@ const WRONG_CERT: &str = "badcert.test";
 /// certificate is for another name, a plain HTTP upstream, veil, a secret allowed for
 /// `api.allowed.test`, and a sandbox with it mounted as `MY_KEY`.
 struct Setup {
-    world: World,
-    ca: TestCa,
-    up: HttpsUpstream,
+    w: InterceptWorld,
     badcert: HttpsUpstream,
     plain: HttpsUpstream,
-    veil: Veil,
-    value: String,
-    placeholder: String,
-    bundle: PathBuf,
-    _bundle_dir: tempfile::TempDir,
-    _ns: Vec<NetNs>,
-    sandboxes: Vec<Sandbox>,
+    key: Secret,
 }
 
 impl Setup {
     fn new() -> Setup {
-        require_root();
-        let world = World::new();
-        let ca = TestCa::new("intercept test CA");
-        let ip: IpAddr = world.upstream_v4().into();
-        let up = HttpsUpstream::start(world.netns(), ip, &ca, &[ALLOWED, OTHER]);
-        let badcert = HttpsUpstream::start(world.netns(), ip, &ca, &["somewhere-else.test"]);
-        let plain = HttpsUpstream::start_plain(world.netns(), ip);
-        let veil = Veil::start_with(
-            AgentOptions {
-                args: vec!["--upstream-ca".into(), ca.pem_path().into()],
-                ..AgentOptions::default()
-            },
-            &[],
-        );
-        let value = format!("sk-test-{}", random_token(40));
-        let created = veil.block_on(veil.api().post(
-            "/secret",
-            veil.key(),
-            json!({"name": "upstream-key", "value": value, "hosts": [ALLOWED]}),
-        ));
-        assert_eq!(created.0, 201, "create secret: status {}", created.0);
-        let placeholder = created.1["placeholder"]
-            .as_str()
-            .expect("placeholder")
-            .to_owned();
-        let bundle_dir = tempfile::tempdir().expect("tempdir");
-        let bundle = bundle_dir.path().join("bundle.pem");
+        let w = InterceptWorld::builder("intercept test CA", &[ALLOWED, OTHER])
+            .resolve(&[WRONG_CERT])
+            .start();
+        let ip: IpAddr = w.world.upstream_v4().into();
+        let badcert = HttpsUpstream::start(w.world.netns(), ip, &w.ca, &["somewhere-else.test"]);
+        let plain = HttpsUpstream::start_plain(w.world.netns(), ip);
+        let key = w.secret("upstream-key", &[ALLOWED], json!({}));
         let mut s = Setup {
-            world,
-            ca,
-            up,
+            w,
             badcert,
             plain,
-            veil,
-            value,
-            placeholder,
-            bundle,
-            _bundle_dir: bundle_dir,
-            _ns: Vec::new(),
-            sandboxes: Vec::new(),
+            key,
         };
         s.add_sandbox("with", true);
         s
@@ -88,62 +45,39 @@ impl Setup {
     /// A sandbox (own netns, test names resolving to the world) registered with or without
     /// the secret mounted as `MY_KEY`; writes the client CA bundle from the PUT answer.
     fn add_sandbox(&mut self, id: &str, mounted: bool) -> usize {
-        let ns = NetNs::new(id);
-        let ip: IpAddr = self.world.upstream_v4().into();
-        let sb =
-            Sandbox::new(id, Some(&ns)).with_hosts(&[(ALLOWED, ip), (OTHER, ip), (WRONG_CERT, ip)]);
-        let spec = AgentSandbox {
-            id: id.to_owned(),
-            cgroup: sb.cgroup().path().to_owned(),
-            netns: Some(ns.path().to_owned()),
-            egress: None,
-        };
         let mounts: &[(&str, &str)] = if mounted {
             &[("MY_KEY", "upstream-key")]
         } else {
             &[]
         };
-        let answer = self.veil.register_with(&spec, mounts);
+        let i = self.w.add_sandbox(id, mounts);
         if mounted {
             assert_eq!(
-                answer["env"]["MY_KEY"].as_str(),
-                Some(self.placeholder.as_str()),
+                self.w.answer(i)["env"]["MY_KEY"].as_str(),
+                Some(self.key.placeholder.as_str()),
                 "PUT answer env"
             );
         }
-        let agent_ca = ca_pem(&answer);
-        let test_ca = std::fs::read_to_string(self.ca.pem_path()).expect("test CA");
-        std::fs::write(&self.bundle, format!("{agent_ca}\n{test_ca}")).expect("bundle");
-        self._ns.push(ns);
-        self.sandboxes.push(sb);
-        self.sandboxes.len() - 1
+        i
     }
 
     fn url(&self, host: &str, path: &str) -> String {
         let port = if host == WRONG_CERT {
             self.badcert.addr().port()
         } else {
-            self.up.addr().port()
+            self.w.up.addr().port()
         };
         format!("https://{host}:{port}{path}")
     }
 
     /// Runs `program args` in sandbox `i` with the placeholder and CA trust in its env.
     fn run(&self, i: usize, program: &str, args: &[&str]) -> (bool, String) {
-        let mut cmd = self.sandboxes[i].command(program);
-        cmd.args(args)
-            .env("MY_KEY", &self.placeholder)
-            .env("SSL_CERT_FILE", &self.bundle)
-            .env("REQUESTS_CA_BUNDLE", &self.bundle)
-            .env("CURL_CA_BUNDLE", &self.bundle)
-            .env("NODE_EXTRA_CA_CERTS", &self.bundle);
-        let out = output_within(&mut cmd, TIMEOUT);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let mut cmd = self.w.command(i, program);
+        cmd.args(args).env("MY_KEY", &self.key.placeholder);
+        let (ok, text) = run_text(&mut cmd);
         // Redact before anything reaches a message: the sandbox must not have seen the value,
         // and a test must not print it either.
-        let text = format!("{stdout}\n{stderr}").replace(&self.value, "<VALUE!>");
-        (out.status.success(), text)
+        (ok, text.replace(&self.key.value, "<VALUE!>"))
     }
 
     fn last_seen(&self, up: &HttpsUpstream) -> Seen {
@@ -158,25 +92,6 @@ impl Setup {
     }
 }
 
-fn ca_pem(answer: &Value) -> String {
-    ["caCertificate", "caCert"]
-        .iter()
-        .find_map(|k| answer[*k].as_str())
-        .unwrap_or_else(|| {
-            panic!(
-                "PUT answer carries no CA certificate: keys {:?}",
-                keys(answer)
-            )
-        })
-        .to_owned()
-}
-
-fn keys(v: &Value) -> Vec<String> {
-    v.as_object()
-        .map(|o| o.keys().cloned().collect())
-        .unwrap_or_default()
-}
-
 fn basic(user: &str, secret: &str) -> String {
     use base64::Engine;
     format!(
@@ -189,12 +104,12 @@ fn basic(user: &str, secret: &str) -> String {
 fn curl_over_h1_and_h2_sends_the_value_in_header_query_and_basic_auth() {
     let s = Setup::new();
     for flag in ["--http1.1", "--http2"] {
-        let ph = s.placeholder.clone();
+        let ph = s.key.placeholder.clone();
         let url = s.url(ALLOWED, &format!("/v1/items?key={ph}&x=1"));
         let header = format!("x-api-key: {ph}");
         let (ok, out) = s.curl(0, flag, &["-H", &header], &url);
         assert!(ok, "curl {flag} failed: {out}");
-        let seen = s.last_seen(&s.up);
+        let seen = s.last_seen(&s.w.up);
         assert_eq!(
             seen.version,
             if flag == "--http2" {
@@ -204,11 +119,11 @@ fn curl_over_h1_and_h2_sends_the_value_in_header_query_and_basic_auth() {
             }
         );
         assert!(
-            seen.header("x-api-key") == Some(s.value.as_str()),
+            seen.header("x-api-key") == Some(s.key.value.as_str()),
             "{flag}: header not substituted"
         );
         assert!(
-            seen.target == format!("/v1/items?key={}&x=1", s.value),
+            seen.target == format!("/v1/items?key={}&x=1", s.key.value),
             "{flag}: query not substituted"
         );
         assert!(
@@ -219,9 +134,9 @@ fn curl_over_h1_and_h2_sends_the_value_in_header_query_and_basic_auth() {
         let user = format!("alice:{ph}");
         let (ok, out) = s.curl(0, flag, &["-u", &user], &s.url(ALLOWED, "/basic"));
         assert!(ok, "curl {flag} -u failed: {out}");
-        let seen = s.last_seen(&s.up);
+        let seen = s.last_seen(&s.w.up);
         assert!(
-            seen.header("authorization") == Some(basic("alice", &s.value).as_str()),
+            seen.header("authorization") == Some(basic("alice", &s.key.value).as_str()),
             "{flag}: Basic credentials not substituted"
         );
     }
@@ -229,18 +144,18 @@ fn curl_over_h1_and_h2_sends_the_value_in_header_query_and_basic_auth() {
 
 /// Asserts the last request carried the value in `x-api-key`, in the query and in Basic auth.
 fn assert_substituted_everywhere(s: &Setup, client: &str, version: &str) {
-    let seen = s.last_seen(&s.up);
+    let seen = s.last_seen(&s.w.up);
     assert_eq!(seen.version, version, "{client}: protocol");
     assert!(
-        seen.header("x-api-key") == Some(s.value.as_str()),
+        seen.header("x-api-key") == Some(s.key.value.as_str()),
         "{client}: header not substituted"
     );
     assert!(
-        seen.target == format!("/clients?key={}", s.value),
+        seen.target == format!("/clients?key={}", s.key.value),
         "{client}: query not substituted"
     );
     assert!(
-        seen.header("authorization") == Some(basic("alice", &s.value).as_str()),
+        seen.header("authorization") == Some(basic("alice", &s.key.value).as_str()),
         "{client}: Basic credentials not substituted"
     );
 }
@@ -283,7 +198,7 @@ fn python_requests_httpx_h2_and_node_fetch_send_the_value_in_header_query_and_ba
 fn a_sandbox_without_the_mount_sends_the_placeholder_unchanged() {
     let mut s = Setup::new();
     let other = s.add_sandbox("without", false);
-    let header = format!("x-api-key: {}", s.placeholder);
+    let header = format!("x-api-key: {}", s.key.placeholder);
     let (ok, out) = s.curl(
         other,
         "--http1.1",
@@ -291,9 +206,9 @@ fn a_sandbox_without_the_mount_sends_the_placeholder_unchanged() {
         &s.url(ALLOWED, "/no-mount"),
     );
     assert!(ok, "{out}");
-    let seen = s.last_seen(&s.up);
+    let seen = s.last_seen(&s.w.up);
     assert!(
-        seen.header("x-api-key") == Some(s.placeholder.as_str()),
+        seen.header("x-api-key") == Some(s.key.placeholder.as_str()),
         "another sandbox's placeholder must arrive unchanged"
     );
 }
@@ -301,7 +216,7 @@ fn a_sandbox_without_the_mount_sends_the_placeholder_unchanged() {
 #[test]
 fn host_differing_from_sni_and_hosts_not_allowed_get_the_placeholder() {
     let s = Setup::new();
-    let header = format!("x-api-key: {}", s.placeholder);
+    let header = format!("x-api-key: {}", s.key.placeholder);
     // SNI api.allowed.test, Host other.test: nothing substituted.
     for flag in ["--http1.1", "--http2"] {
         let (ok, out) = s.curl(
@@ -311,9 +226,9 @@ fn host_differing_from_sni_and_hosts_not_allowed_get_the_placeholder() {
             &s.url(ALLOWED, "/host-mismatch"),
         );
         assert!(ok, "{flag}: {out}");
-        let seen = s.last_seen(&s.up);
+        let seen = s.last_seen(&s.w.up);
         assert!(
-            seen.header("x-api-key") == Some(s.placeholder.as_str()),
+            seen.header("x-api-key") == Some(s.key.placeholder.as_str()),
             "{flag}: Host ≠ SNI must not be substituted"
         );
     }
@@ -326,25 +241,25 @@ fn host_differing_from_sni_and_hosts_not_allowed_get_the_placeholder() {
             "-H",
             &header,
             "--cacert",
-            s.ca.pem_path().to_str().expect("path"),
+            s.w.ca.pem_path().to_str().expect("path"),
         ],
         &s.url(OTHER, "/not-allowed"),
     );
     assert!(ok, "passthrough to a host not allowed: {out}");
-    let seen = s.last_seen(&s.up);
+    let seen = s.last_seen(&s.w.up);
     assert_eq!(seen.sni.as_deref(), Some(OTHER));
-    assert!(seen.header("x-api-key") == Some(s.placeholder.as_str()));
+    assert!(seen.header("x-api-key") == Some(s.key.placeholder.as_str()));
 }
 
 #[test]
 fn plain_http_to_an_allowed_host_is_never_substituted() {
     let s = Setup::new();
     let url = format!("http://{ALLOWED}:{}/plain", s.plain.addr().port());
-    let header = format!("x-api-key: {}", s.placeholder);
+    let header = format!("x-api-key: {}", s.key.placeholder);
     let (ok, out) = s.curl(0, "--http1.1", &["-H", &header], &url);
     assert!(ok, "{out}");
     let seen = s.last_seen(&s.plain);
-    assert!(seen.header("x-api-key") == Some(s.placeholder.as_str()));
+    assert!(seen.header("x-api-key") == Some(s.key.placeholder.as_str()));
 }
 
 #[test]
@@ -353,7 +268,7 @@ fn an_upstream_certificate_not_valid_for_the_sni_never_gets_the_value() {
     // badcert.test resolves to an upstream whose certificate names another host; the secret
     // does not allow badcert.test either — so use an allowed name on the bad server's port.
     let url = format!("https://{ALLOWED}:{}/bad", s.badcert.addr().port());
-    let header = format!("x-api-key: {}", s.placeholder);
+    let header = format!("x-api-key: {}", s.key.placeholder);
     let (ok, out) = s.curl(0, "--http1.1", &["-H", &header, "-i"], &url);
     assert!(
         s.badcert.seen().is_empty(),
@@ -411,18 +326,18 @@ while True:
         break
 print(resp.split(b'\r\n', 1)[0].decode())
 "#;
-    let port = s.up.addr().port().to_string();
-    let bundle = s.bundle.to_str().expect("path").to_owned();
+    let port = s.w.up.addr().port().to_string();
+    let bundle = s.w.bundle.to_str().expect("path").to_owned();
     let (ok, out) = s.run(
         0,
         python.to_str().expect("path"),
         &["-c", script, ALLOWED, &port, &bundle],
     );
     assert!(ok && out.contains("200"), "split hello client: {out}");
-    let seen = s.last_seen(&s.up);
+    let seen = s.last_seen(&s.w.up);
     assert_eq!(seen.target, "/split");
     assert!(
-        seen.header("x-api-key") == Some(s.value.as_str()),
+        seen.header("x-api-key") == Some(s.key.value.as_str()),
         "not substituted"
     );
 }
@@ -432,11 +347,11 @@ fn non_tls_bytes_are_passed_through_untouched() {
     let s = Setup::new();
     // Port 443, where TLS is expected: the peek sees no ClientHello and passes bytes through.
     let echo = TcpEcho::start_on(
-        s.world.netns(),
-        std::net::SocketAddr::new(s.world.upstream_v4().into(), 443),
+        s.w.world.netns(),
+        std::net::SocketAddr::new(s.w.world.upstream_v4().into(), 443),
     );
     let probe = env!("CARGO_BIN_EXE_veil-probe");
-    let text = format!("GET / HTTP/1.0 {}", s.placeholder);
+    let text = format!("GET / HTTP/1.0 {}", s.key.placeholder);
     let (ok, out) = s.run(
         0,
         probe,

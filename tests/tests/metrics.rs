@@ -3,6 +3,7 @@
 use serde_json::json;
 use veil_tests::AgentOptions;
 use veil_tests::control::{Control, free_port};
+use veil_tests::intercept_world::InterceptWorld;
 
 fn scrape(port: u16) -> String {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -68,70 +69,40 @@ fn sample(text: &str, key: &str) -> Option<f64> {
 
 #[test]
 fn agent_metrics_count_an_intercepted_request() {
-    use std::net::IpAddr;
-    use veil_tests::{HttpsUpstream, NetNs, Sandbox, TestCa, Veil, World};
-
-    veil_tests::require_root();
     const HOST: &str = "metrics.allowed.test";
-    let world = World::new();
-    let ca = TestCa::new("metrics test CA");
-    let ip: IpAddr = world.upstream_v4().into();
-    let up = HttpsUpstream::start(world.netns(), ip, &ca, &[HOST]);
-    let port = free_port();
-    let veil = Veil::start_with(
-        AgentOptions {
-            args: vec!["--upstream-ca".into(), ca.pem_path().into()],
-            metrics_listen: Some(([127, 0, 0, 1], port).into()),
-            ..AgentOptions::default()
-        },
-        &[],
-    );
-    let url = veil.agent().metrics_url().expect("metrics url");
+    let mut w = InterceptWorld::builder("metrics test CA", &[HOST])
+        .metrics()
+        .start();
+    let port = w.metrics_port().expect("metrics port");
+    let url = w.veil.agent().metrics_url().expect("metrics url");
     assert!(url.contains(&port.to_string()));
     let before = scrape(port);
     assert_eq!(sample(&before, "veil_agent_requests_total"), Some(0.0));
     assert_eq!(sample(&before, "veil_agent_sandboxes"), Some(0.0));
 
     let value = format!("metrics-value-{}", veil_tests::control::random_token(24));
-    let created = veil.block_on(veil.api().post(
-        "/secret",
-        veil.key(),
-        json!({"name": "metrics-key", "value": value, "hosts": [HOST]}),
-    ));
-    assert_eq!(created.0, 201);
-    let id = created.1["id"].as_str().expect("id").to_owned();
-    let placeholder = created.1["placeholder"].as_str().expect("ph").to_owned();
-
-    let ns = NetNs::new("metrics");
-    let sb = Sandbox::new("metrics", Some(&ns)).with_hosts(&[(HOST, ip)]);
-    let answer = veil.register_with(&sb.agent_entry("metrics"), &[("MY_KEY", "metrics-key")]);
-    let agent_ca = answer["caCertificate"]
-        .as_str()
-        .or(answer["caCert"].as_str())
-        .expect("CA in the PUT answer");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bundle = dir.path().join("bundle.pem");
-    std::fs::write(&bundle, agent_ca).expect("bundle");
+    let key = w.secret_valued("metrics-key", value, &[HOST], json!({}));
+    let (id, value, placeholder) = (&key.id, &key.value, &key.placeholder);
+    let sb = w.add_sandbox("metrics", &[("MY_KEY", "metrics-key")]);
 
     let out = veil_tests::output_within(
-        sb.command("curl")
+        w.command(sb, "curl")
             .args(["-sS", "--max-time", "20", "-H"])
             .arg(format!("x-api-key: {placeholder}"))
-            .arg(format!("https://{HOST}:{}/m", up.addr().port()))
-            .env("CURL_CA_BUNDLE", &bundle),
+            .arg(w.url(HOST, "/m")),
         std::time::Duration::from_secs(60),
     );
     assert!(out.status.success(), "curl failed (status {})", out.status);
-    let seen = up.seen().pop().expect("the upstream received no request");
+    let seen = w.seen().pop().expect("the upstream received no request");
     assert!(
         seen.header("x-api-key") == Some(value.as_str()),
         "header not substituted"
     );
 
     let text = scrape(port);
-    assert!(!text.contains(&value), "a value on the metrics page");
+    assert!(!text.contains(value), "a value on the metrics page");
     assert!(
-        !text.contains(&placeholder),
+        !text.contains(placeholder),
         "a placeholder on the metrics page"
     );
     let at_least_one = |key: &str| {

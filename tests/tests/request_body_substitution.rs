@@ -4,11 +4,11 @@
 //! assertions never print a value.
 
 use serde_json::json;
-use veil_tests::request_policy::{ALLOWED, BODY_MAX, Setup, last_for};
+use veil_tests::request_policy::{ALLOWED, BODY_MAX, last_for, setup};
 
 #[test]
 fn json_and_form_bodies_are_substituted_and_a_body_over_the_bound_passes_unchanged() {
-    let mut s = Setup::new("");
+    let mut s = setup("");
     let key = s.secret("body-key", &[ALLOWED], json!({"bodySubstitution": true}));
     let plain = s.secret("head-only-key", &[ALLOWED], json!({}));
     let sb = s.add_sandbox("rp-body", &[("K", "body-key"), ("P", "head-only-key")]);
@@ -100,7 +100,7 @@ fn json_and_form_bodies_are_substituted_and_a_body_over_the_bound_passes_unchang
 
 #[test]
 fn a_value_written_with_body_substitution_and_read_back_on_a_new_connection_is_scrubbed() {
-    let mut s = Setup::new("");
+    let mut s = setup("");
     let key = s.secret("store-key", &[ALLOWED], json!({"bodySubstitution": true}));
     let sb = s.add_sandbox("rp-store", &[("K", "store-key")]);
     let body = format!("{{\"saved\":\"{}\"}}", key.placeholder);

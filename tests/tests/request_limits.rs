@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use veil_tests::output_within;
-use veil_tests::request_policy::{ALLOWED, Setup, TIMEOUT, last_for};
+use veil_tests::request_policy::{ALLOWED, TIMEOUT, last_for, setup};
 
 /// Kills (by pid) and reaps a process this test started, also on panic.
 struct Reaped(Child);
@@ -44,7 +44,7 @@ time.sleep(secs)
 
 #[test]
 fn a_sandbox_flooding_connections_does_not_stop_another_sandboxs_requests() {
-    let mut s = Setup::new("max_connections_per_sandbox = 32\n");
+    let mut s = setup("max_connections_per_sandbox = 32\n");
     let key = s.secret("fair-key", &[ALLOWED], json!({}));
     let a = s.add_sandbox("rp-flood", &[("K", "fair-key")]);
     let b = s.add_sandbox("rp-calm", &[("K", "fair-key")]);
@@ -86,7 +86,7 @@ fn a_sandbox_flooding_connections_does_not_stop_another_sandboxs_requests() {
 
 #[test]
 fn request_heads_over_the_configured_size_are_refused() {
-    let mut s = Setup::new("max_header_bytes = 16384\n");
+    let mut s = setup("max_header_bytes = 16384\n");
     let key = s.secret("hdr-key", &[ALLOWED], json!({}));
     let sb = s.add_sandbox("rp-hdr", &[("K", "hdr-key")]);
     let big = format!("x-big: {}", "a".repeat(32 * 1024));
@@ -152,7 +152,7 @@ print(f"answered={answered} closed={closed}")
 
 #[test]
 fn idle_intercepted_connections_are_closed_and_busy_ones_are_not() {
-    let mut s = Setup::new("idle_timeout_ms = 1000\n");
+    let mut s = setup("idle_timeout_ms = 1000\n");
     let key = s.secret("idle-key", &[ALLOWED], json!({}));
     let sb = s.add_sandbox("rp-idle", &[("K", "idle-key")]);
     let ip = s.world.upstream_v4().to_string();

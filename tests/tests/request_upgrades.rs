@@ -2,11 +2,11 @@
 //! 501 and never reaches the upstream. Real curl in a sandbox, a real TLS upstream.
 
 use serde_json::json;
-use veil_tests::request_policy::{ALLOWED, Setup};
+use veil_tests::request_policy::{ALLOWED, setup};
 
 #[test]
 fn websocket_upgrades_are_refused_on_intercepted_connections() {
-    let mut s = Setup::new("");
+    let mut s = setup("");
     let key = s.secret("ws-key", &[ALLOWED], json!({}));
     let sb = s.add_sandbox("rp-ws", &[("K", "ws-key")]);
     let before = s.seen().len();

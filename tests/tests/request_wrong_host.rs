@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use serde_json::json;
-use veil_tests::request_policy::{ALLOWED, OTHER, Setup, last_for};
+use veil_tests::request_policy::{ALLOWED, OTHER, last_for, setup};
 
 #[test]
 fn block_mode_answers_403_and_leaves_an_audit_record() {
-    let mut s = Setup::new("");
+    let mut s = setup("");
     let key = s.secret(
         "blocking-key",
         &[ALLOWED],
@@ -106,7 +106,7 @@ fn block_mode_answers_403_and_leaves_an_audit_record() {
 
 #[test]
 fn default_mode_forwards_the_placeholder_to_other_hosts() {
-    let mut s = Setup::new("");
+    let mut s = setup("");
     let key = s.secret("fwd-key", &[ALLOWED], json!({}));
     // A second secret for OTHER makes connections to it intercepted: the first secret's
     // placeholder is then seen by veil and still forwarded unchanged.

@@ -7,16 +7,15 @@
 //! Also: the propagation and usage fields of `GET /api/secret/{id}` and the aggregated usage
 //! audit, before and after an agent restart. Values are compared, never printed.
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use veil_tests::agent::AgentOptions;
+use veil_tests::Seen;
 use veil_tests::clients::python_clients;
 use veil_tests::control::random_token;
-use veil_tests::{HttpsUpstream, NetNs, Sandbox, Seen, TestCa, Veil, World, require_root};
+use veil_tests::intercept_world::{InterceptWorld, Secret};
 
 const HOST: &str = "api.rotate.test";
 const SECRET: &str = "rotating-key";
@@ -60,105 +59,51 @@ enum Carried {
     Other,
 }
 
-/// A sandbox with its own netns, the secret's placeholder and veil's CA trust.
-struct Box_ {
-    id: String,
-    sandbox: Sandbox,
-    _ns: NetNs,
-}
-
 struct Setup {
-    world: World,
-    up: HttpsUpstream,
-    veil: Veil,
-    ca: TestCa,
-    id: String,
-    placeholder: String,
+    w: InterceptWorld,
+    key: Secret,
     /// Every value set so far, in order (index = [`Carried::Value`]).
     values: Vec<String>,
-    bundle: PathBuf,
-    dir: tempfile::TempDir,
-    boxes: Vec<Box_>,
+    /// The sandboxes' ids, by index.
+    ids: Vec<String>,
 }
 
 impl Setup {
     fn new() -> Setup {
-        require_root();
-        let world = World::new();
-        let ca = TestCa::new("rotation test CA");
-        let up = HttpsUpstream::start(world.netns(), world.upstream_v4().into(), &ca, &[HOST]);
-        let veil = Veil::start_with(
-            AgentOptions {
-                args: vec!["--upstream-ca".into(), ca.pem_path().into()],
-                ..AgentOptions::default()
-            },
-            &[],
-        );
+        let w = InterceptWorld::builder("rotation test CA", &[HOST]).start();
         let value = format!("rot-v0-{}", random_token(32));
-        let (status, created) = veil.block_on(veil.api().post(
-            "/secret",
-            veil.key(),
-            json!({"name": SECRET, "value": value, "hosts": [HOST]}),
-        ));
-        assert_eq!(status, 201, "create secret: {created}");
-        let dir = tempfile::tempdir().expect("tempdir");
+        let key = w.secret_valued(SECRET, value.clone(), &[HOST], json!({}));
         Setup {
-            bundle: dir.path().join("bundle.pem"),
-            id: created["id"].as_str().expect("id").to_owned(),
-            placeholder: created["placeholder"]
-                .as_str()
-                .expect("placeholder")
-                .to_owned(),
+            w,
+            key,
             values: vec![value],
-            world,
-            up,
-            veil,
-            ca,
-            dir,
-            boxes: Vec::new(),
+            ids: Vec::new(),
         }
     }
 
     /// Registers sandbox `id` with the secret mounted as `MY_KEY`; returns its index.
     fn add_sandbox(&mut self, id: &str) -> usize {
-        let ns = NetNs::new(id);
-        let ip: IpAddr = self.world.upstream_v4().into();
-        let sandbox = Sandbox::new(id, Some(&ns)).with_hosts(&[(HOST, ip)]);
-        let answer = self
-            .veil
-            .register_with(&sandbox.agent_entry(id), &[("MY_KEY", SECRET)]);
-        assert_eq!(answer["env"]["MY_KEY"], self.placeholder.as_str());
-        let agent_ca = answer["caCertificate"]
-            .as_str()
-            .expect("PUT answer carries the CA");
-        let test_ca = std::fs::read_to_string(self.ca.pem_path()).expect("test CA");
-        std::fs::write(&self.bundle, format!("{agent_ca}\n{test_ca}")).expect("bundle");
-        self.boxes.push(Box_ {
-            id: id.to_owned(),
-            sandbox,
-            _ns: ns,
-        });
-        self.boxes.len() - 1
+        let i = self.w.add_sandbox(id, &[("MY_KEY", SECRET)]);
+        assert_eq!(
+            self.w.answer(i)["env"]["MY_KEY"],
+            self.key.placeholder.as_str()
+        );
+        self.ids.push(id.to_owned());
+        i
     }
 
     /// Starts a client loop in sandbox `i`; its requests go to `/<tag>/<mode>/<n>`.
     fn traffic(&self, i: usize, mode: &str) -> Traffic {
         // Unique per call: a stopped loop leaves its stop file behind.
-        let tag = format!("{}-{mode}-{}", self.boxes[i].id, random_token(8));
-        let stop = self.dir.path().join(format!("stop-{tag}"));
-        let log = self.dir.path().join(format!("{tag}.log"));
+        let tag = format!("{}-{mode}-{}", self.ids[i], random_token(8));
+        let stop = self.w.scratch().join(format!("stop-{tag}"));
+        let log = self.w.scratch().join(format!("{tag}.log"));
         let out = std::fs::File::create(&log).expect("client log");
-        let url = format!(
-            "https://{HOST}:{}/{}",
-            self.up.addr().port(),
-            self.boxes[i].id
-        );
-        let mut cmd = self.boxes[i].sandbox.command(python_clients());
+        let url = self.w.url(HOST, &format!("/{}", self.ids[i]));
+        let mut cmd = self.w.command(i, python_clients().to_str().expect("path"));
         cmd.args(["-c", CLIENT, mode, &url])
             .arg(&stop)
-            .env("MY_KEY", &self.placeholder)
-            .env("SSL_CERT_FILE", &self.bundle)
-            .env("REQUESTS_CA_BUNDLE", &self.bundle)
+            .env("MY_KEY", &self.key.placeholder)
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("log fd"))
             .stderr(out);
@@ -167,13 +112,13 @@ impl Setup {
             child,
             stop,
             log,
-            prefix: format!("/{}/{mode}/", self.boxes[i].id),
+            prefix: format!("/{}/{mode}/", self.ids[i]),
         }
     }
 
     fn classify(&self, seen: &Seen) -> Carried {
         match seen.header("x-api-key") {
-            Some(v) if v == self.placeholder => Carried::Placeholder,
+            Some(v) if v == self.key.placeholder => Carried::Placeholder,
             Some(v) => self
                 .values
                 .iter()
@@ -185,7 +130,7 @@ impl Setup {
 
     /// What each request of `client` carried, from upstream request `from` on.
     fn carried(&self, client: &Traffic, from: usize) -> Vec<Carried> {
-        self.up.seen()[from..]
+        self.w.up.seen()[from..]
             .iter()
             .filter(|s| s.target.starts_with(&client.prefix))
             .map(|s| self.classify(s))
@@ -228,9 +173,9 @@ impl Setup {
     }
 
     fn api(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
-        let api = self.veil.api();
-        let key = self.veil.key();
-        self.veil.block_on(async {
+        let api = self.w.veil.api();
+        let key = self.w.veil.key();
+        self.w.veil.block_on(async {
             match method {
                 "GET" => api.get(path, key).await,
                 "PATCH" => api.patch(path, key, body).await,
@@ -242,7 +187,7 @@ impl Setup {
     }
 
     fn secret(&self) -> Value {
-        let (status, s) = self.api("GET", &format!("/secret/{}", self.id), Value::Null);
+        let (status, s) = self.api("GET", &format!("/secret/{}", self.key.id), Value::Null);
         assert_eq!(status, 200, "{s}");
         s
     }
@@ -266,7 +211,7 @@ impl Setup {
         self.values.push(value.clone());
         let (status, answer) = self.api(
             "PATCH",
-            &format!("/secret/{}?wait=5s", self.id),
+            &format!("/secret/{}?wait=5s", self.key.id),
             json!({ "value": value }),
         );
         assert_eq!(status, 200, "rotation: {answer}");
@@ -358,7 +303,8 @@ fn rotation_under_continuous_traffic_switches_at_the_acknowledgement() {
         );
     }
     let h2 =
-        s.up.seen()
+        s.w.up
+            .seen()
             .iter()
             .filter(|x| x.target.starts_with(&clients[2].prefix))
             .all(|x| x.version == "HTTP/2.0");
@@ -366,7 +312,7 @@ fn rotation_under_continuous_traffic_switches_at_the_acknowledgement() {
     for n in 1..=5 {
         let answer = s.rotate();
         // The answer came after the acknowledgement: everything after it is judged.
-        let from = s.up.seen().len();
+        let from = s.w.up.seen().len();
         assert_eq!(answer["revision"], n + 1);
         assert_eq!(answer["propagation"]["complete"], true, "{answer}");
         let agents = answer["propagation"]["agents"].as_array().expect("agents");
@@ -377,10 +323,11 @@ fn rotation_under_continuous_traffic_switches_at_the_acknowledgement() {
         s.assert_switched(&all, from, Carried::Value(n - 1), Carried::Value(n));
     }
     // No request ever carried anything but a value set by the test, in order.
-    let carried: Vec<Carried> = s.up.seen().iter().map(|x| s.classify(x)).collect();
+    let carried: Vec<Carried> = s.w.up.seen().iter().map(|x| s.classify(x)).collect();
     for c in &clients {
         let mine: Vec<usize> =
-            s.up.seen()
+            s.w.up
+                .seen()
                 .iter()
                 .filter(|x| x.target.starts_with(&c.prefix))
                 .map(|x| match s.classify(x) {
@@ -413,14 +360,14 @@ fn delete_and_detach_stop_resolution_at_the_answer() {
 
     // Detach from one of the two sandboxes (re-registered without the mount): only it stops
     // resolving the placeholder; the other keeps the value, on the same upstream.
-    let detach_id = s.boxes[b].id.clone();
-    let entry = s.boxes[b].sandbox.agent_entry(&detach_id);
-    let answer = s.veil.register_with(&entry, &[]);
+    let detach_id = s.ids[b].clone();
+    let entry = s.w.sandboxes[b].agent_entry(&detach_id);
+    let answer = s.w.veil.register_with(&entry, &[]);
     assert!(
         answer["env"].as_object().is_none_or(|e| e.is_empty()),
         "{answer}"
     );
-    let from = s.up.seen().len();
+    let from = s.w.up.seen().len();
     s.assert_switched(
         &[&tb, &tb_fresh],
         from,
@@ -432,9 +379,9 @@ fn delete_and_detach_stop_resolution_at_the_answer() {
     assert_eq!(after["propagation"]["complete"], true, "{after}");
 
     // Delete: the placeholder resolves nowhere.
-    let (status, body) = s.api("DELETE", &format!("/secret/{}", s.id), Value::Null);
+    let (status, body) = s.api("DELETE", &format!("/secret/{}", s.key.id), Value::Null);
     assert_eq!(status, 204, "{body}");
-    let from = s.up.seen().len();
+    let from = s.w.up.seen().len();
     s.assert_switched(&[&ta], from, Carried::Value(0), Carried::Placeholder);
     s.assert_switched(
         &[&tb, &tb_fresh],
@@ -442,7 +389,7 @@ fn delete_and_detach_stop_resolution_at_the_answer() {
         Carried::Placeholder,
         Carried::Placeholder,
     );
-    let (status, _) = s.api("GET", &format!("/secret/{}", s.id), Value::Null);
+    let (status, _) = s.api("GET", &format!("/secret/{}", s.key.id), Value::Null);
     assert_eq!(status, 404);
 }
 
@@ -450,7 +397,7 @@ fn delete_and_detach_stop_resolution_at_the_answer() {
 fn propagation_and_usage_fields_survive_an_agent_restart() {
     let mut s = Setup::new();
     let sb = s.add_sandbox("usage");
-    let id = s.boxes[sb].id.clone();
+    let id = s.ids[sb].clone();
     let fresh = s.secret();
     assert_eq!(fresh["lastUsedAt"], Value::Null);
     assert_eq!(fresh["usage"], json!({}));
@@ -468,7 +415,8 @@ fn propagation_and_usage_fields_survive_an_agent_restart() {
     t.stop();
     let elapsed = started.elapsed();
     let substituted =
-        s.up.seen()
+        s.w.up
+            .seen()
             .iter()
             .filter(|x| s.classify(x) == Carried::Value(0))
             .count() as u64;
@@ -503,7 +451,7 @@ fn propagation_and_usage_fields_survive_an_agent_restart() {
 
     // The agent restarts: while it is away control shows it disconnected, still holding the
     // revision it acknowledged; back (same id), it re-acknowledges through its snapshot.
-    s.veil.agent().terminate();
+    s.w.veil.agent().terminate();
     let away = s.secret_until("agent shown disconnected", |v| {
         v["propagation"]["agents"][0]["connected"] == false
     });
@@ -513,7 +461,7 @@ fn propagation_and_usage_fields_survive_an_agent_restart() {
         agent_id.as_str()
     );
     assert_eq!(away["usage"], counted["usage"], "usage outlives the agent");
-    s.veil.agent().respawn();
+    s.w.veil.agent().respawn();
     let back = s.secret_until("agent re-acknowledged", |v| {
         let a = &v["propagation"]["agents"][0];
         a["connected"] == true && a["acknowledgedAt"].as_str() > Some(acked_at.as_str())
@@ -536,12 +484,13 @@ fn propagation_and_usage_fields_survive_an_agent_restart() {
         2
     );
     assert_eq!(answer["propagation"]["agents"][0]["connected"], true);
-    let from = s.up.seen().len();
+    let from = s.w.up.seen().len();
     let t = s.traffic(sb, "keepalive");
     s.assert_switched(&[&t], from, Carried::Value(1), Carried::Value(1));
     t.stop();
     let total =
-        s.up.seen()
+        s.w.up
+            .seen()
             .iter()
             .filter(|x| matches!(s.classify(x), Carried::Value(_)))
             .count() as u64;

@@ -7,38 +7,22 @@
 //! substitution failing. Nothing here prints a value or an encoding of it: outputs are redacted
 //! before they reach a message, and comparisons report booleans.
 
-use std::net::IpAddr;
-use std::path::PathBuf;
-use std::time::Duration;
-
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
-use serde_json::{Value, json};
-use veil_tests::agent::AgentOptions;
+use serde_json::json;
 use veil_tests::clients::{node, python_clients};
 use veil_tests::control::random_token;
 use veil_tests::https::{REFLECT_HEADER, percent_encode};
-use veil_tests::{
-    AgentSandbox, HttpsUpstream, NetNs, Sandbox, TestCa, UpstreamReply, Veil, World, output_within,
-    require_root,
-};
+use veil_tests::intercept_world::{InterceptWorld, Secret, run_text};
+use veil_tests::{HttpsUpstream, UpstreamReply};
 
-const TIMEOUT: Duration = Duration::from_secs(60);
 const HOST: &str = "api.echo.test";
 
 /// A reflecting TLS upstream for [`HOST`], veil, a secret allowed for it, and a sandbox (own
 /// netns) with the secret mounted as `MY_KEY`.
 struct Setup {
-    _world: World,
-    _ca: TestCa,
-    up: HttpsUpstream,
-    _veil: Veil,
-    value: String,
-    placeholder: String,
-    bundle: PathBuf,
-    _bundle_dir: tempfile::TempDir,
-    sandbox: Sandbox,
-    _ns: NetNs,
+    w: InterceptWorld,
+    key: Secret,
 }
 
 impl Setup {
@@ -48,112 +32,57 @@ impl Setup {
 
     /// As [`Setup::new`]; `scrub = false` turns scrubbing off (`scrub_responses`).
     fn with_scrubbing(tag: &str, scrub: bool) -> Setup {
-        require_root();
-        let world = World::new();
-        let ca = TestCa::new("scrub test CA");
-        let ip: IpAddr = world.upstream_v4().into();
-        let up = HttpsUpstream::start_with(
-            world.netns(),
-            ip,
-            Some((&ca, &[HOST])),
-            UpstreamReply::Reflect,
-        );
-        let veil = Veil::start_with(
-            AgentOptions {
-                args: vec!["--upstream-ca".into(), ca.pem_path().into()],
-                extra_config: if scrub {
-                    String::new()
-                } else {
-                    "scrub_responses = false\n".to_owned()
-                },
-                ..AgentOptions::default()
-            },
-            &[],
-        );
+        let mut w = InterceptWorld::builder("scrub test CA", &[HOST])
+            .config(if scrub {
+                ""
+            } else {
+                "scrub_responses = false\n"
+            })
+            .start_with(|ns, ip, ca, names| {
+                HttpsUpstream::start_with(ns, ip, Some((ca, names)), UpstreamReply::Reflect)
+            });
         // `/` and `+` make the percent-encoded and JSON (`\/`) forms differ from the literal.
         let value = format!("sk-test/{}+{}", random_token(20), random_token(20));
-        let created = veil.block_on(veil.api().post(
-            "/secret",
-            veil.key(),
-            json!({"name": "echo-key", "value": value, "hosts": [HOST]}),
-        ));
-        assert_eq!(created.0, 201, "create secret: status {}", created.0);
-        let placeholder = created.1["placeholder"]
-            .as_str()
-            .expect("placeholder")
-            .to_owned();
-        let ns = NetNs::new(tag);
-        let sandbox = Sandbox::new(tag, Some(&ns)).with_hosts(&[(HOST, ip)]);
-        let spec = AgentSandbox {
-            id: tag.to_owned(),
-            cgroup: sandbox.cgroup().path().to_owned(),
-            netns: Some(ns.path().to_owned()),
-            egress: None,
-        };
-        let answer = veil.register_with(&spec, &[("MY_KEY", "echo-key")]);
+        let key = w.secret_valued("echo-key", value, &[HOST], json!({}));
+        let sb = w.add_sandbox(tag, &[("MY_KEY", "echo-key")]);
         assert_eq!(
-            answer["env"]["MY_KEY"].as_str(),
-            Some(placeholder.as_str()),
+            w.answer(sb)["env"]["MY_KEY"].as_str(),
+            Some(key.placeholder.as_str()),
             "PUT answer env"
         );
-        let bundle_dir = tempfile::tempdir().expect("tempdir");
-        let bundle = bundle_dir.path().join("bundle.pem");
-        let test_ca = std::fs::read_to_string(ca.pem_path()).expect("test CA");
-        std::fs::write(&bundle, format!("{}\n{test_ca}", ca_pem(&answer))).expect("bundle");
-        Setup {
-            _world: world,
-            _ca: ca,
-            up,
-            _veil: veil,
-            value,
-            placeholder,
-            bundle,
-            _bundle_dir: bundle_dir,
-            sandbox,
-            _ns: ns,
-        }
+        Setup { w, key }
     }
 
     fn url(&self, form: &str) -> String {
-        format!("https://{HOST}:{}/reflect/{form}", self.up.addr().port())
+        self.w.url(HOST, &format!("/reflect/{form}"))
     }
 
     /// Runs `program args` in the sandbox with the placeholder and CA trust in its env; returns
     /// success and stdout + stderr as (lossy) text.
     fn run(&self, program: &str, args: &[&str]) -> (bool, String) {
-        let mut cmd = self.sandbox.command(program);
-        cmd.args(args)
-            .env("MY_KEY", &self.placeholder)
-            .env("SSL_CERT_FILE", &self.bundle)
-            .env("REQUESTS_CA_BUNDLE", &self.bundle)
-            .env("CURL_CA_BUNDLE", &self.bundle)
-            .env("NODE_EXTRA_CA_CERTS", &self.bundle);
-        let out = output_within(&mut cmd, TIMEOUT);
-        let text = format!(
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        let mut cmd = self.w.command(0, program);
+        cmd.args(args).env("MY_KEY", &self.key.placeholder);
+        run_text(&mut cmd)
     }
 
     /// Whether the last request reached the upstream carrying the value to reflect.
     fn upstream_got_the_value(&self) -> bool {
-        self.up
+        self.w
+            .up
             .seen()
             .last()
-            .and_then(|r| r.header(REFLECT_HEADER).map(|v| v == self.value))
+            .and_then(|r| r.header(REFLECT_HEADER).map(|v| v == self.key.value))
             == Some(true)
     }
 
     /// The value in every form the scrubber must remove, by name.
     fn forbidden(&self) -> Vec<(&'static str, String)> {
-        let v = self.value.as_bytes();
+        let v = self.key.value.as_bytes();
         let mut forms = vec![
-            ("literal", self.value.clone()),
+            ("literal", self.key.value.clone()),
             ("percent", percent_encode(v)),
             ("percent-lower", percent_lower(v)),
-            ("json-slash", self.value.replace('/', "\\/")),
+            ("json-slash", self.key.value.replace('/', "\\/")),
         ];
         for align in 0..3 {
             forms.push(("base64", base64_core(&STANDARD_NO_PAD, v, align)));
@@ -182,17 +111,17 @@ impl Setup {
 
     /// The placeholder as the upstream's `form` shows it once scrubbed.
     fn expected(&self, form: &str) -> String {
-        let ph = self.placeholder.as_bytes();
+        let ph = self.key.placeholder.as_bytes();
         match form {
-            "header" => format!("x-echo: {}", self.placeholder),
+            "header" => format!("x-echo: {}", self.key.placeholder),
             // `token=` is 6 bytes: the value starts on a base64 group boundary.
             "base64" => base64_core(&STANDARD_NO_PAD, ph, 0),
             "base64url" => base64_core(&URL_SAFE_NO_PAD, ph, 0),
-            "percent" => format!("q={}", self.placeholder),
-            "trailer" | "trailer-h1" => format!("x-echo-trailer: {}", self.placeholder),
+            "percent" => format!("q={}", self.key.placeholder),
+            "trailer" | "trailer-h1" => format!("x-echo-trailer: {}", self.key.placeholder),
             "zstd" => "zstd".to_owned(),
             "reason" => " 200".to_owned(),
-            _ => self.placeholder.clone(),
+            _ => self.key.placeholder.clone(),
         }
     }
 
@@ -210,14 +139,6 @@ impl Setup {
             self.redact(out)
         );
     }
-}
-
-fn ca_pem(answer: &Value) -> String {
-    ["caCertificate", "caCert"]
-        .iter()
-        .find_map(|k| answer[*k].as_str())
-        .expect("PUT answer carries a CA certificate")
-        .to_owned()
 }
 
 /// The base64 characters of `align` bytes ++ `bytes` ++ anything that depend on `bytes` only.
@@ -253,7 +174,7 @@ fn percent_lower(v: &[u8]) -> String {
 #[test]
 fn curl_sees_only_placeholders_in_every_form() {
     let s = Setup::new("scrub-curl");
-    let header = format!("{REFLECT_HEADER}: {}", s.placeholder);
+    let header = format!("{REFLECT_HEADER}: {}", s.key.placeholder);
     for flag in ["--http1.1", "--http2"] {
         for form in [
             "header",
@@ -317,7 +238,7 @@ fn curl_sees_only_placeholders_in_every_form() {
 #[test]
 fn accept_encoding_is_restricted_and_compressed_echoes_are_scrubbed() {
     let s = Setup::new("scrub-ae");
-    let header = format!("{REFLECT_HEADER}: {}", s.placeholder);
+    let header = format!("{REFLECT_HEADER}: {}", s.key.placeholder);
     for form in ["gzip", "br", "deflate", "chunked"] {
         let (ok, out) = s.run(
             "curl",
@@ -339,9 +260,9 @@ fn accept_encoding_is_restricted_and_compressed_echoes_are_scrubbed() {
             &format!("curl --compressed {form}"),
             ok,
             &out,
-            &s.placeholder,
+            &s.key.placeholder,
         );
-        let seen = s.up.seen();
+        let seen = s.w.up.seen();
         let offered = seen
             .last()
             .and_then(|r| r.header("accept-encoding"))
@@ -404,7 +325,7 @@ fn node_and_python_clients_see_only_placeholders() {
 #[test]
 fn without_scrubbing_the_checks_see_the_leak() {
     let s = Setup::with_scrubbing("scrub-off", false);
-    let header = format!("{REFLECT_HEADER}: {}", s.placeholder);
+    let header = format!("{REFLECT_HEADER}: {}", s.key.placeholder);
     for (form, leak) in [
         ("body", "literal"),
         ("base64", "base64"),
