@@ -44,6 +44,7 @@ const KNOWN: &[(&str, &str)] = &[
     ("proxy-agent/src/bpf.rs", "proxy-agent/src/bpf/ports.rs"),
     ("tests/src/agent.rs", "tests/src/owner.rs"),
     ("tests/src/alloc.rs", "tests/src/owner.rs"),
+    ("tests/src/owner.rs", "tests/src/postgres.rs"),
     (
         "tests/src/bin/veil-bench/idle.rs",
         "tests/src/bin/veil-bench/main.rs",
