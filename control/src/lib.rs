@@ -8,7 +8,6 @@ pub mod admin;
 pub mod agent_link;
 pub mod api;
 pub mod auth;
-pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod daemon;

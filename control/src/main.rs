@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use reqwest::Method;
 use serde_json::{Value, json};
+use veil_client::Client;
+use veil_client::veil_api::{CreateSecret, SecretValue, UpdateSecret};
 use veil_control::admin::{self, Admin, Request};
 use veil_control::auth::Permission;
-use veil_control::client::Client;
 use veil_control::config::Config;
 use veil_control::crypto::Keyring;
 use veil_control::daemon;
@@ -293,13 +293,14 @@ fn read_value(file: Option<&Path>) -> anyhow::Result<Zeroizing<String>> {
     Ok(buf)
 }
 
-fn body(v: &Value) -> anyhow::Result<Option<Zeroizing<Vec<u8>>>> {
-    Ok(Some(Zeroizing::new(serde_json::to_vec(v)?)))
-}
-
 fn print(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
+}
+
+/// Prints an answer as the server sent it (keys sorted, as a JSON tree prints them).
+fn print_answer(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    print(&serde_json::to_value(v)?)
 }
 
 async fn secret_command(api: ApiArgs, command: SecretCommand) -> anyhow::Result<()> {
@@ -311,30 +312,18 @@ async fn secret_command(api: ApiArgs, command: SecretCommand) -> anyhow::Result<
             hosts,
             value_file,
         } => {
-            let value = read_value(value_file.as_deref())?;
-            let mut req = json!({"name": name, "value": value.as_str()});
-            if let Some(d) = description {
-                req["description"] = json!(d);
-            }
-            if !hosts.is_empty() {
-                req["hosts"] = json!(hosts);
-            }
-            let b = body(&req)?;
-            // The JSON tree held the value too: overwrite it before it is dropped.
-            req["value"] = Value::Null;
-            let out = client.call(Method::POST, "/secret", &[], b).await?;
-            print(&out.unwrap_or(Value::Null))
+            let req = CreateSecret {
+                name,
+                value: SecretValue::from(read_value(value_file.as_deref())?),
+                description,
+                hosts: (!hosts.is_empty()).then_some(hosts),
+                body_substitution: None,
+                wrong_host: None,
+            };
+            print_answer(&client.create_secret(&req).await?)
         }
-        SecretCommand::List { name } => {
-            let all = client.list_all(name.as_deref()).await?;
-            print(&Value::Array(all))
-        }
-        SecretCommand::Get { id } => {
-            let out = client
-                .call(Method::GET, &format!("/secret/{id}"), &[], None)
-                .await?;
-            print(&out.unwrap_or(Value::Null))
-        }
+        SecretCommand::List { name } => print_answer(&client.all_secrets(name.as_deref()).await?),
+        SecretCommand::Get { id } => print_answer(&client.secret(&id).await?),
         SecretCommand::Update {
             id,
             description,
@@ -343,36 +332,25 @@ async fn secret_command(api: ApiArgs, command: SecretCommand) -> anyhow::Result<
             value_file,
             value_stdin,
         } => {
-            let mut req = json!({});
             let value = if value_stdin || value_file.is_some() {
-                Some(read_value(value_file.as_deref())?)
+                Some(SecretValue::from(read_value(value_file.as_deref())?))
             } else {
                 None
             };
-            if let Some(v) = &value {
-                req["value"] = json!(v.as_str());
-            }
-            if let Some(d) = description {
-                req["description"] = json!(d);
-            }
-            if unrestricted {
-                req["hosts"] = json!([]);
-            } else if !hosts.is_empty() {
-                req["hosts"] = json!(hosts);
-            }
-            let b = body(&req)?;
-            req["value"] = Value::Null;
-            let out = client
-                .call(Method::PATCH, &format!("/secret/{id}"), &[], b)
-                .await?;
-            print(&out.unwrap_or(Value::Null))
+            let hosts = if unrestricted {
+                Some(Vec::new())
+            } else {
+                (!hosts.is_empty()).then_some(hosts)
+            };
+            let req = UpdateSecret {
+                value,
+                description,
+                hosts,
+                ..UpdateSecret::default()
+            };
+            print_answer(&client.update_secret(&id, &req, None).await?)
         }
-        SecretCommand::Delete { id } => {
-            client
-                .call(Method::DELETE, &format!("/secret/{id}"), &[], None)
-                .await?;
-            Ok(())
-        }
+        SecretCommand::Delete { id } => Ok(client.delete_secret(&id).await?),
     }
 }
 

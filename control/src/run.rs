@@ -32,19 +32,17 @@ use std::time::Duration;
 use anyhow::Context;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use reqwest::Method;
-use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
-use crate::client::{Client, ClientError};
 use crate::config::{Config, ConfigError, RunConfig};
 use cgroup::SandboxCgroup;
 use child::Entry;
 use env::EnvArg;
 use netns::{Ipv4Range, SandboxNet};
 use state::RunDir;
+use veil_client::{Client, ClientError};
 
 /// Exit status when veil-control run itself fails.
 pub const EXIT_SETUP: u8 = 125;
@@ -299,11 +297,8 @@ impl Resources {
             cg.kill_all().await;
         }
         if self.registered {
-            match client
-                .call(Method::DELETE, &format!("/sandbox/{id}"), &[], None)
-                .await
-            {
-                Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
+            match client.delete_sandbox(id).await {
+                Ok(()) | Err(ClientError::Api { status: 404, .. }) => {}
                 Err(e) => eprintln!("veil-control run: unregistering sandbox {id}: {e}"),
             }
         }
@@ -429,42 +424,30 @@ async fn setup(
         resolv = Some(child::c_path(&path)?);
     }
 
-    let secrets: Vec<Value> = args
+    let secrets = args
         .secrets
         .iter()
-        .map(|(env, name)| json!({ env.clone(): name }))
+        .map(|(env, name)| BTreeMap::from([(env.clone(), name.clone())]))
         .collect();
-    let mut body = json!({ "cgroup": relative, "secrets": secrets });
-    if let Some(n) = &netns_path {
-        body["netns"] = json!(n);
+    let body = veil_api::PutSandbox {
+        cgroup: relative,
         // Nothing is forwarded out of this netns: veil opens its connections from the host.
-        body["egress"] = json!("host");
-    }
+        egress: netns_path.as_ref().map(|_| "host".to_owned()),
+        netns: netns_path,
+        secrets: Some(secrets),
+    };
     // From here on the registration may exist even if the call fails (a timeout keeps it).
     res.registered = true;
     let answer = client
-        .call(
-            Method::PUT,
-            &format!("/sandbox/{id}"),
-            &[],
-            Some(Zeroizing::new(serde_json::to_vec(&body)?)),
-        )
+        .put_sandbox(id, &body)
         .await
-        .context("registering the sandbox")?
-        .unwrap_or(Value::Null);
-    let placeholders: BTreeMap<String, String> = answer["env"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
+        .context("registering the sandbox")?;
+    let placeholders = answer.env;
 
     let bundle = dir_path.join("ca-bundle.pem");
     write_file(
         &bundle,
-        &ca_bundle(&args.system_roots, answer["caCertificate"].as_str()),
+        &ca_bundle(&args.system_roots, answer.ca_certificate.as_deref()),
         0o644,
     )?;
 

@@ -71,32 +71,11 @@ pub fn env_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A sandbox id: `^[A-Za-z0-9][A-Za-z0-9_.-]*$`, at most 128 characters.
-pub fn sandbox_id(id: &str) -> Result<(), String> {
-    if id.len() > 128
-        || !ident(
-            id,
-            |c| c.is_ascii_alphanumeric(),
-            |c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-',
-        )
-    {
-        return Err("sandbox id must match ^[A-Za-z0-9][A-Za-z0-9_.-]*$ (at most 128)".into());
-    }
-    Ok(())
-}
-
-/// An organization name: `^[A-Za-z0-9][A-Za-z0-9_.-]*$`, at most 64 characters.
+/// An organization name: veil-link's [`veil_link::OrgId`] rule (the one rule for it).
 pub fn org_name(org: &str) -> Result<(), String> {
-    if org.len() > 64
-        || !ident(
-            org,
-            |c| c.is_ascii_alphanumeric(),
-            |c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-',
-        )
-    {
-        return Err("organization must match ^[A-Za-z0-9][A-Za-z0-9_.-]*$ (at most 64)".into());
-    }
-    Ok(())
+    veil_link::OrgId::parse(org)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// Normalises a cgroup v2 path (relative to the cgroup2 root; a leading `/` as in
@@ -194,8 +173,6 @@ mod tests {
         env_name("MY_KEY").unwrap();
         assert!(env_name("MY-KEY").is_err());
         assert!(env_name("1X").is_err());
-        sandbox_id("sb-1.a_b").unwrap();
-        assert!(sandbox_id("../x").is_err());
         org_name("acme").unwrap();
         assert!(org_name("a/b").is_err());
     }

@@ -6,12 +6,11 @@ use std::path::Path;
 
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
-use reqwest::Method;
 
 use super::cgroup::SandboxCgroup;
 use super::{netns, state, uids};
-use crate::client::{Client, ClientError};
 use crate::hostcheck;
+use veil_client::{Client, ClientError};
 
 /// The pid of the `veil-control run` that made `name` (`<prefix><pid>-<hex>`).
 pub fn run_owner(name: &str, prefix: &str) -> Option<u32> {
@@ -38,11 +37,8 @@ async fn remove_sandbox(client: &Client, id: &str, cgroup: &str) {
     if let Some(cg) = &cg {
         cg.kill_all().await;
     }
-    match client
-        .call(Method::DELETE, &format!("/sandbox/{id}"), &[], None)
-        .await
-    {
-        Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
+    match client.delete_sandbox(id).await {
+        Ok(()) | Err(ClientError::Api { status: 404, .. }) => {}
         Err(e) => eprintln!("veil-control run: unregistering stale sandbox {id}: {e}"),
     }
     if let Some(cg) = cg {
