@@ -20,7 +20,7 @@ pub enum WrongHost {
 }
 
 /// POST body: a new secret.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateSecret {
     /// `^[a-zA-Z_][a-zA-Z0-9_-]*$`, unique in the organization.
