@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod error;
 pub mod keys;
+pub mod names;
 pub mod sandboxes;
 pub mod secrets;
 pub mod value;

@@ -88,7 +88,7 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
         #[command(flatten)]
-        run: veil_control::run::RunArgs,
+        run: veil_run::RunArgs,
     },
 }
 
@@ -441,14 +441,17 @@ fn main() -> std::process::ExitCode {
             }
         }
         // A bad config is a bad argument (exit 2), as with clap's own errors.
-        let settings = match run.settings() {
-            Ok(s) => s,
+        let settings = match Config::load(run.config_file()) {
+            Ok(c) => veil_run::Settings {
+                uids: c.run.uid_range(),
+                cgroup2_mount: || Ok(veil_control::hostcheck::cgroup2_mount()?),
+            },
             Err(e) => {
                 eprintln!("veil-control run: {e}");
                 return std::process::ExitCode::from(2);
             }
         };
-        let code = runtime.block_on(veil_control::run::run(
+        let code = runtime.block_on(veil_run::run(
             &api.api_url,
             Zeroizing::new(api.api_key),
             run,

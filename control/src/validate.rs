@@ -2,37 +2,14 @@
 
 use std::path::Path;
 
-/// Longest secret name.
-pub const MAX_NAME_LEN: usize = 255;
+pub use veil_api::names::{MAX_NAME_LEN, env_name, secret_name};
+
 /// Largest secret value in bytes.
 pub const MAX_VALUE_LEN: usize = 64 * 1024;
 /// Longest description.
 pub const MAX_DESCRIPTION_LEN: usize = 1024;
 /// Most host patterns per secret.
 pub const MAX_HOSTS: usize = 100;
-
-fn ident(s: &str, first: impl Fn(u8) -> bool, rest: impl Fn(u8) -> bool) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty() && first(b[0]) && b[1..].iter().all(|&c| rest(c))
-}
-
-/// A secret name: `^[a-zA-Z_][a-zA-Z0-9_-]*$`, at most 255 characters.
-pub fn secret_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("name must not be empty".into());
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(format!("name must be at most {MAX_NAME_LEN} characters"));
-    }
-    if !ident(
-        name,
-        |c| c.is_ascii_alphabetic() || c == b'_',
-        |c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-',
-    ) {
-        return Err("name must match ^[a-zA-Z_][a-zA-Z0-9_-]*$".into());
-    }
-    Ok(())
-}
 
 /// A secret value: non-empty, at most 64 KiB. The message never quotes the value.
 pub fn secret_value(value: &str) -> Result<(), String> {
@@ -50,22 +27,6 @@ pub fn description(text: &str) -> Result<(), String> {
     if text.chars().count() > MAX_DESCRIPTION_LEN {
         return Err(format!(
             "description must be at most {MAX_DESCRIPTION_LEN} characters"
-        ));
-    }
-    Ok(())
-}
-
-/// An environment variable name: `^[A-Za-z_][A-Za-z0-9_]*$`, at most 255 characters.
-pub fn env_name(name: &str) -> Result<(), String> {
-    if name.len() > MAX_NAME_LEN
-        || !ident(
-            name,
-            |c| c.is_ascii_alphabetic() || c == b'_',
-            |c| c.is_ascii_alphanumeric() || c == b'_',
-        )
-    {
-        return Err(format!(
-            "environment variable name {name:?} must match ^[A-Za-z_][A-Za-z0-9_]*$"
         ));
     }
     Ok(())

@@ -13,6 +13,8 @@
 //! Exit status: the command's own, 128+N when a signal N killed it, 125 when veil-control run
 //! itself failed, 126 when the command could not be executed, 127 when it was not found.
 #![deny(unsafe_code)]
+#![deny(missing_docs)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cgroup;
 pub mod child;
@@ -36,7 +38,6 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
-use crate::config::{Config, ConfigError, RunConfig};
 use cgroup::SandboxCgroup;
 use child::Entry;
 use env::EnvArg;
@@ -108,15 +109,14 @@ impl RunArgs {
         env::check_conflicts(&self.env, &self.secrets)
     }
 
-    /// `[run]` of control's config: `--config`, else [`DEFAULT_CONFIG`] when it exists, else
-    /// the defaults.
-    pub fn settings(&self) -> Result<RunConfig, ConfigError> {
+    /// The config file `[run]` is read from: `--config`, else [`DEFAULT_CONFIG`] when it
+    /// exists, else none (the defaults).
+    pub fn config_file(&self) -> Option<&Path> {
         let default = Path::new(DEFAULT_CONFIG);
-        let path = match &self.config {
+        match &self.config {
             Some(p) => Some(p.as_path()),
             None => default.exists().then_some(default),
-        };
-        Ok(Config::load(path)?.run)
+        }
     }
 }
 
@@ -125,12 +125,21 @@ pub fn parse_mount(s: &str) -> Result<(String, String), String> {
     let (env, name) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected ENV=SECRET_NAME"))?;
-    crate::validate::env_name(env)?;
+    veil_api::names::env_name(env)?;
     if env.starts_with("VEIL_") {
         return Err(format!("{env}: VEIL_* variables are reserved for veil"));
     }
-    crate::validate::secret_name(name)?;
+    veil_api::names::secret_name(name)?;
     Ok((env.to_owned(), name.to_owned()))
+}
+
+/// What `run` takes from veil-control: its `[run]` settings and its host knowledge.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// The uids sandboxes get, one each (`run.uid_range`).
+    pub uids: uids::UidRange,
+    /// Finds the cgroup2 mount of this mount namespace (control's one implementation).
+    pub cgroup2_mount: fn() -> anyhow::Result<PathBuf>,
 }
 
 /// Runs `args.command` in a fresh sandbox; returns the exit status to report.
@@ -138,7 +147,7 @@ pub async fn run(
     api_url: &str,
     api_key: Zeroizing<String>,
     args: RunArgs,
-    settings: RunConfig,
+    settings: Settings,
 ) -> u8 {
     let mut signals = match forward_signals() {
         Ok(s) => s,
@@ -154,7 +163,7 @@ pub async fn run(
             return EXIT_SETUP;
         }
     };
-    reap::reap_stale(&client, &args.cgroup_parent).await;
+    reap::reap_stale(&client, &args.cgroup_parent, settings.cgroup2_mount).await;
     let id = format!("run-{}-{:08x}", std::process::id(), rand::random::<u32>());
     let mut res = Resources::default();
     let prepared = tokio::select! {
@@ -339,7 +348,7 @@ struct Who {
 async fn setup(
     client: &Client,
     args: &RunArgs,
-    settings: &RunConfig,
+    settings: &Settings,
     id: &str,
     res: &mut Resources,
 ) -> anyhow::Result<tokio::process::Command> {
@@ -350,7 +359,7 @@ async fn setup(
     let dir_path = dir.path().to_path_buf();
     res.dir = Some(dir);
 
-    let cgroup = SandboxCgroup::create(&args.cgroup_parent, id)?;
+    let cgroup = SandboxCgroup::create(&(settings.cgroup2_mount)()?, &args.cgroup_parent, id)?;
     let procs = std::fs::OpenOptions::new()
         .write(true)
         .open(cgroup.path.join("cgroup.procs"))
@@ -381,7 +390,7 @@ async fn setup(
                 sandbox: id.to_owned(),
                 cgroup: relative.clone(),
             };
-            let lease = uids::claim(&records, settings.uid_range(), &record)?;
+            let lease = uids::claim(&records, settings.uids, &record)?;
             let uid = lease.uid();
             res.uid = Some(lease);
             Who {

@@ -2,14 +2,13 @@
 //! cgroups, registrations, network namespaces (their veth pairs go with them), directories, and
 //! last their uid records. Only objects of a run whose pid no longer exists are touched.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
 
 use super::cgroup::SandboxCgroup;
 use super::{netns, state, uids};
-use crate::hostcheck;
 use veil_client::{Client, ClientError};
 
 /// The pid of the `veil-control run` that made `name` (`<prefix><pid>-<hex>`).
@@ -32,8 +31,8 @@ pub fn pid_alive(pid: u32) -> bool {
 
 /// Removes sandbox `id` (cgroup `cgroup`, relative to the cgroup2 mount): what runs in it, its
 /// registration, its cgroup, netns and directory.
-async fn remove_sandbox(client: &Client, id: &str, cgroup: &str) {
-    let cg = SandboxCgroup::existing(cgroup).ok();
+async fn remove_sandbox(client: &Client, mount: Option<&Path>, id: &str, cgroup: &str) {
+    let cg = mount.and_then(|m| SandboxCgroup::existing(m, cgroup).ok());
     if let Some(cg) = &cg {
         cg.kill_all().await;
     }
@@ -57,22 +56,28 @@ async fn remove_sandbox(client: &Client, id: &str, cgroup: &str) {
 /// Reaps every dead run's sandbox this run can find: those with a uid record (whatever their
 /// cgroup parent), then those under `parent` (runs as a named `--user` have no record), then
 /// stray directories and namespaces.
-pub async fn reap_stale(client: &Client, parent: &str) {
+pub async fn reap_stale(
+    client: &Client,
+    parent: &str,
+    cgroup2_mount: fn() -> anyhow::Result<PathBuf>,
+) {
+    let mount = cgroup2_mount().ok();
     if let Ok(dir) = state::private_dir(Some(super::UID_RECORDS)) {
         for stale in uids::stale(&dir, pid_alive) {
             let record = stale.record.clone();
-            remove_sandbox(client, &record.sandbox, &record.cgroup).await;
+            remove_sandbox(client, mount.as_deref(), &record.sandbox, &record.cgroup).await;
             // Only now may the uid be taken again.
             stale.release();
         }
     }
-    if let Ok(mount) = hostcheck::cgroup2_mount() {
+    if let Some(mount) = &mount {
         let parent = parent.trim_matches('/');
         let dirs = std::fs::read_dir(mount.join(parent)).into_iter().flatten();
         for entry in dirs.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if run_owner(&name, "run-").is_some_and(|pid| !pid_alive(pid)) {
-                remove_sandbox(client, &name, &format!("{parent}/{name}")).await;
+                let cgroup = format!("{parent}/{name}");
+                remove_sandbox(client, Some(mount), &name, &cgroup).await;
             }
         }
     }
