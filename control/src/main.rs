@@ -21,11 +21,23 @@ use veil_control::daemon;
 use veil_control::store::sled::SledStore;
 use zeroize::Zeroizing;
 
+/// What the exit status means; shown under the root `--help` (`run --help` has its own).
+const EXIT_STATUS: &str = "\
+Exit status:
+  0    done (serve: stopped by SIGTERM/SIGINT after a clean shutdown)
+  1    the command failed: a bad config file, the daemon could not start, the store or the
+       API refused, a secret did not decrypt (verify); one line on stderr names the problem
+  2    bad command line (unknown subcommand or option, bad value); nothing was done
+  run: the command's own status, 128+N when signal N killed it, 125 when veil-control run
+       itself failed, 126 when the command could not be executed, 127 when it was not found";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "veil-control",
     version,
-    about = "veil's secret store and REST API"
+    propagate_version = true,
+    about = "veil's secret store and REST API",
+    after_help = EXIT_STATUS
 )]
 struct Cli {
     /// Log format on stderr: `human` (text) or `json` (one object per line, for log shippers).
@@ -84,6 +96,7 @@ enum Command {
         command: SecretCommand,
     },
     /// Run a command in a fresh sandbox with secrets as placeholders (VEIL_API_URL / VEIL_API_KEY).
+    #[command(after_help = veil_run::EXIT_STATUS)]
     Run {
         #[command(flatten)]
         api: ApiArgs,

@@ -45,6 +45,16 @@ use netns::{Ipv4Range, SandboxNet};
 use state::RunDir;
 use veil_client::{Client, ClientError};
 
+/// What the exit status of `veil-control run` means; shown under its `--help`.
+pub const EXIT_STATUS: &str = "\
+Exit status:
+  N      the command's own exit status
+  128+N  the command was killed by signal N (also when run was interrupted during set-up)
+  125    veil-control run itself failed (set-up, registration); one line on stderr says why
+  126    the command could not be executed
+  127    the command was not found
+  2      bad command line or config; nothing was set up";
+
 /// Exit status when veil-control run itself fails.
 pub const EXIT_SETUP: u8 = 125;
 /// HOME of a sandbox with a uid of its own: in its private /tmp, so it goes with the sandbox.
