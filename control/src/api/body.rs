@@ -82,12 +82,18 @@ pub fn decode<T: RequestBody>(
         // serde's own messages quote the offending input, which may be a value: only a missing
         // field's (static) name is taken from them.
         let inner = e.into_inner().to_string();
-        match inner.strip_prefix("missing field `") {
-            Some(rest) => {
-                let field = rest.split('`').next().unwrap_or_default();
-                ApiError::BadRequest(T::missing(field))
-            }
-            None => ApiError::BadRequest(T::invalid(&path)),
+        let named = |prefix: &str| {
+            inner
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_owned)
+        };
+        if let Some(field) = named("missing field `") {
+            ApiError::BadRequest(T::missing(&field))
+        } else if let Some(field) = named("duplicate field `") {
+            ApiError::BadRequest(format!("{field} is given twice"))
+        } else {
+            ApiError::BadRequest(T::invalid(&path))
         }
     })
 }
@@ -210,6 +216,10 @@ mod tests {
         assert_eq!(
             message(json(r#"{"cgroup":"c","secrets":"hunter2"}"#)),
             "secrets must be an array of {\"ENV_VAR\": \"secret-name\"} objects"
+        );
+        assert_eq!(
+            message(json(r#"{"cgroup":"c","cgroup":"d"}"#)),
+            "cgroup is given twice"
         );
         assert_eq!(message(json(r#"{"cgroup":"c","netns":null}"#)), "accepted");
     }
