@@ -1,5 +1,8 @@
 //! `/api/secret…`: create, list, paginate, get, update, delete. No route returns a value.
 
+mod input;
+mod view;
+
 use std::time::Duration;
 
 use axum::Json;
@@ -7,27 +10,26 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode};
-use rand::RngCore;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
-use veil_api::{
-    AgentAck, CreateSecret, HostUsage, Revision, Secret, SecretDetail, SecretId, SecretPage,
-    UpdateSecret, UpdateSecretQuery,
-};
+use veil_api::{CreateSecret, Secret, SecretDetail, SecretPage, UpdateSecret, UpdateSecretQuery};
 
 use super::body::decode;
 use super::routes::Route;
 use super::{ApiError, AppState, Caller, blocking, parse_limit, query};
-use crate::agent_link::{AgentEvent, AgentLinkError, Propagation};
+use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
 use crate::crypto::RecordBinding;
 use crate::grace;
 use crate::paginate::{Cursor, Order, SortField, SortValue};
-use crate::store::{SecretPageQuery, SecretRecord, SecretUsage, StoreError, WrongHost};
-use crate::timefmt::{now_ms, rfc3339};
+use crate::store::{SecretPageQuery, SecretRecord, StoreError};
+use crate::timefmt::now_ms;
 use crate::validate;
-use veil_policy::HostPattern;
+use input::{bad, new_placeholder, parse_description};
+pub use input::{new_uuid, parse_hosts, parse_wait};
+pub use view::{detail, view};
+use view::{wrong_host_name, wrong_host_record};
 
 /// Routes of this resource.
 pub fn routes() -> Vec<Route> {
@@ -39,173 +41,6 @@ pub fn routes() -> Vec<Route> {
         Route::new(Method::PATCH, "/secret/{id}", update),
         Route::new(Method::DELETE, "/secret/{id}", remove),
     ]
-}
-
-/// Longest `?wait=` a PATCH accepts.
-const MAX_WAIT: Duration = Duration::from_secs(60);
-
-/// The public view of a secret: metadata only (Daytona's fields, then veil's extra ones).
-pub fn view(s: &SecretRecord) -> Result<Secret, ApiError> {
-    Ok(Secret {
-        id: SecretId::parse(s.id.clone()).map_err(|e| ApiError::internal("stored secret", e))?,
-        name: s.name.clone(),
-        description: s.description.clone(),
-        placeholder: s.placeholder.clone(),
-        hosts: s.hosts.clone(),
-        created_at: rfc3339(s.created_at),
-        updated_at: rfc3339(s.updated_at),
-        revision: Revision(s.revision),
-        body_substitution: s.body_substitution,
-        wrong_host: wrong_host_view(s.wrong_host),
-    })
-}
-
-/// The single-secret view (GET, PATCH): [`view`] plus what the agents acknowledged and what
-/// they reported about its use.
-pub fn detail(
-    s: &SecretRecord,
-    propagation: &Propagation,
-    usage: &SecretUsage,
-) -> Result<SecretDetail, ApiError> {
-    let agents = propagation
-        .agents
-        .iter()
-        .map(|a| AgentAck {
-            agent_id: a.agent_id.to_string(),
-            connected: a.connected,
-            acknowledged_revision: a.revision.map(Revision),
-            acknowledged_at: a.at.map(rfc3339),
-        })
-        .collect();
-    let hosts = usage
-        .hosts
-        .iter()
-        .map(|(host, u)| {
-            let counts = HostUsage {
-                substituted: u.counts.substituted,
-                wrong_host: u.counts.wrong_host,
-                host_mismatch: u.counts.host_mismatch,
-                blocked: u.counts.blocked,
-                last_used_at: u.last_used_at.map(rfc3339),
-                last_seen_at: u.last_seen_at.map(rfc3339),
-            };
-            (host.clone(), counts)
-        })
-        .collect();
-    Ok(SecretDetail {
-        secret: view(s)?,
-        propagation: veil_api::Propagation {
-            complete: propagation.pending(s.revision).is_empty(),
-            agents,
-        },
-        last_used_at: usage.last_used_at.map(rfc3339),
-        usage: hosts,
-    })
-}
-
-fn wrong_host_view(w: WrongHost) -> veil_api::WrongHost {
-    match w {
-        WrongHost::Forward => veil_api::WrongHost::Forward,
-        WrongHost::Block => veil_api::WrongHost::Block,
-    }
-}
-
-fn wrong_host_record(w: veil_api::WrongHost) -> WrongHost {
-    match w {
-        veil_api::WrongHost::Forward => WrongHost::Forward,
-        veil_api::WrongHost::Block => WrongHost::Block,
-    }
-}
-
-fn wrong_host_name(w: WrongHost) -> &'static str {
-    match w {
-        WrongHost::Forward => "forward",
-        WrongHost::Block => "block",
-    }
-}
-
-/// `?wait=` of a PATCH: `500ms`, `5s` or plain seconds, 1 ms to [`MAX_WAIT`].
-pub fn parse_wait(wait: Option<&str>) -> Result<Option<Duration>, ApiError> {
-    let Some(raw) = wait.map(str::trim).filter(|w| !w.is_empty()) else {
-        return Ok(None);
-    };
-    let invalid = || {
-        bad(format!(
-            "wait must be a duration like 500ms or 5s (at most {} s)",
-            MAX_WAIT.as_secs()
-        ))
-    };
-    let (number, unit_ms) = if let Some(n) = raw.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = raw.strip_suffix('s') {
-        (n, 1000.0)
-    } else {
-        (raw, 1000.0)
-    };
-    let n: f64 = number.trim().parse().map_err(|_| invalid())?;
-    let ms = n * unit_ms;
-    if !ms.is_finite() || ms < 1.0 || ms > MAX_WAIT.as_millis() as f64 {
-        return Err(invalid());
-    }
-    Ok(Some(Duration::from_millis(ms as u64)))
-}
-
-/// A random UUID v4 string.
-pub fn new_uuid() -> String {
-    let mut b = [0u8; 16];
-    rand::rng().fill_bytes(&mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
-
-fn new_placeholder(prefix: &str) -> String {
-    // 192 random bits, hex: safe in URLs, headers and shells.
-    let mut b = [0u8; 24];
-    rand::rng().fill_bytes(&mut b);
-    format!("{prefix}{}", hex::encode(b))
-}
-
-/// Validates and normalises a hosts list (deduplicated, order kept).
-pub fn parse_hosts(hosts: Vec<String>) -> Result<Vec<String>, ApiError> {
-    if hosts.len() > validate::MAX_HOSTS {
-        return Err(ApiError::BadRequest(format!(
-            "hosts may list at most {} entries",
-            validate::MAX_HOSTS
-        )));
-    }
-    let mut out: Vec<String> = Vec::with_capacity(hosts.len());
-    for (i, host) in hosts.iter().enumerate() {
-        let pattern = HostPattern::parse(host)
-            .map_err(|e| ApiError::BadRequest(format!("hosts[{i}] {host:?}: {e}")))?
-            .to_string();
-        if !out.contains(&pattern) {
-            out.push(pattern);
-        }
-    }
-    Ok(out)
-}
-
-fn bad(msg: String) -> ApiError {
-    ApiError::BadRequest(msg)
-}
-
-fn parse_description(d: Option<String>) -> Result<Option<String>, ApiError> {
-    match d {
-        Some(d) => {
-            validate::description(&d).map_err(bad)?;
-            Ok(Some(d))
-        }
-        None => Ok(None),
-    }
 }
 
 #[utoipa::path(
@@ -714,26 +549,4 @@ pub(crate) async fn remove(
     .await?;
     push_secret(&state, &id).await;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn wait(v: &str) -> Result<Option<Duration>, ApiError> {
-        parse_wait(Some(v))
-    }
-
-    #[test]
-    fn wait_parses_durations_within_bounds() {
-        assert_eq!(wait("").unwrap(), None);
-        assert_eq!(parse_wait(None).unwrap(), None);
-        assert_eq!(wait("500ms").unwrap(), Some(Duration::from_millis(500)));
-        assert_eq!(wait("5s").unwrap(), Some(Duration::from_secs(5)));
-        assert_eq!(wait("2").unwrap(), Some(Duration::from_secs(2)));
-        assert_eq!(wait("1.5s").unwrap(), Some(Duration::from_millis(1500)));
-        for bad in ["0", "0ms", "61s", "-1", "abc", "5m", "NaN", "inf"] {
-            assert!(wait(bad).is_err(), "{bad}");
-        }
-    }
 }
