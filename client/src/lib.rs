@@ -160,9 +160,15 @@ impl Client {
     ) -> Result<T, ClientError> {
         let route = format!("{method} {path}");
         let bytes = self.send(method, path, query, body).await?;
+        // serde's message may quote the answer (a new API key is one): only where it failed.
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
             route,
-            detail: e.to_string(),
+            detail: format!(
+                "{:?} error at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ),
         })
     }
 
