@@ -172,7 +172,10 @@ impl Control {
                     self.log()
                 ));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            // The REST port is bound before the agent socket: a test may use either at once.
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                && self.agent_socket.exists()
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
