@@ -23,9 +23,9 @@ fn secret_create(headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
     let result = (|| {
         let req: veil_api::CreateSecret = decode(headers, Ok(Bytes::copy_from_slice(body)))?;
         validate::secret_name(&req.name).map_err(ApiError::BadRequest)?;
-        validate::secret_value(req.value.expose()).map_err(ApiError::BadRequest)?;
+        validate::secret_value(req.value.expose())?;
         if let Some(d) = &req.description {
-            validate::description(d).map_err(ApiError::BadRequest)?;
+            validate::description(d)?;
         }
         let hosts = parse_hosts(req.hosts.unwrap_or_default())?;
         assert!(hosts.len() <= validate::MAX_HOSTS);
@@ -56,7 +56,7 @@ fn secret_create(headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
 fn sandbox_put(headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
     let req: veil_api::PutSandbox = decode(headers, Ok(Bytes::copy_from_slice(body)))?;
     let parents = ["veil".to_owned(), "system.slice".to_owned()];
-    let normal = validate::cgroup(&req.cgroup, &parents).map_err(ApiError::BadRequest)?;
+    let normal = validate::cgroup(&req.cgroup, &parents)?;
     // A normalised cgroup is a fixed point and stays under its parent.
     assert_eq!(validate::cgroup(&normal, &parents).as_ref(), Ok(&normal));
     assert!(
@@ -65,7 +65,7 @@ fn sandbox_put(headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
             .any(|p| p.is_empty() || p == ".." || p == ".")
     );
     if let Some(n) = &req.netns {
-        validate::netns(n).map_err(ApiError::BadRequest)?;
+        validate::netns(n)?;
         assert!(
             !n.contains("/../") && !n.ends_with("/.."),
             "netns escapes: {n}"

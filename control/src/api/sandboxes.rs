@@ -35,7 +35,7 @@ use super::{ApiError, AppState, Caller, blocking};
 use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
-use crate::hostcheck::{self, HostCheckError};
+use crate::hostcheck;
 use crate::store::{Egress, Mount, SandboxRecord, SecretRecord, StoreError};
 use crate::timefmt::{now_ms, rfc3339};
 use crate::validate;
@@ -170,13 +170,6 @@ fn require_agent(state: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn host_error(e: HostCheckError) -> ApiError {
-    match e {
-        HostCheckError::Invalid(m) => ApiError::BadRequest(m),
-        HostCheckError::Unavailable(m) => ApiError::Unavailable(m),
-    }
-}
-
 /// Pushes a stored sandbox write to the agents and turns their answer into the REST outcome
 /// (see the module documentation).
 async fn settle(
@@ -290,13 +283,13 @@ pub(crate) async fn put_sandbox(
         secrets,
         egress,
     } = decode(&headers, body)?;
-    let cgroup = validate::cgroup(&cgroup, &state.config.sandbox.cgroup_parents).map_err(bad)?;
+    let cgroup = validate::cgroup(&cgroup, &state.config.sandbox.cgroup_parents)?;
     if let Some(n) = &netns {
-        validate::netns(n).map_err(bad)?;
+        validate::netns(n)?;
     }
     // Omitted (or null) = the default, as every other field of this full replacement.
     let egress = match egress {
-        Some(text) => validate::egress(&text).map_err(bad)?,
+        Some(text) => validate::egress(&text)?,
         None => Egress::default(),
     };
     let wanted = parse_mount_list(secrets.unwrap_or_default())?;
@@ -317,7 +310,7 @@ pub(crate) async fn put_sandbox(
             None => now,
         };
         if st.config.sandbox.check_paths {
-            hostcheck::check_sandbox(&cgroup, netns.as_deref()).map_err(host_error)?;
+            hostcheck::check_sandbox(&cgroup, netns.as_deref())?;
         }
         let mounts = resolve(&st, &caller2.org, &wanted)?;
         let record = SandboxRecord {

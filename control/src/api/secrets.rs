@@ -71,7 +71,7 @@ pub(crate) async fn create(
         wrong_host,
     } = decode(&headers, body)?;
     validate::secret_name(&name).map_err(bad)?;
-    validate::secret_value(value.expose()).map_err(bad)?;
+    validate::secret_value(value.expose())?;
     let description = parse_description(description)?;
     let hosts = parse_hosts(hosts.unwrap_or_default())?;
     let body_substitution = body_substitution.unwrap_or(false);
@@ -325,7 +325,7 @@ pub(crate) async fn update(
         wrong_host,
     } = req;
     if let Some(v) = &value {
-        validate::secret_value(v.expose()).map_err(bad)?;
+        validate::secret_value(v.expose())?;
     }
     let description = parse_description(description)?;
     let hosts = hosts.map(parse_hosts).transpose()?;

@@ -89,7 +89,7 @@ pub(super) fn bad(msg: String) -> ApiError {
 pub(super) fn parse_description(d: Option<String>) -> Result<Option<String>, ApiError> {
     match d {
         Some(d) => {
-            validate::description(&d).map_err(bad)?;
+            validate::description(&d)?;
             Ok(Some(d))
         }
         None => Ok(None),
