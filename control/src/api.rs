@@ -1,23 +1,22 @@
 //! The REST API under `/api`: shared state, authentication, JSON body handling, the router.
 
 pub mod audit;
+pub mod body;
 pub mod error;
 pub mod keys;
 pub mod openapi;
+pub mod routes;
 pub mod sandboxes;
 pub mod secrets;
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Query};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use serde_json::{Map, Value};
 
 use crate::agent_link::AgentLink;
 use crate::auth::{self, Permission};
@@ -112,105 +111,15 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-/// Parses a JSON object body after checking the content type; sizes are capped by the router.
-pub fn json_object(
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Map<String, Value>, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let mime = content_type.split(';').next().unwrap_or("").trim();
-    if !mime.eq_ignore_ascii_case("application/json") {
-        return Err(ApiError::UnsupportedMediaType(
-            "Content-Type must be application/json".into(),
-        ));
-    }
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(format!("request body exceeds {BODY_LIMIT} bytes"))
-        } else {
-            ApiError::BadRequest("could not read request body".into())
-        }
-    })?;
-    // The body may hold a value: copy it into a buffer that is wiped when parsing is done.
-    let body = zeroize::Zeroizing::new(body.to_vec());
-    let value: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "malformed JSON at line {} column {}",
-            e.line(),
-            e.column()
-        ))
-    })?;
-    match value {
-        Value::Object(map) => Ok(map),
-        _ => Err(ApiError::BadRequest(
-            "request body must be a JSON object".into(),
-        )),
-    }
-}
-
-/// Rejects fields not in `allowed`, naming them.
-pub fn only_fields(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
-    let unknown: Vec<&str> = map
-        .keys()
-        .filter(|k| !allowed.contains(&k.as_str()))
-        .map(String::as_str)
-        .collect();
-    if unknown.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::BadRequest(format!(
-            "unknown field(s): {}",
-            unknown.join(", ")
-        )))
-    }
-}
-
-/// A field that must be a string when present and not null.
-pub fn opt_string(map: &mut Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
-    match map.remove(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(ApiError::BadRequest(format!("{field} must be a string"))),
-    }
-}
-
-/// A field that must be an array of strings when present and not null.
-pub fn opt_string_array(
-    map: &mut Map<String, Value>,
-    field: &str,
-) -> Result<Option<Vec<String>>, ApiError> {
-    match map.remove(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Array(items)) => items
-            .into_iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s),
-                _ => Err(ApiError::BadRequest(format!(
-                    "{field} must be an array of strings"
-                ))),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some),
-        Some(_) => Err(ApiError::BadRequest(format!(
-            "{field} must be an array of strings"
-        ))),
-    }
-}
-
-/// Query parameters as a map; malformed query strings are a 400.
-pub fn query_map(
-    q: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<HashMap<String, String>, ApiError> {
-    q.map(|Query(m)| m)
+/// A query of type `T`; a malformed query string is a 400.
+pub fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t)
         .map_err(|_| ApiError::BadRequest("malformed query string".into()))
 }
 
 /// Parses `limit` (1..=200, default 100).
-pub fn parse_limit(q: &HashMap<String, String>) -> Result<usize, ApiError> {
-    match q.get("limit").map(String::as_str) {
+pub fn parse_limit(limit: Option<&str>) -> Result<usize, ApiError> {
+    match limit {
         None | Some("") => Ok(100),
         Some(s) => match s.parse::<usize>() {
             Ok(n) if (1..=200).contains(&n) => Ok(n),
@@ -260,22 +169,19 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> impl IntoResponse {
     let status = StatusCode::METHOD_NOT_ALLOWED;
-    let body = serde_json::json!({
-        "statusCode": status.as_u16(),
-        "message": "method not allowed on this route",
-        "error": "Method Not Allowed",
-    });
+    let body = veil_api::ErrorBody {
+        status_code: status.as_u16(),
+        message: "method not allowed on this route".into(),
+        error: "Method Not Allowed".into(),
+    };
     (status, axum::Json(body))
 }
 
 /// The full application: `/api/...` routes, JSON errors for everything else.
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .merge(secrets::router())
-        .merge(sandboxes::router())
-        .merge(audit::router())
-        .merge(keys::router())
-        .merge(openapi::router());
+    let api = routes::table()
+        .into_iter()
+        .fold(Router::new(), |r, route| r.route(route.path, route.handler));
     Router::new()
         .nest("/api", api)
         .fallback(not_found)

@@ -8,7 +8,6 @@ pub mod admin;
 pub mod agent_link;
 pub mod api;
 pub mod auth;
-pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
@@ -16,7 +15,8 @@ pub mod grace;
 pub mod hostcheck;
 pub mod metrics;
 pub mod paginate;
-pub mod run;
+/// `veil-control run` lives in its own crate; control's `[run]` config names its types.
+pub use veil_run as run;
 pub mod store;
 pub mod timefmt;
 pub mod validate;

@@ -10,22 +10,34 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use reqwest::Method;
 use serde_json::{Value, json};
+use veil_client::Client;
+use veil_client::veil_api::{CreateSecret, SecretValue, UpdateSecret};
 use veil_control::admin::{self, Admin, Request};
 use veil_control::auth::Permission;
-use veil_control::client::Client;
 use veil_control::config::Config;
 use veil_control::crypto::Keyring;
 use veil_control::daemon;
 use veil_control::store::sled::SledStore;
 use zeroize::Zeroizing;
 
+/// What the exit status means; shown under the root `--help` (`run --help` has its own).
+const EXIT_STATUS: &str = "\
+Exit status:
+  0    done (serve: stopped by SIGTERM/SIGINT after a clean shutdown)
+  1    the command failed: a bad config file, the daemon could not start, the store or the
+       API refused, a secret did not decrypt (verify); one line on stderr names the problem
+  2    bad command line (unknown subcommand or option, bad value); nothing was done
+  run: the command's own status, 128+N when signal N killed it, 125 when veil-control run
+       itself failed, 126 when the command could not be executed, 127 when it was not found";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "veil-control",
     version,
-    about = "veil's secret store and REST API"
+    propagate_version = true,
+    about = "veil's secret store and REST API",
+    after_help = EXIT_STATUS
 )]
 struct Cli {
     /// Log format on stderr: `human` (text) or `json` (one object per line, for log shippers).
@@ -84,11 +96,12 @@ enum Command {
         command: SecretCommand,
     },
     /// Run a command in a fresh sandbox with secrets as placeholders (VEIL_API_URL / VEIL_API_KEY).
+    #[command(after_help = veil_run::EXIT_STATUS)]
     Run {
         #[command(flatten)]
         api: ApiArgs,
         #[command(flatten)]
-        run: veil_control::run::RunArgs,
+        run: veil_run::RunArgs,
     },
 }
 
@@ -293,13 +306,14 @@ fn read_value(file: Option<&Path>) -> anyhow::Result<Zeroizing<String>> {
     Ok(buf)
 }
 
-fn body(v: &Value) -> anyhow::Result<Option<Zeroizing<Vec<u8>>>> {
-    Ok(Some(Zeroizing::new(serde_json::to_vec(v)?)))
-}
-
 fn print(v: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
+}
+
+/// Prints an answer as the server sent it (keys sorted, as a JSON tree prints them).
+fn print_answer(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    print(&serde_json::to_value(v)?)
 }
 
 async fn secret_command(api: ApiArgs, command: SecretCommand) -> anyhow::Result<()> {
@@ -311,30 +325,18 @@ async fn secret_command(api: ApiArgs, command: SecretCommand) -> anyhow::Result<
             hosts,
             value_file,
         } => {
-            let value = read_value(value_file.as_deref())?;
-            let mut req = json!({"name": name, "value": value.as_str()});
-            if let Some(d) = description {
-                req["description"] = json!(d);
-            }
-            if !hosts.is_empty() {
-                req["hosts"] = json!(hosts);
-            }
-            let b = body(&req)?;
-            // The JSON tree held the value too: overwrite it before it is dropped.
-            req["value"] = Value::Null;
-            let out = client.call(Method::POST, "/secret", &[], b).await?;
-            print(&out.unwrap_or(Value::Null))
+            let req = CreateSecret {
+                name,
+                value: SecretValue::from(read_value(value_file.as_deref())?),
+                description,
+                hosts: (!hosts.is_empty()).then_some(hosts),
+                body_substitution: None,
+                wrong_host: None,
+            };
+            print_answer(&client.create_secret(&req).await?)
         }
-        SecretCommand::List { name } => {
-            let all = client.list_all(name.as_deref()).await?;
-            print(&Value::Array(all))
-        }
-        SecretCommand::Get { id } => {
-            let out = client
-                .call(Method::GET, &format!("/secret/{id}"), &[], None)
-                .await?;
-            print(&out.unwrap_or(Value::Null))
-        }
+        SecretCommand::List { name } => print_answer(&client.all_secrets(name.as_deref()).await?),
+        SecretCommand::Get { id } => print_answer(&client.secret(&id).await?),
         SecretCommand::Update {
             id,
             description,
@@ -343,36 +345,25 @@ async fn secret_command(api: ApiArgs, command: SecretCommand) -> anyhow::Result<
             value_file,
             value_stdin,
         } => {
-            let mut req = json!({});
             let value = if value_stdin || value_file.is_some() {
-                Some(read_value(value_file.as_deref())?)
+                Some(SecretValue::from(read_value(value_file.as_deref())?))
             } else {
                 None
             };
-            if let Some(v) = &value {
-                req["value"] = json!(v.as_str());
-            }
-            if let Some(d) = description {
-                req["description"] = json!(d);
-            }
-            if unrestricted {
-                req["hosts"] = json!([]);
-            } else if !hosts.is_empty() {
-                req["hosts"] = json!(hosts);
-            }
-            let b = body(&req)?;
-            req["value"] = Value::Null;
-            let out = client
-                .call(Method::PATCH, &format!("/secret/{id}"), &[], b)
-                .await?;
-            print(&out.unwrap_or(Value::Null))
+            let hosts = if unrestricted {
+                Some(Vec::new())
+            } else {
+                (!hosts.is_empty()).then_some(hosts)
+            };
+            let req = UpdateSecret {
+                value,
+                description,
+                hosts,
+                ..UpdateSecret::default()
+            };
+            print_answer(&client.update_secret(&id, &req, None).await?)
         }
-        SecretCommand::Delete { id } => {
-            client
-                .call(Method::DELETE, &format!("/secret/{id}"), &[], None)
-                .await?;
-            Ok(())
-        }
+        SecretCommand::Delete { id } => Ok(client.delete_secret(&id).await?),
     }
 }
 
@@ -463,14 +454,17 @@ fn main() -> std::process::ExitCode {
             }
         }
         // A bad config is a bad argument (exit 2), as with clap's own errors.
-        let settings = match run.settings() {
-            Ok(s) => s,
+        let settings = match Config::load(run.config_file()) {
+            Ok(c) => veil_run::Settings {
+                uids: c.run.uid_range(),
+                cgroup2_mount: || Ok(veil_control::hostcheck::cgroup2_mount()?),
+            },
             Err(e) => {
                 eprintln!("veil-control run: {e}");
                 return std::process::ExitCode::from(2);
             }
         };
-        let code = runtime.block_on(veil_control::run::run(
+        let code = runtime.block_on(veil_run::run(
             &api.api_url,
             Zeroizing::new(api.api_key),
             run,

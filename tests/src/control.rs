@@ -172,7 +172,10 @@ impl Control {
                     self.log()
                 ));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            // The REST port is bound before the agent socket: a test may use either at once.
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                && self.agent_socket.exists()
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -399,6 +402,14 @@ impl Api {
     /// DELETE.
     pub async fn delete(&self, path: &str, key: &str) -> Reply {
         self.send("DELETE", path, Some(key), None).await
+    }
+
+    /// The typed client on the same API, for tests that do not pin the wire format (those
+    /// speak raw JSON through the methods above: a client and a server sharing the same types
+    /// cannot catch a wire bug).
+    pub fn client(&self, key: &str) -> veil_client::Client {
+        veil_client::Client::new(&self.base, veil_client::Zeroizing::new(key.to_owned()))
+            .expect("client")
     }
 
     /// Creates a secret and returns its JSON, asserting 201.

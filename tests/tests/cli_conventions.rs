@@ -27,14 +27,14 @@ const BAD: &str = "--no-such-option";
 /// Reported on issue 15; when a binary is fixed this test fails until its entry is removed.
 fn version_gap(bin: &str, path: &[String]) -> bool {
     match bin {
-        "veil-control" | "veil-agent" => !path.is_empty(),
+        "veil-agent" => !path.is_empty(),
         _ => false,
     }
 }
 
 /// Binaries whose root `--help` does not document the exit status yet (same ratchet).
 fn exit_status_gap(bin: &str) -> bool {
-    matches!(bin, "veil-control" | "veil-agent")
+    matches!(bin, "veil-agent")
 }
 
 #[test]

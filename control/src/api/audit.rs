@@ -1,24 +1,24 @@
 //! `/api/audit`: the organization's audit log, newest first, keyset-paginated.
 
-use std::collections::HashMap;
-
+use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::http::Method;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
-use serde_json::{Value, json};
+use serde_json::Value;
+use veil_api::{AuditEntry, AuditPage, AuditQuery, OrgId};
 
-use super::{ApiError, AppState, Caller, parse_limit, query_map};
+use super::routes::Route;
+use super::{ApiError, AppState, Caller, parse_limit, query};
 use crate::auth::Permission;
 use crate::paginate::Order;
 use crate::store::{AuditRecord, Direction};
 use crate::timefmt::{now_ms, rfc3339};
 
 /// Routes of this resource.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/audit", get(list))
+pub fn routes() -> Vec<Route> {
+    vec![Route::new(Method::GET, "/audit", list)]
 }
 
 /// Builds an audit entry for a change made by `caller`.
@@ -44,33 +44,42 @@ pub fn entry(
 }
 
 /// The public view of an audit entry.
-pub fn view(a: &AuditRecord) -> Value {
-    json!({
-        "id": a.seq.to_string(),
-        "createdAt": rfc3339(a.time),
-        "actorKeyId": a.actor,
-        "organizationId": a.org,
-        "action": a.action,
-        "targetType": a.target_type,
-        "targetId": a.target_id,
-        "targetName": a.target_name,
-        "changes": a.changes,
+pub fn view(a: &AuditRecord) -> Result<AuditEntry, ApiError> {
+    Ok(AuditEntry {
+        id: a.seq.to_string(),
+        created_at: rfc3339(a.time),
+        actor_key_id: a.actor.to_string(),
+        organization_id: OrgId::parse(a.org.to_string())
+            .map_err(|e| ApiError::internal("stored audit entry", e))?,
+        action: a.action.clone(),
+        target_type: a.target_type.clone(),
+        target_id: a.target_id.to_string(),
+        target_name: a.target_name.clone(),
+        changes: a.changes.clone(),
     })
 }
 
-async fn list(
+#[utoipa::path(
+    get,
+    path = "/audit",
+    operation_id = "listAudit",
+    summary = "The organization's audit log, values masked (read:audit)",
+    params(AuditQuery),
+    responses((status = 200, description = "A page", body = AuditPage))
+)]
+pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    q: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Json<AuditPage>, ApiError> {
     caller.require(Permission::ReadAudit)?;
-    let q = query_map(q)?;
-    let limit = parse_limit(&q)?;
-    let order = match q.get("order").map(String::as_str) {
+    let q = query(q)?;
+    let limit = parse_limit(q.limit.as_deref())?;
+    let order = match q.order.as_deref() {
         None | Some("") => Order::Desc,
         Some(o) => Order::parse(o).map_err(ApiError::BadRequest)?,
     };
-    let after = match q.get("cursor").map(String::as_str) {
+    let after = match q.cursor.as_deref() {
         None | Some("") => None,
         Some(c) => Some(
             B64URL
@@ -95,9 +104,9 @@ async fn list(
     let next = more
         .then(|| items.last().map(|a| B64URL.encode(a.seq.to_be_bytes())))
         .flatten();
-    Ok(Json(json!({
-        "items": items.iter().map(view).collect::<Vec<_>>(),
-        "total": total,
-        "nextCursor": next,
-    })))
+    Ok(Json(AuditPage {
+        items: items.iter().map(view).collect::<Result<_, _>>()?,
+        total: total as u64,
+        next_cursor: next,
+    }))
 }

@@ -6,6 +6,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use crate::hostcheck::HostCheckError;
 use crate::store::StoreError;
 
 /// Every way a REST call can fail.
@@ -76,6 +77,21 @@ impl ApiError {
             StoreError::Conflict(m) => Self::Conflict(m),
             StoreError::Rejected(m) => Self::BadRequest(m),
             e @ (StoreError::Backend(_) | StoreError::Corrupt { .. }) => Self::internal("store", e),
+        }
+    }
+}
+
+impl From<crate::validate::Invalid> for ApiError {
+    fn from(e: crate::validate::Invalid) -> Self {
+        Self::BadRequest(e.to_string())
+    }
+}
+
+impl From<HostCheckError> for ApiError {
+    fn from(e: HostCheckError) -> Self {
+        match e {
+            HostCheckError::Invalid(m) => Self::BadRequest(m),
+            HostCheckError::Unavailable(m) => Self::Unavailable(m),
         }
     }
 }

@@ -1,61 +1,65 @@
 //! `/api/api-keys`: an organization's API keys, for callers with `admin`. The key string is
 //! returned once, at creation; only its hash is stored.
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{delete, post};
-use axum::{Json, Router};
-use serde_json::{Value, json};
+use axum::http::{HeaderMap, Method, StatusCode};
+use serde_json::json;
+use veil_api::{ApiKey, CreateApiKey, NewApiKey, OrgId, SecretValue};
 
-use super::{ApiError, AppState, Caller, blocking, json_object, only_fields};
+use super::body::{PERMISSIONS, decode};
+use super::routes::Route;
+use super::{ApiError, AppState, Caller, blocking};
 use crate::api::audit::entry;
 use crate::auth::{self, Permission};
 use crate::store::{ApiKeyRecord, StoreError};
 use crate::timefmt::{now_ms, rfc3339};
 
 /// Routes of this resource.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api-keys", post(create).get(list))
-        .route("/api-keys/{id}", delete(revoke))
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::new(Method::POST, "/api-keys", create),
+        Route::new(Method::GET, "/api-keys", list),
+        Route::new(Method::DELETE, "/api-keys/{id}", revoke),
+    ]
 }
 
-fn view(k: &ApiKeyRecord) -> Value {
-    json!({
-        "id": k.id,
-        "organizationId": k.org,
-        "permissions": k.permissions,
-        "createdAt": rfc3339(k.created_at),
+fn view(k: &ApiKeyRecord) -> Result<ApiKey, ApiError> {
+    Ok(ApiKey {
+        id: k.id.to_string(),
+        organization_id: OrgId::parse(k.org.to_string())
+            .map_err(|e| ApiError::internal("stored api key", e))?,
+        permissions: k.permissions.iter().map(|p| p.to_string()).collect(),
+        created_at: rfc3339(k.created_at),
     })
 }
 
-async fn create(
+#[utoipa::path(
+    post,
+    path = "/api-keys",
+    operation_id = "createApiKey",
+    summary = "Create an API key in the caller's organization; the key is in `value`, shown once (admin)",
+    request_body = CreateApiKey,
+    responses(
+        (status = 201, description = "Created", body = NewApiKey),
+        (status = 415, description = "Not JSON", body = veil_api::ErrorBody),
+    )
+)]
+pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<NewApiKey>), ApiError> {
     caller.require(Permission::Admin)?;
-    let mut map = json_object(&headers, body)?;
-    only_fields(&map, &["permissions"])?;
-    let bad = || {
-        ApiError::BadRequest(
-            "permissions must be a non-empty array of manage:secrets, write:sandboxes, read:audit, admin"
-                .into(),
-        )
-    };
-    let Some(Value::Array(items)) = map.remove("permissions") else {
-        return Err(bad());
-    };
-    let mut permissions = items
+    let req: CreateApiKey = decode(&headers, body)?;
+    let bad = || ApiError::BadRequest(PERMISSIONS.into());
+    let mut permissions = req
+        .permissions
         .iter()
-        .map(|v| {
-            v.as_str()
-                .and_then(|s| s.parse::<Permission>().ok())
-                .ok_or_else(bad)
-        })
+        .map(|s| s.parse::<Permission>().map_err(|_| bad()))
         .collect::<Result<Vec<_>, _>>()?;
     if permissions.is_empty() {
         return Err(bad());
@@ -86,12 +90,24 @@ async fn create(
             .map_err(|e| ApiError::from_store(e, "api key"))
     })
     .await?;
-    let mut body = view(&record);
-    body["value"] = json!(new.key.as_str());
+    let body = NewApiKey {
+        key: view(&record)?,
+        value: SecretValue::new(new.key.as_str()),
+    };
     Ok((StatusCode::CREATED, Json(body)))
 }
 
-async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api-keys",
+    operation_id = "listApiKeys",
+    summary = "The organization's API keys, never their values (admin)",
+    responses((status = 200, description = "Keys", body = Vec<ApiKey>))
+)]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<ApiKey>>, ApiError> {
     caller.require(Permission::Admin)?;
     let mut keys: Vec<ApiKeyRecord> = state
         .store
@@ -101,10 +117,21 @@ async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Valu
         .filter(|k| k.org == caller.org)
         .collect();
     keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-    Ok(Json(Value::Array(keys.iter().map(view).collect())))
+    keys.iter().map(view).collect::<Result<_, _>>().map(Json)
 }
 
-async fn revoke(
+#[utoipa::path(
+    delete,
+    path = "/api-keys/{keyId}",
+    operation_id = "revokeApiKey",
+    summary = "Revoke an API key (admin)",
+    params(("keyId" = String, Path, description = "The key's id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 404, description = "No such key in the organization", body = veil_api::ErrorBody),
+    )
+)]
+pub(crate) async fn revoke(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,

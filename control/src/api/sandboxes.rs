@@ -19,31 +19,36 @@
 
 use std::collections::BTreeMap;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::put;
-use axum::{Json, Router};
-use serde_json::{Map, Value, json};
+use axum::http::{HeaderMap, Method, StatusCode};
+use serde_json::{Value, json};
+use veil_api::{
+    MountList, MountedSecret, PutSandbox, PutSandboxSecrets, Sandbox, SandboxId, SecretId,
+};
 
-use super::{ApiError, AppState, Caller, blocking, json_object, only_fields, opt_string};
+use super::body::decode;
+use super::routes::Route;
+use super::{ApiError, AppState, Caller, blocking};
 use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
-use crate::hostcheck::{self, HostCheckError};
+use crate::hostcheck;
 use crate::store::{Egress, Mount, SandboxRecord, SecretRecord, StoreError};
 use crate::timefmt::{now_ms, rfc3339};
 use crate::validate;
 
 /// Routes of this resource.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/sandbox/{id}",
-            put(put_sandbox).get(get_sandbox).delete(delete_sandbox),
-        )
-        .route("/sandbox/{id}/secrets", put(put_secrets).get(get_secrets))
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::new(Method::PUT, "/sandbox/{id}", put_sandbox),
+        Route::new(Method::GET, "/sandbox/{id}", get_sandbox),
+        Route::new(Method::DELETE, "/sandbox/{id}", delete_sandbox),
+        Route::new(Method::PUT, "/sandbox/{id}/secrets", put_secrets),
+        Route::new(Method::GET, "/sandbox/{id}/secrets", get_secrets),
+    ]
 }
 
 fn bad(msg: String) -> ApiError {
@@ -54,22 +59,10 @@ fn not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("sandbox {id} not found"))
 }
 
-/// Parses `secrets: [{ENV: secret-name}, …]` into (env, secret name) pairs.
-fn parse_mount_list(value: Option<Value>) -> Result<Vec<(String, String)>, ApiError> {
-    let items = match value {
-        None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::Array(items)) => items,
-        Some(_) => {
-            return Err(bad(
-                "secrets must be an array of {\"ENV_VAR\": \"secret-name\"} objects".into(),
-            ));
-        }
-    };
+/// Checks `secrets: [{ENV: secret-name}, …]` and turns it into (env, secret name) pairs.
+fn parse_mount_list(items: MountList) -> Result<Vec<(String, String)>, ApiError> {
     let mut out: Vec<(String, String)> = Vec::with_capacity(items.len());
-    for (i, item) in items.into_iter().enumerate() {
-        let Value::Object(obj) = item else {
-            return Err(bad(format!("secrets[{i}] must be an object")));
-        };
+    for (i, obj) in items.into_iter().enumerate() {
         if obj.len() != 1 {
             return Err(bad(format!("secrets[{i}] must have exactly one key")));
         }
@@ -77,11 +70,6 @@ fn parse_mount_list(value: Option<Value>) -> Result<Vec<(String, String)>, ApiEr
             return Err(bad(format!("secrets[{i}] must have exactly one key")));
         };
         validate::env_name(&env).map_err(bad)?;
-        let Value::String(name) = name else {
-            return Err(bad(format!(
-                "secrets[{i}].{env} must be a secret name (string)"
-            )));
-        };
         validate::secret_name(&name).map_err(|e| bad(format!("secrets[{i}].{env}: {e}")))?;
         if out.iter().any(|(e, _)| *e == env) {
             return Err(bad(format!("environment variable {env} is mounted twice")));
@@ -137,30 +125,31 @@ fn live_mounts(
     Ok(out)
 }
 
-fn view(state: &AppState, sb: &SandboxRecord) -> Result<Value, ApiError> {
+fn view(state: &AppState, sb: &SandboxRecord) -> Result<Sandbox, ApiError> {
     let live = live_mounts(state, sb)?;
     let ca = state.agent.ca_certificate();
-    let env: BTreeMap<&str, &str> = live
+    let env: BTreeMap<String, String> = live
         .iter()
-        .map(|(m, s)| (m.env.as_str(), s.placeholder.as_str()))
+        .map(|(m, s)| (m.env.clone(), s.placeholder.clone()))
         .collect();
-    let secrets: Vec<Value> = sb
+    let secrets: MountList = sb
         .mounts
         .iter()
-        .map(|m| json!({ m.env.clone(): m.secret_name }))
+        .map(|m| BTreeMap::from([(m.env.clone(), m.secret_name.clone())]))
         .collect();
-    Ok(json!({
-        "id": sb.id,
-        "cgroup": sb.cgroup,
-        "netns": sb.netns,
-        "egress": validate::egress_name(sb.egress),
-        "secrets": secrets,
-        "env": env,
-        "caCert": ca,
-        "caCertificate": ca,
-        "createdAt": rfc3339(sb.created_at),
-        "updatedAt": rfc3339(sb.updated_at),
-    }))
+    Ok(Sandbox {
+        id: SandboxId::parse(sb.id.to_string())
+            .map_err(|e| ApiError::internal("stored sandbox", e))?,
+        cgroup: sb.cgroup.clone(),
+        netns: sb.netns.clone(),
+        egress: sb.egress,
+        secrets,
+        env,
+        ca_cert: ca.clone(),
+        ca_certificate: ca,
+        created_at: rfc3339(sb.created_at),
+        updated_at: rfc3339(sb.updated_at),
+    })
 }
 
 fn mounts_json(mounts: &[Mount]) -> Value {
@@ -179,13 +168,6 @@ fn require_agent(state: &AppState) -> Result<(), ApiError> {
         ));
     }
     Ok(())
-}
-
-fn host_error(e: HostCheckError) -> ApiError {
-    match e {
-        HostCheckError::Invalid(m) => ApiError::BadRequest(m),
-        HostCheckError::Unavailable(m) => ApiError::Unavailable(m),
-    }
 }
 
 /// Pushes a stored sandbox write to the agents and turns their answer into the REST outcome
@@ -270,29 +252,48 @@ async fn roll_back(
     }
 }
 
-async fn put_sandbox(
+#[utoipa::path(
+    put,
+    path = "/sandbox/{sandboxId}",
+    operation_id = "putSandbox",
+    summary = "Register or replace a sandbox (write:sandboxes)",
+    description = "Answers once every connected veil-agent acknowledged that the sandbox is enforced (programs attached, listener open). 400 also when the cgroup directory or netns file does not exist on the host (sandbox.check_paths). The answer carries env (ENV → placeholder) and caCertificate.",
+    params(("sandboxId" = String, Path, description = "The sandbox's id: 1-128 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit")),
+    request_body = PutSandbox,
+    responses(
+        (status = 200, description = "Registered and enforced; env holds placeholders", body = Sandbox),
+        (status = 404, description = "The id belongs to another organization", body = veil_api::ErrorBody),
+        (status = 409, description = "The cgroup is registered to another sandbox", body = veil_api::ErrorBody),
+        (status = 502, description = "A veil-agent could not enforce the sandbox; the message carries its report and the change was rolled back", body = veil_api::ErrorBody),
+        (status = 503, description = "agent.required is set and no agent is connected (nothing stored), or no agent acknowledged within agent.timeout_ms (the registration is kept and enforced when the agent catches up; retry to wait)", body = veil_api::ErrorBody),
+    )
+)]
+pub(crate) async fn put_sandbox(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Sandbox>, ApiError> {
     caller.require(Permission::WriteSandboxes)?;
-    validate::sandbox_id(&id).map_err(bad)?;
-    let mut map: Map<String, Value> = json_object(&headers, body)?;
-    only_fields(&map, &["cgroup", "netns", "secrets", "egress"])?;
-    let cgroup = opt_string(&mut map, "cgroup")?.ok_or_else(|| bad("cgroup is required".into()))?;
-    let cgroup = validate::cgroup(&cgroup, &state.config.sandbox.cgroup_parents).map_err(bad)?;
-    let netns = opt_string(&mut map, "netns")?;
+    let id = SandboxId::parse(id).map_err(|e| bad(e.to_string()))?;
+    let PutSandbox {
+        cgroup,
+        netns,
+        secrets,
+        egress,
+    } = decode(&headers, body)?;
+    let cgroup = validate::cgroup(&cgroup, &state.config.sandbox.cgroup_parents)?;
     if let Some(n) = &netns {
-        validate::netns(n).map_err(bad)?;
+        validate::netns(n)?;
     }
     // Omitted (or null) = the default, as every other field of this full replacement.
-    let egress = match opt_string(&mut map, "egress")? {
-        Some(text) => validate::egress(&text).map_err(bad)?,
+    let egress = match egress {
+        Some(text) => validate::egress(&text)?,
         None => Egress::default(),
     };
-    let wanted = parse_mount_list(map.remove("secrets"))?;
+    let wanted = parse_mount_list(secrets.unwrap_or_default())?;
+    let id = String::from(id);
     require_agent(&state)?;
     let st = state.clone();
     let caller2 = caller.clone();
@@ -309,7 +310,7 @@ async fn put_sandbox(
             None => now,
         };
         if st.config.sandbox.check_paths {
-            hostcheck::check_sandbox(&cgroup, netns.as_deref()).map_err(host_error)?;
+            hostcheck::check_sandbox(&cgroup, netns.as_deref())?;
         }
         let mounts = resolve(&st, &caller2.org, &wanted)?;
         let record = SandboxRecord {
@@ -355,17 +356,42 @@ fn owned(state: &AppState, caller: &Caller, id: &str) -> Result<SandboxRecord, A
         .ok_or_else(|| not_found(id))
 }
 
-async fn get_sandbox(
+#[utoipa::path(
+    get,
+    path = "/sandbox/{sandboxId}",
+    operation_id = "getSandbox",
+    summary = "Get a sandbox (write:sandboxes)",
+    params(("sandboxId" = String, Path, description = "The sandbox's id")),
+    responses(
+        (status = 200, description = "The sandbox", body = Sandbox),
+        (status = 404, description = "No such sandbox in the organization", body = veil_api::ErrorBody),
+    )
+)]
+pub(crate) async fn get_sandbox(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Sandbox>, ApiError> {
     caller.require(Permission::WriteSandboxes)?;
     let sb = owned(&state, &caller, &id)?;
     Ok(Json(view(&state, &sb)?))
 }
 
-async fn delete_sandbox(
+#[utoipa::path(
+    delete,
+    path = "/sandbox/{sandboxId}",
+    operation_id = "deleteSandbox",
+    summary = "Remove a sandbox (write:sandboxes)",
+    description = "Removes the record, then answers once the agents acknowledged detaching everything for the sandbox.",
+    params(("sandboxId" = String, Path, description = "The sandbox's id")),
+    responses(
+        (status = 204, description = "Removed and detached"),
+        (status = 404, description = "No such sandbox in the organization", body = veil_api::ErrorBody),
+        (status = 502, description = "Removed from the registry; a veil-agent reported a failure while detaching", body = veil_api::ErrorBody),
+        (status = 503, description = "Removed from the registry; no agent acknowledged the detach in time (it detaches when it catches up)", body = veil_api::ErrorBody),
+    )
+)]
+pub(crate) async fn delete_sandbox(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -406,20 +432,30 @@ async fn delete_sandbox(
     }
 }
 
-async fn put_secrets(
+#[utoipa::path(
+    put,
+    path = "/sandbox/{sandboxId}/secrets",
+    operation_id = "putSandboxSecrets",
+    summary = "Replace the mounted secrets; [] detaches all (write:sandboxes)",
+    params(("sandboxId" = String, Path, description = "The sandbox's id")),
+    request_body = PutSandboxSecrets,
+    responses(
+        (status = 200, description = "The sandbox, with the new mounts enforced", body = Sandbox),
+        (status = 404, description = "No such sandbox in the organization", body = veil_api::ErrorBody),
+        (status = 502, description = "A veil-agent could not apply the mounts; rolled back", body = veil_api::ErrorBody),
+        (status = 503, description = "No agent connected (nothing changed) or none acknowledged in time (kept)", body = veil_api::ErrorBody),
+    )
+)]
+pub(crate) async fn put_secrets(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Sandbox>, ApiError> {
     caller.require(Permission::WriteSandboxes)?;
-    let mut map = json_object(&headers, body)?;
-    only_fields(&map, &["secrets"])?;
-    if !map.contains_key("secrets") {
-        return Err(bad("secrets is required ([] detaches all)".into()));
-    }
-    let wanted = parse_mount_list(map.remove("secrets"))?;
+    let PutSandboxSecrets { secrets } = decode(&headers, body)?;
+    let wanted = parse_mount_list(secrets)?;
     require_agent(&state)?;
     let st = state.clone();
     let caller2 = caller.clone();
@@ -457,25 +493,36 @@ async fn put_secrets(
     Ok(Json(view(&state, &record)?))
 }
 
-async fn get_secrets(
+#[utoipa::path(
+    get,
+    path = "/sandbox/{sandboxId}/secrets",
+    operation_id = "getSandboxSecrets",
+    summary = "Mounted secrets: env, placeholder, hosts — never a value (write:sandboxes)",
+    params(("sandboxId" = String, Path, description = "The sandbox's id")),
+    responses(
+        (status = 200, description = "Mounted secrets", body = Vec<MountedSecret>),
+        (status = 404, description = "No such sandbox in the organization", body = veil_api::ErrorBody),
+    )
+)]
+pub(crate) async fn get_secrets(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Vec<MountedSecret>>, ApiError> {
     caller.require(Permission::WriteSandboxes)?;
     let sb = owned(&state, &caller, &id)?;
     let live = live_mounts(&state, &sb)?;
-    Ok(Json(Value::Array(
-        live.iter()
-            .map(|(m, s)| {
-                json!({
-                    "env": m.env,
-                    "placeholder": s.placeholder,
-                    "hosts": s.hosts,
-                    "secretId": s.id,
-                    "name": s.name,
-                })
+    live.iter()
+        .map(|(m, s)| {
+            Ok(MountedSecret {
+                env: m.env.clone(),
+                placeholder: s.placeholder.clone(),
+                hosts: s.hosts.clone(),
+                secret_id: SecretId::parse(s.id.to_string())
+                    .map_err(|e| ApiError::internal("stored secret", e))?,
+                name: s.name.clone(),
             })
-            .collect(),
-    )))
+        })
+        .collect::<Result<_, _>>()
+        .map(Json)
 }

@@ -1,246 +1,81 @@
 //! `/api/secret…`: create, list, paginate, get, update, delete. No route returns a value.
 
-use std::collections::HashMap;
+mod input;
+mod view;
+
 use std::time::Duration;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use rand::RngCore;
+use axum::http::{HeaderMap, Method, StatusCode};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
-use zeroize::Zeroizing;
+use veil_api::{CreateSecret, Secret, SecretDetail, SecretPage, UpdateSecret, UpdateSecretQuery};
 
-use super::{
-    ApiError, AppState, Caller, blocking, json_object, only_fields, opt_string, opt_string_array,
-    parse_limit, query_map,
-};
-use crate::agent_link::{AgentEvent, AgentLinkError, Propagation};
+use super::body::decode;
+use super::routes::Route;
+use super::{ApiError, AppState, Caller, blocking, parse_limit, query};
+use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
 use crate::crypto::RecordBinding;
 use crate::grace;
 use crate::paginate::{Cursor, Order, SortField, SortValue};
-use crate::store::{SecretPageQuery, SecretRecord, SecretUsage, StoreError, WrongHost};
-use crate::timefmt::{now_ms, rfc3339};
+use crate::store::{SecretPageQuery, SecretRecord, StoreError};
+use crate::timefmt::now_ms;
 use crate::validate;
-use veil_policy::HostPattern;
+use input::{bad, new_placeholder, parse_description};
+pub use input::{new_uuid, parse_hosts, parse_wait};
+pub use view::{detail, view};
+use view::{wrong_host_name, wrong_host_record};
 
 /// Routes of this resource.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/secret", post(create).get(list))
-        .route("/secret/paginated", get(paginated))
-        .route("/secret/{id}", get(get_one).patch(update).delete(remove))
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::new(Method::POST, "/secret", create),
+        Route::new(Method::GET, "/secret", list),
+        Route::new(Method::GET, "/secret/paginated", paginated),
+        Route::new(Method::GET, "/secret/{id}", get_one),
+        Route::new(Method::PATCH, "/secret/{id}", update),
+        Route::new(Method::DELETE, "/secret/{id}", remove),
+    ]
 }
 
-/// Longest `?wait=` a PATCH accepts.
-const MAX_WAIT: Duration = Duration::from_secs(60);
-
-/// The public view of a secret: metadata only (Daytona's fields, then veil's extra ones).
-pub fn view(s: &SecretRecord) -> Value {
-    json!({
-        "id": s.id,
-        "name": s.name,
-        "description": s.description,
-        "placeholder": s.placeholder,
-        "hosts": s.hosts,
-        "createdAt": rfc3339(s.created_at),
-        "updatedAt": rfc3339(s.updated_at),
-        "revision": s.revision,
-        "bodySubstitution": s.body_substitution,
-        "wrongHost": wrong_host_name(s.wrong_host),
-    })
-}
-
-/// The single-secret view (GET, PATCH): [`view`] plus what the agents acknowledged and what
-/// they reported about its use.
-pub fn detail(s: &SecretRecord, propagation: &Propagation, usage: &SecretUsage) -> Value {
-    let mut v = view(s);
-    let agents: Vec<Value> = propagation
-        .agents
-        .iter()
-        .map(|a| {
-            json!({
-                "agentId": a.agent_id,
-                "connected": a.connected,
-                "acknowledgedRevision": a.revision,
-                "acknowledgedAt": a.at.map(rfc3339),
-            })
-        })
-        .collect();
-    v["propagation"] = json!({
-        "complete": propagation.pending(s.revision).is_empty(),
-        "agents": agents,
-    });
-    let hosts: serde_json::Map<String, Value> = usage
-        .hosts
-        .iter()
-        .map(|(host, u)| {
-            (
-                host.clone(),
-                json!({
-                    "substituted": u.counts.substituted,
-                    "wrongHost": u.counts.wrong_host,
-                    "hostMismatch": u.counts.host_mismatch,
-                    "blocked": u.counts.blocked,
-                    "lastUsedAt": u.last_used_at.map(rfc3339),
-                    "lastSeenAt": u.last_seen_at.map(rfc3339),
-                }),
-            )
-        })
-        .collect();
-    v["lastUsedAt"] = json!(usage.last_used_at.map(rfc3339));
-    v["usage"] = Value::Object(hosts);
-    v
-}
-
-fn wrong_host_name(w: WrongHost) -> &'static str {
-    match w {
-        WrongHost::Forward => "forward",
-        WrongHost::Block => "block",
-    }
-}
-
-fn parse_wrong_host(
-    map: &mut serde_json::Map<String, Value>,
-) -> Result<Option<WrongHost>, ApiError> {
-    match opt_string(map, "wrongHost")
-        .map_err(|_| bad("wrongHost must be \"forward\" or \"block\"".into()))?
-        .as_deref()
-    {
-        None => Ok(None),
-        Some("forward") => Ok(Some(WrongHost::Forward)),
-        Some("block") => Ok(Some(WrongHost::Block)),
-        Some(_) => Err(bad("wrongHost must be \"forward\" or \"block\"".into())),
-    }
-}
-
-fn parse_body_substitution(
-    map: &mut serde_json::Map<String, Value>,
-) -> Result<Option<bool>, ApiError> {
-    match map.remove("bodySubstitution") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(b)),
-        Some(_) => Err(bad("bodySubstitution must be true or false".into())),
-    }
-}
-
-/// `?wait=` of a PATCH: `500ms`, `5s` or plain seconds, 1 ms to [`MAX_WAIT`].
-pub fn parse_wait(q: &HashMap<String, String>) -> Result<Option<Duration>, ApiError> {
-    let Some(raw) = q.get("wait").map(|w| w.trim()).filter(|w| !w.is_empty()) else {
-        return Ok(None);
-    };
-    let invalid = || {
-        bad(format!(
-            "wait must be a duration like 500ms or 5s (at most {} s)",
-            MAX_WAIT.as_secs()
-        ))
-    };
-    let (number, unit_ms) = if let Some(n) = raw.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = raw.strip_suffix('s') {
-        (n, 1000.0)
-    } else {
-        (raw, 1000.0)
-    };
-    let n: f64 = number.trim().parse().map_err(|_| invalid())?;
-    let ms = n * unit_ms;
-    if !ms.is_finite() || ms < 1.0 || ms > MAX_WAIT.as_millis() as f64 {
-        return Err(invalid());
-    }
-    Ok(Some(Duration::from_millis(ms as u64)))
-}
-
-/// A random UUID v4 string.
-pub fn new_uuid() -> String {
-    let mut b = [0u8; 16];
-    rand::rng().fill_bytes(&mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
+#[utoipa::path(
+    post,
+    path = "/secret",
+    operation_id = "createSecret",
+    summary = "Create a secret (manage:secrets)",
+    request_body = CreateSecret,
+    responses(
+        (status = 201, description = "Created", body = Secret),
+        (status = 409, description = "A secret with this name exists in the organization", body = veil_api::ErrorBody),
+        (status = 415, description = "Not JSON", body = veil_api::ErrorBody),
     )
-}
-
-fn new_placeholder(prefix: &str) -> String {
-    // 192 random bits, hex: safe in URLs, headers and shells.
-    let mut b = [0u8; 24];
-    rand::rng().fill_bytes(&mut b);
-    format!("{prefix}{}", hex::encode(b))
-}
-
-/// Validates and normalises a hosts list (deduplicated, order kept).
-pub fn parse_hosts(hosts: Vec<String>) -> Result<Vec<String>, ApiError> {
-    if hosts.len() > validate::MAX_HOSTS {
-        return Err(ApiError::BadRequest(format!(
-            "hosts may list at most {} entries",
-            validate::MAX_HOSTS
-        )));
-    }
-    let mut out: Vec<String> = Vec::with_capacity(hosts.len());
-    for (i, host) in hosts.iter().enumerate() {
-        let pattern = HostPattern::parse(host)
-            .map_err(|e| ApiError::BadRequest(format!("hosts[{i}] {host:?}: {e}")))?
-            .to_string();
-        if !out.contains(&pattern) {
-            out.push(pattern);
-        }
-    }
-    Ok(out)
-}
-
-fn bad(msg: String) -> ApiError {
-    ApiError::BadRequest(msg)
-}
-
-fn parse_description(d: Option<String>) -> Result<Option<String>, ApiError> {
-    match d {
-        Some(d) => {
-            validate::description(&d).map_err(bad)?;
-            Ok(Some(d))
-        }
-        None => Ok(None),
-    }
-}
-
-async fn create(
+)]
+pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Secret>), ApiError> {
     caller.require(Permission::ManageSecrets)?;
-    let mut map = json_object(&headers, body)?;
-    // Move the value into a wiped buffer before anything else can fail and drop the map.
-    let value = opt_string(&mut map, "value")?.map(Zeroizing::new);
-    only_fields(
-        &map,
-        &[
-            "name",
-            "description",
-            "hosts",
-            "bodySubstitution",
-            "wrongHost",
-        ],
-    )?;
-    let value = value.ok_or_else(|| bad("value is required".into()))?;
-    let name = opt_string(&mut map, "name")?.ok_or_else(|| bad("name is required".into()))?;
+    let CreateSecret {
+        name,
+        value,
+        description,
+        hosts,
+        body_substitution,
+        wrong_host,
+    } = decode(&headers, body)?;
     validate::secret_name(&name).map_err(bad)?;
-    validate::secret_value(&value).map_err(bad)?;
-    let description = parse_description(opt_string(&mut map, "description")?)?;
-    let hosts = parse_hosts(opt_string_array(&mut map, "hosts")?.unwrap_or_default())?;
-    let body_substitution = parse_body_substitution(&mut map)?.unwrap_or(false);
-    let wrong_host = parse_wrong_host(&mut map)?.unwrap_or_default();
+    validate::secret_value(value.expose())?;
+    let description = parse_description(description)?;
+    let hosts = parse_hosts(hosts.unwrap_or_default())?;
+    let body_substitution = body_substitution.unwrap_or(false);
+    let wrong_host = wrong_host_record(wrong_host.unwrap_or_default());
     let now = now_ms();
     let id = new_uuid();
     let placeholder = new_placeholder(&state.config.placeholder_prefix);
@@ -260,7 +95,7 @@ async fn create(
                     secret_id: &id,
                     revision: 1,
                 },
-                value.as_bytes(),
+                value.expose().as_bytes(),
             )
             .map_err(|e| ApiError::internal("seal", e))?;
         let record = SecretRecord {
@@ -300,7 +135,7 @@ async fn create(
     })
     .await?;
     push_secret(&state, &record.id).await;
-    Ok((StatusCode::CREATED, Json(view(&record))))
+    Ok((StatusCode::CREATED, Json(view(&record)?)))
 }
 
 /// Pushes a secret change to the agents and waits for them, so that once the answer is sent the
@@ -316,7 +151,17 @@ async fn push_secret(state: &AppState, id: &str) {
     }
 }
 
-async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/secret",
+    operation_id = "listSecrets",
+    summary = "List all secrets (manage:secrets)",
+    responses((status = 200, description = "Secrets", body = Vec<Secret>))
+)]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Secret>>, ApiError> {
     caller.require(Permission::ManageSecrets)?;
     let mut all = blocking(move || {
         state
@@ -326,7 +171,7 @@ async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Valu
     })
     .await?;
     all.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
-    Ok(Json(Value::Array(all.iter().map(view).collect())))
+    all.iter().map(view).collect::<Result<_, _>>().map(Json)
 }
 
 fn sort_value(s: &SecretRecord, field: SortField) -> (SortValue, String) {
@@ -338,23 +183,31 @@ fn sort_value(s: &SecretRecord, field: SortField) -> (SortValue, String) {
     (v, s.id.clone())
 }
 
-async fn paginated(
+#[utoipa::path(
+    get,
+    path = "/secret/paginated",
+    operation_id = "listSecretsPaginated",
+    summary = "List secrets a page at a time (manage:secrets)",
+    params(veil_api::SecretPageQuery),
+    responses((status = 200, description = "A page", body = SecretPage))
+)]
+pub(crate) async fn paginated(
     State(state): State<AppState>,
     caller: Caller,
-    q: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+    q: Result<Query<veil_api::SecretPageQuery>, QueryRejection>,
+) -> Result<Json<SecretPage>, ApiError> {
     caller.require(Permission::ManageSecrets)?;
-    let q = query_map(q)?;
-    let limit = parse_limit(&q)?;
-    let cursor = match q.get("cursor").map(String::as_str) {
+    let q = query(q)?;
+    let limit = parse_limit(q.limit.as_deref())?;
+    let cursor = match q.cursor.as_deref() {
         None | Some("") => None,
         Some(c) => Some(Cursor::decode(c).map_err(bad)?),
     };
-    let sort = match q.get("sort").map(String::as_str) {
+    let sort = match q.sort.as_deref() {
         None | Some("") => cursor.as_ref().map_or(SortField::CreatedAt, |c| c.s),
         Some(s) => SortField::parse(s).map_err(bad)?,
     };
-    let order = match q.get("order").map(String::as_str) {
+    let order = match q.order.as_deref() {
         None | Some("") => cursor.as_ref().map_or(Order::Desc, |c| c.o),
         Some(o) => Order::parse(o).map_err(bad)?,
     };
@@ -363,10 +216,7 @@ async fn paginated(
     {
         return Err(bad("cursor was issued for a different sort or order".into()));
     }
-    let filter = q
-        .get("name")
-        .filter(|n| !n.is_empty())
-        .map(|n| n.to_lowercase());
+    let filter = q.name.filter(|n| !n.is_empty()).map(|n| n.to_lowercase());
     let st = state.clone();
     let org = caller.org.clone();
     let page = blocking(move || {
@@ -398,18 +248,30 @@ async fn paginated(
     } else {
         None
     };
-    Ok(Json(json!({
-        "items": page.items.iter().map(view).collect::<Vec<_>>(),
-        "total": page.total,
-        "nextCursor": next,
-    })))
+    Ok(Json(SecretPage {
+        items: page.items.iter().map(view).collect::<Result<_, _>>()?,
+        total: page.total as u64,
+        next_cursor: next,
+    }))
 }
 
-async fn get_one(
+#[utoipa::path(
+    get,
+    path = "/secret/{secretId}",
+    operation_id = "getSecret",
+    summary = "Get a secret (manage:secrets)",
+    description = "Beyond the list view: propagation (which revision each veil-agent acknowledged, and when) and usage (agent-reported placeholder counts per host, lastUsedAt).",
+    params(("secretId" = String, Path, description = "The secret's id")),
+    responses(
+        (status = 200, description = "The secret", body = SecretDetail),
+        (status = 404, description = "No such secret in the organization", body = veil_api::ErrorBody),
+    )
+)]
+pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SecretDetail>, ApiError> {
     caller.require(Permission::ManageSecrets)?;
     let s = state
         .store
@@ -419,46 +281,56 @@ async fn get_one(
     detail_of(&state, &s).map(Json)
 }
 
-fn detail_of(state: &AppState, s: &SecretRecord) -> Result<Value, ApiError> {
+fn detail_of(state: &AppState, s: &SecretRecord) -> Result<SecretDetail, ApiError> {
     let usage = state
         .store
         .secret_usage(&s.id)
         .map_err(|e| ApiError::from_store(e, "secret"))?;
-    Ok(detail(s, &state.agent.propagation(&s.id), &usage))
+    detail(s, &state.agent.propagation(&s.id), &usage)
 }
 
-async fn update(
+#[utoipa::path(
+    patch,
+    path = "/secret/{secretId}",
+    operation_id = "updateSecret",
+    summary = "Update a secret; omitted or null fields are unchanged, hosts [] makes it unrestricted (manage:secrets)",
+    description = "Every change bumps revision and is pushed to the veil-agents at once. Without wait the answer comes after the push (bounded by agent.timeout_ms) and is 200 even if an agent did not acknowledge; with wait it is 200 only once no agent may still use an older revision (propagation.complete), else 504 — the change is stored either way and agents converge when they reconnect. Once an agent acknowledged, every request it sends upstream carries the new value.",
+    params(("secretId" = String, Path, description = "The secret's id"), UpdateSecretQuery),
+    request_body = UpdateSecret,
+    responses(
+        (status = 200, description = "Updated (with wait: and acknowledged by every agent)", body = SecretDetail),
+        (status = 404, description = "No such secret in the organization", body = veil_api::ErrorBody),
+        (status = 415, description = "Not JSON", body = veil_api::ErrorBody),
+        (status = 502, description = "wait: an agent reported it could not apply the change (stored anyway)", body = veil_api::ErrorBody),
+        (status = 504, description = "wait: not every agent acknowledged in time; the message names them; the change is stored", body = veil_api::ErrorBody),
+    )
+)]
+pub(crate) async fn update(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    q: Result<Query<HashMap<String, String>>, QueryRejection>,
+    q: Result<Query<UpdateSecretQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SecretDetail>, ApiError> {
     caller.require(Permission::ManageSecrets)?;
-    let wait = parse_wait(&query_map(q)?)?;
-    let mut map = json_object(&headers, body)?;
-    let value = opt_string(&mut map, "value")?.map(Zeroizing::new);
-    only_fields(
-        &map,
-        &["description", "hosts", "bodySubstitution", "wrongHost"],
-    )?;
+    let wait = parse_wait(query(q)?.wait.as_deref())?;
+    let req: UpdateSecret = decode(&headers, body)?;
+    let nothing = req.is_empty();
+    let UpdateSecret {
+        value,
+        description,
+        hosts,
+        body_substitution,
+        wrong_host,
+    } = req;
     if let Some(v) = &value {
-        validate::secret_value(v).map_err(bad)?;
+        validate::secret_value(v.expose())?;
     }
-    let description = parse_description(opt_string(&mut map, "description")?)?;
-    let hosts = match opt_string_array(&mut map, "hosts")? {
-        Some(h) => Some(parse_hosts(h)?),
-        None => None,
-    };
-    let body_substitution = parse_body_substitution(&mut map)?;
-    let wrong_host = parse_wrong_host(&mut map)?;
-    if value.is_none()
-        && description.is_none()
-        && hosts.is_none()
-        && body_substitution.is_none()
-        && wrong_host.is_none()
-    {
+    let description = parse_description(description)?;
+    let hosts = hosts.map(parse_hosts).transpose()?;
+    let wrong_host = wrong_host.map(wrong_host_record);
+    if nothing {
         // Nothing to change: answer like a GET, without a write or an audit entry (with
         // `wait`, once the agents hold the current revision).
         let s = state
@@ -550,12 +422,14 @@ async fn update(
                             },
                             &p.sealed,
                         );
-                        stored.is_ok_and(|s| bool::from(s.as_slice().ct_eq(v.as_bytes())))
+                        stored.is_ok_and(|s| bool::from(s.as_slice().ct_eq(v.expose().as_bytes())))
                     }),
                     None => grace::previous_kept(old, now, grace),
                 };
                 new.sealed = match &value {
-                    Some(v) => ring.seal(binding, v.as_bytes()).map_err(seal_err)?,
+                    Some(v) => ring
+                        .seal(binding, v.expose().as_bytes())
+                        .map_err(seal_err)?,
                     None => {
                         let plain = ring
                             .open(
@@ -631,7 +505,18 @@ async fn wait_for_agents(
     }
 }
 
-async fn remove(
+#[utoipa::path(
+    delete,
+    path = "/secret/{secretId}",
+    operation_id = "deleteSecret",
+    summary = "Delete a secret (manage:secrets)",
+    params(("secretId" = String, Path, description = "The secret's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such secret in the organization", body = veil_api::ErrorBody),
+    )
+)]
+pub(crate) async fn remove(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -664,26 +549,4 @@ async fn remove(
     .await?;
     push_secret(&state, &id).await;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn wait(v: &str) -> Result<Option<Duration>, ApiError> {
-        parse_wait(&HashMap::from([("wait".to_owned(), v.to_owned())]))
-    }
-
-    #[test]
-    fn wait_parses_durations_within_bounds() {
-        assert_eq!(wait("").unwrap(), None);
-        assert_eq!(parse_wait(&HashMap::new()).unwrap(), None);
-        assert_eq!(wait("500ms").unwrap(), Some(Duration::from_millis(500)));
-        assert_eq!(wait("5s").unwrap(), Some(Duration::from_secs(5)));
-        assert_eq!(wait("2").unwrap(), Some(Duration::from_secs(2)));
-        assert_eq!(wait("1.5s").unwrap(), Some(Duration::from_millis(1500)));
-        for bad in ["0", "0ms", "61s", "-1", "abc", "5m", "NaN", "inf"] {
-            assert!(wait(bad).is_err(), "{bad}");
-        }
-    }
 }

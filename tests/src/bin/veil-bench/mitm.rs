@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use serde_json::json;
+use veil_client::veil_api::{CreateSecret, SecretValue};
 use veil_tests::agent::AgentOptions;
 use veil_tests::{NetNs, Sandbox, TestCa, Veil, World};
 
@@ -176,18 +176,15 @@ pub fn run(seconds: u64, runs: u64) -> Result<()> {
         },
         &[],
     );
-    let (status, body) = veil.block_on(veil.api().post(
-        "/secret",
-        veil.key(),
-        json!({"name": "bench-key", "value": "sk-bench-0123456789abcdef", "hosts": [HOST]}),
-    ));
-    if status != 201 {
-        bail!("creating the bench secret: {status} {body}");
-    }
-    let placeholder = body["placeholder"]
-        .as_str()
-        .context("placeholder")?
-        .to_owned();
+    let placeholder = veil
+        .block_on(veil.api().client(veil.key()).create_secret(&CreateSecret {
+            name: "bench-key".into(),
+            value: SecretValue::new("sk-bench-0123456789abcdef"),
+            hosts: Some(vec![HOST.into()]),
+            ..CreateSecret::default()
+        }))
+        .context("creating the bench secret")?
+        .placeholder;
     let ns = NetNs::new("mitm");
     let _link = world.link_sandbox(&ns);
     let sb = Sandbox::new("mitm", Some(&ns)).with_hosts(&[(HOST, ip)]);

@@ -24,8 +24,8 @@ use anyhow::{Context, Result, bail};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
-use serde_json::json;
 use tokio_util::sync::{CancellationToken, DropGuard};
+use veil_client::veil_api::{CreateSecret, SecretValue, UpdateSecret};
 use veil_tests::agent::AgentOptions;
 use veil_tests::clients::python_clients;
 use veil_tests::control::random_token;
@@ -209,21 +209,18 @@ pub fn run(count: u64) -> Result<()> {
         },
         &[],
     );
-    let api = veil.api();
+    let api = veil.api().client(veil.key());
     let mut value = format!("bench-{}", random_token(40));
-    let (status, created) = veil.block_on(api.post(
-        "/secret",
-        veil.key(),
-        json!({"name": "rotating", "value": value, "hosts": [HOST]}),
-    ));
-    if status != 201 {
-        bail!("creating the secret: {status} {created}");
-    }
-    let id = created["id"].as_str().context("secret id")?.to_owned();
-    let placeholder = created["placeholder"]
-        .as_str()
-        .context("placeholder")?
-        .to_owned();
+    let created = veil
+        .block_on(api.create_secret(&CreateSecret {
+            name: "rotating".into(),
+            value: SecretValue::new(value.as_str()),
+            hosts: Some(vec![HOST.into()]),
+            ..CreateSecret::default()
+        }))
+        .context("creating the secret")?;
+    let id = created.id.to_string();
+    let placeholder = created.placeholder;
     let ns = NetNs::new("rotbench");
     let sb = Sandbox::new("rotbench", Some(&ns)).with_hosts(&[(HOST, ip)]);
     let answer = veil.register_with(&sb.agent_entry("rotbench"), &[("MY_KEY", "rotating")]);
@@ -254,7 +251,6 @@ pub fn run(count: u64) -> Result<()> {
         seen_first += arrivals.len();
     }
 
-    let path = format!("/secret/{id}?wait=5s");
     let mut latency_ms = Vec::new();
     let mut patch_ms = Vec::new();
     let mut in_flight_old = 0u64;
@@ -265,11 +261,13 @@ pub fn run(count: u64) -> Result<()> {
         std::thread::sleep(Duration::from_millis(5 + rand::random_range(0..20)));
         up.take();
         let sent = Instant::now();
-        let (status, body) = veil.block_on(api.patch(&path, veil.key(), json!({"value": value})));
+        let update = UpdateSecret {
+            value: Some(SecretValue::new(value.as_str())),
+            ..UpdateSecret::default()
+        };
+        let answer = veil.block_on(api.update_secret(&id, &update, Some("5s")));
         let answered = Instant::now();
-        if status != 200 {
-            bail!("rotation {i}: PATCH answered {status}: {body}");
-        }
+        answer.with_context(|| format!("rotation {i}: PATCH"))?;
         patch_ms.push(answered.duration_since(sent).as_secs_f64() * 1e3);
         // Read until the new value arrived twice; judge every arrival on the way.
         let deadline = answered + Duration::from_secs(10);

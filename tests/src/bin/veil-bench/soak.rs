@@ -19,6 +19,7 @@ use http_body_util::{BodyExt, Full};
 use rand::{Rng, RngCore};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
+use veil_client::veil_api::{CreateSecret, SecretValue};
 use veil_tests::agent::AgentOptions;
 use veil_tests::{NetNs, Sandbox, TestCa, Veil, World};
 
@@ -129,18 +130,15 @@ pub fn run(connections: u64, sandboxes: u64, seconds: u64) -> Result<()> {
         },
         &[],
     );
-    let (status, body) = veil.block_on(veil.api().post(
-        "/secret",
-        veil.key(),
-        json!({"name": "soak-key", "value": VALUE, "hosts": [HOST]}),
-    ));
-    if status != 201 {
-        bail!("creating the soak secret: {status} {body}");
-    }
-    let placeholder = body["placeholder"]
-        .as_str()
-        .context("placeholder")?
-        .to_owned();
+    let placeholder = veil
+        .block_on(veil.api().client(veil.key()).create_secret(&CreateSecret {
+            name: "soak-key".into(),
+            value: SecretValue::new(VALUE),
+            hosts: Some(vec![HOST.into()]),
+            ..CreateSecret::default()
+        }))
+        .context("creating the soak secret")?
+        .placeholder;
     eprintln!("soak: setting up {sandboxes} sandboxes");
     let mut boxes = Vec::new();
     for i in 0..sandboxes {

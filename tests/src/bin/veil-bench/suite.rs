@@ -27,7 +27,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde_json::json;
+use veil_client::veil_api::{CreateSecret, SecretValue};
 use veil_tests::agent::AgentOptions;
 use veil_tests::{NetNs, Sandbox, TestCa, Veil, World};
 
@@ -199,18 +199,15 @@ fn start_veil(ca: &TestCa, scrub: bool) -> Result<(Veil, String)> {
         },
         &[],
     );
-    let (status, body) = veil.block_on(veil.api().post(
-        "/secret",
-        veil.key(),
-        json!({"name": "bench-key", "value": VALUE, "hosts": [HOST]}),
-    ));
-    if status != 201 {
-        bail!("creating the bench secret: {status} {body}");
-    }
-    let placeholder = body["placeholder"]
-        .as_str()
-        .context("placeholder")?
-        .to_owned();
+    let placeholder = veil
+        .block_on(veil.api().client(veil.key()).create_secret(&CreateSecret {
+            name: "bench-key".into(),
+            value: SecretValue::new(VALUE),
+            hosts: Some(vec![HOST.into()]),
+            ..CreateSecret::default()
+        }))
+        .context("creating the bench secret")?
+        .placeholder;
     Ok((veil, placeholder))
 }
 

@@ -13,6 +13,8 @@
 //! Exit status: the command's own, 128+N when a signal N killed it, 125 when veil-control run
 //! itself failed, 126 when the command could not be executed, 127 when it was not found.
 #![deny(unsafe_code)]
+#![deny(missing_docs)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cgroup;
 pub mod child;
@@ -32,19 +34,26 @@ use std::time::Duration;
 use anyhow::Context;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use reqwest::Method;
-use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
-use crate::client::{Client, ClientError};
-use crate::config::{Config, ConfigError, RunConfig};
 use cgroup::SandboxCgroup;
 use child::Entry;
 use env::EnvArg;
 use netns::{Ipv4Range, SandboxNet};
 use state::RunDir;
+use veil_client::{Client, ClientError};
+
+/// What the exit status of `veil-control run` means; shown under its `--help`.
+pub const EXIT_STATUS: &str = "\
+Exit status:
+  N      the command's own exit status
+  128+N  the command was killed by signal N (also when run was interrupted during set-up)
+  125    veil-control run itself failed (set-up, registration); one line on stderr says why
+  126    the command could not be executed
+  127    the command was not found
+  2      bad command line or config; nothing was set up";
 
 /// Exit status when veil-control run itself fails.
 pub const EXIT_SETUP: u8 = 125;
@@ -110,15 +119,14 @@ impl RunArgs {
         env::check_conflicts(&self.env, &self.secrets)
     }
 
-    /// `[run]` of control's config: `--config`, else [`DEFAULT_CONFIG`] when it exists, else
-    /// the defaults.
-    pub fn settings(&self) -> Result<RunConfig, ConfigError> {
+    /// The config file `[run]` is read from: `--config`, else [`DEFAULT_CONFIG`] when it
+    /// exists, else none (the defaults).
+    pub fn config_file(&self) -> Option<&Path> {
         let default = Path::new(DEFAULT_CONFIG);
-        let path = match &self.config {
+        match &self.config {
             Some(p) => Some(p.as_path()),
             None => default.exists().then_some(default),
-        };
-        Ok(Config::load(path)?.run)
+        }
     }
 }
 
@@ -127,12 +135,21 @@ pub fn parse_mount(s: &str) -> Result<(String, String), String> {
     let (env, name) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected ENV=SECRET_NAME"))?;
-    crate::validate::env_name(env)?;
+    veil_api::names::env_name(env)?;
     if env.starts_with("VEIL_") {
         return Err(format!("{env}: VEIL_* variables are reserved for veil"));
     }
-    crate::validate::secret_name(name)?;
+    veil_api::names::secret_name(name)?;
     Ok((env.to_owned(), name.to_owned()))
+}
+
+/// What `run` takes from veil-control: its `[run]` settings and its host knowledge.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// The uids sandboxes get, one each (`run.uid_range`).
+    pub uids: uids::UidRange,
+    /// Finds the cgroup2 mount of this mount namespace (control's one implementation).
+    pub cgroup2_mount: fn() -> anyhow::Result<PathBuf>,
 }
 
 /// Runs `args.command` in a fresh sandbox; returns the exit status to report.
@@ -140,7 +157,7 @@ pub async fn run(
     api_url: &str,
     api_key: Zeroizing<String>,
     args: RunArgs,
-    settings: RunConfig,
+    settings: Settings,
 ) -> u8 {
     let mut signals = match forward_signals() {
         Ok(s) => s,
@@ -156,7 +173,7 @@ pub async fn run(
             return EXIT_SETUP;
         }
     };
-    reap::reap_stale(&client, &args.cgroup_parent).await;
+    reap::reap_stale(&client, &args.cgroup_parent, settings.cgroup2_mount).await;
     let id = format!("run-{}-{:08x}", std::process::id(), rand::random::<u32>());
     let mut res = Resources::default();
     let prepared = tokio::select! {
@@ -299,11 +316,8 @@ impl Resources {
             cg.kill_all().await;
         }
         if self.registered {
-            match client
-                .call(Method::DELETE, &format!("/sandbox/{id}"), &[], None)
-                .await
-            {
-                Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
+            match client.delete_sandbox(id).await {
+                Ok(()) | Err(ClientError::Api { status: 404, .. }) => {}
                 Err(e) => eprintln!("veil-control run: unregistering sandbox {id}: {e}"),
             }
         }
@@ -344,7 +358,7 @@ struct Who {
 async fn setup(
     client: &Client,
     args: &RunArgs,
-    settings: &RunConfig,
+    settings: &Settings,
     id: &str,
     res: &mut Resources,
 ) -> anyhow::Result<tokio::process::Command> {
@@ -355,7 +369,7 @@ async fn setup(
     let dir_path = dir.path().to_path_buf();
     res.dir = Some(dir);
 
-    let cgroup = SandboxCgroup::create(&args.cgroup_parent, id)?;
+    let cgroup = SandboxCgroup::create(&(settings.cgroup2_mount)()?, &args.cgroup_parent, id)?;
     let procs = std::fs::OpenOptions::new()
         .write(true)
         .open(cgroup.path.join("cgroup.procs"))
@@ -386,7 +400,7 @@ async fn setup(
                 sandbox: id.to_owned(),
                 cgroup: relative.clone(),
             };
-            let lease = uids::claim(&records, settings.uid_range(), &record)?;
+            let lease = uids::claim(&records, settings.uids, &record)?;
             let uid = lease.uid();
             res.uid = Some(lease);
             Who {
@@ -429,42 +443,30 @@ async fn setup(
         resolv = Some(child::c_path(&path)?);
     }
 
-    let secrets: Vec<Value> = args
+    let secrets = args
         .secrets
         .iter()
-        .map(|(env, name)| json!({ env.clone(): name }))
+        .map(|(env, name)| BTreeMap::from([(env.clone(), name.clone())]))
         .collect();
-    let mut body = json!({ "cgroup": relative, "secrets": secrets });
-    if let Some(n) = &netns_path {
-        body["netns"] = json!(n);
+    let body = veil_api::PutSandbox {
+        cgroup: relative,
         // Nothing is forwarded out of this netns: veil opens its connections from the host.
-        body["egress"] = json!("host");
-    }
+        egress: netns_path.as_ref().map(|_| "host".to_owned()),
+        netns: netns_path,
+        secrets: Some(secrets),
+    };
     // From here on the registration may exist even if the call fails (a timeout keeps it).
     res.registered = true;
     let answer = client
-        .call(
-            Method::PUT,
-            &format!("/sandbox/{id}"),
-            &[],
-            Some(Zeroizing::new(serde_json::to_vec(&body)?)),
-        )
+        .put_sandbox(id, &body)
         .await
-        .context("registering the sandbox")?
-        .unwrap_or(Value::Null);
-    let placeholders: BTreeMap<String, String> = answer["env"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
+        .context("registering the sandbox")?;
+    let placeholders = answer.env;
 
     let bundle = dir_path.join("ca-bundle.pem");
     write_file(
         &bundle,
-        &ca_bundle(&args.system_roots, answer["caCertificate"].as_str()),
+        &ca_bundle(&args.system_roots, answer.ca_certificate.as_deref()),
         0o644,
     )?;
 

@@ -1,14 +1,12 @@
 //! The sandbox's cgroup: `<parent>/<id>` under the cgroup2 mount, made before anything else
 //! and removed (with whatever still runs in it) last.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-
-use crate::hostcheck;
 
 /// The sandbox's cgroup directory.
 #[derive(Debug)]
@@ -22,8 +20,8 @@ pub struct SandboxCgroup {
 }
 
 impl SandboxCgroup {
-    /// Creates `<parent>/<id>` (and the parent when missing).
-    pub fn create(parent: &str, id: &str) -> anyhow::Result<SandboxCgroup> {
+    /// Creates `<parent>/<id>` (and the parent when missing) under the cgroup2 `mount`.
+    pub fn create(mount: &Path, parent: &str, id: &str) -> anyhow::Result<SandboxCgroup> {
         let parent = parent.trim_matches('/');
         if parent.is_empty()
             || parent
@@ -32,7 +30,6 @@ impl SandboxCgroup {
         {
             anyhow::bail!("--cgroup-parent {parent:?} must be a relative path without . or ..");
         }
-        let mount = hostcheck::cgroup2_mount()?;
         let parent_path = mount.join(parent);
         let created_parent = (!parent_path.exists()).then(|| parent_path.clone());
         let path = parent_path.join(id);
@@ -55,8 +52,8 @@ impl SandboxCgroup {
         })
     }
 
-    /// The cgroup `relative` (to the cgroup2 mount) a run made earlier, to remove it.
-    pub fn existing(relative: &str) -> anyhow::Result<SandboxCgroup> {
+    /// The cgroup `relative` (to the cgroup2 `mount`) a run made earlier, to remove it.
+    pub fn existing(mount: &Path, relative: &str) -> anyhow::Result<SandboxCgroup> {
         let relative = relative.trim_matches('/');
         if relative.is_empty()
             || relative
@@ -66,7 +63,7 @@ impl SandboxCgroup {
             anyhow::bail!("{relative:?} is not a relative cgroup path");
         }
         Ok(SandboxCgroup {
-            path: hostcheck::cgroup2_mount()?.join(relative),
+            path: mount.join(relative),
             relative: relative.to_owned(),
             created_parent: None,
         })

@@ -2,16 +2,14 @@
 //! cgroups, registrations, network namespaces (their veth pairs go with them), directories, and
 //! last their uid records. Only objects of a run whose pid no longer exists are touched.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
-use reqwest::Method;
 
 use super::cgroup::SandboxCgroup;
 use super::{netns, state, uids};
-use crate::client::{Client, ClientError};
-use crate::hostcheck;
+use veil_client::{Client, ClientError};
 
 /// The pid of the `veil-control run` that made `name` (`<prefix><pid>-<hex>`).
 pub fn run_owner(name: &str, prefix: &str) -> Option<u32> {
@@ -33,16 +31,13 @@ pub fn pid_alive(pid: u32) -> bool {
 
 /// Removes sandbox `id` (cgroup `cgroup`, relative to the cgroup2 mount): what runs in it, its
 /// registration, its cgroup, netns and directory.
-async fn remove_sandbox(client: &Client, id: &str, cgroup: &str) {
-    let cg = SandboxCgroup::existing(cgroup).ok();
+async fn remove_sandbox(client: &Client, mount: Option<&Path>, id: &str, cgroup: &str) {
+    let cg = mount.and_then(|m| SandboxCgroup::existing(m, cgroup).ok());
     if let Some(cg) = &cg {
         cg.kill_all().await;
     }
-    match client
-        .call(Method::DELETE, &format!("/sandbox/{id}"), &[], None)
-        .await
-    {
-        Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
+    match client.delete_sandbox(id).await {
+        Ok(()) | Err(ClientError::Api { status: 404, .. }) => {}
         Err(e) => eprintln!("veil-control run: unregistering stale sandbox {id}: {e}"),
     }
     if let Some(cg) = cg {
@@ -61,22 +56,28 @@ async fn remove_sandbox(client: &Client, id: &str, cgroup: &str) {
 /// Reaps every dead run's sandbox this run can find: those with a uid record (whatever their
 /// cgroup parent), then those under `parent` (runs as a named `--user` have no record), then
 /// stray directories and namespaces.
-pub async fn reap_stale(client: &Client, parent: &str) {
+pub async fn reap_stale(
+    client: &Client,
+    parent: &str,
+    cgroup2_mount: fn() -> anyhow::Result<PathBuf>,
+) {
+    let mount = cgroup2_mount().ok();
     if let Ok(dir) = state::private_dir(Some(super::UID_RECORDS)) {
         for stale in uids::stale(&dir, pid_alive) {
             let record = stale.record.clone();
-            remove_sandbox(client, &record.sandbox, &record.cgroup).await;
+            remove_sandbox(client, mount.as_deref(), &record.sandbox, &record.cgroup).await;
             // Only now may the uid be taken again.
             stale.release();
         }
     }
-    if let Ok(mount) = hostcheck::cgroup2_mount() {
+    if let Some(mount) = &mount {
         let parent = parent.trim_matches('/');
         let dirs = std::fs::read_dir(mount.join(parent)).into_iter().flatten();
         for entry in dirs.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if run_owner(&name, "run-").is_some_and(|pid| !pid_alive(pid)) {
-                remove_sandbox(client, &name, &format!("{parent}/{name}")).await;
+                let cgroup = format!("{parent}/{name}");
+                remove_sandbox(client, Some(mount), &name, &cgroup).await;
             }
         }
     }

@@ -45,7 +45,7 @@ pub fn parse_env(s: &str) -> Result<EnvArg, String> {
         Some((name, value)) => (name, Some(value.to_owned())),
         None => (s, None),
     };
-    crate::validate::env_name(name)?;
+    veil_api::names::env_name(name)?;
     if name.starts_with("VEIL_") {
         return Err(format!(
             "{name}: VEIL_* variables are reserved for veil (they hold its API URL and key)"

@@ -1,0 +1,109 @@
+//! `/api/sandbox/{id}` and `/api/sandbox/{id}/secrets`: veil's sandbox registry.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use veil_link::{Egress, SandboxId, SecretId};
+
+/// `[{"ENV_VAR": "secret-name"}, …]`: each entry exactly one key (Daytona's shape).
+pub type MountList = Vec<BTreeMap<String, String>>;
+
+/// PUT body: registers or replaces a sandbox (every omitted field takes its default).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutSandbox {
+    /// cgroup v2 path under a configured parent.
+    pub cgroup: String,
+    /// /run/netns/NAME or /proc/PID/ns/net.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// Mounted secrets: env var → secret name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub secrets: Option<MountList>,
+    /// veil: where veil-agent opens the sandbox's upstream connections. sandbox (default):
+    /// inside the sandbox's own netns (or the host's when it has none), so its routes, source
+    /// address and firewall apply exactly as without veil. host: from the host netns through
+    /// the agent's egress rules (loopback, link-local and cloud metadata, the host's own
+    /// addresses, private and ULA ranges refused unless agent.egress_allow opens them), for a
+    /// netns whose only way out is veil, as veil-control run --netns makes. Omitted or null =
+    /// sandbox; changing it on a re-PUT applies to new connections at once. Kept as text so
+    /// that the server's message names a bad one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<EgressMode>, inline)]
+    pub egress: Option<String>,
+}
+
+/// The egress modes (for the document).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+#[schema(rename_all = "lowercase")]
+pub(crate) enum EgressMode {
+    Sandbox,
+    Host,
+}
+
+/// PUT body of `/secrets`: replaces the mounted set; [] detaches all.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutSandboxSecrets {
+    /// Mounted secrets: env var → secret name (null detaches all, as []).
+    #[serde(deserialize_with = "null_as_empty")]
+    #[schema(value_type = Vec<Object>)]
+    pub secrets: MountList,
+}
+
+/// `null` as an empty list (the field itself stays required).
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<MountList, D::Error> {
+    Ok(Option::<MountList>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A registered sandbox: placeholders and hosts, never values.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Sandbox {
+    /// The sandbox's id.
+    #[schema(value_type = String)]
+    pub id: SandboxId,
+    /// Its cgroup (relative to the cgroup2 root).
+    pub cgroup: String,
+    /// Its network namespace.
+    pub netns: Option<String>,
+    /// veil: where the agent opens its upstream connections (see PutSandbox).
+    #[schema(value_type = EgressMode, inline)]
+    pub egress: Egress,
+    /// Mounted secrets: env var → secret name.
+    #[schema(value_type = Vec<Object>)]
+    pub secrets: MountList,
+    /// ENV → placeholder.
+    pub env: BTreeMap<String, String>,
+    /// PEM of the CA the sandbox must trust (once an agent is linked); same as caCertificate.
+    pub ca_cert: Option<String>,
+    /// PEM of veil-agent's interception CA, which the sandbox must trust; the last CA an agent
+    /// reported (kept across restarts), null until one did.
+    pub ca_certificate: Option<String>,
+    /// RFC 3339.
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    /// RFC 3339.
+    #[schema(format = DateTime)]
+    pub updated_at: String,
+}
+
+/// A mounted secret as the sandbox sees it: env, placeholder, hosts — never a value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MountedSecret {
+    /// The environment variable.
+    pub env: String,
+    /// The placeholder it holds.
+    pub placeholder: String,
+    /// The hosts the secret may be sent to.
+    pub hosts: Vec<String>,
+    /// The secret's id.
+    #[schema(value_type = String)]
+    pub secret_id: SecretId,
+    /// The secret's name.
+    pub name: String,
+}
