@@ -5,7 +5,7 @@ pub mod body;
 pub mod error;
 pub mod keys;
 pub mod openapi;
-pub mod routes;
+pub mod route;
 pub mod sandboxes;
 pub mod secrets;
 
@@ -24,6 +24,9 @@ use crate::config::Config;
 use crate::crypto::Keyring;
 use crate::store::Store;
 pub use error::ApiError;
+
+/// A route of this API.
+pub type Route = route::Route<AppState>;
 
 /// Largest accepted request body (a 64 KiB value JSON-escaped fits comfortably).
 const BODY_LIMIT: usize = 512 * 1024;
@@ -179,7 +182,7 @@ async fn method_not_allowed() -> impl IntoResponse {
 
 /// The full application: `/api/...` routes, JSON errors for everything else.
 pub fn router(state: AppState) -> Router {
-    let api = routes::table()
+    let api = route_table()
         .into_iter()
         .fold(Router::new(), |r, route| r.route(route.path, route.handler));
     Router::new()
@@ -192,4 +195,18 @@ pub fn router(state: AppState) -> Router {
             log_request,
         ))
         .with_state(state)
+}
+
+/// Every route of the API.
+pub fn route_table() -> Vec<Route> {
+    [
+        secrets::routes(),
+        sandboxes::routes(),
+        audit::routes(),
+        keys::routes(),
+        openapi::routes(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }

@@ -21,7 +21,7 @@ const KNOWN: &[(&str, &str)] = &[
     ("control/src/api.rs", "control/src/api/sandboxes.rs"),
     ("control/src/api.rs", "control/src/api/secrets.rs"),
     ("control/src/auth.rs", "control/src/store.rs"),
-    ("control/src/run.rs", "control/src/run/reap.rs"),
+    ("run/src/lib.rs", "run/src/reap.rs"),
     (
         "control/src/store/sled.rs",
         "control/src/store/sled/grace.rs",

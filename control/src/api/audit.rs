@@ -9,7 +9,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use serde_json::Value;
 use veil_api::{AuditEntry, AuditPage, AuditQuery, OrgId};
 
-use super::routes::Route;
+use super::Route;
 use super::{ApiError, AppState, Caller, parse_limit, query};
 use crate::auth::Permission;
 use crate::paginate::Order;

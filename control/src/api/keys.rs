@@ -9,8 +9,8 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use serde_json::json;
 use veil_api::{ApiKey, CreateApiKey, NewApiKey, OrgId, SecretValue};
 
+use super::Route;
 use super::body::{PERMISSIONS, decode};
-use super::routes::Route;
 use super::{ApiError, AppState, Caller, blocking};
 use crate::api::audit::entry;
 use crate::auth::{self, Permission};

@@ -29,8 +29,8 @@ use veil_api::{
     MountList, MountedSecret, PutSandbox, PutSandboxSecrets, Sandbox, SandboxId, SecretId,
 };
 
+use super::Route;
 use super::body::decode;
-use super::routes::Route;
 use super::{ApiError, AppState, Caller, blocking};
 use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;

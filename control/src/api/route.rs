@@ -1,28 +1,27 @@
-//! The route table: every method and path of the API, from which the router is built, so that
-//! a test can check each against the OpenAPI document.
+//! One route of the API: a method, a path and its handler. The table of them
+//! (`super::route_table`) builds the router and is what the OpenAPI test checks.
 
 use axum::handler::Handler;
 use axum::http::Method;
 use axum::routing::{MethodFilter, MethodRouter, on};
 
-use super::{AppState, audit, keys, openapi, sandboxes, secrets};
-
-/// One route: a method on a path (relative to `/api`, axum's syntax) and its handler.
+/// One route: a method on a path (relative to `/api`, axum's syntax) and its handler for state
+/// `S` (generic so that this module needs nothing of the API's own).
 #[derive(Debug)]
-pub struct Route {
+pub struct Route<S> {
     /// The method.
     pub method: Method,
     /// The path template.
     pub path: &'static str,
     /// The handler, for `method` only.
-    pub handler: MethodRouter<AppState>,
+    pub handler: MethodRouter<S>,
 }
 
-impl Route {
+impl<S: Clone + Send + Sync + 'static> Route<S> {
     /// `handler` answers `method` on `path`.
     pub fn new<H, T>(method: Method, path: &'static str, handler: H) -> Self
     where
-        H: Handler<T, AppState>,
+        H: Handler<T, S>,
         T: 'static,
     {
         // The table is static: a method axum cannot route is a programming error.
@@ -34,18 +33,4 @@ impl Route {
             handler: on(filter, handler),
         }
     }
-}
-
-/// Every route of the API.
-pub fn table() -> Vec<Route> {
-    [
-        secrets::routes(),
-        sandboxes::routes(),
-        audit::routes(),
-        keys::routes(),
-        openapi::routes(),
-    ]
-    .into_iter()
-    .flatten()
-    .collect()
 }
