@@ -13,6 +13,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use veil_link::{AgentId, Revision};
+
 use crate::store::SandboxRecord;
 
 /// A change the agents must learn about. The link reads the current state from the store when
@@ -77,11 +79,11 @@ pub trait AgentLink: Send + Sync + fmt::Debug {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SecretAck {
     /// The agent's stable id.
-    pub agent_id: String,
+    pub agent_id: AgentId,
     /// Whether the agent is connected now (a disconnected one keeps enforcing what it had).
     pub connected: bool,
     /// The revision it acknowledged last; `None` = sent, not acknowledged yet.
-    pub revision: Option<u64>,
+    pub revision: Option<Revision>,
     /// When control received that acknowledgement, ms since the epoch.
     pub at: Option<i64>,
 }
@@ -95,11 +97,12 @@ pub struct Propagation {
 
 impl Propagation {
     /// Agents that may still use something older than `revision`.
-    pub fn pending(&self, revision: u64) -> Vec<&str> {
+    pub fn pending(&self, revision: impl Into<Revision>) -> Vec<&AgentId> {
+        let revision = revision.into();
         self.agents
             .iter()
             .filter(|a| a.revision.is_none_or(|r| r < revision))
-            .map(|a| a.agent_id.as_str())
+            .map(|a| &a.agent_id)
             .collect()
     }
 }

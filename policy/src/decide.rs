@@ -176,13 +176,13 @@ impl SandboxPolicy {
                     .iter()
                     .find(|s| s.id == *id)
                     .ok_or_else(|| PolicyError::MissingSecret {
-                        sandbox: sandbox.id.clone(),
-                        id: id.clone(),
+                        sandbox: sandbox.id.to_string(),
+                        id: id.to_string(),
                     })?;
             if state.org != sandbox.org {
                 return Err(PolicyError::OrgMismatch {
-                    sandbox: sandbox.id.clone(),
-                    id: state.id.clone(),
+                    sandbox: sandbox.id.to_string(),
+                    id: state.id.to_string(),
                     name: state.name.clone(),
                 });
             }
@@ -625,13 +625,13 @@ mod tests {
         let state = |id: &str, org: &str, hosts: &[&str]| SecretState {
             previous: Vec::new(),
             retired: false,
-            id: id.into(),
-            org: org.into(),
+            id: id.parse().unwrap(),
+            org: org.parse().unwrap(),
             name: format!("N{id}"),
             placeholder: format!("ph_{id}"),
             hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
             value: SecretValue::new(format!("value-{id}")),
-            revision: 1,
+            revision: 1.into(),
             body_substitution: false,
             wrong_host: Default::default(),
         };
@@ -642,13 +642,13 @@ mod tests {
         ];
         let mut sb = SandboxState {
             egress: Default::default(),
-            id: "sb1".into(),
-            org: "o1".into(),
+            id: "sb1".parse().unwrap(),
+            org: "o1".parse().unwrap(),
             cgroup: "x".into(),
             netns: None,
             mounts: [
-                ("A_KEY".to_owned(), "a".to_owned()),
-                ("A_AGAIN".to_owned(), "a".to_owned()),
+                ("A_KEY".to_owned(), "a".parse().unwrap()),
+                ("A_AGAIN".to_owned(), "a".parse().unwrap()),
             ]
             .into(),
         };
@@ -660,12 +660,12 @@ mod tests {
             p.decide(Some(&name("b.test")), Some(&h2)),
             Decision::Passthrough(HostNotAllowed)
         );
-        sb.mounts.insert("C".into(), "c".into());
+        sb.mounts.insert("C".into(), "c".parse().unwrap());
         assert!(matches!(
             SandboxPolicy::for_sandbox(&sb, &secrets),
             Err(PolicyError::OrgMismatch { .. })
         ));
-        sb.mounts.insert("C".into(), "zz".into());
+        sb.mounts.insert("C".into(), "zz".parse().unwrap());
         assert!(matches!(
             SandboxPolicy::for_sandbox(&sb, &secrets),
             Err(PolicyError::MissingSecret { .. })

@@ -1,6 +1,5 @@
 //! The agent's configuration: a TOML file, every key defaulted, flags override it.
 
-use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
@@ -244,41 +243,9 @@ impl Default for RequestLimits {
 /// Smallest `max_header_bytes`: hyper's HTTP/1.1 read buffer cannot be smaller.
 pub const MIN_HEADER_BYTES: usize = 8192;
 
-/// A sandbox's identifier: 1–128 of `[A-Za-z0-9_.-]`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
-#[serde(try_from = "String")]
-pub struct SandboxId(String);
-
-impl SandboxId {
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for SandboxId {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        let ok = !s.is_empty()
-            && s.len() <= 128
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-        if ok {
-            Ok(Self(s))
-        } else {
-            Err(format!(
-                "sandbox id {s:?} must be 1-128 characters of A-Z a-z 0-9 _ . -"
-            ))
-        }
-    }
-}
-
-impl fmt::Display for SandboxId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+/// A sandbox's identifier: veil-link's one definition (and one rule), re-exported for the
+/// modules that name it from here.
+pub use veil_link::SandboxId;
 
 /// One sandbox as the agent enforces it: its cgroup and, unless it shares the agent's, its
 /// network namespace.
@@ -287,7 +254,7 @@ pub struct SandboxSpec {
     /// Unique id.
     pub id: SandboxId,
     /// Organization the sandbox belongs to.
-    pub org: String,
+    pub org: veil_link::OrgId,
     /// cgroup v2 directory, absolute (below the cgroup2 mount).
     pub cgroup: PathBuf,
     /// Network namespace file (`/run/netns/NAME` or `/proc/PID/ns/net`); absent = the agent's.
@@ -302,7 +269,7 @@ impl SandboxSpec {
         state: &veil_link::SandboxState,
         cgroup2_mount: &Path,
     ) -> Result<Self, String> {
-        let id = SandboxId::try_from(state.id.clone())?;
+        let id = state.id.clone();
         let cgroup = resolve_cgroup(&state.cgroup, cgroup2_mount)
             .map_err(|why| format!("sandbox {id}: {why}"))?;
         if let Some(netns) = &state.netns
@@ -496,8 +463,8 @@ mod tests {
     fn state(id: &str, cgroup: &str, netns: Option<&str>) -> veil_link::SandboxState {
         veil_link::SandboxState {
             egress: Default::default(),
-            id: id.into(),
-            org: "o".into(),
+            id: id.parse().unwrap(),
+            org: "o".parse().unwrap(),
             cgroup: cgroup.into(),
             netns: netns.map(PathBuf::from),
             mounts: Default::default(),
@@ -530,7 +497,6 @@ mod tests {
             ("a", "../etc", None),
             ("a", "/sys/fs/cgroup/other", None),
             ("a", "/sys/fs/cgroup/unified", None),
-            ("a b", "x", None),
             ("a", "x", Some("run/netns/a")),
         ] {
             assert!(
@@ -538,6 +504,11 @@ mod tests {
                 "accepted {id} {cgroup} {netns:?}"
             );
         }
+        // A malformed id never becomes a SandboxState: the message is refused as it is read.
+        let json = serde_json::json!({"id": "a b", "org": "o", "cgroup": "x", "netns": null,
+                                      "mounts": {}});
+        let e = serde_json::from_value::<veil_link::SandboxState>(json).unwrap_err();
+        assert!(e.to_string().contains("sandbox id"), "{e}");
     }
 
     #[test]

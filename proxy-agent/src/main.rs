@@ -215,7 +215,7 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     let agent_id = identity::load_or_create(&settings.state_dir)
         .context("agent identity")
         .map_err(Fatal::Host)?;
-    let ca = InterceptionCa::load_or_create(&settings.state_dir, &agent_id)
+    let ca = InterceptionCa::load_or_create(&settings.state_dir, agent_id.as_str())
         .context("interception CA")
         .map_err(Fatal::Host)?;
     let pins = PinLayout::new(&settings.bpf_pin_dir);

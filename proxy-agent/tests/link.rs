@@ -56,7 +56,7 @@ fn connect(ctl: &FakeControl) -> ControlConn {
             ca_pem,
         } => {
             assert_eq!(*protocol, PROTOCOL_VERSION);
-            assert_eq!(agent_id.len(), 32, "{agent_id}");
+            assert_eq!(agent_id.as_str().len(), 32, "{agent_id}");
             assert!(ca_pem.contains("BEGIN CERTIFICATE"), "{ca_pem}");
         }
         other => panic!("expected Hello, got {other:?}"),
@@ -81,7 +81,9 @@ fn hello_snapshot_attaches_and_redirects_and_delete_detaches() {
     };
 
     let mut state = sandbox_state("sb-1", &sb);
-    state.mounts.insert("API_KEY".into(), "sec-1".into());
+    state
+        .mounts
+        .insert("API_KEY".into(), "sec-1".parse().unwrap());
     conn.apply(ControlMsg::Snapshot {
         guarded: Vec::new(),
         seq: 1,
@@ -89,13 +91,13 @@ fn hello_snapshot_attaches_and_redirects_and_delete_detaches() {
         secrets: vec![SecretState {
             previous: Vec::new(),
             retired: false,
-            id: "sec-1".into(),
-            org: "org-1".into(),
+            id: "sec-1".parse().unwrap(),
+            org: "org-1".parse().unwrap(),
             name: "api".into(),
             placeholder: "veil-placeholder-1".into(),
             hosts: vec!["api.example.com".into()],
             value: SecretValue::new("plaintext-never-logged-42".into()),
-            revision: 1,
+            revision: 1.into(),
             body_substitution: false,
             wrong_host: Default::default(),
         }],
@@ -119,7 +121,7 @@ fn hello_snapshot_attaches_and_redirects_and_delete_detaches() {
 
     conn.apply(ControlMsg::DeleteSandbox {
         seq: 3,
-        id: "sb-1".into(),
+        id: "sb-1".parse().unwrap(),
     });
     assert_eq!(attached_programs(sb.cgroup().path()), 0);
     assert!(
@@ -181,7 +183,10 @@ fn put_sandbox_is_redirected_as_soon_as_applied() {
         });
         seq += 1;
         assert_eq!(attached_programs(sb.cgroup().path()), 9);
-        conn.apply(ControlMsg::DeleteSandbox { seq, id });
+        conn.apply(ControlMsg::DeleteSandbox {
+            seq,
+            id: id.parse().unwrap(),
+        });
         seq += 1;
         assert_eq!(attached_programs(sb.cgroup().path()), 0);
     }
@@ -349,6 +354,61 @@ fn killed_agent_is_never_bypassed_and_restarts_adopt_without_control() {
         "MEASURE restart->redirect live again (spawn, READY, probe through the agent) over 10 \
          restarts without control: p50 {p50:.1} ms, max {max:.1} ms"
     );
+}
+
+/// Item 6 of issue 15: one sandbox-id rule, the stricter one. An id an older agent accepted
+/// (it may start with `_`) and persisted is refused when a restarted agent re-adopts it; the
+/// sandbox is neither served nor dropped: its links and redirect stay, its connections are
+/// refused, and the log names it.
+#[test]
+fn a_persisted_sandbox_whose_id_the_rule_refuses_stays_fail_closed() {
+    require_root();
+    let world = World::new();
+    let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "up");
+    let ns = NetNs::new("lk-legacy");
+    let _link = world.link_sandbox(&ns);
+    let sb = Sandbox::new("lk-legacy", Some(&ns));
+    let addr = hello.addr().to_string();
+    let dirs = Dirs::new();
+    {
+        let ctl = FakeControl::bind(&dirs.control);
+        let mut agent = AgentProc::start(&dirs);
+        let mut conn = connect(&ctl);
+        conn.apply(snapshot(1, vec![sandbox_state("sb-legacy", &sb)]));
+        assert_via_agent(&sb, &hello, &world);
+        agent.kill();
+    }
+    let file = dirs.state.path().join("sandboxes.json");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains(r#""sb-legacy""#), "{text}");
+    std::fs::write(&file, text.replace(r#""sb-legacy""#, r#""_sb-legacy""#)).unwrap();
+
+    // Restarted without control: nothing but the state file tells it about the sandbox.
+    let agent = AgentProc::start(&dirs);
+    assert_eq!(attached_programs(sb.cgroup().path()), 9, "{}", agent.log());
+    let out = probe(&sb, &addr);
+    assert_eq!(
+        out.error(),
+        Some("ECONNREFUSED"),
+        "a sandbox whose id the rule refuses must stay redirected to a closed listener: {:?}",
+        out.json
+    );
+    // Refused because redirected: outside its cgroup the same netns reaches the upstream.
+    let direct = sb.probe_outside(&["tcp", "--addr", &addr, "--timeout-ms", "3000"]);
+    assert!(
+        direct.expect_ok()["reply"]
+            .as_str()
+            .unwrap()
+            .starts_with("up ")
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("_sb-legacy") && log.contains("fail-closed"),
+        "the log must name the sandbox left fail-closed:\n{log}"
+    );
+    // Kept, not forgotten: the record is still there for control's snapshot to remove.
+    let (port_v4, _) = dirs.ports("_sb-legacy");
+    assert_ne!(port_v4, 0);
 }
 
 #[test]

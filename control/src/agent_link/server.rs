@@ -19,12 +19,12 @@ use tokio::sync::Notify;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use veil_link::{
-    AgentMsg, BlockedReport, ControlMsg, PROTOCOL_VERSION, SecretState, UsageReport, read_frame,
-    write_frame,
+    AgentId, AgentMsg, BlockedReport, ControlMsg, IdError, PROTOCOL_VERSION, Revision, SandboxId,
+    SecretId, SecretState, UsageReport, read_frame, write_frame,
 };
 
 use super::plan::{Change, Held, RegistryView, Step, apply_to_held, plan};
-use super::state::{retired_state, secret_state};
+use super::state::{unseal_for_agent, unseal_retired_for_agent};
 use super::{AgentEvent, AgentLink, AgentLinkError, LinkFuture, Propagation, SecretAck};
 use crate::crypto::Keyring;
 use crate::store::{AuditRecord, SecretRecord, Store, UsageCounts, UsageDelta};
@@ -32,8 +32,6 @@ use crate::timefmt::now_ms;
 
 /// File in the data dir keeping the last CA certificate an agent reported.
 pub const CA_FILE: &str = "agent-ca.pem";
-/// Longest accepted agent id.
-const MAX_AGENT_ID: usize = 128;
 /// Largest accepted CA PEM.
 const MAX_CA_PEM: usize = 64 * 1024;
 /// Usage batches waiting for the store; beyond this a batch is dropped (and logged) rather than
@@ -65,7 +63,7 @@ pub enum ServerError {
 #[derive(Clone, Debug)]
 pub struct AgentInfo {
     /// The agent's stable id.
-    pub agent_id: String,
+    pub agent_id: AgentId,
     /// PID of the agent process (from the socket's peer credentials).
     pub pid: Option<i32>,
     /// Connection time, ms since the epoch.
@@ -81,7 +79,7 @@ struct Pending {
     /// Resolved with the agent's errors (empty = applied); `None` when nobody waits (snapshots).
     done: Option<oneshot::Sender<Vec<String>>>,
     /// The secret a PutSecret carried: forgotten on failure so it is sent again next time.
-    secret: Option<String>,
+    secret: Option<SecretId>,
     /// What the acknowledgement says about the agent's secrets.
     holds: Holds,
 }
@@ -93,15 +91,15 @@ enum Holds {
     /// Nothing about secrets.
     Unchanged,
     /// The agent now holds exactly these (id, revision): a snapshot replaces everything.
-    Exactly(Vec<(String, u64)>),
+    Exactly(Vec<(SecretId, Revision)>),
     /// The agent holds this revision of this secret (only when applied without errors).
-    Put(String, u64),
+    Put(SecretId, Revision),
     /// The agent dropped this secret.
-    Dropped(String),
+    Dropped(SecretId),
 }
 
 /// An acknowledged revision and when it arrived (ms since the epoch).
-type Acked = (u64, i64);
+type Acked = (Revision, i64);
 
 #[derive(Debug)]
 struct Agent {
@@ -119,13 +117,13 @@ struct LinkState {
     ca_pem: Option<String>,
     /// secret id → agent id → last acknowledged revision. In memory: kept across an agent's
     /// disconnection (it keeps enforcing what it had), rebuilt from snapshots after a restart.
-    acks: HashMap<String, BTreeMap<String, Acked>>,
+    acks: HashMap<SecretId, BTreeMap<AgentId, Acked>>,
 }
 
 /// Agent reports on their way to the store.
 #[derive(Debug)]
 struct UsageJob {
-    agent_id: String,
+    agent_id: AgentId,
     kind: ReportKind,
     deltas: Vec<UsageDelta>,
 }
@@ -193,19 +191,12 @@ pub fn trusted_peer(peer_uid: u32, own_euid: u32) -> bool {
     peer_uid == 0 || peer_uid == own_euid
 }
 
-/// Checks a Hello's fields; the message names the problem (never echoing the PEM).
-pub fn check_hello(protocol: u32, agent_id: &str, ca_pem: &str) -> Result<(), String> {
+/// Checks a Hello's fields (its agent id was checked as it was read); the message names the
+/// problem (never echoing the PEM).
+pub fn check_hello(protocol: u32, ca_pem: &str) -> Result<(), String> {
     if protocol != PROTOCOL_VERSION {
         return Err(format!(
             "protocol {protocol} is not supported (control speaks {PROTOCOL_VERSION})"
-        ));
-    }
-    if agent_id.is_empty()
-        || agent_id.len() > MAX_AGENT_ID
-        || !agent_id.bytes().all(|b| b.is_ascii_graphic())
-    {
-        return Err(format!(
-            "agent_id must be 1-{MAX_AGENT_ID} printable ASCII characters"
         ));
     }
     if ca_pem.len() > MAX_CA_PEM || !ca_pem.contains("-----BEGIN CERTIFICATE-----") {
@@ -315,9 +306,7 @@ impl AgentServer {
                 return;
             }
         };
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let euid = unsafe { libc::geteuid() };
-        if !trusted_peer(cred.uid(), euid) {
+        if !trusted_peer(cred.uid(), nix::unistd::geteuid().as_raw()) {
             tracing::warn!(
                 uid = cred.uid(),
                 pid = cred.pid(),
@@ -336,7 +325,7 @@ impl AgentServer {
                 protocol,
                 agent_id,
                 ca_pem,
-            }))) => match check_hello(protocol, &agent_id, &ca_pem) {
+            }))) => match check_hello(protocol, &ca_pem) {
                 Ok(()) => (agent_id, ca_pem),
                 Err(problem) => {
                     tracing::warn!(pid = cred.pid(), %problem, "refused agent Hello");
@@ -426,17 +415,23 @@ impl AgentServer {
         {
             let ring = self.ring()?;
             for s in view.mounted.values() {
-                secrets.push(secret_state(&ring, s)?);
+                secrets.push(unseal_for_agent(&ring, s)?);
             }
             for t in view.retired.values() {
-                secrets.push(retired_state(&ring, t)?);
+                secrets.push(unseal_retired_for_agent(&ring, t)?);
             }
         }
         let sandboxes = view
             .sandboxes
             .values()
-            .map(|sb| view.sandbox_state(sb))
-            .collect::<Vec<_>>();
+            .map(|sb| view.sandbox_state(sb).map_err(stored_id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let held = view
+            .held()
+            .into_iter()
+            .map(|(id, stamp)| Ok((SecretId::parse(id)?, Revision(stamp.revision))))
+            .collect::<Result<Vec<_>, IdError>>()
+            .map_err(stored_id)?;
         let seq = st.next_seq;
         st.next_seq += 1;
         let conn = st.next_conn;
@@ -455,12 +450,7 @@ impl AgentServer {
             Pending {
                 done: None,
                 secret: None,
-                holds: Holds::Exactly(
-                    view.held()
-                        .into_iter()
-                        .map(|(id, stamp)| (id, stamp.revision))
-                        .collect(),
-                ),
+                holds: Holds::Exactly(held),
             },
         );
         if st.ca_pem.as_deref() != Some(ca_pem.as_str()) {
@@ -509,7 +499,7 @@ impl AgentServer {
         if !errors.is_empty() {
             tracing::warn!(agent_id = %agent.info.agent_id, seq, errors = ?errors, "agent could not apply a change");
             if let Some(id) = &pending.secret {
-                agent.held.remove(id);
+                agent.held.remove(id.as_str());
             }
         } else {
             tracing::debug!(agent_id = %agent.info.agent_id, seq, "applied");
@@ -531,13 +521,13 @@ impl AgentServer {
 
     /// Queues an agent's usage or blocked report for the store; never waits (the link's
     /// acknowledgements must not queue behind a disk flush).
-    fn report(&self, agent_id: &str, kind: ReportKind, deltas: Vec<UsageDelta>) {
+    fn report(&self, agent_id: &AgentId, kind: ReportKind, deltas: Vec<UsageDelta>) {
         if deltas.is_empty() {
             return;
         }
         let n = deltas.len();
         let job = UsageJob {
-            agent_id: agent_id.to_owned(),
+            agent_id: agent_id.clone(),
             kind,
             deltas,
         };
@@ -570,8 +560,8 @@ impl AgentServer {
                             Some(s) => s.clone(),
                             None => {
                                 let s = match (view.mounted.get(id), view.retired.get(id)) {
-                                    (Some(rec), _) => secret_state(&ring, rec)?,
-                                    (None, Some(t)) => retired_state(&ring, t)?,
+                                    (Some(rec), _) => unseal_for_agent(&ring, rec)?,
+                                    (None, Some(t)) => unseal_retired_for_agent(&ring, t)?,
                                     (None, None) => {
                                         return Err(AgentLinkError::Internal(format!(
                                             "secret {id} vanished"
@@ -582,12 +572,9 @@ impl AgentServer {
                                 s
                             }
                         };
-                        let holds = Holds::Put(id.clone(), state.revision);
-                        (
-                            ControlMsg::PutSecret { seq, secret: state },
-                            Some(id.clone()),
-                            holds,
-                        )
+                        let holds = Holds::Put(state.id.clone(), state.revision);
+                        let secret = Some(state.id.clone());
+                        (ControlMsg::PutSecret { seq, secret: state }, secret, holds)
                     }
                     Step::PutSandbox(id) => {
                         let sb = view.sandboxes.get(id).ok_or_else(|| {
@@ -596,7 +583,7 @@ impl AgentServer {
                         (
                             ControlMsg::PutSandbox {
                                 seq,
-                                sandbox: view.sandbox_state(sb),
+                                sandbox: view.sandbox_state(sb).map_err(stored_id)?,
                             },
                             None,
                             Holds::Unchanged,
@@ -605,19 +592,22 @@ impl AgentServer {
                     Step::DeleteSandbox(id) => (
                         ControlMsg::DeleteSandbox {
                             seq,
-                            id: id.clone(),
+                            id: SandboxId::parse(id.as_str()).map_err(stored_id)?,
                         },
                         None,
                         Holds::Unchanged,
                     ),
-                    Step::DeleteSecret(id) => (
-                        ControlMsg::DeleteSecret {
-                            seq,
-                            id: id.clone(),
-                        },
-                        None,
-                        Holds::Dropped(id.clone()),
-                    ),
+                    Step::DeleteSecret(id) => {
+                        let id = SecretId::parse(id.as_str()).map_err(stored_id)?;
+                        (
+                            ControlMsg::DeleteSecret {
+                                seq,
+                                id: id.clone(),
+                            },
+                            None,
+                            Holds::Dropped(id),
+                        )
+                    }
                 };
                 apply_to_held(&mut agent.held, &view, &step);
                 let (done, rx) = oneshot::channel();
@@ -680,10 +670,16 @@ impl AgentServer {
     }
 }
 
+/// A stored id that is not a valid link id: control validated it when it stored it, so this
+/// is a corrupt record, reported like one.
+fn stored_id(e: IdError) -> AgentLinkError {
+    AgentLinkError::Internal(format!("stored record: {e}"))
+}
+
 /// Updates what control knows an agent holds, once it acknowledged a message.
 fn record_holds(
-    acks: &mut HashMap<String, BTreeMap<String, Acked>>,
-    agent_id: &str,
+    acks: &mut HashMap<SecretId, BTreeMap<AgentId, Acked>>,
+    agent_id: &AgentId,
     holds: Holds,
     applied: bool,
     now: i64,
@@ -698,13 +694,13 @@ fn record_holds(
             for (id, revision) in list {
                 acks.entry(id)
                     .or_default()
-                    .insert(agent_id.to_owned(), (revision, now));
+                    .insert(agent_id.clone(), (revision, now));
             }
         }
         Holds::Put(id, revision) if applied => {
             acks.entry(id)
                 .or_default()
-                .insert(agent_id.to_owned(), (revision, now));
+                .insert(agent_id.clone(), (revision, now));
         }
         Holds::Put(..) => {}
         Holds::Dropped(id) => {
@@ -720,8 +716,8 @@ fn usage_deltas(at_ms: i64, reports: Vec<UsageReport>) -> Vec<UsageDelta> {
     reports
         .into_iter()
         .map(|r| UsageDelta {
-            secret_id: r.secret_id,
-            sandbox: r.sandbox,
+            secret_id: r.secret_id.into(),
+            sandbox: r.sandbox.into(),
             host: r.host,
             counts: UsageCounts {
                 substituted: r.substituted,
@@ -740,8 +736,8 @@ fn blocked_deltas(events: Vec<BlockedReport>) -> Vec<UsageDelta> {
     events
         .into_iter()
         .map(|e| UsageDelta {
-            secret_id: e.secret_id,
-            sandbox: e.sandbox,
+            secret_id: e.secret_id.into(),
+            sandbox: e.sandbox.into(),
             host: e.host,
             counts: UsageCounts::default(),
             at: e.at_ms,
@@ -751,7 +747,7 @@ fn blocked_deltas(events: Vec<BlockedReport>) -> Vec<UsageDelta> {
 
 /// The audit entry for one reported delta (no value, ever: only ids, host and counts).
 fn report_audit(
-    agent_id: &str,
+    agent_id: &AgentId,
     kind: ReportKind,
     secret: &SecretRecord,
     d: &UsageDelta,
@@ -825,7 +821,7 @@ impl AgentLink for AgentServer {
 
     fn propagation(&self, id: &str) -> Propagation {
         let st = self.lock();
-        let mut agents: BTreeMap<String, SecretAck> = BTreeMap::new();
+        let mut agents: BTreeMap<AgentId, SecretAck> = BTreeMap::new();
         if let Some(per_agent) = st.acks.get(id) {
             for (agent_id, (revision, at)) in per_agent {
                 agents.insert(
@@ -862,6 +858,7 @@ impl AgentLink for AgentServer {
 
     fn wait_acked(&self, id: &str, revision: u64, timeout: Duration) -> LinkFuture<'_> {
         let id = id.to_owned();
+        let revision = Revision(revision);
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
@@ -878,7 +875,11 @@ impl AgentLink for AgentServer {
                     return Err(AgentLinkError::NoAck(format!(
                         "not acknowledged within {} by veil-agent(s) {}",
                         human(timeout),
-                        pending.join(", ")
+                        pending
+                            .iter()
+                            .map(|a| a.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )));
                 }
             }
@@ -896,70 +897,108 @@ mod tests {
         assert!(trusted_peer(1000, 1000));
         assert!(!trusted_peer(65534, 0));
         let pem = "-----BEGIN CERTIFICATE-----\nMII=\n-----END CERTIFICATE-----\n";
-        check_hello(PROTOCOL_VERSION, "agent-1", pem).unwrap();
-        assert!(check_hello(PROTOCOL_VERSION + 1, "a", pem).is_err());
-        assert!(check_hello(PROTOCOL_VERSION, "", pem).is_err());
-        assert!(check_hello(PROTOCOL_VERSION, "a b", pem).is_err());
-        assert!(check_hello(PROTOCOL_VERSION, "a", "not a pem").is_err());
+        check_hello(PROTOCOL_VERSION, pem).unwrap();
+        assert!(check_hello(PROTOCOL_VERSION + 1, pem).is_err());
+        assert!(check_hello(PROTOCOL_VERSION, "not a pem").is_err());
+        // The agent id is checked as the Hello is read: a malformed one is no Hello at all.
+        for bad in ["", "a b", "agent-1"] {
+            let hello = serde_json::json!({"type": "hello", "protocol": PROTOCOL_VERSION,
+                                           "agent_id": bad, "ca_pem": pem});
+            assert!(
+                serde_json::from_value::<AgentMsg>(hello).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    /// An agent id made of one repeated hex digit.
+    fn agent(digit: char) -> AgentId {
+        AgentId::parse(digit.to_string().repeat(32)).unwrap()
+    }
+
+    fn secret(id: &str) -> SecretId {
+        SecretId::parse(id).unwrap()
     }
 
     #[test]
     fn acknowledgements_track_what_each_agent_holds() {
+        let (a, b) = (agent('a'), agent('b'));
+        let at = |acks: &HashMap<SecretId, BTreeMap<AgentId, Acked>>, s: &str, who: &AgentId| {
+            acks[s][who]
+        };
         let mut acks = HashMap::new();
-        let snap = Holds::Exactly(vec![("s1".into(), 3), ("s2".into(), 1)]);
-        record_holds(&mut acks, "a", snap, false, 10);
-        record_holds(&mut acks, "b", Holds::Put("s1".into(), 3), true, 11);
+        let snap = Holds::Exactly(vec![
+            (secret("s1"), Revision(3)),
+            (secret("s2"), Revision(1)),
+        ]);
+        record_holds(&mut acks, &a, snap, false, 10);
+        record_holds(
+            &mut acks,
+            &b,
+            Holds::Put(secret("s1"), Revision(3)),
+            true,
+            11,
+        );
         assert_eq!(
-            acks["s1"]["a"],
-            (3, 10),
+            at(&acks, "s1", &a),
+            (Revision(3), 10),
             "a snapshot counts even with sandbox errors"
         );
         // A failed put acknowledges nothing; a successful one moves the revision.
-        record_holds(&mut acks, "a", Holds::Put("s1".into(), 4), false, 12);
-        assert_eq!(acks["s1"]["a"], (3, 10));
-        record_holds(&mut acks, "a", Holds::Put("s1".into(), 4), true, 13);
-        assert_eq!(acks["s1"]["a"], (4, 13));
-        record_holds(&mut acks, "a", Holds::Dropped("s2".into()), true, 14);
+        record_holds(
+            &mut acks,
+            &a,
+            Holds::Put(secret("s1"), Revision(4)),
+            false,
+            12,
+        );
+        assert_eq!(at(&acks, "s1", &a), (Revision(3), 10));
+        record_holds(
+            &mut acks,
+            &a,
+            Holds::Put(secret("s1"), Revision(4)),
+            true,
+            13,
+        );
+        assert_eq!(at(&acks, "s1", &a), (Revision(4), 13));
+        record_holds(&mut acks, &a, Holds::Dropped(secret("s2")), true, 14);
         assert!(!acks.contains_key("s2"));
         // A new snapshot replaces: what it does not list, the agent no longer holds.
-        record_holds(&mut acks, "a", Holds::Exactly(vec![]), true, 15);
-        assert!(!acks["s1"].contains_key("a"));
-        assert_eq!(acks["s1"]["b"], (3, 11));
-        record_holds(&mut acks, "a", Holds::Unchanged, true, 16);
+        record_holds(&mut acks, &a, Holds::Exactly(vec![]), true, 15);
+        assert!(!acks["s1"].contains_key(&a));
+        assert_eq!(at(&acks, "s1", &b), (Revision(3), 11));
+        record_holds(&mut acks, &a, Holds::Unchanged, true, 16);
         assert_eq!(acks.len(), 1);
     }
 
     #[test]
     fn pending_agents_are_those_behind() {
-        let ack = |id: &str, revision: Option<u64>| SecretAck {
-            agent_id: id.into(),
+        let ack = |id: char, revision: Option<u64>| SecretAck {
+            agent_id: agent(id),
             connected: true,
-            revision,
+            revision: revision.map(Revision),
             at: None,
         };
         let p = Propagation {
-            agents: vec![ack("a", Some(4)), ack("b", Some(5)), ack("c", None)],
+            agents: vec![ack('a', Some(4)), ack('b', Some(5)), ack('c', None)],
         };
-        assert_eq!(p.pending(5), vec!["a", "c"]);
-        assert_eq!(p.pending(4), vec!["c"]);
+        assert_eq!(p.pending(5), vec![&agent('a'), &agent('c')]);
+        assert_eq!(p.pending(4), vec![&agent('c')]);
         assert!(Propagation::default().pending(9).is_empty());
     }
 
     #[test]
     fn reports_become_deltas_without_empty_ones() {
         let r = |substituted| UsageReport {
-            sandbox: "sb".into(),
-            secret_id: "s".into(),
-            host: "h".into(),
             substituted,
-            ..UsageReport::default()
+            ..UsageReport::new("sb".parse().unwrap(), secret("s"), "h".into())
         };
         let d = usage_deltas(7, vec![r(0), r(2)]);
         assert_eq!(d.len(), 1);
         assert_eq!((d[0].counts.substituted, d[0].at), (2, 7));
         let b = blocked_deltas(vec![BlockedReport {
-            sandbox: "sb".into(),
-            secret_id: "s".into(),
+            sandbox: "sb".parse().unwrap(),
+            secret_id: secret("s"),
             host: "h".into(),
             at_ms: 9,
         }]);
