@@ -97,7 +97,7 @@ fn hello_snapshot_attaches_and_redirects_and_delete_detaches() {
             placeholder: "veil-placeholder-1".into(),
             hosts: vec!["api.example.com".into()],
             value: SecretValue::new("plaintext-never-logged-42".into()),
-            revision: 1.into(),
+            revision: 1u64.into(),
             body_substitution: false,
             wrong_host: Default::default(),
         }],
