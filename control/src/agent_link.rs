@@ -6,7 +6,7 @@
 
 pub mod plan;
 pub mod server;
-pub mod state;
+pub mod unseal;
 
 use std::fmt;
 use std::future::Future;

@@ -448,7 +448,10 @@ async fn usage_and_blocked_reports_are_aggregated_persisted_and_audited() {
     assert_eq!(total, 42);
     assert_eq!(used[0]["targetId"], id.as_str());
     assert_eq!(used[0]["changes"]["sandboxId"], "sb-u");
-    assert_eq!(used[0]["actorKeyId"], "veil-agent:reporter");
+    assert_eq!(
+        used[0]["actorKeyId"],
+        "veil-agent:a0000000000000000000000000000002"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     let events = loop {
         let events = audit_of(&api, &key, "secret.blocked").await;
