@@ -404,49 +404,6 @@ pub fn resolve_cgroup(cgroup: &Path, mount: &Path) -> Result<PathBuf, String> {
     Ok(mount.join(rel))
 }
 
-/// Finds the cgroup v2 mount point in a `/proc/self/mounts`-format text.
-pub fn cgroup2_mount_from(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_dev, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount(dir)))
-    })
-}
-
-/// Finds the cgroup v2 mount point of this process.
-pub fn cgroup2_mount() -> std::io::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    cgroup2_mount_from(&mounts).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no cgroup2 file system is mounted (veil needs cgroup v2)",
-        )
-    })
-}
-
-/// Undoes the octal escapes (`\040` for a space) of /proc/self/mounts.
-fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -612,17 +569,5 @@ mod tests {
             text.contains("agent.egress_allow") && text.contains("\"nope\""),
             "{text}"
         );
-    }
-
-    #[test]
-    fn finds_cgroup2_mount_and_unescapes_it() {
-        let mounts = "sysfs /sys sysfs rw 0 0\n\
-                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
-                      cgroup2 /sys/fs/cgroup/my\\040dir cgroup2 rw 0 0\n";
-        assert_eq!(
-            cgroup2_mount_from(mounts),
-            Some(PathBuf::from("/sys/fs/cgroup/my dir"))
-        );
-        assert_eq!(cgroup2_mount_from("sysfs /sys sysfs rw 0 0\n"), None);
     }
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
-use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use clap::{Args as ClapArgs, Parser, Subcommand};
 use proxy_agent::bpf::{self, Bpf};
 use proxy_agent::config::{self, Config};
 use proxy_agent::dialer::EgressGuard;
@@ -30,6 +30,7 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
+use veil_sys::LogFormat;
 
 /// Redirects every outbound TCP connection of the sandboxes veil-control registers into veil.
 ///
@@ -65,15 +66,6 @@ struct Common {
     /// Log format on stderr: `human` (text) or `json` (one object per line, for log shippers).
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
     log_format: LogFormat,
-}
-
-/// How log records are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    /// Human-readable text (colours only on a terminal).
-    Human,
-    /// One JSON object per line.
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,7 +113,9 @@ impl Fatal {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_tracing(args.common.log_format);
+    // Also installs the `log` → tracing bridge that carries aya-log's kernel records; it must be
+    // in place before the programs load.
+    veil_sys::logging::init("info", args.common.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -143,27 +137,6 @@ fn main() -> ExitCode {
             eprintln!("veil-agent: {:#}", fatal.error());
             ExitCode::from(fatal.code())
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // Both also install the `log` → tracing bridge that carries aya-log's kernel records; it
-    // must be in place before the programs load.
-    match format {
-        // Colour codes only for a person at a terminal, never in journald or log files.
-        LogFormat::Human => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => builder
-            .json()
-            .with_ansi(false)
-            .with_current_span(false)
-            .init(),
     }
 }
 
@@ -204,7 +177,7 @@ fn notify(states: &[NotifyState<'_>]) {
 }
 
 async fn run(args: &Common) -> Result<(), Fatal> {
-    let cgroup2 = config::cgroup2_mount().map_err(|e| Fatal::Host(e.into()))?;
+    let cgroup2 = veil_sys::cgroup2_mount().map_err(|e| Fatal::Host(e.into()))?;
     let config = load_config(args, &cgroup2)?;
     let settings = &config.agent;
     if let Some(addr) = settings.metrics_listen {
@@ -346,7 +319,7 @@ async fn run(args: &Common) -> Result<(), Fatal> {
 
 /// `veil-agent teardown`: removes pins, links and map entries without loading any program.
 fn teardown(args: &Common, sandbox: Option<&str>, all: bool) -> Result<(), Fatal> {
-    let cgroup2 = config::cgroup2_mount().map_err(|e| Fatal::Host(e.into()))?;
+    let cgroup2 = veil_sys::cgroup2_mount().map_err(|e| Fatal::Host(e.into()))?;
     let config = load_config(args, &cgroup2)?;
     let settings = &config.agent;
     create_state_dir(&settings.state_dir).map_err(Fatal::Host)?;
