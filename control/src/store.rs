@@ -2,13 +2,14 @@
 //!
 //! Records hold only sealed values (see [`crate::crypto`]); the store never sees plaintext.
 
+mod permission;
 pub mod sled;
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Permission;
 use crate::crypto::Sealed;
 use crate::paginate::{Cursor, Order, SortField};
+pub use permission::{Permission, UnknownPermission};
 pub use veil_link::{Egress, WrongHost};
 
 /// Storage failures.
