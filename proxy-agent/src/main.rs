@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 clean stop, 1 runtime failure, 2 bad arguments or configuration,
 //! 3 the host cannot run veil (no cgroup v2, eBPF load or attach refused, not root).
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -31,7 +31,7 @@ pub use handshake::check_hello;
 pub use socket::{CA_FILE, ServerError, trusted_peer};
 
 use super::plan::{Change, Held};
-use super::{AgentEvent, AgentLink, AgentLinkError, LinkFuture, Propagation};
+use super::{AgentEvent, AgentLink, AgentLinkError, BuildError, LinkFuture, Propagation};
 use crate::crypto::Keyring;
 use crate::store::Store;
 use acks::{Acked, Pending};
@@ -109,14 +109,14 @@ impl AgentServer {
         self.inner
             .keyring
             .read()
-            .map_err(|_| AgentLinkError::Internal("keyring poisoned".into()))
+            .map_err(|_| BuildError::KeyringPoisoned.into())
     }
 }
 
 /// A stored id that is not a valid link id: control validated it when it stored it, so this
 /// is a corrupt record, reported like one.
 fn stored_id(e: IdError) -> AgentLinkError {
-    AgentLinkError::Internal(format!("stored record: {e}"))
+    BuildError::StoredId(e).into()
 }
 
 impl AgentLink for AgentServer {

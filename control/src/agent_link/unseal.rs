@@ -6,13 +6,13 @@ use veil_link::{
     MAX_PREVIOUS_VALUES, OrgId, Revision, SecretId, SecretState, SecretValue, WrongHost,
 };
 
-use super::AgentLinkError;
+use super::{AgentLinkError, BuildError};
 use crate::crypto::{Keyring, RecordBinding, Sealed};
 use crate::store::{PreviousValue, SecretRecord, TombstoneRecord};
 
 /// The link's checked ids of a stored secret (control validated them when it stored them).
 fn link_ids(id: &str, org: &str) -> Result<(SecretId, OrgId), AgentLinkError> {
-    let bad = |e: veil_link::IdError| AgentLinkError::Internal(format!("stored secret: {e}"));
+    let bad = |e| AgentLinkError::from(BuildError::StoredId(e));
     Ok((
         SecretId::parse(id).map_err(bad)?,
         OrgId::parse(org).map_err(bad)?,
@@ -34,11 +34,14 @@ fn open_value(
     };
     let plain = ring
         .open(binding, sealed)
-        .map_err(|e| AgentLinkError::Internal(format!("secret {id} revision {revision}: {e}")))?;
-    let text = String::from_utf8(plain.to_vec()).map_err(|_| {
-        AgentLinkError::Internal(format!(
-            "secret {id} revision {revision}: value is not UTF-8"
-        ))
+        .map_err(|source| BuildError::Unseal {
+            id: id.to_owned(),
+            revision,
+            source,
+        })?;
+    let text = String::from_utf8(plain.to_vec()).map_err(|_| BuildError::NotUtf8 {
+        id: id.to_owned(),
+        revision,
     })?;
     Ok(SecretValue::new(text))
 }
@@ -93,9 +96,9 @@ pub fn unseal_retired_for_agent(
     let (id, org) = link_ids(&t.id, &t.org)?;
     let limit = MAX_PREVIOUS_VALUES + 1;
     let mut values = earlier_values(ring, &t.org, &t.id, &t.values, limit).into_iter();
-    let value = values.next().ok_or_else(|| {
-        AgentLinkError::Internal(format!("deleted secret {}: no value opens", t.id))
-    })?;
+    let value = values
+        .next()
+        .ok_or_else(|| AgentLinkError::from(BuildError::NoRetiredValue(t.id.clone())))?;
     Ok(SecretState {
         value,
         previous: values.collect(),

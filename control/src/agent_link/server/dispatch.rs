@@ -10,9 +10,9 @@ use veil_link::{ControlMsg, SandboxId, SecretId, SecretState};
 
 use super::acks::{Holds, Pending};
 use super::{AgentServer, LinkState, stored_id};
-use crate::agent_link::AgentLinkError;
 use crate::agent_link::plan::{Change, RegistryView, Step, apply_to_held, plan};
 use crate::agent_link::unseal::{unseal_for_agent, unseal_retired_for_agent};
+use crate::agent_link::{AgentLinkError, BuildError};
 
 /// One message's acknowledgement to await: connection, seq, the agent's errors.
 type Wait = (u64, u64, oneshot::Receiver<Vec<String>>);
@@ -36,8 +36,7 @@ impl AgentServer {
         if st.agents.is_empty() {
             return Err(AgentLinkError::NotConnected);
         }
-        let view = RegistryView::load(self.inner.store.as_ref())
-            .map_err(|e| AgentLinkError::Internal(e.to_string()))?;
+        let view = RegistryView::load(self.inner.store.as_ref()).map_err(BuildError::from)?;
         let ring = self.ring()?;
         let mut built: HashMap<String, SecretState> = HashMap::new();
         let mut waits = Vec::new();
@@ -57,9 +56,11 @@ impl AgentServer {
                                     (Some(rec), _) => unseal_for_agent(&ring, rec)?,
                                     (None, Some(t)) => unseal_retired_for_agent(&ring, t)?,
                                     (None, None) => {
-                                        return Err(AgentLinkError::Internal(format!(
-                                            "secret {id} vanished"
-                                        )));
+                                        return Err(BuildError::Vanished {
+                                            kind: "secret",
+                                            id: id.clone(),
+                                        }
+                                        .into());
                                     }
                                 };
                                 built.insert(id.clone(), s.clone());
@@ -72,7 +73,10 @@ impl AgentServer {
                     }
                     Step::PutSandbox(id) => {
                         let sb = view.sandboxes.get(id).ok_or_else(|| {
-                            AgentLinkError::Internal(format!("sandbox {id} vanished"))
+                            AgentLinkError::from(BuildError::Vanished {
+                                kind: "sandbox",
+                                id: id.clone(),
+                            })
                         })?;
                         (
                             ControlMsg::PutSandbox {

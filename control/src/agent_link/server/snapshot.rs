@@ -10,9 +10,9 @@ use veil_link::{ControlMsg, IdError, Revision, SecretId};
 use super::acks::{Holds, Pending};
 use super::socket::save_ca;
 use super::{Agent, AgentInfo, AgentServer, stored_id};
-use crate::agent_link::AgentLinkError;
 use crate::agent_link::plan::RegistryView;
 use crate::agent_link::unseal::{unseal_for_agent, unseal_retired_for_agent};
+use crate::agent_link::{AgentLinkError, BuildError};
 
 impl AgentServer {
     /// Registers a Hello'd agent and queues its snapshot, atomically with respect to changes.
@@ -23,8 +23,7 @@ impl AgentServer {
         tx: mpsc::UnboundedSender<ControlMsg>,
     ) -> Result<u64, AgentLinkError> {
         let mut st = self.lock();
-        let view = RegistryView::load(self.inner.store.as_ref())
-            .map_err(|e| AgentLinkError::Internal(e.to_string()))?;
+        let view = RegistryView::load(self.inner.store.as_ref()).map_err(BuildError::from)?;
         let mut secrets = Vec::with_capacity(view.mounted.len() + view.retired.len());
         {
             let ring = self.ring()?;
