@@ -33,12 +33,26 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 use veil_sys::LogFormat;
 
+/// What the exit status means; shown under every `--help`.
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  clean stop (SIGTERM), or the subcommand did what it was asked
+  1  runtime failure: the agent could not keep running
+  2  bad arguments or configuration (also: teardown while an agent holds the state dir)
+  3  the host cannot run veil: no cgroup v2, eBPF load or attach refused, not root";
+
 /// Redirects every outbound TCP connection of the sandboxes veil-control registers into veil.
 ///
 /// Without a subcommand it runs the agent: it re-adopts the sandboxes it served before (their
 /// eBPF links stay pinned in bpffs across restarts), then follows veil-control.
 #[derive(Debug, Parser)]
-#[command(name = "veil-agent", version, about)]
+#[command(
+    name = "veil-agent",
+    version,
+    propagate_version = true,
+    about,
+    after_help = EXIT_STATUS
+)]
 struct Args {
     #[command(flatten)]
     common: Common,
@@ -73,6 +87,7 @@ struct Common {
 enum Cmd {
     /// Detaches sandboxes for good: removes their pinned links, map entries and records. Run it
     /// with the agent stopped (it refuses while an agent holds the state dir).
+    #[command(after_help = EXIT_STATUS)]
     Teardown {
         /// The sandbox to detach.
         #[arg(
