@@ -1,6 +1,8 @@
 //! Helpers shared by the agent's kernel tests.
 #![allow(dead_code, reason = "each test binary uses a part")]
 
+pub mod fixture;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
