@@ -232,9 +232,9 @@ impl SecretUsage {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageDelta {
     /// Secret id.
-    pub secret_id: String,
+    pub secret_id: veil_link::SecretId,
     /// Sandbox id.
-    pub sandbox: String,
+    pub sandbox: veil_link::SandboxId,
     /// The connection's SNI.
     pub host: String,
     /// What to add (all zero: nothing is counted, only the audit entry is written).

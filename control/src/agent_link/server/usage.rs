@@ -54,8 +54,8 @@ pub(super) fn usage_deltas(at_ms: i64, reports: Vec<UsageReport>) -> Vec<UsageDe
     reports
         .into_iter()
         .map(|r| UsageDelta {
-            secret_id: r.secret_id.into(),
-            sandbox: r.sandbox.into(),
+            secret_id: r.secret_id,
+            sandbox: r.sandbox,
             host: r.host,
             counts: UsageCounts {
                 substituted: r.substituted,
@@ -74,8 +74,8 @@ pub(super) fn blocked_deltas(events: Vec<BlockedReport>) -> Vec<UsageDelta> {
     events
         .into_iter()
         .map(|e| UsageDelta {
-            secret_id: e.secret_id.into(),
-            sandbox: e.sandbox.into(),
+            secret_id: e.secret_id,
+            sandbox: e.sandbox,
             host: e.host,
             counts: UsageCounts::default(),
             at: e.at_ms,
