@@ -409,8 +409,7 @@ pub fn serve(admin: Admin, data_dir: &Path) -> std::io::Result<tokio::task::Join
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     Ok(tokio::spawn(async move {
         loop {
             let (stream, _) = match listener.accept().await {

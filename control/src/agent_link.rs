@@ -6,14 +6,17 @@
 
 pub mod plan;
 pub mod server;
-pub mod state;
+pub mod unseal;
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::store::SandboxRecord;
+use veil_link::{AgentId, IdError, Revision};
+
+use crate::crypto::CryptoError;
+use crate::store::{SandboxRecord, StoreError};
 
 /// A change the agents must learn about. The link reads the current state from the store when
 /// it builds the messages, so agents always converge to the store.
@@ -47,7 +50,52 @@ pub enum AgentLinkError {
     Rejected(Vec<String>),
     /// The messages could not be built (store or decryption failure).
     #[error("building agent messages: {0}")]
-    Internal(String),
+    Internal(#[from] BuildError),
+}
+
+/// Why the messages for the agents could not be built; names secrets and revisions, never a
+/// value.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The registry could not be read.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// A thread panicked while holding the keyring.
+    #[error("keyring poisoned")]
+    KeyringPoisoned,
+    /// A sealed value did not open.
+    #[error("secret {id} revision {revision}: {source}")]
+    Unseal {
+        /// The secret.
+        id: String,
+        /// The revision the value was sealed under.
+        revision: u64,
+        /// Why.
+        source: CryptoError,
+    },
+    /// A value opened but is not text.
+    #[error("secret {id} revision {revision}: value is not UTF-8")]
+    NotUtf8 {
+        /// The secret.
+        id: String,
+        /// The revision the value was sealed under.
+        revision: u64,
+    },
+    /// No value of a deleted secret opens.
+    #[error("deleted secret {0}: no value opens")]
+    NoRetiredValue(String),
+    /// A stored id is not a valid link id (control validated it when it stored it: a corrupt
+    /// record).
+    #[error("stored record: {0}")]
+    StoredId(#[from] IdError),
+    /// A record disappeared while the messages were being built under the lock.
+    #[error("{kind} {id} vanished")]
+    Vanished {
+        /// "secret" or "sandbox".
+        kind: &'static str,
+        /// Its id.
+        id: String,
+    },
 }
 
 /// A boxed future returned by [`AgentLink`] methods.
@@ -77,11 +125,11 @@ pub trait AgentLink: Send + Sync + fmt::Debug {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SecretAck {
     /// The agent's stable id.
-    pub agent_id: String,
+    pub agent_id: AgentId,
     /// Whether the agent is connected now (a disconnected one keeps enforcing what it had).
     pub connected: bool,
     /// The revision it acknowledged last; `None` = sent, not acknowledged yet.
-    pub revision: Option<u64>,
+    pub revision: Option<Revision>,
     /// When control received that acknowledgement, ms since the epoch.
     pub at: Option<i64>,
 }
@@ -95,11 +143,12 @@ pub struct Propagation {
 
 impl Propagation {
     /// Agents that may still use something older than `revision`.
-    pub fn pending(&self, revision: u64) -> Vec<&str> {
+    pub fn pending(&self, revision: impl Into<Revision>) -> Vec<&AgentId> {
+        let revision = revision.into();
         self.agents
             .iter()
             .filter(|a| a.revision.is_none_or(|r| r < revision))
-            .map(|a| a.agent_id.as_str())
+            .map(|a| &a.agent_id)
             .collect()
     }
 }

@@ -138,8 +138,7 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Cry
 
 fn check_private(path: &Path) -> Result<(), CryptoError> {
     let meta = fs::symlink_metadata(path).map_err(io_err("stat", path))?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 || meta.uid() != euid {
         return Err(CryptoError::Permissions {

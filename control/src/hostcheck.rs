@@ -16,48 +16,15 @@ pub enum HostCheckError {
     Unavailable(String),
 }
 
-/// Undoes the octal escapes of /proc/self/mounts (`\040` for a space, etc.).
-fn unescape(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            if let Ok(byte) = u8::try_from(v) {
-                out.push(byte);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The first cgroup2 mount point listed in a /proc/self/mounts text.
-pub fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_src, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape(target)))
-    })
-}
+pub use veil_sys::cgroup2_mount_in;
 
 /// The cgroup2 mount of this process's mount namespace.
 pub fn cgroup2_mount() -> Result<PathBuf, HostCheckError> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")
-        .map_err(|e| HostCheckError::Unavailable(format!("reading /proc/self/mounts: {e}")))?;
-    cgroup2_mount_in(&mounts).ok_or_else(|| {
-        HostCheckError::Unavailable(
+    veil_sys::cgroup2_mount().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => HostCheckError::Unavailable(
             "no cgroup2 file system is mounted: control cannot check sandbox cgroups".into(),
-        )
+        ),
+        _ => HostCheckError::Unavailable(format!("reading /proc/self/mounts: {e}")),
     })
 }
 
@@ -104,31 +71,6 @@ pub fn check_sandbox(cgroup: &str, netns: Option<&str>) -> Result<(), HostCheckE
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_the_cgroup2_mount_wherever_it_is() {
-        let hybrid = "sysfs /sys sysfs rw 0 0\n\
-            tmpfs /sys/fs/cgroup tmpfs ro 0 0\n\
-            cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nsdelegate 0 0\n\
-            cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n";
-        assert_eq!(
-            cgroup2_mount_in(hybrid),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n";
-        assert_eq!(
-            cgroup2_mount_in(unified),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
-        let escaped = "none /mnt/my\\040cg cgroup2 rw 0 0\n";
-        assert_eq!(cgroup2_mount_in(escaped), Some(PathBuf::from("/mnt/my cg")));
-        assert_eq!(
-            cgroup2_mount_in("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
-            None
-        );
-        assert_eq!(cgroup2_mount_in("garbage\n\n"), None);
-        assert_eq!(unescape("a\\134b\\"), "a\\b\\");
-    }
 
     #[test]
     fn cgroup_and_netns_checks_read_the_host() {

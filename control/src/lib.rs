@@ -1,5 +1,7 @@
 //! veil-control: the encrypted secret store and the Daytona-compatible REST API.
 #![forbid(unsafe_op_in_unsafe_fn)]
+// Only `run::child` (fork, namespaces, mounts between clone and exec) needs unsafe; it says so.
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 // Tests may unwrap (house rule); production code is still checked by the non-test build.
 #![cfg_attr(test, allow(clippy::unwrap_used))]

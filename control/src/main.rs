@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde_json::{Value, json};
 use veil_client::Client;
 use veil_client::veil_api::{CreateSecret, SecretValue, UpdateSecret};
@@ -19,6 +19,7 @@ use veil_control::config::Config;
 use veil_control::crypto::Keyring;
 use veil_control::daemon;
 use veil_control::store::sled::SledStore;
+use veil_sys::LogFormat;
 use zeroize::Zeroizing;
 
 /// What the exit status means; shown under the root `--help` (`run --help` has its own).
@@ -45,15 +46,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-/// How log records are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    /// Human-readable text (colours only on a terminal).
-    Human,
-    /// One JSON object per line.
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -209,25 +201,6 @@ enum SecretCommand {
         /// Secret id.
         id: String,
     },
-}
-
-fn init_logging(default: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        // Colour codes only for a person at a terminal, never in journald or log files.
-        LogFormat::Human => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => builder
-            .json()
-            .with_ansi(false)
-            .with_current_span(false)
-            .init(),
-    }
 }
 
 fn data_dir(local: &LocalArgs) -> anyhow::Result<PathBuf> {
@@ -428,7 +401,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(
+    veil_sys::logging::init(
         if matches!(cli.command, Command::Serve { .. }) {
             "info"
         } else {

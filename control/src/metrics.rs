@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use veil_sys::prometheus::escape_label as escape;
+
 /// Upper bounds (seconds) of the request latency histogram buckets.
 const BUCKETS: [f64; 10] = [
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
@@ -120,13 +122,6 @@ impl Metrics {
         );
         out
     }
-}
-
-/// Escapes a label value (backslash, quote, newline).
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

@@ -2,13 +2,14 @@
 //!
 //! Records hold only sealed values (see [`crate::crypto`]); the store never sees plaintext.
 
+mod permission;
 pub mod sled;
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Permission;
 use crate::crypto::Sealed;
 use crate::paginate::{Cursor, Order, SortField};
+pub use permission::{Permission, UnknownPermission};
 pub use veil_link::{Egress, WrongHost};
 
 /// Storage failures.
@@ -231,9 +232,9 @@ impl SecretUsage {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageDelta {
     /// Secret id.
-    pub secret_id: String,
+    pub secret_id: veil_link::SecretId,
     /// Sandbox id.
-    pub sandbox: String,
+    pub sandbox: veil_link::SandboxId,
     /// The connection's SNI.
     pub host: String,
     /// What to add (all zero: nothing is counted, only the audit entry is written).

@@ -9,6 +9,8 @@
 //! [`AgentMsg::Blocked`] requests (promptly). Secret values travel only here, only for secrets mounted in some
 //! sandbox, and live in [`SecretValue`]s that are zeroized on drop and never printed.
 
+#![forbid(unsafe_code)]
+
 pub mod codec;
 pub mod ids;
 pub mod proto;

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+use crate::ids::{AgentId, OrgId, Revision, SandboxId, SecretId};
+
 /// Version spoken by this build; a Hello with another version is refused.
 pub const PROTOCOL_VERSION: u32 = 3;
 
@@ -38,15 +40,15 @@ impl fmt::Debug for SecretValue {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxState {
     /// Sandbox id (unique across organizations).
-    pub id: String,
+    pub id: SandboxId,
     /// Organization the sandbox belongs to.
-    pub org: String,
+    pub org: OrgId,
     /// cgroup v2 directory, relative to the cgroup2 mount.
     pub cgroup: PathBuf,
     /// Network namespace file; `None` = the sandbox shares the host's.
     pub netns: Option<PathBuf>,
     /// Mounted secrets: environment variable name → secret id.
-    pub mounts: BTreeMap<String, String>,
+    pub mounts: BTreeMap<String, SecretId>,
     /// Where the agent opens the sandbox's upstream connections.
     #[serde(default)]
     pub egress: Egress,
@@ -70,9 +72,9 @@ pub enum Egress {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretState {
     /// Secret id.
-    pub id: String,
+    pub id: SecretId,
     /// Organization the secret belongs to.
-    pub org: String,
+    pub org: OrgId,
     /// Secret name (for messages; never the value).
     pub name: String,
     /// The placeholder sandboxes hold.
@@ -82,7 +84,7 @@ pub struct SecretState {
     /// The plaintext.
     pub value: SecretValue,
     /// Bumped on every change of the secret.
-    pub revision: u64,
+    pub revision: Revision,
     /// Whether placeholders in request bodies are replaced too (bounded; off by default).
     #[serde(default)]
     pub body_substitution: bool,
@@ -145,7 +147,7 @@ pub enum ControlMsg {
         /// Sequence number.
         seq: u64,
         /// Its id.
-        id: String,
+        id: SandboxId,
     },
     /// A mounted secret is new or changed.
     PutSecret {
@@ -159,7 +161,7 @@ pub enum ControlMsg {
         /// Sequence number.
         seq: u64,
         /// Its id.
-        id: String,
+        id: SecretId,
     },
 }
 
@@ -185,7 +187,7 @@ pub enum AgentMsg {
         /// [`PROTOCOL_VERSION`] of the agent.
         protocol: u32,
         /// Stable identity of the agent (kept in its state dir).
-        agent_id: String,
+        agent_id: AgentId,
         /// PEM certificate of the agent's interception CA, which sandboxes must trust.
         ca_pem: String,
     },
@@ -213,12 +215,12 @@ pub enum AgentMsg {
 }
 
 /// Occurrences of one secret's placeholder in one sandbox towards one host.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageReport {
     /// Sandbox id.
-    pub sandbox: String,
+    pub sandbox: SandboxId,
     /// Secret id.
-    pub secret_id: String,
+    pub secret_id: SecretId,
     /// The connection's SNI.
     pub host: String,
     /// Replaced by the value.
@@ -231,13 +233,28 @@ pub struct UsageReport {
     pub blocked: u64,
 }
 
+impl UsageReport {
+    /// No occurrence yet of `secret_id` in `sandbox` towards `host`.
+    pub fn new(sandbox: SandboxId, secret_id: SecretId, host: String) -> Self {
+        Self {
+            sandbox,
+            secret_id,
+            host,
+            substituted: 0,
+            wrong_host: 0,
+            host_mismatch: 0,
+            blocked: 0,
+        }
+    }
+}
+
 /// One request refused because its placeholder went to a host the secret blocks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockedReport {
     /// Sandbox id.
-    pub sandbox: String,
+    pub sandbox: SandboxId,
     /// Secret id.
-    pub secret_id: String,
+    pub secret_id: SecretId,
     /// The connection's SNI.
     pub host: String,
     /// When, ms since the epoch.
@@ -252,13 +269,13 @@ mod tests {
     fn secret_value_never_prints() {
         let v = SecretValue::new("hunter2-very-secret".into());
         let s = SecretState {
-            id: "i".into(),
-            org: "o".into(),
+            id: "i".parse().unwrap(),
+            org: "o".parse().unwrap(),
             name: "n".into(),
             placeholder: "p".into(),
             hosts: vec![],
             value: v.clone(),
-            revision: 1,
+            revision: Revision(1),
             body_substitution: false,
             wrong_host: Default::default(),
             previous: vec![SecretValue::new("hunter2-older".into())],
@@ -281,7 +298,7 @@ mod tests {
     fn messages_round_trip_as_tagged_json() {
         let m = ControlMsg::DeleteSandbox {
             seq: 7,
-            id: "sb".into(),
+            id: "sb".parse().unwrap(),
         };
         let j = serde_json::to_string(&m).unwrap();
         assert_eq!(j, r#"{"type":"delete_sandbox","seq":7,"id":"sb"}"#);
@@ -290,15 +307,22 @@ mod tests {
         let u = AgentMsg::Usage {
             at_ms: 5,
             reports: vec![UsageReport {
-                sandbox: "sb".into(),
-                secret_id: "s".into(),
-                host: "h".into(),
                 substituted: 3,
-                ..UsageReport::default()
+                ..UsageReport::new("sb".parse().unwrap(), "s".parse().unwrap(), "h".into())
             }],
         };
         let j = serde_json::to_string(&u).unwrap();
         assert!(j.starts_with(r#"{"type":"usage","at_ms":5,"#), "{j}");
         assert_eq!(serde_json::from_str::<AgentMsg>(&j).unwrap(), u);
+    }
+
+    #[test]
+    fn malformed_ids_in_messages_are_refused() {
+        let bad = r#"{"type":"delete_sandbox","seq":1,"id":"-x"}"#;
+        let e = serde_json::from_str::<ControlMsg>(bad).unwrap_err();
+        assert!(e.to_string().contains("sandbox id"), "{e}");
+        let hello = r#"{"type":"hello","protocol":3,"agent_id":"not hex","ca_pem":"p"}"#;
+        let e = serde_json::from_str::<AgentMsg>(hello).unwrap_err();
+        assert!(e.to_string().contains("agent id"), "{e}");
     }
 }

@@ -130,13 +130,13 @@ impl SandboxPolicy {
                     .iter()
                     .find(|s| s.id == *id)
                     .ok_or_else(|| PolicyError::MissingSecret {
-                        sandbox: sandbox.id.clone(),
-                        id: id.clone(),
+                        sandbox: sandbox.id.to_string(),
+                        id: id.to_string(),
                     })?;
             if state.org != sandbox.org {
                 return Err(PolicyError::OrgMismatch {
-                    sandbox: sandbox.id.clone(),
-                    id: state.id.clone(),
+                    sandbox: sandbox.id.to_string(),
+                    id: state.id.to_string(),
                     name: state.name.clone(),
                 });
             }

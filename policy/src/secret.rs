@@ -97,7 +97,7 @@ impl MountedSecret {
             .iter()
             .map(|h| {
                 HostPattern::parse(h).map_err(|source| PolicyError::Host {
-                    id: state.id.clone(),
+                    id: state.id.to_string(),
                     name: state.name.clone(),
                     host: h.clone(),
                     source,
@@ -105,7 +105,7 @@ impl MountedSecret {
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {
-            id: state.id.clone(),
+            id: state.id.to_string(),
             name: state.name.clone(),
             placeholder: state.placeholder.clone(),
             hosts,
@@ -245,13 +245,13 @@ mod tests {
         let mut state = SecretState {
             previous: Vec::new(),
             retired: false,
-            id: "id1".into(),
-            org: "o".into(),
+            id: "id1".parse().unwrap(),
+            org: "o".parse().unwrap(),
             name: "OPENAI".into(),
             placeholder: "veil_ph_1".into(),
             hosts: vec!["*.Example.com".into(), "api.other.test".into()],
             value: SecretValue::new("sk-live-TOPSECRET".into()),
-            revision: 1,
+            revision: 1.into(),
             body_substitution: false,
             wrong_host: Default::default(),
         };

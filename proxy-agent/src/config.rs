@@ -1,6 +1,5 @@
 //! The agent's configuration: a TOML file, every key defaulted, flags override it.
 
-use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
@@ -247,41 +246,9 @@ impl Default for RequestLimits {
 /// Smallest `max_header_bytes`: hyper's HTTP/1.1 read buffer cannot be smaller.
 pub const MIN_HEADER_BYTES: usize = 8192;
 
-/// A sandbox's identifier: 1–128 of `[A-Za-z0-9_.-]`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
-#[serde(try_from = "String")]
-pub struct SandboxId(String);
-
-impl SandboxId {
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for SandboxId {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        let ok = !s.is_empty()
-            && s.len() <= 128
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-        if ok {
-            Ok(Self(s))
-        } else {
-            Err(format!(
-                "sandbox id {s:?} must be 1-128 characters of A-Z a-z 0-9 _ . -"
-            ))
-        }
-    }
-}
-
-impl fmt::Display for SandboxId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+/// A sandbox's identifier: veil-link's one definition (and one rule), re-exported for the
+/// modules that name it from here.
+pub use veil_link::SandboxId;
 
 /// One sandbox as the agent enforces it: its cgroup and, unless it shares the agent's, its
 /// network namespace.
@@ -290,7 +257,7 @@ pub struct SandboxSpec {
     /// Unique id.
     pub id: SandboxId,
     /// Organization the sandbox belongs to.
-    pub org: String,
+    pub org: veil_link::OrgId,
     /// cgroup v2 directory, absolute (below the cgroup2 mount).
     pub cgroup: PathBuf,
     /// Network namespace file (`/run/netns/NAME` or `/proc/PID/ns/net`); absent = the agent's.
@@ -305,7 +272,7 @@ impl SandboxSpec {
         state: &veil_link::SandboxState,
         cgroup2_mount: &Path,
     ) -> Result<Self, String> {
-        let id = SandboxId::try_from(state.id.clone())?;
+        let id = state.id.clone();
         let cgroup = resolve_cgroup(&state.cgroup, cgroup2_mount)
             .map_err(|why| format!("sandbox {id}: {why}"))?;
         if let Some(netns) = &state.netns
@@ -440,49 +407,6 @@ pub fn resolve_cgroup(cgroup: &Path, mount: &Path) -> Result<PathBuf, String> {
     Ok(mount.join(rel))
 }
 
-/// Finds the cgroup v2 mount point in a `/proc/self/mounts`-format text.
-pub fn cgroup2_mount_from(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_dev, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount(dir)))
-    })
-}
-
-/// Finds the cgroup v2 mount point of this process.
-pub fn cgroup2_mount() -> std::io::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    cgroup2_mount_from(&mounts).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no cgroup2 file system is mounted (veil needs cgroup v2)",
-        )
-    })
-}
-
-/// Undoes the octal escapes (`\040` for a space) of /proc/self/mounts.
-fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,8 +423,8 @@ mod tests {
     fn state(id: &str, cgroup: &str, netns: Option<&str>) -> veil_link::SandboxState {
         veil_link::SandboxState {
             egress: Default::default(),
-            id: id.into(),
-            org: "o".into(),
+            id: id.parse().unwrap(),
+            org: "o".parse().unwrap(),
             cgroup: cgroup.into(),
             netns: netns.map(PathBuf::from),
             mounts: Default::default(),
@@ -533,7 +457,6 @@ mod tests {
             ("a", "../etc", None),
             ("a", "/sys/fs/cgroup/other", None),
             ("a", "/sys/fs/cgroup/unified", None),
-            ("a b", "x", None),
             ("a", "x", Some("run/netns/a")),
         ] {
             assert!(
@@ -541,6 +464,11 @@ mod tests {
                 "accepted {id} {cgroup} {netns:?}"
             );
         }
+        // A malformed id never becomes a SandboxState: the message is refused as it is read.
+        let json = serde_json::json!({"id": "a b", "org": "o", "cgroup": "x", "netns": null,
+                                      "mounts": {}});
+        let e = serde_json::from_value::<veil_link::SandboxState>(json).unwrap_err();
+        assert!(e.to_string().contains("sandbox id"), "{e}");
     }
 
     #[test]
@@ -644,17 +572,5 @@ mod tests {
             text.contains("agent.egress_allow") && text.contains("\"nope\""),
             "{text}"
         );
-    }
-
-    #[test]
-    fn finds_cgroup2_mount_and_unescapes_it() {
-        let mounts = "sysfs /sys sysfs rw 0 0\n\
-                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
-                      cgroup2 /sys/fs/cgroup/my\\040dir cgroup2 rw 0 0\n";
-        assert_eq!(
-            cgroup2_mount_from(mounts),
-            Some(PathBuf::from("/sys/fs/cgroup/my dir"))
-        );
-        assert_eq!(cgroup2_mount_from("sysfs /sys sysfs rw 0 0\n"), None);
     }
 }

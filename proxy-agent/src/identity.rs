@@ -4,6 +4,8 @@ use std::io::{self, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
+use veil_link::AgentId;
+
 /// File name of the id inside the state directory.
 pub const AGENT_ID_FILE: &str = "agent-id";
 
@@ -22,17 +24,11 @@ pub enum IdentityError {
 }
 
 /// Reads the id from `state_dir`, creating it on first start.
-pub fn load_or_create(state_dir: &Path) -> Result<String, IdentityError> {
+pub fn load_or_create(state_dir: &Path) -> Result<AgentId, IdentityError> {
     let path = state_dir.join(AGENT_ID_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let id = text.trim();
-            if is_valid(id) {
-                Ok(id.to_owned())
-            } else {
-                Err(IdentityError::Corrupt(path.display().to_string()))
-            }
-        }
+        Ok(text) => AgentId::parse(text.trim())
+            .map_err(|_| IdentityError::Corrupt(path.display().to_string())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let mut raw = [0u8; 16];
             getrandom::fill(&mut raw).map_err(|e| IdentityError::Random(e.to_string()))?;
@@ -44,14 +40,10 @@ pub fn load_or_create(state_dir: &Path) -> Result<String, IdentityError> {
                 .open(&path)?;
             writeln!(f, "{id}")?;
             f.sync_all()?;
-            Ok(id)
+            AgentId::parse(id).map_err(|_| IdentityError::Corrupt(path.display().to_string()))
         }
         Err(e) => Err(e.into()),
     }
-}
-
-fn is_valid(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 #[cfg(test)]
@@ -62,7 +54,7 @@ mod tests {
     fn created_once_then_stable() {
         let dir = tempfile::tempdir().unwrap();
         let a = load_or_create(dir.path()).unwrap();
-        assert!(is_valid(&a), "{a}");
+        assert_eq!(a.as_str().len(), 32, "{a}");
         assert_eq!(load_or_create(dir.path()).unwrap(), a);
         let other = tempfile::tempdir().unwrap();
         assert_ne!(load_or_create(other.path()).unwrap(), a);

@@ -1,10 +1,20 @@
 //! veil-agent: redirects sandbox egress into veil and forwards it.
 #![forbid(unsafe_op_in_unsafe_fn)]
+// Only the eBPF plumbing and the bind guard's socket-cookie call need unsafe; they say so.
+#![deny(unsafe_code)]
 
+#[allow(
+    unsafe_code,
+    reason = "raw bpf(2) calls and registering the kernel log fd"
+)]
 pub mod bpf;
 pub mod config;
 pub mod dialer;
 pub mod egress;
+#[allow(
+    unsafe_code,
+    reason = "registering its netlink socket with the reactor"
+)]
 pub mod guard;
 pub mod hostaddrs;
 pub mod identity;

@@ -24,8 +24,8 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use veil_link::{
-    AgentMsg, BlockedReport, ControlMsg, FrameError, PROTOCOL_VERSION, UsageReport, read_frame,
-    write_frame,
+    AgentId, AgentMsg, BlockedReport, ControlMsg, FrameError, PROTOCOL_VERSION, SandboxId,
+    SecretId, UsageReport, read_frame, write_frame,
 };
 
 use crate::config::SandboxSpec;
@@ -62,7 +62,7 @@ pub enum LinkError {
 #[derive(Debug, Clone)]
 pub struct Identity {
     /// Stable agent id.
-    pub agent_id: String,
+    pub agent_id: AgentId,
     /// PEM of the interception CA certificate.
     pub ca_pem: String,
 }
@@ -82,6 +82,22 @@ pub struct LinkClient {
     pub stats: std::sync::Arc<crate::stats::Stats>,
     /// Where control's own listen addresses go (guarded against sandboxes).
     pub guard: Option<GuardHandle>,
+}
+
+/// The typed ids of a data-path counter key. The data path counts under the ids of the sandbox
+/// and secret it served, both checked when control's message was read, so a key that does not
+/// parse cannot occur; it would be left out of the report, never sent malformed.
+fn report_ids(key: &UsageKey) -> Option<(SandboxId, SecretId)> {
+    match (
+        SandboxId::parse(key.sandbox.as_str()),
+        SecretId::parse(key.secret_id.as_str()),
+    ) {
+        (Ok(sandbox), Ok(secret)) => Some((sandbox, secret)),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(error = %e, "usage left out of the report");
+            None
+        }
+    }
 }
 
 /// Reports taken from [`Stats`] and not yet written to control.
@@ -119,14 +135,15 @@ impl Unsent {
         let reports = self
             .usage
             .iter()
-            .map(|(k, u)| UsageReport {
-                sandbox: k.sandbox.clone(),
-                secret_id: k.secret_id.clone(),
-                host: k.host.clone(),
-                substituted: u.substituted,
-                wrong_host: u.wrong_host,
-                host_mismatch: u.host_mismatch,
-                blocked: u.blocked,
+            .filter_map(|(k, u)| {
+                let (sandbox, secret_id) = report_ids(k)?;
+                Some(UsageReport {
+                    substituted: u.substituted,
+                    wrong_host: u.wrong_host,
+                    host_mismatch: u.host_mismatch,
+                    blocked: u.blocked,
+                    ..UsageReport::new(sandbox, secret_id, k.host.clone())
+                })
             })
             .collect();
         Some(AgentMsg::Usage {
@@ -143,11 +160,14 @@ impl Unsent {
         let events = self
             .blocks
             .iter()
-            .map(|b| BlockedReport {
-                sandbox: b.key.sandbox.clone(),
-                secret_id: b.key.secret_id.clone(),
-                host: b.key.host.clone(),
-                at_ms: epoch_ms(b.at),
+            .filter_map(|b| {
+                let (sandbox, secret_id) = report_ids(&b.key)?;
+                Some(BlockedReport {
+                    sandbox,
+                    secret_id,
+                    host: b.key.host.clone(),
+                    at_ms: epoch_ms(b.at),
+                })
             })
             .collect();
         Some(AgentMsg::Blocked { events })
@@ -376,13 +396,13 @@ pub fn apply(
             secrets.put_sandbox(&sandbox);
         }
         ControlMsg::DeleteSandbox { id, .. } => {
-            if let Err(e) = registry.delete(&id) {
+            if let Err(e) = registry.delete(id.as_str()) {
                 errors.push(e.to_string());
             }
-            secrets.delete_sandbox(&id);
+            secrets.delete_sandbox(id.as_str());
         }
         ControlMsg::PutSecret { secret, .. } => secrets.put_secret(secret),
-        ControlMsg::DeleteSecret { id, .. } => secrets.delete_secret(&id),
+        ControlMsg::DeleteSecret { id, .. } => secrets.delete_secret(id.as_str()),
     }
     errors
 }

@@ -2,13 +2,14 @@
 //!
 //! Exit codes: 0 clean stop, 1 runtime failure, 2 bad arguments or configuration,
 //! 3 the host cannot run veil (no cgroup v2, eBPF load or attach refused, not root).
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
-use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use clap::{Args as ClapArgs, Parser, Subcommand};
 use proxy_agent::bpf::{self, Bpf};
 use proxy_agent::config::{self, Config};
 use proxy_agent::dialer::EgressGuard;
@@ -30,13 +31,28 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
+use veil_sys::LogFormat;
+
+/// What the exit status means; shown under every `--help`.
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  clean stop (SIGTERM), or the subcommand did what it was asked
+  1  runtime failure: the agent could not keep running
+  2  bad arguments or configuration (also: teardown while an agent holds the state dir)
+  3  the host cannot run veil: no cgroup v2, eBPF load or attach refused, not root";
 
 /// Redirects every outbound TCP connection of the sandboxes veil-control registers into veil.
 ///
 /// Without a subcommand it runs the agent: it re-adopts the sandboxes it served before (their
 /// eBPF links stay pinned in bpffs across restarts), then follows veil-control.
 #[derive(Debug, Parser)]
-#[command(name = "veil-agent", version, about)]
+#[command(
+    name = "veil-agent",
+    version,
+    propagate_version = true,
+    about,
+    after_help = EXIT_STATUS
+)]
 struct Args {
     #[command(flatten)]
     common: Common,
@@ -67,19 +83,11 @@ struct Common {
     log_format: LogFormat,
 }
 
-/// How log records are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    /// Human-readable text (colours only on a terminal).
-    Human,
-    /// One JSON object per line.
-    Json,
-}
-
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Detaches sandboxes for good: removes their pinned links, map entries and records. Run it
     /// with the agent stopped (it refuses while an agent holds the state dir).
+    #[command(after_help = EXIT_STATUS)]
     Teardown {
         /// The sandbox to detach.
         #[arg(
@@ -121,7 +129,9 @@ impl Fatal {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_tracing(args.common.log_format);
+    // Also installs the `log` → tracing bridge that carries aya-log's kernel records; it must be
+    // in place before the programs load.
+    veil_sys::logging::init("info", args.common.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -143,27 +153,6 @@ fn main() -> ExitCode {
             eprintln!("veil-agent: {:#}", fatal.error());
             ExitCode::from(fatal.code())
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // Both also install the `log` → tracing bridge that carries aya-log's kernel records; it
-    // must be in place before the programs load.
-    match format {
-        // Colour codes only for a person at a terminal, never in journald or log files.
-        LogFormat::Human => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => builder
-            .json()
-            .with_ansi(false)
-            .with_current_span(false)
-            .init(),
     }
 }
 
@@ -204,7 +193,7 @@ fn notify(states: &[NotifyState<'_>]) {
 }
 
 async fn run(args: &Common) -> Result<(), Fatal> {
-    let cgroup2 = config::cgroup2_mount().map_err(|e| Fatal::Host(e.into()))?;
+    let cgroup2 = veil_sys::cgroup2_mount().map_err(|e| Fatal::Host(e.into()))?;
     let config = load_config(args, &cgroup2)?;
     let settings = &config.agent;
     if let Some(addr) = settings.metrics_listen {
@@ -215,7 +204,7 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     let agent_id = identity::load_or_create(&settings.state_dir)
         .context("agent identity")
         .map_err(Fatal::Host)?;
-    let ca = InterceptionCa::load_or_create(&settings.state_dir, &agent_id)
+    let ca = InterceptionCa::load_or_create(&settings.state_dir, agent_id.as_str())
         .context("interception CA")
         .map_err(Fatal::Host)?;
     let pins = PinLayout::new(&settings.bpf_pin_dir);
@@ -346,7 +335,7 @@ async fn run(args: &Common) -> Result<(), Fatal> {
 
 /// `veil-agent teardown`: removes pins, links and map entries without loading any program.
 fn teardown(args: &Common, sandbox: Option<&str>, all: bool) -> Result<(), Fatal> {
-    let cgroup2 = config::cgroup2_mount().map_err(|e| Fatal::Host(e.into()))?;
+    let cgroup2 = veil_sys::cgroup2_mount().map_err(|e| Fatal::Host(e.into()))?;
     let config = load_config(args, &cgroup2)?;
     let settings = &config.agent;
     create_state_dir(&settings.state_dir).map_err(Fatal::Host)?;

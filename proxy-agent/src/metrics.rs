@@ -14,6 +14,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use veil_sys::prometheus::escape_label as escape;
+
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -293,13 +295,6 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
 /// HELP text escaping: backslash and newline.
 fn help_text(help: &str) -> String {
     help.replace('\\', "\\\\").replace('\n', "\\n")
-}
-
-/// Label value escaping: backslash, quote, newline.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

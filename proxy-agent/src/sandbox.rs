@@ -17,9 +17,10 @@ use proxy_common::SandboxTarget;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use veil_link::{OrgId, SandboxId};
 
 use crate::bpf::{self, Bpf, BpfError};
-use crate::config::{SandboxId, SandboxSpec};
+use crate::config::SandboxSpec;
 use crate::proxy::{self, Proxy, SandboxTag};
 use crate::state::{SandboxFile, SandboxRecord, StateError};
 use crate::{reserved, sockets};
@@ -125,7 +126,8 @@ impl Registry {
 
     /// Re-adopts every recorded sandbox without control: reopens listeners (previous ports
     /// first), updates the map entry, keeps the pinned links. A sandbox whose cgroup is gone is
-    /// dropped; one that cannot be served (netns gone) stays pinned, refusing connections.
+    /// dropped; one that cannot be served (netns gone, or an id or organization the current
+    /// rule refuses) stays pinned, refusing connections, and is logged.
     ///
     /// Must run inside the tokio runtime (listeners register with its reactor).
     pub fn adopt(&mut self) -> Vec<SandboxError> {
@@ -144,17 +146,23 @@ impl Registry {
                     continue;
                 }
             }
-            let spec = match SandboxId::try_from(record.id.clone()) {
-                Ok(id) => SandboxSpec {
+            let spec = match (
+                SandboxId::parse(record.id.as_str()),
+                OrgId::parse(record.org.as_str()),
+            ) {
+                (Ok(id), Ok(org)) => SandboxSpec {
                     id,
-                    org: record.org.clone(),
+                    org,
                     cgroup: record.cgroup.clone(),
                     netns: record.netns.clone(),
                     egress: record.egress,
                 },
-                // Written by an agent that validated it: keep it pinned, fail closed.
-                Err(why) => {
-                    warn!(sandbox = %record.id, "{why}; left fail-closed");
+                // Written by an agent with a looser rule: its links and map entry stay, its
+                // listeners stay closed, so its connections are refused, never sent around veil.
+                // Control's next snapshot removes it (control never registers such an id).
+                (Err(why), _) | (_, Err(why)) => {
+                    warn!(sandbox = %record.id.escape_debug(), cgroup = %record.cgroup.display(),
+                          "{why}; sandbox left fail-closed (redirected, connections refused)");
                     continue;
                 }
             };
@@ -180,11 +188,11 @@ impl Registry {
                 && bpf::cgroup_id(&spec.cgroup).is_ok_and(|id| id == record.cgroup_id);
             let prefer = (record.port_v4, record.port_v6);
             let record_egress = record.egress;
-            let org_changed = record.org != spec.org;
+            let org_changed = record.org != spec.org.as_str();
             if same {
                 if org_changed {
                     if let Some(r) = self.records.get_mut(id) {
-                        r.org.clone_from(&spec.org);
+                        r.org = spec.org.to_string();
                     }
                     self.persist()?;
                 }
@@ -286,7 +294,7 @@ impl Registry {
             id.to_owned(),
             SandboxRecord {
                 id: id.to_owned(),
-                org: spec.org.clone(),
+                org: spec.org.to_string(),
                 cgroup: spec.cgroup.clone(),
                 netns: spec.netns.clone(),
                 cgroup_id,

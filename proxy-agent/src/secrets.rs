@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tracing::warn;
-use veil_link::{SandboxState, SecretState, SecretValue};
+use veil_link::{OrgId, Revision, SandboxId, SandboxState, SecretId, SecretState, SecretValue};
 use veil_policy::{ModeOverrides, SandboxPolicy};
 
 /// One secret as it applies to one sandbox.
@@ -28,7 +28,7 @@ pub struct MountedSecret {
     /// The environment variable that holds the placeholder in the sandbox.
     pub env: String,
     /// Secret id.
-    pub secret_id: String,
+    pub secret_id: SecretId,
     /// The placeholder the sandbox sends.
     pub placeholder: String,
     /// Allowed host patterns; empty = unrestricted.
@@ -36,20 +36,20 @@ pub struct MountedSecret {
     /// The plaintext.
     pub value: SecretValue,
     /// The secret's revision.
-    pub revision: u64,
+    pub revision: Revision,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Mounts {
-    org: String,
-    env_to_secret: BTreeMap<String, String>,
+    org: OrgId,
+    env_to_secret: BTreeMap<String, SecretId>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    secrets: BTreeMap<String, SecretState>,
-    sandboxes: BTreeMap<String, Mounts>,
-    policies: BTreeMap<String, Arc<SandboxPolicy>>,
+    secrets: BTreeMap<SecretId, SecretState>,
+    sandboxes: BTreeMap<SandboxId, Mounts>,
+    policies: BTreeMap<SandboxId, Arc<SandboxPolicy>>,
     /// The agent-wide modes every policy is built with.
     overrides: ModeOverrides,
 }
@@ -57,14 +57,14 @@ struct Inner {
 /// The policy form of `states`; a secret that cannot take part is left out (never substituted)
 /// and the others still apply.
 fn policy_secrets<'a>(
-    sandbox: &str,
+    sandbox: &SandboxId,
     states: impl Iterator<Item = &'a SecretState>,
 ) -> Vec<veil_policy::MountedSecret> {
     states
         .filter_map(|s| match veil_policy::MountedSecret::from_state(s) {
             Ok(m) => Some(m),
             Err(e) => {
-                warn!(sandbox, error = %e, "secret left out of the sandbox's policy");
+                warn!(%sandbox, error = %e, "secret left out of the sandbox's policy");
                 None
             }
         })
@@ -74,7 +74,7 @@ fn policy_secrets<'a>(
 impl Inner {
     /// Rebuilds the policy of `sandbox` from its resolved mounts and its organization's retired
     /// secrets.
-    fn rebuild(&mut self, sandbox: &str) {
+    fn rebuild(&mut self, sandbox: &SandboxId) {
         self.policies.remove(sandbox);
         let Some(mounts) = self.sandboxes.get(sandbox) else {
             return;
@@ -100,30 +100,30 @@ impl Inner {
             // values are not scrubbed, but the sandbox keeps working (and without any policy
             // they would not be scrubbed either).
             Err(e) if n_retired > 0 => {
-                warn!(sandbox, error = %e, "retired secrets left out of the sandbox's policy");
+                warn!(%sandbox, error = %e, "retired secrets left out of the sandbox's policy");
                 SandboxPolicy::build(live, Vec::new(), self.overrides)
             }
             other => other,
         };
         match policy {
             Ok(p) if p.scrubs() => {
-                self.policies.insert(sandbox.to_owned(), Arc::new(p));
+                self.policies.insert(sandbox.clone(), Arc::new(p));
             }
             Ok(_) => {}
             Err(e) => {
-                warn!(sandbox, error = %e, "no policy for the sandbox: nothing is substituted")
+                warn!(%sandbox, error = %e, "no policy for the sandbox: nothing is substituted")
             }
         }
     }
 
     /// Rebuilds the policies of every sandbox `secret` applies to: those that mount it, and
     /// when it is retired (or was), every sandbox of its organization.
-    fn rebuild_for(&mut self, secret_id: &str, org_wide: Option<&str>) {
-        let ids: Vec<String> = self
+    fn rebuild_for(&mut self, secret_id: &str, org_wide: Option<&OrgId>) {
+        let ids: Vec<SandboxId> = self
             .sandboxes
             .iter()
             .filter(|(_, m)| {
-                org_wide == Some(m.org.as_str()) || m.env_to_secret.values().any(|s| s == secret_id)
+                org_wide == Some(&m.org) || m.env_to_secret.values().any(|s| s == secret_id)
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -178,7 +178,7 @@ impl SecretStore {
             .map(|s| (s.id.clone(), mounts_of(s)))
             .collect();
         inner.policies.clear();
-        let ids: Vec<String> = inner.sandboxes.keys().cloned().collect();
+        let ids: Vec<SandboxId> = inner.sandboxes.keys().cloned().collect();
         for id in ids {
             inner.rebuild(&id);
         }
@@ -210,7 +210,7 @@ impl SecretStore {
             .secrets
             .insert(id.clone(), secret)
             .is_some_and(|s| s.retired);
-        inner.rebuild_for(&id, (retired || was_retired).then_some(org.as_str()));
+        inner.rebuild_for(id.as_str(), (retired || was_retired).then_some(&org));
     }
 
     /// Forgets a secret (its values are zeroized as they drop).
@@ -218,7 +218,7 @@ impl SecretStore {
         let mut inner = self.write();
         let gone = inner.secrets.remove(id);
         let org = gone.as_ref().filter(|s| s.retired).map(|s| s.org.clone());
-        inner.rebuild_for(id, org.as_deref());
+        inner.rebuild_for(id, org.as_ref());
     }
 
     /// The current policy of `sandbox`; `None` when no usable secret is mounted in it.
@@ -275,13 +275,13 @@ mod tests {
     fn sandbox(id: &str, org: &str, mounts: &[(&str, &str)]) -> SandboxState {
         SandboxState {
             egress: Default::default(),
-            id: id.into(),
-            org: org.into(),
+            id: id.parse().unwrap(),
+            org: org.parse().unwrap(),
             cgroup: "x".into(),
             netns: None,
             mounts: mounts
                 .iter()
-                .map(|(e, s)| ((*e).to_owned(), (*s).to_owned()))
+                .map(|(e, s)| ((*e).to_owned(), s.parse().unwrap()))
                 .collect(),
         }
     }
@@ -290,13 +290,13 @@ mod tests {
         SecretState {
             previous: Vec::new(),
             retired: false,
-            id: id.into(),
-            org: org.into(),
+            id: id.parse().unwrap(),
+            org: org.parse().unwrap(),
             name: format!("name-{id}"),
             placeholder: format!("veil-ph-{id}"),
             hosts: vec!["api.example.com".into()],
             value: SecretValue::new(value.into()),
-            revision: 1,
+            revision: Revision(1),
             body_substitution: false,
             wrong_host: Default::default(),
         }

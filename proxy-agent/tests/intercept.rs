@@ -55,7 +55,9 @@ impl Setup {
         let mut conn = ctl.accept(Duration::from_secs(5));
         let value = format!("sk-live-{}", std::process::id() * 7919 + 12345);
         let mut state = sandbox_state("sb-int", &sb);
-        state.mounts.insert("MY_KEY".into(), "sec-1".into());
+        state
+            .mounts
+            .insert("MY_KEY".into(), "sec-1".parse().unwrap());
         conn.apply(ControlMsg::Snapshot {
             guarded: Vec::new(),
             seq: 1,
@@ -63,13 +65,13 @@ impl Setup {
             secrets: vec![SecretState {
                 previous: Vec::new(),
                 retired: false,
-                id: "sec-1".into(),
-                org: "org-1".into(),
+                id: "sec-1".parse().unwrap(),
+                org: "org-1".parse().unwrap(),
                 name: "upstream-key".into(),
                 placeholder: PLACEHOLDER.into(),
                 hosts: vec![ALLOWED.into(), BADCERT.into()],
                 value: SecretValue::new(value.clone()),
-                revision: 1,
+                revision: 1.into(),
                 body_substitution: false,
                 wrong_host: Default::default(),
             }],

@@ -11,14 +11,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::fixture::{Linked, NsSandbox, Upstream, connect};
 use common::{
-    AgentProc, ControlConn, Dirs, FakeControl, attached_program_ids, attached_programs,
-    detach_pinned_link, p50_max, sandbox_state,
+    AgentProc, Dirs, FakeControl, attached_program_ids, attached_programs, detach_pinned_link,
+    p50_max, sandbox_state,
 };
-use veil_link::{AgentMsg, ControlMsg, PROTOCOL_VERSION, SecretState, SecretValue};
-use veil_tests::{NetNs, ProbeOutput, Sandbox, TcpHello, World, require_root};
-
-const ACCEPT: Duration = Duration::from_secs(5);
+use veil_link::{AgentMsg, ControlMsg, SecretState, SecretValue};
+use veil_tests::{ProbeOutput, Sandbox, TcpHello, World, require_root};
 
 fn probe(sb: &Sandbox, addr: &str) -> ProbeOutput {
     sb.probe(&["tcp", "--addr", addr, "--timeout-ms", "3000"])
@@ -47,41 +46,26 @@ fn snapshot(seq: u64, sandboxes: Vec<veil_link::SandboxState>) -> ControlMsg {
     }
 }
 
-fn connect(ctl: &FakeControl) -> ControlConn {
-    let conn = ctl.accept(ACCEPT);
-    match &conn.hello {
-        AgentMsg::Hello {
-            protocol,
-            agent_id,
-            ca_pem,
-        } => {
-            assert_eq!(*protocol, PROTOCOL_VERSION);
-            assert_eq!(agent_id.len(), 32, "{agent_id}");
-            assert!(ca_pem.contains("BEGIN CERTIFICATE"), "{ca_pem}");
-        }
-        other => panic!("expected Hello, got {other:?}"),
-    }
-    conn
-}
-
 #[test]
 fn hello_snapshot_attaches_and_redirects_and_delete_detaches() {
     require_root();
-    let world = World::new();
-    let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "up");
-    let ns = NetNs::new("lk-snap");
-    let sb = Sandbox::new("lk-snap", Some(&ns));
-    let dirs = Dirs::new();
-    let ctl = FakeControl::bind(&dirs.control);
-    let agent = AgentProc::start(&dirs);
-    let mut conn = connect(&ctl);
+    let Upstream { world, hello } = Upstream::start();
+    let NsSandbox { ns: _ns, sb } = NsSandbox::new("lk-snap");
+    let Linked {
+        dirs,
+        ctl,
+        agent,
+        mut conn,
+    } = Linked::start();
     let id_before = match &conn.hello {
         AgentMsg::Hello { agent_id, .. } => agent_id.clone(),
         _ => unreachable!(),
     };
 
     let mut state = sandbox_state("sb-1", &sb);
-    state.mounts.insert("API_KEY".into(), "sec-1".into());
+    state
+        .mounts
+        .insert("API_KEY".into(), "sec-1".parse().unwrap());
     conn.apply(ControlMsg::Snapshot {
         guarded: Vec::new(),
         seq: 1,
@@ -89,13 +73,13 @@ fn hello_snapshot_attaches_and_redirects_and_delete_detaches() {
         secrets: vec![SecretState {
             previous: Vec::new(),
             retired: false,
-            id: "sec-1".into(),
-            org: "org-1".into(),
+            id: "sec-1".parse().unwrap(),
+            org: "org-1".parse().unwrap(),
             name: "api".into(),
             placeholder: "veil-placeholder-1".into(),
             hosts: vec!["api.example.com".into()],
             value: SecretValue::new("plaintext-never-logged-42".into()),
-            revision: 1,
+            revision: 1u64.into(),
             body_substitution: false,
             wrong_host: Default::default(),
         }],
@@ -119,7 +103,7 @@ fn hello_snapshot_attaches_and_redirects_and_delete_detaches() {
 
     conn.apply(ControlMsg::DeleteSandbox {
         seq: 3,
-        id: "sb-1".into(),
+        id: "sb-1".parse().unwrap(),
     });
     assert_eq!(attached_programs(sb.cgroup().path()), 0);
     assert!(
@@ -152,19 +136,15 @@ fn hello_snapshot_attaches_and_redirects_and_delete_detaches() {
 #[test]
 fn put_sandbox_is_redirected_as_soon_as_applied() {
     require_root();
-    let world = World::new();
-    let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "up");
-    let dirs = Dirs::new();
-    let ctl = FakeControl::bind(&dirs.control);
-    let _agent = AgentProc::start(&dirs);
-    let mut conn = connect(&ctl);
+    let Upstream { world, hello } = Upstream::start();
+    let mut linked = Linked::start();
+    let conn = &mut linked.conn;
     conn.apply(snapshot(1, Vec::new()));
 
     let mut latencies = Vec::new();
     let mut seq = 2;
     for i in 0..10 {
-        let ns = NetNs::new("lk-put");
-        let sb = Sandbox::new("lk-put", Some(&ns));
+        let NsSandbox { ns: _ns, sb } = NsSandbox::new("lk-put");
         let id = format!("put-{i}");
         latencies.push(conn.apply(ControlMsg::PutSandbox {
             seq,
@@ -181,7 +161,10 @@ fn put_sandbox_is_redirected_as_soon_as_applied() {
         });
         seq += 1;
         assert_eq!(attached_programs(sb.cgroup().path()), 9);
-        conn.apply(ControlMsg::DeleteSandbox { seq, id });
+        conn.apply(ControlMsg::DeleteSandbox {
+            seq,
+            id: id.parse().unwrap(),
+        });
         seq += 1;
         assert_eq!(attached_programs(sb.cgroup().path()), 0);
     }
@@ -192,12 +175,9 @@ fn put_sandbox_is_redirected_as_soon_as_applied() {
 #[test]
 fn bad_sandboxes_are_reported_not_fatal() {
     require_root();
-    let dirs = Dirs::new();
-    let ctl = FakeControl::bind(&dirs.control);
-    let _agent = AgentProc::start(&dirs);
-    let mut conn = connect(&ctl);
-    let ns = NetNs::new("lk-bad");
-    let sb = Sandbox::new("lk-bad", Some(&ns));
+    let mut linked = Linked::start();
+    let conn = &mut linked.conn;
+    let NsSandbox { ns: _ns, sb } = NsSandbox::new("lk-bad");
     let mut outside = sandbox_state("bad-1", &sb);
     outside.cgroup = "/etc".into();
     let (errors, _) = conn.send(snapshot(1, vec![outside, sandbox_state("ok-1", &sb)]));
@@ -217,14 +197,14 @@ fn bad_sandboxes_are_reported_not_fatal() {
 #[test]
 fn a_recreated_cgroup_is_attached_again() {
     require_root();
-    let world = World::new();
-    let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "up");
-    let ns = NetNs::new("lk-recreate");
-    let sb = Sandbox::new("lk-recreate", Some(&ns));
-    let dirs = Dirs::new();
-    let ctl = FakeControl::bind(&dirs.control);
-    let _agent = AgentProc::start(&dirs);
-    let mut conn = connect(&ctl);
+    let Upstream { world, hello } = Upstream::start();
+    let NsSandbox { ns: _ns, sb } = NsSandbox::new("lk-recreate");
+    let Linked {
+        dirs,
+        ctl: _ctl,
+        agent: _agent,
+        mut conn,
+    } = Linked::start();
     let state = sandbox_state("sb-r", &sb);
     conn.apply(snapshot(1, vec![state.clone()]));
     let old_id = sb.cgroup().id();
@@ -246,22 +226,20 @@ fn a_recreated_cgroup_is_attached_again() {
 #[test]
 fn killed_agent_is_never_bypassed_and_restarts_adopt_without_control() {
     require_root();
-    let world = World::new();
-    let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "up");
-    let ns = NetNs::new("lk-kill");
-    let link = world.link_sandbox(&ns);
-    let sb = Sandbox::new("lk-kill", Some(&ns));
+    let Upstream { world, hello } = Upstream::start();
     let addr = hello.addr().to_string();
-    let dirs = Dirs::new();
-    let mut agent = {
-        let ctl = FakeControl::bind(&dirs.control);
-        let agent = AgentProc::start(&dirs);
-        let mut conn = connect(&ctl);
-        conn.apply(snapshot(1, vec![sandbox_state("sb-k", &sb)]));
-        assert_via_agent(&sb, &hello, &world);
-        agent
-        // Control goes away here and stays down for the rest of the test.
-    };
+    let NsSandbox { ns, sb } = NsSandbox::new("lk-kill");
+    let link = world.link_sandbox(&ns);
+    let Linked {
+        dirs,
+        ctl,
+        mut agent,
+        mut conn,
+    } = Linked::start();
+    conn.apply(snapshot(1, vec![sandbox_state("sb-k", &sb)]));
+    assert_via_agent(&sb, &hello, &world);
+    // Control goes away here and stays down for the rest of the test.
+    drop((conn, ctl));
     // Outside the cgroup the same netns reaches the upstream directly: a bypass would work.
     let direct = sb.probe_outside(&["tcp", "--addr", &addr, "--timeout-ms", "3000"]);
     let reply = direct.expect_ok()["reply"].as_str().unwrap().to_owned();
@@ -351,17 +329,71 @@ fn killed_agent_is_never_bypassed_and_restarts_adopt_without_control() {
     );
 }
 
+/// Item 6 of issue 15: one sandbox-id rule, the stricter one. An id an older agent accepted
+/// (it may start with `_`) and persisted is refused when a restarted agent re-adopts it; the
+/// sandbox is neither served nor dropped: its links and redirect stay, its connections are
+/// refused, and the log names it.
+#[test]
+fn a_persisted_sandbox_whose_id_the_rule_refuses_stays_fail_closed() {
+    require_root();
+    let Upstream { world, hello } = Upstream::start();
+    let addr = hello.addr().to_string();
+    let NsSandbox { ns, sb } = NsSandbox::new("lk-legacy");
+    let _link = world.link_sandbox(&ns);
+    let Linked {
+        dirs,
+        ctl,
+        mut agent,
+        mut conn,
+    } = Linked::start();
+    conn.apply(snapshot(1, vec![sandbox_state("sb-legacy", &sb)]));
+    assert_via_agent(&sb, &hello, &world);
+    agent.kill();
+    drop((conn, ctl));
+    let file = dirs.state.path().join("sandboxes.json");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains(r#""sb-legacy""#), "{text}");
+    std::fs::write(&file, text.replace(r#""sb-legacy""#, r#""_sb-legacy""#)).unwrap();
+
+    // Restarted without control: nothing but the state file tells it about the sandbox.
+    let agent = AgentProc::start(&dirs);
+    assert_eq!(attached_programs(sb.cgroup().path()), 9, "{}", agent.log());
+    let out = probe(&sb, &addr);
+    assert_eq!(
+        out.error(),
+        Some("ECONNREFUSED"),
+        "a sandbox whose id the rule refuses must stay redirected to a closed listener: {:?}",
+        out.json
+    );
+    // Refused because redirected: outside its cgroup the same netns reaches the upstream.
+    let direct = sb.probe_outside(&["tcp", "--addr", &addr, "--timeout-ms", "3000"]);
+    assert!(
+        direct.expect_ok()["reply"]
+            .as_str()
+            .unwrap()
+            .starts_with("up ")
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("_sb-legacy") && log.contains("fail-closed"),
+        "the log must name the sandbox left fail-closed:\n{log}"
+    );
+    // Kept, not forgotten: the record is still there for control's snapshot to remove.
+    let (port_v4, _) = dirs.ports("_sb-legacy");
+    assert_ne!(port_v4, 0);
+}
+
 #[test]
 fn a_link_detached_behind_the_agents_back_is_replaced_on_restart() {
     require_root();
-    let world = World::new();
-    let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "up");
-    let ns = NetNs::new("lk-tamper");
-    let sb = Sandbox::new("lk-tamper", Some(&ns));
-    let dirs = Dirs::new();
-    let ctl = FakeControl::bind(&dirs.control);
-    let mut agent = AgentProc::start(&dirs);
-    let mut conn = connect(&ctl);
+    let Upstream { world, hello } = Upstream::start();
+    let NsSandbox { ns: _ns, sb } = NsSandbox::new("lk-tamper");
+    let Linked {
+        dirs,
+        ctl: _ctl,
+        mut agent,
+        mut conn,
+    } = Linked::start();
     conn.apply(snapshot(1, vec![sandbox_state("sb-t", &sb)]));
     assert_via_agent(&sb, &hello, &world);
     agent.kill();
@@ -386,12 +418,9 @@ fn a_link_detached_behind_the_agents_back_is_replaced_on_restart() {
 #[test]
 fn control_restart_reconciles_without_double_attachment() {
     require_root();
-    let world = World::new();
-    let hello = TcpHello::start(world.netns(), world.upstream_v4().into(), "up");
-    let ns = NetNs::new("lk-ctl");
-    let sb = Sandbox::new("lk-ctl", Some(&ns));
-    let ns2 = NetNs::new("lk-ctl2");
-    let sb2 = Sandbox::new("lk-ctl2", Some(&ns2));
+    let Upstream { world, hello } = Upstream::start();
+    let NsSandbox { ns: _ns, sb } = NsSandbox::new("lk-ctl");
+    let NsSandbox { ns: _ns2, sb: sb2 } = NsSandbox::new("lk-ctl2");
     let dirs = Dirs::new();
     let _agent = AgentProc::start(&dirs);
     {
@@ -442,12 +471,13 @@ for spec in sys.argv[1:]:
 #[test]
 fn sandbox_cannot_bind_the_listener_port() {
     require_root();
-    let ns = NetNs::new("lk-bind");
-    let sb = Sandbox::new("lk-bind", Some(&ns));
-    let dirs = Dirs::new();
-    let ctl = FakeControl::bind(&dirs.control);
-    let _agent = AgentProc::start(&dirs);
-    let mut conn = connect(&ctl);
+    let NsSandbox { ns: _ns, sb } = NsSandbox::new("lk-bind");
+    let Linked {
+        dirs,
+        ctl: _ctl,
+        agent: _agent,
+        mut conn,
+    } = Linked::start();
     conn.apply(snapshot(1, vec![sandbox_state("sb-b", &sb)]));
     let (p4, p6) = dirs.ports("sb-b");
     assert_ne!(p6, 0);
@@ -478,14 +508,14 @@ fn sandbox_cannot_bind_the_listener_port() {
 #[test]
 fn teardown_all_leaves_no_pin_link_or_map_entry() {
     require_root();
-    let ns = NetNs::new("lk-td");
-    let sb = Sandbox::new("lk-td", Some(&ns));
-    let ns2 = NetNs::new("lk-td2");
-    let sb2 = Sandbox::new("lk-td2", Some(&ns2));
-    let dirs = Dirs::new();
-    let ctl = FakeControl::bind(&dirs.control);
-    let mut agent = AgentProc::start(&dirs);
-    let mut conn = connect(&ctl);
+    let NsSandbox { ns: _ns, sb } = NsSandbox::new("lk-td");
+    let NsSandbox { ns: _ns2, sb: sb2 } = NsSandbox::new("lk-td2");
+    let Linked {
+        dirs,
+        ctl: _ctl,
+        mut agent,
+        mut conn,
+    } = Linked::start();
     conn.apply(snapshot(
         1,
         vec![sandbox_state("t1", &sb), sandbox_state("t2", &sb2)],

@@ -529,7 +529,7 @@ impl FakeAgent {
             &mut stream,
             &AgentMsg::Hello {
                 protocol: PROTOCOL_VERSION,
-                agent_id: agent_id.to_owned(),
+                agent_id: agent_id.parse().expect("a valid agent id"),
                 ca_pem: FAKE_CA_PEM.to_owned(),
             },
         )

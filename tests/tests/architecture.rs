@@ -12,15 +12,31 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// Pairs known when the check was written, in files other engineers are reshaping (issue 15).
-/// Remove an entry once its pair is gone: a stale entry fails the check too.
+/// Pairs still to break (issue 15): mostly a parent whose children add `impl` blocks to its
+/// type, or read its shared state. Remove an entry once its pair is gone: a stale entry fails
+/// the check too.
 const KNOWN: &[(&str, &str)] = &[
     ("control/src/api.rs", "control/src/api/audit.rs"),
     ("control/src/api.rs", "control/src/api/keys.rs"),
     ("control/src/api.rs", "control/src/api/openapi.rs"),
     ("control/src/api.rs", "control/src/api/sandboxes.rs"),
     ("control/src/api.rs", "control/src/api/secrets.rs"),
-    ("control/src/auth.rs", "control/src/store.rs"),
+    (
+        "control/src/agent_link/server.rs",
+        "control/src/agent_link/server/acks.rs",
+    ),
+    (
+        "control/src/agent_link/server.rs",
+        "control/src/agent_link/server/handshake.rs",
+    ),
+    (
+        "control/src/agent_link/server.rs",
+        "control/src/agent_link/server/socket.rs",
+    ),
+    (
+        "control/src/agent_link/server.rs",
+        "control/src/agent_link/server/usage.rs",
+    ),
     ("run/src/lib.rs", "run/src/reap.rs"),
     (
         "control/src/store/sled.rs",

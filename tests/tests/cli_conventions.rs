@@ -22,21 +22,6 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 /// An option no binary has.
 const BAD: &str = "--no-such-option";
 
-/// Subcommands that do not answer `--version` yet: clap only adds it to the root command unless
-/// `propagate_version` is set, and these binaries do not set it.
-/// Reported on issue 15; when a binary is fixed this test fails until its entry is removed.
-fn version_gap(bin: &str, path: &[String]) -> bool {
-    match bin {
-        "veil-agent" => !path.is_empty(),
-        _ => false,
-    }
-}
-
-/// Binaries whose root `--help` does not document the exit status yet (same ratchet).
-fn exit_status_gap(bin: &str) -> bool {
-    matches!(bin, "veil-agent")
-}
-
 #[test]
 fn veil_bench_behaves_like_a_binary() {
     check_binary(
@@ -131,34 +116,20 @@ fn check_help(exe: &Path, bin: &str, path: &[String]) -> String {
         "`{what}` wrote to stderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    if path.is_empty() && !exit_status_gap(bin) {
+    if path.is_empty() {
         assert!(
             stdout.contains("Exit status:"),
             "`{what}` does not document the exit status: {stdout}"
         );
     }
-    if path.is_empty() && exit_status_gap(bin) {
-        assert!(
-            !stdout.contains("Exit status:"),
-            "`{what}` documents its exit status now: remove {bin} from exit_status_gap()"
-        );
-    }
     stdout
 }
 
-/// `--version`: exit 0 and the workspace version on stdout (or, for a known gap, still exit 2).
+/// `--version`: exit 0 and the workspace version on stdout.
 fn check_version(exe: &Path, bin: &str, path: &[String]) {
     let what = cmdline(bin, path, "--version");
     let out = invoke(exe, path, "--version");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    if version_gap(bin, path) {
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "`{what}` answers now: remove it from version_gap(); stdout: {stdout}"
-        );
-        return;
-    }
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -67,7 +67,7 @@ async fn registration_waits_for_the_agent_and_pushes_follow_every_change() {
     let delay = Duration::from_millis(300);
     let agent = FakeAgent::connect(
         &control.agent_socket,
-        "fake-1",
+        "f0000000000000000000000000000001",
         AgentBehaviour {
             delay,
             ..AgentBehaviour::default()
@@ -115,12 +115,19 @@ async fn registration_waits_for_the_agent_and_pushes_follow_every_change() {
         rel(&cg).trim_start_matches('/')
     );
     assert_eq!(sandbox.netns.as_ref().unwrap().to_str().unwrap(), netns);
-    assert_eq!(sandbox.mounts.get("MY_A"), Some(&alpha_id));
+    assert_eq!(
+        sandbox.mounts.get("MY_A").map(|id| id.as_str()),
+        Some(alpha_id.as_str())
+    );
     agent.set_behaviour(AgentBehaviour::default());
 
     // A second agent gets a snapshot: every sandbox, only mounted secrets, with values.
-    let second =
-        FakeAgent::connect(&control.agent_socket, "fake-2", AgentBehaviour::default()).await;
+    let second = FakeAgent::connect(
+        &control.agent_socket,
+        "f0000000000000000000000000000002",
+        AgentBehaviour::default(),
+    )
+    .await;
     let ControlMsg::Snapshot {
         sandboxes, secrets, ..
     } = &second.messages()[0]
@@ -261,7 +268,7 @@ async fn no_agent_or_no_acknowledgement_is_a_503() {
     // An agent that never answers: 503 after the timeout; the registration is kept.
     let agent = FakeAgent::connect(
         &control.agent_socket,
-        "mute",
+        "f0000000000000000000000000000003",
         AgentBehaviour {
             silent: true,
             ..AgentBehaviour::default()
@@ -312,7 +319,7 @@ async fn an_agent_error_rolls_the_registration_back() {
     api.create_secret(&key, "two", "v-two-rollback", &[]).await;
     let agent = FakeAgent::connect(
         &control.agent_socket,
-        "picky",
+        "f0000000000000000000000000000004",
         AgentBehaviour {
             fail_sandbox: Some("bad".into()),
             ..AgentBehaviour::default()
@@ -415,7 +422,12 @@ async fn host_paths_and_ownership_are_checked_before_anything_is_stored() {
     let api = control.api();
     let key = control.apikey("acme", ALL);
     let other = control.apikey("globex", ALL);
-    let _agent = FakeAgent::connect(&control.agent_socket, "a", AgentBehaviour::default()).await;
+    let _agent = FakeAgent::connect(
+        &control.agent_socket,
+        "f000000000000000000000000000000a",
+        AgentBehaviour::default(),
+    )
+    .await;
     let cg = Cgroup::new("paths");
     let missing = format!("{}-missing", rel(&cg));
     for (body, needle) in [
@@ -516,7 +528,12 @@ async fn a_peer_that_is_not_root_is_refused() {
         control.log()
     );
     // Root still gets in.
-    let agent = FakeAgent::connect(&sock, "root-agent", AgentBehaviour::default()).await;
+    let agent = FakeAgent::connect(
+        &sock,
+        "f0000000000000000000000000000005",
+        AgentBehaviour::default(),
+    )
+    .await;
     assert!(matches!(agent.messages()[0], ControlMsg::Snapshot { .. }));
     let api = control.api();
     let key = control.apikey("acme", ALL);
@@ -546,7 +563,12 @@ async fn registration_latency_through_the_link() {
     let api = control.api();
     let key = control.apikey("acme", ALL);
     api.create_secret(&key, "lat", "latency-value", &[]).await;
-    let _agent = FakeAgent::connect(&control.agent_socket, "fast", AgentBehaviour::default()).await;
+    let _agent = FakeAgent::connect(
+        &control.agent_socket,
+        "f0000000000000000000000000000006",
+        AgentBehaviour::default(),
+    )
+    .await;
     const N: usize = 120;
     let cgroups: Vec<Cgroup> = (0..N).map(|i| Cgroup::new(&format!("lat{i}"))).collect();
     let mut put = Vec::with_capacity(N);
@@ -589,7 +611,12 @@ async fn the_agent_ca_survives_a_control_restart() {
     let api = control.api();
     let key = control.apikey("acme", ALL);
     let cg = Cgroup::new("restart");
-    let agent = FakeAgent::connect(&control.agent_socket, "a", AgentBehaviour::default()).await;
+    let agent = FakeAgent::connect(
+        &control.agent_socket,
+        "f000000000000000000000000000000a",
+        AgentBehaviour::default(),
+    )
+    .await;
     let (status, _) = api
         .put("/sandbox/keep", &key, json!({"cgroup": rel(&cg)}))
         .await;
@@ -604,7 +631,12 @@ async fn the_agent_ca_survives_a_control_restart() {
         "known before any agent reconnects"
     );
     // A reconnecting agent finds the registered sandbox in its snapshot.
-    let agent = FakeAgent::connect(&control.agent_socket, "a", AgentBehaviour::default()).await;
+    let agent = FakeAgent::connect(
+        &control.agent_socket,
+        "f000000000000000000000000000000a",
+        AgentBehaviour::default(),
+    )
+    .await;
     let ControlMsg::Snapshot { sandboxes, .. } = &agent.messages()[0] else {
         panic!("no snapshot")
     };

@@ -37,7 +37,7 @@ impl Link {
         let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
         let hello = AgentMsg::Hello {
             protocol: PROTOCOL_VERSION,
-            agent_id: agent_id.to_owned(),
+            agent_id: agent_id.parse().expect("a valid agent id"),
             ca_pem: FAKE_CA_PEM.to_owned(),
         };
         write_frame(&mut stream, &hello).await.unwrap();
@@ -199,7 +199,7 @@ async fn request_options_are_validated_stored_and_pushed() {
 
     // Mounted in a sandbox with an agent linked: a change of either field bumps the revision
     // and reaches the agent.
-    let link = Link::connect(&control.agent_socket, "usage-agent").await;
+    let link = Link::connect(&control.agent_socket, "a0000000000000000000000000000001").await;
     let cg = Cgroup::new("opts");
     let netns = format!("/proc/{}/ns/net", std::process::id());
     let (status, sb) = api
@@ -281,7 +281,7 @@ async fn acknowledgements_and_the_wait_parameter() {
     assert_eq!(status, 200, "{idle}");
     assert_eq!(idle["propagation"], json!({"complete": true, "agents": []}));
 
-    let link = Link::connect(&control.agent_socket, "agent-a").await;
+    let link = Link::connect(&control.agent_socket, "a000000000000000000000000000000a").await;
     let cg = Cgroup::new("rot");
     let netns = format!("/proc/{}/ns/net", std::process::id());
     let (status, _) = api
@@ -295,7 +295,7 @@ async fn acknowledgements_and_the_wait_parameter() {
     let got = get_until(&api, &key, &id, |s| s["propagation"]["complete"] == true).await;
     let agents = got["propagation"]["agents"].as_array().unwrap();
     assert_eq!(agents.len(), 1);
-    assert_eq!(agents[0]["agentId"], "agent-a");
+    assert_eq!(agents[0]["agentId"], "a000000000000000000000000000000a");
     assert_eq!(agents[0]["connected"], true);
     assert_eq!(agents[0]["acknowledgedRevision"], got["revision"]);
     assert!(agents[0]["acknowledgedAt"].is_string());
@@ -318,7 +318,7 @@ async fn acknowledgements_and_the_wait_parameter() {
     let pushed = link
         .wait_for(|m| put_secret(m).is_some_and(|s| s.value.expose() == new_value))
         .await;
-    assert_eq!(put_secret(&pushed).unwrap().revision, rotated["revision"]);
+    assert_eq!(put_secret(&pushed).unwrap().revision.0, rotated["revision"]);
 
     // A silent agent: 504 naming it, the change stored; the GET shows it pending.
     link.silent.store(true, Ordering::SeqCst);
@@ -333,7 +333,10 @@ async fn acknowledgements_and_the_wait_parameter() {
     assert_error(&reply, 504);
     assert!(started.elapsed() >= Duration::from_millis(300));
     let msg = reply.1["message"].as_str().unwrap();
-    assert!(msg.contains("agent-a") && msg.contains("stored"), "{msg}");
+    assert!(
+        msg.contains("a000000000000000000000000000000a") && msg.contains("stored"),
+        "{msg}"
+    );
     let (_, pending) = api.get(&path, &key).await;
     assert_eq!(pending["description"], "y", "stored despite the 504");
     assert_eq!(pending["propagation"]["complete"], false);
@@ -361,7 +364,7 @@ async fn acknowledgements_and_the_wait_parameter() {
     })
     .await;
     assert_eq!(gone["propagation"]["complete"], false);
-    let _back = Link::connect(&control.agent_socket, "agent-a").await;
+    let _back = Link::connect(&control.agent_socket, "a000000000000000000000000000000a").await;
     let caught_up = get_until(&api, &key, &id, |s| s["propagation"]["complete"] == true).await;
     assert_eq!(
         caught_up["propagation"]["agents"][0]["acknowledgedRevision"],
@@ -386,14 +389,11 @@ async fn usage_and_blocked_reports_are_aggregated_persisted_and_audited() {
         api.get(&format!("/secret/{id}"), &key).await.1["lastUsedAt"],
         Value::Null
     );
-    let link = Link::connect(&control.agent_socket, "reporter").await;
+    let link = Link::connect(&control.agent_socket, "a0000000000000000000000000000002").await;
     let report = |host: &str, substituted: u64, wrong_host: u64| UsageReport {
-        sandbox: "sb-u".into(),
-        secret_id: id.clone(),
-        host: host.into(),
         substituted,
         wrong_host,
-        ..UsageReport::default()
+        ..UsageReport::new("sb-u".parse().unwrap(), id.parse().unwrap(), host.into())
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -411,8 +411,8 @@ async fn usage_and_blocked_reports_are_aggregated_persisted_and_audited() {
     .await;
     link.send(&AgentMsg::Blocked {
         events: vec![BlockedReport {
-            sandbox: "sb-u".into(),
-            secret_id: id.clone(),
+            sandbox: "sb-u".parse().unwrap(),
+            secret_id: id.parse().unwrap(),
             host: "evil.test".into(),
             at_ms: now + 1500,
         }],
@@ -422,7 +422,7 @@ async fn usage_and_blocked_reports_are_aggregated_persisted_and_audited() {
     link.send(&AgentMsg::Usage {
         at_ms: now,
         reports: vec![UsageReport {
-            secret_id: "no-such-secret".into(),
+            secret_id: "no-such-secret".parse().unwrap(),
             ..report("x.test", 1, 0)
         }],
     })
@@ -448,7 +448,10 @@ async fn usage_and_blocked_reports_are_aggregated_persisted_and_audited() {
     assert_eq!(total, 42);
     assert_eq!(used[0]["targetId"], id.as_str());
     assert_eq!(used[0]["changes"]["sandboxId"], "sb-u");
-    assert_eq!(used[0]["actorKeyId"], "veil-agent:reporter");
+    assert_eq!(
+        used[0]["actorKeyId"],
+        "veil-agent:a0000000000000000000000000000002"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     let events = loop {
         let events = audit_of(&api, &key, "secret.blocked").await;

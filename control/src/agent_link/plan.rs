@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use veil_link::SandboxState;
+use veil_link::{IdError, OrgId, SandboxId, SandboxState, SecretId};
 
 use crate::store::{SandboxRecord, SecretRecord, Store, StoreError, TombstoneRecord};
 
@@ -92,31 +92,42 @@ impl RegistryView {
         self.stamp(id).map(|s| s.revision)
     }
 
-    /// A sandbox as the agent enforces it: mounts whose secret no longer exists are left out,
-    /// except a deleted secret in its grace period (sent retired: its hosts stay intercepted in
-    /// the sandboxes that mounted it, so its value is still scrubbed there).
-    pub fn sandbox_state(&self, sb: &SandboxRecord) -> SandboxState {
-        SandboxState {
-            id: sb.id.clone(),
-            org: sb.org.clone(),
+    /// The mounts of `sb` agents are sent, as (variable, secret id): those whose secret no
+    /// longer exists are left out, except a deleted secret in its grace period (sent retired:
+    /// its hosts stay intercepted in the sandboxes that mounted it, so its value is still
+    /// scrubbed there).
+    pub fn live_mounts<'a>(
+        &'a self,
+        sb: &'a SandboxRecord,
+    ) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        sb.mounts
+            .iter()
+            .filter(|m| {
+                self.mounted
+                    .get(&m.secret_id)
+                    .is_some_and(|s| s.org == sb.org)
+                    || self
+                        .retired
+                        .get(&m.secret_id)
+                        .is_some_and(|t| t.org == sb.org)
+            })
+            .map(|m| (m.env.as_str(), m.secret_id.as_str()))
+    }
+
+    /// A sandbox as the agent enforces it (see [`Self::live_mounts`]); the store's ids become
+    /// the link's checked ones here (control validated them when they were stored).
+    pub fn sandbox_state(&self, sb: &SandboxRecord) -> Result<SandboxState, IdError> {
+        Ok(SandboxState {
+            id: SandboxId::parse(sb.id.as_str())?,
+            org: OrgId::parse(sb.org.as_str())?,
             cgroup: PathBuf::from(&sb.cgroup),
             netns: sb.netns.as_ref().map(PathBuf::from),
-            mounts: sb
-                .mounts
-                .iter()
-                .filter(|m| {
-                    self.mounted
-                        .get(&m.secret_id)
-                        .is_some_and(|s| s.org == sb.org)
-                        || self
-                            .retired
-                            .get(&m.secret_id)
-                            .is_some_and(|t| t.org == sb.org)
-                })
-                .map(|m| (m.env.clone(), m.secret_id.clone()))
-                .collect(),
+            mounts: self
+                .live_mounts(sb)
+                .map(|(env, id)| Ok((env.to_owned(), SecretId::parse(id)?)))
+                .collect::<Result<_, IdError>>()?,
             egress: sb.egress,
-        }
+        })
     }
 
     /// What an agent holds right after a snapshot of this view.
@@ -167,8 +178,9 @@ pub fn plan(view: &RegistryView, change: Change<'_>, held: &Held) -> Vec<Step> {
     match change {
         Change::Sandbox(id) => match view.sandboxes.get(id) {
             Some(sb) => {
-                let state = view.sandbox_state(sb);
-                for secret_id in state.mounts.values() {
+                // In variable order, as the agent's state lists them.
+                let mounts: BTreeMap<&str, &str> = view.live_mounts(sb).collect();
+                for secret_id in mounts.values() {
                     put(&mut steps, secret_id);
                 }
                 // Scrubbed in it from its first connection on.
@@ -363,7 +375,7 @@ mod tests {
             &[sandbox("sb", &[("A", "s1"), ("B", "gone")])],
             &[secret("s1", 1)],
         );
-        let state = v.sandbox_state(&v.sandboxes["sb"]);
+        let state = v.sandbox_state(&v.sandboxes["sb"]).unwrap();
         assert_eq!(state.mounts.len(), 1);
         assert_eq!(state.mounts["A"], "s1");
         assert_eq!(v.held(), held(&[("s1", 1)]));
@@ -420,7 +432,10 @@ mod tests {
         assert_eq!(h["s1"].revision, 2);
         // The sandbox that mounted it keeps the mount while the tombstone lasts (its hosts stay
         // intercepted there); the agent scrubs it in the org's other sandboxes too.
-        assert_eq!(v.sandbox_state(&v.sandboxes["sb"]).mounts["A"], "s1");
+        assert_eq!(
+            v.sandbox_state(&v.sandboxes["sb"]).unwrap().mounts["A"],
+            "s1"
+        );
         // A new sandbox of the org gets the tombstones it lacks first; another org's none.
         v.retired.insert("s7".into(), tombstone("s7", "acme", 5, 2));
         v.sandboxes.insert("new".into(), sandbox("new", &[]));

@@ -347,13 +347,13 @@ fn for_sandbox_uses_its_mounts_only() {
     let state = |id: &str, org: &str, hosts: &[&str]| SecretState {
         previous: Vec::new(),
         retired: false,
-        id: id.into(),
-        org: org.into(),
+        id: id.parse().unwrap(),
+        org: org.parse().unwrap(),
         name: format!("N{id}"),
         placeholder: format!("ph_{id}"),
         hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
         value: SecretValue::new(format!("value-{id}")),
-        revision: 1,
+        revision: 1.into(),
         body_substitution: false,
         wrong_host: Default::default(),
     };
@@ -364,13 +364,13 @@ fn for_sandbox_uses_its_mounts_only() {
     ];
     let mut sb = SandboxState {
         egress: Default::default(),
-        id: "sb1".into(),
-        org: "o1".into(),
+        id: "sb1".parse().unwrap(),
+        org: "o1".parse().unwrap(),
         cgroup: "x".into(),
         netns: None,
         mounts: [
-            ("A_KEY".to_owned(), "a".to_owned()),
-            ("A_AGAIN".to_owned(), "a".to_owned()),
+            ("A_KEY".to_owned(), "a".parse().unwrap()),
+            ("A_AGAIN".to_owned(), "a".parse().unwrap()),
         ]
         .into(),
     };
@@ -382,12 +382,12 @@ fn for_sandbox_uses_its_mounts_only() {
         decide(&p, Some(&name("b.test")), Some(&h2)),
         Err(HostNotAllowed)
     );
-    sb.mounts.insert("C".into(), "c".into());
+    sb.mounts.insert("C".into(), "c".parse().unwrap());
     assert!(matches!(
         SandboxPolicy::for_sandbox(&sb, &secrets, ModeOverrides::default()),
         Err(PolicyError::OrgMismatch { .. })
     ));
-    sb.mounts.insert("C".into(), "zz".into());
+    sb.mounts.insert("C".into(), "zz".parse().unwrap());
     assert!(matches!(
         SandboxPolicy::for_sandbox(&sb, &secrets, ModeOverrides::default()),
         Err(PolicyError::MissingSecret { .. })

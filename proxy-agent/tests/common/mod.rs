@@ -1,6 +1,8 @@
 //! Helpers shared by the agent's kernel tests.
 #![allow(dead_code, reason = "each test binary uses a part")]
 
+pub mod fixture;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -365,8 +367,8 @@ impl ControlConn {
 pub fn sandbox_state(id: &str, sb: &veil_tests::Sandbox) -> SandboxState {
     SandboxState {
         egress: veil_tests::egress::link_egress(sb.netns_path()),
-        id: id.into(),
-        org: "org-1".into(),
+        id: id.parse().unwrap(),
+        org: "org-1".parse().unwrap(),
         cgroup: sb.cgroup().path().to_path_buf(),
         netns: sb.netns_path().map(Path::to_path_buf),
         mounts: Default::default(),

@@ -107,7 +107,7 @@ impl Drop for Cgroup {
 }
 
 pub fn cgroup2_mount() -> PathBuf {
-    proxy_agent::config::cgroup2_mount().expect("no cgroup2 mount in /proc/self/mounts")
+    veil_sys::cgroup2_mount().expect("no cgroup2 mount in /proc/self/mounts")
 }
 
 pub fn run(cmd: &mut Command) {

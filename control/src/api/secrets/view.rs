@@ -36,7 +36,7 @@ pub fn detail(
         .map(|a| AgentAck {
             agent_id: a.agent_id.to_string(),
             connected: a.connected,
-            acknowledged_revision: a.revision.map(Revision),
+            acknowledged_revision: a.revision,
             acknowledged_at: a.at.map(rfc3339),
         })
         .collect();

@@ -211,8 +211,8 @@ fn usage_adds_up_audits_and_goes_with_the_secret() {
     let s = secret("acme", 1, 1);
     store.insert_secret(&s, audit("acme")).unwrap();
     let delta = |host: &str, substituted: u64, at: i64| UsageDelta {
-        secret_id: s.id.clone(),
-        sandbox: "sb".into(),
+        secret_id: s.id.parse().unwrap(),
+        sandbox: "sb".parse().unwrap(),
         host: host.into(),
         counts: super::super::UsageCounts {
             substituted,
@@ -222,7 +222,7 @@ fn usage_adds_up_audits_and_goes_with_the_secret() {
         at,
     };
     let gone = UsageDelta {
-        secret_id: "no-such-secret".into(),
+        secret_id: "no-such-secret".parse().unwrap(),
         ..delta("h", 1, 1)
     };
     let mut audited = Vec::new();

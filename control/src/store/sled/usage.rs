@@ -1,6 +1,7 @@
 //! Agent-reported usage, kept beside the secret records.
 
 use sled::transaction::{ConflictableTransactionError, Transactional};
+use veil_link::SecretId;
 
 use super::{SledStore, backend, dec, enc, tx_err};
 use crate::store::{AuditRecord, SecretRecord, SecretUsage, StoreError, UsageDelta};
@@ -11,12 +12,12 @@ pub(super) fn record_usage(
     audit: &mut dyn FnMut(&SecretRecord, &UsageDelta) -> Option<AuditRecord>,
 ) -> Result<usize, StoreError> {
     let _guard = store.lock();
-    let mut usages: std::collections::BTreeMap<String, SecretUsage> = Default::default();
+    let mut usages: std::collections::BTreeMap<SecretId, SecretUsage> = Default::default();
     let mut audits = Vec::new();
     let mut recorded = 0;
     for d in deltas {
         // Under the write lock: a secret seen here cannot be deleted before the commit.
-        let Some(secret) = store.get_secret_raw(&d.secret_id)? else {
+        let Some(secret) = store.get_secret_raw(d.secret_id.as_str())? else {
             continue;
         };
         recorded += 1;
@@ -27,7 +28,7 @@ pub(super) fn record_usage(
             continue;
         }
         if !usages.contains_key(&d.secret_id) {
-            let current = secret_usage(store, &d.secret_id)?;
+            let current = secret_usage(store, d.secret_id.as_str())?;
             usages.insert(d.secret_id.clone(), current);
         }
         if let Some(u) = usages.get_mut(&d.secret_id) {
@@ -39,7 +40,7 @@ pub(super) fn record_usage(
     }
     let encoded = usages
         .iter()
-        .map(|(id, u)| Ok((id.as_bytes().to_vec(), enc(u)?)))
+        .map(|(id, u)| Ok((id.as_str().as_bytes().to_vec(), enc(u)?)))
         .collect::<Result<Vec<_>, StoreError>>()?;
     (&store.usage, &store.audit)
         .transaction(|(usage, audit)| {

@@ -279,20 +279,20 @@ impl World {
         });
         let spec = SandboxSpec {
             id: SandboxId::try_from("sb1".to_owned()).unwrap(),
-            org: "o1".into(),
+            org: "o1".parse().unwrap(),
             cgroup: "/sys/fs/cgroup/sb1".into(),
             netns: None,
             egress: Egress::Sandbox,
         };
         if with_secret {
             secrets.put_secret(SecretState {
-                id: "sec_1".into(),
-                org: "o1".into(),
+                id: "sec_1".parse().unwrap(),
+                org: "o1".parse().unwrap(),
                 name: "KEY".into(),
                 placeholder: PLACEHOLDER.into(),
                 hosts: vec![ALLOWED.into()],
                 value: SecretValue::new(VALUE.into()),
-                revision: 1,
+                revision: 1.into(),
                 body_substitution: false,
                 wrong_host: Default::default(),
                 previous: Vec::new(),
@@ -300,11 +300,11 @@ impl World {
             });
         }
         secrets.put_sandbox(&SandboxState {
-            id: "sb1".into(),
-            org: "o1".into(),
+            id: "sb1".parse().unwrap(),
+            org: "o1".parse().unwrap(),
             cgroup: "/sys/fs/cgroup/sb1".into(),
             netns: None,
-            mounts: [("KEY".to_owned(), "sec_1".to_owned())].into(),
+            mounts: [("KEY".to_owned(), "sec_1".parse().unwrap())].into(),
             egress: Egress::Sandbox,
         });
         let connector = Arc::new(Loopback::default());

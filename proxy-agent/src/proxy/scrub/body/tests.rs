@@ -239,13 +239,13 @@ fn a_body_still_compressed_after_decoding_is_refused() {
 
 fn state(value: &str, previous: &[&str]) -> SecretState {
     SecretState {
-        id: "sec_r".into(),
-        org: "org".into(),
+        id: "sec_r".parse().unwrap(),
+        org: "org".parse().unwrap(),
         name: "ROTATED".into(),
         placeholder: PLACEHOLDER.into(),
         hosts: vec![],
         value: SecretValue::new(value.into()),
-        revision: 1,
+        revision: 1.into(),
         body_substitution: false,
         wrong_host: Default::default(),
         previous: previous
@@ -262,11 +262,11 @@ fn a_stream_scrubs_values_that_became_current_while_it_streams() {
     const MOUNTED: &str = "mounted-later-0123456789";
     let store = SecretStore::default();
     let sandbox = SandboxState {
-        id: "sb".into(),
-        org: "org".into(),
+        id: "sb".parse().unwrap(),
+        org: "org".parse().unwrap(),
         cgroup: "x".into(),
         netns: None,
-        mounts: [("K".to_owned(), "sec_r".to_owned())].into(),
+        mounts: [("K".to_owned(), "sec_r".parse().unwrap())].into(),
         egress: Default::default(),
     };
     store.replace(std::slice::from_ref(&sandbox), vec![state(VALUE, &[])]);
@@ -302,11 +302,11 @@ fn a_stream_scrubs_values_that_became_current_while_it_streams() {
         // Rotation, and a second secret mounted, while the response streams.
         store.put_secret(state(NEW, &[VALUE]));
         let mut later = state(MOUNTED, &[]);
-        later.id = "sec_m".into();
+        later.id = "sec_m".parse().unwrap();
         later.placeholder = "veil_ph_mounted".into();
         store.put_secret(later);
         let mut sandbox = sandbox.clone();
-        sandbox.mounts.insert("M".into(), "sec_m".into());
+        sandbox.mounts.insert("M".into(), "sec_m".parse().unwrap());
         store.put_sandbox(&sandbox);
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame.unwrap().into_data() {

@@ -2,11 +2,22 @@
 //! the rotated-out ones, or a deleted secret's last values (retired: scrubbed, never
 //! substituted). Errors name secrets and revisions, never a value.
 
-use veil_link::{MAX_PREVIOUS_VALUES, SecretState, SecretValue, WrongHost};
+use veil_link::{
+    MAX_PREVIOUS_VALUES, OrgId, Revision, SecretId, SecretState, SecretValue, WrongHost,
+};
 
-use super::AgentLinkError;
+use super::{AgentLinkError, BuildError};
 use crate::crypto::{Keyring, RecordBinding, Sealed};
 use crate::store::{PreviousValue, SecretRecord, TombstoneRecord};
+
+/// The link's checked ids of a stored secret (control validated them when it stored them).
+fn link_ids(id: &str, org: &str) -> Result<(SecretId, OrgId), AgentLinkError> {
+    let bad = |e| AgentLinkError::from(BuildError::StoredId(e));
+    Ok((
+        SecretId::parse(id).map_err(bad)?,
+        OrgId::parse(org).map_err(bad)?,
+    ))
+}
 
 /// Opens one sealed value of secret `id` (bound to `revision`). Errors never carry the value.
 fn open_value(
@@ -23,11 +34,14 @@ fn open_value(
     };
     let plain = ring
         .open(binding, sealed)
-        .map_err(|e| AgentLinkError::Internal(format!("secret {id} revision {revision}: {e}")))?;
-    let text = String::from_utf8(plain.to_vec()).map_err(|_| {
-        AgentLinkError::Internal(format!(
-            "secret {id} revision {revision}: value is not UTF-8"
-        ))
+        .map_err(|source| BuildError::Unseal {
+            id: id.to_owned(),
+            revision,
+            source,
+        })?;
+    let text = String::from_utf8(plain.to_vec()).map_err(|_| BuildError::NotUtf8 {
+        id: id.to_owned(),
+        revision,
     })?;
     Ok(SecretValue::new(text))
 }
@@ -56,17 +70,18 @@ fn earlier_values(
 }
 
 /// A mounted secret with its opened value and rotated-out values. Errors never carry a value.
-pub fn secret_state(ring: &Keyring, s: &SecretRecord) -> Result<SecretState, AgentLinkError> {
+pub fn unseal_for_agent(ring: &Keyring, s: &SecretRecord) -> Result<SecretState, AgentLinkError> {
+    let (id, org) = link_ids(&s.id, &s.org)?;
     Ok(SecretState {
         value: open_value(ring, &s.org, &s.id, s.revision, &s.sealed)?,
         previous: earlier_values(ring, &s.org, &s.id, &s.previous, MAX_PREVIOUS_VALUES),
         retired: false,
-        id: s.id.clone(),
-        org: s.org.clone(),
+        id,
+        org,
         name: s.name.clone(),
         placeholder: s.placeholder.clone(),
         hosts: s.hosts.clone(),
-        revision: s.revision,
+        revision: Revision(s.revision),
         body_substitution: s.body_substitution,
         wrong_host: s.wrong_host,
     })
@@ -74,22 +89,26 @@ pub fn secret_state(ring: &Keyring, s: &SecretRecord) -> Result<SecretState, Age
 
 /// A deleted secret inside its grace period, as agents scrub it: its last value (or the newest
 /// that opens) and the older ones, never substituted.
-pub fn retired_state(ring: &Keyring, t: &TombstoneRecord) -> Result<SecretState, AgentLinkError> {
+pub fn unseal_retired_for_agent(
+    ring: &Keyring,
+    t: &TombstoneRecord,
+) -> Result<SecretState, AgentLinkError> {
+    let (id, org) = link_ids(&t.id, &t.org)?;
     let limit = MAX_PREVIOUS_VALUES + 1;
     let mut values = earlier_values(ring, &t.org, &t.id, &t.values, limit).into_iter();
-    let value = values.next().ok_or_else(|| {
-        AgentLinkError::Internal(format!("deleted secret {}: no value opens", t.id))
-    })?;
+    let value = values
+        .next()
+        .ok_or_else(|| AgentLinkError::from(BuildError::NoRetiredValue(t.id.clone())))?;
     Ok(SecretState {
         value,
         previous: values.collect(),
         retired: true,
-        id: t.id.clone(),
-        org: t.org.clone(),
+        id,
+        org,
         name: t.name.clone(),
         placeholder: t.placeholder.clone(),
         hosts: t.hosts.clone(),
-        revision: t.revision,
+        revision: Revision(t.revision),
         body_substitution: false,
         wrong_host: WrongHost::Forward,
     })
@@ -132,7 +151,7 @@ mod tests {
             // Revision 1's ciphertext was sealed for another revision: it does not open.
             previous: vec![prev(2, seal(2, "value-two")), prev(1, seal(9, "value-one"))],
         };
-        let live = secret_state(&ring, &record).unwrap();
+        let live = unseal_for_agent(&ring, &record).unwrap();
         assert_eq!(live.value.expose(), "value-three");
         let previous: Vec<&str> = live.previous.iter().map(SecretValue::expose).collect();
         assert_eq!(
@@ -140,7 +159,7 @@ mod tests {
             ["value-two"],
             "a value that does not open is left out"
         );
-        assert!(!live.retired && live.revision == 3);
+        assert!(!live.retired && live.revision == Revision(3));
         let tombstone = TombstoneRecord {
             id: "s1".into(),
             org: "acme".into(),
@@ -154,8 +173,8 @@ mod tests {
                 prev(2, seal(2, "value-two")),
             ],
         };
-        let retired = retired_state(&ring, &tombstone).unwrap();
-        assert!(retired.retired && retired.revision == 4);
+        let retired = unseal_retired_for_agent(&ring, &tombstone).unwrap();
+        assert!(retired.retired && retired.revision == Revision(4));
         assert_eq!(retired.value.expose(), "value-three");
         assert_eq!(retired.previous.len(), 1);
         assert!(!retired.body_substitution && retired.wrong_host == WrongHost::Forward);
@@ -166,7 +185,9 @@ mod tests {
             values: vec![prev(1, seal(9, "value-one"))],
             ..tombstone
         };
-        let e = retired_state(&ring, &broken).unwrap_err().to_string();
+        let e = unseal_retired_for_agent(&ring, &broken)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("s1") && !e.contains("value-"), "{e}");
     }
 }
