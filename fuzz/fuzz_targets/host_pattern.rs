@@ -23,12 +23,14 @@ fuzz_target!(|data: &[u8]| {
         let exact = HostPattern::parse(n.as_str());
         assert_eq!(exact, Ok(HostPattern::Exact(n.as_str().to_owned())));
         // A name names itself as an authority, with a port, in upper case, with a trailing dot.
-        assert!(n.matches_authority(n.as_str().as_bytes()));
-        assert!(n.matches_authority(format!("{n}:443").as_bytes()));
-        assert!(n.matches_authority(n.as_str().to_ascii_uppercase().as_bytes()));
-        assert!(n.matches_authority(format!("{n}.").as_bytes()));
+        assert!(n.matches_authority(n.as_str().as_bytes(), 443));
+        assert!(n.matches_authority(format!("{n}:443").as_bytes(), 443));
+        // Another port than the connection's is another server.
+        assert!(!n.matches_authority(format!("{n}:8443").as_bytes(), 443));
+        assert!(n.matches_authority(n.as_str().to_ascii_uppercase().as_bytes(), 443));
+        assert!(n.matches_authority(format!("{n}.").as_bytes(), 443));
         // An authority that matches normalises to the same name.
-        if n.matches_authority(authority.as_bytes()) {
+        if n.matches_authority(authority.as_bytes(), 443) {
             let host_part = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
             if let Ok(m) = ServerName::parse(host_part) {
                 assert_eq!(&m, n, "authority {authority:?} matched {n} but names {m}");

@@ -248,6 +248,20 @@ fn ensure_cargo_fuzz(tools: &Path) -> Result<()> {
 
 /// `rustup run NIGHTLY program`, with what an outer cargo leaks (toolchain, flags, target dir)
 /// removed and the tools directory first in PATH, so `cargo fuzz` finds cargo-fuzz.
+/// Type-checks every fuzz target (all features) on the pinned nightly, so that a change of a
+/// fuzzed API breaks `cargo xtask test` instead of the next fuzzing session.
+pub fn check_targets(root: &Path) -> Result<()> {
+    let mut cmd = nightly(&root.join("target/tools"), "cargo")?;
+    cmd.args(["check", "--bins", "--all-features", "--quiet"])
+        .current_dir(root.join("fuzz"))
+        .env("CARGO_TARGET_DIR", root.join("target/fuzz-check"));
+    let status = cmd.status().context("cannot run cargo check in fuzz/")?;
+    if !status.success() {
+        bail!("the fuzz targets do not build ({status})");
+    }
+    Ok(())
+}
+
 fn nightly(tools: &Path, program: &str) -> Result<Command> {
     let mut cmd = Command::new("rustup");
     cmd.args(["run", crate::ebpf::NIGHTLY, program]);

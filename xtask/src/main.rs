@@ -68,7 +68,8 @@ enum Cmd {
         #[arg(long)]
         purge: bool,
     },
-    /// Install test dependencies, then run fmt, clippy and the whole test suite (needs root).
+    /// Install test dependencies, then run fmt, clippy, a build check of the fuzz targets and the
+    /// whole test suite (needs root).
     Test {
         /// Extra arguments passed to `cargo test` (after `--`).
         #[arg(last = true)]
@@ -180,6 +181,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
             "warnings",
         ],
     )?;
+    fuzz::check_targets(root)?;
     // The e2e tests run the daemons' binaries, which `cargo test` alone does not build.
     cargo(root, &["build", "--workspace", "--bins"])?;
     // Every failing test binary is reported, not only the first.
