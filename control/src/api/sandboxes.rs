@@ -29,9 +29,9 @@ use veil_api::{
     MountList, MountedSecret, PutSandbox, PutSandboxSecrets, Sandbox, SandboxId, SecretId,
 };
 
-use super::Route;
 use super::body::decode;
-use super::{ApiError, AppState, Caller, blocking};
+use super::error::ApiError;
+use super::state::{AppState, Caller, Route, blocking};
 use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;

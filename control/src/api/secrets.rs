@@ -14,9 +14,9 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use veil_api::{CreateSecret, Secret, SecretDetail, SecretPage, UpdateSecret, UpdateSecretQuery};
 
-use super::Route;
 use super::body::decode;
-use super::{ApiError, AppState, Caller, blocking, parse_limit, query};
+use super::error::ApiError;
+use super::state::{AppState, Caller, Route, blocking, parse_limit, query};
 use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
