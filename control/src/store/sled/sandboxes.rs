@@ -2,7 +2,7 @@
 
 use sled::transaction::{ConflictableTransactionError, Transactional};
 
-use super::{SledStore, backend, dec, enc, tx_err};
+use super::db::{SledStore, backend, dec, enc, tx_err};
 use crate::store::{AuditRecord, SandboxChange, SandboxRecord, StoreError};
 
 pub(super) fn put(

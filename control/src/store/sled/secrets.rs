@@ -4,7 +4,7 @@ use std::ops::Bound;
 
 use sled::transaction::{ConflictableTransactionError, Transactional};
 
-use super::{
+use super::db::{
     PendingAudit, SledStore, backend, count_of, dec, enc, org_end, org_prefix, pair, time_key,
     tx_err,
 };
