@@ -20,9 +20,9 @@ pub use db::SledStore;
 use db::{audit_key, backend, dec, enc, org_prefix, tx_err};
 
 use super::{
-    ApiKeyRecord, AuditRecord, Direction, OrgRecord, SandboxChange, SandboxRecord, SealedRef,
-    SecretChange, SecretDeletion, SecretPage, SecretPageQuery, SecretRecord, SecretUsage, Store,
-    StoreError, Swept, TombstoneRecord, UsageDelta,
+    ApiKeyRecord, AuditRecord, Conflict, Direction, OrgRecord, SandboxChange, SandboxRecord,
+    SealedRef, SecretChange, SecretDeletion, SecretPage, SecretPageQuery, SecretRecord,
+    SecretUsage, Store, StoreError, Swept, TombstoneRecord, UsageDelta,
 };
 use crate::crypto::Sealed;
 
@@ -34,7 +34,7 @@ impl Store for SledStore {
             .contains_key(key.id.as_bytes())
             .map_err(backend)?
         {
-            return Err(StoreError::Conflict("api key id exists".into()));
+            return Err(StoreError::Conflict(Conflict::ApiKeyId));
         }
         let org_bytes = match self.orgs.get(key.org.as_bytes()).map_err(backend)? {
             Some(_) => None,

@@ -41,7 +41,7 @@ pub struct SledStore {
 }
 
 pub(super) fn backend(e: sled::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    StoreError::Backend(e)
 }
 
 pub(super) fn tx_err(e: TransactionError<StoreError>) -> StoreError {
@@ -52,7 +52,7 @@ pub(super) fn tx_err(e: TransactionError<StoreError>) -> StoreError {
 }
 
 pub(super) fn enc<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|e| StoreError::Backend(format!("encode: {e}")))
+    serde_json::to_vec(value).map_err(StoreError::Encode)
 }
 
 pub(super) fn dec<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
