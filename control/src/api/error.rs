@@ -192,3 +192,50 @@ impl IntoResponse for ApiError {
         (status, Json(body)).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent_link::BuildError;
+
+    fn answer(e: AgentLinkError, change: Unconfirmed<'_>, required: bool) -> Option<(u16, String)> {
+        ApiError::from_agent(e, change, required).map(|a| (a.status().as_u16(), a.to_string()))
+    }
+
+    #[test]
+    fn unconfirmed_changes_answer_by_kind_and_requirement() {
+        let put = Unconfirmed::SandboxPut { id: "sb" };
+        let del = Unconfirmed::SandboxDelete { id: "sb" };
+        let wait = Unconfirmed::SecretWait {
+            id: "s1",
+            revision: 3,
+        };
+        // Without a required agent, an unconfirmed sandbox change succeeds; a wait never does.
+        assert_eq!(answer(AgentLinkError::NotConnected, put, false), None);
+        assert_eq!(answer(AgentLinkError::NoAck("x".into()), del, false), None);
+        let (status, msg) = answer(AgentLinkError::NotConnected, wait, false).unwrap();
+        assert_eq!(status, 504);
+        assert!(msg.starts_with("secret s1 is stored at revision 3, but it was no veil-agent"));
+        let (status, msg) = answer(AgentLinkError::NotConnected, put, true).unwrap();
+        assert_eq!(status, 503);
+        assert!(msg.starts_with("sandbox sb: no veil-agent is connected; the change is stored"));
+        let (status, _) = answer(AgentLinkError::NoAck("x".into()), del, true).unwrap();
+        assert_eq!(status, 503);
+        // A refusal is a 502 naming the agent's report, whatever the requirement.
+        for change in [put, del, wait] {
+            let (status, msg) = answer(
+                AgentLinkError::Rejected(vec!["a".into(), "b".into()]),
+                change,
+                false,
+            )
+            .unwrap();
+            assert_eq!(status, 502);
+            assert!(msg.contains("a; b"), "{msg}");
+        }
+        // Messages that could not be built: a 500 for sandboxes, the wait's 504 for secrets.
+        let internal = || AgentLinkError::Internal(BuildError::KeyringPoisoned);
+        assert_eq!(answer(internal(), put, false).unwrap().0, 500);
+        assert_eq!(answer(internal(), del, true).unwrap().0, 500);
+        assert_eq!(answer(internal(), wait, true).unwrap().0, 504);
+    }
+}
