@@ -297,13 +297,14 @@ impl Admin {
             // Previous and tombstoned values too: the old key is deleted below.
             let resealed = self.store.reseal_all(&active, &mut |v| {
                 let plain = ring.open(sealed_binding(&v), v.sealed).map_err(|e| {
-                    StoreError::Backend(format!(
-                        "open secret {} revision {}: {e}",
-                        v.secret_id, v.revision
-                    ))
+                    StoreError::OpenSecret {
+                        secret_id: v.secret_id.to_owned(),
+                        revision: v.revision,
+                        source: e,
+                    }
                 })?;
                 ring.seal(sealed_binding(&v), &plain)
-                    .map_err(|e| StoreError::Backend(format!("seal: {e}")))
+                    .map_err(StoreError::Seal)
             })?;
             (active, resealed)
         };

@@ -1,4 +1,5 @@
-//! The REST API under `/api`: shared state, authentication, JSON body handling, the router.
+//! The REST API under `/api`: assembles the resources' routes (what they share lives in
+//! [`state`]) into the router, with request logging and JSON errors for unrouted requests.
 
 pub mod audit;
 pub mod body;
@@ -8,130 +9,16 @@ pub mod openapi;
 pub mod route;
 pub mod sandboxes;
 pub mod secrets;
-
-use std::sync::{Arc, RwLock};
+pub mod state;
 
 use axum::Router;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Query};
-use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 
-use crate::agent_link::AgentLink;
-use crate::auth::{self, Permission};
-use crate::config::Config;
-use crate::crypto::Keyring;
-use crate::store::Store;
+use body::BODY_LIMIT;
 pub use error::ApiError;
-
-/// A route of this API.
-pub type Route = route::Route<AppState>;
-
-/// Largest accepted request body (a 64 KiB value JSON-escaped fits comfortably).
-const BODY_LIMIT: usize = 512 * 1024;
-
-/// Everything handlers share.
-#[derive(Clone, Debug)]
-pub struct AppState {
-    /// Persistent state.
-    pub store: Arc<dyn Store>,
-    /// Master keys.
-    pub keyring: Arc<RwLock<Keyring>>,
-    /// Daemon configuration.
-    pub config: Arc<Config>,
-    /// The agent seam.
-    pub agent: Arc<dyn AgentLink>,
-    /// Request metrics.
-    pub metrics: Arc<crate::metrics::Metrics>,
-}
-
-/// Runs blocking store/crypto work off the async workers.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal("blocking task", e))?
-}
-
-/// The authenticated caller.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    /// API key id (the audit's actor).
-    pub key_id: String,
-    /// The key's organization.
-    pub org: String,
-    /// The key's permissions.
-    pub permissions: Vec<Permission>,
-}
-
-impl Caller {
-    /// 403 unless the key carries `needed` (or `admin`).
-    pub fn require(&self, needed: Permission) -> Result<(), ApiError> {
-        if auth::permits(&self.permissions, needed) {
-            Ok(())
-        } else {
-            Err(ApiError::Forbidden(format!(
-                "this API key lacks the {needed} permission"
-            )))
-        }
-    }
-}
-
-impl FromRequestParts<AppState> for Caller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let missing =
-            || ApiError::Unauthorized("missing API key (Authorization: Bearer <key>)".into());
-        let invalid = || ApiError::Unauthorized("invalid API key".into());
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(missing)?
-            .to_str()
-            .map_err(|_| invalid())?;
-        let (scheme, key) = value.split_once(' ').ok_or_else(invalid)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(invalid());
-        }
-        let key = key.trim();
-        let id = auth::key_id(key).ok_or_else(invalid)?;
-        let record = state
-            .store
-            .api_key(id)
-            .map_err(|e| ApiError::from_store(e, "api key"))?
-            .ok_or_else(invalid)?;
-        if !auth::verify(&record, key) {
-            return Err(invalid());
-        }
-        Ok(Caller {
-            key_id: record.id,
-            org: record.org,
-            permissions: record.permissions,
-        })
-    }
-}
-
-/// A query of type `T`; a malformed query string is a 400.
-pub fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
-    q.map(|Query(t)| t)
-        .map_err(|_| ApiError::BadRequest("malformed query string".into()))
-}
-
-/// Parses `limit` (1..=200, default 100).
-pub fn parse_limit(limit: Option<&str>) -> Result<usize, ApiError> {
-    match limit {
-        None | Some("") => Ok(100),
-        Some(s) => match s.parse::<usize>() {
-            Ok(n) if (1..=200).contains(&n) => Ok(n),
-            _ => Err(ApiError::BadRequest(
-                "limit must be an integer between 1 and 200".into(),
-            )),
-        },
-    }
-}
+pub use state::{AppState, Caller, Route};
 
 /// Logs each request's method, path, status and latency (never bodies or query strings).
 async fn log_request(
@@ -209,4 +96,57 @@ pub fn route_table() -> Vec<Route> {
     .into_iter()
     .flatten()
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// `{anything}` → `{}`: the router names path parameters `{id}`, the document by resource.
+    fn shape(path: &str) -> String {
+        let mut out = String::new();
+        let mut in_param = false;
+        for c in path.chars() {
+            match c {
+                '{' => {
+                    in_param = true;
+                    out.push('{');
+                }
+                '}' => {
+                    in_param = false;
+                    out.push('}');
+                }
+                _ if in_param => {}
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_document_describes_exactly_the_routed_methods_and_paths() {
+        let routed: BTreeSet<(String, String)> = route_table()
+            .iter()
+            .map(|r| (r.method.as_str().to_lowercase(), shape(r.path)))
+            .collect();
+        let doc = openapi::document();
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+            for method in item.as_object().into_iter().flatten().map(|(m, _)| m) {
+                if method != "parameters" {
+                    documented.insert((method.clone(), shape(path)));
+                }
+            }
+        }
+        let undocumented: Vec<_> = routed.difference(&documented).collect();
+        let unrouted: Vec<_> = documented.difference(&routed).collect();
+        assert!(
+            undocumented.is_empty(),
+            "routed, not documented: {undocumented:?}"
+        );
+        assert!(unrouted.is_empty(), "documented, not routed: {unrouted:?}");
+        assert_eq!(routed.len(), 16, "{routed:?}");
+    }
 }

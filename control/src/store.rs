@@ -7,7 +7,7 @@ pub mod sled;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::Sealed;
+use crate::crypto::{CryptoError, Sealed};
 use crate::paginate::{Cursor, Order, SortField};
 pub use permission::{Permission, UnknownPermission};
 pub use veil_link::{Egress, WrongHost};
@@ -15,18 +15,37 @@ pub use veil_link::{Egress, WrongHost};
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// A uniqueness rule was violated; the message names it.
+    /// A uniqueness rule was violated.
     #[error("{0}")]
-    Conflict(String),
+    Conflict(Conflict),
     /// The object does not exist (or belongs to another organization).
     #[error("not found")]
     NotFound,
-    /// The caller rejected the change (validation inside a read-modify-write).
+    /// The change breaks a rule of the store (checked inside a read-modify-write).
     #[error("{0}")]
-    Rejected(String),
+    Rejected(Rejected),
     /// The backend failed.
     #[error("storage backend: {0}")]
-    Backend(String),
+    Backend(#[from] ::sled::Error),
+    /// A record did not encode.
+    #[error("storage backend: encode: {0}")]
+    Encode(serde_json::Error),
+    /// A value being re-sealed did not seal (names no value).
+    #[error("storage backend: seal: {0}")]
+    Seal(CryptoError),
+    /// A stored value being re-sealed did not open.
+    #[error("storage backend: open: {0}")]
+    Open(CryptoError),
+    /// A stored value of a secret's revision did not open (during a key rotation).
+    #[error("storage backend: open secret {secret_id} revision {revision}: {source}")]
+    OpenSecret {
+        /// The secret.
+        secret_id: String,
+        /// The revision the value was sealed under.
+        revision: u64,
+        /// Why.
+        source: CryptoError,
+    },
     /// A stored record does not parse.
     #[error("corrupt record in {tree}: {detail}")]
     Corrupt {
@@ -35,6 +54,40 @@ pub enum StoreError {
         /// What.
         detail: String,
     },
+}
+
+/// Which uniqueness rule a change violated (the message names it).
+#[derive(Debug, thiserror::Error)]
+pub enum Conflict {
+    /// Another secret of the organization has the name.
+    #[error("a secret named {0:?} already exists in this organization")]
+    SecretName(String),
+    /// A generated id or placeholder is taken.
+    #[error("generated id collided; retry")]
+    GeneratedId,
+    /// The API key id is taken.
+    #[error("api key id exists")]
+    ApiKeyId,
+    /// Another sandbox holds the cgroup.
+    #[error("cgroup {0} is already registered to another sandbox")]
+    Cgroup(String),
+    /// Another sandbox took the cgroup while a registration was being rolled back.
+    #[error("cgroup {0} was registered to another sandbox meanwhile")]
+    CgroupMeanwhile(String),
+}
+
+/// Which rule of the store a change broke (the message names it).
+#[derive(Debug, thiserror::Error)]
+pub enum Rejected {
+    /// A page cursor made for another sort.
+    #[error("cursor does not match the sort")]
+    Cursor,
+    /// A change tried to alter an id, organization, name or placeholder.
+    #[error("identity fields are immutable")]
+    Identity,
+    /// A tombstone names another secret.
+    #[error("a tombstone must keep the secret's id and organization")]
+    Tombstone,
 }
 
 /// An organization; created implicitly with its first API key.

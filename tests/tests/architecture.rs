@@ -16,44 +16,7 @@ use std::path::{Path, PathBuf};
 /// type, or read its shared state. Remove an entry once its pair is gone: a stale entry fails
 /// the check too.
 const KNOWN: &[(&str, &str)] = &[
-    ("control/src/api.rs", "control/src/api/audit.rs"),
-    ("control/src/api.rs", "control/src/api/keys.rs"),
-    ("control/src/api.rs", "control/src/api/openapi.rs"),
-    ("control/src/api.rs", "control/src/api/sandboxes.rs"),
-    ("control/src/api.rs", "control/src/api/secrets.rs"),
-    (
-        "control/src/agent_link/server.rs",
-        "control/src/agent_link/server/acks.rs",
-    ),
-    (
-        "control/src/agent_link/server.rs",
-        "control/src/agent_link/server/handshake.rs",
-    ),
-    (
-        "control/src/agent_link/server.rs",
-        "control/src/agent_link/server/socket.rs",
-    ),
-    (
-        "control/src/agent_link/server.rs",
-        "control/src/agent_link/server/usage.rs",
-    ),
     ("run/src/lib.rs", "run/src/reap.rs"),
-    (
-        "control/src/store/sled.rs",
-        "control/src/store/sled/grace.rs",
-    ),
-    (
-        "control/src/store/sled.rs",
-        "control/src/store/sled/sandboxes.rs",
-    ),
-    (
-        "control/src/store/sled.rs",
-        "control/src/store/sled/secrets.rs",
-    ),
-    (
-        "control/src/store/sled.rs",
-        "control/src/store/sled/usage.rs",
-    ),
     ("proxy-agent/src/bpf.rs", "proxy-agent/src/bpf/layout.rs"),
     ("proxy-agent/src/bpf.rs", "proxy-agent/src/bpf/links.rs"),
     ("proxy-agent/src/bpf.rs", "proxy-agent/src/bpf/origin.rs"),

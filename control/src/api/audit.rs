@@ -9,8 +9,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use serde_json::Value;
 use veil_api::{AuditEntry, AuditPage, AuditQuery, OrgId};
 
-use super::Route;
-use super::{ApiError, AppState, Caller, parse_limit, query};
+use super::error::ApiError;
+use super::state::{AppState, Caller, Route, parse_limit, query};
 use crate::auth::Permission;
 use crate::paginate::Order;
 use crate::store::{AuditRecord, Direction};

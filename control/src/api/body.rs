@@ -14,8 +14,11 @@ use serde::de::{DeserializeOwned, IgnoredAny};
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::Schema;
 
-use super::{ApiError, BODY_LIMIT};
+use super::error::ApiError;
 use crate::validate;
+
+/// Largest accepted request body (a 64 KiB value JSON-escaped fits comfortably).
+pub const BODY_LIMIT: usize = 512 * 1024;
 
 /// A request body type and what each of its fields must be, for messages.
 pub trait RequestBody: DeserializeOwned + utoipa::PartialSchema {

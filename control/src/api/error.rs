@@ -6,6 +6,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use crate::agent_link::AgentLinkError;
 use crate::hostcheck::HostCheckError;
 use crate::store::StoreError;
 
@@ -74,9 +75,85 @@ impl ApiError {
     pub fn from_store(err: StoreError, what: &str) -> Self {
         match err {
             StoreError::NotFound => Self::NotFound(format!("{what} not found")),
-            StoreError::Conflict(m) => Self::Conflict(m),
-            StoreError::Rejected(m) => Self::BadRequest(m),
-            e @ (StoreError::Backend(_) | StoreError::Corrupt { .. }) => Self::internal("store", e),
+            StoreError::Conflict(c) => Self::Conflict(c.to_string()),
+            StoreError::Rejected(r) => Self::BadRequest(r.to_string()),
+            e @ (StoreError::Backend(_)
+            | StoreError::Encode(_)
+            | StoreError::Seal(_)
+            | StoreError::Open(_)
+            | StoreError::OpenSecret { .. }
+            | StoreError::Corrupt { .. }) => Self::internal("store", e),
+        }
+    }
+}
+
+/// A change already stored that the agents did not confirm, named for the answer's message.
+#[derive(Clone, Copy, Debug)]
+pub enum Unconfirmed<'a> {
+    /// A sandbox PUT (rolled back by the caller when an agent refused it or the messages could
+    /// not be built).
+    SandboxPut {
+        /// The sandbox.
+        id: &'a str,
+    },
+    /// A sandbox DELETE (never rolled back).
+    SandboxDelete {
+        /// The sandbox.
+        id: &'a str,
+    },
+    /// A secret change whose caller waits (`?wait`) for the agents' acknowledgements.
+    SecretWait {
+        /// The secret.
+        id: &'a str,
+        /// The revision stored.
+        revision: u64,
+    },
+}
+
+impl ApiError {
+    /// The answer to `change` when the agents did not confirm it: `None` when the request
+    /// succeeds anyway (no agent is required and none confirmed a sandbox change).
+    pub fn from_agent(
+        err: AgentLinkError,
+        change: Unconfirmed<'_>,
+        agent_required: bool,
+    ) -> Option<Self> {
+        match (change, err) {
+            (Unconfirmed::SandboxPut { id }, AgentLinkError::Rejected(errors)) => {
+                Some(Self::AgentFailed(format!(
+                    "veil-agent could not enforce sandbox {id}: {}; the change was rolled back",
+                    errors.join("; ")
+                )))
+            }
+            (Unconfirmed::SandboxDelete { id }, AgentLinkError::Rejected(errors)) => {
+                Some(Self::AgentFailed(format!(
+                    "sandbox {id} was removed from the registry, but veil-agent reported: {}",
+                    errors.join("; ")
+                )))
+            }
+            (Unconfirmed::SecretWait { id, revision }, AgentLinkError::Rejected(errors)) => {
+                Some(Self::AgentFailed(format!(
+                    "secret {id} is stored at revision {revision}, but a veil-agent reported: {}",
+                    errors.join("; ")
+                )))
+            }
+            (
+                Unconfirmed::SandboxPut { .. } | Unconfirmed::SandboxDelete { .. },
+                e @ AgentLinkError::Internal(_),
+            ) => Some(Self::internal("agent link", e)),
+            (_, _) if !agent_required && !matches!(change, Unconfirmed::SecretWait { .. }) => None,
+            (Unconfirmed::SandboxPut { id }, e) => Some(Self::Unavailable(format!(
+                "sandbox {id}: {e}; the change is stored and is enforced as soon as the agent \
+                 catches up (retry the request to wait for it, or DELETE the sandbox)"
+            ))),
+            (Unconfirmed::SandboxDelete { id }, e) => Some(Self::Unavailable(format!(
+                "sandbox {id} was removed from the registry, but {e}; the agent detaches it \
+                 as soon as it catches up"
+            ))),
+            (Unconfirmed::SecretWait { id, revision }, e) => Some(Self::GatewayTimeout(format!(
+                "secret {id} is stored at revision {revision}, but it was {e}; agents converge \
+                 when they reconnect, and GET /api/secret/{id} shows the propagation"
+            ))),
         }
     }
 }
@@ -89,9 +166,10 @@ impl From<crate::validate::Invalid> for ApiError {
 
 impl From<HostCheckError> for ApiError {
     fn from(e: HostCheckError) -> Self {
-        match e {
-            HostCheckError::Invalid(m) => Self::BadRequest(m),
-            HostCheckError::Unavailable(m) => Self::Unavailable(m),
+        if e.is_unavailable() {
+            Self::Unavailable(e.to_string())
+        } else {
+            Self::BadRequest(e.to_string())
         }
     }
 }
@@ -112,5 +190,52 @@ impl IntoResponse for ApiError {
             "error": status.canonical_reason().unwrap_or("Error"),
         });
         (status, Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent_link::BuildError;
+
+    fn answer(e: AgentLinkError, change: Unconfirmed<'_>, required: bool) -> Option<(u16, String)> {
+        ApiError::from_agent(e, change, required).map(|a| (a.status().as_u16(), a.to_string()))
+    }
+
+    #[test]
+    fn unconfirmed_changes_answer_by_kind_and_requirement() {
+        let put = Unconfirmed::SandboxPut { id: "sb" };
+        let del = Unconfirmed::SandboxDelete { id: "sb" };
+        let wait = Unconfirmed::SecretWait {
+            id: "s1",
+            revision: 3,
+        };
+        // Without a required agent, an unconfirmed sandbox change succeeds; a wait never does.
+        assert_eq!(answer(AgentLinkError::NotConnected, put, false), None);
+        assert_eq!(answer(AgentLinkError::NoAck("x".into()), del, false), None);
+        let (status, msg) = answer(AgentLinkError::NotConnected, wait, false).unwrap();
+        assert_eq!(status, 504);
+        assert!(msg.starts_with("secret s1 is stored at revision 3, but it was no veil-agent"));
+        let (status, msg) = answer(AgentLinkError::NotConnected, put, true).unwrap();
+        assert_eq!(status, 503);
+        assert!(msg.starts_with("sandbox sb: no veil-agent is connected; the change is stored"));
+        let (status, _) = answer(AgentLinkError::NoAck("x".into()), del, true).unwrap();
+        assert_eq!(status, 503);
+        // A refusal is a 502 naming the agent's report, whatever the requirement.
+        for change in [put, del, wait] {
+            let (status, msg) = answer(
+                AgentLinkError::Rejected(vec!["a".into(), "b".into()]),
+                change,
+                false,
+            )
+            .unwrap();
+            assert_eq!(status, 502);
+            assert!(msg.contains("a; b"), "{msg}");
+        }
+        // Messages that could not be built: a 500 for sandboxes, the wait's 504 for secrets.
+        let internal = || AgentLinkError::Internal(BuildError::KeyringPoisoned);
+        assert_eq!(answer(internal(), put, false).unwrap().0, 500);
+        assert_eq!(answer(internal(), del, true).unwrap().0, 500);
+        assert_eq!(answer(internal(), wait, true).unwrap().0, 504);
     }
 }

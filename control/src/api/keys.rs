@@ -9,9 +9,9 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use serde_json::json;
 use veil_api::{ApiKey, CreateApiKey, NewApiKey, OrgId, SecretValue};
 
-use super::Route;
 use super::body::{PERMISSIONS, decode};
-use super::{ApiError, AppState, Caller, blocking};
+use super::error::ApiError;
+use super::state::{AppState, Caller, Route, blocking};
 use crate::api::audit::entry;
 use crate::auth::{self, Permission};
 use crate::store::{ApiKeyRecord, StoreError};

@@ -29,9 +29,9 @@ use veil_api::{
     MountList, MountedSecret, PutSandbox, PutSandboxSecrets, Sandbox, SandboxId, SecretId,
 };
 
-use super::Route;
 use super::body::decode;
-use super::{ApiError, AppState, Caller, blocking};
+use super::error::{ApiError, Unconfirmed};
+use super::state::{AppState, Caller, Route, blocking};
 use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
@@ -179,33 +179,29 @@ async fn settle(
     previous: Option<SandboxRecord>,
 ) -> Result<(), ApiError> {
     let id = &written.id;
-    match state
+    let required = state.config.agent.required;
+    let Err(e) = state
         .agent
         .notify(AgentEvent::SandboxUpserted(written.clone()))
         .await
-    {
-        Ok(()) => Ok(()),
-        Err(AgentLinkError::Rejected(errors)) => {
-            let report = errors.join("; ");
-            roll_back(state, caller, written, previous, &report).await;
-            Err(ApiError::AgentFailed(format!(
-                "veil-agent could not enforce sandbox {id}: {report}; the change was rolled back"
-            )))
+    else {
+        return Ok(());
+    };
+    match &e {
+        AgentLinkError::Rejected(errors) => {
+            roll_back(state, caller, written, previous, &errors.join("; ")).await;
         }
-        Err(e @ AgentLinkError::Internal(_)) => {
+        AgentLinkError::Internal(_) => {
             roll_back(state, caller, written, previous, "internal error").await;
-            Err(ApiError::internal("agent link", e))
         }
-        Err(e @ (AgentLinkError::NotConnected | AgentLinkError::NoAck(_))) => {
-            if !state.config.agent.required {
-                return Ok(());
-            }
+        AgentLinkError::NotConnected | AgentLinkError::NoAck(_) if required => {
             tracing::warn!(sandbox = %id, error = %e, "sandbox change not acknowledged; kept");
-            Err(ApiError::Unavailable(format!(
-                "sandbox {id}: {e}; the change is stored and is enforced as soon as the agent \
-                 catches up (retry the request to wait for it, or DELETE the sandbox)"
-            )))
         }
+        AgentLinkError::NotConnected | AgentLinkError::NoAck(_) => {}
+    }
+    match ApiError::from_agent(e, Unconfirmed::SandboxPut { id }, required) {
+        Some(answer) => Err(answer),
+        None => Ok(()),
     }
 }
 
@@ -410,25 +406,20 @@ pub(crate) async fn delete_sandbox(
             })
     })
     .await?;
-    match state
+    let required = state.config.agent.required;
+    let Err(e) = state
         .agent
         .notify(AgentEvent::SandboxRemoved { id: id.clone() })
         .await
-    {
-        Ok(()) => Ok(StatusCode::NO_CONTENT),
-        Err(AgentLinkError::Rejected(errors)) => Err(ApiError::AgentFailed(format!(
-            "sandbox {id} was removed from the registry, but veil-agent reported: {}",
-            errors.join("; ")
-        ))),
-        Err(e @ AgentLinkError::Internal(_)) => Err(ApiError::internal("agent link", e)),
-        Err(e) if state.config.agent.required => {
-            tracing::warn!(sandbox = %id, error = %e, "sandbox removal not acknowledged");
-            Err(ApiError::Unavailable(format!(
-                "sandbox {id} was removed from the registry, but {e}; the agent detaches it \
-                 as soon as it catches up"
-            )))
-        }
-        Err(_) => Ok(StatusCode::NO_CONTENT),
+    else {
+        return Ok(StatusCode::NO_CONTENT);
+    };
+    if required && matches!(e, AgentLinkError::NotConnected | AgentLinkError::NoAck(_)) {
+        tracing::warn!(sandbox = %id, error = %e, "sandbox removal not acknowledged");
+    }
+    match ApiError::from_agent(e, Unconfirmed::SandboxDelete { id: &id }, required) {
+        Some(answer) => Err(answer),
+        None => Ok(StatusCode::NO_CONTENT),
     }
 }
 

@@ -14,9 +14,9 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use veil_api::{CreateSecret, Secret, SecretDetail, SecretPage, UpdateSecret, UpdateSecretQuery};
 
-use super::Route;
 use super::body::decode;
-use super::{ApiError, AppState, Caller, blocking, parse_limit, query};
+use super::error::{ApiError, Unconfirmed};
+use super::state::{AppState, Caller, Route, blocking, parse_limit, query};
 use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
@@ -404,7 +404,7 @@ pub(crate) async fn update(
                 // Every change bumps the revision (agents and caches key on it); the value is
                 // re-sealed because the revision is part of its ciphertext binding.
                 new.revision = old.revision + 1;
-                let seal_err = |e| StoreError::Backend(format!("seal: {e}"));
+                let seal_err = StoreError::Seal;
                 let binding = RecordBinding {
                     org: &new.org,
                     secret_id: &new.id,
@@ -440,7 +440,7 @@ pub(crate) async fn update(
                                 },
                                 &old.sealed,
                             )
-                            .map_err(|e| StoreError::Backend(format!("open: {e}")))?;
+                            .map_err(StoreError::Open)?;
                         ring.seal(binding, &plain).map_err(seal_err)?
                     }
                 };
@@ -492,16 +492,13 @@ async fn wait_for_agents(
     revision: u64,
     wait: Duration,
 ) -> Result<(), ApiError> {
-    match state.agent.wait_acked(id, revision, wait).await {
-        Ok(()) => Ok(()),
-        Err(AgentLinkError::Rejected(e)) => Err(ApiError::AgentFailed(format!(
-            "secret {id} is stored at revision {revision}, but a veil-agent reported: {}",
-            e.join("; ")
-        ))),
-        Err(e) => Err(ApiError::GatewayTimeout(format!(
-            "secret {id} is stored at revision {revision}, but it was {e}; agents converge when \
-             they reconnect, and GET /api/secret/{id} shows the propagation"
-        ))),
+    let Err(e) = state.agent.wait_acked(id, revision, wait).await else {
+        return Ok(());
+    };
+    let required = state.config.agent.required;
+    match ApiError::from_agent(e, Unconfirmed::SecretWait { id, revision }, required) {
+        Some(answer) => Err(answer),
+        None => Ok(()),
     }
 }
 

@@ -1,10 +1,12 @@
 //! The embedded backend: sled trees, one transaction per change, flushed before returning.
 //!
 //! All writes are serialised by one mutex, so uniqueness checks done just before a transaction
-//! cannot race another writer; readers never block. One file per resource: `secrets`,
+//! cannot race another writer; readers never block. The store, its key encodings and the
+//! lock → transaction → audit → commit helpers live in `db`; one file per resource: `secrets`,
 //! `sandboxes`, `usage`, and `grace` (rotated-out values, tombstones, rekey, sweep); the
 //! [`Store`] implementation here delegates to them.
 
+mod db;
 mod grace;
 mod sandboxes;
 mod secrets;
@@ -12,225 +14,17 @@ mod secrets;
 mod tests;
 mod usage;
 
-use std::path::Path;
-use std::sync::Mutex;
+use sled::transaction::{ConflictableTransactionError, Transactional};
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-use sled::{Db, Tree};
+pub use db::SledStore;
+use db::{audit_key, backend, dec, enc, org_prefix, tx_err};
 
 use super::{
-    ApiKeyRecord, AuditRecord, Direction, OrgRecord, SandboxChange, SandboxRecord, SealedRef,
-    SecretChange, SecretDeletion, SecretPage, SecretPageQuery, SecretRecord, SecretUsage, Store,
-    StoreError, Swept, TombstoneRecord, UsageDelta,
+    ApiKeyRecord, AuditRecord, Conflict, Direction, OrgRecord, SandboxChange, SandboxRecord,
+    SealedRef, SecretChange, SecretDeletion, SecretPage, SecretPageQuery, SecretRecord,
+    SecretUsage, Store, StoreError, Swept, TombstoneRecord, UsageDelta,
 };
 use crate::crypto::Sealed;
-
-/// An audit entry encoded for a transaction, emitted as an event once committed.
-#[derive(Debug)]
-struct PendingAudit {
-    key: Vec<u8>,
-    value: Vec<u8>,
-    record: AuditRecord,
-}
-
-/// The sled-backed store.
-#[derive(Debug)]
-pub struct SledStore {
-    db: Db,
-    orgs: Tree,
-    apikeys: Tree,
-    secrets: Tree,
-    secret_names: Tree,
-    by_created: Tree,
-    by_updated: Tree,
-    org_counts: Tree,
-    placeholders: Tree,
-    sandboxes: Tree,
-    sandbox_cgroups: Tree,
-    audit: Tree,
-    usage: Tree,
-    /// Deleted secrets inside their grace period, by id.
-    tombstones: Tree,
-    write_lock: Mutex<()>,
-}
-
-fn backend(e: sled::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
-}
-
-fn tx_err(e: TransactionError<StoreError>) -> StoreError {
-    match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => backend(e),
-    }
-}
-
-fn enc<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|e| StoreError::Backend(format!("encode: {e}")))
-}
-
-fn dec<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        tree,
-        detail: e.to_string(),
-    })
-}
-
-fn pair(a: &str, b: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(a.len() + b.len() + 1);
-    k.extend_from_slice(a.as_bytes());
-    k.push(0);
-    k.extend_from_slice(b.as_bytes());
-    k
-}
-
-fn org_prefix(org: &str) -> Vec<u8> {
-    let mut k = org.as_bytes().to_vec();
-    k.push(0);
-    k
-}
-
-/// End (exclusive) of an org's key range: org names never contain bytes below `-`.
-fn org_end(org: &str) -> Vec<u8> {
-    let mut k = org.as_bytes().to_vec();
-    k.push(1);
-    k
-}
-
-/// Index key ordering by time then id; the sign bit is flipped so negative times sort first.
-fn time_key(org: &str, ms: i64, id: &str) -> Vec<u8> {
-    let mut k = org_prefix(org);
-    k.extend_from_slice(&((ms as u64) ^ (1 << 63)).to_be_bytes());
-    k.extend_from_slice(id.as_bytes());
-    k
-}
-
-fn count_of(v: Option<sled::IVec>) -> u64 {
-    v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
-        .map_or(0, u64::from_be_bytes)
-}
-
-fn audit_key(org: &str, seq: u64) -> Vec<u8> {
-    let mut k = org_prefix(org);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-/// Version of the on-disk layout (trees, keys, record encoding).
-const SCHEMA_VERSION: u64 = 1;
-
-/// Stamps a new store with the layout version; refuses a store written by another layout.
-fn check_schema(db: &Db) -> Result<(), StoreError> {
-    let meta = db.open_tree("meta").map_err(backend)?;
-    match meta.get("schema").map_err(backend)? {
-        Some(v) if count_of(Some(v.clone())) == SCHEMA_VERSION => Ok(()),
-        Some(v) => Err(StoreError::Corrupt {
-            tree: "meta",
-            detail: format!(
-                "store layout version {} is not supported (expected {SCHEMA_VERSION})",
-                count_of(Some(v))
-            ),
-        }),
-        None => {
-            let has_data = db
-                .tree_names()
-                .iter()
-                .filter(|n| n.as_ref() != b"meta" && n.as_ref() != b"__sled__default")
-                .any(|n| db.open_tree(n).map(|t| !t.is_empty()).unwrap_or(true));
-            if has_data {
-                return Err(StoreError::Corrupt {
-                    tree: "meta",
-                    detail: "store has data but no layout version".into(),
-                });
-            }
-            meta.insert("schema", &SCHEMA_VERSION.to_be_bytes())
-                .map_err(backend)?;
-            db.flush().map_err(backend)?;
-            Ok(())
-        }
-    }
-}
-
-impl SledStore {
-    /// Opens (or creates) the store in `dir`; fails if another process holds it.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(backend)?;
-        check_schema(&db)?;
-        let tree = |name: &str| db.open_tree(name).map_err(backend);
-        Ok(Self {
-            orgs: tree("orgs")?,
-            apikeys: tree("apikeys")?,
-            secrets: tree("secrets")?,
-            secret_names: tree("secret_names")?,
-            by_created: tree("secret_by_created")?,
-            by_updated: tree("secret_by_updated")?,
-            org_counts: tree("org_secret_counts")?,
-            placeholders: tree("placeholders")?,
-            sandboxes: tree("sandboxes")?,
-            sandbox_cgroups: tree("sandbox_cgroups")?,
-            audit: tree("audit")?,
-            usage: tree("secret_usage")?,
-            tombstones: tree("tombstones")?,
-            db,
-            write_lock: Mutex::new(()),
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        // A panic while holding the lock cannot leave sled half-written (transactions are
-        // atomic), so a poisoned lock is safe to reuse.
-        self.write_lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map(|_| ()).map_err(backend)
-    }
-
-    fn next_seq(&self) -> Result<u64, StoreError> {
-        self.db.generate_id().map_err(backend)
-    }
-
-    /// Assigns the entry its sequence number and encodes it for the change's transaction.
-    fn audit_entry(&self, mut audit: AuditRecord) -> Result<PendingAudit, StoreError> {
-        audit.seq = self.next_seq()?;
-        Ok(PendingAudit {
-            key: audit_key(&audit.org, audit.seq),
-            value: enc(&audit)?,
-            record: audit,
-        })
-    }
-
-    /// Makes the change durable, then emits its audit entry as a tracing event.
-    fn commit(&self, pending: &PendingAudit) -> Result<(), StoreError> {
-        self.flush()?;
-        Self::emit(pending);
-        Ok(())
-    }
-
-    /// Emits a committed audit entry as a tracing event.
-    fn emit(pending: &PendingAudit) {
-        let a = &pending.record;
-        tracing::info!(
-            target: "veil::audit",
-            seq = a.seq,
-            actor = %a.actor,
-            org = %a.org,
-            action = %a.action,
-            target_type = %a.target_type,
-            target_id = %a.target_id,
-            changes = %a.changes,
-            "audit"
-        );
-    }
-}
 
 impl Store for SledStore {
     fn create_api_key(&self, key: &ApiKeyRecord, audit: AuditRecord) -> Result<(), StoreError> {
@@ -240,7 +34,7 @@ impl Store for SledStore {
             .contains_key(key.id.as_bytes())
             .map_err(backend)?
         {
-            return Err(StoreError::Conflict("api key id exists".into()));
+            return Err(StoreError::Conflict(Conflict::ApiKeyId));
         }
         let org_bytes = match self.orgs.get(key.org.as_bytes()).map_err(backend)? {
             Some(_) => None,

@@ -5,39 +5,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use tokio::sync::oneshot;
-use veil_link::{AgentId, Revision, SecretId};
+use veil_link::{AgentId, SecretId};
 
-use super::AgentServer;
+use super::state::{Acked, AgentServer, Holds};
 use crate::timefmt::now_ms;
-
-/// An acknowledgement being waited for.
-#[derive(Debug)]
-pub(super) struct Pending {
-    /// Resolved with the agent's errors (empty = applied); `None` when nobody waits (snapshots).
-    pub(super) done: Option<oneshot::Sender<Vec<String>>>,
-    /// The secret a PutSecret carried: forgotten on failure so it is sent again next time.
-    pub(super) secret: Option<SecretId>,
-    /// What the acknowledgement says about the agent's secrets.
-    pub(super) holds: Holds,
-}
-
-/// The secret revisions a message's acknowledgement confirms: control derives them from the
-/// sequence number it sent rather than trusting a list from the agent.
-#[derive(Debug)]
-pub(super) enum Holds {
-    /// Nothing about secrets.
-    Unchanged,
-    /// The agent now holds exactly these (id, revision): a snapshot replaces everything.
-    Exactly(Vec<(SecretId, Revision)>),
-    /// The agent holds this revision of this secret (only when applied without errors).
-    Put(SecretId, Revision),
-    /// The agent dropped this secret.
-    Dropped(SecretId),
-}
-
-/// An acknowledged revision and when it arrived (ms since the epoch).
-pub(super) type Acked = (Revision, i64);
 
 impl AgentServer {
     /// Handles an acknowledgement.
@@ -112,6 +83,8 @@ fn record_holds(
 
 #[cfg(test)]
 mod tests {
+    use veil_link::Revision;
+
     use super::*;
 
     /// An agent id made of one repeated hex digit.

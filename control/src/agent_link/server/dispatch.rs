@@ -8,8 +8,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use veil_link::{ControlMsg, SandboxId, SecretId, SecretState};
 
-use super::acks::{Holds, Pending};
-use super::{AgentServer, LinkState, stored_id};
+use super::state::{AgentServer, Holds, LinkState, Pending, stored_id};
 use crate::agent_link::plan::{Change, RegistryView, Step, apply_to_held, plan};
 use crate::agent_link::unseal::{unseal_for_agent, unseal_retired_for_agent};
 use crate::agent_link::{AgentLinkError, BuildError};

@@ -9,8 +9,8 @@ use tokio::sync::mpsc;
 use veil_link::{AgentMsg, ControlMsg, PROTOCOL_VERSION, read_frame, write_frame};
 
 use super::socket::trusted_peer;
-use super::usage::{ReportKind, blocked_deltas, usage_deltas};
-use super::{AgentInfo, AgentServer};
+use super::state::{AgentInfo, AgentServer, ReportKind};
+use super::usage::{blocked_deltas, usage_deltas};
 use crate::timefmt::now_ms;
 
 /// Largest accepted CA PEM.

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use veil_link::{AgentId, Revision};
 
-use super::AgentServer;
 use super::dispatch::human;
+use super::state::AgentServer;
 use crate::agent_link::{AgentLinkError, LinkFuture, Propagation, SecretAck};
 
 impl AgentServer {

@@ -7,9 +7,8 @@ use std::collections::HashMap;
 use tokio::sync::mpsc;
 use veil_link::{ControlMsg, IdError, Revision, SecretId};
 
-use super::acks::{Holds, Pending};
 use super::socket::save_ca;
-use super::{Agent, AgentInfo, AgentServer, stored_id};
+use super::state::{Agent, AgentInfo, AgentServer, Holds, Pending, stored_id};
 use crate::agent_link::plan::RegistryView;
 use crate::agent_link::unseal::{unseal_for_agent, unseal_retired_for_agent};
 use crate::agent_link::{AgentLinkError, BuildError};

@@ -13,8 +13,8 @@ use tokio::net::UnixListener;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
+use super::state::{AgentServer, Inner, LinkState};
 use super::usage::{USAGE_QUEUE, write_usage};
-use super::{AgentServer, Inner, LinkState};
 use crate::crypto::Keyring;
 use crate::store::Store;
 

@@ -8,28 +8,12 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use veil_link::{AgentId, BlockedReport, UsageReport};
 
-use super::AgentServer;
+use super::state::{AgentServer, ReportKind, UsageJob};
 use crate::store::{AuditRecord, SecretRecord, Store, UsageCounts, UsageDelta};
 
 /// Usage batches waiting for the store; beyond this a batch is dropped (and logged) rather than
 /// slowing the link, whose acknowledgements rotations wait for.
 pub(super) const USAGE_QUEUE: usize = 256;
-
-/// Agent reports on their way to the store.
-#[derive(Debug)]
-pub(super) struct UsageJob {
-    agent_id: AgentId,
-    kind: ReportKind,
-    deltas: Vec<UsageDelta>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum ReportKind {
-    /// Aggregated counts: one `secret.used` audit entry per (secret, sandbox, host) and report.
-    Usage,
-    /// One `secret.blocked` audit entry per refused request.
-    Blocked,
-}
 
 impl AgentServer {
     /// Queues an agent's usage or blocked report for the store; never waits (the link's

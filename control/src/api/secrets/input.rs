@@ -6,7 +6,7 @@ use std::time::Duration;
 use rand::RngCore;
 use veil_policy::HostPattern;
 
-use crate::api::ApiError;
+use crate::api::error::ApiError;
 use crate::validate;
 
 /// Longest `?wait=` a PATCH accepts.

@@ -3,7 +3,7 @@
 use veil_api::{AgentAck, HostUsage, Revision, Secret, SecretDetail, SecretId};
 
 use crate::agent_link::Propagation;
-use crate::api::ApiError;
+use crate::api::error::ApiError;
 use crate::store::{SecretRecord, SecretUsage, WrongHost};
 use crate::timefmt::rfc3339;
 

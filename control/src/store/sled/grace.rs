@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use super::{SledStore, backend, dec, enc};
+use super::db::{SledStore, backend, dec, enc};
 use crate::crypto::Sealed;
 use crate::store::{PreviousValue, SealedRef, SecretRecord, StoreError, Swept, TombstoneRecord};
 

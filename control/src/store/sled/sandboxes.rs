@@ -2,8 +2,8 @@
 
 use sled::transaction::{ConflictableTransactionError, Transactional};
 
-use super::{SledStore, backend, dec, enc, tx_err};
-use crate::store::{AuditRecord, SandboxChange, SandboxRecord, StoreError};
+use super::db::{SledStore, backend, dec, enc, tx_err};
+use crate::store::{AuditRecord, Conflict, Rejected, SandboxChange, SandboxRecord, StoreError};
 
 pub(super) fn put(
     store: &SledStore,
@@ -30,9 +30,8 @@ pub(super) fn put(
         .map_err(backend)?
         && holder.as_ref() != sandbox.id.as_bytes()
     {
-        return Err(StoreError::Conflict(format!(
-            "cgroup {} is already registered to another sandbox",
-            sandbox.cgroup
+        return Err(StoreError::Conflict(Conflict::Cgroup(
+            sandbox.cgroup.clone(),
         )));
     }
     let bytes = enc(sandbox)?;
@@ -82,7 +81,7 @@ pub(super) fn update(
         .ok_or(StoreError::NotFound)?;
     let (new, audit) = change(&old)?;
     if new.cgroup != old.cgroup || new.id != old.id || new.org != old.org {
-        return Err(StoreError::Rejected("identity fields are immutable".into()));
+        return Err(StoreError::Rejected(Rejected::Identity));
     }
     let bytes = enc(&new)?;
     let pending = store.audit_entry(audit)?;
@@ -139,9 +138,8 @@ pub(super) fn restore(
             .map_err(backend)?
         && holder.as_ref() != prev.id.as_bytes()
     {
-        return Err(StoreError::Conflict(format!(
-            "cgroup {} was registered to another sandbox meanwhile",
-            prev.cgroup
+        return Err(StoreError::Conflict(Conflict::CgroupMeanwhile(
+            prev.cgroup.clone(),
         )));
     }
     let bytes = previous.map(enc).transpose()?;

@@ -4,14 +4,14 @@ use std::ops::Bound;
 
 use sled::transaction::{ConflictableTransactionError, Transactional};
 
-use super::{
+use super::db::{
     PendingAudit, SledStore, backend, count_of, dec, enc, org_end, org_prefix, pair, time_key,
     tx_err,
 };
 use crate::paginate::{Order, SortField, SortValue};
 use crate::store::{
-    AuditRecord, SecretChange, SecretDeletion, SecretPage, SecretPageQuery, SecretRecord,
-    StoreError,
+    AuditRecord, Conflict, Rejected, SecretChange, SecretDeletion, SecretPage, SecretPageQuery,
+    SecretRecord, StoreError,
 };
 
 impl SledStore {
@@ -104,9 +104,8 @@ pub(super) fn insert(
         .contains_key(pair(&secret.org, &secret.name))
         .map_err(backend)?
     {
-        return Err(StoreError::Conflict(format!(
-            "a secret named {:?} already exists in this organization",
-            secret.name
+        return Err(StoreError::Conflict(Conflict::SecretName(
+            secret.name.clone(),
         )));
     }
     if store
@@ -118,7 +117,7 @@ pub(super) fn insert(
             .contains_key(secret.placeholder.as_bytes())
             .map_err(backend)?
     {
-        return Err(StoreError::Conflict("generated id collided; retry".into()));
+        return Err(StoreError::Conflict(Conflict::GeneratedId));
     }
     let pending = store.audit_entry(audit)?;
     store.put_secret_tx(None, secret, &pending)?;
@@ -164,7 +163,7 @@ pub(super) fn page(
 ) -> Result<SecretPage, StoreError> {
     let prefix = org_prefix(org);
     let end = org_end(org);
-    let malformed = || StoreError::Rejected("cursor does not match the sort".into());
+    let malformed = || StoreError::Rejected(Rejected::Cursor);
     let (tree, after) = match q.sort {
         SortField::Name => (
             &store.secret_names,
@@ -241,7 +240,7 @@ pub(super) fn update(
         || new.name != old.name
         || new.placeholder != old.placeholder
     {
-        return Err(StoreError::Rejected("identity fields are immutable".into()));
+        return Err(StoreError::Rejected(Rejected::Identity));
     }
     let pending = store.audit_entry(audit)?;
     store.put_secret_tx(Some(&old), &new, &pending)?;
@@ -262,9 +261,7 @@ pub(super) fn delete(
         .as_ref()
         .is_some_and(|t| t.id != old.id || t.org != old.org)
     {
-        return Err(StoreError::Rejected(
-            "a tombstone must keep the secret's id and organization".into(),
-        ));
+        return Err(StoreError::Rejected(Rejected::Tombstone));
     }
     let tombstone = tombstone.map(|t| enc(&t)).transpose()?;
     let pending = store.audit_entry(audit)?;

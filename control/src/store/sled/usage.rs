@@ -3,7 +3,7 @@
 use sled::transaction::{ConflictableTransactionError, Transactional};
 use veil_link::SecretId;
 
-use super::{SledStore, backend, dec, enc, tx_err};
+use super::db::{SledStore, backend, dec, enc, tx_err};
 use crate::store::{AuditRecord, SecretRecord, SecretUsage, StoreError, UsageDelta};
 
 pub(super) fn record_usage(

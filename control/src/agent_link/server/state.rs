@@ -1,0 +1,143 @@
+//! The link's state and the plain data its concerns share: the server, its connected agents,
+//! the acknowledgements waited for and the usage jobs queued for the store. The behaviour lives
+//! in the sibling modules, which add `impl` blocks to [`AgentServer`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use veil_link::{AgentId, ControlMsg, IdError, Revision, SecretId};
+
+use crate::agent_link::plan::Held;
+use crate::agent_link::{AgentLinkError, BuildError};
+use crate::crypto::Keyring;
+use crate::store::{Store, UsageDelta};
+
+/// A connected agent, as control remembers it.
+#[derive(Clone, Debug)]
+pub struct AgentInfo {
+    /// The agent's stable id.
+    pub agent_id: AgentId,
+    /// PID of the agent process (from the socket's peer credentials).
+    pub pid: Option<i32>,
+    /// Connection time, ms since the epoch.
+    pub connected_since: i64,
+}
+
+#[derive(Debug)]
+pub(super) struct Agent {
+    pub(super) info: AgentInfo,
+    pub(super) tx: mpsc::UnboundedSender<ControlMsg>,
+    pub(super) held: Held,
+    pub(super) pending: HashMap<u64, Pending>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct LinkState {
+    pub(super) agents: BTreeMap<u64, Agent>,
+    pub(super) next_seq: u64,
+    pub(super) next_conn: u64,
+    pub(super) ca_pem: Option<String>,
+    /// secret id → agent id → last acknowledged revision. In memory: kept across an agent's
+    /// disconnection (it keeps enforcing what it had), rebuilt from snapshots after a restart.
+    pub(super) acks: HashMap<SecretId, BTreeMap<AgentId, Acked>>,
+}
+
+#[derive(Debug)]
+pub(super) struct Inner {
+    pub(super) store: Arc<dyn Store>,
+    pub(super) keyring: Arc<RwLock<Keyring>>,
+    pub(super) timeout: Duration,
+    /// veil's own listeners, sent in every snapshot for the agents to refuse.
+    pub(super) guarded: Vec<SocketAddr>,
+    pub(super) ca_file: PathBuf,
+    pub(super) state: Mutex<LinkState>,
+    /// Woken whenever acknowledgements or connections change (for [`AgentLink::wait_acked`]).
+    pub(super) acked: Notify,
+    pub(super) usage: mpsc::Sender<UsageJob>,
+}
+
+/// The agent link over a Unix socket.
+#[derive(Clone, Debug)]
+pub struct AgentServer {
+    pub(super) inner: Arc<Inner>,
+}
+
+impl AgentServer {
+    /// The agents connected now.
+    pub fn agents(&self) -> Vec<AgentInfo> {
+        self.lock()
+            .agents
+            .values()
+            .map(|a| a.info.clone())
+            .collect()
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, LinkState> {
+        // Every critical section leaves the state consistent before anything can panic.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn ring(&self) -> Result<std::sync::RwLockReadGuard<'_, Keyring>, AgentLinkError> {
+        self.inner
+            .keyring
+            .read()
+            .map_err(|_| BuildError::KeyringPoisoned.into())
+    }
+}
+
+/// A stored id that is not a valid link id: control validated it when it stored it, so this
+/// is a corrupt record, reported like one.
+pub(super) fn stored_id(e: IdError) -> AgentLinkError {
+    BuildError::StoredId(e).into()
+}
+
+/// An acknowledgement being waited for.
+#[derive(Debug)]
+pub(super) struct Pending {
+    /// Resolved with the agent's errors (empty = applied); `None` when nobody waits (snapshots).
+    pub(super) done: Option<oneshot::Sender<Vec<String>>>,
+    /// The secret a PutSecret carried: forgotten on failure so it is sent again next time.
+    pub(super) secret: Option<SecretId>,
+    /// What the acknowledgement says about the agent's secrets.
+    pub(super) holds: Holds,
+}
+
+/// The secret revisions a message's acknowledgement confirms: control derives them from the
+/// sequence number it sent rather than trusting a list from the agent.
+#[derive(Debug)]
+pub(super) enum Holds {
+    /// Nothing about secrets.
+    Unchanged,
+    /// The agent now holds exactly these (id, revision): a snapshot replaces everything.
+    Exactly(Vec<(SecretId, Revision)>),
+    /// The agent holds this revision of this secret (only when applied without errors).
+    Put(SecretId, Revision),
+    /// The agent dropped this secret.
+    Dropped(SecretId),
+}
+
+/// An acknowledged revision and when it arrived (ms since the epoch).
+pub(super) type Acked = (Revision, i64);
+
+/// Agent reports on their way to the store.
+#[derive(Debug)]
+pub(super) struct UsageJob {
+    pub(super) agent_id: AgentId,
+    pub(super) kind: ReportKind,
+    pub(super) deltas: Vec<UsageDelta>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ReportKind {
+    /// Aggregated counts: one `secret.used` audit entry per (secret, sandbox, host) and report.
+    Usage,
+    /// One `secret.blocked` audit entry per refused request.
+    Blocked,
+}
