@@ -37,7 +37,6 @@ const KNOWN: &[(&str, &str)] = &[
         "control/src/agent_link/server.rs",
         "control/src/agent_link/server/usage.rs",
     ),
-    ("run/src/lib.rs", "run/src/reap.rs"),
     (
         "control/src/store/sled.rs",
         "control/src/store/sled/grace.rs",
@@ -54,33 +53,6 @@ const KNOWN: &[(&str, &str)] = &[
         "control/src/store/sled.rs",
         "control/src/store/sled/usage.rs",
     ),
-    ("proxy-agent/src/bpf.rs", "proxy-agent/src/bpf/layout.rs"),
-    ("proxy-agent/src/bpf.rs", "proxy-agent/src/bpf/links.rs"),
-    ("proxy-agent/src/bpf.rs", "proxy-agent/src/bpf/origin.rs"),
-    ("proxy-agent/src/bpf.rs", "proxy-agent/src/bpf/ports.rs"),
-    ("tests/src/agent.rs", "tests/src/owner.rs"),
-    ("tests/src/alloc.rs", "tests/src/owner.rs"),
-    ("tests/src/owner.rs", "tests/src/postgres.rs"),
-    (
-        "tests/src/bin/veil-bench/idle.rs",
-        "tests/src/bin/veil-bench/main.rs",
-    ),
-    (
-        "tests/src/bin/veil-bench/main.rs",
-        "tests/src/bin/veil-bench/mitm.rs",
-    ),
-    (
-        "tests/src/bin/veil-bench/main.rs",
-        "tests/src/bin/veil-bench/soak.rs",
-    ),
-    (
-        "tests/src/bin/veil-bench/main.rs",
-        "tests/src/bin/veil-bench/suite.rs",
-    ),
-    ("tests/src/cgroup.rs", "tests/src/owner.rs"),
-    ("tests/src/netns.rs", "tests/src/owner.rs"),
-    ("tests/src/owner.rs", "tests/src/world.rs"),
-    ("xtask/src/bench.rs", "xtask/src/main.rs"),
 ];
 
 #[test]

@@ -173,9 +173,9 @@ fn loadavg() -> f64 {
 fn low_steal<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Result<(T, f64)> {
     let mut last = None;
     for attempt in 0..3 {
-        let before = crate::cpu_times();
+        let before = crate::host::cpu_times();
         let v = f()?;
-        let steal = crate::cpu_steal_percent(&before, &crate::cpu_times());
+        let steal = crate::host::cpu_steal_percent(&before, &crate::host::cpu_times());
         if steal <= MAX_STEAL {
             return Ok((v, steal));
         }
@@ -214,7 +214,7 @@ fn start_veil(ca: &TestCa, scrub: bool) -> Result<(Veil, String)> {
 /// Runs the suite and writes the report.
 pub fn run(opts: &Options) -> Result<()> {
     veil_tests::require_root();
-    crate::raise_nofile();
+    crate::host::raise_nofile();
     let started_at = Instant::now();
     let me = std::env::current_exe().context("own path")?;
     let world = World::new();
@@ -310,7 +310,7 @@ pub fn run(opts: &Options) -> Result<()> {
             .with_context(|| format!("warm-up of {}", t.row.name()))?;
     }
 
-    let (sink, stop_sink) = crate::start_sink(world.netns(), ip);
+    let (sink, stop_sink) = crate::sink::start_sink(world.netns(), ip);
     let mut data: Vec<RowData> = ROWS.iter().map(|_| RowData::default()).collect();
     let mut loads_avg = Vec::new();
     let mut steals = Vec::new();
@@ -376,7 +376,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 let mut cmd = t.command(&me);
                 cmd.args(["client-bulk", &sink.to_string(), "--bytes"])
                     .arg(opts.bulk_bytes.to_string());
-                let secs: f64 = crate::run_client(cmd)?.parse()?;
+                let secs: f64 = crate::sink::run_client(cmd)?.parse()?;
                 Ok(opts.bulk_bytes as f64 * 8.0 / secs / 1e9)
             })?;
             steals.push(steal);
