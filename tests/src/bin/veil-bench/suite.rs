@@ -233,11 +233,54 @@ pub fn run(opts: &Options) -> Result<()> {
     let sb_off = Sandbox::new("suiteoff", Some(&ns_off)).with_hosts(&[(HOST, ip)]);
     veil_off.register_with(&sb_off.agent_entry("suiteoff"), &[("KEY", "bench-key")]);
 
+    let (nginx, mitm) = start_compared_proxies(&world, ip, &ca, opts, &placeholder)?;
+    let targets = targets(
+        ip,
+        (&sb, &placeholder),
+        (&sb_off, &placeholder_off),
+        RowPids {
+            upstream: upstream.pid(),
+            veil: veil.pid(),
+            veil_off: veil_off.pid(),
+            nginx: nginx.pid(),
+            mitm: mitm.pid(),
+        },
+    );
+    warm_up(&targets)?;
+
+    let (sink, stop_sink) = crate::sink::start_sink(world.netns(), ip);
+    let mut tally = Tally {
+        data: ROWS.iter().map(|_| RowData::default()).collect(),
+        loads_avg: Vec::new(),
+        steals: Vec::new(),
+    };
+    for run in 0..opts.runs {
+        let la = loadavg();
+        tally.loads_avg.push(la);
+        eprintln!("run {run} (load average {la:.2})");
+        measure_requests(opts, &targets, &mut tally)?;
+        cross_check_with_wrk(opts, &targets, &mut tally);
+        measure_passthrough_bulk(opts, &me, sink, &targets, &mut tally)?;
+        measure_idle_memory(&me, &targets, &mut tally);
+    }
+    stop_sink.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    write_report(opts, &tally, started_at.elapsed())
+}
+
+/// nginx and mitmproxy in the world netns, each making the same substitution as veil.
+fn start_compared_proxies(
+    world: &World,
+    ip: IpAddr,
+    ca: &TestCa,
+    opts: &Options,
+    placeholder: &str,
+) -> Result<(peers::Server, peers::Server)> {
     let nginx = peers::nginx_proxy(
         world.netns(),
         ip,
         NGINX_PORT,
-        &ca,
+        ca,
         VALUE,
         opts.nginx_keepalive,
         opts.nginx_workers,
@@ -247,164 +290,209 @@ pub fn run(opts: &Options) -> Result<()> {
         &opts.mitmdump,
         ip,
         MITM_PORT,
-        &ca,
-        &placeholder,
+        ca,
+        placeholder,
         VALUE,
     )?;
+    Ok((nginx, mitm))
+}
 
+/// The process (tree) whose CPU and memory each row charges.
+struct RowPids {
+    upstream: u32,
+    veil: u32,
+    veil_off: u32,
+    nginx: u32,
+    mitm: u32,
+}
+
+/// One target per row, in [`ROWS`] order: `on` is the sandbox of the scrubbing veil with its
+/// placeholder, `off` that of the veil with scrubbing off.
+fn targets<'a>(
+    ip: IpAddr,
+    on: (&'a Sandbox, &str),
+    off: (&'a Sandbox, &str),
+    pids: RowPids,
+) -> [Target<'a>; 5] {
+    let (sb, placeholder) = on;
+    let (sb_off, placeholder_off) = off;
     let header = format!("x-api-key: {placeholder}");
     let upstream_base = format!("https://{HOST}:{}", peers::UPSTREAM_PORT);
     let upstream_addr = SocketAddr::from((ip, peers::UPSTREAM_PORT));
-    let targets = [
+    [
         Target {
             row: Row::Direct,
-            sandbox: &sb,
+            sandbox: sb,
             inside: false,
             base: upstream_base.clone(),
             header: format!("x-api-key: {VALUE}"),
-            pid: upstream.pid(),
+            pid: pids.upstream,
             addr: upstream_addr,
         },
         Target {
             row: Row::Veil,
-            sandbox: &sb,
+            sandbox: sb,
             inside: true,
             base: upstream_base.clone(),
             header: header.clone(),
-            pid: veil.pid(),
+            pid: pids.veil,
             addr: upstream_addr,
         },
         Target {
             row: Row::VeilNoScrub,
-            sandbox: &sb_off,
+            sandbox: sb_off,
             inside: true,
             base: upstream_base.clone(),
             header: format!("x-api-key: {placeholder_off}"),
-            pid: veil_off.pid(),
+            pid: pids.veil_off,
             addr: upstream_addr,
         },
         Target {
             row: Row::Nginx,
-            sandbox: &sb,
+            sandbox: sb,
             inside: false,
             base: format!("https://{HOST}:{NGINX_PORT}"),
             header: header.clone(),
-            pid: nginx.pid(),
+            pid: pids.nginx,
             addr: (ip, NGINX_PORT).into(),
         },
         Target {
             row: Row::Mitm,
-            sandbox: &sb,
+            sandbox: sb,
             inside: false,
             base: format!("https://{HOST}:{MITM_PORT}"),
             header: header.clone(),
-            pid: mitm.pid(),
+            pid: pids.mitm,
             addr: (ip, MITM_PORT).into(),
         },
-    ];
+    ]
+}
 
-    // A short warm-up per target: leaf certificates, upstream pools, Python imports.
-    for t in &targets {
+/// A short warm-up per target: leaf certificates, upstream pools, Python imports.
+fn warm_up(targets: &[Target<'_>]) -> Result<()> {
+    for t in targets {
         let mut cmd = t.command("h2load");
         load::h2load(&mut cmd, Load::H1, 1, 0, &t.base, &t.header)
             .with_context(|| format!("warm-up of {}", t.row.name()))?;
     }
+    Ok(())
+}
 
-    let (sink, stop_sink) = crate::sink::start_sink(world.netns(), ip);
-    let mut data: Vec<RowData> = ROWS.iter().map(|_| RowData::default()).collect();
-    let mut loads_avg = Vec::new();
-    let mut steals = Vec::new();
-    for run in 0..opts.runs {
-        let la = loadavg();
-        loads_avg.push(la);
-        eprintln!("run {run} (load average {la:.2})");
-        for load in LOADS {
-            for (i, t) in targets.iter().enumerate() {
-                if !t.row.runs(load) {
-                    continue;
-                }
-                let new_conns = if t.row == Row::Mitm { 600 } else { 3000 };
-                let what = format!("{} {}", t.row.name(), load.name());
-                let (s, steal) = low_steal(&what, || {
-                    let cpu_before = peers::tree_cpu_seconds(t.pid);
-                    let mut cmd = t.command("h2load");
-                    let r =
-                        load::h2load(&mut cmd, load, opts.seconds, new_conns, &t.base, &t.header)
-                            .with_context(|| what.clone())?;
-                    let used = peers::tree_cpu_seconds(t.pid) - cpu_before;
-                    Ok(Sample {
-                        r,
-                        cpu_per_1k: used / (r.requests / 1000.0),
-                    })
-                })?;
-                steals.push(steal);
-                eprintln!(
-                    "  {what}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {:.4} CPU-s/1k, steal {steal:.1} %",
-                    s.r.rps, s.r.p50_ms, s.r.p99_ms, s.cpu_per_1k
-                );
-                let slot = &mut data[i];
-                match slot.loads.iter_mut().find(|(l, _)| *l == load) {
-                    Some((_, v)) => v.push(s),
-                    None => slot.loads.push((load, vec![s])),
-                }
-            }
-        }
-        // wrk cross-check of the h1 keep-alive figure.
+/// What the runs measured so far: per row (in [`ROWS`] order), and the machine's load.
+struct Tally {
+    data: Vec<RowData>,
+    loads_avg: Vec<f64>,
+    steals: Vec<f64>,
+}
+
+/// h2load per load and row: requests per second, latency, and the proxy's CPU seconds per
+/// 1,000 requests.
+fn measure_requests(opts: &Options, targets: &[Target<'_>], tally: &mut Tally) -> Result<()> {
+    for load in LOADS {
         for (i, t) in targets.iter().enumerate() {
-            if t.row == Row::VeilNoScrub {
+            if !t.row.runs(load) {
                 continue;
             }
-            let what = format!("{} wrk", t.row.name());
-            match low_steal(&what, || {
-                load::wrk(&mut t.command("wrk"), opts.seconds, &t.base, &t.header)
-            }) {
-                Ok((rps, steal)) => {
-                    eprintln!("  {what}: {rps:.0} req/s, steal {steal:.1} %");
-                    steals.push(steal);
-                    data[i].wrk.push(rps);
-                }
-                Err(e) => eprintln!("  {what}: {e:#}"),
-            }
-        }
-        // Passthrough bulk: plain TCP to a sink; the agent splices it.
-        for (i, t) in targets.iter().enumerate() {
-            if !matches!(t.row, Row::Direct | Row::Veil) {
-                continue;
-            }
-            let what = format!("{} bulk", t.row.name());
-            let (gbps, steal) = low_steal(&what, || {
-                let mut cmd = t.command(&me);
-                cmd.args(["client-bulk", &sink.to_string(), "--bytes"])
-                    .arg(opts.bulk_bytes.to_string());
-                let secs: f64 = crate::sink::run_client(cmd)?.parse()?;
-                Ok(opts.bulk_bytes as f64 * 8.0 / secs / 1e9)
+            let new_conns = if t.row == Row::Mitm { 600 } else { 3000 };
+            let what = format!("{} {}", t.row.name(), load.name());
+            let (s, steal) = low_steal(&what, || {
+                let cpu_before = peers::tree_cpu_seconds(t.pid);
+                let mut cmd = t.command("h2load");
+                let r = load::h2load(&mut cmd, load, opts.seconds, new_conns, &t.base, &t.header)
+                    .with_context(|| what.clone())?;
+                let used = peers::tree_cpu_seconds(t.pid) - cpu_before;
+                Ok(Sample {
+                    r,
+                    cpu_per_1k: used / (r.requests / 1000.0),
+                })
             })?;
-            steals.push(steal);
-            eprintln!("  {what}: {gbps:.2} Gbit/s, steal {steal:.1} %");
-            data[i].bulk_gbps.push(gbps);
-        }
-        // Memory per idle connection.
-        for (i, t) in targets.iter().enumerate() {
-            if t.row == Row::VeilNoScrub {
-                continue;
-            }
-            match idle_rss(&me, t) {
-                Ok(kib) => {
-                    eprintln!("  {} idle: {kib:.1} KiB per connection", t.row.name());
-                    data[i].idle_kib_per_conn.push(kib);
-                }
-                Err(e) => eprintln!("  {} idle: {e:#}", t.row.name()),
+            tally.steals.push(steal);
+            eprintln!(
+                "  {what}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {:.4} CPU-s/1k, steal {steal:.1} %",
+                s.r.rps, s.r.p50_ms, s.r.p99_ms, s.cpu_per_1k
+            );
+            let slot = &mut tally.data[i];
+            match slot.loads.iter_mut().find(|(l, _)| *l == load) {
+                Some((_, v)) => v.push(s),
+                None => slot.loads.push((load, vec![s])),
             }
         }
     }
-    stop_sink.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
 
+/// wrk's requests per second, the cross-check of the h1 keep-alive figure (a failure is
+/// reported and skipped).
+fn cross_check_with_wrk(opts: &Options, targets: &[Target<'_>], tally: &mut Tally) {
+    for (i, t) in targets.iter().enumerate() {
+        if t.row == Row::VeilNoScrub {
+            continue;
+        }
+        let what = format!("{} wrk", t.row.name());
+        match low_steal(&what, || {
+            load::wrk(&mut t.command("wrk"), opts.seconds, &t.base, &t.header)
+        }) {
+            Ok((rps, steal)) => {
+                eprintln!("  {what}: {rps:.0} req/s, steal {steal:.1} %");
+                tally.steals.push(steal);
+                tally.data[i].wrk.push(rps);
+            }
+            Err(e) => eprintln!("  {what}: {e:#}"),
+        }
+    }
+}
+
+/// Passthrough bulk throughput (direct and veil): plain TCP to the sink; the agent splices it.
+fn measure_passthrough_bulk(
+    opts: &Options,
+    me: &Path,
+    sink: SocketAddr,
+    targets: &[Target<'_>],
+    tally: &mut Tally,
+) -> Result<()> {
+    for (i, t) in targets.iter().enumerate() {
+        if !matches!(t.row, Row::Direct | Row::Veil) {
+            continue;
+        }
+        let what = format!("{} bulk", t.row.name());
+        let (gbps, steal) = low_steal(&what, || {
+            let mut cmd = t.command(me);
+            cmd.args(["client-bulk", &sink.to_string(), "--bytes"])
+                .arg(opts.bulk_bytes.to_string());
+            let secs: f64 = crate::sink::run_client(cmd)?.parse()?;
+            Ok(opts.bulk_bytes as f64 * 8.0 / secs / 1e9)
+        })?;
+        tally.steals.push(steal);
+        eprintln!("  {what}: {gbps:.2} Gbit/s, steal {steal:.1} %");
+        tally.data[i].bulk_gbps.push(gbps);
+    }
+    Ok(())
+}
+
+/// The proxy's memory per idle TLS connection (a failure is reported and skipped).
+fn measure_idle_memory(me: &Path, targets: &[Target<'_>], tally: &mut Tally) {
+    for (i, t) in targets.iter().enumerate() {
+        if t.row == Row::VeilNoScrub {
+            continue;
+        }
+        match idle_rss(me, t) {
+            Ok(kib) => {
+                eprintln!("  {} idle: {kib:.1} KiB per connection", t.row.name());
+                tally.data[i].idle_kib_per_conn.push(kib);
+            }
+            Err(e) => eprintln!("  {} idle: {e:#}", t.row.name()),
+        }
+    }
+}
+
+/// Writes the Markdown (and the PNG, if it can be drawn) and prints the Markdown.
+fn write_report(opts: &Options, tally: &Tally, took: Duration) -> Result<()> {
     let report = Report {
         opts,
-        data: &data,
-        loadavg: &loads_avg,
-        steals: &steals,
-        took: started_at.elapsed(),
+        data: &tally.data,
+        loadavg: &tally.loads_avg,
+        steals: &tally.steals,
+        took,
     };
     let md = report.markdown();
     if let Some(dir) = opts.out.parent() {
