@@ -593,7 +593,8 @@ pub(crate) fn start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Records `agent_pid` (with its start time) under the owner's pid, for [`crate::stale::agents::cleanup_stale_agents`].
+/// Records `agent_pid` (with its start time) under the owner's pid, for
+/// [`crate::stale::agents::cleanup_stale_agents`].
 fn record_pid(agent_pid: u32) -> PathBuf {
     let _ = std::fs::create_dir_all(owner::STATE_DIR);
     let path = Path::new(owner::STATE_DIR).join(format!(

@@ -4,8 +4,9 @@
 //! the host is touched. Starts in about a second (see ../shared/ENGINEERING.md).
 //!
 //! A test process killed before its drop leaves a running postmaster in a stale temp dir:
-//! [`crate::stale::postgres::cleanup_stale_servers`] stops it by the pid in its `postmaster.pid`, after checking that the
-//! pid is a postgres process serving that very directory.
+//! [`crate::stale::postgres::cleanup_stale_servers`] stops it by the pid in its
+//! `postmaster.pid`, after checking that the pid is a postgres process serving that very
+//! directory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
