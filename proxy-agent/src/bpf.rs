@@ -8,14 +8,18 @@
 //! `VEIL_LISTENERS` (the bind guard) and veil's own listeners into `VEIL_GUARDED` (the connect
 //! guard), both pinned so they hold while the agent is down.
 //!
-//! Submodules: [`links`] (pinned links per cgroup), [`origin`] (`VEIL_ORIG`), [`ports`] (the
-//! two guard maps), [`layout`] (pinned map layouts across builds), [`sys`] (raw syscalls).
+//! Submodules: [`links`] (pinned links per cgroup), [`unpin`] (removing them), [`origin`]
+//! (`VEIL_ORIG`), [`ports`] (the two guard maps), [`layout`] (pinned map layouts across
+//! builds), [`programs`] (names and attach order), [`error`], [`sys`] (raw syscalls).
 
+pub mod error;
 pub mod layout;
 pub mod links;
 pub mod origin;
 pub mod ports;
+pub mod programs;
 pub mod sys;
+pub mod unpin;
 
 use std::{
     collections::BTreeSet,
@@ -27,7 +31,6 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, MapError, PerCpuArray},
-    programs::{CgroupSockAddr, ProgramError, SockOps},
 };
 use aya_log::EbpfLogger;
 use proxy_common::{
@@ -38,111 +41,23 @@ use tokio::{io::unix::AsyncFd, task::JoinHandle};
 
 use crate::pins::PinLayout;
 
-pub use links::unpin_sandbox;
+use error::{is_not_found, map_err, program_err};
+use programs::{SOCK_ADDR_PROGRAMS, SOCK_OPS_PROGRAM, sock_addr_program, sock_ops_program};
+
+pub use error::BpfError;
 pub use origin::{ConnTuple, OrigDstTable, Recorded};
 pub use ports::{GuardTable, PortTable, port_key};
+pub use programs::PROGRAMS;
 pub use sys::{netns_cookie, own_netns_cookie};
+pub use unpin::unpin_sandbox;
 
 /// The eBPF object built by `build.rs` (see `xtask/src/ebpf.rs`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VEIL_EBPF_OBJ"));
 
-/// cgroup/sock_addr programs, in the order they are attached: getpeername before connect so
-/// that a redirected socket never reports the listener as its peer; bind first so that the
-/// listener port is guarded before anything is redirected to it.
-const SOCK_ADDR_PROGRAMS: [&str; 8] = [
-    "bind4",
-    "bind6",
-    "getpeername4",
-    "getpeername6",
-    "sendmsg4",
-    "sendmsg6",
-    "connect4",
-    "connect6",
-];
-/// The sock_ops program; attached before the sock_addr ones so every redirected connection is
-/// recorded.
-const SOCK_OPS_PROGRAM: &str = "veil_sockops";
-/// Every program linked to a sandbox cgroup, in attach order (the names of their pins).
-pub const PROGRAMS: [&str; 9] = [
-    SOCK_OPS_PROGRAM,
-    SOCK_ADDR_PROGRAMS[0],
-    SOCK_ADDR_PROGRAMS[1],
-    SOCK_ADDR_PROGRAMS[2],
-    SOCK_ADDR_PROGRAMS[3],
-    SOCK_ADDR_PROGRAMS[4],
-    SOCK_ADDR_PROGRAMS[5],
-    SOCK_ADDR_PROGRAMS[6],
-    SOCK_ADDR_PROGRAMS[7],
-];
 /// The global aya-log-ebpf reads to skip disabled log levels in the kernel.
 const LOG_LEVEL_GLOBAL: &str = "AYA_LOG_LEVEL";
 /// `BPF_NOEXIST`: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
-
-/// Why loading, attaching or a map access failed.
-#[derive(Debug, thiserror::Error)]
-pub enum BpfError {
-    /// The object could not be parsed or its maps created.
-    #[error("loading the eBPF object")]
-    Load(#[source] Box<aya::EbpfError>),
-    /// A program the agent needs is missing from the object or has another type.
-    #[error("eBPF program {0} is missing or has the wrong type")]
-    MissingProgram(&'static str),
-    /// The kernel refused to load or attach a program.
-    #[error("eBPF program {name}")]
-    Program {
-        /// Program name.
-        name: &'static str,
-        /// What the kernel or aya said.
-        #[source]
-        source: Box<ProgramError>,
-    },
-    /// A map the agent needs is missing from the object or has another type.
-    #[error("eBPF map {name}")]
-    Map {
-        /// Map name.
-        name: &'static str,
-        /// What aya said.
-        #[source]
-        source: Box<MapError>,
-    },
-    /// A map the agent needs is missing from the object.
-    #[error("eBPF map {0} is missing")]
-    MissingMap(&'static str),
-    /// The aya-log bridge could not be started.
-    #[error("starting the eBPF log bridge")]
-    Log(#[source] Box<aya_log::Error>),
-    /// [`Bpf::load`] was called outside a tokio runtime, or the log fd could not be registered.
-    #[error("polling eBPF logs")]
-    LogPoll(#[source] io::Error),
-    /// The cgroup directory could not be opened or inspected.
-    #[error("cgroup {path}")]
-    Cgroup {
-        /// The directory.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// The directory is not on a cgroup v2 file system.
-    #[error("{0} is not a cgroup v2 directory")]
-    NotCgroup2(PathBuf),
-    /// The cgroup already has veil's programs attached.
-    #[error("cgroup {0} is already attached")]
-    AlreadyAttached(PathBuf),
-    /// A thread panicked while holding a map lock.
-    #[error("eBPF map lock poisoned")]
-    Poisoned,
-    /// A link could not be pinned, opened from its pin, or unpinned.
-    #[error("pin {path}")]
-    Pin {
-        /// The pin path.
-        path: PathBuf,
-        /// What failed.
-        #[source]
-        source: io::Error,
-    },
-}
 
 /// veil's loaded eBPF programs and maps.
 pub struct Bpf {
@@ -447,44 +362,6 @@ pub fn remove_pinned_targets(pins: &PinLayout, which: Option<&[u64]>) -> Result<
         }
     }
     Ok(())
-}
-
-/// aya reports a missing key as `KeyNotFound` on lookup but as ENOENT on delete.
-fn is_not_found(e: &MapError) -> bool {
-    match e {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
-    }
-}
-
-fn program_err(name: &'static str) -> impl FnOnce(ProgramError) -> BpfError {
-    move |source| BpfError::Program {
-        name,
-        source: Box::new(source),
-    }
-}
-
-fn map_err(name: &'static str) -> impl FnOnce(MapError) -> BpfError {
-    move |source| BpfError::Map {
-        name,
-        source: Box::new(source),
-    }
-}
-
-fn sock_addr_program<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut CgroupSockAddr, BpfError> {
-    ebpf.program_mut(name)
-        .and_then(|p| p.try_into().ok())
-        .ok_or(BpfError::MissingProgram(name))
-}
-
-fn sock_ops_program(ebpf: &mut Ebpf) -> Result<&mut SockOps, BpfError> {
-    ebpf.program_mut(SOCK_OPS_PROGRAM)
-        .and_then(|p| p.try_into().ok())
-        .ok_or(BpfError::MissingProgram(SOCK_OPS_PROGRAM))
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, BpfError> {

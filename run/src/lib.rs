@@ -65,8 +65,6 @@ pub const SANDBOX_HOME: &str = "/tmp/home";
 pub const PRIVATE_DIRS: [&str; 4] = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"];
 /// Control's config file `run` reads `[run]` from when `--config` is not given (if it exists).
 pub const DEFAULT_CONFIG: &str = "/etc/veil/control.toml";
-/// Subdirectory of [`state::PRIVATE_DIR`] holding the uid records.
-const UID_RECORDS: &str = "uids";
 /// Options of `veil-control run` (the API URL and key come with the other client commands).
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -394,7 +392,7 @@ async fn setup(
                     "/tmp is not a directory on this host: no place for the sandbox's HOME"
                 );
             }
-            let records = state::private_dir(Some(UID_RECORDS))?;
+            let records = state::private_dir(Some(state::UID_RECORDS))?;
             let record = uids::Record {
                 owner: std::process::id(),
                 sandbox: id.to_owned(),

@@ -62,7 +62,7 @@ pub async fn reap_stale(
     cgroup2_mount: fn() -> anyhow::Result<PathBuf>,
 ) {
     let mount = cgroup2_mount().ok();
-    if let Ok(dir) = state::private_dir(Some(super::UID_RECORDS)) {
+    if let Ok(dir) = state::private_dir(Some(state::UID_RECORDS)) {
         for stale in uids::stale(&dir, pid_alive) {
             let record = stale.record.clone();
             remove_sandbox(client, mount.as_deref(), &record.sandbox, &record.cgroup).await;

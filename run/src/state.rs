@@ -69,6 +69,9 @@ pub fn ensure_dir(path: &Path, mode: u32) -> Result<(), StateError> {
     Ok(())
 }
 
+/// Subdirectory of [`PRIVATE_DIR`] holding the uid records.
+pub(crate) const UID_RECORDS: &str = "uids";
+
 /// [`PRIVATE_DIR`], made safe; with `sub`, that subdirectory of it (also 0700).
 pub fn private_dir(sub: Option<&str>) -> Result<PathBuf, StateError> {
     let dir = Path::new(PRIVATE_DIR);

@@ -153,9 +153,9 @@ pub fn render_options(options: &AgentOptions, pin_dir: &Path) -> String {
 }
 
 /// Prefix of per-agent pin directories in bpffs.
-const PIN_PREFIX: &str = "veil-test-";
+pub(crate) const PIN_PREFIX: &str = "veil-test-";
 /// Where bpffs is mounted (the agent mounts it when missing).
-const BPFFS: &str = "/sys/fs/bpf";
+pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 
 /// A running agent; SIGKILLed (by pid) and reaped on drop if still running.
 ///
@@ -252,7 +252,7 @@ impl Agent {
     /// Starts an agent as `options` say and waits for `READY=1`; panics with the log's tail if
     /// it exits first or the wait times out.
     pub fn start_with(options: AgentOptions) -> Agent {
-        owner::init();
+        crate::stale::init();
         let binary = options
             .binary
             .clone()
@@ -561,23 +561,11 @@ fn spawn_agent(binary: &Path, dir: &Path, options: &AgentOptions) -> Child {
 }
 
 /// Removes a pin directory tree in bpffs (unlinking pins; links detach once unreferenced).
-fn remove_pin_dir(dir: &Path) {
+pub(crate) fn remove_pin_dir(dir: &Path) {
     if let Err(e) = std::fs::remove_dir_all(dir)
         && e.kind() != std::io::ErrorKind::NotFound
     {
         eprintln!("veil-tests: cannot remove pin dir {}: {e}", dir.display());
-    }
-}
-
-/// Removes pin directories of dead test processes.
-pub(crate) fn cleanup_stale_pins() {
-    for path in owner::list_dir(Path::new(BPFFS)) {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        if path.is_dir() && owner::is_stale(owner::owner_decimal(name, PIN_PREFIX)) {
-            remove_pin_dir(&path);
-        }
     }
 }
 
@@ -598,14 +586,15 @@ fn write_atomically(path: &Path, text: &str) {
 
 /// Start time of a process (clock ticks since boot), from /proc/<pid>/stat field 22; tells a
 /// recorded pid apart from a later process that reused it.
-fn start_time(pid: u32) -> Option<u64> {
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces; fields after it follow the last ')'.
     let after = &stat[stat.rfind(')')? + 1..];
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Records `agent_pid` (with its start time) under the owner's pid, for [`cleanup_stale_agents`].
+/// Records `agent_pid` (with its start time) under the owner's pid, for
+/// [`crate::stale::agents::cleanup_stale_agents`].
 fn record_pid(agent_pid: u32) -> PathBuf {
     let _ = std::fs::create_dir_all(owner::STATE_DIR);
     let path = Path::new(owner::STATE_DIR).join(format!(
@@ -618,38 +607,6 @@ fn record_pid(agent_pid: u32) -> PathBuf {
         let _ = f.write_all(line.as_bytes());
     }
     path
-}
-
-/// Kills agents started by test processes that died (pid and start time must both match).
-pub(crate) fn cleanup_stale_agents() {
-    for path in owner::list_dir(Path::new(owner::STATE_DIR)) {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        let Some(rest) = name
-            .strip_prefix("agent-")
-            .and_then(|r| r.strip_suffix(".pid"))
-        else {
-            continue;
-        };
-        if !owner::is_stale(owner::owner_decimal(rest, "")) {
-            continue;
-        }
-        let recorded = std::fs::read_to_string(&path).unwrap_or_default();
-        let mut fields = recorded.split_whitespace();
-        let pid = fields.next().and_then(|p| p.parse::<u32>().ok());
-        let started = fields.next().and_then(|s| s.parse::<u64>().ok());
-        if let (Some(pid), Some(started)) = (pid, started)
-            && started != 0
-            && start_time(pid) == Some(started)
-            && let Ok(pid) = i32::try_from(pid)
-        {
-            // SAFETY: kill(2) of the agent a dead test process started (verified by pid and
-            // start time).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let _ = std::fs::remove_file(&path);
-    }
 }
 
 #[cfg(test)]

@@ -59,7 +59,7 @@ pub fn lock_path(index: u32) -> PathBuf {
 }
 
 /// Tries to take block `index`; `None` if another live process holds it.
-fn try_take(index: u32) -> Option<Block> {
+pub(crate) fn try_take(index: u32) -> Option<Block> {
     let path = lock_path(index);
     let lock = OpenOptions::new()
         .read(true)
@@ -93,7 +93,7 @@ fn try_take(index: u32) -> Option<Block> {
 
 /// Allocates a free block (panics when all are taken).
 pub fn allocate() -> Block {
-    owner::init();
+    crate::stale::init();
     std::fs::create_dir_all(owner::STATE_DIR)
         .unwrap_or_else(|e| panic!("creating {}: {e}", owner::STATE_DIR));
     // Start at a random block so parallel processes rarely contend for the same lock files.
@@ -105,24 +105,6 @@ pub fn allocate() -> Block {
         }
     }
     panic!("no free address block in 198.18.0.0/15 (all {BLOCKS} lock files in use)");
-}
-
-/// Removes lock files nobody holds (their owners died).
-pub(crate) fn cleanup_stale_locks() {
-    for path in owner::list_dir(Path::new(owner::STATE_DIR)) {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        let Some(index) = name
-            .strip_prefix("block-")
-            .and_then(|r| r.strip_suffix(".lock"))
-            .and_then(|i| i.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // Taking the lock proves no live process holds it; dropping the Block unlinks it.
-        drop(try_take(index));
-    }
 }
 
 #[cfg(test)]

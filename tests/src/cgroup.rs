@@ -7,7 +7,7 @@ use crate::cmd::wait_until;
 use crate::env::cgroup2_mount;
 use crate::owner;
 
-const PREFIX: &str = "veil-test-";
+pub(crate) const PREFIX: &str = "veil-test-";
 
 /// Parent of every test cgroup, relative to the cgroup2 mount. veil-control only registers
 /// sandboxes under configured parents; tests configure this one.
@@ -26,7 +26,7 @@ pub struct Cgroup {
 impl Cgroup {
     /// Creates the cgroup directory.
     pub fn new(tag: &str) -> Cgroup {
-        owner::init();
+        crate::stale::init();
         let name = format!(
             "{PREFIX}{}-{}-{}",
             owner::pid(),
@@ -101,7 +101,7 @@ pub fn remove_cgroup_tree(path: &Path) {
 }
 
 /// Removes the shared parent once no test cgroup is left in it (EBUSY otherwise: fine).
-fn remove_parent_if_empty() {
+pub(crate) fn remove_parent_if_empty() {
     let _ = std::fs::remove_dir(cgroup2_mount().join(PARENT));
 }
 
@@ -151,7 +151,7 @@ fn kill_and_wait(dir: &Path) {
 }
 
 /// Kills everything in `dir` and below, then removes the directories bottom-up (bounded).
-fn remove_tree(dir: &Path) {
+pub(crate) fn remove_tree(dir: &Path) {
     kill_and_wait(dir);
     for child in owner::list_dir(dir) {
         if child.is_dir() {
@@ -169,21 +169,4 @@ fn remove_tree(dir: &Path) {
             std::fs::remove_dir(dir).err()
         );
     }
-}
-
-/// Removes `veil-test-<pid>-<n>-*` cgroups whose owner pid is dead (killing what is left in them).
-pub(crate) fn cleanup_stale_cgroups() {
-    let root = cgroup2_mount();
-    let mut dirs = owner::list_dir(&root.join(PARENT));
-    // Older runs put test cgroups at the top level.
-    dirs.extend(owner::list_dir(&root));
-    for path in dirs {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        if path.is_dir() && owner::is_stale(owner::owner_decimal(name, PREFIX)) {
-            remove_tree(&path);
-        }
-    }
-    remove_parent_if_empty();
 }

@@ -22,7 +22,7 @@ pub struct HostLink {
 impl HostLink {
     /// Links `sandbox` to the host netns on a fresh address block.
     pub fn new(sandbox: &NetNs) -> HostLink {
-        owner::init();
+        crate::stale::init();
         let block = alloc::allocate();
         let seq = owner::next_seq();
         let pid = owner::base36(u64::from(owner::pid()));

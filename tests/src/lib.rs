@@ -48,6 +48,7 @@ pub mod request_policy;
 pub mod runcli;
 pub mod sandbox;
 pub mod servers;
+pub mod stale;
 pub mod veil;
 pub mod world;
 
@@ -58,8 +59,8 @@ pub use cmd::{ProbeOutput, output_within};
 pub use env::{bin_path, cgroup2_mount, require_root};
 pub use https::{HttpsUpstream, Reply as UpstreamReply, Seen, TestCa};
 pub use netns::NetNs;
-pub use owner::cleanup_stale;
 pub use sandbox::{Sandbox, probe_host};
 pub use servers::{HttpHello, TcpEcho, TcpHello, UdpEcho};
+pub use stale::cleanup_stale;
 pub use veil::Veil;
 pub use world::{SandboxLink, World};

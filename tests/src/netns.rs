@@ -9,8 +9,8 @@ use nix::sched::{CloneFlags, setns};
 use crate::cmd::{ip, try_run};
 use crate::owner;
 
-const NETNS_DIR: &str = "/run/netns";
-const PREFIX: &str = "veil-";
+pub(crate) const NETNS_DIR: &str = "/run/netns";
+pub(crate) const PREFIX: &str = "veil-";
 
 /// A network namespace `veil-<pid>-<n>-<tag>` with `lo` up and IPv6 enabled; deleted on drop.
 #[must_use = "dropping it removes it at once"]
@@ -23,7 +23,7 @@ pub struct NetNs {
 impl NetNs {
     /// Creates the namespace (panics with `ip`'s stderr on failure).
     pub fn new(tag: &str) -> NetNs {
-        owner::init();
+        crate::stale::init();
         let name = format!(
             "{PREFIX}{}-{}-{}",
             owner::pid(),
@@ -162,20 +162,6 @@ pub fn enter(path: &Path) {
     let f = File::open(path).unwrap_or_else(|e| panic!("opening netns {}: {e}", path.display()));
     setns(&f, CloneFlags::CLONE_NEWNET)
         .unwrap_or_else(|e| panic!("setns into {}: {e}", path.display()));
-}
-
-/// Deletes `veil-<pid>-<n>-*` namespaces whose owner pid is dead.
-pub(crate) fn cleanup_stale_netns() {
-    for path in owner::list_dir(Path::new(NETNS_DIR)) {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        if owner::is_stale(owner::owner_decimal(name, PREFIX))
-            && let Err(e) = try_run("ip", &["netns", "del", name])
-        {
-            eprintln!("veil-tests: removing stale netns: {e}");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,22 +1,12 @@
 //! Ownership of harness objects: every name encodes the owning test process's pid, so that
 //! leftovers of test processes that died without running their destructors can be removed.
 use std::path::{Path, PathBuf};
-use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Directory for cross-process state: address-block locks and agent pid files.
 pub const STATE_DIR: &str = "/run/veil-tests";
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
-static INIT: Once = Once::new();
-
-/// Checks root and, once per process, removes leftovers of dead test processes.
-///
-/// Every fixture constructor calls this first.
-pub fn init() {
-    crate::env::require_root();
-    INIT.call_once(cleanup_stale);
-}
 
 /// The pid of this (owning) test process.
 pub fn pid() -> u32 {
@@ -97,45 +87,9 @@ pub fn is_stale(owner: Option<u32>) -> bool {
     owner.is_some_and(|pid| pid != self::pid() && !pid_alive(pid))
 }
 
-/// Removes what dead test processes left behind: their agents, cgroups (killing the processes
-/// still in them), network namespaces, root-netns veths, address locks, PostgreSQL servers and
-/// temp dirs.
-///
-/// Runs once per process from every constructor; safe to call again, and safe while other test
-/// processes run (their pids are alive, so their objects are kept).
-pub fn cleanup_stale() {
-    crate::agent::cleanup_stale_agents();
-    crate::agent::cleanup_stale_pins();
-    crate::cgroup::cleanup_stale_cgroups();
-    crate::netns::cleanup_stale_netns();
-    crate::world::cleanup_stale_veths();
-    crate::alloc::cleanup_stale_locks();
-    crate::postgres::cleanup_stale_servers();
-    cleanup_stale_tempdirs();
-}
-
 /// Prefix of temp dirs made by the harness; followed by the owner pid.
 pub fn tempdir_prefix() -> String {
     format!("veil-test-{}-", pid())
-}
-
-fn cleanup_stale_tempdirs() {
-    let tmp = std::env::temp_dir();
-    for path in list_dir(&tmp) {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        let owner = name
-            .strip_prefix("veil-test-")
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok());
-        if is_stale(owner)
-            && path.is_dir()
-            && let Err(e) = std::fs::remove_dir_all(&path)
-        {
-            eprintln!("veil-tests: removing stale {}: {e}", path.display());
-        }
-    }
 }
 
 /// Entries of a directory; empty when it does not exist or cannot be read.

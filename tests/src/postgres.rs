@@ -4,8 +4,9 @@
 //! the host is touched. Starts in about a second (see ../shared/ENGINEERING.md).
 //!
 //! A test process killed before its drop leaves a running postmaster in a stale temp dir:
-//! [`cleanup_stale_servers`] stops it by the pid in its `postmaster.pid`, after checking that the
-//! pid is a postgres process serving that very directory.
+//! [`crate::stale::postgres::cleanup_stale_servers`] stops it by the pid in its
+//! `postmaster.pid`, after checking that the pid is a postgres process serving that very
+//! directory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -16,7 +17,7 @@ use crate::control::free_port;
 use crate::owner;
 
 /// Suffix of the harness temp dirs that hold a server (after the owner's prefix).
-const DIR_TAG: &str = "pg";
+pub(crate) const DIR_TAG: &str = "pg";
 /// The OS user the server runs as (Debian's package creates it).
 const PG_USER: &str = "postgres";
 /// How long a start or stop may take before the test fails.
@@ -35,7 +36,7 @@ pub struct Postgres {
 impl Postgres {
     /// Initialises a cluster (trust authentication, superuser `postgres`) and starts it.
     pub fn start() -> Postgres {
-        owner::init();
+        crate::stale::init();
         let bin = bin_dir().unwrap_or_else(|e| panic!("PostgreSQL: {e}"));
         let dir = tempfile::Builder::new()
             .prefix(&format!("{}{DIR_TAG}-", owner::tempdir_prefix()))
@@ -220,28 +221,6 @@ impl Drop for Postgres {
     }
 }
 
-/// Stops the servers of dead test processes; their temp dirs go with the harness's stale temp dirs.
-pub fn cleanup_stale_servers() {
-    let prefix = "veil-test-";
-    for path in owner::list_dir(&std::env::temp_dir()) {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        let Some(rest) = name.strip_prefix(prefix) else {
-            continue;
-        };
-        let mut parts = rest.splitn(3, '-');
-        let owner_pid = parts.next().and_then(|p| p.parse::<u32>().ok());
-        if parts.next() != Some(DIR_TAG) || !owner::is_stale(owner_pid) {
-            continue;
-        }
-        let data = path.join("data");
-        if let Some(pid) = postmaster_pid(&data) {
-            kill_postmaster(pid, &data);
-        }
-    }
-}
-
 /// The newest installed server's program directory (`/usr/lib/postgresql/<major>/bin`).
 fn bin_dir() -> Result<PathBuf, String> {
     let root = Path::new("/usr/lib/postgresql");
@@ -264,14 +243,14 @@ fn bin_dir() -> Result<PathBuf, String> {
 }
 
 /// The pid in `data/postmaster.pid`, if a postmaster of that directory still runs.
-fn postmaster_pid(data: &Path) -> Option<u32> {
+pub(crate) fn postmaster_pid(data: &Path) -> Option<u32> {
     let text = std::fs::read_to_string(data.join("postmaster.pid")).ok()?;
     let pid = text.lines().next()?.trim().parse::<u32>().ok()?;
     owner::pid_alive(pid).then_some(pid)
 }
 
 /// Kills postmaster `pid` (its backends exit with it) if it is a postgres process of `data`.
-fn kill_postmaster(pid: u32, data: &Path) {
+pub(crate) fn kill_postmaster(pid: u32, data: &Path) {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     if !cmdline.contains("postgres") || !cmdline.contains(&path_str(data)) {

@@ -57,7 +57,7 @@ impl TcpServer {
     }
 
     fn start_on(ns: Option<&NetNs>, bind: SocketAddr, behaviour: Behaviour) -> TcpServer {
-        crate::owner::init();
+        crate::stale::init();
         let listener = in_netns(ns, move || -> std::io::Result<std::net::TcpListener> {
             let s = Socket::new(Domain::for_address(bind), Type::STREAM, Some(Protocol::TCP))?;
             s.set_reuse_address(true)?;
@@ -333,7 +333,7 @@ impl UdpEcho {
     }
 
     fn start_in(ns: Option<&NetNs>, ip: IpAddr, port: u16) -> UdpEcho {
-        crate::owner::init();
+        crate::stale::init();
         let bind = SocketAddr::new(ip, port);
         let socket = in_netns(ns, move || UdpSocket::bind(bind))
             .unwrap_or_else(|e| panic!("binding UDP echo to {bind} in {}: {e}", where_(ns)));

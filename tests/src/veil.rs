@@ -56,7 +56,7 @@ impl Veil {
         control_top_level: &str,
         sandboxes: &[AgentSandbox],
     ) -> Veil {
-        owner::init();
+        crate::stale::init();
         let dir = tempfile::Builder::new()
             .prefix(&owner::tempdir_prefix())
             .tempdir()

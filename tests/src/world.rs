@@ -15,7 +15,7 @@ use crate::netns::NetNs;
 use crate::owner;
 
 /// Prefix of the world's veth end in the root netns (the only harness interface there).
-const HOST_IF_PREFIX: &str = "vh-";
+pub(crate) const HOST_IF_PREFIX: &str = "vh-";
 
 /// Upstream namespace linked to the host netns; everything is removed on drop.
 #[must_use = "dropping it removes it at once"]
@@ -83,7 +83,7 @@ fn if_name(prefix: &str, seq: u64) -> String {
 impl World {
     /// Creates the world netns and its veth link to the host netns, addresses from a fresh block.
     pub fn new() -> World {
-        owner::init();
+        crate::stale::init();
         let ns = NetNs::new("world");
         let block = alloc::allocate();
         let seq = owner::next_seq();
@@ -282,18 +282,4 @@ fn wait_link_ready(ns: Option<&NetNs>, dev: &str, addr6: Ipv6Addr) {
         ns.map_or("host", |n| n.name()),
         run(&["addr", "show", "dev", dev])
     );
-}
-
-/// Deletes root-netns veths `vh-<pid36>-<n36>` whose owner pid is dead.
-pub(crate) fn cleanup_stale_veths() {
-    for path in owner::list_dir(Path::new("/sys/class/net")) {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        if owner::is_stale(owner::owner_base36(name, HOST_IF_PREFIX))
-            && let Err(e) = try_run("ip", &["link", "del", name])
-        {
-            eprintln!("veil-tests: removing stale veth: {e}");
-        }
-    }
 }

@@ -12,40 +12,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// Pairs still to break (issue 15): mostly a parent whose children add `impl` blocks to its
-/// type, or read its shared state. Remove an entry once its pair is gone: a stale entry fails
-/// the check too.
-const KNOWN: &[(&str, &str)] = &[
-    ("run/src/lib.rs", "run/src/reap.rs"),
-    ("proxy-agent/src/bpf.rs", "proxy-agent/src/bpf/layout.rs"),
-    ("proxy-agent/src/bpf.rs", "proxy-agent/src/bpf/links.rs"),
-    ("proxy-agent/src/bpf.rs", "proxy-agent/src/bpf/origin.rs"),
-    ("proxy-agent/src/bpf.rs", "proxy-agent/src/bpf/ports.rs"),
-    ("tests/src/agent.rs", "tests/src/owner.rs"),
-    ("tests/src/alloc.rs", "tests/src/owner.rs"),
-    ("tests/src/owner.rs", "tests/src/postgres.rs"),
-    (
-        "tests/src/bin/veil-bench/idle.rs",
-        "tests/src/bin/veil-bench/main.rs",
-    ),
-    (
-        "tests/src/bin/veil-bench/main.rs",
-        "tests/src/bin/veil-bench/mitm.rs",
-    ),
-    (
-        "tests/src/bin/veil-bench/main.rs",
-        "tests/src/bin/veil-bench/soak.rs",
-    ),
-    (
-        "tests/src/bin/veil-bench/main.rs",
-        "tests/src/bin/veil-bench/suite.rs",
-    ),
-    ("tests/src/cgroup.rs", "tests/src/owner.rs"),
-    ("tests/src/netns.rs", "tests/src/owner.rs"),
-    ("tests/src/owner.rs", "tests/src/world.rs"),
-    ("xtask/src/bench.rs", "xtask/src/main.rs"),
-];
-
 #[test]
 fn no_two_files_import_each_other() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -53,21 +19,11 @@ fn no_two_files_import_each_other() {
         .expect("the tests crate sits in the workspace")
         .to_path_buf();
     let pairs = mutual_imports(&root);
-    let known: BTreeSet<(String, String)> = KNOWN
-        .iter()
-        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-        .collect();
-    let new: Vec<_> = pairs.difference(&known).collect();
-    let stale: Vec<_> = known.difference(&pairs).collect();
+    let pairs: Vec<_> = pairs.iter().collect();
     assert!(
-        new.is_empty(),
+        pairs.is_empty(),
         "files that import each other (move what they share into a module of its own):\n{}",
-        list(&new)
-    );
-    assert!(
-        stale.is_empty(),
-        "pairs listed in KNOWN no longer import each other; remove them:\n{}",
-        list(&stale)
+        list(&pairs)
     );
 }
 

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use veil_tests::cleanup_stale;
 use veil_tests::cmd::wait_until;
-use veil_tests::owner::{cleanup_stale, pid_alive};
+use veil_tests::owner::pid_alive;
 use veil_tests::postgres::Postgres;
 
 const TIMEOUT: Duration = Duration::from_secs(30);

@@ -19,8 +19,8 @@ pub fn run(root: &Path, which: &str, extra: &[String]) -> Result<()> {
     host::require_root("cargo xtask bench")?;
     host::ensure_packages(host::TEST_PACKAGES)?;
     host::ensure_packages(host::BENCH_PACKAGES)?;
-    crate::build_ebpf(root)?;
-    crate::cargo(root, &["build", "--release", "--workspace", "--bins"])?;
+    crate::cargo::build_ebpf(root)?;
+    crate::cargo::cargo(root, &["build", "--release", "--workspace", "--bins"])?;
     let bin = host::release_dir(root).join("veil-bench");
     let mut cmd = Command::new(&bin);
     match which {

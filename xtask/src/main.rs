@@ -6,16 +6,17 @@
 //! to docs/benchmarks.md); `fuzz` runs the cargo-fuzz targets.
 
 mod bench;
+mod cargo;
 mod ebpf;
 mod fuzz;
 mod host;
 mod install;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+use cargo::{build_ebpf, cargo};
 
 /// What the exit status means; shown under every `--help`.
 const EXIT_STATUS: &str = "\
@@ -128,25 +129,6 @@ fn workspace_root() -> Result<PathBuf> {
         .parent()
         .map(Path::to_path_buf)
         .context("xtask has no parent directory")
-}
-
-pub(crate) fn build_ebpf(root: &Path) -> Result<PathBuf> {
-    ebpf::build_object(root, &mut |line| eprintln!("xtask: {line}"))
-        .map_err(|e| anyhow::anyhow!("building the eBPF object failed: {e}"))
-}
-
-/// Runs `cargo` with `args` in the workspace root, failing on a non-zero exit.
-pub(crate) fn cargo(root: &Path, args: &[&str]) -> Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(&cargo)
-        .args(args)
-        .current_dir(root)
-        .status()
-        .with_context(|| format!("cannot run cargo {}", args.join(" ")))?;
-    if !status.success() {
-        bail!("cargo {} failed ({status})", args.join(" "));
-    }
-    Ok(())
 }
 
 fn build(root: &Path, release: bool) -> Result<()> {

@@ -18,7 +18,7 @@ use proxy_common::{
     STAT_COUNT, SandboxTarget,
 };
 
-use super::{BpfError, map_err};
+use super::error::{BpfError, map_err};
 
 /// Key size, value size and capacity of a map.
 pub type Layout = (usize, usize, u32);

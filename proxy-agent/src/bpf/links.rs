@@ -8,12 +8,10 @@ use std::path::Path;
 
 use aya::programs::{CgroupAttachMode, links::FdLink};
 
+use super::error::{BpfError, program_err};
+use super::programs::{PROGRAMS, SOCK_OPS_PROGRAM, sock_addr_program, sock_ops_program};
 use super::sys::{link_detach, link_update, obj_get};
-use super::{
-    Bpf, BpfError, LinkOutcome, LinkReport, PROGRAMS, SOCK_OPS_PROGRAM, program_err,
-    sock_addr_program, sock_ops_program,
-};
-use crate::pins::PinLayout;
+use super::{Bpf, LinkOutcome, LinkReport};
 
 impl Bpf {
     /// Makes sure every program is linked to the cgroup through a pin under
@@ -126,45 +124,4 @@ impl Bpf {
             .map_err(|e| pin_err(io::Error::other(e)))?;
         Ok(outcome)
     }
-}
-
-/// Removes the pins of one sandbox cgroup's links (connect first, so nothing new is redirected
-/// meanwhile), then its directory. Without pins and without an open fd the kernel detaches.
-pub fn unpin_sandbox(pins: &PinLayout, cgroup_id: u64) -> Result<(), BpfError> {
-    let mut first_err = None;
-    for name in PROGRAMS.iter().rev() {
-        let path = pins.link(cgroup_id, name);
-        // Dropping the last reference releases a link asynchronously; detaching it first makes
-        // "unpinned" mean "no longer runs" by the time this returns.
-        if let Ok(fd) = obj_get(&path)
-            && let Err(source) = link_detach(fd.as_fd())
-        {
-            first_err.get_or_insert(BpfError::Pin {
-                path: path.clone(),
-                source,
-            });
-        }
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                first_err.get_or_insert(BpfError::Pin { path, source });
-            }
-        }
-    }
-    let dir = pins.sandbox_dir(cgroup_id);
-    // Anything else in there (nothing we made) is removed too: the directory must go.
-    if let Ok(entries) = std::fs::read_dir(&dir) {
-        for entry in entries.flatten() {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    match std::fs::remove_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            first_err.get_or_insert(BpfError::Pin { path: dir, source });
-        }
-    }
-    first_err.map_or(Ok(()), Err)
 }

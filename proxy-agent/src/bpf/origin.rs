@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use aya::maps::{HashMap, MapData, MapError};
 use proxy_common::{AF_INET, ConnKey, MAP_ORIG, OrigDst};
 
-use super::{BpfError, is_not_found, map_err};
+use super::error::{BpfError, is_not_found, map_err};
 
 /// A connection as the agent's accepted socket sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -8,7 +8,7 @@ use std::path::Path;
 use aya::maps::{HashMap, Map, MapData};
 use proxy_common::{GuardKey, MAP_GUARDED, MAP_LISTENERS, OWNER_VEIL, PortKey};
 
-use super::{BpfError, is_not_found, map_err};
+use super::error::{BpfError, is_not_found, map_err};
 
 /// Handle on `VEIL_LISTENERS`: entries are owned by a sandbox (its cgroup id) or by veil
 /// ([`OWNER_VEIL`]); each owner only ever changes its own.

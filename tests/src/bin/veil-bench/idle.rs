@@ -168,7 +168,7 @@ impl<S: tokio::io::AsyncRead + Unpin> Reader<'_, S> {
 
 /// The `client-idle` subcommand.
 pub fn client(addr: SocketAddr, count: u64, header: &str) -> Result<()> {
-    crate::raise_nofile();
+    crate::host::raise_nofile();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -15,10 +15,10 @@
 //! set up (the panic says which).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, ExitCode};
+use std::net::{SocketAddr, TcpStream};
+use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -27,13 +27,17 @@ use veil_tests::cmd::run_probe;
 use veil_tests::{AgentSandbox, NetNs, Sandbox, TcpHello, Veil, World};
 
 use crate::cli::{Cli, Cmd, SuiteArgs};
+use crate::host::{busy_percent, cpu_steal_percent, cpu_times, process_cpu_seconds};
+use crate::sink::{run_client, start_sink};
 
 mod cli;
+mod host;
 mod idle;
 mod load;
 mod mitm;
 mod peers;
 mod rotation;
+mod sink;
 mod soak;
 mod suite;
 
@@ -105,22 +109,6 @@ fn run(cmd: Cmd) -> Result<()> {
     }
 }
 
-/// Raises the soft open-files limit to the hard one (children inherit it): the benchmarks hold
-/// thousands of connections.
-pub(crate) fn raise_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 /// Writes `bytes` to a sink and reports seconds until the sink confirmed receipt.
 fn client_bulk(addr: SocketAddr, bytes: u64) -> Result<()> {
     let buf = vec![0x5au8; 1 << 20];
@@ -181,72 +169,9 @@ fn client_connrate(addr: SocketAddr, seconds: u64, concurrency: u64) -> Result<(
     Ok(())
 }
 
-/// A server in `ns` that reads to EOF and answers the byte count (8 bytes, big-endian).
-pub(crate) fn start_sink(ns: &NetNs, ip: std::net::IpAddr) -> (SocketAddr, Arc<AtomicBool>) {
-    let listener = ns.run(move || TcpListener::bind((ip, 0)).expect("bind sink"));
-    let addr = listener.local_addr().expect("sink addr");
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            if stop2.load(Ordering::Relaxed) {
-                break;
-            }
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 1 << 20];
-                let mut total = 0u64;
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    total += n as u64;
-                }
-                let _ = conn.write_all(&total.to_be_bytes());
-            });
-        }
-    });
-    (addr, stop)
-}
-
-pub(crate) fn run_client(mut cmd: Command) -> Result<String> {
-    let out = cmd.output().context("run bench client")?;
-    if !out.status.success() {
-        bail!(
-            "bench client failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-pub(crate) fn cpu_steal_percent(before: &[u64], after: &[u64]) -> f64 {
-    let total: u64 = after.iter().zip(before).map(|(a, b)| a - b).sum();
-    let steal = after.get(7).zip(before.get(7)).map_or(0, |(a, b)| a - b);
-    if total == 0 {
-        0.0
-    } else {
-        100.0 * steal as f64 / total as f64
-    }
-}
-
-pub(crate) fn cpu_times() -> Vec<u64> {
-    std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|s| {
-            s.lines().next().map(|l| {
-                l.split_whitespace()
-                    .skip(1)
-                    .filter_map(|f| f.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
 }
 
 fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
@@ -342,28 +267,6 @@ fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
         median(agent_cpu_per_gib)
     );
     Ok(())
-}
-
-/// User + system CPU seconds a process has used (from /proc/<pid>/stat; 100 ticks/s).
-pub(crate) fn process_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the command name.
-    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    (ticks(11) + ticks(12)) as f64 / 100.0
-}
-
-/// Share of all CPU time that was not idle or iowait between two /proc/stat samples.
-pub(crate) fn busy_percent(before: &[u64], after: &[u64]) -> f64 {
-    let delta: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
-    let total: u64 = delta.iter().sum();
-    let idle = delta.get(3).copied().unwrap_or(0) + delta.get(4).copied().unwrap_or(0);
-    if total == 0 {
-        0.0
-    } else {
-        100.0 * (total - idle) as f64 / total as f64
-    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -202,14 +202,16 @@ pub fn run(seconds: u64, runs: u64) -> Result<()> {
                 } else {
                     sb.outside_command("h2load")
                 };
-                let (cpu_before, agent_before) =
-                    (crate::cpu_times(), crate::process_cpu_seconds(veil.pid()));
+                let (cpu_before, agent_before) = (
+                    crate::host::cpu_times(),
+                    crate::host::process_cpu_seconds(veil.pid()),
+                );
                 let started = std::time::Instant::now();
                 let mut s = h2load(&mut cmd, *mode, seconds, &url, &header)?;
-                s.busy = crate::busy_percent(&cpu_before, &crate::cpu_times());
+                s.busy = crate::host::busy_percent(&cpu_before, &crate::host::cpu_times());
                 if via_agent {
                     let requests = s.rps * started.elapsed().as_secs_f64();
-                    let used = crate::process_cpu_seconds(veil.pid()) - agent_before;
+                    let used = crate::host::process_cpu_seconds(veil.pid()) - agent_before;
                     s.agent_cpu_per_1k = used / (requests / 1000.0);
                 }
                 let name = if via_agent { "veil  " } else { "direct" };

@@ -265,7 +265,7 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
 pub fn tree_cpu_seconds(pid: u32) -> f64 {
     process_tree(pid)
         .into_iter()
-        .map(crate::process_cpu_seconds)
+        .map(crate::host::process_cpu_seconds)
         .sum()
 }
 

@@ -114,7 +114,7 @@ fn map_entries(veil: &Veil) -> Vec<(String, usize)> {
 /// Runs the soak and prints its report.
 pub fn run(connections: u64, sandboxes: u64, seconds: u64) -> Result<()> {
     veil_tests::require_root();
-    crate::raise_nofile();
+    crate::host::raise_nofile();
     if sandboxes == 0 || connections < sandboxes {
         bail!("need at least one connection per sandbox");
     }
@@ -304,7 +304,7 @@ async fn soak_conn(
 
 /// The `client-soak` subcommand: `count` connections for `seconds`; prints a JSON summary.
 pub fn client(addr: SocketAddr, count: u64, seconds: u64, header: &str, seed: u64) -> Result<()> {
-    crate::raise_nofile();
+    crate::host::raise_nofile();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
