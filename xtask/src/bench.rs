@@ -6,26 +6,26 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::host;
+use crate::{host, packages};
 
 /// The mitmproxy release compared against (the newest that supports Python 3.11).
 pub const MITMPROXY_VERSION: &str = "11.0.2";
 
-/// Debian packages the suite needs beyond `host::BENCH_PACKAGES`: gnuplot draws the PNG.
+/// Debian packages the suite needs beyond `packages::BENCH_PACKAGES`: gnuplot draws the PNG.
 pub const SUITE_PACKAGES: &[&str] = &["gnuplot-nox"];
 
 /// Runs benchmark `which` (`all` = the comparison suite writing docs/benchmarks.md).
 pub fn run(root: &Path, which: &str, extra: &[String]) -> Result<()> {
-    host::require_root("cargo xtask bench")?;
-    host::ensure_packages(host::TEST_PACKAGES)?;
-    host::ensure_packages(host::BENCH_PACKAGES)?;
+    packages::require_root("cargo xtask bench")?;
+    packages::ensure_packages(packages::TEST_PACKAGES)?;
+    packages::ensure_packages(packages::BENCH_PACKAGES)?;
     crate::cargo::build_ebpf(root)?;
     crate::cargo::cargo(root, &["build", "--release", "--workspace", "--bins"])?;
     let bin = host::release_dir(root).join("veil-bench");
     let mut cmd = Command::new(&bin);
     match which {
         "all" | "suite" => {
-            host::ensure_packages(SUITE_PACKAGES)?;
+            packages::ensure_packages(SUITE_PACKAGES)?;
             let mitmdump = ensure_mitmproxy(root)?;
             cmd.arg("suite")
                 .arg("--mitmdump")

@@ -11,6 +11,7 @@ mod ebpf;
 mod fuzz;
 mod host;
 mod install;
+mod packages;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -141,15 +142,15 @@ fn build(root: &Path, release: bool) -> Result<()> {
 }
 
 fn run(root: &Path) -> Result<()> {
-    host::require_root("cargo xtask run")?;
+    packages::require_root("cargo xtask run")?;
     build(root, true)?;
     host::run_foreground(root)
 }
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
-    host::require_root("cargo xtask test")?;
-    host::ensure_packages(host::TEST_PACKAGES)?;
-    host::ensure_command("node", "nodejs")?;
+    packages::require_root("cargo xtask test")?;
+    packages::ensure_packages(packages::TEST_PACKAGES)?;
+    packages::ensure_command("node", "nodejs")?;
     build_ebpf(root)?;
     cargo(root, &["fmt", "--all", "--check"])?;
     cargo(
