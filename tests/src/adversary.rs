@@ -26,7 +26,7 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::https::TestCa;
+use crate::https::{TestCa, serve_tls, tls_acceptor};
 use crate::netns::NetNs;
 
 /// The request header whose value is echoed.
@@ -251,61 +251,11 @@ impl Adversary {
     /// Serves TLS for `names` (certificate from `ca`) on `ip`:port 0 in `ns`; `alpn` as offered
     /// (e.g. `[b"h2", b"http/1.1"]`, or http/1.1 only for `/te-gzip`).
     pub fn start(ns: &NetNs, ip: IpAddr, ca: &TestCa, names: &[&str], alpn: &[&[u8]]) -> Adversary {
-        let (chain, key) = ca.issue(names);
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap_or_else(|e| panic!("TLS versions: {e}"))
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap_or_else(|e| panic!("server cert: {e}"));
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = ns.run(move || {
-            let l = std::net::TcpListener::bind((ip, 0))
-                .unwrap_or_else(|e| panic!("binding adversary on {ip}: {e}"));
-            l.set_nonblocking(true)
-                .unwrap_or_else(|e| panic!("nonblocking: {e}"));
-            l
-        });
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("local_addr: {e}"));
+        let acceptor = tls_acceptor(ca, names, alpn);
         let shared: Arc<Shared> = Arc::default();
-        let stopped = CancellationToken::new();
-        let stop = stopped.clone().drop_guard();
         let rec = shared.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap_or_else(|e| panic!("adversary runtime: {e}"));
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener)
-                    .unwrap_or_else(|e| panic!("tokio listener: {e}"));
-                loop {
-                    let accepted = tokio::select! {
-                        () = stopped.cancelled() => break,
-                        a = listener.accept() => a,
-                    };
-                    let Ok((tcp, _)) = accepted else { continue };
-                    let (acceptor, rec) = (acceptor.clone(), rec.clone());
-                    tokio::spawn(async move {
-                        let Ok(tls) = acceptor.accept(tcp).await else {
-                            return;
-                        };
-                        let service =
-                            hyper::service::service_fn(move |req| answer(req, rec.clone()));
-                        let builder = hyper_util::server::conn::auto::Builder::new(
-                            hyper_util::rt::TokioExecutor::new(),
-                        );
-                        let io = hyper_util::rt::TokioIo::new(tls);
-                        let _ = builder.serve_connection(io, service).await;
-                    });
-                }
-            });
+        let (addr, stop) = serve_tls(ns, ip, "adversary", acceptor, move |req| {
+            answer(req, rec.clone())
         });
         Adversary {
             addr,

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::DropGuard;
 
-use crate::https::TestCa;
+use crate::https::{TestCa, serve_tls, tls_acceptor};
 use crate::netns::NetNs;
 
 /// One request as the decoding upstream received and understood it.
@@ -59,51 +59,11 @@ pub struct DecodingUpstream {
 impl DecodingUpstream {
     /// Serves TLS for `names` (certificate from `ca`) on `ip`:port 0 inside `ns`.
     pub fn start(ns: &NetNs, ip: IpAddr, ca: &TestCa, names: &[&str]) -> DecodingUpstream {
-        let acceptor = acceptor(ca, names);
-        let listener = ns.run(move || {
-            let l = std::net::TcpListener::bind((ip, 0))
-                .unwrap_or_else(|e| panic!("binding decoding upstream on {ip}: {e}"));
-            l.set_nonblocking(true)
-                .unwrap_or_else(|e| panic!("nonblocking: {e}"));
-            l
-        });
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("local_addr: {e}"));
+        let acceptor = tls_acceptor(ca, names, &[b"h2", b"http/1.1"]);
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let stopped = CancellationToken::new();
-        let stop = stopped.clone().drop_guard();
-        let seen2 = seen.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap_or_else(|e| panic!("upstream runtime: {e}"));
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener)
-                    .unwrap_or_else(|e| panic!("tokio listener: {e}"));
-                loop {
-                    let accepted = tokio::select! {
-                        () = stopped.cancelled() => break,
-                        a = listener.accept() => a,
-                    };
-                    let Ok((tcp, _)) = accepted else { continue };
-                    let (acceptor, seen) = (acceptor.clone(), seen2.clone());
-                    tokio::spawn(async move {
-                        let Ok(tls) = acceptor.accept(tcp).await else {
-                            return;
-                        };
-                        let service =
-                            hyper::service::service_fn(move |req| serve(req, seen.clone()));
-                        let builder = hyper_util::server::conn::auto::Builder::new(
-                            hyper_util::rt::TokioExecutor::new(),
-                        );
-                        let io = hyper_util::rt::TokioIo::new(tls);
-                        let _ = builder.serve_connection(io, service).await;
-                    });
-                }
-            });
+        let recorded = seen.clone();
+        let (addr, stop) = serve_tls(ns, ip, "decoding upstream", acceptor, move |req| {
+            serve(req, recorded.clone())
         });
         DecodingUpstream {
             addr,
@@ -121,20 +81,6 @@ impl DecodingUpstream {
     pub fn seen(&self) -> Vec<Decoded> {
         self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
-}
-
-fn acceptor(ca: &TestCa, names: &[&str]) -> tokio_rustls::TlsAcceptor {
-    let (chain, key) = ca.issue(names);
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap_or_else(|e| panic!("TLS versions: {e}"))
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap_or_else(|e| panic!("server cert: {e}"));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 async fn serve(

@@ -195,7 +195,7 @@ impl HttpsUpstream {
         tls: Option<(&TestCa, &[&str])>,
         reply: Reply,
     ) -> HttpsUpstream {
-        let acceptor = tls.map(|(ca, names)| acceptor(ca, names));
+        let acceptor = tls.map(|(ca, names)| tls_acceptor(ca, names, &[b"h2", b"http/1.1"]));
         let listener = ns.run(move || {
             let l = std::net::TcpListener::bind((ip, 0))
                 .unwrap_or_else(|e| panic!("binding HTTPS upstream on {ip}: {e}"));
@@ -271,7 +271,8 @@ impl HttpsUpstream {
     }
 }
 
-fn acceptor(ca: &TestCa, names: &[&str]) -> tokio_rustls::TlsAcceptor {
+/// A TLS acceptor for `names` (certificate from `ca`) offering `alpn` (e.g. `[b"h2", b"http/1.1"]`).
+pub fn tls_acceptor(ca: &TestCa, names: &[&str], alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
     let (chain, key) = ca.issue(names);
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -281,8 +282,69 @@ fn acceptor(ca: &TestCa, names: &[&str]) -> tokio_rustls::TlsAcceptor {
     .with_no_client_auth()
     .with_single_cert(chain, key)
     .unwrap_or_else(|e| panic!("server cert: {e}"));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// Serves HTTPS (h1 or h2, as ALPN chose) with `handler` on `ip`:0 inside `ns`, on a runtime of
+/// its own, until the returned guard drops; `what` names the server in panics.
+pub fn serve_tls<H, F, B>(
+    ns: &NetNs,
+    ip: IpAddr,
+    what: &'static str,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handler: H,
+) -> (SocketAddr, DropGuard)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<B>, hyper::Error>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = ns.run(move || {
+        let l = std::net::TcpListener::bind((ip, 0))
+            .unwrap_or_else(|e| panic!("binding {what} on {ip}: {e}"));
+        l.set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("nonblocking: {e}"));
+        l
+    });
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local_addr: {e}"));
+    let stopped = CancellationToken::new();
+    let stop = stopped.clone().drop_guard();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("{what} runtime: {e}"));
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .unwrap_or_else(|e| panic!("tokio listener: {e}"));
+            loop {
+                let accepted = tokio::select! {
+                    () = stopped.cancelled() => break,
+                    a = listener.accept() => a,
+                };
+                let Ok((tcp, _)) = accepted else { continue };
+                let (acceptor, handler) = (acceptor.clone(), handler.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(handler);
+                    let builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    let io = hyper_util::rt::TokioIo::new(tls);
+                    let _ = builder.serve_connection(io, service).await;
+                });
+            }
+        });
+    });
+    (addr, stop)
 }
 
 async fn record(
