@@ -24,6 +24,12 @@ use crate::store::{SandboxRecord, StoreError};
 pub enum AgentEvent {
     /// A sandbox was registered, replaced, rolled back or its mounts changed.
     SandboxUpserted(SandboxRecord),
+    /// A sandbox changed in some way another replica announced (registered, changed or
+    /// removed: the agents get what the store holds now).
+    SandboxChanged {
+        /// Its id.
+        id: String,
+    },
     /// A sandbox was removed.
     SandboxRemoved {
         /// Its id.
@@ -88,6 +94,9 @@ pub enum BuildError {
     /// record).
     #[error("stored record: {0}")]
     StoredId(#[from] IdError),
+    /// The blocking task that read the store did not finish (it panicked or was cancelled).
+    #[error("store task: {0}")]
+    Task(String),
     /// A record disappeared while the messages were being built under the lock.
     #[error("{kind} {id} vanished")]
     Vanished {
@@ -109,6 +118,11 @@ pub trait AgentLink: Send + Sync + fmt::Debug {
     fn connected(&self) -> bool;
     /// PEM of the interception CA that sandboxes must trust, once an agent reported it.
     fn ca_certificate(&self) -> Option<String>;
+    /// Sends every connected agent a fresh snapshot of the store (after changes may have been
+    /// missed); resolves once queued.
+    fn resync(&self) -> LinkFuture<'_> {
+        Box::pin(async { Ok(()) })
+    }
     /// Which agents acknowledged which revision of secret `id`.
     fn propagation(&self, _id: &str) -> Propagation {
         Propagation::default()

@@ -40,6 +40,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod store;
+pub use store::{Backend, SYSTEM_CA_FILE, StoreConfig};
+
 /// Errors reading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -86,6 +89,11 @@ pub struct Config {
     pub agent: AgentConfig,
     /// `veil-control run` settings.
     pub run: RunConfig,
+    /// Where control's state lives (sled by default; PostgreSQL for replicas).
+    pub store: StoreConfig,
+    /// The file this configuration was read from (named in errors).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// Sandbox registration rules.
@@ -219,6 +227,8 @@ impl Default for Config {
             sandbox: SandboxConfig::default(),
             agent: AgentConfig::default(),
             run: RunConfig::default(),
+            store: StoreConfig::default(),
+            source: None,
         }
     }
 }
@@ -235,7 +245,7 @@ impl Default for SandboxConfig {
 impl Config {
     /// Reads `path` if given, else the defaults; then validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let config = match path {
+        let mut config = match path {
             None => Self::default(),
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -248,6 +258,7 @@ impl Config {
                 })?
             }
         };
+        config.source = path.map(Path::to_owned);
         config.validate()?;
         Ok(config)
     }
@@ -289,6 +300,7 @@ impl Config {
                 u32::MAX
             )));
         }
+        self.store.validate(self.source.as_deref())?;
         for parent in &self.sandbox.cgroup_parents {
             let trimmed = parent.trim_matches('/');
             if trimmed.is_empty()

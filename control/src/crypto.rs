@@ -251,6 +251,21 @@ impl Keyring {
         &self.active
     }
 
+    /// Every key's id with its fingerprint: a one-way hash (SHA-256 under a domain prefix) that
+    /// tells whether two replicas hold the same key without revealing it.
+    pub fn fingerprints(&self) -> Vec<(String, String)> {
+        use sha2::Digest;
+        self.keys
+            .iter()
+            .map(|(id, key)| {
+                let mut h = sha2::Sha256::new();
+                h.update(b"veil/key-fingerprint/v1\0");
+                h.update(key.as_slice());
+                (id.clone(), hex::encode(h.finalize()))
+            })
+            .collect()
+    }
+
     /// Ids of every key on disk.
     pub fn key_ids(&self) -> Vec<String> {
         self.keys.keys().cloned().collect()

@@ -10,15 +10,69 @@ use anyhow::Context;
 use crate::admin::{self, Admin};
 use crate::agent_link::server::AgentServer;
 use crate::api::{self, AppState};
-use crate::config::Config;
+use crate::config::{Backend, Config, SYSTEM_CA_FILE};
 use crate::crypto::Keyring;
+use crate::fanout;
 use crate::grace;
 use crate::metrics::{Gauges, Metrics};
 use crate::store::Store;
+use crate::store::postgres::{Connection, PgStore};
 use crate::store::sled::SledStore;
 
-/// The opened data dir.
-type Opened = (Arc<dyn Store>, Arc<RwLock<Keyring>>);
+/// The opened data dir: the store, the keys, and (PostgreSQL) how to follow other replicas.
+type Opened = (Arc<dyn Store>, Arc<RwLock<Keyring>>, Option<Shared>);
+
+/// A store shared with other replicas: the connection to follow their changes on, and this
+/// replica's id in the notifications.
+#[derive(Debug)]
+pub struct Shared {
+    /// Connection settings.
+    pub connection: Connection,
+    /// This replica's id.
+    pub replica: String,
+}
+
+/// Opens the configured store: the data dir's sled store, or the PostgreSQL database (schema
+/// migrated; `keyring`, when given, checked against the other replicas' keys). Blocks.
+pub fn open_store(
+    config: &Config,
+    keyring: Option<&Keyring>,
+) -> anyhow::Result<(Arc<dyn Store>, Option<Shared>)> {
+    match config.store.backend {
+        Backend::Sled => {
+            let dir = &config.data_dir;
+            let store = SledStore::open(&dir.join("db")).with_context(|| {
+                format!(
+                    "opening store in {} (is another veil-control running?)",
+                    dir.display()
+                )
+            })?;
+            Ok((Arc::new(store), None))
+        }
+        Backend::Postgres => {
+            let ca = config
+                .store
+                .ca_file
+                .clone()
+                .unwrap_or_else(|| SYSTEM_CA_FILE.into());
+            let connection = Connection::new(config.store.connection()?, &ca)?;
+            let store = PgStore::connect(&connection).context("opening the PostgreSQL store")?;
+            if let Some(keyring) = keyring {
+                store
+                    .check_keys(&keyring.fingerprints())
+                    .context("checking this replica's master keys")?;
+            }
+            let replica = store.replica().to_owned();
+            Ok((
+                Arc::new(store),
+                Some(Shared {
+                    connection,
+                    replica,
+                }),
+            ))
+        }
+    }
+}
 
 /// Opens the data dir: creates it (0700) if new, loads or creates the master key, opens the store.
 pub fn open_data_dir(config: &Config) -> anyhow::Result<Opened> {
@@ -31,18 +85,15 @@ pub fn open_data_dir(config: &Config) -> anyhow::Result<Opened> {
             .with_context(|| format!("creating data dir {}", dir.display()))?;
     }
     let keyring = Keyring::open_or_create(dir).context("opening master keys")?;
-    let store = SledStore::open(&dir.join("db")).with_context(|| {
-        format!(
-            "opening store in {} (is another veil-control running?)",
-            dir.display()
-        )
-    })?;
-    Ok((Arc::new(store), Arc::new(RwLock::new(keyring))))
+    let (store, shared) = open_store(config, Some(&keyring))?;
+    Ok((store, Arc::new(RwLock::new(keyring)), shared))
 }
 
 /// Runs the daemon until a termination signal.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    let (store, keyring) = open_data_dir(&config)?;
+    let opening = config.clone();
+    let (store, keyring, shared) =
+        tokio::task::spawn_blocking(move || open_data_dir(&opening)).await??;
     let admin = Admin {
         store: store.clone(),
         keyring: Some(keyring.clone()),
@@ -77,6 +128,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     )
     .context("starting the agent link")?;
     let agent: Arc<dyn crate::agent_link::AgentLink> = Arc::new(agent);
+    let follower =
+        shared.map(|s| tokio::spawn(fanout::follow(s.connection, s.replica, agent.clone())));
     // At start too: values that passed their grace while the daemon was down go at once.
     let sweeper = tokio::spawn(grace::sweeper(
         store.clone(),
@@ -106,6 +159,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     admin_task.abort();
     agent_task.abort();
     sweeper.abort();
+    if let Some(task) = follower {
+        task.abort();
+    }
     if let Some(task) = metrics_task {
         task.abort();
     }

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod fanout;
 pub mod grace;
 pub mod hostcheck;
 pub mod metrics;

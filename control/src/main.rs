@@ -18,7 +18,6 @@ use veil_control::auth::Permission;
 use veil_control::config::Config;
 use veil_control::crypto::Keyring;
 use veil_control::daemon;
-use veil_control::store::sled::SledStore;
 use veil_sys::LogFormat;
 use zeroize::Zeroizing;
 
@@ -203,22 +202,30 @@ enum SecretCommand {
     },
 }
 
-fn data_dir(local: &LocalArgs) -> anyhow::Result<PathBuf> {
+/// The configuration local administration uses: `--config` (its data dir and store), with
+/// `--data-dir` overriding the data dir.
+fn local_config(local: &LocalArgs) -> anyhow::Result<Config> {
+    let mut config = Config::load(local.config.as_deref())?;
     if let Some(d) = &local.data_dir {
-        return Ok(d.clone());
+        config.data_dir = d.clone();
     }
-    Ok(Config::load(local.config.as_deref())?.data_dir)
+    Ok(config)
 }
 
 /// Runs an admin request through the daemon's socket, or directly on the data dir when no
 /// daemon runs. Retries briefly when the daemon is starting or stopping (store locked).
-async fn local_admin(dir: &Path, request: Request) -> anyhow::Result<Value> {
+async fn local_admin(config: &Config, request: Request) -> anyhow::Result<Value> {
+    let dir = &config.data_dir;
     let mut last_err = None;
     for _ in 0..50 {
         if let Some(v) = admin::request(dir, &request).await? {
             return Ok(v);
         }
-        match open_offline(dir, matches!(request, Request::Rekey | Request::Verify)) {
+        let (c, with_keys) = (
+            config.clone(),
+            matches!(request, Request::Rekey | Request::Verify),
+        );
+        match tokio::task::spawn_blocking(move || open_offline(&c, with_keys)).await? {
             Ok(admin) => {
                 let request = serde_json::to_value(&request)?;
                 let request: Request = serde_json::from_value(request)?;
@@ -231,7 +238,8 @@ async fn local_admin(dir: &Path, request: Request) -> anyhow::Result<Value> {
     Err(last_err.unwrap_or_else(|| anyhow::anyhow!("could not reach the data dir")))
 }
 
-fn open_offline(dir: &Path, with_keys: bool) -> anyhow::Result<Admin> {
+fn open_offline(config: &Config, with_keys: bool) -> anyhow::Result<Admin> {
+    let dir = &config.data_dir;
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -239,19 +247,15 @@ fn open_offline(dir: &Path, with_keys: bool) -> anyhow::Result<Admin> {
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
-    let keyring = if with_keys {
-        Some(Arc::new(RwLock::new(Keyring::open_or_create(dir)?)))
-    } else {
-        None
-    };
-    let store = SledStore::open(&dir.join("db"))
-        .with_context(|| format!("opening store in {}", dir.display()))?;
+    let keyring = with_keys
+        .then(|| Keyring::open_or_create(dir))
+        .transpose()?;
+    let (store, _) = daemon::open_store(config, keyring.as_ref())?;
     Ok(Admin {
-        store: Arc::new(store),
-        keyring,
+        store,
+        keyring: keyring.map(|ring| Arc::new(RwLock::new(ring))),
     })
 }
-
 fn read_value(file: Option<&Path>) -> anyhow::Result<Zeroizing<String>> {
     let mut buf = Zeroizing::new(String::new());
     match file {
@@ -366,8 +370,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 permissions,
                 local,
             } => {
-                let v = local_admin(&data_dir(&local)?, Request::CreateKey { org, permissions })
-                    .await?;
+                let v = local_admin(
+                    &local_config(&local)?,
+                    Request::CreateKey { org, permissions },
+                )
+                .await?;
                 let key = Zeroizing::new(
                     v["key"]
                         .as_str()
@@ -378,16 +385,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             ApikeyCommand::List { local } => {
-                print(&local_admin(&data_dir(&local)?, Request::ListKeys).await?)
+                print(&local_admin(&local_config(&local)?, Request::ListKeys).await?)
             }
             ApikeyCommand::Revoke { id, local } => {
-                local_admin(&data_dir(&local)?, Request::RevokeKey { id }).await?;
+                local_admin(&local_config(&local)?, Request::RevokeKey { id }).await?;
                 Ok(())
             }
         },
-        Command::Rekey { local } => print(&local_admin(&data_dir(&local)?, Request::Rekey).await?),
+        Command::Rekey { local } => {
+            print(&local_admin(&local_config(&local)?, Request::Rekey).await?)
+        }
         Command::Verify { local } => {
-            let v = local_admin(&data_dir(&local)?, Request::Verify).await?;
+            let v = local_admin(&local_config(&local)?, Request::Verify).await?;
             print(&v)?;
             if v["ok"] != json!(true) {
                 bail!("verification failed");

@@ -3,7 +3,9 @@
 //! Records hold only sealed values (see [`crate::crypto`]); the store never sees plaintext.
 
 mod permission;
+pub mod postgres;
 pub mod sled;
+mod values;
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +29,16 @@ pub enum StoreError {
     /// The backend failed.
     #[error("storage backend: {0}")]
     Backend(#[from] ::sled::Error),
+    /// The database failed a statement (the message is the server's, which never holds a
+    /// value: values reach the database sealed).
+    #[error("database: {0}")]
+    Database(String),
+    /// The database cannot be reached now; retrying later may succeed.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database was written by a newer veil-control, or lacks what this one needs.
+    #[error("{0}")]
+    Schema(String),
     /// A record did not encode.
     #[error("storage backend: encode: {0}")]
     Encode(serde_json::Error),
@@ -352,6 +364,21 @@ pub struct AuditRecord {
     pub target_name: Option<String>,
     /// Changed fields: `{field: {"from": …, "to": …}}`, values as `***`.
     pub changes: serde_json::Value,
+}
+
+/// Emits a committed audit entry as a tracing event (`veil::audit`).
+pub(crate) fn emit_audit(a: &AuditRecord) {
+    tracing::info!(
+        target: "veil::audit",
+        seq = a.seq,
+        actor = %a.actor,
+        org = %a.org,
+        action = %a.action,
+        target_type = %a.target_type,
+        target_id = %a.target_id,
+        changes = %a.changes,
+        "audit"
+    );
 }
 
 /// A request for one page of secrets.

@@ -84,6 +84,21 @@ impl Control {
     /// Starts a daemon with this TOML config, `RUST_LOG` filter and extra `serve` arguments
     /// (e.g. `--log-format json`).
     pub fn start_with_args(config: &str, rust_log: &str, args: &[&str]) -> Self {
+        let mut c = Self::prepared(config, rust_log, args);
+        // The free port may be taken between probing and binding: retry on another one.
+        for attempt in 0.. {
+            match c.try_spawn() {
+                Ok(()) => break,
+                Err(e) if attempt < 3 && e.contains("binding 127.0.0.1") => c.port = free_port(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        c
+    }
+
+    /// A daemon set up like [`Control::start_with_args`] but not started: its data dir can be
+    /// prepared first (e.g. a replica's key files); [`Control::ensure_running`] starts it.
+    pub fn prepared(config: &str, rust_log: &str, args: &[&str]) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("veil-control-test-")
             .tempdir()
@@ -101,7 +116,7 @@ impl Control {
             }
         };
         std::fs::write(&config_path, config).expect("write config");
-        let mut c = Self {
+        Self {
             child: None,
             port: free_port(),
             data_dir: tmp.path().join("data"),
@@ -111,16 +126,12 @@ impl Control {
             rust_log: rust_log.to_owned(),
             extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
             _tmp: tmp,
-        };
-        // The free port may be taken between probing and binding: retry on another one.
-        for attempt in 0.. {
-            match c.try_spawn() {
-                Ok(()) => break,
-                Err(e) if attempt < 3 && e.contains("binding 127.0.0.1") => c.port = free_port(),
-                Err(e) => panic!("{e}"),
-            }
         }
-        c
+    }
+
+    /// The config file the daemon reads.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
     }
 
     /// Temp dir holding data dir, config and log.
@@ -223,6 +234,12 @@ impl Control {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// Starts the daemon; an error (with the log) if it exits during start-up.
+    pub fn try_start(&mut self) -> Result<(), String> {
+        self.kill();
+        self.try_spawn()
     }
 
     /// Starts the daemon if it is not running.

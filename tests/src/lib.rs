@@ -44,6 +44,7 @@ pub mod netns;
 pub mod owner;
 pub mod pod;
 pub mod postgres;
+pub mod replicas;
 pub mod request_policy;
 pub mod runcli;
 pub mod sandbox;

@@ -27,16 +27,29 @@ pub use socket::{CA_FILE, ServerError, trusted_peer};
 pub use state::{AgentInfo, AgentServer};
 
 use super::plan::Change;
-use super::{AgentEvent, AgentLink, LinkFuture, Propagation};
+use super::{AgentEvent, AgentLink, BuildError, LinkFuture, Propagation};
 
 impl AgentLink for AgentServer {
     fn notify(&self, event: AgentEvent) -> LinkFuture<'_> {
         Box::pin(async move {
             match &event {
                 AgentEvent::SandboxUpserted(sb) => self.deliver(Change::Sandbox(&sb.id)).await,
-                AgentEvent::SandboxRemoved { id } => self.deliver(Change::Sandbox(id)).await,
+                AgentEvent::SandboxRemoved { id } | AgentEvent::SandboxChanged { id } => {
+                    self.deliver(Change::Sandbox(id)).await
+                }
                 AgentEvent::SecretChanged { id } => self.deliver(Change::Secret(id)).await,
             }
+        })
+    }
+
+    fn resync(&self) -> LinkFuture<'_> {
+        Box::pin(async move {
+            let this = self.clone();
+            let sent = tokio::task::spawn_blocking(move || this.resync())
+                .await
+                .map_err(|e| BuildError::Task(e.to_string()))??;
+            tracing::info!(agents = sent, "agents resynchronised from the store");
+            Ok(())
         })
     }
 

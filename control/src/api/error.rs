@@ -77,7 +77,10 @@ impl ApiError {
             StoreError::NotFound => Self::NotFound(format!("{what} not found")),
             StoreError::Conflict(c) => Self::Conflict(c.to_string()),
             StoreError::Rejected(r) => Self::BadRequest(r.to_string()),
+            e @ StoreError::Unavailable(_) => Self::Unavailable(e.to_string()),
             e @ (StoreError::Backend(_)
+            | StoreError::Database(_)
+            | StoreError::Schema(_)
             | StoreError::Encode(_)
             | StoreError::Seal(_)
             | StoreError::Open(_)

@@ -86,11 +86,14 @@ impl FromRequestParts<AppState> for Caller {
         }
         let key = key.trim();
         let id = auth::key_id(key).ok_or_else(invalid)?;
-        let record = state
-            .store
-            .api_key(id)
-            .map_err(|e| ApiError::from_store(e, "api key"))?
-            .ok_or_else(invalid)?;
+        let (store, key_id) = (state.store.clone(), id.to_owned());
+        let record = blocking(move || {
+            store
+                .api_key(&key_id)
+                .map_err(|e| ApiError::from_store(e, "api key"))
+        })
+        .await?
+        .ok_or_else(invalid)?;
         if !auth::verify(&record, key) {
             return Err(invalid());
         }

@@ -126,7 +126,21 @@ impl AgentServer {
     }
 
     pub(super) async fn deliver(&self, change: Change<'_>) -> Result<(), AgentLinkError> {
-        let waits = self.dispatch(change)?;
+        // The messages are built from the store under the link's lock: off the async workers.
+        let this = self.clone();
+        let (secret, id) = match change {
+            Change::Secret(id) => (true, id.to_owned()),
+            Change::Sandbox(id) => (false, id.to_owned()),
+        };
+        let waits = tokio::task::spawn_blocking(move || {
+            this.dispatch(if secret {
+                Change::Secret(&id)
+            } else {
+                Change::Sandbox(&id)
+            })
+        })
+        .await
+        .map_err(|e| BuildError::Task(e.to_string()))??;
         if waits.is_empty() {
             return Ok(());
         }

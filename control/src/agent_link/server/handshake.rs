@@ -85,7 +85,12 @@ impl AgentServer {
             connected_since: now_ms(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel::<ControlMsg>();
-        let conn = match self.admit(info.clone(), ca_pem, tx) {
+        // The snapshot is read from the store: off the async workers.
+        let (this, admitted) = (self.clone(), info.clone());
+        let admitted = tokio::task::spawn_blocking(move || this.admit(admitted, ca_pem, tx))
+            .await
+            .unwrap_or_else(|e| Err(crate::agent_link::BuildError::Task(e.to_string()).into()));
+        let conn = match admitted {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::error!(agent_id = %info.agent_id, error = %e, "cannot build the agent snapshot");

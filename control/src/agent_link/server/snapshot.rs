@@ -8,21 +8,21 @@ use tokio::sync::mpsc;
 use veil_link::{ControlMsg, IdError, Revision, SecretId};
 
 use super::socket::save_ca;
-use super::state::{Agent, AgentInfo, AgentServer, Holds, Pending, stored_id};
+use super::state::{Agent, AgentInfo, AgentServer, Holds, LinkState, Pending, stored_id};
 use crate::agent_link::plan::RegistryView;
 use crate::agent_link::unseal::{unseal_for_agent, unseal_retired_for_agent};
 use crate::agent_link::{AgentLinkError, BuildError};
 
+/// A snapshot built from one view of the registry, and what the agent holds once applied.
+struct Built {
+    sandboxes: Vec<veil_link::SandboxState>,
+    secrets: Vec<veil_link::SecretState>,
+    acks: Vec<(SecretId, Revision)>,
+    held: crate::agent_link::plan::Held,
+}
+
 impl AgentServer {
-    /// Registers a Hello'd agent and queues its snapshot, atomically with respect to changes.
-    pub(super) fn admit(
-        &self,
-        info: AgentInfo,
-        ca_pem: String,
-        tx: mpsc::UnboundedSender<ControlMsg>,
-    ) -> Result<u64, AgentLinkError> {
-        let mut st = self.lock();
-        let view = RegistryView::load(self.inner.store.as_ref()).map_err(BuildError::from)?;
+    fn build(&self, view: &RegistryView) -> Result<Built, AgentLinkError> {
         let mut secrets = Vec::with_capacity(view.mounted.len() + view.retired.len());
         {
             let ring = self.ring()?;
@@ -38,12 +38,71 @@ impl AgentServer {
             .values()
             .map(|sb| view.sandbox_state(sb).map_err(stored_id))
             .collect::<Result<Vec<_>, _>>()?;
-        let held = view
+        let acks = view
             .held()
             .into_iter()
             .map(|(id, stamp)| Ok((SecretId::parse(id)?, Revision(stamp.revision))))
             .collect::<Result<Vec<_>, IdError>>()
             .map_err(stored_id)?;
+        Ok(Built {
+            sandboxes,
+            secrets,
+            acks,
+            held: view.held(),
+        })
+    }
+
+    /// Sends every connected agent a fresh snapshot of the store (after this replica may have
+    /// missed changes: its database connection was lost); each agent reconciles to exactly it.
+    /// Blocks on the store: call from a blocking thread.
+    pub fn resync(&self) -> Result<usize, AgentLinkError> {
+        let mut st = self.lock();
+        if st.agents.is_empty() {
+            return Ok(0);
+        }
+        let view = RegistryView::load(self.inner.store.as_ref()).map_err(BuildError::from)?;
+        let built = self.build(&view)?;
+        let LinkState {
+            agents, next_seq, ..
+        } = &mut *st;
+        for agent in agents.values_mut() {
+            let seq = *next_seq;
+            *next_seq += 1;
+            let _ = agent.tx.send(ControlMsg::Snapshot {
+                guarded: self.inner.guarded.clone(),
+                seq,
+                sandboxes: built.sandboxes.clone(),
+                secrets: built.secrets.clone(),
+            });
+            agent.pending.insert(
+                seq,
+                Pending {
+                    done: None,
+                    secret: None,
+                    holds: Holds::Exactly(built.acks.clone()),
+                },
+            );
+            agent.held = built.held.clone();
+        }
+        Ok(agents.len())
+    }
+
+    /// Registers a Hello'd agent and queues its snapshot, atomically with respect to changes.
+    /// Blocks on the store: call from a blocking thread.
+    pub(super) fn admit(
+        &self,
+        info: AgentInfo,
+        ca_pem: String,
+        tx: mpsc::UnboundedSender<ControlMsg>,
+    ) -> Result<u64, AgentLinkError> {
+        let mut st = self.lock();
+        let view = RegistryView::load(self.inner.store.as_ref()).map_err(BuildError::from)?;
+        let Built {
+            sandboxes,
+            secrets,
+            acks: held,
+            held: view_held,
+        } = self.build(&view)?;
         let seq = st.next_seq;
         st.next_seq += 1;
         let conn = st.next_conn;
@@ -84,7 +143,7 @@ impl AgentServer {
             Agent {
                 info,
                 tx,
-                held: view.held(),
+                held: view_held,
                 pending,
             },
         );

@@ -201,17 +201,6 @@ impl SledStore {
 
     /// Emits a committed audit entry as a tracing event.
     pub(super) fn emit(pending: &PendingAudit) {
-        let a = &pending.record;
-        tracing::info!(
-            target: "veil::audit",
-            seq = a.seq,
-            actor = %a.actor,
-            org = %a.org,
-            action = %a.action,
-            target_type = %a.target_type,
-            target_id = %a.target_id,
-            changes = %a.changes,
-            "audit"
-        );
+        crate::store::emit_audit(&pending.record);
     }
 }

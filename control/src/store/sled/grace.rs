@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use super::db::{SledStore, backend, dec, enc};
 use crate::crypto::Sealed;
+use crate::store::values::{expire, min_opt, reseal_value, strictly_older};
 use crate::store::{PreviousValue, SealedRef, SecretRecord, StoreError, Swept, TombstoneRecord};
 
 /// Every tombstone.
@@ -14,26 +15,6 @@ pub(super) fn tombstones(store: &SledStore) -> Result<Vec<TombstoneRecord>, Stor
         .iter()
         .map(|r| dec("tombstones", &r.map_err(backend)?.1))
         .collect()
-}
-
-/// Re-seals `v` if its key is not `active_key`; returns whether it changed.
-fn reseal_value(
-    org: &str,
-    secret_id: &str,
-    v: &mut PreviousValue,
-    active_key: &str,
-    reseal: &mut dyn FnMut(SealedRef<'_>) -> Result<Sealed, StoreError>,
-) -> Result<bool, StoreError> {
-    if v.sealed.key_id == active_key {
-        return Ok(false);
-    }
-    v.sealed = reseal(SealedRef {
-        org,
-        secret_id,
-        revision: v.revision,
-        sealed: &v.sealed,
-    })?;
-    Ok(true)
 }
 
 /// Re-seals every value not under `active_key`, record by record (see [`crate::store::Store::reseal_all`]).
@@ -107,13 +88,6 @@ pub(super) fn key_ids_in_use(store: &SledStore) -> Result<Vec<String>, StoreErro
     Ok(ids.into_iter().collect())
 }
 
-/// Keeps the values replaced after `cutoff`; returns how many were dropped.
-fn expire(values: &mut Vec<PreviousValue>, cutoff: i64) -> usize {
-    let before = values.len();
-    values.retain(|v| v.replaced_at > cutoff);
-    before - values.len()
-}
-
 /// Drops values replaced at or before `cutoff` (see [`crate::store::Store::sweep_grace`]).
 pub(super) fn sweep(store: &SledStore, cutoff: i64) -> Result<Swept, StoreError> {
     let mut swept = Swept::default();
@@ -179,13 +153,6 @@ pub(super) fn sweep(store: &SledStore, cutoff: i64) -> Result<Swept, StoreError>
     Ok(swept)
 }
 
-fn min_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
 /// Tombstones that contradict the secrets, and value lists out of shape.
 pub(super) fn check_consistency(store: &SledStore) -> Result<Vec<String>, StoreError> {
     let mut problems = Vec::new();
@@ -215,14 +182,4 @@ pub(super) fn check_consistency(store: &SledStore) -> Result<Vec<String>, StoreE
         }
     }
     Ok(problems)
-}
-
-/// Whether the revisions of `values` are below `revision` and strictly decreasing.
-fn strictly_older(revision: u64, values: &[PreviousValue]) -> bool {
-    let mut above = revision;
-    values.iter().all(|v| {
-        let ok = v.revision < above;
-        above = v.revision;
-        ok
-    })
 }

@@ -1,0 +1,151 @@
+//! Sandboxes: rows keyed by id, one sandbox per cgroup.
+
+use super::db::{Changed, PgStore, Writer, db_err, dec, enc, violated};
+use crate::store::{AuditRecord, Conflict, Rejected, SandboxChange, SandboxRecord, StoreError};
+
+const TABLE: &str = "sandboxes";
+
+async fn locked(w: &Writer<'_>, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
+    match w
+        .tx
+        .query_opt("SELECT doc FROM sandboxes WHERE id = $1 FOR UPDATE", &[&id])
+        .await
+        .map_err(db_err)?
+    {
+        Some(row) => Ok(Some(dec(TABLE, row.get(0))?)),
+        None => Ok(None),
+    }
+}
+
+/// Writes `sandbox` (insert or replace) inside `w`.
+async fn write(w: &Writer<'_>, sandbox: &SandboxRecord, meanwhile: bool) -> Result<(), StoreError> {
+    w.execute(
+        "INSERT INTO sandboxes (id, org, cgroup, doc) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (id) DO UPDATE SET org = EXCLUDED.org, cgroup = EXCLUDED.cgroup, \
+         doc = EXCLUDED.doc",
+        &[
+            &sandbox.id.as_str(),
+            &sandbox.org.as_str(),
+            &sandbox.cgroup.as_str(),
+            &enc(sandbox)?,
+        ],
+    )
+    .await
+    .map_err(|e| match violated(&e) {
+        Some("sandboxes_cgroup") if meanwhile => {
+            StoreError::Conflict(Conflict::CgroupMeanwhile(sandbox.cgroup.to_string()))
+        }
+        Some("sandboxes_cgroup") => {
+            StoreError::Conflict(Conflict::Cgroup(sandbox.cgroup.to_string()))
+        }
+        _ => db_err(e),
+    })?;
+    Ok(())
+}
+
+pub(super) async fn put(
+    store: &PgStore,
+    sandbox: &SandboxRecord,
+    audit: AuditRecord,
+) -> Result<bool, StoreError> {
+    let mut client = store.client().await?;
+    let mut w = Writer::begin(&mut client, &store.replica).await?;
+    let old = locked(&w, sandbox.id.as_str()).await?;
+    if let Some(old) = &old
+        && old.org != sandbox.org
+    {
+        return Err(StoreError::NotFound);
+    }
+    write(&w, sandbox, false).await?;
+    w.audit(audit).await?;
+    w.notify(Changed::Sandbox(sandbox.id.to_string()));
+    w.commit().await?;
+    Ok(old.is_none())
+}
+
+pub(super) async fn list(store: &PgStore) -> Result<Vec<SandboxRecord>, StoreError> {
+    store
+        .docs(
+            TABLE,
+            "SELECT doc FROM sandboxes ORDER BY id COLLATE \"C\"",
+            &[],
+        )
+        .await
+}
+
+pub(super) async fn get(store: &PgStore, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
+    store
+        .doc(TABLE, "SELECT doc FROM sandboxes WHERE id = $1", &[&id])
+        .await
+}
+
+pub(super) async fn update(
+    store: &PgStore,
+    org: &str,
+    id: &str,
+    change: SandboxChange<'_>,
+) -> Result<SandboxRecord, StoreError> {
+    let mut client = store.client().await?;
+    let mut w = Writer::begin(&mut client, &store.replica).await?;
+    let old = locked(&w, id)
+        .await?
+        .filter(|s| s.org.as_str() == org)
+        .ok_or(StoreError::NotFound)?;
+    let (new, audit) = change(&old)?;
+    if new.cgroup != old.cgroup || new.id != old.id || new.org != old.org {
+        return Err(StoreError::Rejected(Rejected::Identity));
+    }
+    write(&w, &new, false).await?;
+    w.audit(audit).await?;
+    w.notify(Changed::Sandbox(new.id.to_string()));
+    w.commit().await?;
+    Ok(new)
+}
+
+pub(super) async fn delete(
+    store: &PgStore,
+    org: &str,
+    id: &str,
+    audit: AuditRecord,
+) -> Result<(), StoreError> {
+    let mut client = store.client().await?;
+    let mut w = Writer::begin(&mut client, &store.replica).await?;
+    locked(&w, id)
+        .await?
+        .filter(|s| s.org.as_str() == org)
+        .ok_or(StoreError::NotFound)?;
+    w.execute("DELETE FROM sandboxes WHERE id = $1", &[&id])
+        .await
+        .map_err(db_err)?;
+    w.audit(audit).await?;
+    w.notify(Changed::Sandbox(id.to_owned()));
+    w.commit().await
+}
+
+pub(super) async fn restore(
+    store: &PgStore,
+    written: &SandboxRecord,
+    previous: Option<&SandboxRecord>,
+    audit: AuditRecord,
+) -> Result<bool, StoreError> {
+    let mut client = store.client().await?;
+    let mut w = Writer::begin(&mut client, &store.replica).await?;
+    if locked(&w, written.id.as_str()).await?.as_ref() != Some(written) {
+        return Ok(false);
+    }
+    match previous {
+        Some(prev) => write(&w, prev, true).await?,
+        None => {
+            w.execute(
+                "DELETE FROM sandboxes WHERE id = $1",
+                &[&written.id.as_str()],
+            )
+            .await
+            .map_err(db_err)?;
+        }
+    }
+    w.audit(audit).await?;
+    w.notify(Changed::Sandbox(written.id.to_string()));
+    w.commit().await?;
+    Ok(true)
+}
