@@ -5,7 +5,10 @@ use std::collections::BTreeSet;
 
 use super::db::{SledStore, backend, dec, enc};
 use crate::crypto::Sealed;
-use crate::store::{PreviousValue, SealedRef, SecretRecord, StoreError, Swept, TombstoneRecord};
+use crate::store::{
+    OrgId, PreviousValue, Revision, SealedRef, SecretId, SecretRecord, StoreError, Swept,
+    TombstoneRecord,
+};
 
 /// Every tombstone.
 pub(super) fn tombstones(store: &SledStore) -> Result<Vec<TombstoneRecord>, StoreError> {
@@ -18,8 +21,8 @@ pub(super) fn tombstones(store: &SledStore) -> Result<Vec<TombstoneRecord>, Stor
 
 /// Re-seals `v` if its key is not `active_key`; returns whether it changed.
 fn reseal_value(
-    org: &str,
-    secret_id: &str,
+    org: &OrgId,
+    secret_id: &SecretId,
     v: &mut PreviousValue,
     active_key: &str,
     reseal: &mut dyn FnMut(SealedRef<'_>) -> Result<Sealed, StoreError>,
@@ -202,7 +205,7 @@ pub(super) fn check_consistency(store: &SledStore) -> Result<Vec<String>, StoreE
     for t in tombstones(store)? {
         if store
             .secrets
-            .contains_key(t.id.as_bytes())
+            .contains_key(t.id.as_str().as_bytes())
             .map_err(backend)?
         {
             problems.push(format!("tombstone {}: the secret still exists", t.id));
@@ -218,7 +221,7 @@ pub(super) fn check_consistency(store: &SledStore) -> Result<Vec<String>, StoreE
 }
 
 /// Whether the revisions of `values` are below `revision` and strictly decreasing.
-fn strictly_older(revision: u64, values: &[PreviousValue]) -> bool {
+fn strictly_older(revision: Revision, values: &[PreviousValue]) -> bool {
     let mut above = revision;
     values.iter().all(|v| {
         let ok = v.revision < above;
