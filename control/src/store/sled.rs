@@ -6,6 +6,8 @@
 //! `sandboxes`, `usage`, and `grace` (rotated-out values, tombstones, rekey, sweep); the
 //! [`Store`] implementation here delegates to them.
 
+#[cfg(test)]
+mod compat;
 mod db;
 mod grace;
 mod sandboxes;
