@@ -17,10 +17,10 @@ use zeroize::Zeroizing;
 use crate::auth::{self, Permission};
 use crate::crypto::{CryptoError, Keyring, RecordBinding};
 use crate::store::{
-    ApiKeyRecord, AuditRecord, PreviousValue, SealedRef, SecretRecord, Store, StoreError,
+    ApiKeyRecord, AuditRecord, OrgId, PreviousValue, Revision, SealedRef, SecretId, SecretRecord,
+    Store, StoreError,
 };
 use crate::timefmt::{now_ms, rfc3339};
-use crate::validate;
 
 /// Name of the admin socket inside the data dir.
 pub const SOCKET_NAME: &str = "admin.sock";
@@ -77,7 +77,7 @@ pub struct KeyInfo {
     /// Key id.
     pub id: String,
     /// Organization.
-    pub org: String,
+    pub org: OrgId,
     /// Permissions.
     pub permissions: Vec<Permission>,
     /// Creation time (RFC 3339).
@@ -99,13 +99,13 @@ pub struct RekeyReport {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VerifiedSecret {
     /// Secret id.
-    pub id: String,
+    pub id: SecretId,
     /// Organization.
-    pub org: String,
+    pub org: OrgId,
     /// Name.
     pub name: String,
     /// Value revision (for a deleted secret: the revision of its deletion).
-    pub revision: u64,
+    pub revision: Revision,
     /// Key that seals it.
     pub key_id: String,
     /// Whether it opened under its record binding.
@@ -119,7 +119,7 @@ pub struct VerifiedSecret {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VerifiedValue {
     /// The revision it was sealed under.
-    pub revision: u64,
+    pub revision: Revision,
     /// Key that seals it.
     pub key_id: String,
     /// Whether it opened under its record binding.
@@ -169,8 +169,8 @@ fn sealed_binding<'a>(v: &SealedRef<'a>) -> RecordBinding<'a> {
 /// Opens each earlier value of secret `id` (discarding the plaintext).
 fn verify_values(
     ring: &Keyring,
-    org: &str,
-    id: &str,
+    org: &OrgId,
+    id: &SecretId,
     values: &[PreviousValue],
 ) -> Vec<VerifiedValue> {
     values
@@ -213,7 +213,7 @@ impl Admin {
         org: &str,
         permissions: &[Permission],
     ) -> Result<Zeroizing<String>, AdminError> {
-        validate::org_name(org).map_err(AdminError::Invalid)?;
+        let org = OrgId::parse(org).map_err(|e| AdminError::Invalid(e.to_string()))?;
         if permissions.is_empty() {
             return Err(AdminError::Invalid(
                 "at least one --permission is required".into(),
@@ -225,13 +225,13 @@ impl Admin {
         let new = auth::generate_key();
         let record = ApiKeyRecord {
             id: new.id.clone(),
-            org: org.to_owned(),
+            org: org.clone(),
             permissions: permissions.clone(),
             hash: new.hash.clone(),
             created_at: now_ms(),
         };
         let audit = local_audit(
-            org,
+            org.as_str(),
             "apikey.create",
             &new.id,
             json!({"permissions": {"to": permissions}}),
@@ -518,29 +518,30 @@ mod tests {
             store: store.clone(),
             keyring: Some(ring.clone()),
         };
+        let acme = OrgId::parse("acme").unwrap();
         let seal = |id: &str, revision: u64| {
             let binding = RecordBinding {
-                org: "acme",
-                secret_id: id,
-                revision,
+                org: &acme,
+                secret_id: &SecretId::parse(id).unwrap(),
+                revision: Revision(revision),
             };
             ring.read().unwrap().seal(binding, b"v").unwrap()
         };
         let record = |id: &str| SecretRecord {
-            id: id.into(),
-            org: "acme".into(),
+            id: SecretId::parse(id).unwrap(),
+            org: acme.clone(),
             name: format!("n-{id}"),
             description: None,
             hosts: vec![],
             placeholder: format!("ph-{id}"),
             created_at: 0,
             updated_at: 0,
-            revision: 2,
+            revision: Revision(2),
             sealed: seal(id, 2),
             body_substitution: false,
             wrong_host: Default::default(),
             previous: vec![PreviousValue {
-                revision: 1,
+                revision: Revision(1),
                 sealed: seal(id, 1),
                 replaced_at: 0,
             }],
@@ -554,11 +555,11 @@ mod tests {
             name: gone.name.clone(),
             placeholder: gone.placeholder.clone(),
             hosts: vec![],
-            revision: 3,
+            revision: Revision(3),
             deleted_at: 0,
             values: vec![
                 PreviousValue {
-                    revision: 2,
+                    revision: Revision(2),
                     sealed: gone.sealed.clone(),
                     replaced_at: 0,
                 },
@@ -566,7 +567,7 @@ mod tests {
             ],
         };
         store
-            .delete_secret("acme", "gone", &mut |_| (audit(), Some(tombstone.clone())))
+            .delete_secret(&acme, &gone.id, &mut |_| (audit(), Some(tombstone.clone())))
             .unwrap();
         let report = admin.verify().unwrap();
         assert!(report.ok, "{report:?}");

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use veil_link::{AgentId, IdError, Revision};
+use veil_link::{AgentId, Revision, SandboxId, SecretId};
 
 use crate::crypto::CryptoError;
 use crate::store::{SandboxRecord, StoreError};
@@ -28,17 +28,17 @@ pub enum AgentEvent {
     /// removed: the agents get what the store holds now).
     SandboxChanged {
         /// Its id.
-        id: String,
+        id: SandboxId,
     },
     /// A sandbox was removed.
     SandboxRemoved {
         /// Its id.
-        id: String,
+        id: SandboxId,
     },
     /// A secret's value, hosts, description or existence changed.
     SecretChanged {
         /// Its id.
-        id: String,
+        id: SecretId,
     },
 }
 
@@ -73,9 +73,9 @@ pub enum BuildError {
     #[error("secret {id} revision {revision}: {source}")]
     Unseal {
         /// The secret.
-        id: String,
+        id: SecretId,
         /// The revision the value was sealed under.
-        revision: u64,
+        revision: Revision,
         /// Why.
         source: CryptoError,
     },
@@ -83,17 +83,13 @@ pub enum BuildError {
     #[error("secret {id} revision {revision}: value is not UTF-8")]
     NotUtf8 {
         /// The secret.
-        id: String,
+        id: SecretId,
         /// The revision the value was sealed under.
-        revision: u64,
+        revision: Revision,
     },
     /// No value of a deleted secret opens.
     #[error("deleted secret {0}: no value opens")]
-    NoRetiredValue(String),
-    /// A stored id is not a valid link id (control validated it when it stored it: a corrupt
-    /// record).
-    #[error("stored record: {0}")]
-    StoredId(#[from] IdError),
+    NoRetiredValue(SecretId),
     /// The blocking task that read the store did not finish (it panicked or was cancelled).
     #[error("store task: {0}")]
     Task(String),
@@ -124,12 +120,17 @@ pub trait AgentLink: Send + Sync + fmt::Debug {
         Box::pin(async { Ok(()) })
     }
     /// Which agents acknowledged which revision of secret `id`.
-    fn propagation(&self, _id: &str) -> Propagation {
+    fn propagation(&self, _id: &SecretId) -> Propagation {
         Propagation::default()
     }
     /// Resolves once no agent may still use a revision of secret `id` older than `revision`
     /// (see [`Propagation::pending`]); `NoAck` naming the pending agents after `timeout`.
-    fn wait_acked(&self, _id: &str, _revision: u64, _timeout: Duration) -> LinkFuture<'_> {
+    fn wait_acked(
+        &self,
+        _id: &SecretId,
+        _revision: Revision,
+        _timeout: Duration,
+    ) -> LinkFuture<'_> {
         Box::pin(async { Ok(()) })
     }
 }

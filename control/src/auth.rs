@@ -81,7 +81,7 @@ mod tests {
         assert_eq!(key_id(&k.key), Some(k.id.as_str()));
         let rec = ApiKeyRecord {
             id: k.id.clone(),
-            org: "o".into(),
+            org: veil_link::OrgId::parse("o").unwrap(),
             permissions: vec![],
             hash: k.hash.clone(),
             created_at: 0,

@@ -22,6 +22,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
+use veil_link::{OrgId, Revision, SecretId};
 use zeroize::Zeroizing;
 
 /// Length of a master key in bytes.
@@ -94,22 +95,25 @@ impl fmt::Debug for Sealed {
 #[derive(Clone, Copy, Debug)]
 pub struct RecordBinding<'a> {
     /// Owning organization.
-    pub org: &'a str,
+    pub org: &'a OrgId,
     /// Secret id.
-    pub secret_id: &'a str,
+    pub secret_id: &'a SecretId,
     /// Value revision (bumped on every value change).
-    pub revision: u64,
+    pub revision: Revision,
 }
 
 impl RecordBinding<'_> {
+    /// The associated data: the ids' text and the revision's number, exactly as when they were
+    /// plain strings and integers, so every value sealed before the newtypes still opens.
     fn aad(&self) -> Vec<u8> {
-        let mut aad = Vec::with_capacity(32 + self.org.len() + self.secret_id.len());
+        let (org, secret_id) = (self.org.as_str(), self.secret_id.as_str());
+        let mut aad = Vec::with_capacity(32 + org.len() + secret_id.len());
         aad.extend_from_slice(b"veil/secret/v1");
-        for part in [self.org.as_bytes(), self.secret_id.as_bytes()] {
+        for part in [org.as_bytes(), secret_id.as_bytes()] {
             aad.extend_from_slice(&(part.len() as u64).to_be_bytes());
             aad.extend_from_slice(part);
         }
-        aad.extend_from_slice(&self.revision.to_be_bytes());
+        aad.extend_from_slice(&self.revision.0.to_be_bytes());
         aad
     }
 }
@@ -373,12 +377,32 @@ impl Keyring {
 mod tests {
     use super::*;
 
+    fn ids(org: &str, secret_id: &str) -> (&'static OrgId, &'static SecretId) {
+        (
+            Box::leak(Box::new(OrgId::parse(org).unwrap())),
+            Box::leak(Box::new(SecretId::parse(secret_id).unwrap())),
+        )
+    }
+
     fn binding(rev: u64) -> RecordBinding<'static> {
+        let (org, secret_id) = ids("acme", "s1");
         RecordBinding {
-            org: "acme",
-            secret_id: "s1",
-            revision: rev,
+            org,
+            secret_id,
+            revision: Revision(rev),
         }
+    }
+
+    #[test]
+    fn the_binding_is_the_bytes_of_the_text_ids_and_the_revision() {
+        // Pinned: a change here makes every stored value unopenable.
+        let mut want = b"veil/secret/v1".to_vec();
+        want.extend_from_slice(&4u64.to_be_bytes());
+        want.extend_from_slice(b"acme");
+        want.extend_from_slice(&2u64.to_be_bytes());
+        want.extend_from_slice(b"s1");
+        want.extend_from_slice(&7u64.to_be_bytes());
+        assert_eq!(binding(7).aad(), want);
     }
 
     #[test]
@@ -394,16 +418,18 @@ mod tests {
             ring.open(binding(2), &sealed),
             Err(CryptoError::Open)
         ));
+        let (org, secret_id) = ids("acme", "s2");
         let other = RecordBinding {
-            org: "acme",
-            secret_id: "s2",
-            revision: 1,
+            org,
+            secret_id,
+            revision: Revision(1),
         };
         assert!(matches!(ring.open(other, &sealed), Err(CryptoError::Open)));
+        let (org, secret_id) = ids("evil", "s1");
         let other_org = RecordBinding {
-            org: "evil",
-            secret_id: "s1",
-            revision: 1,
+            org,
+            secret_id,
+            revision: Revision(1),
         };
         assert!(matches!(
             ring.open(other_org, &sealed),

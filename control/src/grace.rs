@@ -14,7 +14,7 @@ use std::time::Duration;
 use veil_link::MAX_PREVIOUS_VALUES;
 
 use crate::agent_link::{AgentEvent, AgentLink, AgentLinkError};
-use crate::store::{PreviousValue, SecretRecord, Store, TombstoneRecord};
+use crate::store::{PreviousValue, SecretId, SecretRecord, Store, TombstoneRecord};
 use crate::timefmt::now_ms;
 
 /// Longest pause between two sweeps (so a clock change or an added value is seen in time).
@@ -88,7 +88,7 @@ pub fn tombstone(old: &SecretRecord, now: i64, grace: Duration) -> Option<Tombst
         name: old.name.clone(),
         placeholder: old.placeholder.clone(),
         hosts: old.hosts.clone(),
-        revision: old.revision + 1,
+        revision: old.revision.next(),
         deleted_at: now,
         values,
     })
@@ -147,7 +147,7 @@ pub async fn sweeper(store: Arc<dyn Store>, agent: Arc<dyn AgentLink>, grace: Du
 
 /// Sends the secret's new state (fewer values, or no tombstone) to the agents; one that does not
 /// acknowledge converges from the store when it reconnects.
-async fn tell_agents(agent: &dyn AgentLink, id: String) {
+async fn tell_agents(agent: &dyn AgentLink, id: SecretId) {
     match agent
         .notify(AgentEvent::SecretChanged { id: id.clone() })
         .await
@@ -161,6 +161,7 @@ async fn tell_agents(agent: &dyn AgentLink, id: String) {
 mod tests {
     use super::*;
     use crate::crypto::Sealed;
+    use crate::store::{OrgId, Revision};
 
     const H: Duration = Duration::from_secs(3600);
     const H_MS: i64 = 3_600_000;
@@ -175,7 +176,7 @@ mod tests {
 
     fn prev(revision: u64, replaced_at: i64) -> PreviousValue {
         PreviousValue {
-            revision,
+            revision: Revision(revision),
             sealed: sealed(&format!("r{revision}")),
             replaced_at,
         }
@@ -183,15 +184,15 @@ mod tests {
 
     fn record(revision: u64, previous: Vec<PreviousValue>) -> SecretRecord {
         SecretRecord {
-            id: "s1".into(),
-            org: "acme".into(),
+            id: SecretId::parse("s1").unwrap(),
+            org: OrgId::parse("acme").unwrap(),
             name: "n".into(),
             description: None,
             hosts: vec!["api.test".into()],
             placeholder: "ph".into(),
             created_at: 0,
             updated_at: 0,
-            revision,
+            revision: Revision(revision),
             sealed: sealed(&format!("r{revision}")),
             body_substitution: false,
             wrong_host: Default::default(),
@@ -200,7 +201,7 @@ mod tests {
     }
 
     fn revisions(values: &[PreviousValue]) -> Vec<u64> {
-        values.iter().map(|v| v.revision).collect()
+        values.iter().map(|v| v.revision.0).collect()
     }
 
     #[test]
@@ -269,7 +270,7 @@ mod tests {
 
     /// Records the changes it is told about.
     #[derive(Debug, Default)]
-    struct Recorder(std::sync::Mutex<Vec<String>>);
+    struct Recorder(std::sync::Mutex<Vec<SecretId>>);
 
     impl AgentLink for Recorder {
         fn notify(&self, event: AgentEvent) -> crate::agent_link::LinkFuture<'_> {
@@ -307,7 +308,7 @@ mod tests {
         let now = now_ms();
         // Expired while the daemon was down, and one due a second from now.
         let mut stale = record(2, vec![prev(1, now - 5_000)]);
-        stale.id = "stale".into();
+        stale.id = SecretId::parse("stale").unwrap();
         stale.placeholder = "ph-stale".into();
         let mut fresh = record(2, vec![prev(1, now)]);
         fresh.name = "fresh".into();
@@ -332,7 +333,8 @@ mod tests {
             "the expired one at once, then the other"
         );
         for id in ["stale", "s1"] {
-            let s = store.secret("acme", id).unwrap().unwrap();
+            let (acme, id) = (OrgId::parse("acme").unwrap(), SecretId::parse(id).unwrap());
+            let s = store.secret(&acme, &id).unwrap().unwrap();
             assert!(s.previous.is_empty(), "{id}");
         }
         // With the grace off, one sweep and the task ends.

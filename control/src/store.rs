@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{CryptoError, Sealed};
 use crate::paginate::{Cursor, Order, SortField};
 pub use permission::{Permission, UnknownPermission};
-pub use veil_link::{Egress, WrongHost};
+pub use veil_link::{Egress, OrgId, Revision, SandboxId, SecretId, WrongHost};
 
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +52,9 @@ pub enum StoreError {
     #[error("storage backend: open secret {secret_id} revision {revision}: {source}")]
     OpenSecret {
         /// The secret.
-        secret_id: String,
+        secret_id: SecretId,
         /// The revision the value was sealed under.
-        revision: u64,
+        revision: Revision,
         /// Why.
         source: CryptoError,
     },
@@ -106,7 +106,7 @@ pub enum Rejected {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OrgRecord {
     /// Organization name (its id).
-    pub name: String,
+    pub name: OrgId,
     /// Creation time, ms since the epoch.
     pub created_at: i64,
 }
@@ -117,7 +117,7 @@ pub struct ApiKeyRecord {
     /// Public key id (part of the key string).
     pub id: String,
     /// Owning organization.
-    pub org: String,
+    pub org: OrgId,
     /// Granted permissions.
     pub permissions: Vec<Permission>,
     /// Hex SHA-256 of the full key.
@@ -130,9 +130,9 @@ pub struct ApiKeyRecord {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SecretRecord {
     /// Globally unique id.
-    pub id: String,
+    pub id: SecretId,
     /// Owning organization.
-    pub org: String,
+    pub org: OrgId,
     /// Name, unique per organization.
     pub name: String,
     /// Optional description.
@@ -146,7 +146,7 @@ pub struct SecretRecord {
     /// Last update time, ms since the epoch.
     pub updated_at: i64,
     /// Revision, bumped on every change of the secret; part of the ciphertext binding.
-    pub revision: u64,
+    pub revision: Revision,
     /// The sealed value.
     pub sealed: Sealed,
     /// Whether placeholders in request bodies are replaced too (issue 6; records written
@@ -166,7 +166,7 @@ pub struct SecretRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreviousValue {
     /// The revision it was sealed under (its ciphertext binding; unique within the secret).
-    pub revision: u64,
+    pub revision: Revision,
     /// The sealed value.
     pub sealed: Sealed,
     /// When it stopped being the secret's value, ms since the epoch; the grace counts from here.
@@ -178,9 +178,9 @@ pub struct PreviousValue {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TombstoneRecord {
     /// The deleted secret's id.
-    pub id: String,
+    pub id: SecretId,
     /// Its organization.
-    pub org: String,
+    pub org: OrgId,
     /// Its name (for messages; a new secret may take it at once).
     pub name: String,
     /// Its placeholder.
@@ -188,7 +188,7 @@ pub struct TombstoneRecord {
     /// Its host patterns: connections to them stay intercepted so responses are scrubbed.
     pub hosts: Vec<String>,
     /// The secret's last revision + 1: agents acknowledge the deletion like a change.
-    pub revision: u64,
+    pub revision: Revision,
     /// When the secret was deleted, ms since the epoch.
     pub deleted_at: i64,
     /// Its last value (replaced at `deleted_at`), then its previous ones; newest first.
@@ -199,11 +199,11 @@ pub struct TombstoneRecord {
 #[derive(Clone, Copy, Debug)]
 pub struct SealedRef<'a> {
     /// Owning organization.
-    pub org: &'a str,
+    pub org: &'a OrgId,
     /// Secret id.
-    pub secret_id: &'a str,
+    pub secret_id: &'a SecretId,
     /// The revision it was sealed under.
-    pub revision: u64,
+    pub revision: Revision,
     /// The sealed value.
     pub sealed: &'a Sealed,
 }
@@ -212,7 +212,7 @@ pub struct SealedRef<'a> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Swept {
     /// Secrets and tombstones that lost values (tombstones possibly removed), by id.
-    pub changed: Vec<String>,
+    pub changed: Vec<SecretId>,
     /// Values dropped.
     pub dropped: usize,
     /// The oldest `replaced_at` still kept, if any value is (the next sweep is due one grace
@@ -297,9 +297,9 @@ impl SecretUsage {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageDelta {
     /// Secret id.
-    pub secret_id: veil_link::SecretId,
+    pub secret_id: SecretId,
     /// Sandbox id.
-    pub sandbox: veil_link::SandboxId,
+    pub sandbox: SandboxId,
     /// The connection's SNI.
     pub host: String,
     /// What to add (all zero: nothing is counted, only the audit entry is written).
@@ -314,7 +314,7 @@ pub struct Mount {
     /// Environment variable name.
     pub env: String,
     /// The secret's id (a deleted and recreated name does not silently re-attach).
-    pub secret_id: String,
+    pub secret_id: SecretId,
     /// The secret's name at mount time.
     pub secret_name: String,
 }
@@ -323,9 +323,9 @@ pub struct Mount {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxRecord {
     /// Sandbox id, unique across organizations.
-    pub id: String,
+    pub id: SandboxId,
     /// Owning organization.
-    pub org: String,
+    pub org: OrgId,
     /// cgroup v2 path relative to the cgroup2 root (no leading `/`).
     pub cgroup: String,
     /// Network namespace path, if the sandbox has its own.
@@ -443,25 +443,25 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Inserts a secret; `Conflict` if the name exists in its org or the placeholder anywhere.
     fn insert_secret(&self, secret: &SecretRecord, audit: AuditRecord) -> Result<(), StoreError>;
     /// A secret of `org` by id.
-    fn secret(&self, org: &str, id: &str) -> Result<Option<SecretRecord>, StoreError>;
+    fn secret(&self, org: &OrgId, id: &SecretId) -> Result<Option<SecretRecord>, StoreError>;
     /// Every secret of `org`.
-    fn list_secrets(&self, org: &str) -> Result<Vec<SecretRecord>, StoreError>;
+    fn list_secrets(&self, org: &OrgId) -> Result<Vec<SecretRecord>, StoreError>;
     /// A secret of `org` by name.
-    fn secret_by_name(&self, org: &str, name: &str) -> Result<Option<SecretRecord>, StoreError>;
+    fn secret_by_name(&self, org: &OrgId, name: &str) -> Result<Option<SecretRecord>, StoreError>;
     /// One keyset page of `org`'s secrets.
-    fn page_secrets(&self, org: &str, q: &SecretPageQuery<'_>) -> Result<SecretPage, StoreError>;
+    fn page_secrets(&self, org: &OrgId, q: &SecretPageQuery<'_>) -> Result<SecretPage, StoreError>;
     /// Read-modify-write of one secret; `change` returns the new record and its audit entry.
     fn update_secret(
         &self,
-        org: &str,
-        id: &str,
+        org: &OrgId,
+        id: &SecretId,
         change: SecretChange<'_>,
     ) -> Result<SecretRecord, StoreError>;
     /// Deletes a secret and, in the same transaction, stores the tombstone `deletion` returns.
     fn delete_secret(
         &self,
-        org: &str,
-        id: &str,
+        org: &OrgId,
+        id: &SecretId,
         deletion: SecretDeletion<'_>,
     ) -> Result<SecretRecord, StoreError>;
     /// Re-seals every value (current, previous, tombstoned) whose key is not `active_key`
@@ -490,16 +490,21 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Every registered sandbox (for the agent link's snapshot).
     fn list_sandboxes(&self) -> Result<Vec<SandboxRecord>, StoreError>;
     /// A sandbox by id (any org; the caller checks ownership).
-    fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, StoreError>;
+    fn sandbox(&self, id: &SandboxId) -> Result<Option<SandboxRecord>, StoreError>;
     /// Replaces a sandbox's mounts (read-modify-write).
     fn update_sandbox(
         &self,
-        org: &str,
-        id: &str,
+        org: &OrgId,
+        id: &SandboxId,
         change: SandboxChange<'_>,
     ) -> Result<SandboxRecord, StoreError>;
     /// Deletes a sandbox of `org`.
-    fn delete_sandbox(&self, org: &str, id: &str, audit: AuditRecord) -> Result<(), StoreError>;
+    fn delete_sandbox(
+        &self,
+        org: &OrgId,
+        id: &SandboxId,
+        audit: AuditRecord,
+    ) -> Result<(), StoreError>;
     /// Undoes a sandbox write the agents refused: if the stored record still equals `written`,
     /// puts `previous` back (or removes the sandbox when there was none) and returns true; if
     /// another change came in between, leaves it and returns false.
@@ -519,12 +524,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         audit: &mut dyn FnMut(&SecretRecord, &UsageDelta) -> Option<AuditRecord>,
     ) -> Result<usize, StoreError>;
     /// What agents reported about a secret's use (empty when nothing was reported).
-    fn secret_usage(&self, id: &str) -> Result<SecretUsage, StoreError>;
+    fn secret_usage(&self, id: &SecretId) -> Result<SecretUsage, StoreError>;
 
     /// A page of `org`'s audit entries after the cursor sequence, in `dir` order.
     fn audit_page(
         &self,
-        org: &str,
+        org: &OrgId,
         after: Option<u64>,
         limit: usize,
         dir: Direction,

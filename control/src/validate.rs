@@ -67,13 +67,6 @@ pub fn description(text: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// An organization name: veil-link's [`veil_link::OrgId`] rule (the one rule for it).
-pub fn org_name(org: &str) -> Result<(), String> {
-    veil_link::OrgId::parse(org)
-        .map(drop)
-        .map_err(|e| e.to_string())
-}
-
 /// Normalises a cgroup v2 path (relative to the cgroup2 root; a leading `/` as in
 /// `/proc/PID/cgroup` is accepted) and checks it lies strictly under one of `parents`; returns
 /// it relative, without a leading `/`, so it can be joined onto the cgroup2 mount.
@@ -163,8 +156,6 @@ mod tests {
         env_name("MY_KEY").unwrap();
         assert!(env_name("MY-KEY").is_err());
         assert!(env_name("1X").is_err());
-        org_name("acme").unwrap();
-        assert!(org_name("a/b").is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use veil_link::{IdError, OrgId, SandboxId, SandboxState, SecretId};
+use veil_link::{Revision, SandboxId, SandboxState, SecretId};
 
 use crate::store::{SandboxRecord, SecretRecord, Store, StoreError, TombstoneRecord};
 
@@ -21,9 +21,9 @@ use crate::store::{SandboxRecord, SecretRecord, Store, StoreError, TombstoneReco
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stamp {
     /// The revision (of a tombstone: the revision of the deletion).
-    pub revision: u64,
+    pub revision: Revision,
     /// Revisions of the earlier values that came with it (rotated-out, or a tombstone's).
-    pub values: Vec<u64>,
+    pub values: Vec<Revision>,
 }
 
 impl Stamp {
@@ -43,18 +43,18 @@ impl Stamp {
 }
 
 /// Secrets one agent holds: id → stamp.
-pub type Held = HashMap<String, Stamp>;
+pub type Held = HashMap<SecretId, Stamp>;
 
 /// The registry as agents see it: every sandbox, the secrets mounted in at least one, and the
 /// tombstones of organizations with at least one sandbox.
 #[derive(Debug, Default)]
 pub struct RegistryView {
     /// Registered sandboxes by id.
-    pub sandboxes: BTreeMap<String, SandboxRecord>,
+    pub sandboxes: BTreeMap<SandboxId, SandboxRecord>,
     /// Existing secrets mounted in some sandbox, by id.
-    pub mounted: BTreeMap<String, SecretRecord>,
+    pub mounted: BTreeMap<SecretId, SecretRecord>,
     /// Deleted secrets still scrubbed in their organization's sandboxes, by id.
-    pub retired: BTreeMap<String, TombstoneRecord>,
+    pub retired: BTreeMap<SecretId, TombstoneRecord>,
 }
 
 impl RegistryView {
@@ -80,7 +80,7 @@ impl RegistryView {
     }
 
     /// What an agent holds of secret `id` once it is up to date; `None` = it must not hold it.
-    pub fn stamp(&self, id: &str) -> Option<Stamp> {
+    pub fn stamp(&self, id: &SecretId) -> Option<Stamp> {
         match self.mounted.get(id) {
             Some(s) => Some(Stamp::of_secret(s)),
             None => self.retired.get(id).map(Stamp::of_tombstone),
@@ -88,7 +88,7 @@ impl RegistryView {
     }
 
     /// The revision agents acknowledge for secret `id` (live or retired).
-    pub fn revision(&self, id: &str) -> Option<u64> {
+    pub fn revision(&self, id: &SecretId) -> Option<Revision> {
         self.stamp(id).map(|s| s.revision)
     }
 
@@ -99,7 +99,7 @@ impl RegistryView {
     pub fn live_mounts<'a>(
         &'a self,
         sb: &'a SandboxRecord,
-    ) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+    ) -> impl Iterator<Item = (&'a str, &'a SecretId)> + 'a {
         sb.mounts
             .iter()
             .filter(|m| {
@@ -111,23 +111,22 @@ impl RegistryView {
                         .get(&m.secret_id)
                         .is_some_and(|t| t.org == sb.org)
             })
-            .map(|m| (m.env.as_str(), m.secret_id.as_str()))
+            .map(|m| (m.env.as_str(), &m.secret_id))
     }
 
-    /// A sandbox as the agent enforces it (see [`Self::live_mounts`]); the store's ids become
-    /// the link's checked ones here (control validated them when they were stored).
-    pub fn sandbox_state(&self, sb: &SandboxRecord) -> Result<SandboxState, IdError> {
-        Ok(SandboxState {
-            id: SandboxId::parse(sb.id.as_str())?,
-            org: OrgId::parse(sb.org.as_str())?,
+    /// A sandbox as the agent enforces it (see [`Self::live_mounts`]).
+    pub fn sandbox_state(&self, sb: &SandboxRecord) -> SandboxState {
+        SandboxState {
+            id: sb.id.clone(),
+            org: sb.org.clone(),
             cgroup: PathBuf::from(&sb.cgroup),
             netns: sb.netns.as_ref().map(PathBuf::from),
             mounts: self
                 .live_mounts(sb)
-                .map(|(env, id)| Ok((env.to_owned(), SecretId::parse(id)?)))
-                .collect::<Result<_, IdError>>()?,
+                .map(|(env, id)| (env.to_owned(), id.clone()))
+                .collect(),
             egress: sb.egress,
-        })
+        }
     }
 
     /// What an agent holds right after a snapshot of this view.
@@ -145,22 +144,22 @@ impl RegistryView {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change<'a> {
     /// A sandbox (registered, changed or removed).
-    Sandbox(&'a str),
+    Sandbox(&'a SandboxId),
     /// A secret (created, changed or deleted).
-    Secret(&'a str),
+    Secret(&'a SecretId),
 }
 
 /// One message to send, by id (values are filled in when the message is built).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
     /// Send the secret's current state.
-    PutSecret(String),
+    PutSecret(SecretId),
     /// Send the sandbox's current state.
-    PutSandbox(String),
+    PutSandbox(SandboxId),
     /// The sandbox is gone.
-    DeleteSandbox(String),
+    DeleteSandbox(SandboxId),
     /// The secret is deleted or mounted nowhere.
-    DeleteSecret(String),
+    DeleteSecret(SecretId),
 }
 
 /// The messages that bring an agent holding `held` to `view` for `change`, in sending order:
@@ -168,9 +167,9 @@ pub enum Step {
 /// sandbox; secrets mounted nowhere go last.
 pub fn plan(view: &RegistryView, change: Change<'_>, held: &Held) -> Vec<Step> {
     let mut steps = Vec::new();
-    let stale = |id: &str| view.stamp(id).as_ref() != held.get(id);
-    let put = |steps: &mut Vec<Step>, id: &str| {
-        let step = Step::PutSecret(id.to_owned());
+    let stale = |id: &SecretId| view.stamp(id).as_ref() != held.get(id);
+    let put = |steps: &mut Vec<Step>, id: &SecretId| {
+        let step = Step::PutSecret(id.clone());
         if stale(id) && !steps.contains(&step) {
             steps.push(step);
         }
@@ -179,7 +178,7 @@ pub fn plan(view: &RegistryView, change: Change<'_>, held: &Held) -> Vec<Step> {
         Change::Sandbox(id) => match view.sandboxes.get(id) {
             Some(sb) => {
                 // In variable order, as the agent's state lists them.
-                let mounts: BTreeMap<&str, &str> = view.live_mounts(sb).collect();
+                let mounts: BTreeMap<&str, &SecretId> = view.live_mounts(sb).collect();
                 for secret_id in mounts.values() {
                     put(&mut steps, secret_id);
                 }
@@ -187,9 +186,9 @@ pub fn plan(view: &RegistryView, change: Change<'_>, held: &Held) -> Vec<Step> {
                 for t in view.retired.values().filter(|t| t.org == sb.org) {
                     put(&mut steps, &t.id);
                 }
-                steps.push(Step::PutSandbox(id.to_owned()));
+                steps.push(Step::PutSandbox(id.clone()));
             }
-            None => steps.push(Step::DeleteSandbox(id.to_owned())),
+            None => steps.push(Step::DeleteSandbox(id.clone())),
         },
         Change::Secret(id) => {
             if view.stamp(id).is_some() {
@@ -197,7 +196,7 @@ pub fn plan(view: &RegistryView, change: Change<'_>, held: &Held) -> Vec<Step> {
             }
         }
     }
-    let mut gone: Vec<&String> = held.keys().filter(|id| view.stamp(id).is_none()).collect();
+    let mut gone: Vec<&SecretId> = held.keys().filter(|id| view.stamp(id).is_none()).collect();
     gone.sort();
     steps.extend(gone.into_iter().map(|id| Step::DeleteSecret(id.clone())));
     steps
@@ -222,19 +221,31 @@ pub fn apply_to_held(held: &mut Held, view: &RegistryView, step: &Step) {
 mod tests {
     use super::*;
     use crate::crypto::Sealed;
-    use crate::store::Mount;
+    use crate::store::{Mount, OrgId};
+
+    fn sid(id: &str) -> SecretId {
+        SecretId::parse(id).unwrap()
+    }
+
+    fn sbid(id: &str) -> SandboxId {
+        SandboxId::parse(id).unwrap()
+    }
+
+    fn org(name: &str) -> OrgId {
+        OrgId::parse(name).unwrap()
+    }
 
     fn secret(id: &str, rev: u64) -> SecretRecord {
         SecretRecord {
-            id: id.into(),
-            org: "acme".into(),
+            id: sid(id),
+            org: org("acme"),
             name: format!("n-{id}"),
             description: None,
             hosts: vec![],
             placeholder: format!("ph-{id}"),
             created_at: 0,
             updated_at: 0,
-            revision: rev,
+            revision: Revision(rev),
             sealed: Sealed {
                 key_id: "k".into(),
                 nonce: String::new(),
@@ -249,15 +260,15 @@ mod tests {
     fn sandbox(id: &str, mounts: &[(&str, &str)]) -> SandboxRecord {
         SandboxRecord {
             egress: Default::default(),
-            id: id.into(),
-            org: "acme".into(),
+            id: sbid(id),
+            org: org("acme"),
             cgroup: format!("veil.slice/{id}"),
             netns: None,
             mounts: mounts
                 .iter()
                 .map(|(env, s)| Mount {
                     env: (*env).into(),
-                    secret_id: (*s).into(),
+                    secret_id: sid(s),
                     secret_name: format!("n-{s}"),
                 })
                 .collect(),
@@ -288,43 +299,43 @@ mod tests {
             .iter()
             .map(|(k, v)| {
                 let stamp = Stamp {
-                    revision: *v,
+                    revision: Revision(*v),
                     values: vec![],
                 };
-                ((*k).to_owned(), stamp)
+                (sid(k), stamp)
             })
             .collect()
     }
 
     fn prev(revision: u64) -> crate::store::PreviousValue {
         crate::store::PreviousValue {
-            revision,
+            revision: Revision(revision),
             sealed: secret("x", revision).sealed,
             replaced_at: 0,
         }
     }
 
     /// The tombstone of secret `id` of `org`, deleted at revision `rev`, with `values` values.
-    fn tombstone(id: &str, org: &str, rev: u64, values: u64) -> TombstoneRecord {
+    fn tombstone(id: &str, org_name: &str, rev: u64, values: u64) -> TombstoneRecord {
         TombstoneRecord {
-            id: id.into(),
-            org: org.into(),
+            id: sid(id),
+            org: org(org_name),
             name: format!("n-{id}"),
             placeholder: format!("ph-{id}"),
             hosts: vec![],
-            revision: rev,
+            revision: Revision(rev),
             deleted_at: 0,
             values: (0..values).map(|i| prev(rev - 1 - i)).collect(),
         }
     }
 
-    fn with_org(mut sb: SandboxRecord, org: &str) -> SandboxRecord {
-        sb.org = org.into();
+    fn with_org(mut sb: SandboxRecord, name: &str) -> SandboxRecord {
+        sb.org = org(name);
         sb
     }
 
     fn put_secret(id: &str) -> Step {
-        Step::PutSecret(id.into())
+        Step::PutSecret(sid(id))
     }
 
     #[test]
@@ -333,22 +344,30 @@ mod tests {
             &[sandbox("sb", &[("A", "s1"), ("B", "s2"), ("C", "s1")])],
             &[secret("s1", 1), secret("s2", 4)],
         );
-        let steps = plan(&v, Change::Sandbox("sb"), &held(&[("s2", 4)]));
-        assert_eq!(steps, vec![put_secret("s1"), Step::PutSandbox("sb".into())]);
+        let steps = plan(&v, Change::Sandbox(&sbid("sb")), &held(&[("s2", 4)]));
+        assert_eq!(steps, vec![put_secret("s1"), Step::PutSandbox(sbid("sb"))]);
         // A secret held at an older revision is resent.
-        let steps = plan(&v, Change::Sandbox("sb"), &held(&[("s1", 1), ("s2", 3)]));
-        assert_eq!(steps, vec![put_secret("s2"), Step::PutSandbox("sb".into())]);
+        let steps = plan(
+            &v,
+            Change::Sandbox(&sbid("sb")),
+            &held(&[("s1", 1), ("s2", 3)]),
+        );
+        assert_eq!(steps, vec![put_secret("s2"), Step::PutSandbox(sbid("sb"))]);
     }
 
     #[test]
     fn removed_sandbox_releases_secrets_mounted_nowhere() {
         let v = view(&[sandbox("other", &[("A", "s1")])], &[secret("s1", 1)]);
-        let steps = plan(&v, Change::Sandbox("gone"), &held(&[("s1", 1), ("s2", 1)]));
+        let steps = plan(
+            &v,
+            Change::Sandbox(&sbid("gone")),
+            &held(&[("s1", 1), ("s2", 1)]),
+        );
         assert_eq!(
             steps,
             vec![
-                Step::DeleteSandbox("gone".into()),
-                Step::DeleteSecret("s2".into())
+                Step::DeleteSandbox(sbid("gone")),
+                Step::DeleteSecret(sid("s2"))
             ]
         );
     }
@@ -357,15 +376,19 @@ mod tests {
     fn secret_changes_reach_only_agents_that_need_them() {
         let v = view(&[sandbox("sb", &[("A", "s1")])], &[secret("s1", 2)]);
         assert_eq!(
-            plan(&v, Change::Secret("s1"), &held(&[("s1", 1)])),
+            plan(&v, Change::Secret(&sid("s1")), &held(&[("s1", 1)])),
             vec![put_secret("s1")]
         );
-        assert!(plan(&v, Change::Secret("s1"), &held(&[("s1", 2)])).is_empty());
+        assert!(plan(&v, Change::Secret(&sid("s1")), &held(&[("s1", 2)])).is_empty());
         // Not mounted: nothing to send; deleted while held: delete it.
-        assert!(plan(&v, Change::Secret("s9"), &held(&[("s1", 2)])).is_empty());
+        assert!(plan(&v, Change::Secret(&sid("s9")), &held(&[("s1", 2)])).is_empty());
         assert_eq!(
-            plan(&v, Change::Secret("s9"), &held(&[("s1", 2), ("s9", 1)])),
-            vec![Step::DeleteSecret("s9".into())]
+            plan(
+                &v,
+                Change::Secret(&sid("s9")),
+                &held(&[("s1", 2), ("s9", 1)])
+            ),
+            vec![Step::DeleteSecret(sid("s9"))]
         );
     }
 
@@ -375,7 +398,7 @@ mod tests {
             &[sandbox("sb", &[("A", "s1"), ("B", "gone")])],
             &[secret("s1", 1)],
         );
-        let state = v.sandbox_state(&v.sandboxes["sb"]).unwrap();
+        let state = v.sandbox_state(&v.sandboxes["sb"]);
         assert_eq!(state.mounts.len(), 1);
         assert_eq!(state.mounts["A"], "s1");
         assert_eq!(v.held(), held(&[("s1", 1)]));
@@ -385,12 +408,12 @@ mod tests {
     fn held_follows_the_steps() {
         let v = view(&[sandbox("sb", &[("A", "s1")])], &[secret("s1", 3)]);
         let mut h = held(&[("old", 1)]);
-        for step in plan(&v, Change::Sandbox("sb"), &h) {
+        for step in plan(&v, Change::Sandbox(&sbid("sb")), &h) {
             apply_to_held(&mut h, &v, &step);
         }
         assert_eq!(h, held(&[("s1", 3)]));
         assert!(
-            plan(&v, Change::Sandbox("sb"), &h)
+            plan(&v, Change::Sandbox(&sbid("sb")), &h)
                 .iter()
                 .all(|s| matches!(s, Step::PutSandbox(_)))
         );
@@ -402,15 +425,15 @@ mod tests {
         s1.previous = vec![prev(2), prev(1)];
         let v = view(&[sandbox("sb", &[("A", "s1")])], &[s1.clone()]);
         let mut h = v.held();
-        assert!(plan(&v, Change::Secret("s1"), &h).is_empty());
+        assert!(plan(&v, Change::Secret(&sid("s1")), &h).is_empty());
         // The sweep dropped revision 1's value: same revision, new stamp.
         s1.previous.pop();
         let swept = view(&[sandbox("sb", &[("A", "s1")])], &[s1]);
-        let steps = plan(&swept, Change::Secret("s1"), &h);
+        let steps = plan(&swept, Change::Secret(&sid("s1")), &h);
         assert_eq!(steps, vec![put_secret("s1")]);
         apply_to_held(&mut h, &swept, &steps[0]);
-        assert_eq!(h["s1"].values, [2]);
-        assert_eq!(swept.revision("s1"), Some(3));
+        assert_eq!(h["s1"].values, [Revision(2)]);
+        assert_eq!(swept.revision(&sid("s1")), Some(Revision(3)));
     }
 
     #[test]
@@ -424,41 +447,37 @@ mod tests {
         );
         // s1 deleted at revision 2: in the view only as a tombstone.
         v.mounted.remove("s1");
-        v.retired.insert("s1".into(), tombstone("s1", "acme", 2, 1));
+        v.retired.insert(sid("s1"), tombstone("s1", "acme", 2, 1));
         let mut h = held(&[("s1", 1)]);
-        let steps = plan(&v, Change::Secret("s1"), &h);
+        let steps = plan(&v, Change::Secret(&sid("s1")), &h);
         assert_eq!(steps, vec![put_secret("s1")], "retired, not deleted");
         apply_to_held(&mut h, &v, &steps[0]);
-        assert_eq!(h["s1"].revision, 2);
+        assert_eq!(h["s1"].revision, Revision(2));
         // The sandbox that mounted it keeps the mount while the tombstone lasts (its hosts stay
         // intercepted there); the agent scrubs it in the org's other sandboxes too.
-        assert_eq!(
-            v.sandbox_state(&v.sandboxes["sb"]).unwrap().mounts["A"],
-            "s1"
-        );
+        assert_eq!(v.sandbox_state(&v.sandboxes["sb"]).mounts["A"], "s1");
         // A new sandbox of the org gets the tombstones it lacks first; another org's none.
-        v.retired.insert("s7".into(), tombstone("s7", "acme", 5, 2));
-        v.sandboxes.insert("new".into(), sandbox("new", &[]));
+        v.retired.insert(sid("s7"), tombstone("s7", "acme", 5, 2));
+        v.sandboxes.insert(sbid("new"), sandbox("new", &[]));
         assert_eq!(
-            plan(&v, Change::Sandbox("new"), &h),
-            vec![put_secret("s7"), Step::PutSandbox("new".into())]
+            plan(&v, Change::Sandbox(&sbid("new")), &h),
+            vec![put_secret("s7"), Step::PutSandbox(sbid("new"))]
         );
-        v.retired
-            .insert("g1".into(), tombstone("g1", "globex", 3, 1));
-        let steps = plan(&v, Change::Sandbox("other"), &h);
+        v.retired.insert(sid("g1"), tombstone("g1", "globex", 3, 1));
+        let steps = plan(&v, Change::Sandbox(&sbid("other")), &h);
         assert_eq!(
             steps,
-            vec![put_secret("g1"), Step::PutSandbox("other".into())]
+            vec![put_secret("g1"), Step::PutSandbox(sbid("other"))]
         );
         // The snapshot holds live and retired secrets alike.
         let snap = v.held();
-        assert_eq!(snap["s7"].revision, 5);
-        assert_eq!(snap["s7"].values, [4, 3]);
+        assert_eq!(snap["s7"].revision, Revision(5));
+        assert_eq!(snap["s7"].values, [Revision(4), Revision(3)]);
         // Past the grace (or no sandbox of the org left): the tombstone is deleted.
         v.retired.remove("s1");
         assert_eq!(
-            plan(&v, Change::Secret("s1"), &h),
-            vec![Step::DeleteSecret("s1".into())]
+            plan(&v, Change::Secret(&sid("s1")), &h),
+            vec![Step::DeleteSecret(sid("s1"))]
         );
     }
 
@@ -478,12 +497,12 @@ mod tests {
             changes: serde_json::Value::Null,
         };
         let mut globex = secret("g1", 1);
-        globex.org = "globex".into();
+        globex.org = org("globex");
         for s in [secret("s1", 1), globex] {
             store.insert_secret(&s, audit()).unwrap();
             let t = TombstoneRecord {
                 org: s.org.clone(),
-                ..tombstone(&s.id, "", 2, 1)
+                ..tombstone(s.id.as_str(), "acme", 2, 1)
             };
             store
                 .delete_secret(&s.org, &s.id, &mut |_| (audit(), Some(t.clone())))
@@ -492,7 +511,7 @@ mod tests {
         store.put_sandbox(&sandbox("sb", &[]), audit()).unwrap();
         let v = RegistryView::load(&store).unwrap();
         assert_eq!(v.retired.keys().collect::<Vec<_>>(), ["s1"]);
-        assert_eq!(v.stamp("s1").map(|s| s.revision), Some(2));
-        assert_eq!(v.stamp("g1"), None);
+        assert_eq!(v.stamp(&sid("s1")).map(|s| s.revision), Some(Revision(2)));
+        assert_eq!(v.stamp(&sid("g1")), None);
     }
 }

@@ -27,6 +27,8 @@ pub use socket::{CA_FILE, ServerError, trusted_peer};
 pub use state::{AgentInfo, AgentServer};
 
 use super::plan::Change;
+use veil_link::{Revision, SecretId};
+
 use super::{AgentEvent, AgentLink, BuildError, LinkFuture, Propagation};
 
 impl AgentLink for AgentServer {
@@ -61,11 +63,11 @@ impl AgentLink for AgentServer {
         self.lock().ca_pem.clone()
     }
 
-    fn propagation(&self, id: &str) -> Propagation {
+    fn propagation(&self, id: &SecretId) -> Propagation {
         self.propagation_of(id)
     }
 
-    fn wait_acked(&self, id: &str, revision: u64, timeout: Duration) -> LinkFuture<'_> {
+    fn wait_acked(&self, id: &SecretId, revision: Revision, timeout: Duration) -> LinkFuture<'_> {
         self.wait_for_acks(id, revision, timeout)
     }
 }

@@ -10,21 +10,12 @@ use super::{AgentLinkError, BuildError};
 use crate::crypto::{Keyring, RecordBinding, Sealed};
 use crate::store::{PreviousValue, SecretRecord, TombstoneRecord};
 
-/// The link's checked ids of a stored secret (control validated them when it stored them).
-fn link_ids(id: &str, org: &str) -> Result<(SecretId, OrgId), AgentLinkError> {
-    let bad = |e| AgentLinkError::from(BuildError::StoredId(e));
-    Ok((
-        SecretId::parse(id).map_err(bad)?,
-        OrgId::parse(org).map_err(bad)?,
-    ))
-}
-
 /// Opens one sealed value of secret `id` (bound to `revision`). Errors never carry the value.
 fn open_value(
     ring: &Keyring,
-    org: &str,
-    id: &str,
-    revision: u64,
+    org: &OrgId,
+    id: &SecretId,
+    revision: Revision,
     sealed: &Sealed,
 ) -> Result<SecretValue, AgentLinkError> {
     let binding = RecordBinding {
@@ -35,12 +26,12 @@ fn open_value(
     let plain = ring
         .open(binding, sealed)
         .map_err(|source| BuildError::Unseal {
-            id: id.to_owned(),
+            id: id.clone(),
             revision,
             source,
         })?;
     let text = String::from_utf8(plain.to_vec()).map_err(|_| BuildError::NotUtf8 {
-        id: id.to_owned(),
+        id: id.clone(),
         revision,
     })?;
     Ok(SecretValue::new(text))
@@ -51,8 +42,8 @@ fn open_value(
 /// the agents.
 fn earlier_values(
     ring: &Keyring,
-    org: &str,
-    id: &str,
+    org: &OrgId,
+    id: &SecretId,
     values: &[PreviousValue],
     limit: usize,
 ) -> Vec<SecretValue> {
@@ -71,17 +62,16 @@ fn earlier_values(
 
 /// A mounted secret with its opened value and rotated-out values. Errors never carry a value.
 pub fn unseal_for_agent(ring: &Keyring, s: &SecretRecord) -> Result<SecretState, AgentLinkError> {
-    let (id, org) = link_ids(&s.id, &s.org)?;
     Ok(SecretState {
         value: open_value(ring, &s.org, &s.id, s.revision, &s.sealed)?,
         previous: earlier_values(ring, &s.org, &s.id, &s.previous, MAX_PREVIOUS_VALUES),
         retired: false,
-        id,
-        org,
+        id: s.id.clone(),
+        org: s.org.clone(),
         name: s.name.clone(),
         placeholder: s.placeholder.clone(),
         hosts: s.hosts.clone(),
-        revision: Revision(s.revision),
+        revision: s.revision,
         body_substitution: s.body_substitution,
         wrong_host: s.wrong_host,
     })
@@ -93,7 +83,6 @@ pub fn unseal_retired_for_agent(
     ring: &Keyring,
     t: &TombstoneRecord,
 ) -> Result<SecretState, AgentLinkError> {
-    let (id, org) = link_ids(&t.id, &t.org)?;
     let limit = MAX_PREVIOUS_VALUES + 1;
     let mut values = earlier_values(ring, &t.org, &t.id, &t.values, limit).into_iter();
     let value = values
@@ -103,12 +92,12 @@ pub fn unseal_retired_for_agent(
         value,
         previous: values.collect(),
         retired: true,
-        id,
-        org,
+        id: t.id.clone(),
+        org: t.org.clone(),
         name: t.name.clone(),
         placeholder: t.placeholder.clone(),
         hosts: t.hosts.clone(),
-        revision: Revision(t.revision),
+        revision: t.revision,
         body_substitution: false,
         wrong_host: WrongHost::Forward,
     })
@@ -122,29 +111,33 @@ mod tests {
     fn states_carry_earlier_values_and_tombstones_are_scrub_only() {
         let dir = tempfile::tempdir().unwrap();
         let ring = Keyring::open_or_create(dir.path()).unwrap();
+        let (acme, s1) = (
+            OrgId::parse("acme").unwrap(),
+            SecretId::parse("s1").unwrap(),
+        );
         let seal = |revision: u64, text: &str| {
             let binding = RecordBinding {
-                org: "acme",
-                secret_id: "s1",
-                revision,
+                org: &acme,
+                secret_id: &s1,
+                revision: Revision(revision),
             };
             ring.seal(binding, text.as_bytes()).unwrap()
         };
         let prev = |revision: u64, sealed: Sealed| PreviousValue {
-            revision,
+            revision: Revision(revision),
             sealed,
             replaced_at: 0,
         };
         let record = SecretRecord {
-            id: "s1".into(),
-            org: "acme".into(),
+            id: s1.clone(),
+            org: acme.clone(),
             name: "key".into(),
             description: None,
             hosts: vec!["api.test".into()],
             placeholder: "ph-s1".into(),
             created_at: 0,
             updated_at: 0,
-            revision: 3,
+            revision: Revision(3),
             sealed: seal(3, "value-three"),
             body_substitution: true,
             wrong_host: WrongHost::Block,
@@ -161,12 +154,12 @@ mod tests {
         );
         assert!(!live.retired && live.revision == Revision(3));
         let tombstone = TombstoneRecord {
-            id: "s1".into(),
-            org: "acme".into(),
+            id: s1.clone(),
+            org: acme.clone(),
             name: "key".into(),
             placeholder: "ph-s1".into(),
             hosts: vec!["api.test".into()],
-            revision: 4,
+            revision: Revision(4),
             deleted_at: 0,
             values: vec![
                 prev(3, record.sealed.clone()),

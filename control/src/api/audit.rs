@@ -26,7 +26,7 @@ pub fn entry(
     caller: &Caller,
     action: &str,
     target_type: &str,
-    target_id: &str,
+    target_id: &(impl AsRef<str> + ?Sized),
     target_name: Option<&str>,
     changes: Value,
 ) -> AuditRecord {
@@ -34,10 +34,10 @@ pub fn entry(
         seq: 0,
         time: now_ms(),
         actor: caller.key_id.clone(),
-        org: caller.org.clone(),
+        org: caller.org.to_string(),
         action: action.to_owned(),
         target_type: target_type.to_owned(),
-        target_id: target_id.to_owned(),
+        target_id: target_id.as_ref().to_owned(),
         target_name: target_name.map(str::to_owned),
         changes,
     }

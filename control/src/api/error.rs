@@ -6,6 +6,8 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use veil_link::{Revision, SandboxId, SecretId};
+
 use crate::agent_link::AgentLinkError;
 use crate::hostcheck::HostCheckError;
 use crate::store::StoreError;
@@ -97,19 +99,19 @@ pub enum Unconfirmed<'a> {
     /// not be built).
     SandboxPut {
         /// The sandbox.
-        id: &'a str,
+        id: &'a SandboxId,
     },
     /// A sandbox DELETE (never rolled back).
     SandboxDelete {
         /// The sandbox.
-        id: &'a str,
+        id: &'a SandboxId,
     },
     /// A secret change whose caller waits (`?wait`) for the agents' acknowledgements.
     SecretWait {
         /// The secret.
-        id: &'a str,
+        id: &'a SecretId,
         /// The revision stored.
-        revision: u64,
+        revision: Revision,
     },
 }
 
@@ -207,11 +209,15 @@ mod tests {
 
     #[test]
     fn unconfirmed_changes_answer_by_kind_and_requirement() {
-        let put = Unconfirmed::SandboxPut { id: "sb" };
-        let del = Unconfirmed::SandboxDelete { id: "sb" };
+        let (sb, s1) = (
+            SandboxId::parse("sb").unwrap(),
+            SecretId::parse("s1").unwrap(),
+        );
+        let put = Unconfirmed::SandboxPut { id: &sb };
+        let del = Unconfirmed::SandboxDelete { id: &sb };
         let wait = Unconfirmed::SecretWait {
-            id: "s1",
-            revision: 3,
+            id: &s1,
+            revision: Revision(3),
         };
         // Without a required agent, an unconfirmed sandbox change succeeds; a wait never does.
         assert_eq!(answer(AgentLinkError::NotConnected, put, false), None);

@@ -7,7 +7,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use serde_json::json;
-use veil_api::{ApiKey, CreateApiKey, NewApiKey, OrgId, SecretValue};
+use veil_api::{ApiKey, CreateApiKey, NewApiKey, SecretValue};
 
 use super::body::{PERMISSIONS, decode};
 use super::error::ApiError;
@@ -26,14 +26,13 @@ pub fn routes() -> Vec<Route> {
     ]
 }
 
-fn view(k: &ApiKeyRecord) -> Result<ApiKey, ApiError> {
-    Ok(ApiKey {
+fn view(k: &ApiKeyRecord) -> ApiKey {
+    ApiKey {
         id: k.id.to_string(),
-        organization_id: OrgId::parse(k.org.to_string())
-            .map_err(|e| ApiError::internal("stored api key", e))?,
+        organization_id: k.org.clone(),
         permissions: k.permissions.iter().map(|p| p.to_string()).collect(),
         created_at: rfc3339(k.created_at),
-    })
+    }
 }
 
 #[utoipa::path(
@@ -91,7 +90,7 @@ pub(crate) async fn create(
     })
     .await?;
     let body = NewApiKey {
-        key: view(&record)?,
+        key: view(&record),
         value: SecretValue::new(new.key.as_str()),
     };
     Ok((StatusCode::CREATED, Json(body)))
@@ -117,7 +116,7 @@ pub(crate) async fn list(
         .filter(|k| k.org == caller.org)
         .collect();
     keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-    keys.iter().map(view).collect::<Result<_, _>>().map(Json)
+    Ok(Json(keys.iter().map(view).collect()))
 }
 
 #[utoipa::path(

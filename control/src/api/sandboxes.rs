@@ -25,9 +25,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use serde_json::{Value, json};
-use veil_api::{
-    MountList, MountedSecret, PutSandbox, PutSandboxSecrets, Sandbox, SandboxId, SecretId,
-};
+use veil_api::{MountList, MountedSecret, PutSandbox, PutSandboxSecrets, Sandbox, SandboxId};
 
 use super::body::decode;
 use super::error::{ApiError, Unconfirmed};
@@ -36,7 +34,7 @@ use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
 use crate::hostcheck;
-use crate::store::{Egress, Mount, SandboxRecord, SecretRecord, StoreError};
+use crate::store::{Egress, Mount, OrgId, SandboxRecord, SecretRecord, StoreError};
 use crate::timefmt::{now_ms, rfc3339};
 use crate::validate;
 
@@ -57,6 +55,11 @@ fn bad(msg: String) -> ApiError {
 
 fn not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("sandbox {id} not found"))
+}
+
+/// A sandbox id from a path: one that cannot exist is not found, as an unknown one.
+fn path_id(text: &str) -> Result<SandboxId, ApiError> {
+    SandboxId::parse(text).map_err(|_| not_found(text))
 }
 
 /// Checks `secrets: [{ENV: secret-name}, …]` and turns it into (env, secret name) pairs.
@@ -82,7 +85,7 @@ fn parse_mount_list(items: MountList) -> Result<Vec<(String, String)>, ApiError>
 /// Resolves secret names of `org` into mounts; unknown names are a 400 naming them all.
 fn resolve(
     state: &AppState,
-    org: &str,
+    org: &OrgId,
     wanted: &[(String, String)],
 ) -> Result<Vec<Mount>, ApiError> {
     let mut mounts = Vec::with_capacity(wanted.len());
@@ -138,8 +141,7 @@ fn view(state: &AppState, sb: &SandboxRecord) -> Result<Sandbox, ApiError> {
         .map(|m| BTreeMap::from([(m.env.clone(), m.secret_name.clone())]))
         .collect();
     Ok(Sandbox {
-        id: SandboxId::parse(sb.id.to_string())
-            .map_err(|e| ApiError::internal("stored sandbox", e))?,
+        id: sb.id.clone(),
         cgroup: sb.cgroup.clone(),
         netns: sb.netns.clone(),
         egress: sb.egress,
@@ -289,7 +291,6 @@ pub(crate) async fn put_sandbox(
         None => Egress::default(),
     };
     let wanted = parse_mount_list(secrets.unwrap_or_default())?;
-    let id = String::from(id);
     require_agent(&state)?;
     let st = state.clone();
     let caller2 = caller.clone();
@@ -301,7 +302,7 @@ pub(crate) async fn put_sandbox(
             .sandbox(&id)
             .map_err(|e| ApiError::from_store(e, "sandbox"))?;
         let created_at = match &previous {
-            Some(old) if old.org != caller2.org => return Err(not_found(&id)),
+            Some(old) if old.org != caller2.org => return Err(not_found(id.as_str())),
             Some(old) => old.created_at,
             None => now,
         };
@@ -333,7 +334,7 @@ pub(crate) async fn put_sandbox(
             }),
         );
         st.store.put_sandbox(&record, audit).map_err(|e| match e {
-            StoreError::NotFound => not_found(&id),
+            StoreError::NotFound => not_found(id.as_str()),
             e => ApiError::from_store(e, "sandbox"),
         })?;
         Ok((record, previous))
@@ -343,13 +344,13 @@ pub(crate) async fn put_sandbox(
     Ok(Json(view(&state, &record)?))
 }
 
-fn owned(state: &AppState, caller: &Caller, id: &str) -> Result<SandboxRecord, ApiError> {
+fn owned(state: &AppState, caller: &Caller, id: &SandboxId) -> Result<SandboxRecord, ApiError> {
     state
         .store
         .sandbox(id)
         .map_err(|e| ApiError::from_store(e, "sandbox"))?
         .filter(|s| s.org == caller.org)
-        .ok_or_else(|| not_found(id))
+        .ok_or_else(|| not_found(id.as_str()))
 }
 
 #[utoipa::path(
@@ -369,7 +370,7 @@ pub(crate) async fn get_sandbox(
     Path(id): Path<String>,
 ) -> Result<Json<Sandbox>, ApiError> {
     caller.require(Permission::WriteSandboxes)?;
-    let sb = owned(&state, &caller, &id)?;
+    let sb = owned(&state, &caller, &path_id(&id)?)?;
     Ok(Json(view(&state, &sb)?))
 }
 
@@ -393,6 +394,7 @@ pub(crate) async fn delete_sandbox(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Permission::WriteSandboxes)?;
+    let id = path_id(&id)?;
     let st = state.clone();
     let caller2 = caller.clone();
     let id2 = id.clone();
@@ -401,7 +403,7 @@ pub(crate) async fn delete_sandbox(
         st.store
             .delete_sandbox(&caller2.org, &id2, audit)
             .map_err(|e| match e {
-                StoreError::NotFound => not_found(&id2),
+                StoreError::NotFound => not_found(id2.as_str()),
                 e => ApiError::from_store(e, "sandbox"),
             })
     })
@@ -448,9 +450,9 @@ pub(crate) async fn put_secrets(
     let PutSandboxSecrets { secrets } = decode(&headers, body)?;
     let wanted = parse_mount_list(secrets)?;
     require_agent(&state)?;
+    let id2 = path_id(&id)?;
     let st = state.clone();
     let caller2 = caller.clone();
-    let id2 = id.clone();
     let (record, previous) = blocking(move || {
         owned(&st, &caller2, &id2)?;
         let mounts = resolve(&st, &caller2.org, &wanted)?;
@@ -474,7 +476,7 @@ pub(crate) async fn put_secrets(
             .store
             .update_sandbox(&caller2.org, &id2, &mut change)
             .map_err(|e| match e {
-                StoreError::NotFound => not_found(&id2),
+                StoreError::NotFound => not_found(id2.as_str()),
                 e => ApiError::from_store(e, "sandbox"),
             })?;
         Ok((record, before))
@@ -501,19 +503,17 @@ pub(crate) async fn get_secrets(
     Path(id): Path<String>,
 ) -> Result<Json<Vec<MountedSecret>>, ApiError> {
     caller.require(Permission::WriteSandboxes)?;
-    let sb = owned(&state, &caller, &id)?;
+    let sb = owned(&state, &caller, &path_id(&id)?)?;
     let live = live_mounts(&state, &sb)?;
-    live.iter()
-        .map(|(m, s)| {
-            Ok(MountedSecret {
+    Ok(Json(
+        live.iter()
+            .map(|(m, s)| MountedSecret {
                 env: m.env.clone(),
                 placeholder: s.placeholder.clone(),
                 hosts: s.hosts.clone(),
-                secret_id: SecretId::parse(s.id.to_string())
-                    .map_err(|e| ApiError::internal("stored secret", e))?,
+                secret_id: s.id.clone(),
                 name: s.name.clone(),
             })
-        })
-        .collect::<Result<_, _>>()
-        .map(Json)
+            .collect(),
+    ))
 }

@@ -23,13 +23,22 @@ use crate::auth::Permission;
 use crate::crypto::RecordBinding;
 use crate::grace;
 use crate::paginate::{Cursor, Order, SortField, SortValue};
-use crate::store::{SecretPageQuery, SecretRecord, StoreError};
+use crate::store::{Revision, SecretId, SecretPageQuery, SecretRecord, StoreError};
 use crate::timefmt::now_ms;
 use crate::validate;
 use input::{bad, new_placeholder, parse_description};
 pub use input::{new_uuid, parse_hosts, parse_wait};
 pub use view::{detail, view};
 use view::{wrong_host_name, wrong_host_record};
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("secret {id} not found"))
+}
+
+/// A secret id from a path: one that cannot exist is not found, as an unknown one.
+fn path_id(text: &str) -> Result<SecretId, ApiError> {
+    SecretId::parse(text).map_err(|_| not_found(text))
+}
 
 /// Routes of this resource.
 pub fn routes() -> Vec<Route> {
@@ -77,7 +86,8 @@ pub(crate) async fn create(
     let body_substitution = body_substitution.unwrap_or(false);
     let wrong_host = wrong_host_record(wrong_host.unwrap_or_default());
     let now = now_ms();
-    let id = new_uuid();
+    // A UUID always passes the rule; a failure here would be a bug, answered as one.
+    let id = SecretId::parse(new_uuid()).map_err(|e| ApiError::internal("secret id", e))?;
     let placeholder = new_placeholder(&state.config.placeholder_prefix);
     let st = state.clone();
     let caller2 = caller.clone();
@@ -93,7 +103,7 @@ pub(crate) async fn create(
                 RecordBinding {
                     org: &caller2.org,
                     secret_id: &id,
-                    revision: 1,
+                    revision: Revision(1),
                 },
                 value.expose().as_bytes(),
             )
@@ -107,7 +117,7 @@ pub(crate) async fn create(
             placeholder,
             created_at: now,
             updated_at: now,
-            revision: 1,
+            revision: Revision(1),
             sealed,
             body_substitution,
             wrong_host,
@@ -135,14 +145,14 @@ pub(crate) async fn create(
     })
     .await?;
     push_secret(&state, &record.id).await;
-    Ok((StatusCode::CREATED, Json(view(&record)?)))
+    Ok((StatusCode::CREATED, Json(view(&record))))
 }
 
 /// Pushes a secret change to the agents and waits for them, so that once the answer is sent the
 /// connected agents use the new state. The store is the truth: an agent that does not
 /// acknowledge converges later, so this never fails the request (it is logged).
-async fn push_secret(state: &AppState, id: &str) {
-    let event = AgentEvent::SecretChanged { id: id.to_owned() };
+async fn push_secret(state: &AppState, id: &SecretId) {
+    let event = AgentEvent::SecretChanged { id: id.clone() };
     match state.agent.notify(event).await {
         Ok(()) | Err(AgentLinkError::NotConnected) => {}
         Err(e) => {
@@ -171,7 +181,7 @@ pub(crate) async fn list(
     })
     .await?;
     all.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
-    all.iter().map(view).collect::<Result<_, _>>().map(Json)
+    Ok(Json(all.iter().map(view).collect()))
 }
 
 fn sort_value(s: &SecretRecord, field: SortField) -> (SortValue, String) {
@@ -180,7 +190,7 @@ fn sort_value(s: &SecretRecord, field: SortField) -> (SortValue, String) {
         SortField::CreatedAt => SortValue::Time(s.created_at),
         SortField::UpdatedAt => SortValue::Time(s.updated_at),
     };
-    (v, s.id.clone())
+    (v, s.id.to_string())
 }
 
 #[utoipa::path(
@@ -249,7 +259,7 @@ pub(crate) async fn paginated(
         None
     };
     Ok(Json(SecretPage {
-        items: page.items.iter().map(view).collect::<Result<_, _>>()?,
+        items: page.items.iter().map(view).collect(),
         total: page.total as u64,
         next_cursor: next,
     }))
@@ -273,11 +283,12 @@ pub(crate) async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<SecretDetail>, ApiError> {
     caller.require(Permission::ManageSecrets)?;
+    let id = path_id(&id)?;
     let s = state
         .store
         .secret(&caller.org, &id)
         .map_err(|e| ApiError::from_store(e, "secret"))?
-        .ok_or_else(|| ApiError::NotFound(format!("secret {id} not found")))?;
+        .ok_or_else(|| not_found(id.as_str()))?;
     detail_of(&state, &s).map(Json)
 }
 
@@ -286,7 +297,7 @@ fn detail_of(state: &AppState, s: &SecretRecord) -> Result<SecretDetail, ApiErro
         .store
         .secret_usage(&s.id)
         .map_err(|e| ApiError::from_store(e, "secret"))?;
-    detail(s, &state.agent.propagation(&s.id), &usage)
+    Ok(detail(s, &state.agent.propagation(&s.id), &usage))
 }
 
 #[utoipa::path(
@@ -330,6 +341,7 @@ pub(crate) async fn update(
     let description = parse_description(description)?;
     let hosts = hosts.map(parse_hosts).transpose()?;
     let wrong_host = wrong_host.map(wrong_host_record);
+    let id = path_id(&id)?;
     if nothing {
         // Nothing to change: answer like a GET, without a write or an audit entry (with
         // `wait`, once the agents hold the current revision).
@@ -337,7 +349,7 @@ pub(crate) async fn update(
             .store
             .secret(&caller.org, &id)
             .map_err(|e| ApiError::from_store(e, "secret"))?
-            .ok_or_else(|| ApiError::NotFound(format!("secret {id} not found")))?;
+            .ok_or_else(|| not_found(id.as_str()))?;
         if let Some(wait) = wait {
             wait_for_agents(&state, &id, s.revision, wait).await?;
         }
@@ -403,7 +415,7 @@ pub(crate) async fn update(
             if !changes.is_empty() {
                 // Every change bumps the revision (agents and caches key on it); the value is
                 // re-sealed because the revision is part of its ciphertext binding.
-                new.revision = old.revision + 1;
+                new.revision = old.revision.next();
                 let seal_err = StoreError::Seal;
                 let binding = RecordBinding {
                     org: &new.org,
@@ -459,7 +471,7 @@ pub(crate) async fn update(
         st.store
             .update_secret(&caller2.org, &id2, &mut change)
             .map_err(|e| match e {
-                StoreError::NotFound => ApiError::NotFound(format!("secret {id2} not found")),
+                StoreError::NotFound => not_found(id2.as_str()),
                 e => ApiError::from_store(e, "secret"),
             })
     })
@@ -488,8 +500,8 @@ pub(crate) async fn update(
 /// change is stored when they do not acknowledge in time, a 502 when one reported a failure.
 async fn wait_for_agents(
     state: &AppState,
-    id: &str,
-    revision: u64,
+    id: &SecretId,
+    revision: Revision,
     wait: Duration,
 ) -> Result<(), ApiError> {
     let Err(e) = state.agent.wait_acked(id, revision, wait).await else {
@@ -519,6 +531,7 @@ pub(crate) async fn remove(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Permission::ManageSecrets)?;
+    let id = path_id(&id)?;
     let st = state.clone();
     let caller2 = caller.clone();
     let id2 = id.clone();
@@ -539,7 +552,7 @@ pub(crate) async fn remove(
                 (audit, grace::tombstone(old, now_ms(), grace))
             })
             .map_err(|e| match e {
-                StoreError::NotFound => ApiError::NotFound(format!("secret {id2} not found")),
+                StoreError::NotFound => not_found(id2.as_str()),
                 e => ApiError::from_store(e, "secret"),
             })
     })

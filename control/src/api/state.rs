@@ -49,7 +49,7 @@ pub struct Caller {
     /// API key id (the audit's actor).
     pub key_id: String,
     /// The key's organization.
-    pub org: String,
+    pub org: veil_link::OrgId,
     /// The key's permissions.
     pub permissions: Vec<Permission>,
 }

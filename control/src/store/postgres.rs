@@ -17,9 +17,9 @@ pub use db::{CHANNEL, Changed, Connection, Note, PgStore};
 use db::{Writer, db_err, enc, violated};
 
 use super::{
-    ApiKeyRecord, AuditRecord, Conflict, Direction, OrgRecord, SandboxChange, SandboxRecord,
-    SealedRef, SecretChange, SecretDeletion, SecretPage, SecretPageQuery, SecretRecord,
-    SecretUsage, Store, StoreError, Swept, TombstoneRecord, UsageDelta,
+    ApiKeyRecord, AuditRecord, Conflict, Direction, OrgId, OrgRecord, SandboxChange, SandboxId,
+    SandboxRecord, SealedRef, SecretChange, SecretDeletion, SecretId, SecretPage, SecretPageQuery,
+    SecretRecord, SecretUsage, Store, StoreError, Swept, TombstoneRecord, UsageDelta,
 };
 use crate::crypto::Sealed;
 
@@ -117,7 +117,7 @@ impl Store for PgStore {
                     .ok_or(StoreError::NotFound)?;
             let key: ApiKeyRecord = db::dec("api_keys", row.get(0))?;
             let mut audit = audit;
-            audit.org = key.org.clone();
+            audit.org = key.org.to_string();
             w.audit(audit).await?;
             w.commit().await?;
             Ok(key)
@@ -136,26 +136,26 @@ impl Store for PgStore {
         self.run(secrets::insert(self, secret, audit))
     }
 
-    fn secret(&self, org: &str, id: &str) -> Result<Option<SecretRecord>, StoreError> {
+    fn secret(&self, org: &OrgId, id: &SecretId) -> Result<Option<SecretRecord>, StoreError> {
         self.run(secrets::get(self, org, id))
     }
 
-    fn list_secrets(&self, org: &str) -> Result<Vec<SecretRecord>, StoreError> {
+    fn list_secrets(&self, org: &OrgId) -> Result<Vec<SecretRecord>, StoreError> {
         self.run(secrets::list(self, org))
     }
 
-    fn secret_by_name(&self, org: &str, name: &str) -> Result<Option<SecretRecord>, StoreError> {
+    fn secret_by_name(&self, org: &OrgId, name: &str) -> Result<Option<SecretRecord>, StoreError> {
         self.run(secrets::by_name(self, org, name))
     }
 
-    fn page_secrets(&self, org: &str, q: &SecretPageQuery<'_>) -> Result<SecretPage, StoreError> {
+    fn page_secrets(&self, org: &OrgId, q: &SecretPageQuery<'_>) -> Result<SecretPage, StoreError> {
         self.run(secrets::page(self, org, q))
     }
 
     fn update_secret(
         &self,
-        org: &str,
-        id: &str,
+        org: &OrgId,
+        id: &SecretId,
         change: SecretChange<'_>,
     ) -> Result<SecretRecord, StoreError> {
         self.run(secrets::update(self, org, id, change))
@@ -163,8 +163,8 @@ impl Store for PgStore {
 
     fn delete_secret(
         &self,
-        org: &str,
-        id: &str,
+        org: &OrgId,
+        id: &SecretId,
         deletion: SecretDeletion<'_>,
     ) -> Result<SecretRecord, StoreError> {
         self.run(secrets::delete(self, org, id, deletion))
@@ -210,20 +210,25 @@ impl Store for PgStore {
         self.run(sandboxes::list(self))
     }
 
-    fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
+    fn sandbox(&self, id: &SandboxId) -> Result<Option<SandboxRecord>, StoreError> {
         self.run(sandboxes::get(self, id))
     }
 
     fn update_sandbox(
         &self,
-        org: &str,
-        id: &str,
+        org: &OrgId,
+        id: &SandboxId,
         change: SandboxChange<'_>,
     ) -> Result<SandboxRecord, StoreError> {
         self.run(sandboxes::update(self, org, id, change))
     }
 
-    fn delete_sandbox(&self, org: &str, id: &str, audit: AuditRecord) -> Result<(), StoreError> {
+    fn delete_sandbox(
+        &self,
+        org: &OrgId,
+        id: &SandboxId,
+        audit: AuditRecord,
+    ) -> Result<(), StoreError> {
         self.run(sandboxes::delete(self, org, id, audit))
     }
 
@@ -244,17 +249,18 @@ impl Store for PgStore {
         self.run(usage::record_usage(self, deltas, audit))
     }
 
-    fn secret_usage(&self, id: &str) -> Result<SecretUsage, StoreError> {
+    fn secret_usage(&self, id: &SecretId) -> Result<SecretUsage, StoreError> {
         self.run(usage::secret_usage(self, id))
     }
 
     fn audit_page(
         &self,
-        org: &str,
+        org: &OrgId,
         after: Option<u64>,
         limit: usize,
         dir: Direction,
     ) -> Result<(Vec<AuditRecord>, usize), StoreError> {
+        let org = org.as_str();
         self.run(async {
             let client = self.client().await?;
             let total: i64 = client

@@ -6,6 +6,8 @@
 //! `sandboxes`, `usage`, and `grace` (rotated-out values, tombstones, rekey, sweep); the
 //! [`Store`] implementation here delegates to them.
 
+#[cfg(test)]
+mod compat;
 mod db;
 mod grace;
 mod sandboxes;
@@ -20,9 +22,9 @@ pub use db::SledStore;
 use db::{audit_key, backend, dec, enc, org_prefix, tx_err};
 
 use super::{
-    ApiKeyRecord, AuditRecord, Conflict, Direction, OrgRecord, SandboxChange, SandboxRecord,
-    SealedRef, SecretChange, SecretDeletion, SecretPage, SecretPageQuery, SecretRecord,
-    SecretUsage, Store, StoreError, Swept, TombstoneRecord, UsageDelta,
+    ApiKeyRecord, AuditRecord, Conflict, Direction, OrgId, OrgRecord, SandboxChange, SandboxId,
+    SandboxRecord, SealedRef, SecretChange, SecretDeletion, SecretId, SecretPage, SecretPageQuery,
+    SecretRecord, SecretUsage, Store, StoreError, Swept, TombstoneRecord, UsageDelta,
 };
 use crate::crypto::Sealed;
 
@@ -36,7 +38,11 @@ impl Store for SledStore {
         {
             return Err(StoreError::Conflict(Conflict::ApiKeyId));
         }
-        let org_bytes = match self.orgs.get(key.org.as_bytes()).map_err(backend)? {
+        let org_bytes = match self
+            .orgs
+            .get(key.org.as_str().as_bytes())
+            .map_err(backend)?
+        {
             Some(_) => None,
             None => Some(enc(&OrgRecord {
                 name: key.org.clone(),
@@ -49,7 +55,7 @@ impl Store for SledStore {
         (&self.orgs, &self.apikeys, &self.audit)
             .transaction(|(orgs, apikeys, audit)| {
                 if let Some(org) = &org_bytes {
-                    orgs.insert(key.org.as_bytes(), org.as_slice())?;
+                    orgs.insert(key.org.as_str().as_bytes(), org.as_slice())?;
                 }
                 apikeys.insert(key.id.as_bytes(), key_bytes.as_slice())?;
                 audit.insert(ak.as_slice(), av.as_slice())?;
@@ -77,7 +83,7 @@ impl Store for SledStore {
         let _guard = self.lock();
         let key = self.api_key(id)?.ok_or(StoreError::NotFound)?;
         let mut audit = audit;
-        audit.org = key.org.clone();
+        audit.org = key.org.to_string();
         let pending = self.audit_entry(audit)?;
         let (ak, av) = (&pending.key, &pending.value);
         (&self.apikeys, &self.audit)
@@ -102,26 +108,26 @@ impl Store for SledStore {
         secrets::insert(self, secret, audit)
     }
 
-    fn secret(&self, org: &str, id: &str) -> Result<Option<SecretRecord>, StoreError> {
-        secrets::get(self, org, id)
+    fn secret(&self, org: &OrgId, id: &SecretId) -> Result<Option<SecretRecord>, StoreError> {
+        secrets::get(self, org, id.as_str())
     }
 
-    fn list_secrets(&self, org: &str) -> Result<Vec<SecretRecord>, StoreError> {
+    fn list_secrets(&self, org: &OrgId) -> Result<Vec<SecretRecord>, StoreError> {
         secrets::list(self, org)
     }
 
-    fn secret_by_name(&self, org: &str, name: &str) -> Result<Option<SecretRecord>, StoreError> {
+    fn secret_by_name(&self, org: &OrgId, name: &str) -> Result<Option<SecretRecord>, StoreError> {
         secrets::by_name(self, org, name)
     }
 
-    fn page_secrets(&self, org: &str, q: &SecretPageQuery<'_>) -> Result<SecretPage, StoreError> {
+    fn page_secrets(&self, org: &OrgId, q: &SecretPageQuery<'_>) -> Result<SecretPage, StoreError> {
         secrets::page(self, org, q)
     }
 
     fn update_secret(
         &self,
-        org: &str,
-        id: &str,
+        org: &OrgId,
+        id: &SecretId,
         change: SecretChange<'_>,
     ) -> Result<SecretRecord, StoreError> {
         secrets::update(self, org, id, change)
@@ -129,8 +135,8 @@ impl Store for SledStore {
 
     fn delete_secret(
         &self,
-        org: &str,
-        id: &str,
+        org: &OrgId,
+        id: &SecretId,
         deletion: SecretDeletion<'_>,
     ) -> Result<SecretRecord, StoreError> {
         secrets::delete(self, org, id, deletion)
@@ -175,20 +181,25 @@ impl Store for SledStore {
         sandboxes::list(self)
     }
 
-    fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
+    fn sandbox(&self, id: &SandboxId) -> Result<Option<SandboxRecord>, StoreError> {
         sandboxes::get(self, id)
     }
 
     fn update_sandbox(
         &self,
-        org: &str,
-        id: &str,
+        org: &OrgId,
+        id: &SandboxId,
         change: SandboxChange<'_>,
     ) -> Result<SandboxRecord, StoreError> {
         sandboxes::update(self, org, id, change)
     }
 
-    fn delete_sandbox(&self, org: &str, id: &str, audit: AuditRecord) -> Result<(), StoreError> {
+    fn delete_sandbox(
+        &self,
+        org: &OrgId,
+        id: &SandboxId,
+        audit: AuditRecord,
+    ) -> Result<(), StoreError> {
         sandboxes::delete(self, org, id, audit)
     }
 
@@ -209,13 +220,13 @@ impl Store for SledStore {
         usage::record_usage(self, deltas, audit)
     }
 
-    fn secret_usage(&self, id: &str) -> Result<SecretUsage, StoreError> {
+    fn secret_usage(&self, id: &SecretId) -> Result<SecretUsage, StoreError> {
         usage::secret_usage(self, id)
     }
 
     fn audit_page(
         &self,
-        org: &str,
+        org: &OrgId,
         after: Option<u64>,
         limit: usize,
         dir: Direction,

@@ -2,12 +2,12 @@
 //! period, re-sealing under a new key, and the shape checks of `check_consistency`.
 
 use crate::crypto::Sealed;
-use crate::store::{PreviousValue, SealedRef, StoreError};
+use crate::store::{OrgId, PreviousValue, Revision, SealedRef, SecretId, StoreError};
 
 /// Re-seals `v` if its key is not `active_key`; returns whether it changed.
 pub(super) fn reseal_value(
-    org: &str,
-    secret_id: &str,
+    org: &OrgId,
+    secret_id: &SecretId,
     v: &mut PreviousValue,
     active_key: &str,
     reseal: &mut dyn FnMut(SealedRef<'_>) -> Result<Sealed, StoreError>,
@@ -39,7 +39,7 @@ pub(super) fn min_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
 }
 
 /// Whether the revisions of `values` are below `revision` and strictly decreasing.
-pub(super) fn strictly_older(revision: u64, values: &[PreviousValue]) -> bool {
+pub(super) fn strictly_older(revision: Revision, values: &[PreviousValue]) -> bool {
     let mut above = revision;
     values.iter().all(|v| {
         let ok = v.revision < above;

@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
-use veil_link::{ControlMsg, SandboxId, SecretId, SecretState};
+use veil_link::{ControlMsg, SecretId, SecretState};
 
-use super::state::{AgentServer, Holds, LinkState, Pending, stored_id};
+use super::state::{AgentServer, Holds, LinkState, Pending};
 use crate::agent_link::plan::{Change, RegistryView, Step, apply_to_held, plan};
 use crate::agent_link::unseal::{unseal_for_agent, unseal_retired_for_agent};
 use crate::agent_link::{AgentLinkError, BuildError};
@@ -37,7 +37,7 @@ impl AgentServer {
         }
         let view = RegistryView::load(self.inner.store.as_ref()).map_err(BuildError::from)?;
         let ring = self.ring()?;
-        let mut built: HashMap<String, SecretState> = HashMap::new();
+        let mut built: HashMap<SecretId, SecretState> = HashMap::new();
         let mut waits = Vec::new();
         let LinkState {
             agents, next_seq, ..
@@ -57,7 +57,7 @@ impl AgentServer {
                                     (None, None) => {
                                         return Err(BuildError::Vanished {
                                             kind: "secret",
-                                            id: id.clone(),
+                                            id: id.to_string(),
                                         }
                                         .into());
                                     }
@@ -74,13 +74,13 @@ impl AgentServer {
                         let sb = view.sandboxes.get(id).ok_or_else(|| {
                             AgentLinkError::from(BuildError::Vanished {
                                 kind: "sandbox",
-                                id: id.clone(),
+                                id: id.to_string(),
                             })
                         })?;
                         (
                             ControlMsg::PutSandbox {
                                 seq,
-                                sandbox: view.sandbox_state(sb).map_err(stored_id)?,
+                                sandbox: view.sandbox_state(sb),
                             },
                             None,
                             Holds::Unchanged,
@@ -89,22 +89,19 @@ impl AgentServer {
                     Step::DeleteSandbox(id) => (
                         ControlMsg::DeleteSandbox {
                             seq,
-                            id: SandboxId::parse(id.as_str()).map_err(stored_id)?,
+                            id: id.clone(),
                         },
                         None,
                         Holds::Unchanged,
                     ),
-                    Step::DeleteSecret(id) => {
-                        let id = SecretId::parse(id.as_str()).map_err(stored_id)?;
-                        (
-                            ControlMsg::DeleteSecret {
-                                seq,
-                                id: id.clone(),
-                            },
-                            None,
-                            Holds::Dropped(id),
-                        )
-                    }
+                    Step::DeleteSecret(id) => (
+                        ControlMsg::DeleteSecret {
+                            seq,
+                            id: id.clone(),
+                        },
+                        None,
+                        Holds::Dropped(id.clone()),
+                    ),
                 };
                 apply_to_held(&mut agent.held, &view, &step);
                 let (done, rx) = oneshot::channel();
@@ -128,15 +125,14 @@ impl AgentServer {
     pub(super) async fn deliver(&self, change: Change<'_>) -> Result<(), AgentLinkError> {
         // The messages are built from the store under the link's lock: off the async workers.
         let this = self.clone();
-        let (secret, id) = match change {
-            Change::Secret(id) => (true, id.to_owned()),
-            Change::Sandbox(id) => (false, id.to_owned()),
+        let owned = match change {
+            Change::Secret(id) => Ok(id.clone()),
+            Change::Sandbox(id) => Err(id.clone()),
         };
         let waits = tokio::task::spawn_blocking(move || {
-            this.dispatch(if secret {
-                Change::Secret(&id)
-            } else {
-                Change::Sandbox(&id)
+            this.dispatch(match &owned {
+                Ok(secret) => Change::Secret(secret),
+                Err(sandbox) => Change::Sandbox(sandbox),
             })
         })
         .await

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use veil_link::{AgentId, Revision};
+use veil_link::{AgentId, Revision, SecretId};
 
 use super::dispatch::human;
 use super::state::AgentServer;
@@ -12,7 +12,7 @@ use crate::agent_link::{AgentLinkError, LinkFuture, Propagation, SecretAck};
 
 impl AgentServer {
     /// Which agents acknowledged which revision of secret `id` (see [`crate::agent_link::AgentLink::propagation`]).
-    pub(super) fn propagation_of(&self, id: &str) -> Propagation {
+    pub(super) fn propagation_of(&self, id: &SecretId) -> Propagation {
         let st = self.lock();
         let mut agents: BTreeMap<AgentId, SecretAck> = BTreeMap::new();
         if let Some(per_agent) = st.acks.get(id) {
@@ -53,12 +53,11 @@ impl AgentServer {
     /// [`crate::agent_link::AgentLink::wait_acked`]).
     pub(super) fn wait_for_acks(
         &self,
-        id: &str,
-        revision: u64,
+        id: &SecretId,
+        revision: Revision,
         timeout: Duration,
     ) -> LinkFuture<'_> {
-        let id = id.to_owned();
-        let revision = Revision(revision);
+        let id = id.clone();
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + timeout;
             loop {

@@ -5,10 +5,10 @@
 use std::collections::HashMap;
 
 use tokio::sync::mpsc;
-use veil_link::{ControlMsg, IdError, Revision, SecretId};
+use veil_link::{ControlMsg, Revision, SecretId};
 
 use super::socket::save_ca;
-use super::state::{Agent, AgentInfo, AgentServer, Holds, LinkState, Pending, stored_id};
+use super::state::{Agent, AgentInfo, AgentServer, Holds, LinkState, Pending};
 use crate::agent_link::plan::RegistryView;
 use crate::agent_link::unseal::{unseal_for_agent, unseal_retired_for_agent};
 use crate::agent_link::{AgentLinkError, BuildError};
@@ -33,17 +33,16 @@ impl AgentServer {
                 secrets.push(unseal_retired_for_agent(&ring, t)?);
             }
         }
-        let sandboxes = view
+        let sandboxes: Vec<_> = view
             .sandboxes
             .values()
-            .map(|sb| view.sandbox_state(sb).map_err(stored_id))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|sb| view.sandbox_state(sb))
+            .collect();
         let acks = view
             .held()
             .into_iter()
-            .map(|(id, stamp)| Ok((SecretId::parse(id)?, Revision(stamp.revision))))
-            .collect::<Result<Vec<_>, IdError>>()
-            .map_err(stored_id)?;
+            .map(|(id, stamp)| (id, stamp.revision))
+            .collect();
         Ok(Built {
             sandboxes,
             secrets,

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
-use veil_link::{AgentId, ControlMsg, IdError, Revision, SecretId};
+use veil_link::{AgentId, ControlMsg, Revision, SecretId};
 
 use crate::agent_link::plan::Held;
 use crate::agent_link::{AgentLinkError, BuildError};
@@ -90,12 +90,6 @@ impl AgentServer {
             .read()
             .map_err(|_| BuildError::KeyringPoisoned.into())
     }
-}
-
-/// A stored id that is not a valid link id: control validated it when it stored it, so this
-/// is a corrupt record, reported like one.
-pub(super) fn stored_id(e: IdError) -> AgentLinkError {
-    BuildError::StoredId(e).into()
 }
 
 /// An acknowledgement being waited for.

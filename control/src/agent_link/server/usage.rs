@@ -95,10 +95,10 @@ fn report_audit(
         seq: 0,
         time: d.at,
         actor: format!("veil-agent:{agent_id}"),
-        org: secret.org.clone(),
+        org: secret.org.to_string(),
         action: action.to_owned(),
         target_type: "secret".into(),
-        target_id: secret.id.clone(),
+        target_id: secret.id.to_string(),
         target_name: Some(secret.name.clone()),
         changes,
     }

@@ -1,35 +1,30 @@
 //! A stored secret as the API shows it: metadata, propagation and usage, never the value.
 
-use veil_api::{AgentAck, HostUsage, Revision, Secret, SecretDetail, SecretId};
+use veil_api::{AgentAck, HostUsage, Secret, SecretDetail};
 
 use crate::agent_link::Propagation;
-use crate::api::error::ApiError;
 use crate::store::{SecretRecord, SecretUsage, WrongHost};
 use crate::timefmt::rfc3339;
 
 /// The public view of a secret: metadata only (Daytona's fields, then veil's extra ones).
-pub fn view(s: &SecretRecord) -> Result<Secret, ApiError> {
-    Ok(Secret {
-        id: SecretId::parse(s.id.clone()).map_err(|e| ApiError::internal("stored secret", e))?,
+pub fn view(s: &SecretRecord) -> Secret {
+    Secret {
+        id: s.id.clone(),
         name: s.name.clone(),
         description: s.description.clone(),
         placeholder: s.placeholder.clone(),
         hosts: s.hosts.clone(),
         created_at: rfc3339(s.created_at),
         updated_at: rfc3339(s.updated_at),
-        revision: Revision(s.revision),
+        revision: s.revision,
         body_substitution: s.body_substitution,
         wrong_host: wrong_host_view(s.wrong_host),
-    })
+    }
 }
 
 /// The single-secret view (GET, PATCH): [`view`] plus what the agents acknowledged and what
 /// they reported about its use.
-pub fn detail(
-    s: &SecretRecord,
-    propagation: &Propagation,
-    usage: &SecretUsage,
-) -> Result<SecretDetail, ApiError> {
+pub fn detail(s: &SecretRecord, propagation: &Propagation, usage: &SecretUsage) -> SecretDetail {
     let agents = propagation
         .agents
         .iter()
@@ -55,15 +50,15 @@ pub fn detail(
             (host.clone(), counts)
         })
         .collect();
-    Ok(SecretDetail {
-        secret: view(s)?,
+    SecretDetail {
+        secret: view(s),
         propagation: veil_api::Propagation {
             complete: propagation.pending(s.revision).is_empty(),
             agents,
         },
         last_used_at: usage.last_used_at.map(rfc3339),
         usage: hosts,
-    })
+    }
 }
 
 pub(super) fn wrong_host_view(w: WrongHost) -> veil_api::WrongHost {

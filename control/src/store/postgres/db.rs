@@ -180,9 +180,9 @@ pub struct Note {
 #[serde(tag = "kind", content = "id", rename_all = "lowercase")]
 pub enum Changed {
     /// A secret was created, changed, deleted or lost a grace-period value.
-    Secret(String),
+    Secret(veil_link::SecretId),
     /// A sandbox was registered, changed or removed.
-    Sandbox(String),
+    Sandbox(veil_link::SandboxId),
 }
 
 /// One write transaction: holds the write counter's row lock from start to commit.

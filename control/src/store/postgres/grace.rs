@@ -130,7 +130,7 @@ pub(super) async fn sweep(store: &PgStore, cutoff: i64) -> Result<Swept, StoreEr
             .await
             .map_err(db_err)?;
             swept.dropped += dropped;
-            w.notify(Changed::Secret(record.id.to_string()));
+            w.notify(Changed::Secret(record.id.clone()));
             swept.changed.push(record.id.into());
         }
     }
@@ -156,7 +156,7 @@ pub(super) async fn sweep(store: &PgStore, cutoff: i64) -> Result<Swept, StoreEr
             .map_err(db_err)?;
         }
         swept.dropped += dropped;
-        w.notify(Changed::Secret(t.id.to_string()));
+        w.notify(Changed::Secret(t.id.clone()));
         swept.changed.push(t.id.into());
     }
     if swept.dropped == 0 {

@@ -1,14 +1,19 @@
 //! Sandboxes: rows keyed by id, one sandbox per cgroup.
 
 use super::db::{Changed, PgStore, Writer, db_err, dec, enc, violated};
-use crate::store::{AuditRecord, Conflict, Rejected, SandboxChange, SandboxRecord, StoreError};
+use crate::store::{
+    AuditRecord, Conflict, OrgId, Rejected, SandboxChange, SandboxId, SandboxRecord, StoreError,
+};
 
 const TABLE: &str = "sandboxes";
 
-async fn locked(w: &Writer<'_>, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
+async fn locked(w: &Writer<'_>, id: &SandboxId) -> Result<Option<SandboxRecord>, StoreError> {
     match w
         .tx
-        .query_opt("SELECT doc FROM sandboxes WHERE id = $1 FOR UPDATE", &[&id])
+        .query_opt(
+            "SELECT doc FROM sandboxes WHERE id = $1 FOR UPDATE",
+            &[&id.as_str()],
+        )
         .await
         .map_err(db_err)?
     {
@@ -50,7 +55,7 @@ pub(super) async fn put(
 ) -> Result<bool, StoreError> {
     let mut client = store.client().await?;
     let mut w = Writer::begin(&mut client, &store.replica).await?;
-    let old = locked(&w, sandbox.id.as_str()).await?;
+    let old = locked(&w, &sandbox.id).await?;
     if let Some(old) = &old
         && old.org != sandbox.org
     {
@@ -58,7 +63,7 @@ pub(super) async fn put(
     }
     write(&w, sandbox, false).await?;
     w.audit(audit).await?;
-    w.notify(Changed::Sandbox(sandbox.id.to_string()));
+    w.notify(Changed::Sandbox(sandbox.id.clone()));
     w.commit().await?;
     Ok(old.is_none())
 }
@@ -73,23 +78,30 @@ pub(super) async fn list(store: &PgStore) -> Result<Vec<SandboxRecord>, StoreErr
         .await
 }
 
-pub(super) async fn get(store: &PgStore, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
+pub(super) async fn get(
+    store: &PgStore,
+    id: &SandboxId,
+) -> Result<Option<SandboxRecord>, StoreError> {
     store
-        .doc(TABLE, "SELECT doc FROM sandboxes WHERE id = $1", &[&id])
+        .doc(
+            TABLE,
+            "SELECT doc FROM sandboxes WHERE id = $1",
+            &[&id.as_str()],
+        )
         .await
 }
 
 pub(super) async fn update(
     store: &PgStore,
-    org: &str,
-    id: &str,
+    org: &OrgId,
+    id: &SandboxId,
     change: SandboxChange<'_>,
 ) -> Result<SandboxRecord, StoreError> {
     let mut client = store.client().await?;
     let mut w = Writer::begin(&mut client, &store.replica).await?;
     let old = locked(&w, id)
         .await?
-        .filter(|s| s.org.as_str() == org)
+        .filter(|s| &s.org == org)
         .ok_or(StoreError::NotFound)?;
     let (new, audit) = change(&old)?;
     if new.cgroup != old.cgroup || new.id != old.id || new.org != old.org {
@@ -97,28 +109,28 @@ pub(super) async fn update(
     }
     write(&w, &new, false).await?;
     w.audit(audit).await?;
-    w.notify(Changed::Sandbox(new.id.to_string()));
+    w.notify(Changed::Sandbox(new.id.clone()));
     w.commit().await?;
     Ok(new)
 }
 
 pub(super) async fn delete(
     store: &PgStore,
-    org: &str,
-    id: &str,
+    org: &OrgId,
+    id: &SandboxId,
     audit: AuditRecord,
 ) -> Result<(), StoreError> {
     let mut client = store.client().await?;
     let mut w = Writer::begin(&mut client, &store.replica).await?;
     locked(&w, id)
         .await?
-        .filter(|s| s.org.as_str() == org)
+        .filter(|s| &s.org == org)
         .ok_or(StoreError::NotFound)?;
-    w.execute("DELETE FROM sandboxes WHERE id = $1", &[&id])
+    w.execute("DELETE FROM sandboxes WHERE id = $1", &[&id.as_str()])
         .await
         .map_err(db_err)?;
     w.audit(audit).await?;
-    w.notify(Changed::Sandbox(id.to_owned()));
+    w.notify(Changed::Sandbox(id.clone()));
     w.commit().await
 }
 
@@ -130,7 +142,7 @@ pub(super) async fn restore(
 ) -> Result<bool, StoreError> {
     let mut client = store.client().await?;
     let mut w = Writer::begin(&mut client, &store.replica).await?;
-    if locked(&w, written.id.as_str()).await?.as_ref() != Some(written) {
+    if locked(&w, &written.id).await?.as_ref() != Some(written) {
         return Ok(false);
     }
     match previous {
@@ -145,7 +157,7 @@ pub(super) async fn restore(
         }
     }
     w.audit(audit).await?;
-    w.notify(Changed::Sandbox(written.id.to_string()));
+    w.notify(Changed::Sandbox(written.id.clone()));
     w.commit().await?;
     Ok(true)
 }

@@ -4,8 +4,8 @@
 use super::db::{Changed, PgStore, Writer, db_err, dec, enc, violated};
 use crate::paginate::{Order, SortField, SortValue};
 use crate::store::{
-    AuditRecord, Conflict, Rejected, SecretChange, SecretDeletion, SecretPage, SecretPageQuery,
-    SecretRecord, StoreError,
+    AuditRecord, Conflict, OrgId, Rejected, SecretChange, SecretDeletion, SecretId, SecretPage,
+    SecretPageQuery, SecretRecord, StoreError,
 };
 
 const TABLE: &str = "secrets";
@@ -56,44 +56,44 @@ pub(super) async fn insert(
     .await
     .map_err(|e| conflict(e, secret))?;
     w.audit(audit).await?;
-    w.notify(Changed::Secret(secret.id.to_string()));
+    w.notify(Changed::Secret(secret.id.clone()));
     w.commit().await
 }
 
 pub(super) async fn get(
     store: &PgStore,
-    org: &str,
-    id: &str,
+    org: &OrgId,
+    id: &SecretId,
 ) -> Result<Option<SecretRecord>, StoreError> {
     store
         .doc(
             TABLE,
             "SELECT doc FROM secrets WHERE id = $1 AND org = $2",
-            &[&id, &org],
+            &[&id.as_str(), &org.as_str()],
         )
         .await
 }
 
-pub(super) async fn list(store: &PgStore, org: &str) -> Result<Vec<SecretRecord>, StoreError> {
+pub(super) async fn list(store: &PgStore, org: &OrgId) -> Result<Vec<SecretRecord>, StoreError> {
     store
         .docs(
             TABLE,
             "SELECT doc FROM secrets WHERE org = $1 ORDER BY created_at, id COLLATE \"C\"",
-            &[&org],
+            &[&org.as_str()],
         )
         .await
 }
 
 pub(super) async fn by_name(
     store: &PgStore,
-    org: &str,
+    org: &OrgId,
     name: &str,
 ) -> Result<Option<SecretRecord>, StoreError> {
     store
         .doc(
             TABLE,
             "SELECT doc FROM secrets WHERE org = $1 AND name = $2",
-            &[&org, &name],
+            &[&org.as_str(), &name],
         )
         .await
 }
@@ -112,7 +112,7 @@ pub(super) async fn all(store: &PgStore) -> Result<Vec<SecretRecord>, StoreError
 /// and ids compare as bytes, the name filter is a lower-cased substring.
 pub(super) async fn page(
     store: &PgStore,
-    org: &str,
+    org: &OrgId,
     q: &SecretPageQuery<'_>,
 ) -> Result<SecretPage, StoreError> {
     let malformed = || StoreError::Rejected(Rejected::Cursor);
@@ -136,7 +136,7 @@ pub(super) async fn page(
             client
                 .query(
                     &format!("SELECT name, doc FROM secrets WHERE org = $1 ORDER BY {order}"),
-                    &[&org],
+                    &[&org.as_str()],
                 )
                 .await
         }
@@ -148,7 +148,7 @@ pub(super) async fn page(
                             "SELECT name, doc FROM secrets WHERE org = $1 AND name {cmp} $2 \
                              ORDER BY {order}"
                         ),
-                        &[&org, &name.as_str()],
+                        &[&org.as_str(), &name.as_str()],
                     )
                     .await
             }
@@ -159,7 +159,7 @@ pub(super) async fn page(
                             "SELECT name, doc FROM secrets WHERE org = $1 \
                              AND ({column}{tie}) {cmp} ($2, $3 COLLATE \"C\") ORDER BY {order}"
                         ),
-                        &[&org, t, &c.i.as_str()],
+                        &[&org.as_str(), t, &c.i.as_str()],
                     )
                     .await
             }
@@ -185,14 +185,17 @@ pub(super) async fn page(
     let total = match q.name_contains {
         None => {
             let n: i64 = client
-                .query_one("SELECT count(*) FROM secrets WHERE org = $1", &[&org])
+                .query_one(
+                    "SELECT count(*) FROM secrets WHERE org = $1",
+                    &[&org.as_str()],
+                )
                 .await
                 .map_err(db_err)?
                 .get(0);
             usize::try_from(n).unwrap_or(usize::MAX)
         }
         Some(f) => client
-            .query("SELECT name FROM secrets WHERE org = $1", &[&org])
+            .query("SELECT name FROM secrets WHERE org = $1", &[&org.as_str()])
             .await
             .map_err(db_err)?
             .iter()
@@ -203,11 +206,11 @@ pub(super) async fn page(
 }
 
 /// Locks and reads a secret of `org` inside `w`'s transaction.
-async fn locked(w: &Writer<'_>, org: &str, id: &str) -> Result<SecretRecord, StoreError> {
+async fn locked(w: &Writer<'_>, org: &OrgId, id: &SecretId) -> Result<SecretRecord, StoreError> {
     let row =
         w.tx.query_opt(
             "SELECT doc FROM secrets WHERE id = $1 AND org = $2 FOR UPDATE",
-            &[&id, &org],
+            &[&id.as_str(), &org.as_str()],
         )
         .await
         .map_err(db_err)?
@@ -217,8 +220,8 @@ async fn locked(w: &Writer<'_>, org: &str, id: &str) -> Result<SecretRecord, Sto
 
 pub(super) async fn update(
     store: &PgStore,
-    org: &str,
-    id: &str,
+    org: &OrgId,
+    id: &SecretId,
     change: SecretChange<'_>,
 ) -> Result<SecretRecord, StoreError> {
     let mut client = store.client().await?;
@@ -239,15 +242,15 @@ pub(super) async fn update(
     .await
     .map_err(db_err)?;
     w.audit(audit).await?;
-    w.notify(Changed::Secret(new.id.to_string()));
+    w.notify(Changed::Secret(new.id.clone()));
     w.commit().await?;
     Ok(new)
 }
 
 pub(super) async fn delete(
     store: &PgStore,
-    org: &str,
-    id: &str,
+    org: &OrgId,
+    id: &SecretId,
     deletion: SecretDeletion<'_>,
 ) -> Result<SecretRecord, StoreError> {
     let mut client = store.client().await?;
@@ -268,14 +271,17 @@ pub(super) async fn delete(
         .await
         .map_err(db_err)?;
     }
-    w.execute("DELETE FROM secret_usage WHERE secret_id = $1", &[&id])
-        .await
-        .map_err(db_err)?;
-    w.execute("DELETE FROM secrets WHERE id = $1", &[&id])
+    w.execute(
+        "DELETE FROM secret_usage WHERE secret_id = $1",
+        &[&id.as_str()],
+    )
+    .await
+    .map_err(db_err)?;
+    w.execute("DELETE FROM secrets WHERE id = $1", &[&id.as_str()])
         .await
         .map_err(db_err)?;
     w.audit(audit).await?;
-    w.notify(Changed::Secret(old.id.to_string()));
+    w.notify(Changed::Secret(old.id.clone()));
     w.commit().await?;
     Ok(old)
 }

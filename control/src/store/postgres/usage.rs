@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::db::{PgStore, Writer, db_err, dec, enc};
-use crate::store::{AuditRecord, SecretRecord, SecretUsage, StoreError, UsageDelta};
+use crate::store::{AuditRecord, SecretId, SecretRecord, SecretUsage, StoreError, UsageDelta};
 
 pub(super) async fn record_usage(
     store: &PgStore,
@@ -62,12 +62,15 @@ pub(super) async fn record_usage(
     Ok(recorded)
 }
 
-pub(super) async fn secret_usage(store: &PgStore, id: &str) -> Result<SecretUsage, StoreError> {
+pub(super) async fn secret_usage(
+    store: &PgStore,
+    id: &SecretId,
+) -> Result<SecretUsage, StoreError> {
     Ok(store
         .doc(
             "secret_usage",
             "SELECT doc FROM secret_usage WHERE secret_id = $1",
-            &[&id],
+            &[&id.as_str()],
         )
         .await?
         .unwrap_or_default())

@@ -62,7 +62,8 @@ pub(super) fn dec<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Resu
     })
 }
 
-pub(super) fn pair(a: &str, b: &str) -> Vec<u8> {
+pub(super) fn pair(a: &(impl AsRef<str> + ?Sized), b: &str) -> Vec<u8> {
+    let a = a.as_ref();
     let mut k = Vec::with_capacity(a.len() + b.len() + 1);
     k.extend_from_slice(a.as_bytes());
     k.push(0);
@@ -70,24 +71,28 @@ pub(super) fn pair(a: &str, b: &str) -> Vec<u8> {
     k
 }
 
-pub(super) fn org_prefix(org: &str) -> Vec<u8> {
-    let mut k = org.as_bytes().to_vec();
+pub(super) fn org_prefix(org: &(impl AsRef<str> + ?Sized)) -> Vec<u8> {
+    let mut k = org.as_ref().as_bytes().to_vec();
     k.push(0);
     k
 }
 
 /// End (exclusive) of an org's key range: org names never contain bytes below `-`.
-pub(super) fn org_end(org: &str) -> Vec<u8> {
-    let mut k = org.as_bytes().to_vec();
+pub(super) fn org_end(org: &(impl AsRef<str> + ?Sized)) -> Vec<u8> {
+    let mut k = org.as_ref().as_bytes().to_vec();
     k.push(1);
     k
 }
 
 /// Index key ordering by time then id; the sign bit is flipped so negative times sort first.
-pub(super) fn time_key(org: &str, ms: i64, id: &str) -> Vec<u8> {
+pub(super) fn time_key(
+    org: &(impl AsRef<str> + ?Sized),
+    ms: i64,
+    id: &(impl AsRef<str> + ?Sized),
+) -> Vec<u8> {
     let mut k = org_prefix(org);
     k.extend_from_slice(&((ms as u64) ^ (1 << 63)).to_be_bytes());
-    k.extend_from_slice(id.as_bytes());
+    k.extend_from_slice(id.as_ref().as_bytes());
     k
 }
 
@@ -96,7 +101,7 @@ pub(super) fn count_of(v: Option<sled::IVec>) -> u64 {
         .map_or(0, u64::from_be_bytes)
 }
 
-pub(super) fn audit_key(org: &str, seq: u64) -> Vec<u8> {
+pub(super) fn audit_key(org: &(impl AsRef<str> + ?Sized), seq: u64) -> Vec<u8> {
     let mut k = org_prefix(org);
     k.extend_from_slice(&seq.to_be_bytes());
     k

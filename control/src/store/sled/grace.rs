@@ -169,7 +169,7 @@ pub(super) fn check_consistency(store: &SledStore) -> Result<Vec<String>, StoreE
     for t in tombstones(store)? {
         if store
             .secrets
-            .contains_key(t.id.as_bytes())
+            .contains_key(t.id.as_str().as_bytes())
             .map_err(backend)?
         {
             problems.push(format!("tombstone {}: the secret still exists", t.id));

@@ -3,7 +3,9 @@
 use sled::transaction::{ConflictableTransactionError, Transactional};
 
 use super::db::{SledStore, backend, dec, enc, tx_err};
-use crate::store::{AuditRecord, Conflict, Rejected, SandboxChange, SandboxRecord, StoreError};
+use crate::store::{
+    AuditRecord, Conflict, OrgId, Rejected, SandboxChange, SandboxId, SandboxRecord, StoreError,
+};
 
 pub(super) fn put(
     store: &SledStore,
@@ -13,7 +15,7 @@ pub(super) fn put(
     let _guard = store.lock();
     let old: Option<SandboxRecord> = match store
         .sandboxes
-        .get(sandbox.id.as_bytes())
+        .get(sandbox.id.as_str().as_bytes())
         .map_err(backend)?
     {
         Some(b) => Some(dec("sandboxes", &b)?),
@@ -28,7 +30,7 @@ pub(super) fn put(
         .sandbox_cgroups
         .get(sandbox.cgroup.as_bytes())
         .map_err(backend)?
-        && holder.as_ref() != sandbox.id.as_bytes()
+        && holder.as_ref() != sandbox.id.as_str().as_bytes()
     {
         return Err(StoreError::Conflict(Conflict::Cgroup(
             sandbox.cgroup.clone(),
@@ -44,8 +46,8 @@ pub(super) fn put(
             {
                 cgroups.remove(old.cgroup.as_bytes())?;
             }
-            cgroups.insert(sandbox.cgroup.as_bytes(), sandbox.id.as_bytes())?;
-            sandboxes.insert(sandbox.id.as_bytes(), bytes.as_slice())?;
+            cgroups.insert(sandbox.cgroup.as_bytes(), sandbox.id.as_str().as_bytes())?;
+            sandboxes.insert(sandbox.id.as_str().as_bytes(), bytes.as_slice())?;
             audit.insert(ak.as_slice(), av.as_slice())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         })
@@ -62,8 +64,12 @@ pub(super) fn list(store: &SledStore) -> Result<Vec<SandboxRecord>, StoreError> 
         .collect()
 }
 
-pub(super) fn get(store: &SledStore, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
-    match store.sandboxes.get(id.as_bytes()).map_err(backend)? {
+pub(super) fn get(store: &SledStore, id: &SandboxId) -> Result<Option<SandboxRecord>, StoreError> {
+    match store
+        .sandboxes
+        .get(id.as_str().as_bytes())
+        .map_err(backend)?
+    {
         Some(b) => Ok(Some(dec("sandboxes", &b)?)),
         None => Ok(None),
     }
@@ -71,13 +77,13 @@ pub(super) fn get(store: &SledStore, id: &str) -> Result<Option<SandboxRecord>, 
 
 pub(super) fn update(
     store: &SledStore,
-    org: &str,
-    id: &str,
+    org: &OrgId,
+    id: &SandboxId,
     change: SandboxChange<'_>,
 ) -> Result<SandboxRecord, StoreError> {
     let _guard = store.lock();
     let old = get(store, id)?
-        .filter(|s| s.org == org)
+        .filter(|s| s.org == *org)
         .ok_or(StoreError::NotFound)?;
     let (new, audit) = change(&old)?;
     if new.cgroup != old.cgroup || new.id != old.id || new.org != old.org {
@@ -88,7 +94,7 @@ pub(super) fn update(
     let (ak, av) = (&pending.key, &pending.value);
     (&store.sandboxes, &store.audit)
         .transaction(|(sandboxes, audit)| {
-            sandboxes.insert(new.id.as_bytes(), bytes.as_slice())?;
+            sandboxes.insert(new.id.as_str().as_bytes(), bytes.as_slice())?;
             audit.insert(ak.as_slice(), av.as_slice())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         })
@@ -99,19 +105,19 @@ pub(super) fn update(
 
 pub(super) fn delete(
     store: &SledStore,
-    org: &str,
-    id: &str,
+    org: &OrgId,
+    id: &SandboxId,
     audit: AuditRecord,
 ) -> Result<(), StoreError> {
     let _guard = store.lock();
     let old = get(store, id)?
-        .filter(|s| s.org == org)
+        .filter(|s| s.org == *org)
         .ok_or(StoreError::NotFound)?;
     let pending = store.audit_entry(audit)?;
     let (ak, av) = (&pending.key, &pending.value);
     (&store.sandboxes, &store.sandbox_cgroups, &store.audit)
         .transaction(|(sandboxes, cgroups, audit)| {
-            sandboxes.remove(old.id.as_bytes())?;
+            sandboxes.remove(old.id.as_str().as_bytes())?;
             cgroups.remove(old.cgroup.as_bytes())?;
             audit.insert(ak.as_slice(), av.as_slice())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(())
@@ -136,7 +142,7 @@ pub(super) fn restore(
             .sandbox_cgroups
             .get(prev.cgroup.as_bytes())
             .map_err(backend)?
-        && holder.as_ref() != prev.id.as_bytes()
+        && holder.as_ref() != prev.id.as_str().as_bytes()
     {
         return Err(StoreError::Conflict(Conflict::CgroupMeanwhile(
             prev.cgroup.clone(),
@@ -150,11 +156,11 @@ pub(super) fn restore(
             cgroups.remove(written.cgroup.as_bytes())?;
             match (previous, &bytes) {
                 (Some(prev), Some(bytes)) => {
-                    cgroups.insert(prev.cgroup.as_bytes(), prev.id.as_bytes())?;
-                    sandboxes.insert(prev.id.as_bytes(), bytes.as_slice())?;
+                    cgroups.insert(prev.cgroup.as_bytes(), prev.id.as_str().as_bytes())?;
+                    sandboxes.insert(prev.id.as_str().as_bytes(), bytes.as_slice())?;
                 }
                 _ => {
-                    sandboxes.remove(written.id.as_bytes())?;
+                    sandboxes.remove(written.id.as_str().as_bytes())?;
                 }
             }
             audit.insert(ak.as_slice(), av.as_slice())?;

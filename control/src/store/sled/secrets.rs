@@ -10,8 +10,8 @@ use super::db::{
 };
 use crate::paginate::{Order, SortField, SortValue};
 use crate::store::{
-    AuditRecord, Conflict, Rejected, SecretChange, SecretDeletion, SecretPage, SecretPageQuery,
-    SecretRecord, StoreError,
+    AuditRecord, Conflict, OrgId, Rejected, SecretChange, SecretDeletion, SecretId, SecretPage,
+    SecretPageQuery, SecretRecord, StoreError,
 };
 
 impl SledStore {
@@ -30,7 +30,11 @@ impl SledStore {
     ) -> Result<(), StoreError> {
         let bytes = enc(new)?;
         let (audit_k, audit_v) = (&audit.key, &audit.value);
-        let count = count_of(self.org_counts.get(new.org.as_bytes()).map_err(backend)?);
+        let count = count_of(
+            self.org_counts
+                .get(new.org.as_str().as_bytes())
+                .map_err(backend)?,
+        );
         (
             &self.secrets,
             &self.secret_names,
@@ -44,13 +48,15 @@ impl SledStore {
                 |(secrets, names, created, updated, placeholders, counts, audit)| {
                     match old {
                         None => {
-                            names.insert(pair(&new.org, &new.name), new.id.as_bytes())?;
+                            names.insert(pair(&new.org, &new.name), new.id.as_str().as_bytes())?;
                             created.insert(
                                 time_key(&new.org, new.created_at, &new.id),
                                 new.name.as_bytes(),
                             )?;
-                            placeholders.insert(new.placeholder.as_bytes(), new.id.as_bytes())?;
-                            counts.insert(new.org.as_bytes(), &(count + 1).to_be_bytes())?;
+                            placeholders
+                                .insert(new.placeholder.as_bytes(), new.id.as_str().as_bytes())?;
+                            counts
+                                .insert(new.org.as_str().as_bytes(), &(count + 1).to_be_bytes())?;
                         }
                         Some(old) => {
                             updated.remove(time_key(&old.org, old.updated_at, &old.id))?;
@@ -60,7 +66,7 @@ impl SledStore {
                         time_key(&new.org, new.updated_at, &new.id),
                         new.name.as_bytes(),
                     )?;
-                    secrets.insert(new.id.as_bytes(), bytes.as_slice())?;
+                    secrets.insert(new.id.as_str().as_bytes(), bytes.as_slice())?;
                     audit.insert(audit_k.as_slice(), audit_v.as_slice())?;
                     Ok::<_, ConflictableTransactionError<StoreError>>(())
                 },
@@ -71,11 +77,15 @@ impl SledStore {
     /// Number of `org`'s secrets whose name contains `filter` (lower-cased), or all of them.
     pub(super) fn count_secrets(
         &self,
-        org: &str,
+        org: &OrgId,
         filter: Option<&str>,
     ) -> Result<usize, StoreError> {
         let Some(filter) = filter else {
-            let n = count_of(self.org_counts.get(org.as_bytes()).map_err(backend)?);
+            let n = count_of(
+                self.org_counts
+                    .get(org.as_str().as_bytes())
+                    .map_err(backend)?,
+            );
             return Ok(usize::try_from(n).unwrap_or(usize::MAX));
         };
         let prefix = org_prefix(org);
@@ -110,7 +120,7 @@ pub(super) fn insert(
     }
     if store
         .secrets
-        .contains_key(secret.id.as_bytes())
+        .contains_key(secret.id.as_str().as_bytes())
         .map_err(backend)?
         || store
             .placeholders
@@ -126,13 +136,13 @@ pub(super) fn insert(
 
 pub(super) fn get(
     store: &SledStore,
-    org: &str,
+    org: &OrgId,
     id: &str,
 ) -> Result<Option<SecretRecord>, StoreError> {
-    Ok(store.get_secret_raw(id)?.filter(|s| s.org == org))
+    Ok(store.get_secret_raw(id)?.filter(|s| s.org == *org))
 }
 
-pub(super) fn list(store: &SledStore, org: &str) -> Result<Vec<SecretRecord>, StoreError> {
+pub(super) fn list(store: &SledStore, org: &OrgId) -> Result<Vec<SecretRecord>, StoreError> {
     let prefix = org_prefix(org);
     let mut out = Vec::new();
     for entry in store.by_created.scan_prefix(&prefix) {
@@ -147,7 +157,7 @@ pub(super) fn list(store: &SledStore, org: &str) -> Result<Vec<SecretRecord>, St
 
 pub(super) fn by_name(
     store: &SledStore,
-    org: &str,
+    org: &OrgId,
     name: &str,
 ) -> Result<Option<SecretRecord>, StoreError> {
     match store.secret_names.get(pair(org, name)).map_err(backend)? {
@@ -158,7 +168,7 @@ pub(super) fn by_name(
 
 pub(super) fn page(
     store: &SledStore,
-    org: &str,
+    org: &OrgId,
     q: &SecretPageQuery<'_>,
 ) -> Result<SecretPage, StoreError> {
     let prefix = org_prefix(org);
@@ -228,12 +238,12 @@ pub(super) fn page(
 
 pub(super) fn update(
     store: &SledStore,
-    org: &str,
-    id: &str,
+    org: &OrgId,
+    id: &SecretId,
     change: SecretChange<'_>,
 ) -> Result<SecretRecord, StoreError> {
     let _guard = store.lock();
-    let old = get(store, org, id)?.ok_or(StoreError::NotFound)?;
+    let old = get(store, org, id.as_str())?.ok_or(StoreError::NotFound)?;
     let (new, audit) = change(&old)?;
     if new.id != old.id
         || new.org != old.org
@@ -250,12 +260,12 @@ pub(super) fn update(
 
 pub(super) fn delete(
     store: &SledStore,
-    org: &str,
-    id: &str,
+    org: &OrgId,
+    id: &SecretId,
     deletion: SecretDeletion<'_>,
 ) -> Result<SecretRecord, StoreError> {
     let _guard = store.lock();
-    let old = get(store, org, id)?.ok_or(StoreError::NotFound)?;
+    let old = get(store, org, id.as_str())?.ok_or(StoreError::NotFound)?;
     let (audit, tombstone) = deletion(&old);
     if tombstone
         .as_ref()
@@ -266,7 +276,12 @@ pub(super) fn delete(
     let tombstone = tombstone.map(|t| enc(&t)).transpose()?;
     let pending = store.audit_entry(audit)?;
     let (ak, av) = (&pending.key, &pending.value);
-    let count = count_of(store.org_counts.get(old.org.as_bytes()).map_err(backend)?);
+    let count = count_of(
+        store
+            .org_counts
+            .get(old.org.as_str().as_bytes())
+            .map_err(backend)?,
+    );
     (
         &store.secrets,
         &store.secret_names,
@@ -283,15 +298,18 @@ pub(super) fn delete(
                 // The values live on in the tombstone, in the same transaction: a crash
                 // leaves either the secret or its tombstone, never neither.
                 if let Some(t) = &tombstone {
-                    tombs.insert(old.id.as_bytes(), t.as_slice())?;
+                    tombs.insert(old.id.as_str().as_bytes(), t.as_slice())?;
                 }
-                usage.remove(old.id.as_bytes())?;
-                secrets.remove(old.id.as_bytes())?;
+                usage.remove(old.id.as_str().as_bytes())?;
+                secrets.remove(old.id.as_str().as_bytes())?;
                 names.remove(pair(&old.org, &old.name))?;
                 created.remove(time_key(&old.org, old.created_at, &old.id))?;
                 updated.remove(time_key(&old.org, old.updated_at, &old.id))?;
                 placeholders.remove(old.placeholder.as_bytes())?;
-                counts.insert(old.org.as_bytes(), &count.saturating_sub(1).to_be_bytes())?;
+                counts.insert(
+                    old.org.as_str().as_bytes(),
+                    &count.saturating_sub(1).to_be_bytes(),
+                )?;
                 audit.insert(ak.as_slice(), av.as_slice())?;
                 Ok::<_, ConflictableTransactionError<StoreError>>(())
             },
@@ -318,7 +336,7 @@ pub(super) fn check_consistency(store: &SledStore) -> Result<Vec<String>, StoreE
             .secret_names
             .get(pair(&s.org, &s.name))
             .map_err(backend)?;
-        if name.as_deref() != Some(s.id.as_bytes()) {
+        if name.as_deref() != Some(s.id.as_str().as_bytes()) {
             problems.push(format!("secret {}: name index does not point at it", s.id));
         }
         if !store
@@ -339,7 +357,7 @@ pub(super) fn check_consistency(store: &SledStore) -> Result<Vec<String>, StoreE
             .placeholders
             .get(s.placeholder.as_bytes())
             .map_err(backend)?;
-        if ph.as_deref() != Some(s.id.as_bytes()) {
+        if ph.as_deref() != Some(s.id.as_str().as_bytes()) {
             problems.push(format!(
                 "secret {}: placeholder index does not point at it",
                 s.id

@@ -6,7 +6,19 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::paginate::{Cursor, Order, SortField, SortValue};
-use crate::store::PreviousValue;
+use crate::store::{PreviousValue, Revision};
+
+fn org(name: &str) -> OrgId {
+    OrgId::parse(name).unwrap()
+}
+
+fn sid(id: &str) -> SecretId {
+    SecretId::parse(id).unwrap()
+}
+
+fn sbid(id: &str) -> SandboxId {
+    SandboxId::parse(id).unwrap()
+}
 
 fn audit(org: &str) -> AuditRecord {
     AuditRecord {
@@ -22,17 +34,17 @@ fn audit(org: &str) -> AuditRecord {
     }
 }
 
-fn secret(org: &str, n: usize, time: i64) -> SecretRecord {
+fn secret(org_name: &str, n: usize, time: i64) -> SecretRecord {
     SecretRecord {
-        id: format!("id-{n:05}"),
-        org: org.into(),
+        id: sid(&format!("id-{n:05}")),
+        org: org(org_name),
         name: format!("name-{}", (n * 7919) % 10007),
         description: None,
         hosts: vec![],
         placeholder: format!("ph-{n}"),
         created_at: time,
         updated_at: time,
-        revision: 1,
+        revision: Revision(1),
         sealed: Sealed {
             key_id: "k".into(),
             nonce: String::new(),
@@ -54,7 +66,7 @@ fn cursor_of(s: &SecretRecord, sort: SortField, order: Order) -> Cursor {
         s: sort,
         o: order,
         v,
-        i: s.id.clone(),
+        i: s.id.to_string(),
     }
 }
 
@@ -84,13 +96,13 @@ proptest! {
             live.push(s.id.clone());
             n += 1;
         }
-        let initial: BTreeSet<String> = live.iter().cloned().collect();
+        let initial: BTreeSet<SecretId> = live.iter().cloned().collect();
         let mut removed = BTreeSet::new();
         let mut seen: Vec<SecretRecord> = Vec::new();
         let mut cursor: Option<Cursor> = None;
         let mut churn = churn.into_iter();
         loop {
-            let page = store.page_secrets("acme", &SecretPageQuery {
+            let page = store.page_secrets(&org("acme"), &SecretPageQuery {
                 sort, order, after: cursor.as_ref(), limit, name_contains: None,
             }).unwrap();
             prop_assert!(page.items.len() <= limit);
@@ -106,7 +118,7 @@ proptest! {
                     live.push(s.id.clone());
                 } else if !live.is_empty() {
                     let id = live.remove(idx.index(live.len()));
-                    store.delete_secret("acme", &id, &mut |_| (audit("acme"), None)).unwrap();
+                    store.delete_secret(&org("acme"), &id, &mut |_| (audit("acme"), None)).unwrap();
                     removed.insert(id);
                 }
             }
@@ -129,13 +141,13 @@ proptest! {
 fn sandbox(id: &str, cgroup: &str, env: &str) -> SandboxRecord {
     SandboxRecord {
         egress: Default::default(),
-        id: id.into(),
-        org: "acme".into(),
+        id: sbid(id),
+        org: org("acme"),
         cgroup: cgroup.into(),
         netns: None,
         mounts: vec![super::super::Mount {
             env: env.into(),
-            secret_id: "s".into(),
+            secret_id: sid("s"),
             secret_name: "s".into(),
         }],
         created_at: 1,
@@ -151,7 +163,7 @@ fn restore_undoes_only_the_write_it_names() {
     let new = sandbox("sb", "veil.slice/a", "A");
     store.put_sandbox(&new, audit("acme")).unwrap();
     assert!(store.restore_sandbox(&new, None, audit("acme")).unwrap());
-    assert!(store.sandbox("sb").unwrap().is_none());
+    assert!(store.sandbox(&sbid("sb")).unwrap().is_none());
     store
         .put_sandbox(&sandbox("other", "veil.slice/a", "A"), audit("acme"))
         .unwrap();
@@ -165,10 +177,10 @@ fn restore_undoes_only_the_write_it_names() {
             .restore_sandbox(&moved, Some(&old), audit("acme"))
             .unwrap()
     );
-    assert_eq!(store.sandbox("sb").unwrap().as_ref(), Some(&old));
+    assert_eq!(store.sandbox(&sbid("sb")).unwrap().as_ref(), Some(&old));
     // A write that was superseded is left alone.
     assert!(!store.restore_sandbox(&moved, None, audit("acme")).unwrap());
-    assert_eq!(store.sandbox("sb").unwrap().as_ref(), Some(&old));
+    assert_eq!(store.sandbox(&sbid("sb")).unwrap().as_ref(), Some(&old));
     store
         .put_sandbox(&sandbox("x", "veil.slice/c", "A"), audit("acme"))
         .unwrap();
@@ -191,7 +203,7 @@ fn name_filter_and_total() {
         limit: 1,
         name_contains: Some("db"),
     };
-    let page = store.page_secrets("acme", &q).unwrap();
+    let page = store.page_secrets(&org("acme"), &q).unwrap();
     assert_eq!(page.total, 2);
     assert!(page.more);
     assert_eq!(page.items[0].name, "Alpha_DB");
@@ -200,8 +212,8 @@ fn name_filter_and_total() {
         limit: 10,
         ..q
     };
-    assert_eq!(store.page_secrets("acme", &all).unwrap().total, 3);
-    assert_eq!(store.page_secrets("nobody", &all).unwrap().total, 0);
+    assert_eq!(store.page_secrets(&org("acme"), &all).unwrap().total, 3);
+    assert_eq!(store.page_secrets(&org("nobody"), &all).unwrap().total, 0);
 }
 
 #[test]
@@ -211,7 +223,7 @@ fn usage_adds_up_audits_and_goes_with_the_secret() {
     let s = secret("acme", 1, 1);
     store.insert_secret(&s, audit("acme")).unwrap();
     let delta = |host: &str, substituted: u64, at: i64| UsageDelta {
-        secret_id: s.id.parse().unwrap(),
+        secret_id: s.id.clone(),
         sandbox: "sb".parse().unwrap(),
         host: host.into(),
         counts: super::super::UsageCounts {
@@ -231,7 +243,7 @@ fn usage_adds_up_audits_and_goes_with_the_secret() {
             &[delta("a.test", 2, 10), delta("b.test", 0, 20), gone],
             &mut |sec, d| {
                 audited.push((sec.id.clone(), d.host.clone()));
-                Some(audit(&sec.org))
+                Some(audit(sec.org.as_str()))
             },
         )
         .unwrap();
@@ -247,14 +259,16 @@ fn usage_adds_up_audits_and_goes_with_the_secret() {
     // Seen but never substituted: counted, not "used".
     assert_eq!(u.hosts["b.test"].last_used_at, None);
     assert_eq!(u.hosts["b.test"].last_seen_at, Some(20));
-    let (entries, _) = store.audit_page("acme", None, 100, Direction::Asc).unwrap();
+    let (entries, _) = store
+        .audit_page(&org("acme"), None, 100, Direction::Asc)
+        .unwrap();
     assert_eq!(entries.len(), 3, "create + one entry per recorded delta");
     // Durable across a reopen.
     drop(store);
     let store = SledStore::open(dir.path()).unwrap();
     assert_eq!(store.secret_usage(&s.id).unwrap(), u);
     store
-        .delete_secret("acme", &s.id, &mut |_| (audit("acme"), None))
+        .delete_secret(&org("acme"), &s.id, &mut |_| (audit("acme"), None))
         .unwrap();
     assert_eq!(store.secret_usage(&s.id).unwrap(), SecretUsage::default());
 }
@@ -294,7 +308,7 @@ fn sealed(key_id: &str, tag: &str) -> Sealed {
 
 fn prev(revision: u64, replaced_at: i64) -> PreviousValue {
     PreviousValue {
-        revision,
+        revision: Revision(revision),
         sealed: sealed("k", &format!("r{revision}")),
         replaced_at,
     }
@@ -303,7 +317,7 @@ fn prev(revision: u64, replaced_at: i64) -> PreviousValue {
 /// A secret at revision 3 with two rotated-out values.
 fn rotated(n: usize) -> SecretRecord {
     let mut s = secret("acme", n, 1);
-    s.revision = 3;
+    s.revision = Revision(3);
     s.previous = vec![prev(2, 200), prev(1, 100)];
     s
 }
@@ -321,7 +335,7 @@ fn tombstone_of(s: &SecretRecord, deleted_at: i64) -> TombstoneRecord {
         name: s.name.clone(),
         placeholder: s.placeholder.clone(),
         hosts: s.hosts.clone(),
-        revision: s.revision + 1,
+        revision: s.revision.next(),
         deleted_at,
         values,
     }
@@ -337,14 +351,16 @@ fn previous_values_and_tombstones_round_trip_durably() {
     store.insert_secret(&gone, audit("acme")).unwrap();
     let t = tombstone_of(&gone, 300);
     let deleted = store
-        .delete_secret("acme", &gone.id, &mut |_| (audit("acme"), Some(t.clone())))
+        .delete_secret(&org("acme"), &gone.id, &mut |_| {
+            (audit("acme"), Some(t.clone()))
+        })
         .unwrap();
     assert_eq!(deleted.id, gone.id);
     // A tombstone must name the secret it replaces.
     let mut wrong = tombstone_of(&kept, 300);
-    wrong.id = "other".into();
+    wrong.id = sid("other");
     assert!(matches!(
-        store.delete_secret("acme", &kept.id, &mut |_| (
+        store.delete_secret(&org("acme"), &kept.id, &mut |_| (
             audit("acme"),
             Some(wrong.clone())
         )),
@@ -353,11 +369,20 @@ fn previous_values_and_tombstones_round_trip_durably() {
     drop(store);
     let store = SledStore::open(dir.path()).unwrap();
     assert_eq!(
-        store.secret("acme", &kept.id).unwrap().unwrap().previous,
+        store
+            .secret(&org("acme"), &kept.id)
+            .unwrap()
+            .unwrap()
+            .previous,
         kept.previous
     );
-    assert!(store.secret("acme", &gone.id).unwrap().is_none());
-    assert!(store.secret_by_name("acme", &gone.name).unwrap().is_none());
+    assert!(store.secret(&org("acme"), &gone.id).unwrap().is_none());
+    assert!(
+        store
+            .secret_by_name(&org("acme"), &gone.name)
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(store.tombstones().unwrap(), vec![t]);
     assert!(store.check_consistency().unwrap().is_empty());
     // Records written before previous values existed load without them.
@@ -385,9 +410,15 @@ fn sweep_drops_values_past_the_cutoff_and_empty_tombstones() {
     store.insert_secret(&gone, audit("acme")).unwrap();
     let t = tombstone_of(&gone, 300);
     store
-        .delete_secret("acme", &gone.id, &mut |_| (audit("acme"), Some(t.clone())))
+        .delete_secret(&org("acme"), &gone.id, &mut |_| {
+            (audit("acme"), Some(t.clone()))
+        })
         .unwrap();
-    let updated_before = store.secret("acme", &live.id).unwrap().unwrap().updated_at;
+    let updated_before = store
+        .secret(&org("acme"), &live.id)
+        .unwrap()
+        .unwrap()
+        .updated_at;
 
     // Nothing is due: nothing changes, the oldest value sets the next deadline.
     let swept = store.sweep_grace(99).unwrap();
@@ -409,7 +440,7 @@ fn sweep_drops_values_past_the_cutoff_and_empty_tombstones() {
         (changed, swept.dropped, swept.oldest_kept),
         (want, 2, Some(200))
     );
-    let now = store.secret("acme", &live.id).unwrap().unwrap();
+    let now = store.secret(&org("acme"), &live.id).unwrap().unwrap();
     assert_eq!(now.previous, vec![prev(2, 200)]);
     assert_eq!(now.updated_at, updated_before, "an expiry is not an update");
     assert_eq!(store.tombstones().unwrap()[0].values.len(), 2);
@@ -419,7 +450,7 @@ fn sweep_drops_values_past_the_cutoff_and_empty_tombstones() {
     assert!(store.tombstones().unwrap().is_empty());
     assert!(
         store
-            .secret("acme", &live.id)
+            .secret(&org("acme"), &live.id)
             .unwrap()
             .unwrap()
             .previous
@@ -433,7 +464,7 @@ fn sweep_drops_values_past_the_cutoff_and_empty_tombstones() {
     assert!(store.tombstones().unwrap().is_empty());
     assert!(
         store
-            .secret("acme", &live.id)
+            .secret(&org("acme"), &live.id)
             .unwrap()
             .unwrap()
             .previous
@@ -453,7 +484,9 @@ fn reseal_and_key_ids_cover_previous_and_tombstoned_values() {
     t.values[2].sealed.key_id = "older-key".into();
     store.insert_secret(&gone, audit("acme")).unwrap();
     store
-        .delete_secret("acme", &gone.id, &mut |_| (audit("acme"), Some(t.clone())))
+        .delete_secret(&org("acme"), &gone.id, &mut |_| {
+            (audit("acme"), Some(t.clone()))
+        })
         .unwrap();
     assert_eq!(
         store.key_ids_in_use().unwrap(),
@@ -462,7 +495,7 @@ fn reseal_and_key_ids_cover_previous_and_tombstoned_values() {
     let mut seen = Vec::new();
     let n = store
         .reseal_all("new", &mut |v| {
-            seen.push((v.secret_id.to_owned(), v.revision, v.sealed.key_id.clone()));
+            seen.push((v.secret_id.clone(), v.revision, v.sealed.key_id.clone()));
             Ok(sealed("new", &format!("{}-{}", v.secret_id, v.revision)))
         })
         .unwrap();
@@ -472,8 +505,8 @@ fn reseal_and_key_ids_cover_previous_and_tombstoned_values() {
         6,
         "3 values each, each with its own binding revision"
     );
-    assert!(seen.contains(&(live.id.clone(), 1, "old-key".into())));
-    assert!(seen.contains(&(gone.id.clone(), 3, "k".into())));
+    assert!(seen.contains(&(live.id.clone(), Revision(1), "old-key".into())));
+    assert!(seen.contains(&(gone.id.clone(), Revision(3), "k".into())));
     assert_eq!(store.key_ids_in_use().unwrap(), ["new"]);
     assert_eq!(store.reseal_all("new", &mut |_| unreachable!()).unwrap(), 0);
 }
@@ -489,7 +522,7 @@ fn consistency_flags_tombstones_that_contradict_the_store() {
     t.values.clear();
     store
         .tombstones
-        .insert(t.id.as_bytes(), enc(&t).unwrap())
+        .insert(t.id.as_str().as_bytes(), enc(&t).unwrap())
         .unwrap();
     let problems = store.check_consistency().unwrap().join("; ");
     assert!(

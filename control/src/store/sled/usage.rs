@@ -28,7 +28,7 @@ pub(super) fn record_usage(
             continue;
         }
         if !usages.contains_key(&d.secret_id) {
-            let current = secret_usage(store, d.secret_id.as_str())?;
+            let current = secret_usage(store, &d.secret_id)?;
             usages.insert(d.secret_id.clone(), current);
         }
         if let Some(u) = usages.get_mut(&d.secret_id) {
@@ -60,8 +60,8 @@ pub(super) fn record_usage(
     Ok(recorded)
 }
 
-pub(super) fn secret_usage(store: &SledStore, id: &str) -> Result<SecretUsage, StoreError> {
-    match store.usage.get(id.as_bytes()).map_err(backend)? {
+pub(super) fn secret_usage(store: &SledStore, id: &SecretId) -> Result<SecretUsage, StoreError> {
+    match store.usage.get(id.as_str().as_bytes()).map_err(backend)? {
         Some(bytes) => dec("secret_usage", &bytes),
         None => Ok(SecretUsage::default()),
     }
