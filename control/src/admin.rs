@@ -274,6 +274,7 @@ impl Admin {
 
     /// Creates a new master key, makes it active, re-seals every secret and retires old keys.
     pub fn rekey(&self) -> Result<RekeyReport, AdminError> {
+        self.refuse_shared()?;
         {
             let mut ring = self
                 .ring()?
@@ -285,9 +286,23 @@ impl Admin {
         self.finish_rekey()
     }
 
+    /// A rekey changes the key files of this replica only: on a shared store the other
+    /// replicas could no longer open what it re-sealed.
+    fn refuse_shared(&self) -> Result<(), AdminError> {
+        if self.store.is_shared() {
+            return Err(AdminError::Invalid(
+                "rekey is not available with store.backend = \"postgres\" yet: every replica \
+                 would need the new key before it is used; the store is unchanged"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Re-seals secrets not under the active key and deletes keys nothing references; the
     /// second half of a rekey, also run at start-up to complete an interrupted one.
     pub fn finish_rekey(&self) -> Result<RekeyReport, AdminError> {
+        self.refuse_shared()?;
         let lock = self.ring()?;
         let (active, resealed) = {
             let ring = lock

@@ -103,7 +103,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("keyring poisoned"))?
         .key_ids()
         .len();
-    if pending > 1 {
+    if pending > 1 && !store.is_shared() {
         tracing::warn!("found several master keys: completing an interrupted rekey");
         let a = admin.clone();
         let report = tokio::task::spawn_blocking(move || a.finish_rekey()).await??;

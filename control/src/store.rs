@@ -429,6 +429,10 @@ pub type SandboxChange<'a> =
 
 /// The storage interface; implementations make each write durable before returning.
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Whether other veil-control replicas use this store at the same time (PostgreSQL).
+    fn is_shared(&self) -> bool {
+        false
+    }
     /// Stores a new API key, creating its organization if new.
     fn create_api_key(&self, key: &ApiKeyRecord, audit: AuditRecord) -> Result<(), StoreError>;
     /// Looks up an API key by id.
