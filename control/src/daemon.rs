@@ -127,9 +127,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         guarded,
     )
     .context("starting the agent link")?;
-    let agent: Arc<dyn crate::agent_link::AgentLink> = Arc::new(agent);
     let follower =
         shared.map(|s| tokio::spawn(fanout::follow(s.connection, s.replica, agent.clone())));
+    let agent: Arc<dyn crate::agent_link::AgentLink> = Arc::new(agent);
     // At start too: values that passed their grace while the daemon was down go at once.
     let sweeper = tokio::spawn(grace::sweeper(
         store.clone(),

@@ -52,8 +52,27 @@ impl Veil {
 
     /// As [`Veil::start_with`], with top-level keys added to control's config.
     pub fn start_with_control(
+        options: AgentOptions,
+        control_top_level: &str,
+        sandboxes: &[AgentSandbox],
+    ) -> Veil {
+        Veil::start_inner(options, control_top_level, None, sandboxes)
+    }
+
+    /// A veil-control replica on a shared store (its `[store]` in `control_top_level`) holding
+    /// the key files of the data dir `keys_from`, with its own agent.
+    pub fn start_replica(
+        options: AgentOptions,
+        control_top_level: &str,
+        keys_from: &std::path::Path,
+    ) -> Veil {
+        Veil::start_inner(options, control_top_level, Some(keys_from), &[])
+    }
+
+    fn start_inner(
         mut options: AgentOptions,
         control_top_level: &str,
+        keys_from: Option<&std::path::Path>,
         sandboxes: &[AgentSandbox],
     ) -> Veil {
         crate::stale::init();
@@ -62,7 +81,11 @@ impl Veil {
             .tempdir()
             .unwrap_or_else(|e| panic!("creating veil temp dir: {e}"));
         let socket = dir.path().join("agent.sock");
-        let control = Control::start_with_config(&control_config(&socket, control_top_level));
+        let config = control_config(&socket, control_top_level);
+        let control = match keys_from {
+            None => Control::start_with_config(&config),
+            Some(from) => crate::replicas::start_replica(&config, from),
+        };
         options.control_socket = Some(socket);
         let agent = Agent::start_with(options);
         // READY=1 means the agent re-adopted what it had; registrations need it linked too.

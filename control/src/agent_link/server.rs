@@ -15,6 +15,7 @@ mod acks;
 mod dispatch;
 mod handshake;
 mod propagation;
+mod shared;
 mod snapshot;
 mod socket;
 mod state;
@@ -23,6 +24,7 @@ mod usage;
 use std::time::Duration;
 
 pub use handshake::check_hello;
+pub use shared::PublishedAck;
 pub use socket::{CA_FILE, ServerError, trusted_peer};
 pub use state::{AgentInfo, AgentServer};
 

@@ -42,6 +42,7 @@ impl AgentServer {
             let _ = done.send(errors);
         }
         self.inner.acked.notify_waiters();
+        self.inner.changed.notify_one();
     }
 }
 

@@ -136,6 +136,7 @@ impl AgentServer {
         // Dropping the entry fails its pending acknowledgements (the waiters see a disconnect).
         self.lock().agents.remove(&conn);
         self.inner.acked.notify_waiters();
+        self.inner.changed.notify_one();
         tracing::info!(agent_id = %info.agent_id, "agent disconnected");
     }
 }

@@ -44,6 +44,8 @@ impl AgentServer {
                 );
             }
         }
+        drop(st);
+        self.merge_remote(id, &mut agents);
         Propagation {
             agents: agents.into_values().collect(),
         }

@@ -117,6 +117,8 @@ impl AgentServer {
                     ..LinkState::default()
                 }),
                 acked: Notify::new(),
+                changed: Notify::new(),
+                remote: Mutex::default(),
                 usage,
             }),
         };

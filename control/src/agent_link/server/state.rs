@@ -57,6 +57,10 @@ pub(super) struct Inner {
     pub(super) state: Mutex<LinkState>,
     /// Woken whenever acknowledgements or connections change (for [`AgentLink::wait_acked`]).
     pub(super) acked: Notify,
+    /// Woken when this replica's acknowledgements or agents change (to publish them).
+    pub(super) changed: Notify,
+    /// What other replicas published (shared store only).
+    pub(super) remote: Mutex<super::shared::Remote>,
     pub(super) usage: mpsc::Sender<UsageJob>,
 }
 

@@ -13,7 +13,8 @@ use super::db::db_err;
 use crate::store::StoreError;
 
 /// Migrations in order; `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE orgs (
     name text PRIMARY KEY,
     doc jsonb NOT NULL
@@ -68,7 +69,23 @@ CREATE TABLE master_keys (
     fingerprint text NOT NULL,
     added_at bigint NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE agent_acks (
+    replica text NOT NULL,
+    secret_id text NOT NULL,
+    agent_id text NOT NULL,
+    revision bigint,
+    at bigint,
+    connected boolean NOT NULL,
+    PRIMARY KEY (replica, secret_id, agent_id)
+);
+CREATE TABLE replicas (
+    id text PRIMARY KEY,
+    seen_at bigint NOT NULL
+);
+"#,
+];
 
 /// The schema version this binary writes.
 pub const VERSION: i32 = MIGRATIONS.len() as i32;
