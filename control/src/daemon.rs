@@ -89,6 +89,29 @@ pub fn open_data_dir(config: &Config) -> anyhow::Result<Opened> {
     Ok((store, Arc::new(RwLock::new(keyring)), shared))
 }
 
+/// The TCP addresses of the database's hosts (names resolved now; Unix sockets have none).
+fn database_addrs(config: &tokio_postgres::Config) -> Vec<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let ports = config.get_ports();
+    let mut addrs = Vec::new();
+    for (i, host) in config.get_hosts().iter().enumerate() {
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        if let tokio_postgres::config::Host::Tcp(name) = host {
+            match (name.as_str(), port).to_socket_addrs() {
+                Ok(found) => addrs.extend(found),
+                Err(e) => {
+                    tracing::warn!(host = %name, error = %e, "cannot resolve the database host to guard it")
+                }
+            }
+        }
+    }
+    for (i, ip) in config.get_hostaddrs().iter().enumerate() {
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        addrs.push(std::net::SocketAddr::new(*ip, port));
+    }
+    addrs
+}
+
 /// Runs the daemon until a termination signal.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let opening = config.clone();
@@ -118,6 +141,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // refuse connections to them.
     let mut guarded = vec![local];
     guarded.extend(config.metrics_listen.parse::<std::net::SocketAddr>().ok());
+    // The database holds every sealed value and the audit: no sandbox may connect to it either.
+    if let Some(shared) = &shared {
+        guarded.extend(database_addrs(&shared.connection.config));
+    }
     let (agent, agent_task) = AgentServer::bind(
         &config.agent_socket,
         &config.data_dir,

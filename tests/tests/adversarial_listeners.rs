@@ -11,6 +11,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Stdio};
 use std::time::Duration;
+use veil_tests::postgres::Postgres;
+use veil_tests::replicas::store_config;
 
 use serde_json::Value;
 use veil_tests::agent::AgentOptions;
@@ -335,4 +337,29 @@ fn no_sandbox_reaches_veils_own_listeners_whatever_its_netns() {
         "each refusal is counted"
     );
     drop(veil);
+}
+
+/// Issue 16: with the store on PostgreSQL, the database holds every sealed value, the API keys'
+/// hashes and the audit; a sandbox that could reach it could read or rewrite them. Its port is
+/// one of veil's own listeners: refused to every sandbox, whatever its netns.
+#[test]
+fn no_sandbox_reaches_the_shared_store() {
+    require_root();
+    let pg = Postgres::start();
+    let veil = Veil::start_with_control(AgentOptions::default(), &store_config(&pg), &[]);
+    let on_host = Sandbox::new("pg-host", None);
+    veil.register(&on_host.agent_entry("pg-host"));
+    let db = vec![format!("127.0.0.1:{}", pg.port())];
+    let refused = veil_tests::cmd::wait_until(Duration::from_secs(20), || {
+        dial(&on_host, &db)[0].1 == EPERM
+    });
+    assert!(
+        refused,
+        "a sandbox reached the PostgreSQL store at {}: {:?}",
+        db[0],
+        dial(&on_host, &db)
+    );
+    // The host itself (veil-control) still reaches it: the API answers from the database.
+    let (status, _) = veil.block_on(veil.api().get("/secret", veil.key()));
+    assert_eq!(status, 200);
 }

@@ -366,3 +366,70 @@ fn a_wait_on_one_replica_waits_for_the_agents_of_every_replica() {
     );
     assert!(theirs.iter().all(|(_, r, _)| *r == revision), "{theirs:?}");
 }
+
+#[test]
+fn a_postgres_outage_is_a_503_that_heals_while_sandboxes_keep_working() {
+    const HOST: &str = "api.replicas-outage.test";
+    let pg = Postgres::start();
+    let mut w = InterceptWorld::builder("replicas outage test CA", &[HOST])
+        .control_config(&store_config(&pg))
+        .start();
+    let secret = w.secret("outage", &[HOST], json!({}));
+    let sb = w.add_sandbox("outage-sb", &[("MY_KEY", "outage")]);
+    let placeholder = w.answer(sb)["env"]["MY_KEY"]
+        .as_str()
+        .expect("placeholder")
+        .to_owned();
+    let header = format!("x-api-key: {placeholder}");
+    let mut n = 0;
+    let mut request = |w: &InterceptWorld| -> Option<String> {
+        n += 1;
+        let target = format!("/outage/{n}");
+        let (ok, _) = w.curl(sb, &["-H", &header, &w.url(HOST, &target)], &[]);
+        assert!(ok, "request {n} through the agent failed");
+        w.seen()
+            .iter()
+            .rev()
+            .find(|s| s.target == target)
+            .and_then(|s| s.header("x-api-key").map(str::to_owned))
+    };
+    assert_eq!(request(&w).as_deref(), Some(secret.value.as_str()));
+    let key = w.veil.key().to_owned();
+    let path = format!("/secret/{}", secret.id);
+    pg.stop();
+    // While the database is away: sandboxes keep their secrets; REST says 503 with a message.
+    let (status, body) = w.veil.block_on(w.veil.api().get(&path, &key));
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unavailable")),
+        "{body}"
+    );
+    let down_since = std::time::Instant::now();
+    while down_since.elapsed() < Duration::from_secs(10) {
+        assert_eq!(
+            request(&w).as_deref(),
+            Some(secret.value.as_str()),
+            "a substituted request failed while PostgreSQL was down"
+        );
+    }
+    pg.start_again();
+    // It heals by itself: no restart of veil-control.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            w.veil.block_on(w.veil.api().get(&path, &key)).0 == 200
+        }),
+        "REST did not recover after PostgreSQL came back"
+    );
+    // Acknowledgements resume: a rotation with wait is acknowledged and applied.
+    let value = format!("outage-v2-{}", random_token(24));
+    let (status, body) = w.veil.block_on(w.veil.api().patch(
+        &format!("{path}?wait=10s"),
+        &key,
+        json!({"value": value}),
+    ));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["propagation"]["complete"], true, "{body}");
+    assert_eq!(request(&w).as_deref(), Some(value.as_str()));
+}
