@@ -92,6 +92,14 @@ pub enum Cmd {
         #[arg(long, default_value_t = 20, value_parser = positive)]
         count: u64,
     },
+    /// The store backends side by side: creates/s, paginated reads/s, rotation → every
+    /// agent acknowledged (sled vs PostgreSQL with two replicas).
+    #[command(after_help = EXIT_STATUS)]
+    Store {
+        /// Secrets created per backend.
+        #[arg(long, default_value_t = 2000, value_parser = positive)]
+        count: u64,
+    },
     /// TLS interception with header substitution vs a direct connection (h2load).
     #[command(after_help = EXIT_STATUS)]
     Mitm {

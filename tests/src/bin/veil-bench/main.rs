@@ -39,6 +39,7 @@ mod peers;
 mod rotation;
 mod sink;
 mod soak;
+mod store;
 mod suite;
 
 fn main() -> ExitCode {
@@ -99,6 +100,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Registration { count } => registration(count),
         Cmd::Restart { count } => restart(count),
         Cmd::Rotation { count } => rotation::run(count),
+        Cmd::Store { count } => store::run(count),
         Cmd::Mitm { seconds, runs } => mitm::run(seconds, runs),
         Cmd::ClientBulk { addr, bytes } => client_bulk(addr, bytes),
         Cmd::ClientConnrate {
