@@ -10,7 +10,7 @@ use serde_json::Value;
 use veil_api::{AuditEntry, AuditPage, AuditQuery, OrgId};
 
 use super::error::ApiError;
-use super::state::{AppState, Caller, Route, parse_limit, query};
+use super::state::{AppState, Caller, Route, parse_limit, query, with_state};
 use crate::auth::Permission;
 use crate::paginate::Order;
 use crate::store::{AuditRecord, Direction};
@@ -95,10 +95,13 @@ pub(crate) async fn list(
         Order::Desc => Direction::Desc,
     };
     // One extra item tells whether another page exists.
-    let (mut items, total) = state
-        .store
-        .audit_page(&caller.org, after, limit + 1, dir)
-        .map_err(|e| ApiError::from_store(e, "audit"))?;
+    let org = caller.org.clone();
+    let (mut items, total) = with_state(&state, move |st| {
+        st.store
+            .audit_page(&org, after, limit + 1, dir)
+            .map_err(|e| ApiError::from_store(e, "audit"))
+    })
+    .await?;
     let more = items.len() > limit;
     items.truncate(limit);
     let next = more

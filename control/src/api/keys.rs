@@ -11,7 +11,7 @@ use veil_api::{ApiKey, CreateApiKey, NewApiKey, SecretValue};
 
 use super::body::{PERMISSIONS, decode};
 use super::error::ApiError;
-use super::state::{AppState, Caller, Route, blocking};
+use super::state::{AppState, Caller, Route, blocking, with_state};
 use crate::api::audit::entry;
 use crate::auth::{self, Permission};
 use crate::store::{ApiKeyRecord, StoreError};
@@ -108,13 +108,13 @@ pub(crate) async fn list(
     caller: Caller,
 ) -> Result<Json<Vec<ApiKey>>, ApiError> {
     caller.require(Permission::Admin)?;
-    let mut keys: Vec<ApiKeyRecord> = state
-        .store
-        .list_api_keys()
-        .map_err(|e| ApiError::from_store(e, "api key"))?
-        .into_iter()
-        .filter(|k| k.org == caller.org)
-        .collect();
+    let all = with_state(&state, |st| {
+        st.store
+            .list_api_keys()
+            .map_err(|e| ApiError::from_store(e, "api key"))
+    })
+    .await?;
+    let mut keys: Vec<ApiKeyRecord> = all.into_iter().filter(|k| k.org == caller.org).collect();
     keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     Ok(Json(keys.iter().map(view).collect()))
 }

@@ -29,7 +29,7 @@ use veil_api::{MountList, MountedSecret, PutSandbox, PutSandboxSecrets, Sandbox,
 
 use super::body::decode;
 use super::error::{ApiError, Unconfirmed};
-use super::state::{AppState, Caller, Route, blocking};
+use super::state::{AppState, Caller, Route, blocking, with_state};
 use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
@@ -341,7 +341,9 @@ pub(crate) async fn put_sandbox(
     })
     .await?;
     settle(&state, &caller, &record, previous).await?;
-    Ok(Json(view(&state, &record)?))
+    with_state(&state, move |st| view(st, &record))
+        .await
+        .map(Json)
 }
 
 fn owned(state: &AppState, caller: &Caller, id: &SandboxId) -> Result<SandboxRecord, ApiError> {
@@ -370,8 +372,10 @@ pub(crate) async fn get_sandbox(
     Path(id): Path<String>,
 ) -> Result<Json<Sandbox>, ApiError> {
     caller.require(Permission::WriteSandboxes)?;
-    let sb = owned(&state, &caller, &path_id(&id)?)?;
-    Ok(Json(view(&state, &sb)?))
+    let id = path_id(&id)?;
+    with_state(&state, move |st| view(st, &owned(st, &caller, &id)?))
+        .await
+        .map(Json)
 }
 
 #[utoipa::path(
@@ -483,7 +487,9 @@ pub(crate) async fn put_secrets(
     })
     .await?;
     settle(&state, &caller, &record, previous).await?;
-    Ok(Json(view(&state, &record)?))
+    with_state(&state, move |st| view(st, &record))
+        .await
+        .map(Json)
 }
 
 #[utoipa::path(
@@ -503,8 +509,8 @@ pub(crate) async fn get_secrets(
     Path(id): Path<String>,
 ) -> Result<Json<Vec<MountedSecret>>, ApiError> {
     caller.require(Permission::WriteSandboxes)?;
-    let sb = owned(&state, &caller, &path_id(&id)?)?;
-    let live = live_mounts(&state, &sb)?;
+    let id = path_id(&id)?;
+    let live = with_state(&state, move |st| live_mounts(st, &owned(st, &caller, &id)?)).await?;
     Ok(Json(
         live.iter()
             .map(|(m, s)| MountedSecret {

@@ -16,7 +16,7 @@ use veil_api::{CreateSecret, Secret, SecretDetail, SecretPage, UpdateSecret, Upd
 
 use super::body::decode;
 use super::error::{ApiError, Unconfirmed};
-use super::state::{AppState, Caller, Route, blocking, parse_limit, query};
+use super::state::{AppState, Caller, Route, blocking, parse_limit, query, with_state};
 use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
@@ -284,15 +284,32 @@ pub(crate) async fn get_one(
 ) -> Result<Json<SecretDetail>, ApiError> {
     caller.require(Permission::ManageSecrets)?;
     let id = path_id(&id)?;
-    let s = state
-        .store
-        .secret(&caller.org, &id)
-        .map_err(|e| ApiError::from_store(e, "secret"))?
-        .ok_or_else(|| not_found(id.as_str()))?;
-    detail_of(&state, &s).map(Json)
+    let s = read_secret(&state, &caller, &id).await?;
+    detail_of(&state, s).await.map(Json)
 }
 
-fn detail_of(state: &AppState, s: &SecretRecord) -> Result<SecretDetail, ApiError> {
+/// A secret of the caller's organization; a 404 when there is none.
+async fn read_secret(
+    state: &AppState,
+    caller: &Caller,
+    id: &SecretId,
+) -> Result<SecretRecord, ApiError> {
+    let (org, id) = (caller.org.clone(), id.clone());
+    with_state(state, move |st| {
+        st.store
+            .secret(&org, &id)
+            .map_err(|e| ApiError::from_store(e, "secret"))?
+            .ok_or_else(|| not_found(id.as_str()))
+    })
+    .await
+}
+
+/// The detail view: the record with its usage (read from the store) and propagation.
+async fn detail_of(state: &AppState, s: SecretRecord) -> Result<SecretDetail, ApiError> {
+    with_state(state, move |st| detail_now(st, &s)).await
+}
+
+fn detail_now(state: &AppState, s: &SecretRecord) -> Result<SecretDetail, ApiError> {
     let usage = state
         .store
         .secret_usage(&s.id)
@@ -345,15 +362,11 @@ pub(crate) async fn update(
     if nothing {
         // Nothing to change: answer like a GET, without a write or an audit entry (with
         // `wait`, once the agents hold the current revision).
-        let s = state
-            .store
-            .secret(&caller.org, &id)
-            .map_err(|e| ApiError::from_store(e, "secret"))?
-            .ok_or_else(|| not_found(id.as_str()))?;
+        let s = read_secret(&state, &caller, &id).await?;
         if let Some(wait) = wait {
             wait_for_agents(&state, &id, s.revision, wait).await?;
         }
-        return detail_of(&state, &s).map(Json);
+        return detail_of(&state, s).await.map(Json);
     }
     let st = state.clone();
     let caller2 = caller.clone();
@@ -493,7 +506,7 @@ pub(crate) async fn update(
             wait_for_agents(&state, &id, record.revision, wait).await?;
         }
     }
-    detail_of(&state, &record).map(Json)
+    detail_of(&state, record).await.map(Json)
 }
 
 /// Waits until no agent may still use a revision older than `revision`; a 504 that says the

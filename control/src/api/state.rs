@@ -43,6 +43,16 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal("blocking task", e))?
 }
 
+/// Runs `f` with the state on a blocking thread: everything that reads the store goes
+/// through here or [`blocking`] (the store may wait on its database).
+pub async fn with_state<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    blocking(move || f(&state)).await
+}
+
 /// The authenticated caller.
 #[derive(Clone, Debug)]
 pub struct Caller {
