@@ -51,6 +51,8 @@ pub mod servers;
 pub mod stale;
 pub mod veil;
 pub mod world;
+pub mod ws_clients;
+pub mod ws_upstream;
 
 pub use agent::{Agent, AgentOptions, AgentSandbox};
 pub use bpfq::{AttachType, attached_prog_ids, orig_map_len, sandbox_map_has};

@@ -1,0 +1,119 @@
+//! WebSocket through interception (issue 20): real clients in a sandbox — Python `websockets`
+//! and Node `ws` — against a real `wss` upstream that authenticates with the substituted
+//! `Authorization` and answers with the value in every encoding the scrubber covers, whole and
+//! split across fragments, in a close reason too. The sandbox never receives the value; the
+//! upstream got it from the upgrade request. Client messages get substitution only for a secret
+//! with `bodySubstitution`.
+
+use serde_json::json;
+use veil_tests::adversary::encodings;
+use veil_tests::control::random_token;
+use veil_tests::intercept_world::InterceptWorld;
+use veil_tests::ws_clients::{WsClient, WsRun, run_client};
+use veil_tests::ws_upstream::WsUpstream;
+
+const ALLOWED: &str = "api.allowed.test";
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn world(value: &str) -> InterceptWorld<WsUpstream> {
+    let value = value.to_owned();
+    InterceptWorld::builder("websocket test CA", &[ALLOWED])
+        .metrics()
+        .start_with(move |ns, ip, ca, names| WsUpstream::start(ns, ip, ca, names, value))
+}
+
+fn url(w: &InterceptWorld<WsUpstream>) -> String {
+    format!("wss://{ALLOWED}:{}/ws", w.up.addr().port())
+}
+
+/// The value reached neither the payloads nor the close reason, in any encoding.
+fn assert_scrubbed(run: &WsRun, value: &str, who: &str) {
+    let all = run.all_bytes();
+    assert!(!contains(&all, value.as_bytes()), "{who}: the value reached the sandbox: {run:?}");
+    for (name, enc) in encodings(value.as_bytes()) {
+        assert!(!contains(&all, &enc), "{who}: the value reached the sandbox as {name}: {run:?}");
+    }
+}
+
+#[test]
+fn python_and_node_clients_get_the_value_upstream_and_never_back() {
+    let value = format!("sk-test-{}", random_token(40));
+    let mut w = world(&value);
+    let key = w.secret_valued("ws-key", value.clone(), &[ALLOWED], json!({}));
+    let sb = w.add_sandbox("ws-clients", &[("K", "ws-key")]);
+    let forms = encodings(value.as_bytes()).len();
+    for client in [WsClient::Python, WsClient::Node] {
+        let before = w.up.seen();
+        let run = run_client(&w, sb, client, &url(&w), &key.placeholder, &["leak", "hello", "close"], &[&value]);
+        assert_eq!(run.error, None, "{client:?}: {run:?}");
+        assert_scrubbed(&run, &value, &format!("{client:?}"));
+        let texts = run.texts();
+        assert!(texts.iter().any(|t| t == "done"), "{client:?}: {run:?}");
+        // Every encoded echo arrived (scrubbed to the placeholder, or to its encoding for
+        // hex and base64), then the raw value, two fragmented messages, `done` and `hello`.
+        assert_eq!(run.messages.len(), forms + 5, "{client:?}: {run:?}");
+        let placeholders = run
+            .messages
+            .iter()
+            .filter(|m| contains(&m.1, key.placeholder.as_bytes()))
+            .count();
+        assert!(placeholders > forms / 2, "{client:?}: {placeholders} of {forms} forms: {run:?}");
+        // The value split across three fragments of a text and of a binary message.
+        assert!(texts.contains(&format!("frag:{}", key.placeholder)), "{client:?}: {run:?}");
+        assert!(
+            run.messages.iter().filter(|m| !m.0 && m.1 == key.placeholder.as_bytes()).count() >= 2,
+            "{client:?}: the binary messages (whole and fragmented) are not the placeholder: {run:?}"
+        );
+        assert!(texts.contains(&"hello".to_owned()), "{client:?}: {run:?}");
+        let (code, reason) = run.close.clone().expect("the close frame");
+        assert_eq!(code, 1000, "{client:?}");
+        assert_eq!(reason, format!("bye {}", key.placeholder).into_bytes(), "{client:?}");
+        let after = w.up.seen();
+        assert_eq!(after.authorized, before.authorized + 1, "{client:?}: {after:?}");
+        assert_eq!(after.upgrades, before.upgrades + 1, "{client:?}: {after:?}");
+        // Both clients offer permessage-deflate; veil removed the offer.
+        assert_eq!(after.offered_extensions, 0, "{client:?}: {after:?}");
+    }
+    assert!(w.counter("websocket_relayed") >= 2.0);
+    assert!(w.counter("scrubbed") >= 2.0 * forms as f64);
+}
+
+#[test]
+fn client_messages_are_substituted_only_with_body_substitution() {
+    let value = format!("sk-test-{}", random_token(40));
+    let mut w = world(&value);
+    // Same value, two secrets: only the second substitutes bodies (and so messages).
+    let plain = w.secret_valued("ws-plain", value.clone(), &[ALLOWED], json!({}));
+    let body = w.secret_valued(
+        "ws-body",
+        value.clone(),
+        &[ALLOWED],
+        json!({"bodySubstitution": true}),
+    );
+    let sb = w.add_sandbox("ws-subst", &[("K", "ws-plain"), ("B", "ws-body")]);
+    let without = format!("{{\"key\": \"{}\"}}", plain.placeholder);
+    let with = format!("{{\"key\": \"{}\"}}", body.placeholder);
+    let run = run_client(&w, sb, WsClient::Python, &url(&w), &plain.placeholder, &[&without, &with], &[&value]);
+    assert_eq!(run.error, None, "{run:?}");
+    assert_scrubbed(&run, &value, "python");
+    let seen = w.up.seen();
+    assert!(
+        seen.messages.iter().any(|m| m == without.as_bytes()),
+        "the placeholder of a secret without bodySubstitution must reach the upstream unchanged: {seen:?}"
+    );
+    let substituted = format!("{{\"key\": \"{value}\"}}");
+    assert!(
+        seen.messages.iter().any(|m| m == substituted.as_bytes()),
+        "a bodySubstitution secret's placeholder must reach the upstream as its value: {seen:?}"
+    );
+    // The upstream echoes the value back: the sandbox gets a placeholder of that value.
+    let texts = run.texts();
+    assert_eq!(texts.len(), 2, "{run:?}");
+    assert!(
+        texts.iter().all(|t| t.contains(&plain.placeholder) || t.contains(&body.placeholder)),
+        "{run:?}"
+    );
+}
