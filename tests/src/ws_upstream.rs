@@ -11,6 +11,8 @@
 //! - `big:N`: a binary message of N bytes, then `done`;
 //! - anything else is echoed back as it came.
 //!
+//! On [`NEGOTIATE_DEFLATE`] its 101 names `permessage-deflate` although nobody offered it.
+//!
 //! Its [`WsSeen`] never prints a payload (they may carry the value).
 
 use std::net::{IpAddr, SocketAddr};
@@ -27,6 +29,9 @@ use crate::adversary::encodings;
 use crate::https::{TestCa, tls_acceptor};
 use crate::intercept_world::Upstream;
 use crate::netns::NetNs;
+
+/// The path on which the upstream's 101 negotiates `permessage-deflate` whatever was offered.
+pub const NEGOTIATE_DEFLATE: &str = "/negotiate-deflate";
 
 /// What the upstream received, over all its connections.
 #[derive(Default, Clone)]
@@ -154,6 +159,15 @@ where
         let auth = req.headers().get("authorization").map(|v| v.as_bytes());
         if auth == Some(expected.as_bytes()) {
             s.authorized += 1;
+            let mut resp = resp;
+            if req.uri().path() == NEGOTIATE_DEFLATE {
+                resp.headers_mut().insert(
+                    "sec-websocket-extensions",
+                    tokio_tungstenite::tungstenite::http::HeaderValue::from_static(
+                        "permessage-deflate",
+                    ),
+                );
+            }
             Ok(resp)
         } else {
             let mut refused = ErrorResponse::new(Some("unauthorized".into()));
