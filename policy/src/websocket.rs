@@ -81,7 +81,10 @@ pub fn scrub_close_reason(patterns: &ScrubPatterns, reason: &str) -> Scrubbed<St
 /// `text` cut to at most `max` bytes, at a character boundary.
 pub fn truncate_text(mut text: String, max: usize) -> String {
     if text.len() > max {
-        let cut = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+        let cut = (0..=max)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
         text.truncate(cut);
     }
     text

@@ -386,7 +386,10 @@ impl Config {
                 "max_streams_per_connection",
                 u64::from(a.max_streams_per_connection),
             ),
-            ("websocket_max_frame_bytes", a.websocket_max_frame_bytes as u64),
+            (
+                "websocket_max_frame_bytes",
+                a.websocket_max_frame_bytes as u64,
+            ),
             (
                 "websocket_max_message_bytes",
                 a.websocket_max_message_bytes as u64,

@@ -36,7 +36,13 @@ pub fn venv(name: &str, packages: &[&str]) -> PathBuf {
         // `python -m pip`, not `bin/pip`: a venv copied from another tree keeps that tree's
         // path in its scripts' shebangs, and would install there.
         run(Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .args(packages));
         std::fs::write(&marker, b"").unwrap_or_else(|e| panic!("write marker: {e}"));
     }

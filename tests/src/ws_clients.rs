@@ -182,7 +182,10 @@ pub fn run_client<U: Upstream>(
     redact: &[&str],
 ) -> WsRun {
     let dir = w.scratch();
-    let out = dir.join(format!("ws-{client:?}-{}.json", crate::control::random_token(8)));
+    let out = dir.join(format!(
+        "ws-{client:?}-{}.json",
+        crate::control::random_token(8)
+    ));
     let (program, script) = match client {
         WsClient::Python => {
             let script = write(dir, "ws_client.py", PYTHON_CLIENT);
@@ -217,7 +220,10 @@ pub fn run_client<U: Upstream>(
         run.messages.push((m["t"] == "text", hex(&m["hex"])));
     }
     if let Some(c) = v["close"].as_object() {
-        let code = c.get("code").and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let code = c
+            .get("code")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
         let reason = c.get("reason").map(hex).unwrap_or_default();
         run.close = Some((u16::try_from(code).unwrap_or(0), reason));
     }

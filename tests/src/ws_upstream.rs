@@ -144,6 +144,10 @@ impl WsUpstream {
     }
 }
 
+#[expect(
+    clippy::result_large_err,
+    reason = "tungstenite's handshake callback returns its own ErrorResponse"
+)]
 async fn serve<S>(io: S, seen: Seen, value: &str)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,

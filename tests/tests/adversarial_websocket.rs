@@ -37,7 +37,15 @@ fn setup(name: &str) -> Setup {
 impl Setup {
     fn run(&self, client: WsClient, path: &str, cmds: &[&str]) -> WsRun {
         let url = format!("wss://{ALLOWED}:{}{path}", self.w.up.addr().port());
-        let run = run_client(&self.w, self.sb, client, &url, &self.key.placeholder, cmds, &[&self.key.value]);
+        let run = run_client(
+            &self.w,
+            self.sb,
+            client,
+            &url,
+            &self.key.placeholder,
+            cmds,
+            &[&self.key.value],
+        );
         assert!(
             !contains(&run.all_bytes(), self.key.value.as_bytes()),
             "{client:?}: the value reached the sandbox: {run:?}"
@@ -51,10 +59,16 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 fn assert_veil_close(run: &WsRun, code: u16, who: &str) {
-    let (got, reason) = run.close.clone().unwrap_or_else(|| panic!("{who}: no close frame: {run:?}"));
+    let (got, reason) = run
+        .close
+        .clone()
+        .unwrap_or_else(|| panic!("{who}: no close frame: {run:?}"));
     let reason = String::from_utf8_lossy(&reason).into_owned();
     assert_eq!(got, code, "{who}: {reason} {run:?}");
-    assert!(reason.starts_with("veil:"), "{who}: close reason {reason:?}");
+    assert!(
+        reason.starts_with("veil:"),
+        "{who}: close reason {reason:?}"
+    );
 }
 
 #[test]
@@ -97,7 +111,9 @@ fn a_value_split_across_fragments_or_in_a_close_reason_is_scrubbed() {
     for client in [WsClient::Python, WsClient::Node] {
         let run = s.run(client, "/ws", &["leak", "close"]);
         assert!(
-            run.messages.iter().any(|m| m.0 && m.1 == [b"frag:".as_slice(), ph].concat()),
+            run.messages
+                .iter()
+                .any(|m| m.0 && m.1 == [b"frag:".as_slice(), ph].concat()),
             "{client:?}: the fragmented text is not `frag:` + the placeholder: {run:?}"
         );
         assert!(
@@ -113,16 +129,30 @@ fn a_value_split_across_fragments_or_in_a_close_reason_is_scrubbed() {
 #[test]
 fn a_placeholder_in_client_frames_without_body_substitution_reaches_the_upstream_unchanged() {
     let s = setup("ws-adv-nosub");
-    let msg = format!("{{\"key\": \"{}\", \"again\": \"{}\"}}", s.key.placeholder, s.key.placeholder);
+    let msg = format!(
+        "{{\"key\": \"{}\", \"again\": \"{}\"}}",
+        s.key.placeholder, s.key.placeholder
+    );
     for client in [WsClient::Python, WsClient::Node] {
         let run = s.run(client, "/ws", &[&msg, &s.key.placeholder]);
         assert_eq!(run.error, None, "{client:?}: {run:?}");
         let seen = s.w.up.seen();
         assert!(
-            !seen.messages.iter().any(|m| contains(m, s.key.value.as_bytes())),
+            !seen
+                .messages
+                .iter()
+                .any(|m| contains(m, s.key.value.as_bytes())),
             "{client:?}: a placeholder in a client frame was substituted without bodySubstitution: {seen:?}"
         );
-        assert!(seen.messages.iter().any(|m| m == msg.as_bytes()), "{seen:?}");
-        assert!(seen.messages.iter().any(|m| m == s.key.placeholder.as_bytes()), "{seen:?}");
+        assert!(
+            seen.messages.iter().any(|m| m == msg.as_bytes()),
+            "{seen:?}"
+        );
+        assert!(
+            seen.messages
+                .iter()
+                .any(|m| m == s.key.placeholder.as_bytes()),
+            "{seen:?}"
+        );
     }
 }

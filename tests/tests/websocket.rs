@@ -32,9 +32,15 @@ fn url(w: &InterceptWorld<WsUpstream>) -> String {
 /// The value reached neither the payloads nor the close reason, in any encoding.
 fn assert_scrubbed(run: &WsRun, value: &str, who: &str) {
     let all = run.all_bytes();
-    assert!(!contains(&all, value.as_bytes()), "{who}: the value reached the sandbox: {run:?}");
+    assert!(
+        !contains(&all, value.as_bytes()),
+        "{who}: the value reached the sandbox: {run:?}"
+    );
     for (name, enc) in encodings(value.as_bytes()) {
-        assert!(!contains(&all, &enc), "{who}: the value reached the sandbox as {name}: {run:?}");
+        assert!(
+            !contains(&all, &enc),
+            "{who}: the value reached the sandbox as {name}: {run:?}"
+        );
     }
 }
 
@@ -47,7 +53,15 @@ fn python_and_node_clients_get_the_value_upstream_and_never_back() {
     let forms = encodings(value.as_bytes()).len();
     for client in [WsClient::Python, WsClient::Node] {
         let before = w.up.seen();
-        let run = run_client(&w, sb, client, &url(&w), &key.placeholder, &["leak", "hello", "close"], &[&value]);
+        let run = run_client(
+            &w,
+            sb,
+            client,
+            &url(&w),
+            &key.placeholder,
+            &["leak", "hello", "close"],
+            &[&value],
+        );
         assert_eq!(run.error, None, "{client:?}: {run:?}");
         assert_scrubbed(&run, &value, &format!("{client:?}"));
         let texts = run.texts();
@@ -60,19 +74,37 @@ fn python_and_node_clients_get_the_value_upstream_and_never_back() {
             .iter()
             .filter(|m| contains(&m.1, key.placeholder.as_bytes()))
             .count();
-        assert!(placeholders > forms / 2, "{client:?}: {placeholders} of {forms} forms: {run:?}");
-        // The value split across three fragments of a text and of a binary message.
-        assert!(texts.contains(&format!("frag:{}", key.placeholder)), "{client:?}: {run:?}");
         assert!(
-            run.messages.iter().filter(|m| !m.0 && m.1 == key.placeholder.as_bytes()).count() >= 2,
+            placeholders > forms / 2,
+            "{client:?}: {placeholders} of {forms} forms: {run:?}"
+        );
+        // The value split across three fragments of a text and of a binary message.
+        assert!(
+            texts.contains(&format!("frag:{}", key.placeholder)),
+            "{client:?}: {run:?}"
+        );
+        assert!(
+            run.messages
+                .iter()
+                .filter(|m| !m.0 && m.1 == key.placeholder.as_bytes())
+                .count()
+                >= 2,
             "{client:?}: the binary messages (whole and fragmented) are not the placeholder: {run:?}"
         );
         assert!(texts.contains(&"hello".to_owned()), "{client:?}: {run:?}");
         let (code, reason) = run.close.clone().expect("the close frame");
         assert_eq!(code, 1000, "{client:?}");
-        assert_eq!(reason, format!("bye {}", key.placeholder).into_bytes(), "{client:?}");
+        assert_eq!(
+            reason,
+            format!("bye {}", key.placeholder).into_bytes(),
+            "{client:?}"
+        );
         let after = w.up.seen();
-        assert_eq!(after.authorized, before.authorized + 1, "{client:?}: {after:?}");
+        assert_eq!(
+            after.authorized,
+            before.authorized + 1,
+            "{client:?}: {after:?}"
+        );
         assert_eq!(after.upgrades, before.upgrades + 1, "{client:?}: {after:?}");
         // Both clients offer permessage-deflate; veil removed the offer.
         assert_eq!(after.offered_extensions, 0, "{client:?}: {after:?}");
@@ -96,7 +128,15 @@ fn client_messages_are_substituted_only_with_body_substitution() {
     let sb = w.add_sandbox("ws-subst", &[("K", "ws-plain"), ("B", "ws-body")]);
     let without = format!("{{\"key\": \"{}\"}}", plain.placeholder);
     let with = format!("{{\"key\": \"{}\"}}", body.placeholder);
-    let run = run_client(&w, sb, WsClient::Python, &url(&w), &plain.placeholder, &[&without, &with], &[&value]);
+    let run = run_client(
+        &w,
+        sb,
+        WsClient::Python,
+        &url(&w),
+        &plain.placeholder,
+        &[&without, &with],
+        &[&value],
+    );
     assert_eq!(run.error, None, "{run:?}");
     assert_scrubbed(&run, &value, "python");
     let seen = w.up.seen();
@@ -113,7 +153,9 @@ fn client_messages_are_substituted_only_with_body_substitution() {
     let texts = run.texts();
     assert_eq!(texts.len(), 2, "{run:?}");
     assert!(
-        texts.iter().all(|t| t.contains(&plain.placeholder) || t.contains(&body.placeholder)),
+        texts
+            .iter()
+            .all(|t| t.contains(&plain.placeholder) || t.contains(&body.placeholder)),
         "{run:?}"
     );
 }

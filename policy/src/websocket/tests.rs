@@ -43,7 +43,9 @@ fn encodings(value: &str) -> Vec<String> {
         .collect();
     vec![
         value.to_owned(),
-        serde_json::to_string(value).unwrap_or_default().replace('/', "\\/"),
+        serde_json::to_string(value)
+            .unwrap_or_default()
+            .replace('/', "\\/"),
         hex.clone(),
         hex.to_uppercase(),
         percent,

@@ -132,7 +132,14 @@ pub async fn handle(
             if let Some(client_upgrade) = client_upgrade
                 && resp.status() == StatusCode::SWITCHING_PROTOCOLS
             {
-                return Ok(switch(&ctx, policy, host_ok, client_upgrade, resp, inflight));
+                return Ok(switch(
+                    &ctx,
+                    policy,
+                    host_ok,
+                    client_upgrade,
+                    resp,
+                    inflight,
+                ));
             }
             let (mut parts, body) = resp.into_parts();
             if let Some(answer) = scrub::refuse_transfer_coding(&ctx, &mut parts) {

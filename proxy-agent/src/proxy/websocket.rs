@@ -141,8 +141,8 @@ impl Relay {
     async fn run(&mut self, idle: std::time::Duration) {
         loop {
             let step = tokio::select! {
-                m = self.upstream.next() => self.from_upstream(m).await,
-                m = self.client.next() => self.from_client(m).await,
+                m = self.upstream.next() => self.server_message(m).await,
+                m = self.client.next() => self.client_message(m).await,
                 () = tokio::time::sleep(idle) => {
                     Stats::inc(&self.ctx.stats.websocket_closed);
                     debug!(sandbox = %self.ctx.sandbox, sni = %self.ctx.sni, "idle WebSocket closed");
@@ -156,7 +156,7 @@ impl Relay {
         }
     }
 
-    async fn from_upstream(&mut self, msg: Option<Result<Message, WsError>>) -> Step {
+    async fn server_message(&mut self, msg: Option<Result<Message, WsError>>) -> Step {
         let msg = match msg {
             Some(Ok(msg)) => msg,
             None | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
@@ -199,7 +199,10 @@ impl Relay {
             // Only produced when writing raw frames, never by a read.
             Message::Frame(_) => return Step::Continue,
         };
-        self.ctx.stats.scrubbed.fetch_add(replaced, Ordering::Relaxed);
+        self.ctx
+            .stats
+            .scrubbed
+            .fetch_add(replaced, Ordering::Relaxed);
         self.send_client(out).await
     }
 
@@ -220,7 +223,7 @@ impl Relay {
         }
     }
 
-    async fn from_client(&mut self, msg: Option<Result<Message, WsError>>) -> Step {
+    async fn client_message(&mut self, msg: Option<Result<Message, WsError>>) -> Step {
         let msg = match msg {
             Some(Ok(msg)) => msg,
             None | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
@@ -435,11 +438,27 @@ mod tests {
                 .body(())
                 .unwrap()
         };
-        assert!(is_websocket(&req(Method::GET, Version::HTTP_11, "WebSocket")));
-        assert!(is_websocket(&req(Method::GET, Version::HTTP_11, "foo, websocket")));
+        assert!(is_websocket(&req(
+            Method::GET,
+            Version::HTTP_11,
+            "WebSocket"
+        )));
+        assert!(is_websocket(&req(
+            Method::GET,
+            Version::HTTP_11,
+            "foo, websocket"
+        )));
         assert!(!is_websocket(&req(Method::GET, Version::HTTP_11, "h2c")));
-        assert!(!is_websocket(&req(Method::POST, Version::HTTP_11, "websocket")));
-        assert!(!is_websocket(&req(Method::GET, Version::HTTP_10, "websocket")));
+        assert!(!is_websocket(&req(
+            Method::POST,
+            Version::HTTP_11,
+            "websocket"
+        )));
+        assert!(!is_websocket(&req(
+            Method::GET,
+            Version::HTTP_10,
+            "websocket"
+        )));
     }
 
     #[test]
@@ -460,13 +479,19 @@ mod tests {
     fn veil_close_reasons_fit_a_close_frame() {
         let errors = [
             WsError::Protocol(ProtocolError::NonZeroReservedBits),
-            WsError::Capacity(CapacityError::MessageTooLong { size: 2, max_size: 1 }),
+            WsError::Capacity(CapacityError::MessageTooLong {
+                size: 2,
+                max_size: 1,
+            }),
             WsError::Capacity(CapacityError::TooManyHeaders),
             WsError::Protocol(ProtocolError::HandshakeIncomplete),
         ];
         for e in &errors {
             let (_, reason) = failure(e);
-            assert!(reason.starts_with("veil:") && reason.len() <= MAX_CLOSE_REASON, "{reason}");
+            assert!(
+                reason.starts_with("veil:") && reason.len() <= MAX_CLOSE_REASON,
+                "{reason}"
+            );
         }
         assert_eq!(failure(&errors[0]).0, CLOSE_POLICY);
     }
