@@ -48,6 +48,7 @@ pub mod request_policy;
 pub mod runcli;
 pub mod sandbox;
 pub mod servers;
+pub mod sse_upstream;
 pub mod stale;
 pub mod veil;
 pub mod world;
