@@ -36,6 +36,7 @@ pub mod control;
 pub mod decoding;
 pub mod egress;
 pub mod env;
+pub mod grpc_upstream;
 pub mod hostlink;
 pub mod https;
 pub mod interactive;
