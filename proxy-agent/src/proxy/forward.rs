@@ -37,13 +37,14 @@ use crate::proxy::websocket;
 use crate::stats::Stats;
 use crate::tls::upstream::verify_failure;
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1). `Trailer` is not one: it
+/// declares the trailer fields end to end, and hyper's HTTP/1.1 server sends a response's
+/// trailers (to a client that sent `TE: trailers`) only when they are declared in it.
+const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
