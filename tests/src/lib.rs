@@ -28,6 +28,7 @@ pub mod adversary;
 pub mod agent;
 pub mod alloc;
 pub mod bpfq;
+pub mod bulk_upstream;
 pub mod cgroup;
 pub mod clients;
 pub mod clock;
