@@ -1,11 +1,13 @@
 //! One request on an intercepted connection: substitute per the sandbox's policy, forward to the
 //! pooled upstream, stream the response back.
 //!
-//! In order: a protocol upgrade (WebSocket over HTTP/1.1 `Upgrade`, any `CONNECT` including
-//! h2's extended CONNECT) is refused with 501 — after an upgrade the bytes are frames, not HTTP,
-//! which veil does not scrub, and a sandbox holding a placeholder must not get an unscrubbed
-//! channel to a host its value goes to (a connection to a host no mounted value is allowed for
-//! was passed through before interception, so its WebSockets work). Then the head is
+//! In order: a WebSocket over HTTP/1.1 `Upgrade` goes on like any request (its head substituted,
+//! its extension offer removed) and, once the upstream answers 101, is relayed message by
+//! message by [`websocket`] (scrubbed one way, substituted the other). Any other protocol
+//! switch (another `Upgrade`, any `CONNECT` including h2's extended CONNECT) is refused with 501
+//! — after it the bytes are not HTTP, and a sandbox holding a placeholder must not get an
+//! unscrubbed channel to a host its value goes to (a connection to a host no mounted value is
+//! allowed for was passed through before interception, so those work). Then the head is
 //! substituted with the sandbox's policy as it is now (a rotation or removal acknowledged to
 //! control applies to open connections too); a placeholder of a blocking secret sent to a host
 //! it does not allow answers 403 naming the secret and nothing is sent upstream. Then, when some
