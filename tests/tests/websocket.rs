@@ -159,3 +159,59 @@ fn client_messages_are_substituted_only_with_body_substitution() {
         "{run:?}"
     );
 }
+
+/// Round trips of 100-byte text messages, p50/p99 and messages/s; run by hand with
+/// `cargo test -p veil-tests --test websocket -- --ignored --nocapture ws_round_trips`.
+const ROUND_TRIPS: &str = r#"
+import os, ssl, sys, time
+from websockets.sync.client import connect
+url, host, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ctx = ssl.create_default_context()
+lat = []
+with connect(url, server_hostname=host, ssl=ctx, compression=None,
+             additional_headers={"Authorization": "Bearer " + os.environ["K"]}) as ws:
+    msg = "x" * 100
+    for _ in range(100):
+        ws.send(msg); ws.recv()
+    start = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter(); ws.send(msg); ws.recv(); lat.append(time.perf_counter() - t)
+    total = time.perf_counter() - start
+    burst = time.perf_counter()
+    for _ in range(n):
+        ws.send(msg)
+    for _ in range(n):
+        ws.recv()
+    burst = time.perf_counter() - burst
+lat.sort()
+print("round trips/s %.0f p50 %.3f ms p99 %.3f ms; pipelined echoes/s %.0f" % (
+    n / total, lat[n // 2] * 1e3, lat[n * 99 // 100] * 1e3, n / burst))
+"#;
+
+#[test]
+#[ignore = "measurement, run by hand"]
+fn ws_round_trips_through_veil_vs_direct() {
+    use veil_tests::intercept_world::run_text;
+    let value = format!("sk-test-{}", random_token(40));
+    let mut w = world(&value);
+    let key = w.secret_valued("ws-key", value.clone(), &[ALLOWED], json!({}));
+    let sb = w.add_sandbox("ws-bench", &[("K", "ws-key")]);
+    let python = veil_tests::clients::python_clients();
+    let n = "3000";
+    let port = w.up.addr().port();
+    let mut veil = w.command(sb, python.to_str().expect("path"));
+    veil.args(["-c", ROUND_TRIPS, &url(&w), ALLOWED, n])
+        .env("K", &key.placeholder);
+    let (ok, out) = run_text(&mut veil);
+    assert!(ok, "{}", out.replace(&value, "<VALUE!>"));
+    println!("through veil (scrubbed): {}", out.trim());
+    let direct_url = format!("wss://{}:{port}/ws", w.world.upstream_v4());
+    let mut direct = w.world.netns().command(python.to_str().expect("path"));
+    direct
+        .args(["-c", ROUND_TRIPS, &direct_url, ALLOWED, n])
+        .env("K", &value)
+        .env("SSL_CERT_FILE", &w.bundle);
+    let (ok, out) = run_text(&mut direct);
+    assert!(ok, "{}", out.replace(&value, "<VALUE!>"));
+    println!("direct (world netns): {}", out.trim());
+}
