@@ -2,7 +2,8 @@
 //! pinned clients venv) and Node's `ws` (npm, installed once under `target/node-ws`). Both run
 //! the same script: send each command as a text message, read the replies (until `done` for
 //! `leak` and `big:N`, one reply otherwise, or the close), and write what they received — hex,
-//! never printed — to a JSON file the test reads ([`WsRun`]).
+//! never printed — to a JSON file the test reads ([`WsRun`]). The Python client also knows
+//! `wait`: send nothing, read until the connection closes.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -30,10 +31,11 @@ try:
     with connect(url, additional_headers={"Authorization": "Bearer " + os.environ["K"]},
                  open_timeout=20, max_size=None) as ws:
         for cmd in cmds:
-            ws.send(cmd)
+            if cmd != "wait":
+                ws.send(cmd)
             while True:
                 text = rec(ws.recv(timeout=20))
-                if not (cmd == "leak" or cmd.startswith("big:")) or text == "done":
+                if not (cmd in ("leak", "wait") or cmd.startswith("big:")) or text == "done":
                     break
         ws.close()
 except ConnectionClosed as e:

@@ -160,6 +160,33 @@ fn client_messages_are_substituted_only_with_body_substitution() {
     );
 }
 
+#[test]
+fn an_idle_websocket_is_closed_with_1001() {
+    let value = format!("sk-test-{}", random_token(40));
+    let v = value.clone();
+    let mut w = InterceptWorld::builder("websocket idle CA", &[ALLOWED])
+        .metrics()
+        .config("websocket_idle_timeout_ms = 500\n")
+        .start_with(move |ns, ip, ca, names| WsUpstream::start(ns, ip, ca, names, v));
+    let key = w.secret_valued("ws-key", value.clone(), &[ALLOWED], json!({}));
+    let sb = w.add_sandbox("ws-idle", &[("K", "ws-key")]);
+    let run = run_client(
+        &w,
+        sb,
+        WsClient::Python,
+        &url(&w),
+        &key.placeholder,
+        &["hello", "wait"],
+        &[&value],
+    );
+    assert_eq!(run.error, None, "{run:?}");
+    assert_eq!(run.texts(), ["hello"], "{run:?}");
+    let (code, reason) = run.close.clone().expect("close frame");
+    assert_eq!(code, 1001, "{run:?}");
+    assert_eq!(reason, b"veil: idle timeout", "{run:?}");
+    assert!(w.counter("websocket_closed") >= 1.0);
+}
+
 /// Round trips of 100-byte text messages, p50/p99 and messages/s; run by hand with
 /// `cargo test -p veil-tests --test websocket -- --ignored --nocapture ws_round_trips`.
 const ROUND_TRIPS: &str = r#"

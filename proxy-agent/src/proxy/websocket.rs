@@ -22,11 +22,16 @@
 //!   `websocket_idle_timeout_ms` closes both with 1001. Pings are answered on each hop by the
 //!   protocol layer and passed on, scrubbed.
 //!
-//! Close reasons veil writes itself start with `veil:` and name no value.
+//! Each direction runs on its own, so a side that writes without reading never stalls the
+//! other direction. Close reasons veil writes itself start with `veil:` and name no value.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Version};
@@ -105,14 +110,18 @@ pub async fn relay(
     let config = WebSocketConfig::default()
         .max_frame_size(Some(limits.max_frame_bytes))
         .max_message_size(Some(limits.max_message_bytes));
-    let mut relay = Relay {
-        patterns: Patterns::new(&ctx, snapshot),
+    let (client_tx, client_rx) = socket(client, Role::Server, config).await.split();
+    let (upstream_tx, upstream_rx) = socket(upstream, Role::Client, config).await.split();
+    let relay = Relay {
+        patterns: tokio::sync::Mutex::new(Patterns::new(&ctx, snapshot)),
         host_ok,
-        client: socket(client, Role::Server, config).await,
-        upstream: socket(upstream, Role::Client, config).await,
+        client: tokio::sync::Mutex::new(client_tx),
+        upstream: tokio::sync::Mutex::new(upstream_tx),
+        started: Instant::now(),
+        last: AtomicU64::new(0),
         ctx,
     };
-    relay.run(limits.idle_timeout).await;
+    relay.run(client_rx, upstream_rx, limits.idle_timeout).await;
 }
 
 async fn socket(io: Upgraded, role: Role, config: WebSocketConfig) -> Socket {
@@ -120,52 +129,81 @@ async fn socket(io: Upgraded, role: Role, config: WebSocketConfig) -> Socket {
 }
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
+type Tx = SplitSink<Socket, Message>;
+type Rx = SplitStream<Socket>;
 
+/// One relayed WebSocket. Each direction runs on its own (a side that writes without reading
+/// never blocks the other direction); the sending halves are shared, as either direction may
+/// have to close both.
 struct Relay {
     ctx: Arc<ConnContext>,
-    patterns: Patterns,
+    patterns: tokio::sync::Mutex<Patterns>,
     host_ok: bool,
-    client: Socket,
-    upstream: Socket,
+    client: tokio::sync::Mutex<Tx>,
+    upstream: tokio::sync::Mutex<Tx>,
+    started: Instant,
+    /// Milliseconds from `started` to the last frame either way, for the idle timeout.
+    last: AtomicU64,
 }
 
 /// What ended a step of the relay.
 enum Step {
     /// Go on.
     Continue,
-    /// The WebSocket is over (closed, or failed and closed by veil).
+    /// This direction is over (closed, or failed and both sides closed by veil).
     Done,
 }
 
 impl Relay {
-    async fn run(&mut self, idle: std::time::Duration) {
-        loop {
-            let step = tokio::select! {
-                m = self.upstream.next() => self.server_message(m).await,
-                m = self.client.next() => self.client_message(m).await,
-                () = tokio::time::sleep(idle) => {
-                    Stats::inc(&self.ctx.stats.websocket_closed);
-                    debug!(sandbox = %self.ctx.sandbox, sni = %self.ctx.sni, "idle WebSocket closed");
-                    self.close_both(CLOSE_IDLE, "veil: idle timeout").await;
-                    Step::Done
+    async fn run(&self, mut client_rx: Rx, mut upstream_rx: Rx, idle: Duration) {
+        let down = async {
+            while let Step::Continue = self.server_message(upstream_rx.next().await).await {}
+        };
+        let up = async {
+            while let Step::Continue = self.client_message(client_rx.next().await).await {}
+        };
+        let watchdog = async {
+            loop {
+                let quiet = self
+                    .started
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)));
+                if quiet >= idle {
+                    return;
                 }
-            };
-            if let Step::Done = step {
-                return;
+                tokio::time::sleep(idle - quiet).await;
+            }
+        };
+        tokio::pin!(down, up, watchdog);
+        // When one direction ends, the other gets a moment to finish the close handshake.
+        tokio::select! {
+            () = &mut down => { let _ = tokio::time::timeout(CLOSE_WAIT, &mut up).await; }
+            () = &mut up => { let _ = tokio::time::timeout(CLOSE_WAIT, &mut down).await; }
+            () = &mut watchdog => {
+                Stats::inc(&self.ctx.stats.websocket_closed);
+                debug!(sandbox = %self.ctx.sandbox, sni = %self.ctx.sni, "idle WebSocket closed");
+                self.close_both(CLOSE_IDLE, "veil: idle timeout").await;
             }
         }
     }
 
-    async fn server_message(&mut self, msg: Option<Result<Message, WsError>>) -> Step {
+    fn touch(&self) {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    async fn server_message(&self, msg: Option<Result<Message, WsError>>) -> Step {
         let msg = match msg {
             Some(Ok(msg)) => msg,
             None | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
-                let _ = self.client.close(None).await;
+                let _ = self.client.lock().await.close().await;
                 return Step::Done;
             }
             Some(Err(e)) => return self.upstream_failed(&e).await,
         };
-        let Some(patterns) = self.patterns.current(&self.ctx) else {
+        self.touch();
+        let mut patterns = self.patterns.lock().await;
+        let Some(patterns) = patterns.current(&self.ctx) else {
             return self.send_client(msg).await;
         };
         let (out, replaced) = match msg {
@@ -206,28 +244,25 @@ impl Relay {
         self.send_client(out).await
     }
 
-    async fn send_client(&mut self, msg: Message) -> Step {
+    async fn send_client(&self, msg: Message) -> Step {
         let closing = matches!(msg, Message::Close(_));
-        match self.client.send(msg).await {
+        match self.client.lock().await.send(msg).await {
+            // The client's answer to a close is read by the other direction.
             Ok(()) if !closing => Step::Continue,
-            Ok(()) => {
-                // The client's answer to the close is read (and its socket ends) by `next`.
-                self.drain_client().await;
-                Step::Done
-            }
+            Ok(()) => Step::Done,
             Err(e) => {
                 debug!(sandbox = %self.ctx.sandbox, sni = %self.ctx.sni, error = %e, "WebSocket client gone");
-                let _ = self.upstream.close(None).await;
+                let _ = self.upstream.lock().await.close().await;
                 Step::Done
             }
         }
     }
 
-    async fn client_message(&mut self, msg: Option<Result<Message, WsError>>) -> Step {
+    async fn client_message(&self, msg: Option<Result<Message, WsError>>) -> Step {
         let msg = match msg {
             Some(Ok(msg)) => msg,
             None | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
-                let _ = self.upstream.close(None).await;
+                let _ = self.upstream.lock().await.close().await;
                 return Step::Done;
             }
             Some(Err(e)) => {
@@ -238,6 +273,7 @@ impl Relay {
                 return Step::Done;
             }
         };
+        self.touch();
         let msg = match msg {
             Message::Text(text) => match self.substitute(true, text.as_bytes()) {
                 Ok(None) => Message::Text(text),
@@ -260,15 +296,12 @@ impl Relay {
             other => other,
         };
         let closing = matches!(msg, Message::Close(_));
-        match self.upstream.send(msg).await {
+        match self.upstream.lock().await.send(msg).await {
             Ok(()) if !closing => Step::Continue,
-            Ok(()) => {
-                self.drain_upstream().await;
-                Step::Done
-            }
+            Ok(()) => Step::Done,
             Err(e) => {
                 debug!(sandbox = %self.ctx.sandbox, sni = %self.ctx.sni, error = %e, "WebSocket upstream gone");
-                let _ = self.client.close(None).await;
+                let _ = self.client.lock().await.close().await;
                 Step::Done
             }
         }
@@ -306,7 +339,7 @@ impl Relay {
         Ok(sub.body.map(|b| b.as_bytes().to_vec()))
     }
 
-    async fn refuse(&mut self, reason: String) -> Step {
+    async fn refuse(&self, reason: String) -> Step {
         Stats::inc(&self.ctx.stats.websocket_closed);
         debug!(sandbox = %self.ctx.sandbox, sni = %self.ctx.sni, %reason, "WebSocket message refused");
         let reason = truncate_text(reason, MAX_CLOSE_REASON);
@@ -314,7 +347,7 @@ impl Relay {
         Step::Done
     }
 
-    async fn upstream_failed(&mut self, e: &WsError) -> Step {
+    async fn upstream_failed(&self, e: &WsError) -> Step {
         let (code, reason) = failure(e);
         Stats::inc(&self.ctx.stats.websocket_closed);
         debug!(sandbox = %self.ctx.sandbox, sni = %self.ctx.sni, error = %e, "WebSocket upstream failed");
@@ -322,37 +355,21 @@ impl Relay {
         Step::Done
     }
 
-    /// Closes both sides with `code` and `reason` (veil's own words, no value), waiting a
-    /// moment for each side's answer.
-    async fn close_both(&mut self, code: u16, reason: &str) {
-        let frame = |reason: &str| CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.to_owned().into(),
+    /// Closes both sides with `code` and `reason` (veil's own words, no value).
+    async fn close_both(&self, code: u16, reason: &str) {
+        let frame = |reason: &str| {
+            Message::Close(Some(CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.to_owned().into(),
+            }))
         };
-        let _ = self.client.close(Some(frame(reason))).await;
-        let _ = self.upstream.close(Some(frame(reason))).await;
-        tokio::join!(drain(&mut self.client), drain(&mut self.upstream));
-    }
-
-    async fn drain_client(&mut self) {
-        drain(&mut self.client).await;
-    }
-
-    async fn drain_upstream(&mut self) {
-        drain(&mut self.upstream).await;
+        let _ = self.client.lock().await.send(frame(reason)).await;
+        let _ = self.upstream.lock().await.send(frame(reason)).await;
     }
 }
 
 /// How long a closing side gets to answer the close before its socket is dropped.
-const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Reads (and drops) what a closing side still sends, until it answers the close.
-async fn drain(socket: &mut Socket) {
-    let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        while let Some(Ok(_)) = socket.next().await {}
-    })
-    .await;
-}
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// The close code and reason for a failed read.
 fn failure(e: &WsError) -> (u16, &'static str) {
