@@ -7,6 +7,7 @@
 //! - [`substitute`]: swap placeholders for values in a request;
 //! - [`body`]: the same in JSON, form and text request bodies, for secrets that turn it on;
 //! - [`scrub`]: swap values back to placeholders in a response stream.
+//! - [`websocket`]: the same for WebSocket messages, both ways.
 //!
 //! Secret values never reach a `Debug` output, an error or a panic message from this crate.
 //!
@@ -68,6 +69,7 @@ pub mod sandbox;
 pub mod scrub;
 pub mod secret;
 pub mod substitute;
+pub mod websocket;
 
 pub use body::{BodyKind, BodySubstitution, merge_hits};
 pub use client_hello::{ClientHelloInfo, NotTlsReason, Peek, parse_client_hello};

@@ -116,6 +116,15 @@ pub struct AgentSettings {
     pub max_connections_per_sandbox: usize,
     /// Concurrent h2 streams per intercepted connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_streams_per_connection: u32,
+    /// Largest WebSocket frame payload, in bytes, either way on an intercepted connection; a
+    /// larger one closes the WebSocket (1009) on both sides.
+    pub websocket_max_frame_bytes: usize,
+    /// Largest WebSocket message (its fragments together), in bytes: veil holds a whole
+    /// message to scrub or substitute it. A larger one closes the WebSocket (1009).
+    pub websocket_max_message_bytes: usize,
+    /// A relayed WebSocket with no frame either way (pings included) for this long is closed
+    /// (1001) on both sides.
+    pub websocket_idle_timeout_ms: u64,
     /// Ranges (CIDR or single addresses) `egress: "host"` sandboxes may not reach, in addition
     /// to the built-in list ([`crate::egress::BUILTIN_DENY`]) and the host's own addresses.
     pub egress_deny: Vec<String>,
@@ -149,6 +158,9 @@ impl Default for AgentSettings {
             idle_timeout_ms: 300_000,
             max_connections_per_sandbox: 1024,
             max_streams_per_connection: 100,
+            websocket_max_frame_bytes: 16 * 1024 * 1024,
+            websocket_max_message_bytes: 16 * 1024 * 1024,
+            websocket_idle_timeout_ms: 300_000,
             egress_deny: Vec::new(),
             egress_allow: Vec::new(),
         }
@@ -189,6 +201,11 @@ impl AgentSettings {
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             max_connections_per_sandbox: self.max_connections_per_sandbox,
             max_streams_per_connection: self.max_streams_per_connection,
+            websocket: WebSocketLimits {
+                max_frame_bytes: self.websocket_max_frame_bytes,
+                max_message_bytes: self.websocket_max_message_bytes,
+                idle_timeout: Duration::from_millis(self.websocket_idle_timeout_ms),
+            },
         }
     }
 
@@ -235,6 +252,19 @@ pub struct RequestLimits {
     pub max_connections_per_sandbox: usize,
     /// Concurrent h2 streams per connection.
     pub max_streams_per_connection: u32,
+    /// Relayed WebSockets.
+    pub websocket: WebSocketLimits,
+}
+
+/// Limits of a WebSocket relayed on an intercepted connection (the `websocket_*` keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebSocketLimits {
+    /// Largest frame payload.
+    pub max_frame_bytes: usize,
+    /// Largest message.
+    pub max_message_bytes: usize,
+    /// Closed after this long without a frame.
+    pub idle_timeout: Duration,
 }
 
 impl Default for RequestLimits {
@@ -356,6 +386,15 @@ impl Config {
                 "max_streams_per_connection",
                 u64::from(a.max_streams_per_connection),
             ),
+            (
+                "websocket_max_frame_bytes",
+                a.websocket_max_frame_bytes as u64,
+            ),
+            (
+                "websocket_max_message_bytes",
+                a.websocket_max_message_bytes as u64,
+            ),
+            ("websocket_idle_timeout_ms", a.websocket_idle_timeout_ms),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("agent.{key} must be > 0")));

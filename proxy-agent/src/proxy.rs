@@ -34,6 +34,7 @@ pub mod scrub;
 #[cfg(test)]
 mod tests;
 pub mod upstream;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

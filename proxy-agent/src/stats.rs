@@ -59,6 +59,10 @@ pub struct Stats {
     pub limit_refused: AtomicU64,
     /// Protocol upgrades (WebSocket) refused on intercepted connections.
     pub upgrade_refused: AtomicU64,
+    /// WebSocket upgrades relayed on intercepted connections.
+    pub websocket_relayed: AtomicU64,
+    /// Relayed WebSockets veil closed itself: a frame it could not scrub, a limit, idleness.
+    pub websocket_closed: AtomicU64,
     /// Responses withheld or cut off because they could not be scrubbed: a transfer coding
     /// other than chunked, an undecodable content coding, a body still compressed once decoded.
     pub scrub_withheld: AtomicU64,
@@ -326,6 +330,16 @@ impl Stats {
                 "upgrade_refused",
                 "Protocol upgrades refused on intercepted connections.",
                 g(&self.upgrade_refused),
+            ),
+            (
+                "websocket_relayed",
+                "WebSocket upgrades relayed (scrubbed) on intercepted connections.",
+                g(&self.websocket_relayed),
+            ),
+            (
+                "websocket_closed",
+                "Relayed WebSockets veil closed: unscrubbable frame, limit or idleness.",
+                g(&self.websocket_closed),
             ),
             (
                 "scrub_withheld",

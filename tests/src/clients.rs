@@ -1,12 +1,16 @@
 //! Real HTTP clients for interception tests: Python `requests` and `httpx` (h2) in a pinned
-//! venv created on first use, and Node's built-in `fetch`.
+//! venv created on first use (and `websockets`, see `ws_clients`), and Node's built-in `fetch`.
 
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::Command;
 
 /// Pinned Python client packages.
-pub const PYTHON_CLIENTS: &[&str] = &["requests==2.32.3", "httpx[http2]==0.28.1"];
+pub const PYTHON_CLIENTS: &[&str] = &[
+    "requests==2.32.3",
+    "httpx[http2]==0.28.1",
+    "websockets==15.0.1",
+];
 
 /// A venv at `<target>/<name>` with `packages` installed, created once under a file lock
 /// (concurrent test binaries wait for one installer). Returns the venv's python.
@@ -29,8 +33,16 @@ pub fn venv(name: &str, packages: &[&str]) -> PathBuf {
         if !python.exists() {
             run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
         }
-        run(Command::new(venv.join("bin").join("pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check"])
+        // `python -m pip`, not `bin/pip`: a venv copied from another tree keeps that tree's
+        // path in its scripts' shebangs, and would install there.
+        run(Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .args(packages));
         std::fs::write(&marker, b"").unwrap_or_else(|e| panic!("write marker: {e}"));
     }

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio_util::task::TaskTracker;
 use veil_policy::ServerName;
 
 use crate::config::{RequestLimits, SandboxId};
@@ -36,4 +37,6 @@ pub struct ConnContext {
     pub scrub: bool,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// WebSockets relayed after an upgrade on this connection, waited for before it ends.
+    pub upgraded: TaskTracker,
 }

@@ -1,11 +1,13 @@
 //! One request on an intercepted connection: substitute per the sandbox's policy, forward to the
 //! pooled upstream, stream the response back.
 //!
-//! In order: a protocol upgrade (WebSocket over HTTP/1.1 `Upgrade`, any `CONNECT` including
-//! h2's extended CONNECT) is refused with 501 — after an upgrade the bytes are frames, not HTTP,
-//! which veil does not scrub, and a sandbox holding a placeholder must not get an unscrubbed
-//! channel to a host its value goes to (a connection to a host no mounted value is allowed for
-//! was passed through before interception, so its WebSockets work). Then the head is
+//! In order: a WebSocket over HTTP/1.1 `Upgrade` goes on like any request (its head substituted,
+//! its extension offer removed) and, once the upstream answers 101, is relayed message by
+//! message by [`websocket`] (scrubbed one way, substituted the other). Any other protocol
+//! switch (another `Upgrade`, any `CONNECT` including h2's extended CONNECT) is refused with 501
+//! — after it the bytes are not HTTP, and a sandbox holding a placeholder must not get an
+//! unscrubbed channel to a host its value goes to (a connection to a host no mounted value is
+//! allowed for was passed through before interception, so those work). Then the head is
 //! substituted with the sandbox's policy as it is now (a rotation or removal acknowledged to
 //! control applies to open connections too); a placeholder of a blocking secret sent to a host
 //! it does not allow answers 403 naming the secret and nothing is sent upstream. Then, when some
@@ -31,18 +33,20 @@ use veil_policy::{BodyKind, SandboxPolicy, SecretHit, ServerName, SubstituteErro
 
 use crate::proxy::body::{Bounded, BoxError, ProxyBody, read_bounded, whole};
 use crate::proxy::conn::ConnContext;
-use crate::proxy::idle::InflightBody;
+use crate::proxy::idle::{InflightBody, InflightGuard};
 use crate::proxy::scrub;
+use crate::proxy::websocket;
 use crate::stats::Stats;
 use crate::tls::upstream::verify_failure;
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1). `Trailer` is not one: it
+/// declares the trailer fields end to end, and hyper's HTTP/1.1 server sends a response's
+/// trailers (to a client that sent `TE: trailers`) only when they are declared in it.
+const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
@@ -62,18 +66,23 @@ pub async fn handle(
             format!("veil: cannot reach {} securely: {reason}\n", ctx.sni),
         ));
     }
-    if let Some(kind) = upgrade_kind(&req) {
+    let websocket = websocket::is_websocket(&req);
+    if !websocket && let Some(kind) = upgrade_kind(&req) {
         Stats::inc(&ctx.stats.upgrade_refused);
         debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, kind, "protocol upgrade refused");
         return Ok(plain(StatusCode::NOT_IMPLEMENTED, upgrade_refusal(kind)));
     }
+    let mut req = req;
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    let mut host_ok = false;
     // Read per request: a rotation, delete or detach acknowledged to control applies to open
     // keep-alive and h2 connections too. No policy (every secret gone) = nothing to substitute.
     let policy = ctx.secrets.policy(ctx.sandbox.as_str());
     let body = match &policy {
         Some(policy) => match apply_policy(&ctx, policy, &mut parts, body).await {
-            Ok((body, hits)) => {
+            Ok((body, hits, ok)) => {
+                host_ok = ok;
                 if !hits.is_empty() {
                     ctx.stats
                         .record_hits(ctx.sandbox.as_str(), ctx.sni.as_str(), policy, &hits);
@@ -103,6 +112,9 @@ pub async fn handle(
                 .map(str::to_owned)
         });
     strip_hop_by_hop(&mut parts.headers);
+    if websocket {
+        websocket::prepare_request(&mut parts.headers);
+    }
     if let Some(policy) = &policy {
         scrub::request(&ctx, policy, &mut parts.headers);
     }
@@ -120,6 +132,18 @@ pub async fn handle(
     match ctx.client.request(req).await {
         Ok(resp) => {
             ctx.stats.request_seconds.observe(started.elapsed());
+            if let Some(client_upgrade) = client_upgrade
+                && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            {
+                return Ok(switch(
+                    &ctx,
+                    policy,
+                    host_ok,
+                    client_upgrade,
+                    resp,
+                    inflight,
+                ));
+            }
             let (mut parts, body) = resp.into_parts();
             if let Some(answer) = scrub::refuse_transfer_coding(&ctx, &mut parts) {
                 return Ok(Response::from_parts(parts, answer));
@@ -154,14 +178,52 @@ pub async fn handle(
     }
 }
 
+/// The 101 to a WebSocket upgrade: its head scrubbed and the relay started on both upgraded
+/// connections; a 502 when the upstream negotiated an extension veil removed from the offer.
+fn switch(
+    ctx: &Arc<ConnContext>,
+    policy: Option<Arc<SandboxPolicy>>,
+    host_ok: bool,
+    client: hyper::upgrade::OnUpgrade,
+    mut resp: Response<Incoming>,
+    inflight: InflightGuard,
+) -> Response<ProxyBody> {
+    let upstream = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Err(why) = websocket::prepare_response(&mut parts.headers) {
+        Stats::inc(&ctx.stats.websocket_closed);
+        return plain(
+            StatusCode::BAD_GATEWAY,
+            format!("veil: {why} ({})\n", ctx.sni),
+        );
+    }
+    if ctx.scrub
+        && let Some(policy) = &policy
+        && policy.scrubs()
+    {
+        let replaced = scrub::scrub_headers(policy.scrub_patterns(), &mut parts.headers);
+        ctx.stats
+            .scrubbed
+            .fetch_add(replaced, std::sync::atomic::Ordering::Relaxed);
+    }
+    let relay = websocket::relay(ctx.clone(), policy, host_ok, client, upstream, inflight);
+    ctx.upgraded.spawn(relay);
+    let body = Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    Response::from_parts(parts, body)
+}
+
 /// Substitutes the head and, where it applies, the body; an `Err` is veil's own answer (400
-/// refused, 403 blocked) and nothing goes upstream.
+/// refused, 403 blocked) and nothing goes upstream. Also says whether the request's
+/// authorities named the SNI.
 async fn apply_policy(
     ctx: &ConnContext,
     policy: &SandboxPolicy,
     parts: &mut http::request::Parts,
     body: Incoming,
-) -> Result<(ProxyBody, Vec<SecretHit>), Response<ProxyBody>> {
+) -> Result<(ProxyBody, Vec<SecretHit>, bool), Response<ProxyBody>> {
     let head = match substitute(policy, &ctx.sni, ctx.dst.port(), parts) {
         Ok(head) => head,
         Err(e) => return Err(refuse(ctx, &e)),
@@ -186,7 +248,13 @@ async fn apply_policy(
         {
             kind
         }
-        _ => return Ok((body.map_err(BoxError::from).boxed_unsync(), hits)),
+        _ => {
+            return Ok((
+                body.map_err(BoxError::from).boxed_unsync(),
+                hits,
+                head.host_ok,
+            ));
+        }
     };
     let read = match read_bounded(body, ctx.limits.body_max_bytes).await {
         Ok(read) => read,
@@ -202,7 +270,7 @@ async fn apply_policy(
         Bounded::Over(replay) => {
             Stats::inc(&ctx.stats.body_too_large);
             debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, max = ctx.limits.body_max_bytes, "request body over the substitution bound; forwarded unchanged");
-            return Ok((replay.boxed_unsync(), hits));
+            return Ok((replay.boxed_unsync(), hits, head.host_ok));
         }
         Bounded::Whole(data, trailers) => (data, trailers),
     };
@@ -223,7 +291,7 @@ async fn apply_policy(
         }
         None => whole(Bytes::from(data), trailers).boxed_unsync(),
     };
-    Ok((body, hits))
+    Ok((body, hits, head.host_ok))
 }
 
 /// The 400 answer (counted) when a value cannot be substituted safely; names the secret, never

@@ -105,6 +105,7 @@ pub async fn run(
     let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
     let client = upstream.client(dst, h2, sni.as_str());
     let activity = Activity::new();
+    let upgraded = tokio_util::task::TaskTracker::new();
     let ctx = Arc::new(ConnContext {
         sandbox: sandbox.id.clone(),
         secrets: proxy.secrets.clone(),
@@ -116,6 +117,7 @@ pub async fn run(
         upstream_error,
         scrub: proxy.scrub_responses,
         stats: proxy.stats.clone(),
+        upgraded: upgraded.clone(),
     });
     let svc = service_fn(move |req| forward::handle(ctx.clone(), req));
     let io = TokioIo::new(tls);
@@ -146,7 +148,8 @@ pub async fn run(
             // With a timer set, hyper would otherwise cut a keep-alive connection waiting for
             // its next request after 30 s: the idle timeout decides that.
             .header_read_timeout(limits.idle_timeout)
-            .serve_connection(io, svc);
+            .serve_connection(io, svc)
+            .with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => r,
@@ -161,4 +164,8 @@ pub async fn run(
         Ok(()) => Stats::inc(&proxy.stats.completed),
         Err(e) => debug!(sandbox = %sandbox.id, error = %e, "intercepted connection ended"),
     }
+    // A WebSocket took the connection over: it holds the sandbox's connection permit (and the
+    // drain waits for it) until it ends.
+    upgraded.close();
+    upgraded.wait().await;
 }

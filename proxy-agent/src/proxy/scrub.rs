@@ -35,8 +35,8 @@
 //!   only the chunked framing and would pass the coded bytes on.
 //!
 //! Scrubbing is skipped, at no cost, when the sandbox has no value to scrub or when it is
-//! switched off in config (`scrub_responses = false`, for measurements only). Upgraded
-//! connections (WebSocket) are refused before they get here, in `forward`.
+//! switched off in config (`scrub_responses = false`, for measurements only). A WebSocket's
+//! 101 head is scrubbed here ([`scrub_headers`]) and its messages by `websocket`.
 
 mod body;
 mod headers;

@@ -1,0 +1,102 @@
+//! A gRPC-shaped upstream (h2 only) for the trailer scenarios (issue 20): `POST` with
+//! `content-type: application/grpc`; the `authorization` metadata must carry `Bearer <value>`
+//! (else a trailers-only answer with `grpc-status: 16`). `/echo.Echo/Unary` answers one
+//! length-prefixed message carrying the value, `/echo.Echo/Stream` three; both end with trailers
+//! `grpc-status: 0` and a `grpc-message` carrying the value (which veil must scrub).
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::header::{HeaderMap, HeaderValue};
+use hyper::{Request, Response};
+use tokio_util::sync::DropGuard;
+
+use crate::https::{TestCa, serve_tls, tls_acceptor};
+use crate::intercept_world::Upstream;
+use crate::netns::NetNs;
+
+/// The upstream; stops on drop.
+pub struct GrpcUpstream {
+    addr: SocketAddr,
+    _stop: DropGuard,
+}
+
+impl std::fmt::Debug for GrpcUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcUpstream")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream for GrpcUpstream {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+impl GrpcUpstream {
+    /// Serves h2 for `names` (certificate from `ca`) on `ip`:0 in `ns`, knowing `value`.
+    pub fn start(ns: &NetNs, ip: IpAddr, ca: &TestCa, names: &[&str], value: String) -> Self {
+        let acceptor = tls_acceptor(ca, names, &[b"h2"]);
+        let value: Arc<str> = value.into();
+        let handler = move |req: Request<Incoming>| {
+            let value = value.clone();
+            async move {
+                let path = req.uri().path().to_owned();
+                let authorized = req
+                    .headers()
+                    .get("authorization")
+                    .is_some_and(|v| v.as_bytes() == format!("Bearer {value}").as_bytes());
+                // Read the request message before answering, as a gRPC server does.
+                let _ = req.into_body().collect().await?;
+                Ok::<_, hyper::Error>(answer(&path, authorized, &value))
+            }
+        };
+        let (addr, stop) = serve_tls(ns, ip, "gRPC upstream", acceptor, handler);
+        GrpcUpstream { addr, _stop: stop }
+    }
+}
+
+fn message(payload: &str) -> Bytes {
+    let mut m = vec![0u8];
+    m.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(0).to_be_bytes());
+    m.extend_from_slice(payload.as_bytes());
+    m.into()
+}
+
+fn answer(path: &str, authorized: bool, value: &str) -> Response<Body> {
+    let mut trailers = HeaderMap::new();
+    let count = match path {
+        "/echo.Echo/Unary" => 1,
+        "/echo.Echo/Stream" => 3,
+        _ => 0,
+    };
+    let frames: Vec<Frame<Bytes>> = if authorized && count > 0 {
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let msg = HeaderValue::from_str(&format!("done for {value}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("done"));
+        trailers.insert("grpc-message", msg);
+        (0..count)
+            .map(|i| Frame::data(message(&format!("{{\"n\": {i}, \"key\": \"{value}\"}}"))))
+            .chain(std::iter::once(Frame::trailers(trailers)))
+            .collect()
+    } else {
+        trailers.insert("grpc-status", HeaderValue::from_static("16"));
+        trailers.insert("grpc-message", HeaderValue::from_static("unauthenticated"));
+        vec![Frame::trailers(trailers)]
+    };
+    let stream = futures_util::stream::iter(frames.into_iter().map(Ok::<_, Infallible>));
+    let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    resp
+}
