@@ -16,9 +16,10 @@ use zeroize::Zeroizing;
 
 use crate::auth::{self, Permission};
 use crate::crypto::{CryptoError, Keyring, RecordBinding};
+use crate::rekey;
 use crate::store::{
-    ApiKeyRecord, AuditRecord, OrgId, PreviousValue, Revision, SealedRef, SecretId, SecretRecord,
-    Store, StoreError,
+    ApiKeyRecord, AuditRecord, OrgId, PreviousValue, Revision, SecretId, SecretRecord, Store,
+    StoreError,
 };
 use crate::timefmt::{now_ms, rfc3339};
 
@@ -36,6 +37,9 @@ pub enum AdminError {
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A coordinated rekey stopped (it resumes when run again).
+    #[error(transparent)]
+    Rekey(#[from] crate::rekey::RekeyError),
     /// Key material failed.
     #[error(transparent)]
     Crypto(#[from] CryptoError),
@@ -84,16 +88,10 @@ pub struct KeyInfo {
     pub created_at: String,
 }
 
-/// What a rekey did.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RekeyReport {
-    /// The key now active.
-    pub active_key: String,
-    /// Secrets re-sealed.
-    pub resealed: usize,
-    /// Keys deleted.
-    pub retired: Vec<String>,
-}
+pub use crate::rekey::RekeyReport;
+
+/// How long a coordinated rekey waits for the other replicas at each step.
+const SHARED_REKEY_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// One secret's verification result (never its value).
 #[derive(Debug, Serialize, Deserialize)]
@@ -155,14 +153,6 @@ fn binding(rec: &SecretRecord) -> RecordBinding<'_> {
         org: &rec.org,
         secret_id: &rec.id,
         revision: rec.revision,
-    }
-}
-
-fn sealed_binding<'a>(v: &SealedRef<'a>) -> RecordBinding<'a> {
-    RecordBinding {
-        org: v.org,
-        secret_id: v.secret_id,
-        revision: v.revision,
     }
 }
 
@@ -272,9 +262,13 @@ impl Admin {
             .ok_or_else(|| AdminError::Invalid("no keyring opened".into()))
     }
 
-    /// Creates a new master key, makes it active, re-seals every secret and retires old keys.
+    /// Creates a new master key, makes it active, re-seals every secret and retires old keys;
+    /// on a shared store, coordinated with the other replicas (see [`crate::rekey`]).
     pub fn rekey(&self) -> Result<RekeyReport, AdminError> {
-        self.refuse_shared()?;
+        if let Some(keys) = self.store.shared_keys() {
+            return rekey::coordinated(self.store.as_ref(), keys, self.ring()?, SHARED_REKEY_WAIT)
+                .map_err(AdminError::from);
+        }
         {
             let mut ring = self
                 .ring()?
@@ -286,42 +280,19 @@ impl Admin {
         self.finish_rekey()
     }
 
-    /// A rekey changes the key files of this replica only: on a shared store the other
-    /// replicas could no longer open what it re-sealed.
-    fn refuse_shared(&self) -> Result<(), AdminError> {
-        if self.store.is_shared() {
-            return Err(AdminError::Invalid(
-                "rekey is not available with store.backend = \"postgres\" yet: every replica \
-                 would need the new key before it is used; the store is unchanged"
-                    .into(),
-            ));
-        }
-        Ok(())
-    }
-
     /// Re-seals secrets not under the active key and deletes keys nothing references; the
     /// second half of a rekey, also run at start-up to complete an interrupted one.
     pub fn finish_rekey(&self) -> Result<RekeyReport, AdminError> {
-        self.refuse_shared()?;
+        if let Some(keys) = self.store.shared_keys() {
+            return rekey::coordinated(self.store.as_ref(), keys, self.ring()?, SHARED_REKEY_WAIT)
+                .map_err(AdminError::from);
+        }
         let lock = self.ring()?;
         let (active, resealed) = {
             let ring = lock
                 .read()
                 .map_err(|_| AdminError::Invalid("keyring poisoned".into()))?;
-            let active = ring.active_id().to_owned();
-            // Previous and tombstoned values too: the old key is deleted below.
-            let resealed = self.store.reseal_all(&active, &mut |v| {
-                let plain = ring.open(sealed_binding(&v), v.sealed).map_err(|e| {
-                    StoreError::OpenSecret {
-                        secret_id: v.secret_id.to_owned(),
-                        revision: v.revision,
-                        source: e,
-                    }
-                })?;
-                ring.seal(sealed_binding(&v), &plain)
-                    .map_err(StoreError::Seal)
-            })?;
-            (active, resealed)
+            rekey::reseal_under_active(self.store.as_ref(), &ring)?
         };
         let mut ring = lock
             .write()

@@ -177,6 +177,22 @@ fn write_private_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Cryp
     sync_dir(dir)
 }
 
+/// Reads one key file (its mode already checked).
+fn read_key(path: &Path) -> Result<Zeroizing<[u8; KEY_LEN]>, CryptoError> {
+    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+    let mut file = File::open(path).map_err(io_err("open", path))?;
+    let len = file.metadata().map_err(io_err("stat", path))?.len();
+    if len != KEY_LEN as u64 {
+        return Err(CryptoError::Corrupt(format!(
+            "{} is {len} bytes, expected {KEY_LEN}",
+            path.display()
+        )));
+    }
+    file.read_exact(key.as_mut_slice())
+        .map_err(io_err("read", path))?;
+    Ok(key)
+}
+
 fn new_key_id() -> String {
     let mut id = [0u8; 8];
     rand::rng().fill_bytes(&mut id);
@@ -211,18 +227,7 @@ impl Keyring {
             let Some(id) = name.strip_suffix(".key") else {
                 continue;
             };
-            let mut key = Zeroizing::new([0u8; KEY_LEN]);
-            let mut file = File::open(&path).map_err(io_err("open", &path))?;
-            let len = file.metadata().map_err(io_err("stat", &path))?.len();
-            if len != KEY_LEN as u64 {
-                return Err(CryptoError::Corrupt(format!(
-                    "{} is {len} bytes, expected {KEY_LEN}",
-                    path.display()
-                )));
-            }
-            file.read_exact(key.as_mut_slice())
-                .map_err(io_err("read", &path))?;
-            keys.insert(id.to_owned(), key);
+            keys.insert(id.to_owned(), read_key(&path)?);
         }
         let active_path = dir.join(ACTIVE_FILE);
         let active = match fs::read_to_string(&active_path) {
@@ -273,6 +278,31 @@ impl Keyring {
     /// Ids of every key on disk.
     pub fn key_ids(&self) -> Vec<String> {
         self.keys.keys().cloned().collect()
+    }
+
+    /// Loads key files that appeared in the keys directory since it was opened (an operator
+    /// copying a replica's new key during a coordinated rekey); returns their ids. Files still
+    /// being written (`.tmp`) or readable by others are skipped until they are complete.
+    pub fn load_new_keys(&mut self) -> Result<Vec<String>, CryptoError> {
+        let mut added = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io_err("read", &self.dir))? {
+            let entry = entry.map_err(io_err("read", &self.dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".key") else {
+                continue;
+            };
+            if self.keys.contains_key(id) {
+                continue;
+            }
+            let path = entry.path();
+            if let Err(e) = check_private(&path) {
+                tracing::warn!(error = %e, "not loading a new key file");
+                continue;
+            }
+            self.keys.insert(id.to_owned(), read_key(&path)?);
+            added.push(id.to_owned());
+        }
+        Ok(added)
     }
 
     /// Creates a new key file (durable before this returns); it is not active yet.

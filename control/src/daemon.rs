@@ -14,6 +14,7 @@ use crate::config::{Backend, Config, SYSTEM_CA_FILE};
 use crate::crypto::Keyring;
 use crate::fanout;
 use crate::grace;
+use crate::rekey;
 use crate::metrics::{Gauges, Metrics};
 use crate::store::Store;
 use crate::store::postgres::{Connection, PgStore};
@@ -112,6 +113,37 @@ fn database_addrs(config: &tokio_postgres::Config) -> Vec<std::net::SocketAddr> 
     addrs
 }
 
+/// On a shared store: finishes a rekey left unfinished, then keeps this replica's keyring in
+/// step with the other replicas' (see [`crate::rekey`]).
+async fn follow_shared_keyring(store: Arc<dyn Store>, keyring: Arc<RwLock<Keyring>>) {
+    let (s, k) = (store.clone(), keyring.clone());
+    let resumed = tokio::task::spawn_blocking(move || {
+        let keys = s.shared_keys()?;
+        Some(rekey::resume_interrupted(s.as_ref(), keys, &k, Duration::from_secs(60)))
+    })
+    .await;
+    match resumed {
+        Ok(Some(Ok(Some(report)))) => {
+            tracing::info!(active = %report.active_key, resealed = report.resealed, "finished an interrupted rekey");
+        }
+        Ok(Some(Err(e))) => tracing::warn!(error = %e, "an interrupted rekey is not finished yet"),
+        _ => {}
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let (s, k) = (store.clone(), keyring.clone());
+        let followed = tokio::task::spawn_blocking(move || {
+            s.shared_keys()
+                .map(|keys| rekey::follow_shared_keyring(keys, &k))
+        })
+        .await;
+        if let Ok(Some(Err(e))) = followed {
+            tracing::warn!(error = %e, "following the replicas' shared keyring");
+        }
+    }
+}
+
 /// Runs the daemon until a termination signal.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let opening = config.clone();
@@ -133,6 +165,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(resealed = report.resealed, retired = ?report.retired, "rekey completed");
     }
     let admin_task = admin::serve(admin, &config.data_dir).context("binding admin socket")?;
+    let keyring_task = store
+        .is_shared()
+        .then(|| tokio::spawn(follow_shared_keyring(store.clone(), keyring.clone())));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -186,6 +221,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     admin_task.abort();
     agent_task.abort();
     sweeper.abort();
+    if let Some(task) = keyring_task {
+        task.abort();
+    }
     if let Some(task) = follower {
         task.abort();
     }

@@ -18,6 +18,7 @@ pub mod grace;
 pub mod hostcheck;
 pub mod metrics;
 pub mod paginate;
+pub mod rekey;
 /// `veil-control run` lives in its own crate; control's `[run]` config names its types.
 pub use veil_run as run;
 pub mod store;

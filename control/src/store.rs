@@ -4,6 +4,7 @@
 
 mod permission;
 pub mod postgres;
+pub mod shared_keys;
 pub mod sled;
 mod values;
 
@@ -432,6 +433,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Whether other veil-control replicas use this store at the same time (PostgreSQL).
     fn is_shared(&self) -> bool {
         false
+    }
+    /// The key coordination of a shared store (none for a store of one replica).
+    fn shared_keys(&self) -> Option<&dyn shared_keys::SharedKeys> {
+        None
     }
     /// Stores a new API key, creating its organization if new.
     fn create_api_key(&self, key: &ApiKeyRecord, audit: AuditRecord) -> Result<(), StoreError>;
