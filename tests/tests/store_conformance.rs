@@ -66,3 +66,78 @@ macro_rules! pg_runner {
 }
 
 veil_control::store_conformance_cases!(pg_runner);
+
+/// PostgreSQL's own check: index columns that disagree with their documents, rows that point
+/// at nothing, and a write counter that would reuse sequence numbers are all reported.
+#[test]
+fn consistency_flags_rows_that_contradict_their_documents() {
+    use veil_control::store::conformance::fixtures::{
+        audit, org, rotated, sandbox, secret, tombstone_of,
+    };
+    use veil_control::store::{ApiKeyRecord, UsageCounts, UsageDelta};
+    let server = server();
+    // The database `postgres` itself: psql reaches it (no other case uses it).
+    let conn =
+        Connection::new(server.url().parse().expect("URL"), Path::new("")).expect("connection");
+    let store = PgStore::connect(&conn).expect("connect");
+    let gone = rotated(1);
+    store.insert_secret(&gone, audit("acme")).expect("insert");
+    store
+        .delete_secret(&org("acme"), &gone.id, &mut |s| {
+            (audit("acme"), Some(tombstone_of(s, 5)))
+        })
+        .expect("delete");
+    let kept = secret("acme", 2, 1);
+    store.insert_secret(&kept, audit("acme")).expect("insert");
+    let delta = UsageDelta {
+        secret_id: kept.id.clone(),
+        sandbox: "sb".parse().expect("id"),
+        host: "h".into(),
+        counts: UsageCounts {
+            substituted: 1,
+            ..Default::default()
+        },
+        at: 1,
+    };
+    store
+        .record_usage(&[delta], &mut |_, _| None)
+        .expect("usage");
+    store
+        .put_sandbox(&sandbox("sb", "veil.slice/a", "A"), audit("acme"))
+        .expect("sandbox");
+    let key = ApiKeyRecord {
+        id: "k1".into(),
+        org: org("acme"),
+        permissions: vec![],
+        hash: "h".into(),
+        created_at: 1,
+    };
+    store.create_api_key(&key, audit("acme")).expect("key");
+    assert_eq!(
+        store.check_consistency().expect("check"),
+        Vec::<String>::new()
+    );
+    server.psql(
+        "UPDATE sandboxes SET cgroup = 'veil.slice/b'; \
+         UPDATE api_keys SET org = 'ghost'; \
+         UPDATE tombstones SET org = 'ghost'; \
+         UPDATE audit SET org = 'ghost' WHERE seq = (SELECT min(seq) FROM audit); \
+         UPDATE write_counter SET next_seq = 2; \
+         DELETE FROM secrets",
+    );
+    let problems = store.check_consistency().expect("check").join("\n");
+    for want in [
+        "sandbox sb: columns disagree with the record",
+        "api key k1: columns disagree with the record",
+        "api key k1: its organization has no record",
+        "tombstone id-00001: columns disagree with the record",
+        "usage of secret id-00002: the secret does not exist",
+        "audit 1: columns disagree with the entry",
+        "write counter: next sequence number 2 is not above the newest entry's",
+    ] {
+        assert!(
+            problems.contains(want),
+            "{want:?} not reported in:\n{problems}"
+        );
+    }
+}

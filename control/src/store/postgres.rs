@@ -6,6 +6,7 @@
 //! called from blocking threads (`spawn_blocking`), never from an async worker. The schema
 //! lives in `schema`, the connection and write path in `db`, one file per resource.
 
+mod consistency;
 mod db;
 mod grace;
 mod sandboxes;
@@ -231,6 +232,7 @@ impl Store for PgStore {
         self.run(async {
             let mut problems = secrets::check_consistency(self).await?;
             problems.extend(grace::check_consistency(self).await?);
+            problems.extend(consistency::check(self).await?);
             Ok(problems)
         })
     }

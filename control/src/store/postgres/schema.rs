@@ -13,7 +13,8 @@ use super::db::db_err;
 use crate::store::StoreError;
 
 /// Migrations in order; `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE orgs (
     name text PRIMARY KEY,
     doc jsonb NOT NULL
