@@ -16,8 +16,8 @@ use crate::store::{
 };
 
 /// Walking pages while secrets are inserted and deleted between pages returns every secret
-/// that existed throughout exactly once, in order (property test; each round in organizations
-/// and ids of its own).
+/// that existed throughout (and matches the name filter, if any) exactly once, in order
+/// (property test; each round in organizations and ids of its own).
 pub fn pages_stable_under_churn(b: &dyn Backend) {
     let store = b.open();
     let round = Cell::new(0usize);
@@ -35,27 +35,43 @@ pub fn pages_stable_under_churn(b: &dyn Backend) {
         1usize..7,
         0usize..3,
         any::<bool>(),
+        prop::option::of(0u8..10),
     );
-    let result = TestRunner::new(config).run(&strategy, |(times, churn, limit, sort, desc)| {
-        let k = round.get();
-        round.set(k + 1);
-        churn_round(&*store, k, &times, churn, limit, sort, desc)
-    });
+    let result =
+        TestRunner::new(config).run(&strategy, |(times, churn, limit, sort, desc, digit)| {
+            let k = round.get();
+            round.set(k + 1);
+            let filter = digit.map(|d| d.to_string());
+            let shape = Shape {
+                limit,
+                sort_pick: sort,
+                desc,
+                filter: filter.as_deref(),
+            };
+            churn_round(&*store, k, &times, churn, &shape)
+        });
     if let Err(e) = result {
         panic!("{e}");
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How one round walks its pages.
+struct Shape<'a> {
+    limit: usize,
+    sort_pick: usize,
+    desc: bool,
+    filter: Option<&'a str>,
+}
+
 fn churn_round(
     store: &dyn Store,
     k: usize,
     times: &[i64],
     churn: Vec<(bool, i64, prop::sample::Index)>,
-    limit: usize,
-    sort_pick: usize,
-    desc: bool,
+    shape: &Shape<'_>,
 ) -> Result<(), TestCaseError> {
+    let (limit, desc, filter) = (shape.limit, shape.desc, shape.filter);
+    let sort_pick = shape.sort_pick;
     let (acme, other) = (format!("acme{k}"), format!("other{k}"));
     let make =
         |org_name: &str, n: usize, t: i64| named_secret(org_name, &format!("r{k}-id-{n:05}"), n, t);
@@ -73,7 +89,17 @@ fn churn_round(
         live.push(s.id.clone());
         n += 1;
     }
-    let initial: BTreeSet<SecretId> = live.iter().cloned().collect();
+    let names: std::collections::BTreeMap<SecretId, String> = (0..n)
+        .map(|i| {
+            let s = make(&acme, i, 0);
+            (s.id, s.name)
+        })
+        .collect();
+    let initial: BTreeSet<SecretId> = live
+        .iter()
+        .filter(|id| filter.is_none_or(|f| names[*id].contains(f)))
+        .cloned()
+        .collect();
     let mut removed = BTreeSet::new();
     let mut seen: Vec<SecretRecord> = Vec::new();
     let mut cursor: Option<Cursor> = None;
@@ -87,12 +113,17 @@ fn churn_round(
                     order,
                     after: cursor.as_ref(),
                     limit,
-                    name_contains: None,
+                    name_contains: filter,
                 },
             )
             .unwrap();
         prop_assert!(page.items.len() <= limit);
         prop_assert!(page.items.iter().all(|s| s.org == *acme));
+        prop_assert!(
+            page.items
+                .iter()
+                .all(|s| filter.is_none_or(|f| s.name.contains(f)))
+        );
         seen.extend(page.items.iter().cloned());
         if !page.more {
             break;
@@ -136,6 +167,12 @@ pub fn name_filter_and_total(b: &dyn Backend) {
         s.name = (*name).to_owned();
         store.insert_secret(&s, audit("acme")).unwrap();
     }
+    // Names between the matches, more than a backend might read in one go.
+    for i in 0..300 {
+        let mut s = secret("acme", 1000 + i, 0);
+        s.name = format!("f-{i:03}");
+        store.insert_secret(&s, audit("acme")).unwrap();
+    }
     let q = SecretPageQuery {
         sort: SortField::Name,
         order: Order::Asc,
@@ -166,7 +203,7 @@ pub fn name_filter_and_total(b: &dyn Backend) {
         limit: 10,
         ..q
     };
-    assert_eq!(store.page_secrets(&org("acme"), &all).unwrap().total, 3);
+    assert_eq!(store.page_secrets(&org("acme"), &all).unwrap().total, 303);
     assert_eq!(store.page_secrets(&org("nobody"), &all).unwrap().total, 0);
     // A cursor made for another sort is refused.
     let by_time = SecretPageQuery {
