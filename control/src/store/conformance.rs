@@ -12,6 +12,7 @@
     reason = "a test suite: a failed store call is a failed case"
 )]
 
+pub mod concurrency;
 pub mod fixtures;
 pub mod grace;
 pub mod log;
@@ -41,7 +42,8 @@ macro_rules! store_conformance_cases {
             log::usage_adds_up_audits_and_goes_with_the_secret,
             log::audit_pages_in_both_directions,
             log::audit_seq_increases_in_commit_order,
-            log::concurrent_writers_lose_nothing,
+            concurrency::concurrent_writers_lose_nothing,
+            concurrency::audit_reader_never_skips_a_late_commit,
         }
     };
 }
