@@ -212,13 +212,16 @@ pub fn audit_pages_in_both_directions(b: &dyn Backend) {
     assert_eq!((page.len(), total), (0, 7));
 }
 
+/// One write, named by its audit action.
+type Step<'a> = Box<dyn Fn(&dyn Store) + 'a>;
+
 /// Each kind of write appends its audit entry with a sequence number above every earlier
 /// one, also after a reopen.
 pub fn audit_seq_increases_in_commit_order(b: &dyn Backend) {
     let store = b.open();
     let s = secret("acme", 1, 1);
     let sb = crate::store::conformance::fixtures::sandbox("sb", "veil.slice/a", "A");
-    let steps: Vec<(&str, Box<dyn Fn(&dyn Store) + '_>)> = vec![
+    let steps: Vec<(&str, Step<'_>)> = vec![
         (
             "apikey.create",
             Box::new(|st| {

@@ -131,7 +131,7 @@ pub(super) async fn sweep(store: &PgStore, cutoff: i64) -> Result<Swept, StoreEr
             .map_err(db_err)?;
             swept.dropped += dropped;
             w.notify(Changed::Secret(record.id.clone()));
-            swept.changed.push(record.id.into());
+            swept.changed.push(record.id);
         }
     }
     for mut t in tombstones {
@@ -157,7 +157,7 @@ pub(super) async fn sweep(store: &PgStore, cutoff: i64) -> Result<Swept, StoreEr
         }
         swept.dropped += dropped;
         w.notify(Changed::Secret(t.id.clone()));
-        swept.changed.push(t.id.into());
+        swept.changed.push(t.id);
     }
     if swept.dropped == 0 {
         return Ok(swept);
