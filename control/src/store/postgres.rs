@@ -8,6 +8,7 @@
 
 mod consistency;
 mod db;
+mod error;
 mod grace;
 mod sandboxes;
 pub mod schema;
@@ -15,7 +16,8 @@ mod secrets;
 mod usage;
 
 pub use db::{CHANNEL, Changed, Connection, Note, PgStore};
-use db::{Writer, db_err, enc, violated};
+use db::{Writer, enc};
+use error::{db_err, violated};
 
 use super::{
     ApiKeyRecord, AuditRecord, Conflict, Direction, OrgId, OrgRecord, SandboxChange, SandboxId,

@@ -1,7 +1,8 @@
 //! Cross-checks of the rows beside the secrets: index columns against their documents,
 //! rows that point at nothing, and the write counter against the audit log.
 
-use super::db::{PgStore, db_err, dec};
+use super::db::{PgStore, dec};
+use super::error::db_err;
 use crate::store::{ApiKeyRecord, AuditRecord, SandboxRecord, StoreError, TombstoneRecord};
 
 /// Every inconsistency among sandboxes, API keys, tombstones, usage and audit.

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeSet;
 
-use super::db::{Changed, PgStore, Writer, db_err, dec, enc};
+use super::db::{Changed, PgStore, Writer, dec, enc};
+use super::error::db_err;
 use crate::crypto::Sealed;
 use crate::store::values::{expire, min_opt, reseal_value, strictly_older};
 use crate::store::{SealedRef, SecretRecord, StoreError, Swept, TombstoneRecord};

@@ -9,7 +9,7 @@
 
 use tokio_postgres::Client;
 
-use super::db::db_err;
+use super::error::db_err;
 use crate::store::StoreError;
 
 /// Migrations in order; `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.

@@ -1,7 +1,8 @@
 //! Secrets: rows keyed by id, unique by (org, name) and by placeholder, ordered for keyset
 //! pages; deleting one stores its tombstone in the same transaction.
 
-use super::db::{Changed, PgStore, Writer, db_err, dec, enc, violated};
+use super::db::{Changed, PgStore, Writer, dec, enc};
+use super::error::{db_err, violated};
 use crate::paginate::{Order, SortField, SortValue};
 use crate::store::{
     AuditRecord, Conflict, OrgId, Rejected, SecretChange, SecretDeletion, SecretId, SecretPage,
