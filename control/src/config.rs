@@ -41,7 +41,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod store;
-pub use store::{Backend, SYSTEM_CA_FILE, StoreConfig};
+pub use store::{Backend, SYSTEM_CA_FILE, StoreConfig, StoreConfigError};
 
 /// Errors reading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,9 @@ pub enum ConfigError {
     /// A value is out of range.
     #[error("invalid config: {0}")]
     Invalid(String),
+    /// The `[store]` table is not usable.
+    #[error(transparent)]
+    Store(#[from] StoreConfigError),
 }
 
 /// The whole daemon configuration.

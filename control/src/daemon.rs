@@ -14,8 +14,8 @@ use crate::config::{Backend, Config, SYSTEM_CA_FILE};
 use crate::crypto::Keyring;
 use crate::fanout;
 use crate::grace;
-use crate::rekey;
 use crate::metrics::{Gauges, Metrics};
+use crate::rekey;
 use crate::store::Store;
 use crate::store::postgres::{Connection, PgStore};
 use crate::store::sled::SledStore;
@@ -60,7 +60,7 @@ pub fn open_store(
             let store = PgStore::connect(&connection).context("opening the PostgreSQL store")?;
             if let Some(keyring) = keyring {
                 store
-                    .check_keys(&keyring.fingerprints())
+                    .check_keys(&keyring.fingerprints(), keyring.active_id())
                     .context("checking this replica's master keys")?;
             }
             let replica = store.replica().to_owned();
@@ -117,18 +117,27 @@ fn database_addrs(config: &tokio_postgres::Config) -> Vec<std::net::SocketAddr> 
 /// step with the other replicas' (see [`crate::rekey`]).
 async fn follow_shared_keyring(store: Arc<dyn Store>, keyring: Arc<RwLock<Keyring>>) {
     let (s, k) = (store.clone(), keyring.clone());
-    let resumed = tokio::task::spawn_blocking(move || {
-        let keys = s.shared_keys()?;
-        Some(rekey::resume_interrupted(s.as_ref(), keys, &k, Duration::from_secs(60)))
-    })
-    .await;
-    match resumed {
-        Ok(Some(Ok(Some(report)))) => {
-            tracing::info!(active = %report.active_key, resealed = report.resealed, "finished an interrupted rekey");
+    tokio::spawn(async move {
+        let resumed = tokio::task::spawn_blocking(move || {
+            let keys = s.shared_keys()?;
+            Some(rekey::resume_interrupted(
+                s.as_ref(),
+                keys,
+                &k,
+                Duration::from_secs(60),
+            ))
+        })
+        .await;
+        match resumed {
+            Ok(Some(Ok(Some(report)))) => {
+                tracing::info!(active = %report.active_key, resealed = report.resealed, "finished an interrupted rekey");
+            }
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, "an interrupted rekey is not finished yet");
+            }
+            _ => {}
         }
-        Ok(Some(Err(e))) => tracing::warn!(error = %e, "an interrupted rekey is not finished yet"),
-        _ => {}
-    }
+    });
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;

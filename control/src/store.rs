@@ -2,6 +2,8 @@
 //!
 //! Records hold only sealed values (see [`crate::crypto`]); the store never sees plaintext.
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 mod permission;
 pub mod postgres;
 pub mod shared_keys;

@@ -14,7 +14,21 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::ConfigError;
+/// Why the `[store]` table is not usable; errors name files, never their content.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreConfigError {
+    /// A file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A value is not acceptable.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
 
 /// Where control's state lives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -47,7 +61,7 @@ pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 impl StoreConfig {
     /// Checks the table; `config_file` is named in errors about a password in it.
-    pub fn validate(&self, config_file: Option<&Path>) -> Result<(), ConfigError> {
+    pub fn validate(&self, config_file: Option<&Path>) -> Result<(), StoreConfigError> {
         let named = || {
             config_file.map_or_else(
                 || "the configuration".to_owned(),
@@ -57,28 +71,28 @@ impl StoreConfig {
         match self.backend {
             Backend::Sled => {
                 if !self.url.is_empty() || self.url_file.is_some() {
-                    return Err(ConfigError::Invalid(
+                    return Err(StoreConfigError::Invalid(
                         "store.url and store.url_file need store.backend = \"postgres\"".into(),
                     ));
                 }
             }
             Backend::Postgres => match (&self.url_file, self.url.is_empty()) {
                 (Some(_), false) => {
-                    return Err(ConfigError::Invalid(
+                    return Err(StoreConfigError::Invalid(
                         "set one of store.url and store.url_file, not both".into(),
                     ));
                 }
                 (None, true) => {
-                    return Err(ConfigError::Invalid(
+                    return Err(StoreConfigError::Invalid(
                         "store.backend = \"postgres\" needs store.url or store.url_file".into(),
                     ));
                 }
                 (None, false) => {
                     let parsed = parse(&self.url).map_err(|e| {
-                        ConfigError::Invalid(format!("store.url in {}: {e}", named()))
+                        StoreConfigError::Invalid(format!("store.url in {}: {e}", named()))
                     })?;
                     if parsed.get_password().is_some() {
-                        return Err(ConfigError::Invalid(format!(
+                        return Err(StoreConfigError::Invalid(format!(
                             "store.url in {} carries a password: a config file is not a place \
                              for one; put the URL in a 0600 file named by store.url_file",
                             named()
@@ -92,28 +106,29 @@ impl StoreConfig {
     }
 
     /// The connection settings: `url`, or `url_file`'s content once its mode is checked.
-    pub fn connection(&self) -> Result<tokio_postgres::Config, ConfigError> {
+    pub fn connection(&self) -> Result<tokio_postgres::Config, StoreConfigError> {
         let Some(file) = &self.url_file else {
-            return parse(&self.url).map_err(|e| ConfigError::Invalid(format!("store.url: {e}")));
+            return parse(&self.url)
+                .map_err(|e| StoreConfigError::Invalid(format!("store.url: {e}")));
         };
-        let meta = std::fs::metadata(file).map_err(|source| ConfigError::Read {
+        let meta = std::fs::metadata(file).map_err(|source| StoreConfigError::Read {
             path: file.clone(),
             source,
         })?;
         if meta.mode() & 0o077 != 0 {
-            return Err(ConfigError::Invalid(format!(
+            return Err(StoreConfigError::Invalid(format!(
                 "store.url_file {} is readable by group or others (mode {:o}); chmod 600 it",
                 file.display(),
                 meta.mode() & 0o777
             )));
         }
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(file).map_err(|source| StoreConfigError::Read {
             path: file.clone(),
             source,
         })?;
         // The error names the file, never its content (it may hold a password).
         parse(text.trim()).map_err(|_| {
-            ConfigError::Invalid(format!(
+            StoreConfigError::Invalid(format!(
                 "store.url_file {} does not hold a PostgreSQL connection string",
                 file.display()
             ))

@@ -6,15 +6,19 @@
 //! called from blocking threads (`spawn_blocking`), never from an async worker. The schema
 //! lives in `schema`, the connection and write path in `db`, one file per resource.
 
+mod consistency;
 mod db;
+mod error;
 mod grace;
+mod keys;
 mod sandboxes;
 pub mod schema;
 mod secrets;
 mod usage;
 
 pub use db::{CHANNEL, Changed, Connection, Note, PgStore};
-use db::{Writer, db_err, enc, violated};
+use db::{Writer, enc};
+use error::{db_err, violated};
 
 use super::{
     ApiKeyRecord, AuditRecord, Conflict, Direction, OrgId, OrgRecord, SandboxChange, SandboxId,
@@ -23,80 +27,13 @@ use super::{
 };
 use crate::crypto::Sealed;
 
-impl PgStore {
-    /// Refuses to serve with master keys that differ from the other replicas': the first
-    /// replica records its keys' fingerprints; every later one must hold exactly those keys
-    /// (a replica with a key of its own would seal values the others cannot open).
-    pub fn check_keys(&self, fingerprints: &[(String, String)]) -> Result<(), StoreError> {
-        let in_use = self.key_ids_in_use()?;
-        if let Some(missing) = in_use
-            .iter()
-            .find(|id| !fingerprints.iter().any(|(have, _)| have == *id))
-        {
-            return Err(StoreError::Schema(format!(
-                "master key {missing} seals values in the database but is not in this \
-                 replica's keys directory: copy the keys directory from another replica"
-            )));
-        }
-        self.run(async {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db_err)?;
-            tx.execute("LOCK TABLE master_keys IN EXCLUSIVE MODE", &[])
-                .await
-                .map_err(db_err)?;
-            let known: Vec<(String, String)> = tx
-                .query("SELECT id, fingerprint FROM master_keys ORDER BY id", &[])
-                .await
-                .map_err(db_err)?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-            if known.is_empty() {
-                for (id, fingerprint) in fingerprints {
-                    tx.execute(
-                        "INSERT INTO master_keys (id, fingerprint, added_at) VALUES ($1, $2, $3)",
-                        &[id, fingerprint, &crate::timefmt::now_ms()],
-                    )
-                    .await
-                    .map_err(db_err)?;
-                }
-                return tx.commit().await.map_err(db_err);
-            }
-            for (id, fingerprint) in &known {
-                match fingerprints.iter().find(|(have, _)| have == id) {
-                    None => {
-                        return Err(StoreError::Schema(format!(
-                            "master key {id} is used by the other replicas but is not in this \
-                             replica's keys directory: copy the keys directory from another \
-                             replica"
-                        )));
-                    }
-                    Some((_, mine)) if mine != fingerprint => {
-                        return Err(StoreError::Schema(format!(
-                            "master key {id} differs from the key of that id the other \
-                             replicas use: every replica needs the same key files"
-                        )));
-                    }
-                    Some(_) => {}
-                }
-            }
-            if let Some((extra, _)) = fingerprints
-                .iter()
-                .find(|(id, _)| !known.iter().any(|(k, _)| k == id))
-            {
-                return Err(StoreError::Schema(format!(
-                    "master key {extra} is in this replica's keys directory but the other \
-                     replicas do not have it: every replica needs the same key files"
-                )));
-            }
-            Ok(())
-        })
-    }
-}
-
 impl Store for PgStore {
     fn is_shared(&self) -> bool {
         true
+    }
+
+    fn shared_keys(&self) -> Option<&dyn crate::store::shared_keys::SharedKeys> {
+        Some(self)
     }
 
     fn create_api_key(&self, key: &ApiKeyRecord, audit: AuditRecord) -> Result<(), StoreError> {
@@ -231,6 +168,7 @@ impl Store for PgStore {
         self.run(async {
             let mut problems = secrets::check_consistency(self).await?;
             problems.extend(grace::check_consistency(self).await?);
+            problems.extend(consistency::check(self).await?);
             Ok(problems)
         })
     }

@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use tokio_postgres::config::Host;
 use tokio_postgres::types::{Json, ToSql};
 
+use super::error::db_err;
 use super::schema;
 use crate::store::{AuditRecord, StoreError};
 
@@ -121,30 +122,11 @@ impl Drop for PgStore {
     }
 }
 
-/// A database error as a store error; connection failures are `Unavailable` (a 503).
-pub(super) fn db_err(e: tokio_postgres::Error) -> StoreError {
-    if e.is_closed() {
-        return StoreError::Unavailable("connection to PostgreSQL lost".into());
-    }
-    match e.as_db_error() {
-        Some(d) => StoreError::Database(format!("{} ({})", d.message(), d.code().code())),
-        None => StoreError::Unavailable(e.to_string()),
-    }
-}
-
 fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => db_err(e),
         e => StoreError::Unavailable(format!("PostgreSQL: {e}")),
     }
-}
-
-/// The unique constraint a statement violated, if that is why it failed.
-pub(super) fn violated(e: &tokio_postgres::Error) -> Option<&str> {
-    let d = e.as_db_error()?;
-    (d.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
-        .then(|| d.constraint())
-        .flatten()
 }
 
 /// A stored document as a record.

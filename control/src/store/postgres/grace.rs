@@ -3,7 +3,8 @@
 
 use std::collections::BTreeSet;
 
-use super::db::{Changed, PgStore, Writer, db_err, dec, enc};
+use super::db::{Changed, PgStore, Writer, dec, enc};
+use super::error::db_err;
 use crate::crypto::Sealed;
 use crate::store::values::{expire, min_opt, reseal_value, strictly_older};
 use crate::store::{SealedRef, SecretRecord, StoreError, Swept, TombstoneRecord};
@@ -131,7 +132,7 @@ pub(super) async fn sweep(store: &PgStore, cutoff: i64) -> Result<Swept, StoreEr
             .map_err(db_err)?;
             swept.dropped += dropped;
             w.notify(Changed::Secret(record.id.clone()));
-            swept.changed.push(record.id.into());
+            swept.changed.push(record.id);
         }
     }
     for mut t in tombstones {
@@ -157,7 +158,7 @@ pub(super) async fn sweep(store: &PgStore, cutoff: i64) -> Result<Swept, StoreEr
         }
         swept.dropped += dropped;
         w.notify(Changed::Secret(t.id.clone()));
-        swept.changed.push(t.id.into());
+        swept.changed.push(t.id);
     }
     if swept.dropped == 0 {
         return Ok(swept);

@@ -1,6 +1,7 @@
 //! Sandboxes: rows keyed by id, one sandbox per cgroup.
 
-use super::db::{Changed, PgStore, Writer, db_err, dec, enc, violated};
+use super::db::{Changed, PgStore, Writer, dec, enc};
+use super::error::{db_err, violated};
 use crate::store::{
     AuditRecord, Conflict, OrgId, Rejected, SandboxChange, SandboxId, SandboxRecord, StoreError,
 };

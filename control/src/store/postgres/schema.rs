@@ -1,7 +1,7 @@
 //! Versioned schema migrations, applied at start under an advisory lock so that replicas
 //! starting together apply each exactly once; a database newer than this binary is refused.
 //!
-//! Records are stored as the same JSON documents the sled backend writes (`doc`), beside the
+//! Records are stored as the same JSON documents the sled backend writes (`doc`, `json`), beside the
 //! columns that carry uniqueness, ordering and lookups. Audit sequence numbers come from one
 //! counter row that every write transaction locks first: writers are serialised, and a
 //! sequence number is visible only once every smaller one is (a reader never skips a late
@@ -9,7 +9,7 @@
 
 use tokio_postgres::Client;
 
-use super::db::db_err;
+use super::error::db_err;
 use crate::store::StoreError;
 
 /// Migrations in order; `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
@@ -82,8 +82,27 @@ CREATE TABLE agent_acks (
 );
 CREATE TABLE replicas (
     id text PRIMARY KEY,
-    seen_at bigint NOT NULL
+    seen_at bigint NOT NULL,
+    key_ids text[] NOT NULL DEFAULT '{}',
+    active_key text NOT NULL DEFAULT ''
 );
+ALTER TABLE master_keys ADD COLUMN state text NOT NULL DEFAULT 'current';
+CREATE TABLE shared_keyring (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    active text NOT NULL
+);
+"#,
+    // Documents as `json`, the text as written: `jsonb` refuses a string holding U+0000
+    // (`\u0000`), which a description, a reported host or an audit entry may hold (sled
+    // stores them), and it reorders keys.
+    r#"
+ALTER TABLE orgs ALTER COLUMN doc TYPE json USING doc::json;
+ALTER TABLE api_keys ALTER COLUMN doc TYPE json USING doc::json;
+ALTER TABLE secrets ALTER COLUMN doc TYPE json USING doc::json;
+ALTER TABLE secret_usage ALTER COLUMN doc TYPE json USING doc::json;
+ALTER TABLE tombstones ALTER COLUMN doc TYPE json USING doc::json;
+ALTER TABLE sandboxes ALTER COLUMN doc TYPE json USING doc::json;
+ALTER TABLE audit ALTER COLUMN doc TYPE json USING doc::json;
 "#,
 ];
 

@@ -1,7 +1,8 @@
 //! Secrets: rows keyed by id, unique by (org, name) and by placeholder, ordered for keyset
 //! pages; deleting one stores its tombstone in the same transaction.
 
-use super::db::{Changed, PgStore, Writer, db_err, dec, enc, violated};
+use super::db::{Changed, PgStore, Writer, dec, enc};
+use super::error::{db_err, violated};
 use crate::paginate::{Order, SortField, SortValue};
 use crate::store::{
     AuditRecord, Conflict, OrgId, Rejected, SecretChange, SecretDeletion, SecretId, SecretPage,
@@ -108,79 +109,97 @@ pub(super) async fn all(store: &PgStore) -> Result<Vec<SecretRecord>, StoreError
         .await
 }
 
+/// Rows one query fetches while a name filter skips some (without a filter a page is one
+/// query of `limit + 1` rows).
+const FILTERED_BATCH: usize = 256;
+
 /// One keyset page, in the order and with the filter semantics of the sled backend: names
-/// and ids compare as bytes, the name filter is a lower-cased substring.
+/// and ids compare as bytes, the name filter is a lower-cased substring. Rows are read in
+/// batches from the cursor on, never the rest of the organization at once.
 pub(super) async fn page(
     store: &PgStore,
     org: &OrgId,
     q: &SecretPageQuery<'_>,
 ) -> Result<SecretPage, StoreError> {
-    let malformed = || StoreError::Rejected(Rejected::Cursor);
-    let (column, tie) = match q.sort {
-        SortField::Name => ("name", ""),
-        SortField::CreatedAt => ("created_at", ", id COLLATE \"C\""),
-        SortField::UpdatedAt => ("updated_at", ", id COLLATE \"C\""),
+    let (column, by_time) = match q.sort {
+        SortField::Name => ("name", false),
+        SortField::CreatedAt => ("created_at", true),
+        SortField::UpdatedAt => ("updated_at", true),
     };
     let (cmp, dir) = match q.order {
         Order::Asc => (">", "ASC"),
         Order::Desc => ("<", "DESC"),
     };
-    let order = if tie.is_empty() {
-        format!("{column} {dir}")
+    let (order, seek) = if by_time {
+        (
+            format!("{column} {dir}, id COLLATE \"C\" {dir}"),
+            format!("AND ({column}, id COLLATE \"C\") {cmp} ($3, $4 COLLATE \"C\")"),
+        )
     } else {
-        format!("{column} {dir}, id COLLATE \"C\" {dir}")
+        (format!("name {dir}"), format!("AND name {cmp} $3"))
     };
-    let client = store.client().await?;
-    let rows = match q.after {
-        None => {
-            client
-                .query(
-                    &format!("SELECT name, doc FROM secrets WHERE org = $1 ORDER BY {order}"),
-                    &[&org.as_str()],
-                )
-                .await
-        }
-        Some(c) => match (&c.v, q.sort) {
-            (SortValue::Text(name), SortField::Name) => {
-                client
-                    .query(
-                        &format!(
-                            "SELECT name, doc FROM secrets WHERE org = $1 AND name {cmp} $2 \
-                             ORDER BY {order}"
-                        ),
-                        &[&org.as_str(), &name.as_str()],
-                    )
-                    .await
+    let select = format!("SELECT id, name, {column}, doc FROM secrets WHERE org = $1");
+    let first = format!("{select} ORDER BY {order} LIMIT $2");
+    let next = format!("{select} {seek} ORDER BY {order} LIMIT $2");
+    // Where to continue strictly after: the last row read (sort value, id).
+    let mut after = match q.after {
+        None => None,
+        Some(c) => match (&c.v, by_time) {
+            (SortValue::Text(_), false) | (SortValue::Time(_), true) => {
+                Some((c.v.clone(), c.i.clone()))
             }
-            (SortValue::Time(t), SortField::CreatedAt | SortField::UpdatedAt) => {
-                client
-                    .query(
-                        &format!(
-                            "SELECT name, doc FROM secrets WHERE org = $1 \
-                             AND ({column}{tie}) {cmp} ($2, $3 COLLATE \"C\") ORDER BY {order}"
-                        ),
-                        &[&org.as_str(), t, &c.i.as_str()],
-                    )
-                    .await
-            }
-            _ => return Err(malformed()),
+            _ => return Err(StoreError::Rejected(Rejected::Cursor)),
         },
-    }
-    .map_err(db_err)?;
-    let mut items = Vec::with_capacity(q.limit);
+    };
+    let batch = match q.name_contains {
+        None => q.limit.saturating_add(1),
+        Some(_) => q.limit.saturating_add(1).max(FILTERED_BATCH),
+    };
+    let batch_param = i64::try_from(batch).unwrap_or(i64::MAX);
+    let org_name = org.as_str();
+    let client = store.client().await?;
+    let mut items = Vec::with_capacity(q.limit.min(FILTERED_BATCH));
     let mut more = false;
-    for row in rows {
-        let name: &str = row.get(0);
-        if let Some(f) = q.name_contains
-            && !name.to_lowercase().contains(f)
-        {
-            continue;
+    'pages: loop {
+        let rows = match &after {
+            None => client.query(&first, &[&org_name, &batch_param]).await,
+            Some((SortValue::Text(name), _)) => {
+                client
+                    .query(&next, &[&org_name, &batch_param, &name.as_str()])
+                    .await
+            }
+            Some((SortValue::Time(t), id)) => {
+                client
+                    .query(&next, &[&org_name, &batch_param, t, &id.as_str()])
+                    .await
+            }
         }
-        if items.len() == q.limit {
-            more = true;
+        .map_err(db_err)?;
+        let fetched = rows.len();
+        for row in rows {
+            let id: String = row.get(0);
+            let name: String = row.get(1);
+            let matches = q
+                .name_contains
+                .is_none_or(|f| name.to_lowercase().contains(f));
+            let doc = row.get(3);
+            after = Some(if by_time {
+                (SortValue::Time(row.get(2)), id)
+            } else {
+                (SortValue::Text(name), id)
+            });
+            if !matches {
+                continue;
+            }
+            if items.len() == q.limit {
+                more = true;
+                break 'pages;
+            }
+            items.push(dec(TABLE, doc)?);
+        }
+        if fetched < batch {
             break;
         }
-        items.push(dec(TABLE, row.get(1))?);
     }
     let total = match q.name_contains {
         None => {

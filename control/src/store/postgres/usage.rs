@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use super::db::{PgStore, Writer, db_err, dec, enc};
+use super::db::{PgStore, Writer, dec, enc};
+use super::error::db_err;
 use crate::store::{AuditRecord, SecretId, SecretRecord, SecretUsage, StoreError, UsageDelta};
 
 pub(super) async fn record_usage(
