@@ -24,9 +24,8 @@ mod usage;
 use std::time::Duration;
 
 pub use handshake::check_hello;
-pub use shared::PublishedAck;
 pub use socket::{CA_FILE, ServerError, trusted_peer};
-pub use state::{AgentInfo, AgentServer};
+pub use state::{AgentInfo, AgentServer, PublishedAck};
 
 use super::plan::Change;
 use veil_link::{Revision, SecretId};

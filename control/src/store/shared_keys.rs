@@ -2,7 +2,7 @@
 //! each key's fingerprint and state, which key seals new values, and which keys each live
 //! replica holds and uses. A coordinated rekey ([`crate::rekey`]) moves through these states.
 
-use super::StoreError;
+use super::error::StoreError;
 
 /// A master key's place in the replicas' shared keyring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,34 +4,12 @@
 //! The publishing and reading go through the store's database (see [`crate::fanout`]); this
 //! module is the in-memory side.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-use veil_link::{AgentId, Revision, SecretId};
+use veil_link::{AgentId, SecretId};
 
-use super::state::AgentServer;
+use super::state::{AgentServer, PublishedAck, Remote};
 use crate::agent_link::SecretAck;
-
-/// One agent's hold of one secret, as a replica publishes it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PublishedAck {
-    /// The secret.
-    pub secret_id: SecretId,
-    /// The agent.
-    pub agent_id: AgentId,
-    /// The revision it acknowledged; `None` = sent, not acknowledged yet.
-    pub revision: Option<Revision>,
-    /// When the acknowledgement arrived, ms since the epoch.
-    pub at: Option<i64>,
-    /// Whether the agent is connected to the publishing replica.
-    pub connected: bool,
-}
-
-/// What the other replicas published, by replica id, with whether each is alive.
-#[derive(Debug, Default)]
-pub(super) struct Remote {
-    pub(super) replicas: HashMap<String, (bool, Vec<PublishedAck>)>,
-}
 
 impl AgentServer {
     /// This replica's acknowledgements, to publish: every (secret, agent) it knows of.

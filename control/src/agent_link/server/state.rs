@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
 use veil_link::{AgentId, ControlMsg, Revision, SecretId};
 
@@ -60,7 +61,7 @@ pub(super) struct Inner {
     /// Woken when this replica's acknowledgements or agents change (to publish them).
     pub(super) changed: Notify,
     /// What other replicas published (shared store only).
-    pub(super) remote: Mutex<super::shared::Remote>,
+    pub(super) remote: Mutex<Remote>,
     pub(super) usage: mpsc::Sender<UsageJob>,
 }
 
@@ -138,4 +139,25 @@ pub(super) enum ReportKind {
     Usage,
     /// One `secret.blocked` audit entry per refused request.
     Blocked,
+}
+
+/// What the other replicas published, by replica id, with whether each is alive.
+#[derive(Debug, Default)]
+pub(super) struct Remote {
+    pub(super) replicas: HashMap<String, (bool, Vec<PublishedAck>)>,
+}
+
+/// One agent's hold of one secret, as a replica publishes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedAck {
+    /// The secret.
+    pub secret_id: SecretId,
+    /// The agent.
+    pub agent_id: AgentId,
+    /// The revision it acknowledged; `None` = sent, not acknowledged yet.
+    pub revision: Option<Revision>,
+    /// When the acknowledgement arrived, ms since the epoch.
+    pub at: Option<i64>,
+    /// Whether the agent is connected to the publishing replica.
+    pub connected: bool,
 }

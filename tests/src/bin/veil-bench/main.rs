@@ -28,6 +28,7 @@ use veil_tests::{AgentSandbox, NetNs, Sandbox, TcpHello, Veil, World};
 
 use crate::cli::{Cli, Cmd, SuiteArgs};
 use crate::host::{busy_percent, cpu_steal_percent, cpu_times, process_cpu_seconds};
+use crate::quantile::percentile;
 use crate::sink::{run_client, start_sink};
 
 mod cli;
@@ -36,6 +37,7 @@ mod idle;
 mod load;
 mod mitm;
 mod peers;
+mod quantile;
 mod rotation;
 mod sink;
 mod soak;
@@ -269,11 +271,6 @@ fn passthrough(bytes: u64, seconds: u64, runs: u64) -> Result<()> {
         median(agent_cpu_per_gib)
     );
     Ok(())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn sandbox_spec(id: &str, sb: &Sandbox) -> AgentSandbox {

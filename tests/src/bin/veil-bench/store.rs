@@ -15,7 +15,7 @@ use veil_tests::postgres::Postgres;
 use veil_tests::replicas::store_config;
 use veil_tests::{AgentSandbox, Sandbox, Veil};
 
-use crate::percentile;
+use crate::quantile::percentile;
 
 /// Concurrent clients creating secrets.
 const CLIENTS: usize = 8;
