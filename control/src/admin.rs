@@ -91,7 +91,7 @@ pub struct KeyInfo {
 pub use crate::rekey::RekeyReport;
 
 /// How long a coordinated rekey waits for the other replicas at each step.
-const SHARED_REKEY_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+const SHARED_REKEY_WAIT: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// One secret's verification result (never its value).
 #[derive(Debug, Serialize, Deserialize)]

@@ -142,7 +142,7 @@ impl SharedKeys for PgStore {
                 .query(
                     &format!(
                         "SELECT id, key_ids, active_key FROM replicas \
-                         WHERE {DB_NOW_MS} - seen_at < $1 AND active_key <> '' ORDER BY id"
+                         WHERE {DB_NOW_MS} - seen_at < $1 ORDER BY id"
                     ),
                     &[&GONE_AFTER_MS],
                 )
