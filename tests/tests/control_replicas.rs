@@ -139,11 +139,29 @@ fn a_change_through_one_replica_reaches_the_agents_of_another() {
         }),
         "B's agent never substituted the value rotated through A"
     );
-    // Both replicas show the same secret.
+    // Both replicas show the same secret, with the usage B's agent reported (kept in the
+    // store, so A, which has no agent, shows it too).
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let (_, via_a) = rt.block_on(a.api().get(&format!("/secret/{id}"), &key));
+            via_a["lastUsedAt"].is_string()
+        }),
+        "the usage B's agent reported never showed through A"
+    );
     let (_, via_a) = rt.block_on(a.api().get(&format!("/secret/{id}"), &key));
     let (_, via_b) = rt.block_on(w.veil.api().get(&format!("/secret/{id}"), &key));
-    assert_eq!(via_a["revision"], via_b["revision"]);
-    assert_eq!(via_a["updatedAt"], via_b["updatedAt"]);
+    for field in [
+        "revision",
+        "updatedAt",
+        "lastUsedAt",
+        "usage",
+        "propagation",
+    ] {
+        assert_eq!(
+            via_a[field], via_b[field],
+            "{field} differs between the replicas"
+        );
+    }
 }
 
 #[test]

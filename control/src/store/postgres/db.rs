@@ -345,3 +345,42 @@ impl PgStore {
         rows.into_iter().map(|r| dec(table, r.get(0))).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio_postgres::config::SslMode;
+
+    use super::*;
+
+    fn conn(text: &str, ca: &str) -> Result<Connection, StoreError> {
+        Connection::new(text.parse().expect("connection string"), Path::new(ca))
+    }
+
+    #[test]
+    fn tls_is_required_and_verified_unless_the_server_is_on_this_host() {
+        let ca = crate::config::SYSTEM_CA_FILE;
+        for local in [
+            "host=127.0.0.1 user=veil",
+            "host=localhost user=veil",
+            "host=::1 user=veil",
+            "host=/run/postgresql user=veil",
+        ] {
+            assert!(conn(local, ca).expect(local).tls.is_none(), "{local}");
+        }
+        for remote in [
+            "host=db.example user=veil",
+            "host=10.0.0.5 user=veil",
+            "host=127.0.0.1,db.example user=veil",
+        ] {
+            let c = conn(remote, ca).expect(remote);
+            assert!(c.tls.is_some(), "{remote}: no TLS");
+            assert_eq!(c.config.get_ssl_mode(), SslMode::Require, "{remote}");
+        }
+        // Without a usable CA there is no connection at all, never one left unverified.
+        let e = conn("host=db.example user=veil", "/nonexistent/ca.pem")
+            .err()
+            .expect("a missing CA file is refused")
+            .to_string();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+    }
+}
