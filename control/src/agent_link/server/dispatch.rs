@@ -119,6 +119,11 @@ impl AgentServer {
                 waits.push((*conn, seq, rx));
             }
         }
+        if !waits.is_empty() {
+            // What the agents now hold (sent, not yet acknowledged) is published to the other
+            // replicas at once, so a wait there counts these agents from the start.
+            self.inner.changed.notify_one();
+        }
         Ok(waits)
     }
 

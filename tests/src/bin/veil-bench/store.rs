@@ -114,6 +114,18 @@ fn measure(backend: &str, veil: &Veil, other: Option<&Veil>, count: usize) -> Re
         sandboxes.push(sb);
     }
     let agents = sandboxes.len();
+    // Every agent holds the secret, as the replica answering the rotations sees it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while veil.block_on(api.get(&format!("/secret/{id}"), &key)).1["propagation"]["agents"]
+        .as_array()
+        .map_or(0, Vec::len)
+        < agents
+    {
+        if Instant::now() > deadline {
+            bail!("{backend}: not every agent holds the secret after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut took = Vec::new();
     for _ in 0..100 {
         let started = Instant::now();
