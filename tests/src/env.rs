@@ -41,7 +41,7 @@ pub fn bin_path(name: &str) -> PathBuf {
         let package = match name {
             "veil-agent" => "proxy-agent",
             "veil-control" => "control",
-            "veil-probe" => "veil-tests",
+            "veil-probe" | "veil-ws-h2" => "veil-tests",
             _ => "<package>",
         };
         panic!(
