@@ -24,7 +24,8 @@ pub fn cgroup2_mount() -> PathBuf {
     })
 }
 
-/// Path of a binary built into the same profile directory as the running test executable.
+/// Path of a binary built into the same profile directory as the running test executable, or
+/// in `$VEIL_BIN_DIR` when set (measurements run by hand against release binaries).
 ///
 /// Panics naming the `cargo build` command to run when it is missing.
 pub fn bin_path(name: &str) -> PathBuf {
@@ -35,6 +36,9 @@ pub fn bin_path(name: &str) -> PathBuf {
         .to_path_buf();
     if dir.file_name().is_some_and(|n| n == "deps") {
         dir.pop();
+    }
+    if let Some(bins) = std::env::var_os("VEIL_BIN_DIR") {
+        dir = PathBuf::from(bins);
     }
     let path = dir.join(name);
     if !path.is_file() {

@@ -277,7 +277,8 @@ fn an_idle_websocket_is_closed_with_1001() {
 }
 
 /// Round trips of 100-byte text messages, p50/p99 and messages/s; run by hand with
-/// `cargo test -p veil-tests --test websocket -- --ignored --nocapture ws_round_trips`.
+/// `cargo test -p veil-tests --test websocket -- --ignored --nocapture ws_round_trips`
+/// (`VEIL_BIN_DIR=target/release` to measure the release agent and control).
 const ROUND_TRIPS: &str = r#"
 import os, ssl, sys, time
 from websockets.sync.client import connect
