@@ -17,8 +17,8 @@ use hyper::body::Incoming;
 use veil_policy::grpc::{Deframer, GrpcError, scrub_message};
 use veil_policy::{SandboxPolicy, ScrubPatterns};
 
+use super::headers::scrub_headers;
 use crate::proxy::body::BoxError;
-use crate::proxy::scrub::scrub_headers;
 use crate::stats::Stats;
 
 /// The header a gRPC client lists the message codings it accepts in.
