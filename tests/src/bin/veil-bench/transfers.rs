@@ -4,7 +4,8 @@
 //! in the sandbox and compared with the pattern's hash; the upload is hashed by the upstream as
 //! it arrives. Prints MiB/s per transfer (wall time of the curl run, hashing included) and the
 //! agent's peak resident memory (VmHWM) before and after. The sandbox has a secret mounted, so
-//! every transfer is intercepted and scrubbed.
+//! every transfer is intercepted and scrubbed. The same transfers direct (curl in the world's
+//! namespace, to the upstream) give the baseline.
 
 use std::io::Write as _;
 use std::time::Instant;
@@ -13,11 +14,29 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use veil_tests::bulk_upstream::{BulkUpstream, CHUNK, pattern};
-use veil_tests::intercept_world::InterceptWorld;
+use veil_tests::intercept_world::{InterceptWorld, Upstream as _};
 
 const ALLOWED: &str = "api.allowed.test";
 
-/// Runs the four transfers of `bytes` each.
+/// Where a transfer's client runs.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    /// In the sandbox: intercepted by veil.
+    Veil,
+    /// In the world's namespace, to the upstream directly (the baseline).
+    Direct,
+}
+
+impl Via {
+    fn name(self) -> &'static str {
+        match self {
+            Via::Veil => "veil",
+            Via::Direct => "direct",
+        }
+    }
+}
+
+/// Runs the transfers of `bytes` each, through veil and direct.
 pub fn run(bytes: u64) -> Result<()> {
     veil_tests::require_root();
     let mut w = InterceptWorld::builder("bench transfers CA", &[ALLOWED])
@@ -48,49 +67,65 @@ pub fn run(bytes: u64) -> Result<()> {
     println!(
         "transfers: {mib:.0} MiB each way through interception, curl in a sandbox, SHA-256 at both ends"
     );
+    let resolve = format!("{ALLOWED}:{}:{}", w.up.addr().port(), w.up.addr().ip());
     for (flag, proto) in [("--http1.1", "HTTP/1.1"), ("--http2", "h2")] {
-        let download = format!(
-            "curl -sS --fail --max-time 3600 {flag} '{}' | sha256sum",
-            w.url(ALLOWED, &format!("/download?n={bytes}"))
-        );
-        let start = Instant::now();
-        let (ok, got) = run_long(w.command(sb, "sh").args(["-c", &download]));
-        let down = start.elapsed();
-        if !ok || !got.starts_with(&sha) {
-            bail!(
-                "download {proto}: SHA-256 mismatch or failure: {}",
-                got.trim()
+        for via in [Via::Veil, Via::Direct] {
+            // Through veil: curl in the sandbox. Direct: curl in the world's namespace, the
+            // name resolved to the upstream, trusting the same bundle.
+            let command = |program: &str| match via {
+                Via::Veil => w.command(sb, program),
+                Via::Direct => {
+                    let mut c = w.world.netns().command(program);
+                    c.env("CURL_CA_BUNDLE", &w.bundle);
+                    c
+                }
+            };
+            let download = format!(
+                "curl -sS --fail --max-time 3600 {flag} --resolve {resolve} '{}' | sha256sum",
+                w.url(ALLOWED, &format!("/download?n={bytes}"))
+            );
+            let start = Instant::now();
+            let (ok, got) = run_long(command("sh").args(["-c", &download]));
+            let down = start.elapsed();
+            if !ok || !got.starts_with(&sha) {
+                bail!(
+                    "download {proto} {via:?}: SHA-256 mismatch or failure: {}",
+                    got.trim()
+                );
+            }
+            let start = Instant::now();
+            let (ok, got) = run_long(command("curl").args([
+                "-sS",
+                "--fail",
+                "--max-time",
+                "3600",
+                flag,
+                "--resolve",
+                &resolve,
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/octet-stream",
+                "-T",
+                &file.display().to_string(),
+                &w.url(ALLOWED, "/upload"),
+            ]));
+            let up = start.elapsed();
+            if !ok || !got.starts_with(&format!("{bytes} {sha}")) {
+                bail!(
+                    "upload {proto} {via:?}: SHA-256 mismatch or failure: {}",
+                    got.trim()
+                );
+            }
+            println!(
+                "  {proto:<8} {:<6} download {:>7.1} MiB/s ({:.2} s)   upload {:>7.1} MiB/s ({:.2} s)",
+                via.name(),
+                mib / down.as_secs_f64(),
+                down.as_secs_f64(),
+                mib / up.as_secs_f64(),
+                up.as_secs_f64()
             );
         }
-        let start = Instant::now();
-        let (ok, got) = run_long(w.command(sb, "curl").args([
-            "-sS",
-            "--fail",
-            "--max-time",
-            "3600",
-            flag,
-            "-X",
-            "POST",
-            "-H",
-            "content-type: application/octet-stream",
-            "-T",
-            &file.display().to_string(),
-            &w.url(ALLOWED, "/upload"),
-        ]));
-        let up = start.elapsed();
-        if !ok || !got.starts_with(&format!("{bytes} {sha}")) {
-            bail!(
-                "upload {proto}: SHA-256 mismatch or failure: {}",
-                got.trim()
-            );
-        }
-        println!(
-            "  {proto:<8} download {:>7.1} MiB/s ({:.2} s)   upload {:>7.1} MiB/s ({:.2} s)",
-            mib / down.as_secs_f64(),
-            down.as_secs_f64(),
-            mib / up.as_secs_f64(),
-            up.as_secs_f64()
-        );
     }
     if w.counter("intercepted") < 4.0 {
         bail!("the transfers were not all intercepted");
