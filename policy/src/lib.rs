@@ -64,6 +64,7 @@ pub mod body;
 pub mod client_hello;
 pub mod decide;
 mod encode;
+pub mod grpc;
 pub mod host;
 pub mod sandbox;
 pub mod scrub;

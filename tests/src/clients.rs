@@ -10,6 +10,7 @@ pub const PYTHON_CLIENTS: &[&str] = &[
     "requests==2.32.3",
     "httpx[http2]==0.28.1",
     "websockets==15.0.1",
+    "grpcio==1.85.1",
 ];
 
 /// A venv at `<target>/<name>` with `packages` installed, created once under a file lock
@@ -49,7 +50,7 @@ pub fn venv(name: &str, packages: &[&str]) -> PathBuf {
     python
 }
 
-/// The python of the clients venv (`requests`, `httpx` with h2).
+/// The python of the clients venv (`requests`, `httpx` with h2, `websockets`, `grpcio`).
 pub fn python_clients() -> PathBuf {
     venv("clients-venv", PYTHON_CLIENTS)
 }

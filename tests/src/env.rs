@@ -24,7 +24,8 @@ pub fn cgroup2_mount() -> PathBuf {
     })
 }
 
-/// Path of a binary built into the same profile directory as the running test executable.
+/// Path of a binary built into the same profile directory as the running test executable, or
+/// in `$VEIL_BIN_DIR` when set (measurements run by hand against release binaries).
 ///
 /// Panics naming the `cargo build` command to run when it is missing.
 pub fn bin_path(name: &str) -> PathBuf {
@@ -36,12 +37,15 @@ pub fn bin_path(name: &str) -> PathBuf {
     if dir.file_name().is_some_and(|n| n == "deps") {
         dir.pop();
     }
+    if let Some(bins) = std::env::var_os("VEIL_BIN_DIR") {
+        dir = PathBuf::from(bins);
+    }
     let path = dir.join(name);
     if !path.is_file() {
         let package = match name {
             "veil-agent" => "proxy-agent",
             "veil-control" => "control",
-            "veil-probe" => "veil-tests",
+            "veil-probe" | "veil-ws-h2" => "veil-tests",
             _ => "<package>",
         };
         panic!(

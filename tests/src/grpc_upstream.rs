@@ -2,7 +2,11 @@
 //! `content-type: application/grpc`; the `authorization` metadata must carry `Bearer <value>`
 //! (else a trailers-only answer with `grpc-status: 16`). `/echo.Echo/Unary` answers one
 //! length-prefixed message carrying the value, `/echo.Echo/Stream` three; both end with trailers
-//! `grpc-status: 0` and a `grpc-message` carrying the value (which veil must scrub).
+//! `grpc-status: 0` and a `grpc-message` carrying the value (which veil must scrub);
+//! `/echo.Echo/Denied` answers trailers only, `grpc-status: 7` (permission denied) with the
+//! value in `grpc-message`; `/echo.Echo/Compressed` one message with the compressed flag set
+//! (the value inside, uncompressed, as a server ignoring `grpc-accept-encoding` would). Messages are raw bytes (no protobuf), which gRPC clients with
+//! generic (bytes in, bytes out) stubs such as grpcio's accept.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -78,7 +82,18 @@ fn answer(path: &str, authorized: bool, value: &str) -> Response<Body> {
         "/echo.Echo/Stream" => 3,
         _ => 0,
     };
-    let frames: Vec<Frame<Bytes>> = if authorized && count > 0 {
+    let frames: Vec<Frame<Bytes>> = if authorized && path == "/echo.Echo/Denied" {
+        trailers.insert("grpc-status", HeaderValue::from_static("7"));
+        let msg = HeaderValue::from_str(&format!("denied for {value}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("denied"));
+        trailers.insert("grpc-message", msg);
+        vec![Frame::trailers(trailers)]
+    } else if authorized && path == "/echo.Echo/Compressed" {
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let mut m = message(&format!("{{\"key\": \"{value}\"}}")).to_vec();
+        m[0] = 1;
+        vec![Frame::data(m.into()), Frame::trailers(trailers)]
+    } else if authorized && count > 0 {
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
         let msg = HeaderValue::from_str(&format!("done for {value}"))
             .unwrap_or_else(|_| HeaderValue::from_static("done"));

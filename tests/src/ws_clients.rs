@@ -1,5 +1,7 @@
 //! Real WebSocket clients for the websocket scenarios (issue 20): Python `websockets` (in the
-//! pinned clients venv) and Node's `ws` (npm, installed once under `target/node-ws`). Both run
+//! pinned clients venv) and Node's `ws` (npm, installed once under `target/node-ws`) over
+//! HTTP/1.1, and `veil-ws-h2` (tests/src/bin; hyper + tokio-tungstenite) over h2 extended
+//! CONNECT, as neither Python nor Node has a client that speaks RFC 8441. All run
 //! the same script: send each command as a text message, read the replies (until `done` for
 //! `leak` and `big:N`, one reply otherwise, or the close), and write what they received — hex,
 //! never printed — to a JSON file the test reads ([`WsRun`]). The Python client also knows
@@ -88,6 +90,9 @@ pub enum WsClient {
     Python,
     /// Node `ws`.
     Node,
+    /// `veil-ws-h2`: WebSocket over h2 extended CONNECT (falls back to HTTP/1.1 when the
+    /// server resets the stream with `HTTP_1_1_REQUIRED`).
+    RustH2,
 }
 
 /// What a client received. Debug prints sizes only (payloads may carry a value).
@@ -99,6 +104,8 @@ pub struct WsRun {
     pub close: Option<(u16, Vec<u8>)>,
     /// The client's own failure, if any (a status, an error class).
     pub error: Option<String>,
+    /// The reset that made the client fall back to HTTP/1.1 (`veil-ws-h2` only).
+    pub fallback: Option<String>,
     /// Whether the client process exited 0.
     pub ok: bool,
     /// Its output, redacted by the caller's values.
@@ -112,6 +119,7 @@ impl std::fmt::Debug for WsRun {
             .field("message_lengths", &lens)
             .field("close_code", &self.close.as_ref().map(|c| c.0))
             .field("error", &self.error)
+            .field("fallback", &self.fallback)
             .field("ok", &self.ok)
             .field("output", &self.output)
             .finish()
@@ -197,9 +205,13 @@ pub fn run_client<U: Upstream>(
             let script = write(dir, "ws_client.js", NODE_CLIENT);
             (crate::clients::node(), script)
         }
+        WsClient::RustH2 => (crate::env::bin_path("veil-ws-h2"), PathBuf::new()),
     };
     let mut cmd = w.command(sb, program.to_str().expect("path"));
-    cmd.arg(&script).arg(url).arg(&out).args(cmds).env("K", key);
+    if client != WsClient::RustH2 {
+        cmd.arg(&script);
+    }
+    cmd.arg(url).arg(&out).args(cmds).env("K", key);
     if client == WsClient::Node {
         cmd.env("WS_MODULE", node_ws());
     }
@@ -230,6 +242,7 @@ pub fn run_client<U: Upstream>(
         run.close = Some((u16::try_from(code).unwrap_or(0), reason));
     }
     run.error = v["error"].as_str().map(str::to_owned);
+    run.fallback = v["fallback"].as_str().map(str::to_owned);
     run
 }
 

@@ -13,13 +13,22 @@
 //!
 //! On [`NEGOTIATE_DEFLATE`] its 101 names `permessage-deflate` although nobody offered it.
 //!
+//! [`WsUpstream::start_h2`] also speaks h2 (ALPN `h2` first, `http/1.1` still served): a
+//! WebSocket opens there by extended CONNECT (RFC 8441, answered 200), when it advertises
+//! SETTINGS_ENABLE_CONNECT_PROTOCOL; without it, h2 resets such a stream (`PROTOCOL_ERROR`),
+//! as a server that does not support WebSocket over h2 does.
+//!
 //! Its [`WsSeen`] never prints a payload (they may carry the value).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
 use tokio_tungstenite::tungstenite::{Bytes, Message};
@@ -40,6 +49,8 @@ pub struct WsSeen {
     pub upgrades: usize,
     /// Upgrade requests whose `Authorization` carried the value.
     pub authorized: usize,
+    /// WebSockets opened over h2 (extended CONNECT, answered 200).
+    pub h2: usize,
     /// Upgrade requests that offered an extension (`Sec-WebSocket-Extensions`).
     pub offered_extensions: usize,
     /// Data messages received, in order (pong payloads as `pong:` + payload).
@@ -53,6 +64,7 @@ impl std::fmt::Debug for WsSeen {
         f.debug_struct("WsSeen")
             .field("upgrades", &self.upgrades)
             .field("authorized", &self.authorized)
+            .field("h2", &self.h2)
             .field("offered_extensions", &self.offered_extensions)
             .field("message_lengths", &lens)
             .finish()
@@ -85,7 +97,36 @@ type Seen = Arc<Mutex<WsSeen>>;
 impl WsUpstream {
     /// Serves `wss` for `names` (certificate from `ca`) on `ip`:0 in `ns`, knowing `value`.
     pub fn start(ns: &NetNs, ip: IpAddr, ca: &TestCa, names: &[&str], value: String) -> Self {
-        let acceptor = tls_acceptor(ca, names, &[b"http/1.1"]);
+        Self::start_mode(ns, ip, ca, names, value, None)
+    }
+
+    /// Like [`WsUpstream::start`], speaking h2 too; `extended_connect` says whether it enables
+    /// WebSocket over h2.
+    pub fn start_h2(
+        ns: &NetNs,
+        ip: IpAddr,
+        ca: &TestCa,
+        names: &[&str],
+        value: String,
+        extended_connect: bool,
+    ) -> Self {
+        Self::start_mode(ns, ip, ca, names, value, Some(extended_connect))
+    }
+
+    fn start_mode(
+        ns: &NetNs,
+        ip: IpAddr,
+        ca: &TestCa,
+        names: &[&str],
+        value: String,
+        h2: Option<bool>,
+    ) -> Self {
+        let alpn: &[&[u8]] = if h2.is_some() {
+            &[b"h2", b"http/1.1"]
+        } else {
+            &[b"http/1.1"]
+        };
+        let acceptor = tls_acceptor(ca, names, alpn);
         let listener = ns.run(move || {
             let l = std::net::TcpListener::bind((ip, 0))
                 .unwrap_or_else(|e| panic!("binding the WebSocket upstream on {ip}: {e}"));
@@ -121,7 +162,11 @@ impl WsUpstream {
                         let Ok(tls) = acceptor.accept(tcp).await else {
                             return;
                         };
-                        serve(tls, seen, &value).await;
+                        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            serve_h2(tls, seen, value, h2 == Some(true)).await;
+                        } else {
+                            serve(tls, seen, &value).await;
+                        }
                     });
                 }
             });
@@ -179,9 +224,76 @@ where
             Err(refused)
         }
     };
-    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(io, check).await else {
+    let Ok(ws) = tokio_tungstenite::accept_hdr_async(io, check).await else {
         return;
     };
+    session(ws, &seen, value).await;
+}
+
+/// Serves h2 on `io`: an extended CONNECT for `websocket` with the value in `Authorization`
+/// is answered 200 and the stream carries the same session as an h1 upgrade; anything else
+/// gets 401 or 400.
+async fn serve_h2<S>(io: S, seen: Seen, value: Arc<str>, extended_connect: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        let (seen, value) = (seen.clone(), value.clone());
+        async move {
+            let status = {
+                let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
+                let websocket = req.method() == hyper::Method::CONNECT
+                    && req
+                        .extensions()
+                        .get::<hyper::ext::Protocol>()
+                        .is_some_and(|p| p.as_str() == "websocket");
+                if websocket {
+                    s.upgrades += 1;
+                    if req.headers().contains_key("sec-websocket-extensions") {
+                        s.offered_extensions += 1;
+                    }
+                }
+                let expected = format!("Bearer {value}");
+                let auth = req.headers().get("authorization").map(|v| v.as_bytes());
+                if !websocket {
+                    hyper::StatusCode::BAD_REQUEST
+                } else if auth == Some(expected.as_bytes()) {
+                    s.authorized += 1;
+                    s.h2 += 1;
+                    hyper::StatusCode::OK
+                } else {
+                    hyper::StatusCode::UNAUTHORIZED
+                }
+            };
+            if status == hyper::StatusCode::OK {
+                let upgrade = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    let Ok(upgraded) = upgrade.await else { return };
+                    let io = hyper_util::rt::TokioIo::new(upgraded);
+                    let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+                    session(ws, &seen, &value).await;
+                });
+            }
+            let mut resp = hyper::Response::new(Empty::<Bytes>::new());
+            *resp.status_mut() = status;
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    if extended_connect {
+        builder.enable_connect_protocol();
+    }
+    let _ = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await;
+}
+
+/// One WebSocket session after the handshake: records what it gets, answers commands.
+async fn session<S>(mut ws: WebSocketStream<S>, seen: &Seen, value: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     while let Some(Ok(msg)) = ws.next().await {
         let record = |bytes: Vec<u8>| {
             seen.lock()

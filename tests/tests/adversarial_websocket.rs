@@ -2,9 +2,11 @@
 //! would run them, with real clients (Python `websockets`, Node `ws`) against a real `wss`
 //! upstream: a compressed frame although nothing was negotiated, a 101 negotiating
 //! permessage-deflate anyway, an oversized frame, a value split across fragments and in a close
-//! reason, and a placeholder in client frames of a secret without body substitution.
+//! reason, and a placeholder in client frames of a secret without body substitution. The
+//! scrubbing and compressed-frame cases run over h2 extended CONNECT too (`veil-ws-h2`).
 
 use serde_json::json;
+use veil_tests::adversary::encodings;
 use veil_tests::control::random_token;
 use veil_tests::intercept_world::{InterceptWorld, Secret};
 use veil_tests::ws_clients::{WsClient, WsRun, run_client};
@@ -21,6 +23,11 @@ struct Setup {
 }
 
 fn setup(name: &str) -> Setup {
+    setup_with(name, false)
+}
+
+/// With `h2`, the upstream speaks h2 with extended CONNECT (and h1 still).
+fn setup_with(name: &str, h2: bool) -> Setup {
     let value = format!("sk-test-{}", random_token(40));
     let v = value.clone();
     let mut w = InterceptWorld::builder("adversarial websocket CA", &[ALLOWED])
@@ -28,7 +35,10 @@ fn setup(name: &str) -> Setup {
         .config(&format!(
             "websocket_max_frame_bytes = {LIMIT}\nwebsocket_max_message_bytes = {LIMIT}\n"
         ))
-        .start_with(move |ns, ip, ca, names| WsUpstream::start(ns, ip, ca, names, v));
+        .start_with(move |ns, ip, ca, names| match h2 {
+            true => WsUpstream::start_h2(ns, ip, ca, names, v, true),
+            false => WsUpstream::start(ns, ip, ca, names, v),
+        });
     let key = w.secret_valued("ws-key", value, &[ALLOWED], json!({}));
     let sb = w.add_sandbox(name, &[("K", "ws-key")]);
     Setup { w, key, sb }
@@ -46,10 +56,17 @@ impl Setup {
             cmds,
             &[&self.key.value],
         );
+        let all = run.all_bytes();
         assert!(
-            !contains(&run.all_bytes(), self.key.value.as_bytes()),
+            !contains(&all, self.key.value.as_bytes()),
             "{client:?}: the value reached the sandbox: {run:?}"
         );
+        for (form, enc) in encodings(self.key.value.as_bytes()) {
+            assert!(
+                !contains(&all, &enc),
+                "{client:?}: the value reached the sandbox as {form}: {run:?}"
+            );
+        }
         run
     }
 }
@@ -155,4 +172,40 @@ fn a_placeholder_in_client_frames_without_body_substitution_reaches_the_upstream
             "{seen:?}"
         );
     }
+}
+
+#[test]
+fn over_h2_every_encoding_and_a_value_split_across_fragments_or_in_a_close_reason_is_scrubbed() {
+    let s = setup_with("ws-adv-h2-frag", true);
+    let ph = s.key.placeholder.as_bytes();
+    let run = s.run(WsClient::RustH2, "/ws", &["leak", "close"]);
+    assert_eq!(
+        (run.error.as_deref(), run.fallback.as_deref()),
+        (None, None),
+        "{run:?}"
+    );
+    assert!(
+        run.messages
+            .iter()
+            .any(|m| m.0 && m.1 == [b"frag:".as_slice(), ph].concat()),
+        "h2: the fragmented text is not `frag:` + the placeholder: {run:?}"
+    );
+    assert!(
+        run.messages.iter().filter(|m| !m.0 && m.1 == ph).count() >= 2,
+        "h2: the fragmented binary message is not the placeholder: {run:?}"
+    );
+    let (code, reason) = run.close.clone().expect("close frame");
+    assert_eq!(code, 1000);
+    assert_eq!(reason, [b"bye ".as_slice(), ph].concat());
+    assert_eq!(s.w.up.seen().h2, 1, "{:?}", s.w.up.seen());
+}
+
+#[test]
+fn over_h2_a_compressed_frame_closes_with_1008_and_never_reaches_the_sandbox() {
+    let s = setup_with("ws-adv-h2-rsv1", true);
+    let run = s.run(WsClient::RustH2, "/ws", &["compressed"]);
+    assert_veil_close(&run, 1008, "h2");
+    assert!(run.messages.is_empty(), "h2: {run:?}");
+    assert_eq!(s.w.up.seen().h2, 1, "{:?}", s.w.up.seen());
+    assert!(s.w.counter("websocket_closed") >= 1.0);
 }

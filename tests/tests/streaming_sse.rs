@@ -1,7 +1,7 @@
 //! Server-sent events through interception (issue 20): the upstream sends event i+1 only after
 //! the client acknowledged event i (a request of its own, through veil too), so an event veil
-//! held back would stall the stream. Python httpx in a sandbox, over HTTP/1.1 and h2; every
-//! event carries the value (literal and base64), which the sandbox never sees.
+//! held back would stall the stream. Python httpx and curl (`-N`) in a sandbox, over HTTP/1.1
+//! and h2; every event carries the value (literal and base64), which the sandbox never sees.
 
 use serde_json::json;
 use veil_tests::clients::python_clients;
@@ -59,6 +59,69 @@ fn each_event_reaches_the_client_before_the_upstream_sends_the_next_over_h1_and_
             .into_iter()
             .flatten()
             .filter_map(|e| e.as_str())
+            .collect();
+        assert!(
+            !events.iter().any(|e| e.contains("stalled")),
+            "{proto}: an event was held back: {out}"
+        );
+        assert_eq!(events.len(), EVENTS, "{proto}: {out}");
+        for (i, e) in events.iter().enumerate() {
+            assert!(e.starts_with(&format!("id: {i}\n")), "{proto}: {out}");
+            assert!(
+                e.contains(&key.placeholder),
+                "{proto}: event {i} not scrubbed: {out}"
+            );
+        }
+    }
+}
+
+/// curl `-N` consumes the stream; the shell reading its output acks each event (with curl too)
+/// and prints it followed by `<END>`; curl's `%{http_version}` comes last.
+const CURL_CLIENT: &str = r#"
+base=$1; n=$2; proto=$3
+curl -sSN "$proto" --max-time 60 -H "authorization: Bearer $K" \
+    -w '\nversion=%{http_version}\n' "$base/events?n=$n" | {
+  i=0; ev=""
+  while IFS= read -r line; do
+    if [ -z "$line" ]; then
+      [ -z "$ev" ] && continue
+      printf '%s<END>\n' "$ev"; ev=""
+      curl -sS "$proto" --max-time 20 -o /dev/null "$base/ack?n=$i" || echo "ack $i failed"
+      i=$((i+1))
+    else
+      ev="$ev$line
+"
+    fi
+  done
+  printf '%s' "$ev"
+}
+"#;
+
+#[test]
+fn curl_gets_each_event_before_the_upstream_sends_the_next_over_h1_and_h2() {
+    let value = format!("sk-test-{}", random_token(40));
+    let v = value.clone();
+    let mut w = InterceptWorld::builder("sse curl test CA", &[ALLOWED])
+        .start_with(move |ns, ip, ca, names| SseUpstream::start(ns, ip, ca, names, v));
+    let key = w.secret_valued("sse-key", value.clone(), &[ALLOWED], json!({}));
+    let sb = w.add_sandbox("sse-curl", &[("K", "sse-key")]);
+    let base = w.url(ALLOWED, "");
+    for (proto, want) in [("--http1.1", "version=1.1"), ("--http2", "version=2")] {
+        let mut cmd = w.command(sb, "bash");
+        cmd.args(["-c", CURL_CLIENT, "sse", &base, &EVENTS.to_string(), proto])
+            .env("K", &key.placeholder);
+        let (ok, out) = run_text(&mut cmd);
+        let out = out.replace(&value, "<VALUE!>");
+        assert!(ok, "{proto}: {out}");
+        assert!(
+            !out.contains("<VALUE!>"),
+            "{proto}: the value reached the sandbox: {out}"
+        );
+        assert!(out.contains(want), "{proto}: {out}");
+        assert!(!out.contains("failed"), "{proto}: {out}");
+        let events: Vec<&str> = out
+            .split("<END>\n")
+            .filter(|e| e.contains("id: "))
             .collect();
         assert!(
             !events.iter().any(|e| e.contains("stalled")),

@@ -113,6 +113,95 @@ fn python_and_node_clients_get_the_value_upstream_and_never_back() {
     assert!(w.counter("scrubbed") >= 2.0 * forms as f64);
 }
 
+/// The h2 WebSocket echo world: the upstream speaks h2 and enables extended CONNECT when
+/// `extended_connect`.
+fn h2_world(value: &str, extended_connect: bool) -> InterceptWorld<WsUpstream> {
+    let value = value.to_owned();
+    InterceptWorld::builder("websocket h2 test CA", &[ALLOWED])
+        .metrics()
+        .start_with(move |ns, ip, ca, names| {
+            WsUpstream::start_h2(ns, ip, ca, names, value, extended_connect)
+        })
+}
+
+/// `leak`, `hello`, `close` arrived scrubbed: every form, the fragmented messages, the close
+/// reason as the placeholder.
+fn assert_leak_hello_close(run: &WsRun, value: &str, placeholder: &str, who: &str) {
+    let forms = encodings(value.as_bytes()).len();
+    assert_eq!(run.error, None, "{who}: {run:?}");
+    assert_scrubbed(run, value, who);
+    let texts = run.texts();
+    assert_eq!(run.messages.len(), forms + 5, "{who}: {run:?}");
+    assert!(
+        texts.contains(&format!("frag:{placeholder}")),
+        "{who}: {run:?}"
+    );
+    assert!(
+        run.messages
+            .iter()
+            .filter(|m| !m.0 && m.1 == placeholder.as_bytes())
+            .count()
+            >= 2,
+        "{who}: the binary messages are not the placeholder: {run:?}"
+    );
+    assert!(texts.contains(&"hello".to_owned()), "{who}: {run:?}");
+    let (code, reason) = run.close.clone().expect("the close frame");
+    assert_eq!(code, 1000, "{who}");
+    assert_eq!(reason, format!("bye {placeholder}").into_bytes(), "{who}");
+}
+
+#[test]
+fn an_h2_client_opens_the_websocket_by_extended_connect_and_never_gets_the_value() {
+    let value = format!("sk-test-{}", random_token(40));
+    let mut w = h2_world(&value, true);
+    let key = w.secret_valued("ws-key", value.clone(), &[ALLOWED], json!({}));
+    let sb = w.add_sandbox("ws-h2", &[("K", "ws-key")]);
+    let run = run_client(
+        &w,
+        sb,
+        WsClient::RustH2,
+        &url(&w),
+        &key.placeholder,
+        &["leak", "hello", "close"],
+        &[&value],
+    );
+    assert_eq!(run.fallback, None, "{run:?}");
+    assert_leak_hello_close(&run, &value, &key.placeholder, "h2");
+    let seen = w.up.seen();
+    // Over h2 on both sides, authorized by the substituted value, extension offer removed.
+    assert_eq!((seen.h2, seen.authorized), (1, 1), "{seen:?}");
+    assert_eq!(seen.offered_extensions, 0, "{seen:?}");
+    assert!(w.counter("websocket_relayed") >= 1.0);
+}
+
+#[test]
+fn an_upstream_without_extended_connect_makes_the_h2_client_fall_back_to_http1() {
+    let value = format!("sk-test-{}", random_token(40));
+    let mut w = h2_world(&value, false);
+    let key = w.secret_valued("ws-key", value.clone(), &[ALLOWED], json!({}));
+    let sb = w.add_sandbox("ws-h2-fallback", &[("K", "ws-key")]);
+    let run = run_client(
+        &w,
+        sb,
+        WsClient::RustH2,
+        &url(&w),
+        &key.placeholder,
+        &["leak", "hello", "close"],
+        &[&value],
+    );
+    // veil advertised extended CONNECT, the upstream reset the stream; the client's stream was
+    // reset with HTTP_1_1_REQUIRED and it opened the WebSocket again over HTTP/1.1.
+    assert_eq!(
+        run.fallback.as_deref(),
+        Some("HTTP_1_1_REQUIRED"),
+        "{run:?}"
+    );
+    assert_leak_hello_close(&run, &value, &key.placeholder, "h2 → h1 fallback");
+    let seen = w.up.seen();
+    assert_eq!((seen.h2, seen.authorized), (0, 1), "{seen:?}");
+    assert!(w.counter("upgrade_refused") >= 1.0);
+}
+
 #[test]
 fn client_messages_are_substituted_only_with_body_substitution() {
     let value = format!("sk-test-{}", random_token(40));
@@ -188,7 +277,8 @@ fn an_idle_websocket_is_closed_with_1001() {
 }
 
 /// Round trips of 100-byte text messages, p50/p99 and messages/s; run by hand with
-/// `cargo test -p veil-tests --test websocket -- --ignored --nocapture ws_round_trips`.
+/// `cargo test -p veil-tests --test websocket -- --ignored --nocapture ws_round_trips`
+/// (`VEIL_BIN_DIR=target/release` to measure the release agent and control).
 const ROUND_TRIPS: &str = r#"
 import os, ssl, sys, time
 from websockets.sync.client import connect

@@ -1,11 +1,13 @@
 //! One request on an intercepted connection: substitute per the sandbox's policy, forward to the
 //! pooled upstream, stream the response back.
 //!
-//! In order: a WebSocket over HTTP/1.1 `Upgrade` goes on like any request (its head substituted,
-//! its extension offer removed) and, once the upstream answers 101, is relayed message by
-//! message by [`websocket`] (scrubbed one way, substituted the other). Any other protocol
-//! switch (another `Upgrade`, any `CONNECT` including h2's extended CONNECT) is refused with 501
-//! — after it the bytes are not HTTP, and a sandbox holding a placeholder must not get an
+//! In order: a WebSocket over HTTP/1.1 `Upgrade` or h2 extended CONNECT (`:protocol websocket`)
+//! goes on like any request (its head substituted, its extension offer removed) and, once the
+//! upstream accepts (101, or 200 on h2), is relayed message by message by [`websocket`]
+//! (scrubbed one way, substituted the other); an h2 upstream that refuses extended CONNECT gets
+//! the client's stream reset with `HTTP_1_1_REQUIRED`, so it retries over HTTP/1.1. Any other
+//! protocol switch (another `Upgrade`, plain `CONNECT`, extended CONNECT for another protocol)
+//! is refused with 501 — after it the bytes are not HTTP, and a sandbox holding a placeholder must not get an
 //! unscrubbed channel to a host its value goes to (a connection to a host no mounted value is
 //! allowed for was passed through before interception, so those work). Then the head is
 //! substituted with the sandbox's policy as it is now (a rotation or removal acknowledged to
@@ -18,7 +20,6 @@
 //! Errors veil answers itself are plain text naming the host, the secret or the reason — never
 //! a value, and never a header value (headers may carry values).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -51,11 +52,13 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
-/// Handles one request; never fails (errors become responses).
+/// Handles one request. Errors become responses, except an extended CONNECT the upstream
+/// refused: that `Err` resets the client's h2 stream with `HTTP_1_1_REQUIRED` (see
+/// [`websocket::fall_back_to_h1`]).
 pub async fn handle(
     ctx: Arc<ConnContext>,
     req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> Result<Response<ProxyBody>, h2::Error> {
     Stats::inc(&ctx.stats.requests);
     // Held until the response body ends (handed to the body below), for the idle timeout.
     let inflight = ctx.activity.begin();
@@ -66,14 +69,16 @@ pub async fn handle(
             format!("veil: cannot reach {} securely: {reason}\n", ctx.sni),
         ));
     }
-    let websocket = websocket::is_websocket(&req);
-    if !websocket && let Some(kind) = upgrade_kind(&req) {
+    let websocket = websocket::opening(&req);
+    if websocket.is_none()
+        && let Some(kind) = upgrade_kind(&req)
+    {
         Stats::inc(&ctx.stats.upgrade_refused);
         debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, kind, "protocol upgrade refused");
         return Ok(plain(StatusCode::NOT_IMPLEMENTED, upgrade_refusal(kind)));
     }
     let mut req = req;
-    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = websocket.map(|opening| (opening, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
     let mut host_ok = false;
     // Read per request: a rotation, delete or detach acknowledged to control applies to open
@@ -112,8 +117,8 @@ pub async fn handle(
                 .map(str::to_owned)
         });
     strip_hop_by_hop(&mut parts.headers);
-    if websocket {
-        websocket::prepare_request(&mut parts.headers);
+    if let Some(opening) = websocket {
+        websocket::prepare_request(&mut parts.headers, opening);
     }
     if let Some(policy) = &policy {
         scrub::request(&ctx, policy, &mut parts.headers);
@@ -132,14 +137,14 @@ pub async fn handle(
     match ctx.client.request(req).await {
         Ok(resp) => {
             ctx.stats.request_seconds.observe(started.elapsed());
-            if let Some(client_upgrade) = client_upgrade
-                && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            if let Some((opening, client_upgrade)) = client_upgrade
+                && opening.accepted(resp.status())
             {
                 return Ok(switch(
                     &ctx,
                     policy,
                     host_ok,
-                    client_upgrade,
+                    (opening, client_upgrade),
                     resp,
                     inflight,
                 ));
@@ -157,6 +162,13 @@ pub async fn handle(
             Ok(Response::from_parts(parts, body))
         }
         Err(e) => {
+            if websocket == Some(websocket::Opening::ExtendedConnect)
+                && websocket::refused_extended_connect(&e)
+            {
+                Stats::inc(&ctx.stats.upgrade_refused);
+                debug!(sandbox = %ctx.sandbox, sni = %ctx.sni, "upstream refused extended CONNECT; client asked to use HTTP/1.1");
+                return Err(websocket::fall_back_to_h1());
+            }
             if let Some(reason) = verify_failure(&e) {
                 Stats::inc(&ctx.stats.upstream_verify_failed);
                 return Ok(plain(
@@ -178,20 +190,21 @@ pub async fn handle(
     }
 }
 
-/// The 101 to a WebSocket upgrade: its head scrubbed and the relay started on both upgraded
-/// connections; a 502 when the upstream negotiated an extension veil removed from the offer.
+/// The 101 to a WebSocket upgrade (200 to an extended CONNECT): its head scrubbed and the
+/// relay started on both upgraded streams; a 502 when the upstream negotiated an extension veil
+/// removed from the offer.
 fn switch(
     ctx: &Arc<ConnContext>,
     policy: Option<Arc<SandboxPolicy>>,
     host_ok: bool,
-    client: hyper::upgrade::OnUpgrade,
+    (opening, client): (websocket::Opening, hyper::upgrade::OnUpgrade),
     mut resp: Response<Incoming>,
     inflight: InflightGuard,
 ) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut resp);
     let (mut parts, _) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if let Err(why) = websocket::prepare_response(&mut parts.headers) {
+    if let Err(why) = websocket::prepare_response(&mut parts.headers, opening) {
         Stats::inc(&ctx.stats.websocket_closed);
         return plain(
             StatusCode::BAD_GATEWAY,

@@ -12,7 +12,8 @@
 //! request heads are bounded by `max_header_bytes` (HTTP/1.1 read buffer, h2 header list); an
 //! h2 connection carries at most `max_streams_per_connection` concurrent streams; a connection
 //! with no request in flight (arrival to end of response body) for `idle_timeout_ms` is closed
-//! (gracefully: h2 GOAWAY, h1 close between requests).
+//! (gracefully: h2 GOAWAY, h1 close between requests). h2 clients are told extended CONNECT
+//! is enabled (SETTINGS_ENABLE_CONNECT_PROTOCOL), for WebSocket over h2.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -130,6 +131,8 @@ pub async fn run(
             .keep_alive_interval(Some(Duration::from_secs(60)))
             .max_concurrent_streams(limits.max_streams_per_connection)
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            // WebSocket over h2 (RFC 8441); relayed like an h1 upgrade (`forward`).
+            .enable_connect_protocol()
             .serve_connection(io, svc);
         tokio::pin!(conn);
         tokio::select! {

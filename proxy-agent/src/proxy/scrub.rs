@@ -30,6 +30,10 @@
 //!   sandbox gets a 502 naming the coding. [`request`] makes that rare: it rewrites
 //!   `Accept-Encoding` to the codings veil can decode, and drops `Range`/`If-Range` so a value
 //!   cannot be fetched piecewise, a few bytes per partial response, past the scrubber.
+//! - **gRPC** (`application/grpc…`): scrubbed message by message by [`grpc::GrpcScrubBody`],
+//!   each sent on with its new length prefix (a placeholder's length differs from the value's);
+//!   [`request`] asks for uncompressed messages (`grpc-accept-encoding: identity`) and a
+//!   compressed one ends the stream with a `veil:` gRPC error instead of passing.
 //! - **transfer codings**: a response whose `Transfer-Encoding` is not exactly `chunked`
 //!   (`gzip, chunked`) is answered 502 ([`refuse_transfer_coding`]): the HTTP client removes
 //!   only the chunked framing and would pass the coded bytes on.
@@ -39,6 +43,7 @@
 //! 101 head is scrubbed here ([`scrub_headers`]) and its messages by `websocket`.
 
 mod body;
+mod grpc;
 mod headers;
 
 use std::sync::Arc;
@@ -101,6 +106,12 @@ pub async fn response(
             return withhold(ctx, parts, reason);
         }
     };
+    if coding == ContentCoding::Identity && is_grpc(&parts.headers) {
+        // Message by message: a scrubbed message changes length, its prefix must follow.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return grpc::GrpcScrubBody::new(body, policy.clone(), union, ctx.stats.clone())
+            .boxed_unsync();
+    }
     if coding == ContentCoding::Identity
         && body
             .size_hint()
@@ -285,6 +296,17 @@ fn restrict_request(headers: &mut HeaderMap) {
     headers.insert(header::ACCEPT_ENCODING, offer);
     headers.remove(header::RANGE);
     headers.remove(header::IF_RANGE);
+    // gRPC messages are scrubbed whole; a compressed one could not be.
+    if is_grpc(headers) {
+        headers.insert(grpc::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    }
+}
+
+/// Whether a message's `Content-Type` is gRPC's (length-prefixed messages).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| veil_policy::grpc::is_grpc(v.as_bytes()))
 }
 
 fn passthrough(body: Incoming) -> ProxyBody {

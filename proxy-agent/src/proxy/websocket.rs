@@ -1,7 +1,12 @@
-//! WebSocket over an HTTP/1.1 `Upgrade` on an intercepted connection (issue 20): the upgrade
-//! request is substituted like any request (in `forward`); after the upstream's 101 both sides'
-//! connections are handed to [`relay`], which passes every message through
-//! `veil_policy::websocket`.
+//! WebSocket on an intercepted connection (issue 20), over an HTTP/1.1 `Upgrade` or an h2
+//! extended CONNECT (RFC 8441, `:protocol websocket`): the opening request is substituted like
+//! any request (in `forward`) and forwarded the same way (h1 Upgrade to an h1 upstream,
+//! extended CONNECT to an h2 one); after the upstream's 101 (h1) or 200 (h2) both sides'
+//! upgraded streams are handed to [`relay`], which passes every message through
+//! `veil_policy::websocket` — the same relay for both, as both are hyper `Upgraded` streams.
+//! An h2 upstream that refuses extended CONNECT (resets the stream: it did not enable it) gets
+//! the client's stream reset with `HTTP_1_1_REQUIRED`, which clients answer by retrying over
+//! HTTP/1.1.
 //!
 //! - **server → client**: text and binary messages are scrubbed whole (tungstenite reassembles
 //!   fragments, within `websocket_max_message_bytes`, so a value split across fragments is one
@@ -25,6 +30,8 @@
 //! Each direction runs on its own, so a side that writes without reading never stalls the
 //! other direction. Close reasons veil writes itself start with `veil:` and name no value.
 
+mod handshake;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -33,8 +40,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Version};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
@@ -49,43 +54,13 @@ use veil_policy::websocket::{
 };
 use veil_policy::{SandboxPolicy, ScrubPatterns};
 
+pub use handshake::{
+    Opening, fall_back_to_h1, opening, prepare_request, prepare_response, refused_extended_connect,
+};
+
 use crate::proxy::conn::ConnContext;
 use crate::proxy::idle::InflightGuard;
 use crate::stats::Stats;
-
-/// The header that offers and negotiates extensions.
-const EXTENSIONS: &str = "sec-websocket-extensions";
-
-/// Whether `req` asks for a WebSocket over HTTP/1.1 (`GET` with `Upgrade: websocket`), the
-/// upgrade veil relays.
-pub fn is_websocket<B>(req: &Request<B>) -> bool {
-    req.method() == Method::GET
-        && req.version() == Version::HTTP_11
-        && req.headers().get_all(header::UPGRADE).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
-        })
-}
-
-/// Sets the upgrade headers of the upstream request (after hop-by-hop headers were removed)
-/// and removes the client's extension offer.
-pub fn prepare_request(headers: &mut HeaderMap) {
-    headers.remove(EXTENSIONS);
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-}
-
-/// Checks the upstream's 101 and sets its upgrade headers for the client; `Err` names why the
-/// switch is refused.
-pub fn prepare_response(headers: &mut HeaderMap) -> Result<(), &'static str> {
-    if headers.contains_key(EXTENSIONS) {
-        return Err("the upstream negotiated a WebSocket extension veil did not offer");
-    }
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    Ok(())
-}
 
 /// Relays one WebSocket once both sides have switched; `inflight` keeps the connection from
 /// counting as idle while it lasts. Runs to the end of the WebSocket.
@@ -443,54 +418,6 @@ impl Patterns {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn websocket_upgrades_are_recognised() {
-        let req = |method: Method, version: Version, upgrade: &str| {
-            Request::builder()
-                .method(method)
-                .version(version)
-                .uri("/")
-                .header(header::UPGRADE, upgrade)
-                .body(())
-                .unwrap()
-        };
-        assert!(is_websocket(&req(
-            Method::GET,
-            Version::HTTP_11,
-            "WebSocket"
-        )));
-        assert!(is_websocket(&req(
-            Method::GET,
-            Version::HTTP_11,
-            "foo, websocket"
-        )));
-        assert!(!is_websocket(&req(Method::GET, Version::HTTP_11, "h2c")));
-        assert!(!is_websocket(&req(
-            Method::POST,
-            Version::HTTP_11,
-            "websocket"
-        )));
-        assert!(!is_websocket(&req(
-            Method::GET,
-            Version::HTTP_10,
-            "websocket"
-        )));
-    }
-
-    #[test]
-    fn the_extension_offer_is_removed_and_a_negotiated_one_refused() {
-        let mut h = HeaderMap::new();
-        h.insert(EXTENSIONS, HeaderValue::from_static("permessage-deflate"));
-        prepare_request(&mut h);
-        assert!(!h.contains_key(EXTENSIONS));
-        assert_eq!(h[header::UPGRADE], "websocket");
-        let mut resp = HeaderMap::new();
-        assert!(prepare_response(&mut resp).is_ok());
-        assert_eq!(resp[header::CONNECTION], "upgrade");
-        resp.insert(EXTENSIONS, HeaderValue::from_static("permessage-deflate"));
-        assert!(prepare_response(&mut resp).is_err());
-    }
 
     #[test]
     fn veil_close_reasons_fit_a_close_frame() {

@@ -110,6 +110,14 @@ pub enum Cmd {
         #[arg(long, default_value_t = 3, value_parser = positive)]
         runs: u64,
     },
+    /// Large transfers through interception: N bytes down and N bytes up over HTTP/1.1 and h2
+    /// (curl in a sandbox, SHA-256 at both ends): throughput and the agent's peak RSS (VmHWM).
+    #[command(after_help = EXIT_STATUS)]
+    Transfers {
+        /// Bytes per transfer (default 1 GiB).
+        #[arg(long, default_value_t = 1 << 30, value_parser = positive)]
+        bytes: u64,
+    },
     /// Time from a secret's PATCH answer to the upstream seeing the new value, under traffic
     /// (VEIL_BENCH_ROTATION_CLIENT=fresh: a new connection per request).
     #[command(after_help = EXIT_STATUS)]

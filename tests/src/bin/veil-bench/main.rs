@@ -5,8 +5,8 @@
 //! (inside the cgroup), interleaved, and prints medians and ratios; the sandbox has egress
 //! "sandbox" unless `VEIL_BENCH_EGRESS=host`. `veil-bench suite` compares
 //! veil with direct, nginx and mitmproxy and writes docs/benchmarks.md (see suite.rs);
-//! `veil-bench soak` is the load and leak soak; `registration`, `restart`, `mitm` and `rotation`
-//! measure one thing each. The `client-*` subcommands are the client side, re-executed inside
+//! `veil-bench soak` is the load and leak soak; `registration`, `restart`, `mitm`, `rotation`
+//! and `transfers` measure one thing each. The `client-*` subcommands are the client side, re-executed inside
 //! the sandbox. `veil-bench help SUBCOMMAND` lists a subcommand's options and defaults.
 //!
 //! The command line is parsed (cli.rs) before anything is set up: `--help`, `--version` and a
@@ -43,6 +43,7 @@ mod sink;
 mod soak;
 mod store;
 mod suite;
+mod transfers;
 
 fn main() -> ExitCode {
     // Exits 0 for --help/--version and 2 for a bad command line, before anything runs.
@@ -103,6 +104,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Restart { count } => restart(count),
         Cmd::Rotation { count } => rotation::run(count),
         Cmd::Store { count } => store::run(count),
+        Cmd::Transfers { bytes } => transfers::run(bytes),
         Cmd::Mitm { seconds, runs } => mitm::run(seconds, runs),
         Cmd::ClientBulk { addr, bytes } => client_bulk(addr, bytes),
         Cmd::ClientConnrate {
