@@ -378,8 +378,7 @@ mod tests {
         }
         // Without a usable CA there is no connection at all, never one left unverified.
         let e = conn("host=db.example user=veil", "/nonexistent/ca.pem")
-            .err()
-            .expect("a missing CA file is refused")
+            .expect_err("a missing CA file is refused")
             .to_string();
         assert!(e.contains("/nonexistent/ca.pem"), "{e}");
     }
