@@ -96,7 +96,7 @@ pub struct Config {
     pub store: StoreConfig,
     /// The file this configuration was read from (named in errors).
     #[serde(skip)]
-    pub source: Option<PathBuf>,
+    pub(crate) source: Option<PathBuf>,
 }
 
 /// Sandbox registration rules.

@@ -10,7 +10,7 @@ use anyhow::Context;
 use crate::admin::{self, Admin};
 use crate::agent_link::server::AgentServer;
 use crate::api::{self, AppState};
-use crate::config::{Backend, Config, SYSTEM_CA_FILE};
+use crate::config::{Backend, Config};
 use crate::crypto::Keyring;
 use crate::fanout;
 use crate::grace;
@@ -51,12 +51,7 @@ pub fn open_store(
             Ok((Arc::new(store), None))
         }
         Backend::Postgres => {
-            let ca = config
-                .store
-                .ca_file
-                .clone()
-                .unwrap_or_else(|| SYSTEM_CA_FILE.into());
-            let connection = Connection::new(config.store.connection()?, &ca)?;
+            let connection = Connection::new(config.store.connection()?, &config.store.ca_file)?;
             let store = PgStore::connect(&connection).context("opening the PostgreSQL store")?;
             if let Some(keyring) = keyring {
                 store

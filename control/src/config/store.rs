@@ -42,24 +42,40 @@ pub enum Backend {
 }
 
 /// The `[store]` table.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// The backend.
     pub backend: Backend,
     /// PostgreSQL connection URL or key=value string, without a password.
     pub url: String,
-    /// A file holding the connection string (it may carry a password: must be 0600 or 0400).
-    pub url_file: Option<PathBuf>,
-    /// CA bundle that verifies the server's certificate when the server is not on loopback
-    /// (default: the system bundle).
-    pub ca_file: Option<PathBuf>,
+    /// A file holding the connection string (it may carry a password: must be 0600 or 0400);
+    /// `""` = none.
+    pub url_file: PathBuf,
+    /// CA bundle that verifies the server's certificate when the server is not on loopback.
+    pub ca_file: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::default(),
+            url: String::new(),
+            url_file: PathBuf::new(),
+            ca_file: PathBuf::from(SYSTEM_CA_FILE),
+        }
+    }
 }
 
 /// Default CA bundle for PostgreSQL servers off this host.
 pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 impl StoreConfig {
+    /// The `url_file`, when set.
+    fn url_file(&self) -> Option<&Path> {
+        Some(self.url_file.as_path()).filter(|p| !p.as_os_str().is_empty())
+    }
+
     /// Checks the table; `config_file` is named in errors about a password in it.
     pub fn validate(&self, config_file: Option<&Path>) -> Result<(), StoreConfigError> {
         let named = || {
@@ -70,13 +86,13 @@ impl StoreConfig {
         };
         match self.backend {
             Backend::Sled => {
-                if !self.url.is_empty() || self.url_file.is_some() {
+                if !self.url.is_empty() || self.url_file().is_some() {
                     return Err(StoreConfigError::Invalid(
                         "store.url and store.url_file need store.backend = \"postgres\"".into(),
                     ));
                 }
             }
-            Backend::Postgres => match (&self.url_file, self.url.is_empty()) {
+            Backend::Postgres => match (self.url_file(), self.url.is_empty()) {
                 (Some(_), false) => {
                     return Err(StoreConfigError::Invalid(
                         "set one of store.url and store.url_file, not both".into(),
@@ -107,12 +123,12 @@ impl StoreConfig {
 
     /// The connection settings: `url`, or `url_file`'s content once its mode is checked.
     pub fn connection(&self) -> Result<tokio_postgres::Config, StoreConfigError> {
-        let Some(file) = &self.url_file else {
+        let Some(file) = self.url_file() else {
             return parse(&self.url)
                 .map_err(|e| StoreConfigError::Invalid(format!("store.url: {e}")));
         };
         let meta = std::fs::metadata(file).map_err(|source| StoreConfigError::Read {
-            path: file.clone(),
+            path: file.to_path_buf(),
             source,
         })?;
         if meta.mode() & 0o077 != 0 {
@@ -123,7 +139,7 @@ impl StoreConfig {
             )));
         }
         let text = std::fs::read_to_string(file).map_err(|source| StoreConfigError::Read {
-            path: file.clone(),
+            path: file.to_path_buf(),
             source,
         })?;
         // The error names the file, never its content (it may hold a password).
@@ -179,7 +195,7 @@ mod tests {
         std::fs::write(&file, "postgresql://veil:hunter2@127.0.0.1/veil\n").unwrap();
         let config = StoreConfig {
             backend: Backend::Postgres,
-            url_file: Some(file.clone()),
+            url_file: file.clone(),
             ..StoreConfig::default()
         };
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
