@@ -10,7 +10,20 @@ struct Sled(tempfile::TempDir);
 
 impl Backend for Sled {
     fn open(&self) -> Box<dyn Store> {
-        Box::new(SledStore::open(self.0.path()).unwrap())
+        // sled releases its file lock when its flusher thread lets go of the dropped store,
+        // a moment after the drop: a reopen right after may find it still held.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(self.0.path()) {
+                Ok(store) => return Box::new(store),
+                Err(e)
+                    if std::time::Instant::now() < deadline && e.to_string().contains("lock") =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopening the sled store: {e}"),
+            }
+        }
     }
 }
 
