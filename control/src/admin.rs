@@ -282,11 +282,8 @@ impl Admin {
 
     /// Re-seals secrets not under the active key and deletes keys nothing references; the
     /// second half of a rekey, also run at start-up to complete an interrupted one.
+    /// On a shared store the coordinated rekey does this (see [`crate::rekey`]).
     pub fn finish_rekey(&self) -> Result<RekeyReport, AdminError> {
-        if let Some(keys) = self.store.shared_keys() {
-            return rekey::coordinated(self.store.as_ref(), keys, self.ring()?, SHARED_REKEY_WAIT)
-                .map_err(AdminError::from);
-        }
         let lock = self.ring()?;
         let (active, resealed) = {
             let ring = lock

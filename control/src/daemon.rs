@@ -162,7 +162,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("keyring poisoned"))?
         .key_ids()
         .len();
-    if pending > 1 && !store.is_shared() {
+    if pending > 1 && store.shared_keys().is_none() {
         tracing::warn!("found several master keys: completing an interrupted rekey");
         let a = admin.clone();
         let report = tokio::task::spawn_blocking(move || a.finish_rekey()).await??;
@@ -170,7 +170,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let admin_task = admin::serve(admin, &config.data_dir).context("binding admin socket")?;
     let keyring_task = store
-        .is_shared()
+        .shared_keys()
+        .is_some()
         .then(|| tokio::spawn(follow_shared_keyring(store.clone(), keyring.clone())));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

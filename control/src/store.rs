@@ -346,11 +346,8 @@ pub type SandboxChange<'a> =
 
 /// The storage interface; implementations make each write durable before returning.
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
-    /// Whether other veil-control replicas use this store at the same time (PostgreSQL).
-    fn is_shared(&self) -> bool {
-        false
-    }
-    /// The key coordination of a shared store (none for a store of one replica).
+    /// The key coordination of a store other veil-control replicas use at the same time
+    /// (PostgreSQL); none for a store of one replica.
     fn shared_keys(&self) -> Option<&dyn shared_keys::SharedKeys> {
         None
     }

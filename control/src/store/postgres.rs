@@ -28,10 +28,6 @@ use super::{
 use crate::crypto::Sealed;
 
 impl Store for PgStore {
-    fn is_shared(&self) -> bool {
-        true
-    }
-
     fn shared_keys(&self) -> Option<&dyn crate::store::shared_keys::SharedKeys> {
         Some(self)
     }
