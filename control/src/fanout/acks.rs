@@ -29,26 +29,14 @@ pub async fn publish(
     replica: &str,
     agent: &AgentServer,
 ) -> Result<(), tokio_postgres::Error> {
+    let mut last: Option<Vec<PublishedAck>> = None;
     loop {
         let acks = agent.published();
         let tx = client.transaction().await?;
-        tx.execute("DELETE FROM agent_acks WHERE replica = $1", &[&replica])
-            .await?;
-        for a in &acks {
-            let revision = a.revision.map(|r| i64::try_from(r.0).unwrap_or(i64::MAX));
-            tx.execute(
-                "INSERT INTO agent_acks (replica, secret_id, agent_id, revision, at, connected) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-                &[
-                    &replica,
-                    &a.secret_id.as_str(),
-                    &a.agent_id.as_str(),
-                    &revision,
-                    &a.at,
-                    &a.connected,
-                ],
-            )
-            .await?;
+        // Unchanged acknowledgements are not rewritten: the tick only refreshes the presence.
+        let changed = last.as_ref() != Some(&acks);
+        if changed {
+            write_acks(&tx, replica, &acks).await?;
         }
         tx.execute(
             &format!(
@@ -58,13 +46,41 @@ pub async fn publish(
             &[&replica],
         )
         .await?;
-        tx.execute("SELECT pg_notify($1, $2)", &[&ACK_CHANNEL, &replica])
-            .await?;
+        if changed {
+            tx.execute("SELECT pg_notify($1, $2)", &[&ACK_CHANNEL, &replica])
+                .await?;
+        }
         tx.commit().await?;
+        last = Some(acks);
         // The next change, or the next presence stamp, whichever comes first.
         let _ = tokio::time::timeout(PRESENCE, agent.local_changed()).await;
         tokio::time::sleep(DEBOUNCE).await;
     }
+}
+
+/// Replaces `replica`'s rows with `acks`, in one statement whatever their number.
+async fn write_acks(
+    tx: &tokio_postgres::Transaction<'_>,
+    replica: &str,
+    acks: &[PublishedAck],
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute("DELETE FROM agent_acks WHERE replica = $1", &[&replica])
+        .await?;
+    let secrets: Vec<&str> = acks.iter().map(|a| a.secret_id.as_str()).collect();
+    let agents: Vec<&str> = acks.iter().map(|a| a.agent_id.as_str()).collect();
+    let revisions: Vec<Option<i64>> = acks
+        .iter()
+        .map(|a| a.revision.map(|r| i64::try_from(r.0).unwrap_or(i64::MAX)))
+        .collect();
+    let at: Vec<Option<i64>> = acks.iter().map(|a| a.at).collect();
+    let connected: Vec<bool> = acks.iter().map(|a| a.connected).collect();
+    tx.execute(
+        "INSERT INTO agent_acks (replica, secret_id, agent_id, revision, at, connected) \
+         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bool[])",
+        &[&replica, &secrets, &agents, &revisions, &at, &connected],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Reads what every other replica published into `agent` (and forgets replicas gone from the

@@ -4,7 +4,7 @@
 //! The publishing and reading go through the store's database (see [`crate::fanout`]); this
 //! module is the in-memory side.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use veil_link::{AgentId, SecretId};
 
@@ -30,6 +30,11 @@ impl AgentServer {
                 );
             }
         }
+        let connected: HashSet<&AgentId> = st.agents.values().map(|a| &a.info.agent_id).collect();
+        for ack in out.values_mut() {
+            ack.connected = connected.contains(&ack.agent_id);
+        }
+        // Sent but not acknowledged yet: the agent holds it as far as a waiter is concerned.
         for agent in st.agents.values() {
             for secret_id in agent.held.keys() {
                 out.entry((secret_id.clone(), agent.info.agent_id.clone()))
@@ -39,13 +44,7 @@ impl AgentServer {
                         revision: None,
                         at: None,
                         connected: true,
-                    })
-                    .connected = true;
-            }
-            for ack in out.values_mut() {
-                if ack.agent_id == agent.info.agent_id {
-                    ack.connected = true;
-                }
+                    });
             }
         }
         out.into_values().collect()
