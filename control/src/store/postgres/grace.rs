@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use super::db::{Changed, PgStore, Writer, dec, enc};
 use super::error::db_err;
 use crate::crypto::Sealed;
-use crate::store::values::{expire, min_opt, reseal_value, strictly_older};
+use crate::store::values::{expire, min_opt, reseal_secret, reseal_tombstone, strictly_older};
 use crate::store::{SealedRef, SecretRecord, StoreError, Swept, TombstoneRecord};
 
 pub(super) async fn tombstones(store: &PgStore) -> Result<Vec<TombstoneRecord>, StoreError> {
@@ -52,20 +52,7 @@ pub(super) async fn reseal_all(
     let (secrets, tombstones) = everything(&w).await?;
     let mut count = 0;
     for mut record in secrets {
-        let mut changed = false;
-        if record.sealed.key_id != active_key {
-            record.sealed = reseal(SealedRef {
-                org: &record.org,
-                secret_id: &record.id,
-                revision: record.revision,
-                sealed: &record.sealed,
-            })?;
-            changed = true;
-        }
-        for p in &mut record.previous {
-            changed |= reseal_value(&record.org, &record.id, p, active_key, reseal)?;
-        }
-        if changed {
+        if reseal_secret(&mut record, active_key, reseal)? {
             w.execute(
                 "UPDATE secrets SET doc = $2 WHERE id = $1",
                 &[&record.id.as_str(), &enc(&record)?],
@@ -76,11 +63,7 @@ pub(super) async fn reseal_all(
         }
     }
     for mut t in tombstones {
-        let mut changed = false;
-        for value in &mut t.values {
-            changed |= reseal_value(&t.org, &t.id, value, active_key, reseal)?;
-        }
-        if changed {
+        if reseal_tombstone(&mut t, active_key, reseal)? {
             w.execute(
                 "UPDATE tombstones SET doc = $2 WHERE id = $1",
                 &[&t.id.as_str(), &enc(&t)?],

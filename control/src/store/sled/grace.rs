@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use super::db::{SledStore, backend, dec, enc};
 use crate::crypto::Sealed;
-use crate::store::values::{expire, min_opt, reseal_value, strictly_older};
+use crate::store::values::{expire, min_opt, reseal_secret, reseal_tombstone, strictly_older};
 use crate::store::{PreviousValue, SealedRef, SecretRecord, StoreError, Swept, TombstoneRecord};
 
 /// Every tombstone.
@@ -35,20 +35,7 @@ pub(super) fn reseal_all(
     for entry in store.secrets.iter() {
         let (k, v) = entry.map_err(backend)?;
         let mut record: SecretRecord = dec("secrets", &v)?;
-        let mut changed = false;
-        if record.sealed.key_id != active_key {
-            record.sealed = reseal(SealedRef {
-                org: &record.org,
-                secret_id: &record.id,
-                revision: record.revision,
-                sealed: &record.sealed,
-            })?;
-            changed = true;
-        }
-        for p in &mut record.previous {
-            changed |= reseal_value(&record.org, &record.id, p, active_key, reseal)?;
-        }
-        if !changed {
+        if !reseal_secret(&mut record, active_key, reseal)? {
             continue;
         }
         // Each record is replaced atomically: it holds either the old or the new sealings.
@@ -59,11 +46,7 @@ pub(super) fn reseal_all(
     for entry in store.tombstones.iter() {
         let (k, v) = entry.map_err(backend)?;
         let mut t: TombstoneRecord = dec("tombstones", &v)?;
-        let mut changed = false;
-        for value in &mut t.values {
-            changed |= reseal_value(&t.org, &t.id, value, active_key, reseal)?;
-        }
-        if changed {
+        if reseal_tombstone(&mut t, active_key, reseal)? {
             store.tombstones.insert(k, enc(&t)?).map_err(backend)?;
             count += 1;
             flush_every_64(count)?;
