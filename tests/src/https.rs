@@ -196,62 +196,33 @@ impl HttpsUpstream {
         reply: Reply,
     ) -> HttpsUpstream {
         let acceptor = tls.map(|(ca, names)| tls_acceptor(ca, names, &[b"h2", b"http/1.1"]));
-        let listener = ns.run(move || {
-            let l = std::net::TcpListener::bind((ip, 0))
-                .unwrap_or_else(|e| panic!("binding HTTPS upstream on {ip}: {e}"));
-            l.set_nonblocking(true)
-                .unwrap_or_else(|e| panic!("nonblocking: {e}"));
-            l
-        });
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("local_addr: {e}"));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let stopped = CancellationToken::new();
-        let stop = stopped.clone().drop_guard();
-        let seen2 = seen.clone();
         let stored: Stored = Arc::default();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap_or_else(|e| panic!("upstream runtime: {e}"));
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener)
-                    .unwrap_or_else(|e| panic!("tokio listener: {e}"));
-                loop {
-                    let accepted = tokio::select! {
-                        () = stopped.cancelled() => break,
-                        a = listener.accept() => a,
-                    };
-                    let Ok((tcp, _)) = accepted else { continue };
-                    let (acceptor, seen, stored) =
-                        (acceptor.clone(), seen2.clone(), stored.clone());
-                    tokio::spawn(async move {
-                        let builder = hyper_util::server::conn::auto::Builder::new(
-                            hyper_util::rt::TokioExecutor::new(),
-                        );
-                        let Some(acceptor) = acceptor else {
-                            let service = hyper::service::service_fn(move |req| {
-                                record(req, None, seen.clone(), stored.clone(), reply)
-                            });
-                            let io = hyper_util::rt::TokioIo::new(tcp);
-                            let _ = builder.serve_connection(io, service).await;
-                            return;
-                        };
-                        let Ok(tls) = acceptor.accept(tcp).await else {
-                            return;
-                        };
-                        let sni = tls.get_ref().1.server_name().map(str::to_owned);
-                        let service = hyper::service::service_fn(move |req| {
-                            record(req, sni.clone(), seen.clone(), stored.clone(), reply)
-                        });
-                        let io = hyper_util::rt::TokioIo::new(tls);
-                        let _ = builder.serve_connection(io, service).await;
+        let seen2 = seen.clone();
+        let (addr, stop) = serve_tcp(ns, ip, "HTTPS upstream", move |tcp| {
+            let (acceptor, seen, stored) = (acceptor.clone(), seen2.clone(), stored.clone());
+            async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                let Some(acceptor) = acceptor else {
+                    let service = hyper::service::service_fn(move |req| {
+                        record(req, None, seen.clone(), stored.clone(), reply)
                     });
-                }
-            });
+                    let io = hyper_util::rt::TokioIo::new(tcp);
+                    let _ = builder.serve_connection(io, service).await;
+                    return;
+                };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let sni = tls.get_ref().1.server_name().map(str::to_owned);
+                let service = hyper::service::service_fn(move |req| {
+                    record(req, sni.clone(), seen.clone(), stored.clone(), reply)
+                });
+                let io = hyper_util::rt::TokioIo::new(tls);
+                let _ = builder.serve_connection(io, service).await;
+            }
         });
         HttpsUpstream {
             addr,
@@ -302,6 +273,34 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    serve_tcp(ns, ip, what, move |tcp| {
+        let (acceptor, handler) = (acceptor.clone(), handler.clone());
+        async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(handler);
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let io = hyper_util::rt::TokioIo::new(tls);
+            let _ = builder.serve_connection(io, service).await;
+        }
+    })
+}
+
+/// Accepts TCP connections on `ip`:0 inside `ns`, on a runtime of its own, handing each to
+/// `on_conn` on its own task, until the returned guard drops; `what` names the server in panics.
+/// The one accept loop of the test servers.
+pub fn serve_tcp<C, F>(
+    ns: &NetNs,
+    ip: IpAddr,
+    what: &'static str,
+    on_conn: C,
+) -> (SocketAddr, DropGuard)
+where
+    C: Fn(tokio::net::TcpStream) -> F + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = ns.run(move || {
         let l = std::net::TcpListener::bind((ip, 0))
             .unwrap_or_else(|e| panic!("binding {what} on {ip}: {e}"));
@@ -329,18 +328,7 @@ where
                     a = listener.accept() => a,
                 };
                 let Ok((tcp, _)) = accepted else { continue };
-                let (acceptor, handler) = (acceptor.clone(), handler.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = hyper::service::service_fn(handler);
-                    let builder = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    );
-                    let io = hyper_util::rt::TokioIo::new(tls);
-                    let _ = builder.serve_connection(io, service).await;
-                });
+                tokio::spawn(on_conn(tcp));
             }
         });
     });

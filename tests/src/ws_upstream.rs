@@ -32,10 +32,10 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
 use tokio_tungstenite::tungstenite::{Bytes, Message};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::DropGuard;
 
 use crate::adversary::encodings;
-use crate::https::{TestCa, tls_acceptor};
+use crate::https::{TestCa, serve_tcp, tls_acceptor};
 use crate::intercept_world::Upstream;
 use crate::netns::NetNs;
 
@@ -127,49 +127,21 @@ impl WsUpstream {
             &[b"http/1.1"]
         };
         let acceptor = tls_acceptor(ca, names, alpn);
-        let listener = ns.run(move || {
-            let l = std::net::TcpListener::bind((ip, 0))
-                .unwrap_or_else(|e| panic!("binding the WebSocket upstream on {ip}: {e}"));
-            l.set_nonblocking(true)
-                .unwrap_or_else(|e| panic!("nonblocking: {e}"));
-            l
-        });
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("local_addr: {e}"));
         let seen: Seen = Arc::default();
-        let stopped = CancellationToken::new();
-        let stop = stopped.clone().drop_guard();
         let seen2 = seen.clone();
         let value: Arc<str> = value.into();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap_or_else(|e| panic!("WebSocket upstream runtime: {e}"));
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener)
-                    .unwrap_or_else(|e| panic!("tokio listener: {e}"));
-                loop {
-                    let accepted = tokio::select! {
-                        () = stopped.cancelled() => break,
-                        a = listener.accept() => a,
-                    };
-                    let Ok((tcp, _)) = accepted else { continue };
-                    let (acceptor, seen, value) = (acceptor.clone(), seen2.clone(), value.clone());
-                    tokio::spawn(async move {
-                        let Ok(tls) = acceptor.accept(tcp).await else {
-                            return;
-                        };
-                        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                            serve_h2(tls, seen, value, h2 == Some(true)).await;
-                        } else {
-                            serve(tls, seen, &value).await;
-                        }
-                    });
+        let (addr, stop) = serve_tcp(ns, ip, "WebSocket upstream", move |tcp| {
+            let (acceptor, seen, value) = (acceptor.clone(), seen2.clone(), value.clone());
+            async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    serve_h2(tls, seen, value, h2 == Some(true)).await;
+                } else {
+                    serve(tls, seen, &value).await;
                 }
-            });
+            }
         });
         WsUpstream {
             addr,
