@@ -372,6 +372,9 @@ struct Patterns {
     snapshot: Option<Arc<SandboxPolicy>>,
     union: Option<Box<ScrubPatterns>>,
     generation: u64,
+    /// The sandbox's policy when last looked at: a generation change elsewhere in the agent
+    /// (another sandbox's secrets) leaves it as it is, and the union needs no rebuild.
+    seen: Option<Arc<SandboxPolicy>>,
     /// Whether scrubbing is on at all (`scrub_responses`).
     on: bool,
 }
@@ -379,6 +382,7 @@ struct Patterns {
 impl Patterns {
     fn new(ctx: &ConnContext, snapshot: Option<Arc<SandboxPolicy>>) -> Self {
         Self {
+            seen: snapshot.clone(),
             snapshot,
             union: None,
             generation: ctx.secrets.generation(),
@@ -395,6 +399,15 @@ impl Patterns {
         if generation != self.generation {
             self.generation = generation;
             let now = ctx.secrets.policy(ctx.sandbox.as_str());
+            let unchanged = match (&self.seen, &now) {
+                (Some(seen), Some(now)) => Arc::ptr_eq(seen, now),
+                (None, None) => true,
+                _ => false,
+            };
+            if unchanged {
+                return self.pick();
+            }
+            self.seen.clone_from(&now);
             self.union = match (&self.snapshot, now) {
                 (Some(snap), Some(now)) if !Arc::ptr_eq(snap, &now) => {
                     Stats::inc(&ctx.stats.scrub_policy_switched);
@@ -407,6 +420,11 @@ impl Patterns {
                 _ => self.union.take(),
             };
         }
+        self.pick()
+    }
+
+    /// The union when there is one, else the snapshot's patterns if it scrubs.
+    fn pick(&self) -> Option<&ScrubPatterns> {
         if let Some(union) = &self.union {
             return Some(union);
         }
