@@ -109,7 +109,12 @@ pub async fn response(
     if coding == ContentCoding::Identity && is_grpc(&parts.headers) {
         // Message by message: a scrubbed message changes length, its prefix must follow.
         parts.headers.remove(header::CONTENT_LENGTH);
-        return grpc::GrpcScrubBody::new(body, policy.clone(), union, ctx.stats.clone())
+        let watch = Watch {
+            store: ctx.secrets.clone(),
+            sandbox: ctx.sandbox.as_str().to_owned(),
+            generation,
+        };
+        return grpc::GrpcScrubBody::new(body, policy.clone(), union, watch, ctx.stats.clone())
             .boxed_unsync();
     }
     if coding == ContentCoding::Identity

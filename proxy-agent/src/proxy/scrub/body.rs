@@ -36,6 +36,24 @@ pub struct Watch {
     pub generation: u64,
 }
 
+impl Watch {
+    /// The patterns to scrub with now: `None` while the sandbox's policy is the snapshot's (or
+    /// gone), else the union of the snapshot's values and the current policy's. Recomputed only
+    /// when the store changed (one atomic load per call otherwise); `Some(switched)` then.
+    pub fn follow(&mut self, snapshot: &Arc<SandboxPolicy>) -> Option<Option<Box<ScrubPatterns>>> {
+        let generation = self.store.generation();
+        if generation == self.generation {
+            return None;
+        }
+        self.generation = generation;
+        Some(match self.store.policy(&self.sandbox) {
+            Some(now) if !Arc::ptr_eq(&now, snapshot) => Some(Box::new(snapshot.scrub_union(&now))),
+            // Unchanged, or every secret gone: the snapshot's values are still scrubbed.
+            _ => None,
+        })
+    }
+}
+
 /// A body whose data (decoded from `coding`) and trailers are scrubbed with the sandbox's
 /// patterns; it emits identity data. Replacements are added to `Stats::scrubbed` as they happen.
 pub struct ScrubBody<B> {
@@ -217,19 +235,12 @@ where
         let Some(watch) = &mut self.watch else {
             return;
         };
-        let generation = watch.store.generation();
-        if generation == watch.generation {
-            return;
-        }
-        watch.generation = generation;
-        self.union = match watch.store.policy(&watch.sandbox) {
-            Some(now) if !Arc::ptr_eq(&now, &self.policy) => {
+        if let Some(union) = watch.follow(&self.policy) {
+            if union.is_some() {
                 Stats::inc(&self.stats.scrub_policy_switched);
-                Some(Box::new(self.policy.scrub_union(&now)))
             }
-            // Unchanged, or every secret gone: the snapshot's values are still scrubbed.
-            _ => None,
-        };
+            self.union = union;
+        }
     }
 
     fn count(&mut self) {

@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use veil_policy::grpc::{Deframer, GrpcError, scrub_message};
 use veil_policy::{SandboxPolicy, ScrubPatterns};
 
+use super::body::Watch;
 use super::headers::scrub_headers;
 use crate::proxy::body::BoxError;
 use crate::stats::Stats;
@@ -29,8 +30,10 @@ pub struct GrpcScrubBody {
     inner: Incoming,
     deframer: Deframer,
     policy: Arc<SandboxPolicy>,
-    /// The union with the current policy's values when it changed before the response.
+    /// The union with the current policy's values once it changed (before or during the
+    /// response: a rotation mid-stream is scrubbed like in any other body).
     union: Option<Box<ScrubPatterns>>,
+    watch: Watch,
     stats: Arc<Stats>,
     done: bool,
 }
@@ -50,6 +53,7 @@ impl GrpcScrubBody {
         inner: Incoming,
         policy: Arc<SandboxPolicy>,
         union: Option<Box<ScrubPatterns>>,
+        watch: Watch,
         stats: Arc<Stats>,
     ) -> Self {
         Self {
@@ -57,8 +61,19 @@ impl GrpcScrubBody {
             deframer: Deframer::default(),
             policy,
             union,
+            watch,
             stats,
             done: false,
+        }
+    }
+
+    /// Follows a policy change of the sandbox (see [`Watch::follow`]).
+    fn follow_policy(&mut self) {
+        if let Some(union) = self.watch.follow(&self.policy) {
+            if union.is_some() {
+                Stats::inc(&self.stats.scrub_policy_switched);
+            }
+            self.union = union;
         }
     }
 
@@ -114,6 +129,7 @@ impl Body for GrpcScrubBody {
                     if messages.is_empty() {
                         continue;
                     }
+                    this.follow_policy();
                     let mut out = Vec::new();
                     let mut replaced = 0;
                     for m in &messages {
@@ -130,6 +146,7 @@ impl Body for GrpcScrubBody {
                 if let Err(e) = this.deframer.finish() {
                     return Poll::Ready(Some(Ok(this.fail(&e))));
                 }
+                this.follow_policy();
                 let replaced = scrub_headers(this.patterns(), &mut trailers);
                 this.stats.scrubbed.fetch_add(replaced, Ordering::Relaxed);
                 this.done = true;
