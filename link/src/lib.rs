@@ -13,10 +13,12 @@
 
 pub mod codec;
 pub mod ids;
+pub mod local;
 pub mod proto;
 
 pub use codec::{FrameError, MAX_FRAME, read_frame, write_frame};
 pub use ids::{AgentId, IdError, OrgId, Revision, SandboxId, SecretId};
+pub use local::{Declared, LocalError, LocalRequest, LocalResponse, RefusalKind};
 pub use proto::{
     AgentMsg, BlockedReport, ControlMsg, Egress, MAX_PREVIOUS_VALUES, PROTOCOL_VERSION,
     SandboxState, SecretState, SecretValue, UsageReport, WrongHost,
