@@ -5,18 +5,23 @@
 //! `grpc-status: 0` and a `grpc-message` carrying the value (which veil must scrub);
 //! `/echo.Echo/Denied` answers trailers only, `grpc-status: 7` (permission denied) with the
 //! value in `grpc-message`; `/echo.Echo/Compressed` one message with the compressed flag set
-//! (the value inside, uncompressed, as a server ignoring `grpc-accept-encoding` would). Messages are raw bytes (no protobuf), which gRPC clients with
-//! generic (bytes in, bytes out) stubs such as grpcio's accept.
+//! (the value inside, uncompressed, as a server ignoring `grpc-accept-encoding` would);
+//! `/echo.Echo/Later` one message with the value, then — once the test hands it a later value
+//! ([`GrpcUpstream::release`], e.g. after a rotation) — a second message with that one.
+//! Messages are raw bytes (no protobuf), which gRPC clients with generic (bytes in, bytes out)
+//! stubs such as grpcio's accept.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use futures_util::StreamExt as _;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, Response};
+use tokio::sync::watch;
 use tokio_util::sync::DropGuard;
 
 use crate::https::{TestCa, serve_tls, tls_acceptor};
@@ -26,6 +31,7 @@ use crate::netns::NetNs;
 /// The upstream; stops on drop.
 pub struct GrpcUpstream {
     addr: SocketAddr,
+    later: watch::Sender<Option<String>>,
     _stop: DropGuard,
 }
 
@@ -50,8 +56,10 @@ impl GrpcUpstream {
     pub fn start(ns: &NetNs, ip: IpAddr, ca: &TestCa, names: &[&str], value: String) -> Self {
         let acceptor = tls_acceptor(ca, names, &[b"h2"]);
         let value: Arc<str> = value.into();
+        let (later, later_rx) = watch::channel(None::<String>);
         let handler = move |req: Request<Incoming>| {
             let value = value.clone();
+            let later = later_rx.clone();
             async move {
                 let path = req.uri().path().to_owned();
                 let authorized = req
@@ -60,12 +68,54 @@ impl GrpcUpstream {
                     .is_some_and(|v| v.as_bytes() == format!("Bearer {value}").as_bytes());
                 // Read the request message before answering, as a gRPC server does.
                 let _ = req.into_body().collect().await?;
+                if authorized && path == "/echo.Echo/Later" {
+                    return Ok(answer_later(&value, later));
+                }
                 Ok::<_, hyper::Error>(answer(&path, authorized, &value))
             }
         };
         let (addr, stop) = serve_tls(ns, ip, "gRPC upstream", acceptor, handler);
-        GrpcUpstream { addr, _stop: stop }
+        GrpcUpstream {
+            addr,
+            later,
+            _stop: stop,
+        }
     }
+
+    /// Lets every waiting `/echo.Echo/Later` call send its second message, carrying `value`.
+    pub fn release(&self, value: String) {
+        self.later.send_replace(Some(value));
+    }
+}
+
+/// The first message now, the second once a later value is released, then the trailers.
+fn answer_later(value: &str, mut later: watch::Receiver<Option<String>>) -> Response<Body> {
+    let first = Frame::data(message(&format!("{{\"n\": 0, \"key\": \"{value}\"}}")));
+    let rest = async move {
+        let second = match later.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        futures_util::stream::iter([
+            Frame::data(message(&format!("{{\"n\": 1, \"key\": \"{second}\"}}"))),
+            Frame::trailers(trailers),
+        ])
+    };
+    let frames = futures_util::stream::once(async { first })
+        .chain(futures_util::stream::once(rest).flatten())
+        .map(Ok::<_, Infallible>);
+    grpc_response(StreamBody::new(frames).boxed_unsync())
+}
+
+fn grpc_response(body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    resp
 }
 
 fn message(payload: &str) -> Bytes {
@@ -108,10 +158,5 @@ fn answer(path: &str, authorized: bool, value: &str) -> Response<Body> {
         vec![Frame::trailers(trailers)]
     };
     let stream = futures_util::stream::iter(frames.into_iter().map(Ok::<_, Infallible>));
-    let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    resp
+    grpc_response(StreamBody::new(stream).boxed_unsync())
 }

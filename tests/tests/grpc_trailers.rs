@@ -172,3 +172,97 @@ fn grpcio_unary_streaming_and_failed_calls_see_status_and_scrubbed_details() {
         "{out}"
     );
 }
+
+/// A grpcio server-streaming call that prints `FIRST` after its first message, then waits for
+/// the rest and prints one JSON line with the code and every message (latin-1).
+const GRPCIO_LATER: &str = r#"
+import json, os, sys
+import grpc
+host, port = sys.argv[1], sys.argv[2]
+roots = open(os.environ["SSL_CERT_FILE"], "rb").read()
+md = (("authorization", "Bearer " + os.environ["K"]),)
+with grpc.secure_channel("%s:%s" % (host, port), grpc.ssl_channel_credentials(roots)) as ch:
+    stream = ch.unary_stream("/echo.Echo/Later")(b"{}", metadata=md, timeout=30)
+    data = []
+    for m in stream:
+        data.append(m.decode("latin-1"))
+        if len(data) == 1:
+            print("FIRST", flush=True)
+    print(json.dumps({"code": stream.code().name, "data": data}), flush=True)
+"#;
+
+/// A rotation while a gRPC response streams: an upstream that echoes the NEW value in a later
+/// message of the same call gets it scrubbed, as the body scrubber does for any other response.
+#[test]
+fn a_rotation_during_a_grpc_stream_is_scrubbed_from_its_later_messages() {
+    use std::io::{BufRead as _, BufReader, Read as _};
+    use std::process::Stdio;
+
+    let old = format!("sk-test-{}", random_token(40));
+    let new = format!("sk-test-{}", random_token(40));
+    let v = old.clone();
+    let mut w = InterceptWorld::builder("grpc rotation test CA", &[ALLOWED])
+        .start_with(move |ns, ip, ca, names| GrpcUpstream::start(ns, ip, ca, names, v));
+    let key = w.secret_valued("grpc-key", old.clone(), &[ALLOWED], json!({}));
+    let sb = w.add_sandbox("grpcrot", &[("K", "grpc-key")]);
+    let python = python_clients();
+    let port = w.up.addr().port().to_string();
+    let mut cmd = w.command(sb, python.to_str().expect("path"));
+    cmd.args(["-c", GRPCIO_LATER, ALLOWED, &port])
+        .env("K", &key.placeholder)
+        .env("GRPC_DNS_RESOLVER", "native")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn the grpcio client");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    out.read_line(&mut first)
+        .expect("read the client's first line");
+    let first = first.replace(&old, "<OLD!>");
+    assert_eq!(first.trim(), "FIRST", "the first message did not arrive");
+
+    // Rotate while the call is open; once every agent acknowledged, the upstream echoes the
+    // new value in the call's second message.
+    let (api, admin) = (w.veil.api(), w.veil.key().to_owned());
+    let path = format!("/secret/{}?wait=5s", key.id);
+    let (status, answer) = w
+        .veil
+        .block_on(api.patch(&path, &admin, json!({ "value": new })));
+    assert_eq!(status, 200, "rotation: {answer}");
+    assert_eq!(answer["propagation"]["complete"], true, "{answer}");
+    w.up.release(new.clone());
+
+    let mut rest = String::new();
+    out.read_to_string(&mut rest)
+        .expect("read the client's output");
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let ok = child.wait().expect("wait for the client").success();
+    let shown = format!("{rest}{err}")
+        .replace(&new, "<NEW VALUE!>")
+        .replace(&old, "<OLD VALUE!>");
+    assert!(
+        !shown.contains("<NEW VALUE!>"),
+        "the rotated-in value reached the sandbox in a later gRPC message: {shown}"
+    );
+    assert!(
+        !shown.contains("<OLD VALUE!>"),
+        "the old value reached the sandbox: {shown}"
+    );
+    assert!(ok, "grpcio: {shown}");
+    let line = rest
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_default();
+    let res: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+    assert_eq!(res["code"], "OK", "{shown}");
+    let ph = &key.placeholder;
+    let data = res["data"].as_array().cloned().unwrap_or_default();
+    let expected: Vec<String> = (0..2)
+        .map(|i| format!("{{\"n\": {i}, \"key\": \"{ph}\"}}"))
+        .collect();
+    let got: Vec<&str> = data.iter().filter_map(|m| m.as_str()).collect();
+    assert_eq!(got, expected, "{shown}");
+}
