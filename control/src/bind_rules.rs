@@ -160,9 +160,18 @@ mod tests {
         assert_eq!(e.kind, RefusalKind::NotDeclared);
         let d = declared(false);
         assert_eq!(bindable("sb", Some(&d), &agent()).unwrap(), &d);
-        let b = bound(&d, "docker/abc".into(), 42, Some("/run/veil/netns/sb".into()), 5);
+        let b = bound(
+            &d,
+            "docker/abc".into(),
+            42,
+            Some("/run/veil/netns/sb".into()),
+            5,
+        );
         assert!(b.bound && b.cgroup_id == Some(42) && b.cgroup == "docker/abc");
-        assert_eq!((b.mounts.clone(), b.created_at), (d.mounts.clone(), d.created_at));
+        assert_eq!(
+            (b.mounts.clone(), b.created_at),
+            (d.mounts.clone(), d.created_at)
+        );
         let e = bindable("sb", Some(&b), &agent()).unwrap_err();
         assert_eq!(e.kind, RefusalKind::AlreadyBound);
         // A one-step PUT is bound too.
@@ -203,12 +212,19 @@ mod tests {
         assert!(!gone_applies(Some(&declared(true)), 42));
         assert!(!gone_applies(None, 42));
         // A sandbox registered by path is not the agent's to reap.
-        assert!(!gone_applies(Some(&sandbox("sb", "veil.slice/sb", "A")), 42));
+        assert!(!gone_applies(
+            Some(&sandbox("sb", "veil.slice/sb", "A")),
+            42
+        ));
     }
 
     #[test]
     fn netns_paths_are_plain_and_absolute() {
-        for ok in ["/run/veil/netns/sb", "/proc/42/ns/net", "/tmp/x y/netns/sb-1"] {
+        for ok in [
+            "/run/veil/netns/sb",
+            "/proc/42/ns/net",
+            "/tmp/x y/netns/sb-1",
+        ] {
             netns_path(ok).unwrap();
         }
         for bad in [
@@ -220,7 +236,11 @@ mod tests {
             "",
             "/run/netns/a\nb",
         ] {
-            assert_eq!(netns_path(bad).unwrap_err().kind, RefusalKind::BadTarget, "{bad:?}");
+            assert_eq!(
+                netns_path(bad).unwrap_err().kind,
+                RefusalKind::BadTarget,
+                "{bad:?}"
+            );
         }
     }
 }

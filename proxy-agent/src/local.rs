@@ -208,8 +208,11 @@ impl LocalServer {
         let uid = stream.peer_cred().map(|c| c.uid()).ok();
         let answer = match uid {
             Some(uid) if trusted_peer(uid, own) => {
-                match tokio::time::timeout(REQUEST_TIMEOUT, read_frame::<LocalRequest, _>(&mut stream))
-                    .await
+                match tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    read_frame::<LocalRequest, _>(&mut stream),
+                )
+                .await
                 {
                     Ok(Ok(Some(request))) => self.answer(request).await,
                     Ok(Ok(None)) => return,
@@ -218,7 +221,10 @@ impl LocalServer {
                 }
             }
             Some(uid) => {
-                warn!(uid, "refused a local socket peer: only root or the agent's user may bind");
+                warn!(
+                    uid,
+                    "refused a local socket peer: only root or the agent's user may bind"
+                );
                 refused(
                     RefusalKind::BadRequest,
                     format!("uid {uid} may not use veil-agent's local socket (root only)"),
@@ -303,7 +309,10 @@ impl LocalServer {
             Ok(Err(_)) => unavailable(),
             Err(_) => refused(
                 RefusalKind::Unavailable,
-                format!("veil-control did not answer within {} s", ANSWER_TIMEOUT.as_secs()),
+                format!(
+                    "veil-control did not answer within {} s",
+                    ANSWER_TIMEOUT.as_secs()
+                ),
             ),
         }
     }
@@ -330,7 +339,14 @@ mod tests {
             cgroup_path(Path::new("system.slice/docker-1.scope")).unwrap(),
             Path::new("system.slice/docker-1.scope")
         );
-        for bad in ["", "/", "/docker/../user.slice", "docker/./a", "/docker//a", "//docker"] {
+        for bad in [
+            "",
+            "/",
+            "/docker/../user.slice",
+            "docker/./a",
+            "/docker//a",
+            "//docker",
+        ] {
             assert!(cgroup_path(Path::new(bad)).is_err(), "{bad:?}");
         }
     }

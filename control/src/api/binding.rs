@@ -173,7 +173,10 @@ impl Bindings {
             }
             Err(AgentLinkError::Rejected(errors)) => Refusal::new(
                 RefusalKind::BadTarget,
-                format!("veil-agent could not enforce the binding: {}", errors.join("; ")),
+                format!(
+                    "veil-agent could not enforce the binding: {}",
+                    errors.join("; ")
+                ),
             ),
             Err(e @ (AgentLinkError::NotConnected | AgentLinkError::NoAck(_))) => {
                 Refusal::new(RefusalKind::Unavailable, e.to_string())

@@ -124,9 +124,20 @@ impl AgentServer {
                         self.report(&info.agent_id, ReportKind::Blocked, blocked_deltas(events))
                     }
                     Ok(Some(AgentMsg::Describe { req, sandbox })) => {
-                        self.request(&info.agent_id, &replies, Some(req), AgentRequest::Describe { sandbox });
+                        self.request(
+                            &info.agent_id,
+                            &replies,
+                            Some(req),
+                            AgentRequest::Describe { sandbox },
+                        );
                     }
-                    Ok(Some(AgentMsg::Bind { req, sandbox, cgroup, cgroup_id, netns })) => {
+                    Ok(Some(AgentMsg::Bind {
+                        req,
+                        sandbox,
+                        cgroup,
+                        cgroup_id,
+                        netns,
+                    })) => {
                         let request = AgentRequest::Bind {
                             sandbox,
                             cgroup: cgroup.to_string_lossy().into_owned(),
@@ -136,10 +147,20 @@ impl AgentServer {
                         self.request(&info.agent_id, &replies, Some(req), request);
                     }
                     Ok(Some(AgentMsg::Unbind { req, sandbox })) => {
-                        self.request(&info.agent_id, &replies, Some(req), AgentRequest::Unbind { sandbox });
+                        self.request(
+                            &info.agent_id,
+                            &replies,
+                            Some(req),
+                            AgentRequest::Unbind { sandbox },
+                        );
                     }
                     Ok(Some(AgentMsg::Gone { sandbox, cgroup_id })) => {
-                        self.request(&info.agent_id, &replies, None, AgentRequest::Gone { sandbox, cgroup_id });
+                        self.request(
+                            &info.agent_id,
+                            &replies,
+                            None,
+                            AgentRequest::Gone { sandbox, cgroup_id },
+                        );
                     }
                     Ok(Some(AgentMsg::Hello { .. })) => {
                         tracing::warn!(agent_id = %info.agent_id, "second Hello; closing");
@@ -176,7 +197,11 @@ impl AgentServer {
         req: Option<u64>,
         request: AgentRequest,
     ) {
-        let (binder, agent, replies) = (self.inner.binder.get().cloned(), agent.clone(), replies.clone());
+        let (binder, agent, replies) = (
+            self.inner.binder.get().cloned(),
+            agent.clone(),
+            replies.clone(),
+        );
         tokio::spawn(async move {
             let outcome = match binder {
                 Some(binder) => binder.handle(agent, request).await,

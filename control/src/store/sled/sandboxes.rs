@@ -27,7 +27,10 @@ pub(super) fn put(
         return Err(StoreError::NotFound);
     }
     if let Some(cgroup) = sandbox.indexed_cgroup()
-        && let Some(holder) = store.sandbox_cgroups.get(cgroup.as_bytes()).map_err(backend)?
+        && let Some(holder) = store
+            .sandbox_cgroups
+            .get(cgroup.as_bytes())
+            .map_err(backend)?
         && holder.as_ref() != sandbox.id.as_str().as_bytes()
     {
         return Err(StoreError::Conflict(Conflict::Cgroup(cgroup.to_owned())));
@@ -139,7 +142,10 @@ pub(super) fn restore(
     }
     if let Some(cgroup) = previous.and_then(SandboxRecord::indexed_cgroup)
         && Some(cgroup) != written.indexed_cgroup()
-        && let Some(holder) = store.sandbox_cgroups.get(cgroup.as_bytes()).map_err(backend)?
+        && let Some(holder) = store
+            .sandbox_cgroups
+            .get(cgroup.as_bytes())
+            .map_err(backend)?
         && holder.as_ref() != written.id.as_str().as_bytes()
     {
         return Err(StoreError::Conflict(Conflict::CgroupMeanwhile(
