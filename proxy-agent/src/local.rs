@@ -262,13 +262,15 @@ impl LocalServer {
         if !self.control.synced.load(Ordering::SeqCst) {
             return unavailable();
         }
-        let _inflight = self.pins.binding(sandbox.as_str());
-        let pinned = match netns {
-            Some(n) => match self.pins.pin(sandbox.as_str(), n) {
-                Ok(pin) => Some(pin),
+        let (pinned, _inflight) = match netns {
+            Some(n) => match self.pins.pin(sandbox.as_str(), cgroup_id, n) {
+                Ok((pin, guard)) => (Some(pin), Some(guard)),
+                Err(e @ crate::netns_pin::PinError::Busy(_)) => {
+                    return refused(RefusalKind::AlreadyBound, format!("sandbox {sandbox}: {e}"));
+                }
                 Err(e) => return refused(RefusalKind::BadTarget, e.to_string()),
             },
-            None => None,
+            None => (None, None),
         };
         let answer = self
             .ask(Ask::Bind {
@@ -278,8 +280,10 @@ impl LocalServer {
                 netns: pinned.clone(),
             })
             .await;
-        if pinned.is_some() && !matches!(answer, LocalResponse::Bound(_)) {
-            self.pins.release(sandbox.as_str());
+        if let Some(pin) = &pinned
+            && !matches!(answer, LocalResponse::Bound(_))
+        {
+            self.pins.release(pin);
         }
         if matches!(answer, LocalResponse::Bound(_)) {
             info!(sandbox = %sandbox, cgroup = %cgroup.display(), "sandbox bound");
