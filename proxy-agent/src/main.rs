@@ -16,7 +16,8 @@ use proxy_agent::dialer::EgressGuard;
 use proxy_agent::guard;
 use proxy_agent::identity;
 use proxy_agent::link::{Identity, LinkClient, Sessions};
-use proxy_agent::local::{self, FromLocal};
+use proxy_agent::local;
+use proxy_agent::local_channel::{self, FromLocal};
 use proxy_agent::metrics;
 use proxy_agent::netns_pin::NetnsPins;
 use proxy_agent::pins::PinLayout;
@@ -374,7 +375,7 @@ fn start_local(
     };
     let dir = path.parent().unwrap_or(Path::new("/")).join("netns");
     let pins = NetnsPins::new(dir);
-    let (to, from) = local::channel();
+    let (to, from) = local_channel::channel();
     let server = local::LocalServer {
         cgroup2: cgroup2.to_owned(),
         pins: pins.clone(),
