@@ -292,13 +292,9 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     notify(&[NotifyState::Ready]);
 
     // The local binding socket: host-side tools bind declared sandboxes through it.
-    let (local, local_task) = match start_local(settings, &cgroup2, ca.cert_pem()) {
-        Some((from, task, pins)) => (Some((from, pins)), Some(task)),
-        None => (None, None),
-    };
-    let (from_local, pins) = match local {
-        Some((from, pins)) => (Some(from), Some(pins)),
-        None => (None, None),
+    let (from_local, local_task, pins) = match start_local(settings, &cgroup2, ca.cert_pem()) {
+        Some((from, task, pins)) => (Some(from), Some(task), Some(pins)),
+        None => (None, None, None),
     };
     let mut sessions = Sessions {
         local: from_local,
@@ -331,7 +327,9 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     }
 
     if let Some(task) = local_task {
+        // No tool reaches a stopped agent; the netns pins stay (the bindings outlive a restart).
         task.abort();
+        let _ = std::fs::remove_file(&settings.local_socket);
     }
     notify(&[NotifyState::Stopping]);
     info!("stopping: no new connections; draining open ones; pinned redirects stay");
