@@ -111,6 +111,18 @@ fn declared_sandboxes_reach_no_agent_until_bound() {
     assert!(is_mounted(&pin), "the netns is pinned");
     assert!(gauge(&w, "secrets") >= 1.0);
 
+    // The binding is audited with the agent as actor.
+    let (_, audit) = veil.block_on(veil.api().get("/audit?limit=100", veil.key()));
+    let bound_by = audit["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["action"] == "sandbox.bound" && e["targetId"] == "app-1")
+        .map(|e| e["actorKeyId"].as_str().unwrap_or_default().to_owned());
+    assert!(
+        bound_by.as_deref().is_some_and(|a| a.starts_with("agent:")),
+        "no sandbox.bound audit entry by an agent: {bound_by:?}"
+    );
     // Unbind without keep: the declaration goes, the pin and the redirect too.
     let answer = local(
         veil,
@@ -139,6 +151,13 @@ fn declared_sandboxes_reach_no_agent_until_bound() {
         "redirect left behind"
     );
     assert_eq!(gauge(&w, "secrets"), 0.0, "the agent kept the secret");
+    let (_, audit) = veil.block_on(veil.api().get("/audit?limit=100", veil.key()));
+    let unbound = audit["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|e| e["action"] == "sandbox.unbound" && e["targetId"] == "app-1");
+    assert!(unbound, "no sandbox.unbound audit entry");
 }
 
 #[test]
@@ -291,6 +310,20 @@ fn a_removed_or_replaced_cgroup_is_reaped() {
         "netns pin left behind"
     );
     assert!(!sandbox_map_has(old_id), "map entry left behind");
+    let bpffs = veil
+        .agent()
+        .pin_dir()
+        .join("sandboxes")
+        .join(old_id.to_string());
+    assert!(!bpffs.exists(), "bpffs links left behind");
+    assert!(
+        wait_until(Duration::from_secs(5), || c
+            .netns
+            .tcp_listeners()
+            .is_empty()),
+        "the sandbox's listener is still open: {:?}",
+        c.netns.tcp_listeners()
+    );
     // A new cgroup at the same path (a `docker restart`) is not the old sandbox.
     recreate_cgroup(&cgroup);
     let new_id = c.sandbox.cgroup().id();
