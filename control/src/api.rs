@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod binding;
 pub mod body;
+pub mod declaration;
 pub mod error;
 pub mod keys;
 pub mod openapi;
