@@ -73,6 +73,15 @@ fn declared_sandboxes_reach_no_agent_until_bound() {
         "the agent holds the declared sandbox"
     );
 
+    // Its secrets change like any sandbox's, still without reaching the agent.
+    let (status, body) = veil.block_on(veil.api().put(
+        "/sandbox/app-1/secrets",
+        veil.key(),
+        json!({"secrets": [{"MY_KEY": "upstream-key"}, {"AGAIN": "upstream-key"}]}),
+    ));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["bound"], false);
+    assert_eq!(gauge(&w, "secrets"), 0.0, "the agent got a secret");
     // Describe: the placeholders and the agent's CA, not bound.
     let LocalResponse::Declared(d) = local(
         veil,
