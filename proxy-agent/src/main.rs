@@ -402,7 +402,15 @@ fn teardown(args: &Common, sandbox: Option<&str>, all: bool) -> Result<(), Fatal
         // Best effort: a netns that is gone took its reservations along.
         let _ = proxy_agent::reserved::update(r.netns.as_deref(), &[], &[r.port_v4, r.port_v6]);
     };
+    // The netns pins of bound sandboxes (beside the local socket) go with them.
+    let netns_pins = (!settings.local_socket.as_os_str().is_empty()).then(|| {
+        let dir = settings.local_socket.parent().unwrap_or(Path::new("/"));
+        NetnsPins::new(dir.join("netns"))
+    });
     if all {
+        if let Some(netns) = &netns_pins {
+            netns.keep_only(&Default::default());
+        }
         let mut ids = pins.pinned_cgroups().unwrap_or_default();
         ids.extend(records.values().map(|r| r.cgroup_id));
         records.values().for_each(unreserve);
@@ -434,6 +442,9 @@ fn teardown(args: &Common, sandbox: Option<&str>, all: bool) -> Result<(), Fatal
     bpf::unpin_sandbox(&pins, record.cgroup_id).map_err(host)?;
     bpf::remove_pinned_targets(&pins, Some(&[record.cgroup_id])).map_err(host)?;
     unreserve(&record);
+    if let Some(netns) = &netns_pins {
+        netns.release_sandbox(id, None);
+    }
     file.store(&records)
         .context("saving the sandbox set")
         .map_err(Fatal::Host)?;

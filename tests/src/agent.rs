@@ -543,6 +543,7 @@ impl Drop for Agent {
             // Unpinning its links detaches them, and its maps go with them.
             remove_pin_dir(&self.pin_dir);
         }
+        crate::bind::release_pins(&self.local_socket().with_file_name("netns"));
     }
 }
 

@@ -139,3 +139,28 @@ pub fn recreate_cgroup(path: &Path) {
         }
     }
 }
+
+/// Unmounts and removes every netns pin under `dir` (`<agent dir>/local/netns`): the agent's
+/// own teardown does it, this covers an agent the harness could not tear down.
+pub fn release_pins(dir: &Path) {
+    let Ok(sandboxes) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for sandbox in sandboxes.flatten() {
+        for pin in std::fs::read_dir(sandbox.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = pin.path();
+            if is_mounted(&path) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(&path)
+                    .output();
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        let _ = std::fs::remove_dir(sandbox.path());
+    }
+}
