@@ -2,7 +2,9 @@
 //! [`state`]) into the router, with request logging and JSON errors for unrouted requests.
 
 pub mod audit;
+pub mod binding;
 pub mod body;
+pub mod declaration;
 pub mod error;
 pub mod keys;
 pub mod openapi;
@@ -147,6 +149,6 @@ mod tests {
             "routed, not documented: {undocumented:?}"
         );
         assert!(unrouted.is_empty(), "documented, not routed: {unrouted:?}");
-        assert_eq!(routed.len(), 16, "{routed:?}");
+        assert_eq!(routed.len(), 17, "{routed:?}");
     }
 }

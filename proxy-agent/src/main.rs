@@ -15,8 +15,11 @@ use proxy_agent::config::{self, Config};
 use proxy_agent::dialer::EgressGuard;
 use proxy_agent::guard;
 use proxy_agent::identity;
-use proxy_agent::link::{Identity, LinkClient};
+use proxy_agent::link::{Identity, LinkClient, Sessions};
+use proxy_agent::local;
+use proxy_agent::local_channel::{self, FromLocal};
 use proxy_agent::metrics;
+use proxy_agent::netns_pin::NetnsPins;
 use proxy_agent::pins::PinLayout;
 use proxy_agent::proxy::Proxy;
 use proxy_agent::sandbox::Registry;
@@ -288,6 +291,15 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Fatal::Runtime(e.into()))?;
     notify(&[NotifyState::Ready]);
 
+    // The local binding socket: host-side tools bind declared sandboxes through it.
+    let (from_local, local_task, pins) = match start_local(settings, &cgroup2, ca.cert_pem()) {
+        Some((from, task, pins)) => (Some(from), Some(task), Some(pins)),
+        None => (None, None, None),
+    };
+    let mut sessions = Sessions {
+        local: from_local,
+        bound: Default::default(),
+    };
     let link = LinkClient {
         socket: settings.control_socket.clone(),
         backoff: settings.reconnect(),
@@ -298,9 +310,10 @@ async fn run(args: &Common) -> Result<(), Fatal> {
         cgroup2,
         stats: proxy.stats.clone(),
         guard: Some(guard),
+        pins,
     };
     {
-        let linked = link.run(&mut registry, &secrets);
+        let linked = link.run(&mut registry, &secrets, &mut sessions);
         tokio::pin!(linked);
         loop {
             tokio::select! {
@@ -313,6 +326,11 @@ async fn run(args: &Common) -> Result<(), Fatal> {
         }
     }
 
+    if let Some(task) = local_task {
+        // No tool reaches a stopped agent; the netns pins stay (the bindings outlive a restart).
+        task.abort();
+        let _ = std::fs::remove_file(&settings.local_socket);
+    }
     notify(&[NotifyState::Stopping]);
     info!("stopping: no new connections; draining open ones; pinned redirects stay");
     registry.stop_accepting();
@@ -333,6 +351,39 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     Ok(())
 }
 
+/// Opens the local binding socket unless `local_socket` is empty; a socket that cannot be
+/// opened leaves binding unavailable (logged), never the agent down: the sandboxes it
+/// enforces do not depend on it.
+fn start_local(
+    settings: &config::AgentSettings,
+    cgroup2: &Path,
+    ca_pem: &str,
+) -> Option<(FromLocal, tokio::task::JoinHandle<()>, NetnsPins)> {
+    let path = &settings.local_socket;
+    if path.as_os_str().is_empty() {
+        info!("local binding socket disabled (local_socket = \"\")");
+        return None;
+    }
+    let listener = match local::bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(error = %e, "local binding socket unavailable: sandboxes cannot be bound on this host");
+            return None;
+        }
+    };
+    let dir = path.parent().unwrap_or(Path::new("/")).join("netns");
+    let pins = NetnsPins::new(dir);
+    let (to, from) = local_channel::channel();
+    let server = local::LocalServer {
+        cgroup2: cgroup2.to_owned(),
+        pins: pins.clone(),
+        control: to,
+        ca_pem: ca_pem.to_owned(),
+    };
+    info!(socket = %path.display(), "local binding socket listening");
+    Some((from, tokio::spawn(server.serve(listener)), pins))
+}
+
 /// `veil-agent teardown`: removes pins, links and map entries without loading any program.
 fn teardown(args: &Common, sandbox: Option<&str>, all: bool) -> Result<(), Fatal> {
     let cgroup2 = veil_sys::cgroup2_mount().map_err(|e| Fatal::Host(e.into()))?;
@@ -351,7 +402,15 @@ fn teardown(args: &Common, sandbox: Option<&str>, all: bool) -> Result<(), Fatal
         // Best effort: a netns that is gone took its reservations along.
         let _ = proxy_agent::reserved::update(r.netns.as_deref(), &[], &[r.port_v4, r.port_v6]);
     };
+    // The netns pins of bound sandboxes (beside the local socket) go with them.
+    let netns_pins = (!settings.local_socket.as_os_str().is_empty()).then(|| {
+        let dir = settings.local_socket.parent().unwrap_or(Path::new("/"));
+        NetnsPins::new(dir.join("netns"))
+    });
     if all {
+        if let Some(netns) = &netns_pins {
+            netns.keep_only(&Default::default());
+        }
         let mut ids = pins.pinned_cgroups().unwrap_or_default();
         ids.extend(records.values().map(|r| r.cgroup_id));
         records.values().for_each(unreserve);
@@ -383,6 +442,9 @@ fn teardown(args: &Common, sandbox: Option<&str>, all: bool) -> Result<(), Fatal
     bpf::unpin_sandbox(&pins, record.cgroup_id).map_err(host)?;
     bpf::remove_pinned_targets(&pins, Some(&[record.cgroup_id])).map_err(host)?;
     unreserve(&record);
+    if let Some(netns) = &netns_pins {
+        netns.release_sandbox(id, None);
+    }
     file.store(&records)
         .context("saving the sandbox set")
         .map_err(Fatal::Host)?;

@@ -6,6 +6,11 @@
 //! or `"host"` (from the host through the agent's egress rules, for a netns whose only way out
 //! is veil). Answers carry placeholders and hosts, never values.
 //!
+//! A PUT without `cgroup` (or a POST, under a generated id) only declares a sandbox (see
+//! [`super::declaration`]): nothing of it reaches an agent until veil-agent binds it on the host
+//! (see [`super::binding`]). Such a PUT on a bound sandbox keeps its binding and changes its
+//! secrets, egress and keep; DELETE removes a declared or bound sandbox alike.
+//!
 //! Changes are stored first, then pushed to the agents, and answered once they acknowledged:
 //! - PUT with `agent.required` and no agent connected: 503, nothing stored.
 //! - an agent reports errors: the write is rolled back (the previous record is restored, or the
@@ -24,23 +29,29 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
-use serde_json::{Value, json};
-use veil_api::{MountList, MountedSecret, PutSandbox, PutSandboxSecrets, Sandbox, SandboxId};
+use serde_json::json;
+use veil_api::{
+    DeclareSandbox, MountList, MountedSecret, PutSandbox, PutSandboxSecrets, Sandbox, SandboxId,
+};
 
 use super::body::decode;
+use super::declaration::{
+    Declaration, generated_id, mounts_json, parse_mount_list, resolve, store_put,
+};
 use super::error::{ApiError, Unconfirmed};
 use super::state::{AppState, Caller, Route, blocking, with_state};
 use crate::agent_link::{AgentEvent, AgentLinkError};
 use crate::api::audit::entry;
 use crate::auth::Permission;
 use crate::hostcheck;
-use crate::store::{Egress, Mount, OrgId, SandboxRecord, SecretRecord, StoreError};
+use crate::store::{Mount, SandboxRecord, SecretRecord, StoreError};
 use crate::timefmt::{now_ms, rfc3339};
 use crate::validate;
 
 /// Routes of this resource.
 pub fn routes() -> Vec<Route> {
     vec![
+        Route::new(Method::POST, "/sandbox", declare_sandbox),
         Route::new(Method::PUT, "/sandbox/{id}", put_sandbox),
         Route::new(Method::GET, "/sandbox/{id}", get_sandbox),
         Route::new(Method::DELETE, "/sandbox/{id}", delete_sandbox),
@@ -62,56 +73,8 @@ fn path_id(text: &str) -> Result<SandboxId, ApiError> {
     SandboxId::parse(text).map_err(|_| not_found(text))
 }
 
-/// Checks `secrets: [{ENV: secret-name}, …]` and turns it into (env, secret name) pairs.
-fn parse_mount_list(items: MountList) -> Result<Vec<(String, String)>, ApiError> {
-    let mut out: Vec<(String, String)> = Vec::with_capacity(items.len());
-    for (i, obj) in items.into_iter().enumerate() {
-        if obj.len() != 1 {
-            return Err(bad(format!("secrets[{i}] must have exactly one key")));
-        }
-        let Some((env, name)) = obj.into_iter().next() else {
-            return Err(bad(format!("secrets[{i}] must have exactly one key")));
-        };
-        validate::env_name(&env).map_err(bad)?;
-        validate::secret_name(&name).map_err(|e| bad(format!("secrets[{i}].{env}: {e}")))?;
-        if out.iter().any(|(e, _)| *e == env) {
-            return Err(bad(format!("environment variable {env} is mounted twice")));
-        }
-        out.push((env, name));
-    }
-    Ok(out)
-}
-
-/// Resolves secret names of `org` into mounts; unknown names are a 400 naming them all.
-fn resolve(
-    state: &AppState,
-    org: &OrgId,
-    wanted: &[(String, String)],
-) -> Result<Vec<Mount>, ApiError> {
-    let mut mounts = Vec::with_capacity(wanted.len());
-    let mut unknown = Vec::new();
-    for (env, name) in wanted {
-        match state
-            .store
-            .secret_by_name(org, name)
-            .map_err(|e| ApiError::from_store(e, "secret"))?
-        {
-            Some(s) => mounts.push(Mount {
-                env: env.clone(),
-                secret_id: s.id,
-                secret_name: s.name,
-            }),
-            None => unknown.push(name.as_str()),
-        }
-    }
-    if !unknown.is_empty() {
-        return Err(bad(format!("unknown secret(s): {}", unknown.join(", "))));
-    }
-    Ok(mounts)
-}
-
 /// The mounts that still resolve (a deleted secret resolves nothing), with their secrets.
-fn live_mounts(
+pub(crate) fn live_mounts(
     state: &AppState,
     sb: &SandboxRecord,
 ) -> Result<Vec<(Mount, SecretRecord)>, ApiError> {
@@ -128,7 +91,7 @@ fn live_mounts(
     Ok(out)
 }
 
-fn view(state: &AppState, sb: &SandboxRecord) -> Result<Sandbox, ApiError> {
+pub(crate) fn view(state: &AppState, sb: &SandboxRecord) -> Result<Sandbox, ApiError> {
     let live = live_mounts(state, sb)?;
     let ca = state.agent.ca_certificate();
     let env: BTreeMap<String, String> = live
@@ -144,6 +107,8 @@ fn view(state: &AppState, sb: &SandboxRecord) -> Result<Sandbox, ApiError> {
         id: sb.id.clone(),
         cgroup: sb.cgroup.clone(),
         netns: sb.netns.clone(),
+        bound: sb.bound,
+        keep: sb.keep,
         egress: sb.egress,
         secrets,
         env,
@@ -152,15 +117,6 @@ fn view(state: &AppState, sb: &SandboxRecord) -> Result<Sandbox, ApiError> {
         created_at: rfc3339(sb.created_at),
         updated_at: rfc3339(sb.updated_at),
     })
-}
-
-fn mounts_json(mounts: &[Mount]) -> Value {
-    Value::Array(
-        mounts
-            .iter()
-            .map(|m| json!({"env": m.env, "secret": m.secret_name, "secretId": m.secret_id}))
-            .collect(),
-    )
 }
 
 fn require_agent(state: &AppState) -> Result<(), ApiError> {
@@ -254,12 +210,12 @@ async fn roll_back(
     put,
     path = "/sandbox/{sandboxId}",
     operation_id = "putSandbox",
-    summary = "Register or replace a sandbox (write:sandboxes)",
-    description = "Answers once every connected veil-agent acknowledged that the sandbox is enforced (programs attached, listener open). 400 also when the cgroup directory or netns file does not exist on the host (sandbox.check_paths). The answer carries env (ENV → placeholder) and caCertificate.",
+    summary = "Register or replace a sandbox; without cgroup, declare it (write:sandboxes)",
+    description = "With cgroup: declared and bound in one step; answers once every connected veil-agent acknowledged that the sandbox is enforced (programs attached, listener open). 400 also when the cgroup directory or netns file does not exist on the host (sandbox.check_paths). Without cgroup: only declared (secrets, egress, keep); nothing reaches an agent until veil-agent binds it on the host (its local socket); on a bound sandbox the binding is kept and secrets, egress and keep change. The answer carries env (ENV → placeholder) and caCertificate.",
     params(("sandboxId" = String, Path, description = "The sandbox's id: 1-128 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit")),
     request_body = PutSandbox,
     responses(
-        (status = 200, description = "Registered and enforced; env holds placeholders", body = Sandbox),
+        (status = 200, description = "Registered and enforced (or declared); env holds placeholders", body = Sandbox),
         (status = 404, description = "The id belongs to another organization", body = veil_api::ErrorBody),
         (status = 409, description = "The cgroup is registered to another sandbox", body = veil_api::ErrorBody),
         (status = 502, description = "A veil-agent could not enforce the sandbox; the message carries its report and the change was rolled back", body = veil_api::ErrorBody),
@@ -277,73 +233,97 @@ pub(crate) async fn put_sandbox(
     let id = SandboxId::parse(id).map_err(|e| bad(e.to_string()))?;
     let PutSandbox {
         cgroup,
+        keep,
         netns,
         secrets,
         egress,
     } = decode(&headers, body)?;
-    let cgroup = validate::cgroup(&cgroup, &state.config.sandbox.cgroup_parents)?;
-    if let Some(n) = &netns {
-        validate::netns(n)?;
-    }
-    // Omitted (or null) = the default, as every other field of this full replacement.
-    let egress = match egress {
-        Some(text) => validate::egress(&text)?,
-        None => Egress::default(),
+    let placement = match cgroup {
+        Some(cgroup) => {
+            let cgroup = validate::cgroup(&cgroup, &state.config.sandbox.cgroup_parents)?;
+            if let Some(n) = &netns {
+                validate::netns(n)?;
+            }
+            Some((cgroup, netns))
+        }
+        None if netns.is_some() => {
+            return Err(bad(
+                "netns needs a cgroup: a declared sandbox gets its netns when it is bound".into(),
+            ));
+        }
+        None => None,
     };
-    let wanted = parse_mount_list(secrets.unwrap_or_default())?;
-    require_agent(&state)?;
+    let declared = Declaration::parse(secrets, egress, keep)?;
+    if placement.is_some() {
+        require_agent(&state)?;
+    }
     let st = state.clone();
     let caller2 = caller.clone();
     let (record, previous) = blocking(move || {
-        let now = now_ms();
-        // Ownership before anything else: another organization's id is a plain 404.
         let previous = st
             .store
             .sandbox(&id)
             .map_err(|e| ApiError::from_store(e, "sandbox"))?;
-        let created_at = match &previous {
-            Some(old) if old.org != caller2.org => return Err(not_found(id.as_str())),
-            Some(old) => old.created_at,
-            None => now,
-        };
-        if st.config.sandbox.check_paths {
-            hostcheck::check_sandbox(&cgroup, netns.as_deref())?;
+        if matches!(&previous, Some(old) if old.org != caller2.org) {
+            // Ownership before anything else: another organization's id is a plain 404.
+            return Err(not_found(id.as_str()));
         }
-        let mounts = resolve(&st, &caller2.org, &wanted)?;
-        let record = SandboxRecord {
-            egress,
-            id: id.clone(),
-            org: caller2.org.clone(),
-            cgroup,
-            netns,
-            mounts,
-            created_at,
-            updated_at: now,
-        };
-        let audit = entry(
-            &caller2,
-            "sandbox.put",
-            "sandbox",
-            &id,
-            None,
-            json!({
-                "cgroup": {"to": record.cgroup},
-                "netns": {"to": record.netns},
-                "egress": {"to": validate::egress_name(record.egress)},
-                "secrets": {"to": mounts_json(&record.mounts)},
-            }),
-        );
-        st.store.put_sandbox(&record, audit).map_err(|e| match e {
-            StoreError::NotFound => not_found(id.as_str()),
-            e => ApiError::from_store(e, "sandbox"),
-        })?;
+        if placement.is_none() && previous.as_ref().is_some_and(|p| p.bound) {
+            require_agent(&st)?;
+        }
+        if let Some((cgroup, netns)) = &placement
+            && st.config.sandbox.check_paths
+        {
+            hostcheck::check_sandbox(cgroup, netns.as_deref())?;
+        }
+        let record = declared.record(&st, &caller2, &id, previous.as_ref(), placement)?;
+        store_put(&st, &caller2, &record)?;
         Ok((record, previous))
     })
     .await?;
-    settle(&state, &caller, &record, previous).await?;
+    if record.bound || previous.as_ref().is_some_and(|p| p.bound) {
+        settle(&state, &caller, &record, previous).await?;
+    }
     with_state(&state, move |st| view(st, &record))
         .await
         .map(Json)
+}
+
+#[utoipa::path(
+    post,
+    path = "/sandbox",
+    operation_id = "declareSandbox",
+    summary = "Declare a sandbox under a generated id (write:sandboxes)",
+    description = "Declares a sandbox (secrets, egress, keep) under a 128-bit random id (a UUIDv4). Nothing reaches an agent until veil-agent binds the sandbox on the host through its local socket (the container runtime's hook passes the id). The answer is the same as PUT's, with the id.",
+    request_body = DeclareSandbox,
+    responses(
+        (status = 201, description = "Declared; env holds placeholders", body = Sandbox),
+        (status = 400, description = "A field is not acceptable", body = veil_api::ErrorBody),
+    )
+)]
+pub(crate) async fn declare_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
+    caller.require(Permission::WriteSandboxes)?;
+    let DeclareSandbox {
+        secrets,
+        egress,
+        keep,
+    } = decode(&headers, body)?;
+    let declared = Declaration::parse(secrets, egress, keep)?;
+    let st = state.clone();
+    let record = blocking(move || {
+        let id = generated_id();
+        let record = declared.record(&st, &caller, &id, None, None)?;
+        store_put(&st, &caller, &record)?;
+        Ok(record)
+    })
+    .await?;
+    let sandbox = with_state(&state, move |st| view(st, &record)).await?;
+    Ok((StatusCode::CREATED, Json(sandbox)))
 }
 
 fn owned(state: &AppState, caller: &Caller, id: &SandboxId) -> Result<SandboxRecord, ApiError> {
@@ -402,16 +382,22 @@ pub(crate) async fn delete_sandbox(
     let st = state.clone();
     let caller2 = caller.clone();
     let id2 = id.clone();
-    blocking(move || {
+    let was_bound = blocking(move || {
+        let bound = owned(&st, &caller2, &id2)?.bound;
         let audit = entry(&caller2, "sandbox.delete", "sandbox", &id2, None, json!({}));
         st.store
             .delete_sandbox(&caller2.org, &id2, audit)
             .map_err(|e| match e {
                 StoreError::NotFound => not_found(id2.as_str()),
                 e => ApiError::from_store(e, "sandbox"),
-            })
+            })?;
+        Ok(bound)
     })
     .await?;
+    if !was_bound {
+        // Nothing of it ever reached an agent.
+        return Ok(StatusCode::NO_CONTENT);
+    }
     let required = state.config.agent.required;
     let Err(e) = state
         .agent
@@ -453,12 +439,13 @@ pub(crate) async fn put_secrets(
     caller.require(Permission::WriteSandboxes)?;
     let PutSandboxSecrets { secrets } = decode(&headers, body)?;
     let wanted = parse_mount_list(secrets)?;
-    require_agent(&state)?;
     let id2 = path_id(&id)?;
     let st = state.clone();
     let caller2 = caller.clone();
     let (record, previous) = blocking(move || {
-        owned(&st, &caller2, &id2)?;
+        if owned(&st, &caller2, &id2)?.bound {
+            require_agent(&st)?;
+        }
         let mounts = resolve(&st, &caller2.org, &wanted)?;
         let mut before = None;
         let mut change = |old: &SandboxRecord| {
@@ -486,7 +473,9 @@ pub(crate) async fn put_secrets(
         Ok((record, before))
     })
     .await?;
-    settle(&state, &caller, &record, previous).await?;
+    if record.bound {
+        settle(&state, &caller, &record, previous).await?;
+    }
     with_state(&state, move |st| view(st, &record))
         .await
         .map(Json)

@@ -13,10 +13,12 @@ pub fn cleanup_stale_tempdirs() {
             .strip_prefix("veil-test-")
             .and_then(|r| r.split('-').next())
             .and_then(|p| p.parse::<u32>().ok());
-        if is_stale(owner)
-            && path.is_dir()
-            && let Err(e) = std::fs::remove_dir_all(&path)
-        {
+        if !is_stale(owner) || !path.is_dir() {
+            continue;
+        }
+        // A killed agent's netns pins (mount points) would keep the directory.
+        crate::bind::release_pins(&path.join("local").join("netns"));
+        if let Err(e) = std::fs::remove_dir_all(&path) {
             eprintln!("veil-tests: removing stale {}: {e}", path.display());
         }
     }
