@@ -17,7 +17,9 @@ pub mod value;
 pub use audit::{AuditEntry, AuditPage, AuditQuery};
 pub use error::ErrorBody;
 pub use keys::{ApiKey, CreateApiKey, NewApiKey};
-pub use sandboxes::{MountList, MountedSecret, PutSandbox, PutSandboxSecrets, Sandbox};
+pub use sandboxes::{
+    DeclareSandbox, MountList, MountedSecret, PutSandbox, PutSandboxSecrets, Sandbox,
+};
 pub use secrets::{
     AgentAck, CreateSecret, HostUsage, Propagation, Secret, SecretDetail, SecretPage,
     SecretPageQuery, UpdateSecret, UpdateSecretQuery, WrongHost,

@@ -9,13 +9,21 @@ use veil_link::{Egress, SandboxId, SecretId};
 /// `[{"ENV_VAR": "secret-name"}, …]`: each entry exactly one key (Daytona's shape).
 pub type MountList = Vec<BTreeMap<String, String>>;
 
-/// PUT body: registers or replaces a sandbox (every omitted field takes its default).
+/// PUT body: registers or replaces a sandbox (every omitted field takes its default). With a
+/// `cgroup` it is declared and bound in one step; without, it is only declared (secrets,
+/// egress) and bound later by veil-agent on the host (the container runtime's hook).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PutSandbox {
-    /// cgroup v2 path under a configured parent.
-    pub cgroup: String,
-    /// /run/netns/NAME or /proc/PID/ns/net.
+    /// cgroup v2 path under a configured parent. Omitted: the sandbox is declared, not bound
+    /// (on an existing bound sandbox its binding is kept; secrets, egress and keep change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// veil: keep the declaration when the sandbox is unbound (a restarted container can bind
+    /// again); default false (an unbind deletes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<bool>,
+    /// /run/netns/NAME or /proc/PID/ns/net (only with cgroup).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
     /// Mounted secrets: env var → secret name.
@@ -66,10 +74,16 @@ pub struct Sandbox {
     /// The sandbox's id.
     #[schema(value_type = String)]
     pub id: SandboxId,
-    /// Its cgroup (relative to the cgroup2 root).
+    /// Its cgroup (relative to the cgroup2 root); empty while unbound.
     pub cgroup: String,
     /// Its network namespace.
     pub netns: Option<String>,
+    /// veil: whether it is bound to a cgroup (only a bound sandbox reaches veil-agent).
+    #[serde(default = "yes")]
+    pub bound: bool,
+    /// veil: whether the declaration outlives an unbind.
+    #[serde(default)]
+    pub keep: bool,
     /// veil: where the agent opens its upstream connections (see PutSandbox).
     #[schema(value_type = EgressMode, inline)]
     pub egress: Egress,
@@ -89,6 +103,27 @@ pub struct Sandbox {
     /// RFC 3339.
     #[schema(format = DateTime)]
     pub updated_at: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// POST body of `/sandbox`: declares a sandbox under an id the server generates.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeclareSandbox {
+    /// Mounted secrets: env var → secret name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub secrets: Option<MountList>,
+    /// Where veil-agent opens the sandbox's upstream connections (see PutSandbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<EgressMode>, inline)]
+    pub egress: Option<String>,
+    /// Keep the declaration when the sandbox is unbound (see PutSandbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<bool>,
 }
 
 /// A mounted secret as the sandbox sees it: env, placeholder, hosts — never a value.

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use veil_link::{AgentId, Revision, SandboxId, SecretId};
+use veil_link::{AgentId, LocalResponse, Revision, SandboxId, SecretId};
 
 use crate::crypto::CryptoError;
 use crate::store::{SandboxRecord, StoreError};
@@ -101,6 +101,51 @@ pub enum BuildError {
         /// Its id.
         id: String,
     },
+}
+
+/// What an agent asks about a sandbox on behalf of a host-side tool (its local socket), or
+/// reports about one it enforces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentRequest {
+    /// What a declared sandbox is given.
+    Describe {
+        /// The sandbox.
+        sandbox: SandboxId,
+    },
+    /// Bind a declared sandbox to a cgroup (and netns) of the agent's host.
+    Bind {
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// cgroup v2 path relative to the cgroup2 mount, as the agent sent it.
+        cgroup: String,
+        /// The cgroup directory's id (inode) when the agent checked it.
+        cgroup_id: u64,
+        /// The agent's pin of the network namespace; `None` = the host's.
+        netns: Option<String>,
+    },
+    /// Unbind a sandbox.
+    Unbind {
+        /// The sandbox.
+        sandbox: SandboxId,
+    },
+    /// A bound sandbox's cgroup (of this id) is gone or was replaced.
+    Gone {
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// The id of the cgroup the agent enforced it on.
+        cgroup_id: u64,
+    },
+}
+
+/// A boxed future of a [`Binder`]'s answer.
+pub type BinderFuture<'a> = Pin<Box<dyn Future<Output = LocalResponse> + Send + 'a>>;
+
+/// Decides agents' requests about sandboxes (declare/bind): the agent's authenticated link is
+/// the authority, no API key is involved.
+pub trait Binder: Send + Sync + fmt::Debug {
+    /// Handles `request` from agent `agent`; the answer goes back to it as a `Reply` (a
+    /// [`AgentRequest::Gone`]'s answer is dropped).
+    fn handle(&self, agent: AgentId, request: AgentRequest) -> BinderFuture<'_>;
 }
 
 /// A boxed future returned by [`AgentLink`] methods.

@@ -2,6 +2,7 @@
 //! [`state`]) into the router, with request logging and JSON errors for unrouted requests.
 
 pub mod audit;
+pub mod binding;
 pub mod body;
 pub mod error;
 pub mod keys;

@@ -8,7 +8,7 @@
 //! metrics_listen = "127.0.0.1:9464"
 //! rotated_value_grace = "24h"
 //! [sandbox]
-//! cgroup_parents = ["veil.slice", "system.slice"]
+//! cgroup_parents = ["veil.slice", "system.slice", "docker", "libpod_parent"]
 //! check_paths = true
 //! [agent]
 //! required = true
@@ -239,7 +239,9 @@ impl Default for Config {
 impl Default for SandboxConfig {
     fn default() -> Self {
         Self {
-            cgroup_parents: vec!["veil.slice".to_owned(), "system.slice".to_owned()],
+            cgroup_parents: ["veil.slice", "system.slice", "docker", "libpod_parent"]
+                .map(str::to_owned)
+                .to_vec(),
             check_paths: true,
         }
     }

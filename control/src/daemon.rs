@@ -196,6 +196,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .context("starting the agent link")?;
     let follower =
         shared.map(|s| tokio::spawn(fanout::follow(s.connection, s.replica, agent.clone())));
+    let server = agent.clone();
     let agent: Arc<dyn crate::agent_link::AgentLink> = Arc::new(agent);
     // At start too: values that passed their grace while the daemon was down go at once.
     let sweeper = tokio::spawn(grace::sweeper(
@@ -210,6 +211,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         agent,
         metrics: Arc::new(Metrics::default()),
     };
+    // Agents' bind requests are decided with the API's state (its store, config and link).
+    server.set_binder(api::binding::Bindings::new(state.clone()));
     let metrics_task = serve_metrics(&config, state.clone()).await;
     tracing::info!(
         listen = %local,

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod agent_link;
 pub mod api;
 pub mod auth;
+pub mod bind_rules;
 pub mod config;
 pub mod crypto;
 pub mod daemon;

@@ -236,17 +236,28 @@ pub struct Mount {
     pub secret_name: String,
 }
 
-/// A registered sandbox.
+/// A registered sandbox: declared (secrets, egress) and, once bound, placed (cgroup, netns).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxRecord {
     /// Sandbox id, unique across organizations.
     pub id: SandboxId,
     /// Owning organization.
     pub org: OrgId,
-    /// cgroup v2 path relative to the cgroup2 root (no leading `/`).
+    /// cgroup v2 path relative to the cgroup2 root (no leading `/`); empty while unbound.
     pub cgroup: String,
     /// Network namespace path, if the sandbox has its own.
     pub netns: Option<String>,
+    /// Whether the sandbox is bound to its cgroup (only bound sandboxes reach agents). Records
+    /// written before declarations existed were all bound.
+    #[serde(default = "bound_by_default")]
+    pub bound: bool,
+    /// Keep the declaration when the sandbox is unbound (a restarted container binds again).
+    #[serde(default)]
+    pub keep: bool,
+    /// The id (inode) of the cgroup2 directory it was bound to through an agent; `None` for a
+    /// one-step PUT (bound by path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
     /// Mounted secrets.
     pub mounts: Vec<Mount>,
     /// Where the agent opens its upstream connections (records written before the field
@@ -257,6 +268,17 @@ pub struct SandboxRecord {
     pub created_at: i64,
     /// Last update time, ms since the epoch.
     pub updated_at: i64,
+}
+
+fn bound_by_default() -> bool {
+    true
+}
+
+impl SandboxRecord {
+    /// The cgroup it holds in the one-sandbox-per-cgroup index: none while unbound.
+    pub fn indexed_cgroup(&self) -> Option<&str> {
+        self.bound.then_some(self.cgroup.as_str())
+    }
 }
 
 /// An audit entry; values never appear in it (masked as `***`).

@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::ids::{AgentId, OrgId, Revision, SandboxId, SecretId};
+use crate::local::LocalResponse;
 
 /// Version spoken by this build; a Hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// A secret's plaintext: zeroized on drop, redacted in Debug, serialized only onto the channel.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
@@ -52,6 +53,11 @@ pub struct SandboxState {
     /// Where the agent opens the sandbox's upstream connections.
     #[serde(default)]
     pub egress: Egress,
+    /// The id (inode) of the cgroup2 directory the sandbox was bound to; the agent refuses to
+    /// enforce the sandbox on a cgroup with another id (the path was reused by a new cgroup).
+    /// `None` = registered by path only (one-step PUT, older peers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
 }
 
 /// Where a sandbox's upstream connections leave from (security invariant 7: veil never widens
@@ -163,17 +169,26 @@ pub enum ControlMsg {
         /// Its id.
         id: SecretId,
     },
+    /// The answer to an agent's request ([`AgentMsg::Bind`], [`AgentMsg::Unbind`],
+    /// [`AgentMsg::Describe`]); outside the seq/ack scheme (never acknowledged).
+    Reply {
+        /// The agent's request number.
+        req: u64,
+        /// The outcome.
+        outcome: LocalResponse,
+    },
 }
 
 impl ControlMsg {
-    /// The sequence number to acknowledge.
-    pub fn seq(&self) -> u64 {
+    /// The sequence number to acknowledge; `None` for a [`ControlMsg::Reply`].
+    pub fn seq(&self) -> Option<u64> {
         match self {
             ControlMsg::Snapshot { seq, .. }
             | ControlMsg::PutSandbox { seq, .. }
             | ControlMsg::DeleteSandbox { seq, .. }
             | ControlMsg::PutSecret { seq, .. }
-            | ControlMsg::DeleteSecret { seq, .. } => *seq,
+            | ControlMsg::DeleteSecret { seq, .. } => Some(*seq),
+            ControlMsg::Reply { .. } => None,
         }
     }
 }
@@ -211,6 +226,42 @@ pub enum AgentMsg {
     Blocked {
         /// One entry per refused request.
         events: Vec<BlockedReport>,
+    },
+    /// What a declared sandbox is given (for a host-side tool); answered by a Reply.
+    Describe {
+        /// The agent's request number, echoed in the Reply.
+        req: u64,
+        /// The sandbox.
+        sandbox: SandboxId,
+    },
+    /// Binds a declared sandbox to a cgroup (and netns) of this agent's host; answered by a
+    /// Reply once this agent acknowledged the resulting PutSandbox (its redirect is live).
+    Bind {
+        /// The agent's request number, echoed in the Reply.
+        req: u64,
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// cgroup v2 directory, relative to the cgroup2 mount, no leading `/`.
+        cgroup: PathBuf,
+        /// The cgroup directory's id (inode) when the agent checked it.
+        cgroup_id: u64,
+        /// The agent's pin of the sandbox's network namespace; `None` = the host's.
+        netns: Option<PathBuf>,
+    },
+    /// Unbinds a sandbox; answered by a Reply after the agents detached it.
+    Unbind {
+        /// The agent's request number, echoed in the Reply.
+        req: u64,
+        /// The sandbox.
+        sandbox: SandboxId,
+    },
+    /// A bound sandbox's cgroup is gone or was replaced (another id at its path): control
+    /// unbinds it if `cgroup_id` is still the binding it holds. Not answered.
+    Gone {
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// The id of the cgroup the agent enforced the sandbox on.
+        cgroup_id: u64,
     },
 }
 
@@ -303,7 +354,7 @@ mod tests {
         let j = serde_json::to_string(&m).unwrap();
         assert_eq!(j, r#"{"type":"delete_sandbox","seq":7,"id":"sb"}"#);
         assert_eq!(serde_json::from_str::<ControlMsg>(&j).unwrap(), m);
-        assert_eq!(m.seq(), 7);
+        assert_eq!(m.seq(), Some(7));
         let u = AgentMsg::Usage {
             at_ms: 5,
             reports: vec![UsageReport {
@@ -321,7 +372,7 @@ mod tests {
         let bad = r#"{"type":"delete_sandbox","seq":1,"id":"-x"}"#;
         let e = serde_json::from_str::<ControlMsg>(bad).unwrap_err();
         assert!(e.to_string().contains("sandbox id"), "{e}");
-        let hello = r#"{"type":"hello","protocol":3,"agent_id":"not hex","ca_pem":"p"}"#;
+        let hello = r#"{"type":"hello","protocol":4,"agent_id":"not hex","ca_pem":"p"}"#;
         let e = serde_json::from_str::<AgentMsg>(hello).unwrap_err();
         assert!(e.to_string().contains("agent id"), "{e}");
     }

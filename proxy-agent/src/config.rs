@@ -70,6 +70,10 @@ pub struct AgentSettings {
     pub listen_backlog: u32,
     /// veil-control's local socket for agents.
     pub control_socket: PathBuf,
+    /// The local binding socket where host-side tools (the OCI hook) bind declared sandboxes
+    /// (created 0600 in a 0700 directory; peers must be root or the agent's user); empty
+    /// disables it. Network namespaces of bound sandboxes are pinned in `netns/` beside it.
+    pub local_socket: PathBuf,
     /// Extra CA certificates (PEM files) trusted for upstream TLS, beside the system roots.
     pub upstream_ca: Vec<PathBuf>,
     /// bpffs directory for the pinned maps and links; one per agent (tests use one each).
@@ -145,6 +149,7 @@ impl Default for AgentSettings {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             listen_backlog: 4096,
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            local_socket: PathBuf::from(veil_link::local::DEFAULT_LOCAL_SOCKET),
             upstream_ca: Vec::new(),
             bpf_pin_dir: PathBuf::from(DEFAULT_BPF_PIN_DIR),
             reconnect_min_ms: 25,
@@ -317,6 +322,20 @@ impl SandboxSpec {
                 "sandbox {id}: netns {} must be an absolute path",
                 netns.display()
             ));
+        }
+        // A binding names the cgroup by id too: a path reused by a new cgroup (a restarted
+        // container) is not the bound sandbox and must be bound again, never enforced as it.
+        if let Some(bound) = state.cgroup_id {
+            match crate::bpf::cgroup_id(&cgroup) {
+                Ok(now) if now == bound => {}
+                Ok(now) => {
+                    return Err(format!(
+                        "sandbox {id}: cgroup {} was replaced (id {now}, bound to {bound}); bind it again",
+                        state.cgroup.display()
+                    ));
+                }
+                Err(e) => return Err(format!("sandbox {id}: {e}")),
+            }
         }
         Ok(Self {
             id,

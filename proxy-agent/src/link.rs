@@ -14,22 +14,25 @@
 //! written are kept (bounded) and sent on the next session; a report written just as the link
 //! breaks may be lost — usage is statistics, and the blocked request was already refused.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::AsyncWrite;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 use veil_link::{
-    AgentId, AgentMsg, BlockedReport, ControlMsg, FrameError, PROTOCOL_VERSION, SandboxId,
-    SecretId, UsageReport, read_frame, write_frame,
+    AgentId, AgentMsg, BlockedReport, ControlMsg, FrameError, LocalResponse, PROTOCOL_VERSION,
+    SandboxId, SecretId, UsageReport, read_frame, write_frame,
 };
 
 use crate::config::SandboxSpec;
 use crate::guard::GuardHandle;
+use crate::local::{Ask, FromLocal};
+use crate::netns_pin::NetnsPins;
+use crate::reap::BoundCgroups;
 use crate::sandbox::Registry;
 use crate::secrets::SecretStore;
 use crate::stats::{BlockedEvent, SecretUsage, UsageKey};
@@ -82,6 +85,49 @@ pub struct LinkClient {
     pub stats: std::sync::Arc<crate::stats::Stats>,
     /// Where control's own listen addresses go (guarded against sandboxes).
     pub guard: Option<GuardHandle>,
+    /// The netns pins of bound sandboxes (released when control detaches them).
+    pub pins: Option<NetnsPins>,
+}
+
+/// What lives across sessions beside the registry: the local socket's requests, and the
+/// bound sandboxes' cgroups being watched.
+#[derive(Debug)]
+pub struct Sessions {
+    /// Requests from the local socket; `None` when it is disabled.
+    pub local: Option<FromLocal>,
+    /// The cgroups to reap.
+    pub bound: BoundCgroups,
+}
+
+/// Clears the local socket's "in sync" flag when a session ends, however it ends.
+struct Unsynced(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
+
+impl Drop for Unsynced {
+    fn drop(&mut self) {
+        if let Some(flag) = &self.0 {
+            flag.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// The link message for a local request numbered `req`.
+fn ask_msg(req: u64, ask: Ask) -> AgentMsg {
+    match ask {
+        Ask::Describe { sandbox } => AgentMsg::Describe { req, sandbox },
+        Ask::Unbind { sandbox } => AgentMsg::Unbind { req, sandbox },
+        Ask::Bind {
+            sandbox,
+            cgroup,
+            cgroup_id,
+            netns,
+        } => AgentMsg::Bind {
+            req,
+            sandbox,
+            cgroup,
+            cgroup_id,
+            netns,
+        },
+    }
 }
 
 /// The typed ids of a data-path counter key. The data path counts under the ids of the sandbox
@@ -200,7 +246,7 @@ type Incoming = Result<Option<ControlMsg>, FrameError>;
 impl LinkClient {
     /// Runs sessions forever, reconnecting after each one ends. Cancel by dropping the future
     /// (it never leaves a message half-applied: applying is synchronous).
-    pub async fn run(&self, registry: &mut Registry, secrets: &SecretStore) {
+    pub async fn run(&self, registry: &mut Registry, secrets: &SecretStore, extra: &mut Sessions) {
         let (min, max) = self.backoff;
         let mut delay = min;
         let mut last_error = String::new();
@@ -208,7 +254,7 @@ impl LinkClient {
         loop {
             let mut synced = false;
             match self
-                .session(registry, secrets, &mut synced, &mut unsent)
+                .session(registry, secrets, &mut synced, &mut unsent, extra)
                 .await
             {
                 Ok(()) => info!("control closed the link; reconnecting"),
@@ -237,6 +283,7 @@ impl LinkClient {
         secrets: &SecretStore,
         synced: &mut bool,
         unsent: &mut Unsent,
+        extra: &mut Sessions,
     ) -> Result<(), LinkError> {
         let mut stream =
             UnixStream::connect(&self.socket)
@@ -279,6 +326,15 @@ impl LinkClient {
         }));
         let mut tick = tokio::time::interval(USAGE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let Sessions { local, bound } = extra;
+        // Requests queued while the link was down were answered `unavailable` by their
+        // timeout or are stale: none is sent on a new session.
+        if let Some(local) = local.as_mut() {
+            while local.rx.try_recv().is_ok() {}
+        }
+        let flag = Unsynced(local.as_ref().map(|l| l.synced.clone()));
+        let mut waiting: HashMap<u64, oneshot::Sender<LocalResponse>> = HashMap::new();
+        let mut next_req = 1u64;
         loop {
             tokio::select! {
                 // Control's changes first: a rotation waits for their acknowledgement.
@@ -289,15 +345,25 @@ impl LinkClient {
                         Some(Ok(None)) | None => return Ok(()),
                         Some(Err(e)) => return Err(e.into()),
                     };
-                    let seq = msg.seq();
+                    let Some(seq) = msg.seq() else {
+                        if let ControlMsg::Reply { req, outcome } = msg
+                            && let Some(answer) = waiting.remove(&req)
+                        {
+                            let _ = answer.send(outcome);
+                        }
+                        continue;
+                    };
                     let is_snapshot = matches!(msg, ControlMsg::Snapshot { .. });
-                    let errors = apply(msg, registry, secrets, &self.cgroup2, self.guard.as_ref());
+                    let errors = self.apply_tracked(msg, registry, secrets, bound);
                     for e in &errors {
                         warn!(seq, "applying control's change: {e}");
                     }
                     write_frame(&mut writer, &AgentMsg::Applied { seq, errors }).await?;
                     if is_snapshot {
                         *synced = true;
+                        if let Some(f) = &flag.0 {
+                            f.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
                         info!(
                             sandboxes = registry.len(),
                             secrets = secrets.len(),
@@ -307,14 +373,62 @@ impl LinkClient {
                         self.report(&mut writer, unsent).await?;
                     }
                 }
+                Some(pending) = async { local.as_mut()?.rx.recv().await }, if *synced => {
+                    let req = next_req;
+                    next_req += 1;
+                    write_frame(&mut writer, &ask_msg(req, pending.ask)).await?;
+                    waiting.insert(req, pending.answer);
+                }
                 () = self.stats.report_ready.notified(), if *synced => {
                     self.report(&mut writer, unsent).await?;
                 }
                 _ = tick.tick(), if *synced => {
                     self.report(&mut writer, unsent).await?;
+                    for (sandbox, cgroup_id) in bound.gone() {
+                        info!(sandbox = %sandbox, cgroup_id, "bound cgroup gone or replaced; reporting");
+                        write_frame(&mut writer, &AgentMsg::Gone { sandbox, cgroup_id }).await?;
+                    }
                 }
             }
         }
+    }
+
+    /// [`apply`], and what follows the registry: the bound cgroups watched, the netns pins
+    /// of detached sandboxes released.
+    fn apply_tracked(
+        &self,
+        msg: ControlMsg,
+        registry: &mut Registry,
+        secrets: &SecretStore,
+        bound: &mut BoundCgroups,
+    ) -> Vec<String> {
+        match &msg {
+            ControlMsg::Snapshot { sandboxes, .. } => bound.replace(sandboxes, &self.cgroup2),
+            ControlMsg::PutSandbox { sandbox, .. } => bound.track(sandbox, &self.cgroup2),
+            ControlMsg::DeleteSandbox { id, .. } => bound.forget(id),
+            _ => {}
+        }
+        let released: Option<Vec<SandboxId>> = match &msg {
+            ControlMsg::DeleteSandbox { id, .. } => Some(vec![id.clone()]),
+            _ => None,
+        };
+        let live: Option<HashSet<String>> = match &msg {
+            ControlMsg::Snapshot { sandboxes, .. } => {
+                Some(sandboxes.iter().map(|s| s.id.to_string()).collect())
+            }
+            _ => None,
+        };
+        let errors = apply(msg, registry, secrets, &self.cgroup2, self.guard.as_ref());
+        // After the registry closed the sandbox's listeners: nothing uses the pin any more.
+        if let Some(pins) = &self.pins {
+            for id in released.iter().flatten() {
+                pins.release(id.as_str());
+            }
+            if let Some(live) = &live {
+                pins.keep_only(live);
+            }
+        }
+        errors
     }
 
     /// Sends the usage and blocked requests gathered since the last report; what cannot be
@@ -403,6 +517,8 @@ pub fn apply(
         }
         ControlMsg::PutSecret { secret, .. } => secrets.put_secret(secret),
         ControlMsg::DeleteSecret { id, .. } => secrets.delete_secret(id.as_str()),
+        // Answers to the agent's own requests, handled by the session (never acknowledged).
+        ControlMsg::Reply { .. } => {}
     }
     errors
 }

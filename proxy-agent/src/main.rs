@@ -14,8 +14,10 @@ use proxy_agent::bpf::{self, Bpf};
 use proxy_agent::config::{self, Config};
 use proxy_agent::dialer::EgressGuard;
 use proxy_agent::identity;
-use proxy_agent::link::{Identity, LinkClient};
+use proxy_agent::link::{Identity, LinkClient, Sessions};
+use proxy_agent::local::{self, FromLocal};
 use proxy_agent::metrics;
+use proxy_agent::netns_pin::NetnsPins;
 use proxy_agent::pins::PinLayout;
 use proxy_agent::proxy::Proxy;
 use proxy_agent::sandbox::Registry;
@@ -294,6 +296,19 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Fatal::Runtime(e.into()))?;
     notify(&[NotifyState::Ready]);
 
+    // The local binding socket: host-side tools bind declared sandboxes through it.
+    let (local, local_task) = match start_local(settings, &cgroup2, ca.cert_pem()) {
+        Some((from, task, pins)) => (Some((from, pins)), Some(task)),
+        None => (None, None),
+    };
+    let (from_local, pins) = match local {
+        Some((from, pins)) => (Some(from), Some(pins)),
+        None => (None, None),
+    };
+    let mut sessions = Sessions {
+        local: from_local,
+        bound: Default::default(),
+    };
     let link = LinkClient {
         socket: settings.control_socket.clone(),
         backoff: settings.reconnect(),
@@ -304,9 +319,10 @@ async fn run(args: &Common) -> Result<(), Fatal> {
         cgroup2,
         stats: proxy.stats.clone(),
         guard: Some(guard),
+        pins,
     };
     {
-        let linked = link.run(&mut registry, &secrets);
+        let linked = link.run(&mut registry, &secrets, &mut sessions);
         tokio::pin!(linked);
         loop {
             tokio::select! {
@@ -319,6 +335,9 @@ async fn run(args: &Common) -> Result<(), Fatal> {
         }
     }
 
+    if let Some(task) = local_task {
+        task.abort();
+    }
     notify(&[NotifyState::Stopping]);
     info!("stopping: no new connections; draining open ones; pinned redirects stay");
     registry.stop_accepting();
@@ -337,6 +356,39 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     }
     info!(stats = %proxy.stats.summary(), "veil-agent stopped");
     Ok(())
+}
+
+/// Opens the local binding socket unless `local_socket` is empty; a socket that cannot be
+/// opened leaves binding unavailable (logged), never the agent down: the sandboxes it
+/// enforces do not depend on it.
+fn start_local(
+    settings: &config::AgentSettings,
+    cgroup2: &Path,
+    ca_pem: &str,
+) -> Option<(FromLocal, tokio::task::JoinHandle<()>, NetnsPins)> {
+    let path = &settings.local_socket;
+    if path.as_os_str().is_empty() {
+        info!("local binding socket disabled (local_socket = \"\")");
+        return None;
+    }
+    let listener = match local::bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(error = %e, "local binding socket unavailable: sandboxes cannot be bound on this host");
+            return None;
+        }
+    };
+    let dir = path.parent().unwrap_or(Path::new("/")).join("netns");
+    let pins = NetnsPins::new(dir);
+    let (to, from) = local::channel();
+    let server = local::LocalServer {
+        cgroup2: cgroup2.to_owned(),
+        pins: pins.clone(),
+        control: to,
+        ca_pem: ca_pem.to_owned(),
+    };
+    info!(socket = %path.display(), "local binding socket listening");
+    Some((from, tokio::spawn(server.serve(listener)), pins))
 }
 
 /// `veil-agent teardown`: removes pins, links and map entries without loading any program.

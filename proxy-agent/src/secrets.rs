@@ -275,6 +275,7 @@ mod tests {
     fn sandbox(id: &str, org: &str, mounts: &[(&str, &str)]) -> SandboxState {
         SandboxState {
             egress: Default::default(),
+            cgroup_id: None,
             id: id.parse().unwrap(),
             org: org.parse().unwrap(),
             cgroup: "x".into(),

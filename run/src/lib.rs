@@ -447,7 +447,8 @@ async fn setup(
         .map(|(env, name)| BTreeMap::from([(env.clone(), name.clone())]))
         .collect();
     let body = veil_api::PutSandbox {
-        cgroup: relative,
+        cgroup: Some(relative),
+        keep: None,
         // Nothing is forwarded out of this netns: veil opens its connections from the host.
         egress: netns_path.as_ref().map(|_| "host".to_owned()),
         netns: netns_path,

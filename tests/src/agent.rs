@@ -273,7 +273,16 @@ impl Agent {
             ),
         };
         let config = dir.path().join("agent.toml");
-        write_atomically(&config, &render_options(&options, &pin_dir));
+        let mut text = render_options(&options, &pin_dir);
+        if !options.extra_config.contains("local_socket") {
+            // Each agent its own local socket: parallel agents never race for the default.
+            let sock = dir.path().join("local").join("agent-local.sock");
+            text.push_str(&format!(
+                "local_socket = {:?}\n",
+                sock.display().to_string()
+            ));
+        }
+        write_atomically(&config, &text);
         let sock = dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&sock)
             .unwrap_or_else(|e| panic!("binding notify socket {}: {e}", sock.display()));
@@ -419,6 +428,11 @@ impl Agent {
     /// The agent's pid (of the current process, after a respawn).
     pub fn pid(&self) -> u32 {
         self.pid.load(Ordering::Relaxed)
+    }
+
+    /// The agent's local binding socket (each test agent has its own).
+    pub fn local_socket(&self) -> PathBuf {
+        self.dir.path().join("local").join("agent-local.sock")
     }
 
     /// Path of the config file the agent reads.

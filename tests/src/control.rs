@@ -557,7 +557,7 @@ impl FakeAgent {
         let (rec, beh) = (received.clone(), behaviour.clone());
         let task = tokio::spawn(async move {
             while let Ok(Some(msg)) = read_frame::<ControlMsg, _>(&mut stream).await {
-                let seq = msg.seq();
+                let Some(seq) = msg.seq() else { continue };
                 let b = beh.lock().expect("behaviour").clone();
                 let errors = match (&msg, &b.fail_sandbox) {
                     (ControlMsg::PutSandbox { sandbox, .. }, Some(bad)) if sandbox.id == *bad => {

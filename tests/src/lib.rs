@@ -27,6 +27,7 @@
 pub mod adversary;
 pub mod agent;
 pub mod alloc;
+pub mod bind;
 pub mod bpfq;
 pub mod bulk_upstream;
 pub mod cgroup;

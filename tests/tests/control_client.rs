@@ -98,7 +98,8 @@ async fn every_route_through_the_typed_client() {
         .put_sandbox(
             "sb-client",
             &PutSandbox {
-                cgroup: "/veil-test.slice/sb-client".into(),
+                cgroup: Some("/veil-test.slice/sb-client".into()),
+                keep: None,
                 netns: None,
                 secrets: Some(vec![mount("MY_A", "alpha")]),
                 egress: Some("host".into()),

@@ -48,7 +48,7 @@ impl Link {
         let (rec, quiet, w) = (received.clone(), silent.clone(), writer.clone());
         let task = tokio::spawn(async move {
             while let Ok(Some(msg)) = read_frame::<ControlMsg, _>(&mut reader).await {
-                let seq = msg.seq();
+                let Some(seq) = msg.seq() else { continue };
                 rec.lock().unwrap().push(msg);
                 if quiet.load(Ordering::SeqCst) {
                     continue;

@@ -61,7 +61,9 @@ impl RegistryView {
     /// Reads the registry from the store.
     pub fn load(store: &dyn Store) -> Result<Self, StoreError> {
         let mut view = RegistryView::default();
-        for sb in store.list_sandboxes()? {
+        // A declared, unbound sandbox reaches no agent, and neither do the secrets only it
+        // mounts: nothing goes to a host before a bind.
+        for sb in store.list_sandboxes()?.into_iter().filter(|sb| sb.bound) {
             for m in &sb.mounts {
                 if !view.mounted.contains_key(&m.secret_id)
                     && let Some(s) = store.secret(&sb.org, &m.secret_id)?
@@ -126,6 +128,7 @@ impl RegistryView {
                 .map(|(env, id)| (env.to_owned(), id.clone()))
                 .collect(),
             egress: sb.egress,
+            cgroup_id: sb.cgroup_id,
         }
     }
 

@@ -150,11 +150,23 @@ fn mount_field(path: &str) -> String {
 
 impl RequestBody for veil_api::PutSandbox {
     fn invalid(path: &str) -> String {
-        if path.starts_with("secrets") {
-            mount_field(path)
-        } else {
-            format!("{path} must be a string")
-        }
+        sandbox_field(path)
+    }
+}
+
+impl RequestBody for veil_api::DeclareSandbox {
+    fn invalid(path: &str) -> String {
+        sandbox_field(path)
+    }
+}
+
+fn sandbox_field(path: &str) -> String {
+    if path.starts_with("secrets") {
+        mount_field(path)
+    } else if path == "keep" {
+        "keep must be a boolean".into()
+    } else {
+        format!("{path} must be a string")
     }
 }
 

@@ -34,6 +34,7 @@ pub fn routes() -> Vec<Route> {
         secrets::update,
         secrets::remove,
         sandboxes::put_sandbox,
+        sandboxes::declare_sandbox,
         sandboxes::get_sandbox,
         sandboxes::delete_sandbox,
         sandboxes::put_secrets,

@@ -25,7 +25,9 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use serde_json::{Value, json};
-use veil_api::{MountList, MountedSecret, PutSandbox, PutSandboxSecrets, Sandbox, SandboxId};
+use veil_api::{
+    DeclareSandbox, MountList, MountedSecret, PutSandbox, PutSandboxSecrets, Sandbox, SandboxId,
+};
 
 use super::body::decode;
 use super::error::{ApiError, Unconfirmed};
@@ -41,6 +43,7 @@ use crate::validate;
 /// Routes of this resource.
 pub fn routes() -> Vec<Route> {
     vec![
+        Route::new(Method::POST, "/sandbox", declare_sandbox),
         Route::new(Method::PUT, "/sandbox/{id}", put_sandbox),
         Route::new(Method::GET, "/sandbox/{id}", get_sandbox),
         Route::new(Method::DELETE, "/sandbox/{id}", delete_sandbox),
@@ -111,7 +114,7 @@ fn resolve(
 }
 
 /// The mounts that still resolve (a deleted secret resolves nothing), with their secrets.
-fn live_mounts(
+pub(crate) fn live_mounts(
     state: &AppState,
     sb: &SandboxRecord,
 ) -> Result<Vec<(Mount, SecretRecord)>, ApiError> {
@@ -128,7 +131,7 @@ fn live_mounts(
     Ok(out)
 }
 
-fn view(state: &AppState, sb: &SandboxRecord) -> Result<Sandbox, ApiError> {
+pub(crate) fn view(state: &AppState, sb: &SandboxRecord) -> Result<Sandbox, ApiError> {
     let live = live_mounts(state, sb)?;
     let ca = state.agent.ca_certificate();
     let env: BTreeMap<String, String> = live
@@ -144,6 +147,8 @@ fn view(state: &AppState, sb: &SandboxRecord) -> Result<Sandbox, ApiError> {
         id: sb.id.clone(),
         cgroup: sb.cgroup.clone(),
         netns: sb.netns.clone(),
+        bound: sb.bound,
+        keep: sb.keep,
         egress: sb.egress,
         secrets,
         env,
@@ -254,12 +259,12 @@ async fn roll_back(
     put,
     path = "/sandbox/{sandboxId}",
     operation_id = "putSandbox",
-    summary = "Register or replace a sandbox (write:sandboxes)",
-    description = "Answers once every connected veil-agent acknowledged that the sandbox is enforced (programs attached, listener open). 400 also when the cgroup directory or netns file does not exist on the host (sandbox.check_paths). The answer carries env (ENV → placeholder) and caCertificate.",
+    summary = "Register or replace a sandbox; without cgroup, declare it (write:sandboxes)",
+    description = "With cgroup: declared and bound in one step; answers once every connected veil-agent acknowledged that the sandbox is enforced (programs attached, listener open). 400 also when the cgroup directory or netns file does not exist on the host (sandbox.check_paths). Without cgroup: only declared (secrets, egress, keep); nothing reaches an agent until veil-agent binds it on the host (its local socket); on a bound sandbox the binding is kept and secrets, egress and keep change. The answer carries env (ENV → placeholder) and caCertificate.",
     params(("sandboxId" = String, Path, description = "The sandbox's id: 1-128 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit")),
     request_body = PutSandbox,
     responses(
-        (status = 200, description = "Registered and enforced; env holds placeholders", body = Sandbox),
+        (status = 200, description = "Registered and enforced (or declared); env holds placeholders", body = Sandbox),
         (status = 404, description = "The id belongs to another organization", body = veil_api::ErrorBody),
         (status = 409, description = "The cgroup is registered to another sandbox", body = veil_api::ErrorBody),
         (status = 502, description = "A veil-agent could not enforce the sandbox; the message carries its report and the change was rolled back", body = veil_api::ErrorBody),
@@ -277,73 +282,200 @@ pub(crate) async fn put_sandbox(
     let id = SandboxId::parse(id).map_err(|e| bad(e.to_string()))?;
     let PutSandbox {
         cgroup,
+        keep,
         netns,
         secrets,
         egress,
     } = decode(&headers, body)?;
-    let cgroup = validate::cgroup(&cgroup, &state.config.sandbox.cgroup_parents)?;
-    if let Some(n) = &netns {
-        validate::netns(n)?;
-    }
-    // Omitted (or null) = the default, as every other field of this full replacement.
-    let egress = match egress {
-        Some(text) => validate::egress(&text)?,
-        None => Egress::default(),
+    let placement = match cgroup {
+        Some(cgroup) => {
+            let cgroup = validate::cgroup(&cgroup, &state.config.sandbox.cgroup_parents)?;
+            if let Some(n) = &netns {
+                validate::netns(n)?;
+            }
+            Some((cgroup, netns))
+        }
+        None if netns.is_some() => {
+            return Err(bad(
+                "netns needs a cgroup: a declared sandbox gets its netns when it is bound".into(),
+            ));
+        }
+        None => None,
     };
-    let wanted = parse_mount_list(secrets.unwrap_or_default())?;
-    require_agent(&state)?;
+    let declared = Declaration::parse(secrets, egress, keep)?;
+    if placement.is_some() {
+        require_agent(&state)?;
+    }
     let st = state.clone();
     let caller2 = caller.clone();
     let (record, previous) = blocking(move || {
-        let now = now_ms();
-        // Ownership before anything else: another organization's id is a plain 404.
         let previous = st
             .store
             .sandbox(&id)
             .map_err(|e| ApiError::from_store(e, "sandbox"))?;
-        let created_at = match &previous {
-            Some(old) if old.org != caller2.org => return Err(not_found(id.as_str())),
-            Some(old) => old.created_at,
-            None => now,
-        };
-        if st.config.sandbox.check_paths {
-            hostcheck::check_sandbox(&cgroup, netns.as_deref())?;
+        if matches!(&previous, Some(old) if old.org != caller2.org) {
+            // Ownership before anything else: another organization's id is a plain 404.
+            return Err(not_found(id.as_str()));
         }
-        let mounts = resolve(&st, &caller2.org, &wanted)?;
-        let record = SandboxRecord {
-            egress,
-            id: id.clone(),
-            org: caller2.org.clone(),
-            cgroup,
-            netns,
-            mounts,
-            created_at,
-            updated_at: now,
-        };
-        let audit = entry(
-            &caller2,
-            "sandbox.put",
-            "sandbox",
-            &id,
-            None,
-            json!({
-                "cgroup": {"to": record.cgroup},
-                "netns": {"to": record.netns},
-                "egress": {"to": validate::egress_name(record.egress)},
-                "secrets": {"to": mounts_json(&record.mounts)},
-            }),
-        );
-        st.store.put_sandbox(&record, audit).map_err(|e| match e {
-            StoreError::NotFound => not_found(id.as_str()),
-            e => ApiError::from_store(e, "sandbox"),
-        })?;
+        if placement.is_none() && previous.as_ref().is_some_and(|p| p.bound) {
+            require_agent(&st)?;
+        }
+        if let Some((cgroup, netns)) = &placement
+            && st.config.sandbox.check_paths
+        {
+            hostcheck::check_sandbox(cgroup, netns.as_deref())?;
+        }
+        let record = declared.record(&st, &caller2, &id, previous.as_ref(), placement)?;
+        store_put(&st, &caller2, &record)?;
         Ok((record, previous))
     })
     .await?;
-    settle(&state, &caller, &record, previous).await?;
+    if record.bound || previous.as_ref().is_some_and(|p| p.bound) {
+        settle(&state, &caller, &record, previous).await?;
+    }
     with_state(&state, move |st| view(st, &record))
         .await
         .map(Json)
+}
+
+/// What a sandbox is declared with: its secrets, egress and keep, checked.
+struct Declaration {
+    wanted: Vec<(String, String)>,
+    egress: Egress,
+    keep: bool,
+}
+
+impl Declaration {
+    fn parse(
+        secrets: Option<MountList>,
+        egress: Option<String>,
+        keep: Option<bool>,
+    ) -> Result<Self, ApiError> {
+        // Omitted (or null) = the default, as every other field of this full replacement.
+        let egress = match egress {
+            Some(text) => validate::egress(&text)?,
+            None => Egress::default(),
+        };
+        Ok(Self {
+            wanted: parse_mount_list(secrets.unwrap_or_default())?,
+            egress,
+            keep: keep.unwrap_or(false),
+        })
+    }
+
+    /// The record to store: placed at `placement` (one-step PUT), or declared keeping the
+    /// binding `previous` has (a declaration never silently unbinds).
+    fn record(
+        &self,
+        st: &AppState,
+        caller: &Caller,
+        id: &SandboxId,
+        previous: Option<&SandboxRecord>,
+        placement: Option<(String, Option<String>)>,
+    ) -> Result<SandboxRecord, ApiError> {
+        let now = now_ms();
+        let mounts = resolve(st, &caller.org, &self.wanted)?;
+        let (cgroup, netns, bound, cgroup_id) = match (placement, previous) {
+            (Some((cgroup, netns)), _) => (cgroup, netns, true, None),
+            (None, Some(p)) if p.bound => (p.cgroup.clone(), p.netns.clone(), true, p.cgroup_id),
+            (None, _) => (String::new(), None, false, None),
+        };
+        Ok(SandboxRecord {
+            egress: self.egress,
+            id: id.clone(),
+            org: caller.org.clone(),
+            cgroup,
+            netns,
+            bound,
+            keep: self.keep,
+            cgroup_id,
+            mounts,
+            created_at: previous.map_or(now, |p| p.created_at),
+            updated_at: now,
+        })
+    }
+}
+
+/// Stores a PUT or POST record with its `sandbox.put` audit entry.
+fn store_put(st: &AppState, caller: &Caller, record: &SandboxRecord) -> Result<(), ApiError> {
+    let audit = entry(
+        caller,
+        "sandbox.put",
+        "sandbox",
+        &record.id,
+        None,
+        json!({
+            "cgroup": {"to": record.cgroup},
+            "netns": {"to": record.netns},
+            "bound": {"to": record.bound},
+            "keep": {"to": record.keep},
+            "egress": {"to": validate::egress_name(record.egress)},
+            "secrets": {"to": mounts_json(&record.mounts)},
+        }),
+    );
+    st.store.put_sandbox(record, audit).map_err(|e| match e {
+        StoreError::NotFound => not_found(record.id.as_str()),
+        e => ApiError::from_store(e, "sandbox"),
+    })?;
+    Ok(())
+}
+
+/// A fresh sandbox id: 128 random bits as a UUIDv4 (unguessable, so a declared sandbox's id
+/// is no handle for anyone who was not told it).
+fn generated_id() -> SandboxId {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    let text = format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    );
+    // 36 characters of hex digits and '-', starting with a hex digit: always a valid id.
+    SandboxId::parse(text).unwrap_or_else(|e| unreachable!("generated sandbox id: {e}"))
+}
+
+#[utoipa::path(
+    post,
+    path = "/sandbox",
+    operation_id = "declareSandbox",
+    summary = "Declare a sandbox under a generated id (write:sandboxes)",
+    description = "Declares a sandbox (secrets, egress, keep) under a 128-bit random id (a UUIDv4). Nothing reaches an agent until veil-agent binds the sandbox on the host through its local socket (the container runtime's hook passes the id). The answer is the same as PUT's, with the id.",
+    request_body = DeclareSandbox,
+    responses(
+        (status = 201, description = "Declared; env holds placeholders", body = Sandbox),
+        (status = 400, description = "A field is not acceptable", body = veil_api::ErrorBody),
+    )
+)]
+pub(crate) async fn declare_sandbox(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
+    caller.require(Permission::WriteSandboxes)?;
+    let DeclareSandbox {
+        secrets,
+        egress,
+        keep,
+    } = decode(&headers, body)?;
+    let declared = Declaration::parse(secrets, egress, keep)?;
+    let st = state.clone();
+    let record = blocking(move || {
+        let id = generated_id();
+        let record = declared.record(&st, &caller, &id, None, None)?;
+        store_put(&st, &caller, &record)?;
+        Ok(record)
+    })
+    .await?;
+    let sandbox = with_state(&state, move |st| view(st, &record)).await?;
+    Ok((StatusCode::CREATED, Json(sandbox)))
 }
 
 fn owned(state: &AppState, caller: &Caller, id: &SandboxId) -> Result<SandboxRecord, ApiError> {
@@ -402,16 +534,22 @@ pub(crate) async fn delete_sandbox(
     let st = state.clone();
     let caller2 = caller.clone();
     let id2 = id.clone();
-    blocking(move || {
+    let was_bound = blocking(move || {
+        let bound = owned(&st, &caller2, &id2)?.bound;
         let audit = entry(&caller2, "sandbox.delete", "sandbox", &id2, None, json!({}));
         st.store
             .delete_sandbox(&caller2.org, &id2, audit)
             .map_err(|e| match e {
                 StoreError::NotFound => not_found(id2.as_str()),
                 e => ApiError::from_store(e, "sandbox"),
-            })
+            })?;
+        Ok(bound)
     })
     .await?;
+    if !was_bound {
+        // Nothing of it ever reached an agent.
+        return Ok(StatusCode::NO_CONTENT);
+    }
     let required = state.config.agent.required;
     let Err(e) = state
         .agent
@@ -453,12 +591,13 @@ pub(crate) async fn put_secrets(
     caller.require(Permission::WriteSandboxes)?;
     let PutSandboxSecrets { secrets } = decode(&headers, body)?;
     let wanted = parse_mount_list(secrets)?;
-    require_agent(&state)?;
     let id2 = path_id(&id)?;
     let st = state.clone();
     let caller2 = caller.clone();
     let (record, previous) = blocking(move || {
-        owned(&st, &caller2, &id2)?;
+        if owned(&st, &caller2, &id2)?.bound {
+            require_agent(&st)?;
+        }
         let mounts = resolve(&st, &caller2.org, &wanted)?;
         let mut before = None;
         let mut change = |old: &SandboxRecord| {
@@ -486,7 +625,9 @@ pub(crate) async fn put_secrets(
         Ok((record, before))
     })
     .await?;
-    settle(&state, &caller, &record, previous).await?;
+    if record.bound {
+        settle(&state, &caller, &record, previous).await?;
+    }
     with_state(&state, move |st| view(st, &record))
         .await
         .map(Json)

@@ -364,6 +364,7 @@ fn for_sandbox_uses_its_mounts_only() {
     ];
     let mut sb = SandboxState {
         egress: Default::default(),
+        cgroup_id: None,
         id: "sb1".parse().unwrap(),
         org: "o1".parse().unwrap(),
         cgroup: "x".into(),

@@ -17,6 +17,7 @@ fn state(id: &str, cgroup: &str, netns: Option<&str>) -> veil_link::SandboxState
         cgroup: cgroup.into(),
         netns: netns.map(PathBuf::from),
         mounts: Default::default(),
+        cgroup_id: None,
     }
 }
 

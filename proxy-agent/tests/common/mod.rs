@@ -338,7 +338,7 @@ pub struct ControlConn {
 impl ControlConn {
     /// Sends `msg` and waits (≤ 10 s) for its Applied; returns its errors and the round trip.
     pub fn send(&mut self, msg: ControlMsg) -> (Vec<String>, Duration) {
-        let seq = msg.seq();
+        let seq = msg.seq().expect("control sends no replies here");
         let stream = &mut self.stream;
         self.rt.block_on(async move {
             let sent = Instant::now();
@@ -372,6 +372,7 @@ pub fn sandbox_state(id: &str, sb: &veil_tests::Sandbox) -> SandboxState {
         cgroup: sb.cgroup().path().to_path_buf(),
         netns: sb.netns_path().map(Path::to_path_buf),
         mounts: Default::default(),
+        cgroup_id: None,
     }
 }
 

@@ -6,7 +6,12 @@ use std::time::Duration;
 
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
-use veil_link::{AgentMsg, ControlMsg, PROTOCOL_VERSION, read_frame, write_frame};
+use veil_link::{
+    AgentId, AgentMsg, ControlMsg, LocalResponse, PROTOCOL_VERSION, RefusalKind, read_frame,
+    write_frame,
+};
+
+use crate::agent_link::AgentRequest;
 
 use super::socket::trusted_peer;
 use super::state::{AgentInfo, AgentServer, ReportKind};
@@ -85,6 +90,7 @@ impl AgentServer {
             connected_since: now_ms(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel::<ControlMsg>();
+        let replies = tx.clone();
         // The snapshot is read from the store: off the async workers.
         let (this, admitted) = (self.clone(), info.clone());
         let admitted = tokio::task::spawn_blocking(move || this.admit(admitted, ca_pem, tx))
@@ -117,6 +123,45 @@ impl AgentServer {
                     Ok(Some(AgentMsg::Blocked { events })) => {
                         self.report(&info.agent_id, ReportKind::Blocked, blocked_deltas(events))
                     }
+                    Ok(Some(AgentMsg::Describe { req, sandbox })) => {
+                        self.request(
+                            &info.agent_id,
+                            &replies,
+                            Some(req),
+                            AgentRequest::Describe { sandbox },
+                        );
+                    }
+                    Ok(Some(AgentMsg::Bind {
+                        req,
+                        sandbox,
+                        cgroup,
+                        cgroup_id,
+                        netns,
+                    })) => {
+                        let request = AgentRequest::Bind {
+                            sandbox,
+                            cgroup: cgroup.to_string_lossy().into_owned(),
+                            cgroup_id,
+                            netns: netns.map(|n| n.to_string_lossy().into_owned()),
+                        };
+                        self.request(&info.agent_id, &replies, Some(req), request);
+                    }
+                    Ok(Some(AgentMsg::Unbind { req, sandbox })) => {
+                        self.request(
+                            &info.agent_id,
+                            &replies,
+                            Some(req),
+                            AgentRequest::Unbind { sandbox },
+                        );
+                    }
+                    Ok(Some(AgentMsg::Gone { sandbox, cgroup_id })) => {
+                        self.request(
+                            &info.agent_id,
+                            &replies,
+                            None,
+                            AgentRequest::Gone { sandbox, cgroup_id },
+                        );
+                    }
                     Ok(Some(AgentMsg::Hello { .. })) => {
                         tracing::warn!(agent_id = %info.agent_id, "second Hello; closing");
                         break;
@@ -138,6 +183,38 @@ impl AgentServer {
         self.inner.acked.notify_waiters();
         self.inner.changed.notify_one();
         tracing::info!(agent_id = %info.agent_id, "agent disconnected");
+    }
+}
+
+impl AgentServer {
+    /// Hands an agent's request to the binder off the read loop (a bind waits for the agents'
+    /// acknowledgements, which this loop reads); the answer, if `req` asks for one, goes back
+    /// as a Reply.
+    fn request(
+        &self,
+        agent: &AgentId,
+        replies: &mpsc::UnboundedSender<ControlMsg>,
+        req: Option<u64>,
+        request: AgentRequest,
+    ) {
+        let (binder, agent, replies) = (
+            self.inner.binder.get().cloned(),
+            agent.clone(),
+            replies.clone(),
+        );
+        tokio::spawn(async move {
+            let outcome = match binder {
+                Some(binder) => binder.handle(agent, request).await,
+                None => LocalResponse::Refused {
+                    kind: RefusalKind::Unavailable,
+                    message: "veil-control is starting; retry".into(),
+                },
+            };
+            if let Some(req) = req {
+                // A closed channel: the agent went away, and its tool sees the link drop.
+                let _ = replies.send(ControlMsg::Reply { req, outcome });
+            }
+        });
     }
 }
 

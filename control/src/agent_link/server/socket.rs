@@ -120,6 +120,7 @@ impl AgentServer {
                 changed: Notify::new(),
                 remote: Mutex::default(),
                 usage,
+                binder: std::sync::OnceLock::new(),
             }),
         };
         let accept = server.clone();

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -13,7 +13,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use veil_link::{AgentId, ControlMsg, Revision, SecretId};
 
 use crate::agent_link::plan::Held;
-use crate::agent_link::{AgentLinkError, BuildError};
+use crate::agent_link::{AgentLinkError, Binder, BuildError};
 use crate::crypto::Keyring;
 use crate::store::{Store, UsageDelta};
 
@@ -63,6 +63,8 @@ pub(super) struct Inner {
     /// What other replicas published (shared store only).
     pub(super) remote: Mutex<Remote>,
     pub(super) usage: mpsc::Sender<UsageJob>,
+    /// Decides agents' bind requests; set once the API state exists.
+    pub(super) binder: OnceLock<Arc<dyn Binder>>,
 }
 
 /// The agent link over a Unix socket.
@@ -79,6 +81,12 @@ impl AgentServer {
             .values()
             .map(|a| a.info.clone())
             .collect()
+    }
+
+    /// Installs what decides agents' bind requests (once; later calls are ignored). Until
+    /// then requests are answered `unavailable`.
+    pub fn set_binder(&self, binder: Arc<dyn Binder>) {
+        let _ = self.inner.binder.set(binder);
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, LinkState> {

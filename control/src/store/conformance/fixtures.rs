@@ -127,6 +127,9 @@ pub fn sandbox(id: &str, cgroup: &str, env: &str) -> SandboxRecord {
         org: org("acme"),
         cgroup: cgroup.into(),
         netns: None,
+        bound: true,
+        keep: false,
+        cgroup_id: None,
         mounts: vec![Mount {
             env: env.into(),
             secret_id: sid("s"),

@@ -16,7 +16,10 @@ pub(super) async fn check(store: &PgStore) -> Result<Vec<String>, StoreError> {
     {
         let (id, org, cgroup): (&str, &str, &str) = (row.get(0), row.get(1), row.get(2));
         match dec::<SandboxRecord>("sandboxes", row.get(3)) {
-            Ok(s) if s.id.as_str() == id && s.org.as_str() == org && s.cgroup == cgroup => {}
+            Ok(s)
+                if s.id.as_str() == id
+                    && s.org.as_str() == org
+                    && super::sandboxes::index_key(&s) == cgroup => {}
             Ok(_) => problems.push(format!("sandbox {id}: columns disagree with the record")),
             Err(e) => problems.push(format!("sandbox {id}: {e}")),
         }

@@ -23,6 +23,16 @@ async fn locked(w: &Writer<'_>, id: &SandboxId) -> Result<Option<SandboxRecord>,
     }
 }
 
+/// The `cgroup` column (unique): the cgroup of a bound sandbox; for an unbound one a key no
+/// validated cgroup can take (a space is refused in cgroup paths), so the one-sandbox-per-cgroup
+/// constraint holds without a schema change.
+pub(super) fn index_key(sandbox: &SandboxRecord) -> String {
+    match sandbox.indexed_cgroup() {
+        Some(cgroup) => cgroup.to_owned(),
+        None => format!("unbound {}", sandbox.id),
+    }
+}
+
 /// Writes `sandbox` (insert or replace) inside `w`.
 async fn write(w: &Writer<'_>, sandbox: &SandboxRecord, meanwhile: bool) -> Result<(), StoreError> {
     w.execute(
@@ -32,7 +42,7 @@ async fn write(w: &Writer<'_>, sandbox: &SandboxRecord, meanwhile: bool) -> Resu
         &[
             &sandbox.id.as_str(),
             &sandbox.org.as_str(),
-            &sandbox.cgroup.as_str(),
+            &index_key(sandbox),
             &enc(sandbox)?,
         ],
     )
@@ -105,7 +115,8 @@ pub(super) async fn update(
         .filter(|s| &s.org == org)
         .ok_or(StoreError::NotFound)?;
     let (new, audit) = change(&old)?;
-    if new.cgroup != old.cgroup || new.id != old.id || new.org != old.org {
+    if new.cgroup != old.cgroup || new.bound != old.bound || new.id != old.id || new.org != old.org
+    {
         return Err(StoreError::Rejected(Rejected::Identity));
     }
     write(&w, &new, false).await?;

@@ -26,27 +26,28 @@ pub(super) fn put(
     {
         return Err(StoreError::NotFound);
     }
-    if let Some(holder) = store
-        .sandbox_cgroups
-        .get(sandbox.cgroup.as_bytes())
-        .map_err(backend)?
+    if let Some(cgroup) = sandbox.indexed_cgroup()
+        && let Some(holder) = store
+            .sandbox_cgroups
+            .get(cgroup.as_bytes())
+            .map_err(backend)?
         && holder.as_ref() != sandbox.id.as_str().as_bytes()
     {
-        return Err(StoreError::Conflict(Conflict::Cgroup(
-            sandbox.cgroup.clone(),
-        )));
+        return Err(StoreError::Conflict(Conflict::Cgroup(cgroup.to_owned())));
     }
     let bytes = enc(sandbox)?;
     let pending = store.audit_entry(audit)?;
     let (ak, av) = (&pending.key, &pending.value);
     (&store.sandboxes, &store.sandbox_cgroups, &store.audit)
         .transaction(|(sandboxes, cgroups, audit)| {
-            if let Some(old) = &old
-                && old.cgroup != sandbox.cgroup
+            if let Some(was) = old.as_ref().and_then(SandboxRecord::indexed_cgroup)
+                && Some(was) != sandbox.indexed_cgroup()
             {
-                cgroups.remove(old.cgroup.as_bytes())?;
+                cgroups.remove(was.as_bytes())?;
             }
-            cgroups.insert(sandbox.cgroup.as_bytes(), sandbox.id.as_str().as_bytes())?;
+            if let Some(cgroup) = sandbox.indexed_cgroup() {
+                cgroups.insert(cgroup.as_bytes(), sandbox.id.as_str().as_bytes())?;
+            }
             sandboxes.insert(sandbox.id.as_str().as_bytes(), bytes.as_slice())?;
             audit.insert(ak.as_slice(), av.as_slice())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(())
@@ -86,7 +87,8 @@ pub(super) fn update(
         .filter(|s| s.org == *org)
         .ok_or(StoreError::NotFound)?;
     let (new, audit) = change(&old)?;
-    if new.cgroup != old.cgroup || new.id != old.id || new.org != old.org {
+    if new.cgroup != old.cgroup || new.bound != old.bound || new.id != old.id || new.org != old.org
+    {
         return Err(StoreError::Rejected(Rejected::Identity));
     }
     let bytes = enc(&new)?;
@@ -118,7 +120,9 @@ pub(super) fn delete(
     (&store.sandboxes, &store.sandbox_cgroups, &store.audit)
         .transaction(|(sandboxes, cgroups, audit)| {
             sandboxes.remove(old.id.as_str().as_bytes())?;
-            cgroups.remove(old.cgroup.as_bytes())?;
+            if let Some(cgroup) = old.indexed_cgroup() {
+                cgroups.remove(cgroup.as_bytes())?;
+            }
             audit.insert(ak.as_slice(), av.as_slice())?;
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         })
@@ -136,16 +140,16 @@ pub(super) fn restore(
     if get(store, &written.id)?.as_ref() != Some(written) {
         return Ok(false);
     }
-    if let Some(prev) = previous
-        && prev.cgroup != written.cgroup
+    if let Some(cgroup) = previous.and_then(SandboxRecord::indexed_cgroup)
+        && Some(cgroup) != written.indexed_cgroup()
         && let Some(holder) = store
             .sandbox_cgroups
-            .get(prev.cgroup.as_bytes())
+            .get(cgroup.as_bytes())
             .map_err(backend)?
-        && holder.as_ref() != prev.id.as_str().as_bytes()
+        && holder.as_ref() != written.id.as_str().as_bytes()
     {
         return Err(StoreError::Conflict(Conflict::CgroupMeanwhile(
-            prev.cgroup.clone(),
+            cgroup.to_owned(),
         )));
     }
     let bytes = previous.map(enc).transpose()?;
@@ -153,10 +157,14 @@ pub(super) fn restore(
     let (ak, av) = (&pending.key, &pending.value);
     (&store.sandboxes, &store.sandbox_cgroups, &store.audit)
         .transaction(|(sandboxes, cgroups, audit)| {
-            cgroups.remove(written.cgroup.as_bytes())?;
+            if let Some(cgroup) = written.indexed_cgroup() {
+                cgroups.remove(cgroup.as_bytes())?;
+            }
             match (previous, &bytes) {
                 (Some(prev), Some(bytes)) => {
-                    cgroups.insert(prev.cgroup.as_bytes(), prev.id.as_str().as_bytes())?;
+                    if let Some(cgroup) = prev.indexed_cgroup() {
+                        cgroups.insert(cgroup.as_bytes(), prev.id.as_str().as_bytes())?;
+                    }
                     sandboxes.insert(prev.id.as_str().as_bytes(), bytes.as_slice())?;
                 }
                 _ => {

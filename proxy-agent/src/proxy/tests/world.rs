@@ -306,6 +306,7 @@ impl World {
             netns: None,
             mounts: [("KEY".to_owned(), "sec_1".parse().unwrap())].into(),
             egress: Egress::Sandbox,
+            cgroup_id: None,
         });
         let connector = Arc::new(Loopback::default());
         let pools =

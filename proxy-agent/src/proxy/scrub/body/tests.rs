@@ -268,6 +268,7 @@ fn a_stream_scrubs_values_that_became_current_while_it_streams() {
         netns: None,
         mounts: [("K".to_owned(), "sec_r".parse().unwrap())].into(),
         egress: Default::default(),
+        cgroup_id: None,
     };
     store.replace(std::slice::from_ref(&sandbox), vec![state(VALUE, &[])]);
     let p1 = store.policy("sb").unwrap();

@@ -1,0 +1,246 @@
+//! The pure decisions behind "declare, then bind": whether an agent may bind, unbind or reap a
+//! sandbox, and what the stored record becomes. No store, no host: [`crate::api::binding`]
+//! reads the record, asks here, and writes what this answers.
+
+use std::path::{Component, Path};
+
+use veil_link::{AgentId, RefusalKind};
+
+use crate::store::SandboxRecord;
+
+/// Why an agent's request is refused: the kind the tool sees and one line naming the problem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The class of refusal.
+    pub kind: RefusalKind,
+    /// The message (names ids and paths, never a value).
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal of `kind` saying `message`.
+    pub fn new(kind: RefusalKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Whether `agent` may bind `record` on its host. One host, one agent: always. The fleet adds
+/// the check that the sandbox was declared for this agent's host here.
+pub fn may_bind(_agent: &AgentId, _record: &SandboxRecord) -> Result<(), Refusal> {
+    Ok(())
+}
+
+/// The record a bind starts from: a declared, unbound sandbox `agent` may bind.
+pub fn bindable<'a>(
+    id: &str,
+    record: Option<&'a SandboxRecord>,
+    agent: &AgentId,
+) -> Result<&'a SandboxRecord, Refusal> {
+    let record = record.ok_or_else(|| {
+        Refusal::new(
+            RefusalKind::NotDeclared,
+            format!("sandbox {id} is not declared"),
+        )
+    })?;
+    may_bind(agent, record)?;
+    if record.bound {
+        return Err(Refusal::new(
+            RefusalKind::AlreadyBound,
+            format!("sandbox {id} is already bound"),
+        ));
+    }
+    Ok(record)
+}
+
+/// The record a bind stores: `declared` placed on `cgroup` (whose id is `cgroup_id`) and
+/// `netns`.
+pub fn bound(
+    declared: &SandboxRecord,
+    cgroup: String,
+    cgroup_id: u64,
+    netns: Option<String>,
+    now: i64,
+) -> SandboxRecord {
+    SandboxRecord {
+        cgroup,
+        netns,
+        bound: true,
+        cgroup_id: Some(cgroup_id),
+        updated_at: now,
+        ..declared.clone()
+    }
+}
+
+/// What an unbind leaves of `record`: its declaration when it was declared with `keep`,
+/// nothing otherwise.
+pub fn unbound(record: &SandboxRecord, now: i64) -> Option<SandboxRecord> {
+    record.keep.then(|| SandboxRecord {
+        cgroup: String::new(),
+        netns: None,
+        bound: false,
+        cgroup_id: None,
+        updated_at: now,
+        ..record.clone()
+    })
+}
+
+/// The record an unbind starts from: a bound sandbox `agent` may unbind.
+pub fn unbindable<'a>(
+    id: &str,
+    record: Option<&'a SandboxRecord>,
+    agent: &AgentId,
+) -> Result<&'a SandboxRecord, Refusal> {
+    let record = record.ok_or_else(|| {
+        Refusal::new(
+            RefusalKind::NotDeclared,
+            format!("sandbox {id} is not declared"),
+        )
+    })?;
+    may_bind(agent, record)?;
+    if !record.bound {
+        return Err(Refusal::new(
+            RefusalKind::BadRequest,
+            format!("sandbox {id} is not bound"),
+        ));
+    }
+    Ok(record)
+}
+
+/// Whether an agent's report that cgroup `cgroup_id` of `record` is gone concerns the binding
+/// stored now: a report about an earlier binding (another id, or one made by path) unbinds
+/// nothing.
+pub fn gone_applies(record: Option<&SandboxRecord>, cgroup_id: u64) -> bool {
+    record.is_some_and(|r| r.bound && r.cgroup_id == Some(cgroup_id))
+}
+
+/// A netns path an agent sent: absolute and plain (no `.`, `..` or empty components); that
+/// it is a network namespace is checked on the host.
+pub fn netns_path(path: &str) -> Result<(), Refusal> {
+    let p = Path::new(path);
+    let plain = p.is_absolute()
+        && !path.contains("//")
+        && p.components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+        && !path.ends_with('/')
+        && !path.bytes().any(|b| b.is_ascii_control());
+    if plain {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            RefusalKind::BadTarget,
+            format!("netns {path:?} must be an absolute path without `.` or `..` components"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::fixtures::sandbox;
+
+    fn agent() -> AgentId {
+        AgentId::parse("0123456789abcdef0123456789abcdef").unwrap()
+    }
+
+    fn declared(keep: bool) -> SandboxRecord {
+        SandboxRecord {
+            cgroup: String::new(),
+            bound: false,
+            keep,
+            ..sandbox("sb", "", "A")
+        }
+    }
+
+    #[test]
+    fn only_a_declared_unbound_sandbox_binds() {
+        let e = bindable("sb", None, &agent()).unwrap_err();
+        assert_eq!(e.kind, RefusalKind::NotDeclared);
+        let d = declared(false);
+        assert_eq!(bindable("sb", Some(&d), &agent()).unwrap(), &d);
+        let b = bound(
+            &d,
+            "docker/abc".into(),
+            42,
+            Some("/run/veil/netns/sb".into()),
+            5,
+        );
+        assert!(b.bound && b.cgroup_id == Some(42) && b.cgroup == "docker/abc");
+        assert_eq!(
+            (b.mounts.clone(), b.created_at),
+            (d.mounts.clone(), d.created_at)
+        );
+        let e = bindable("sb", Some(&b), &agent()).unwrap_err();
+        assert_eq!(e.kind, RefusalKind::AlreadyBound);
+        // A one-step PUT is bound too.
+        let put = sandbox("sb", "veil.slice/sb", "A");
+        assert_eq!(
+            bindable("sb", Some(&put), &agent()).unwrap_err().kind,
+            RefusalKind::AlreadyBound
+        );
+    }
+
+    #[test]
+    fn unbind_keeps_the_declaration_only_with_keep() {
+        let b = bound(&declared(false), "docker/abc".into(), 42, None, 5);
+        assert_eq!(unbound(&b, 6), None);
+        let kept = bound(&declared(true), "docker/abc".into(), 42, None, 5);
+        let back = unbound(&kept, 6).unwrap();
+        assert!(!back.bound && back.cgroup.is_empty() && back.cgroup_id.is_none());
+        assert_eq!(back.indexed_cgroup(), None, "frees its cgroup");
+        assert_eq!(
+            unbindable("sb", Some(&declared(true)), &agent())
+                .unwrap_err()
+                .kind,
+            RefusalKind::BadRequest
+        );
+        assert_eq!(
+            unbindable("sb", None, &agent()).unwrap_err().kind,
+            RefusalKind::NotDeclared
+        );
+        assert!(unbindable("sb", Some(&b), &agent()).is_ok());
+    }
+
+    #[test]
+    fn a_stale_gone_report_unbinds_nothing() {
+        let b = bound(&declared(false), "docker/abc".into(), 42, None, 5);
+        assert!(gone_applies(Some(&b), 42));
+        // The cgroup was replaced and the sandbox bound again: the old id's report is stale.
+        assert!(!gone_applies(Some(&b), 41));
+        assert!(!gone_applies(Some(&declared(true)), 42));
+        assert!(!gone_applies(None, 42));
+        // A sandbox registered by path is not the agent's to reap.
+        assert!(!gone_applies(
+            Some(&sandbox("sb", "veil.slice/sb", "A")),
+            42
+        ));
+    }
+
+    #[test]
+    fn netns_paths_are_plain_and_absolute() {
+        for ok in [
+            "/run/veil/netns/sb",
+            "/proc/42/ns/net",
+            "/tmp/x y/netns/sb-1",
+        ] {
+            netns_path(ok).unwrap();
+        }
+        for bad in [
+            "run/netns/x",
+            "/run/netns/../../etc/passwd",
+            "/run/./netns/x",
+            "/run//netns",
+            "/run/netns/",
+            "",
+            "/run/netns/a\nb",
+        ] {
+            assert_eq!(
+                netns_path(bad).unwrap_err().kind,
+                RefusalKind::BadTarget,
+                "{bad:?}"
+            );
+        }
+    }
+}
