@@ -45,6 +45,7 @@ pub mod interactive;
 pub mod intercept_world;
 pub mod netns;
 pub mod oci_image;
+pub mod oci_world;
 pub mod owner;
 pub mod pod;
 pub mod postgres;
