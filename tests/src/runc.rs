@@ -125,6 +125,20 @@ impl RuncContainer {
         )
     }
 
+    /// Starts `veil-oci-hook runtime … run …` without waiting (stdio discarded); the caller
+    /// kills it by pid.
+    pub fn spawn_veil(&self, socket: &Path) -> std::process::Child {
+        Command::new(bin_path("veil-oci-hook"))
+            .arg("runtime")
+            .arg(format!("--veil-socket={}", socket.display()))
+            .args(self.run_args())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("veil-oci-hook: {e}"))
+    }
+
     /// Whether runc still knows the container.
     pub fn exists(&self) -> bool {
         self.state.path().join(&self.id).exists()
