@@ -242,6 +242,27 @@ fn an_image_cannot_set_or_override_a_mounted_variable_or_the_ca() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // What every OCI runtime is handed: exactly one entry per name. (runc itself lets the last
+    // entry win; a runtime that passes duplicates to execve leaves getenv() the first one.)
+    let config = c.config();
+    let entries: Vec<&str> = config["process"]["env"]
+        .as_array()
+        .expect("process.env")
+        .iter()
+        .filter_map(|e| e.as_str())
+        .collect();
+    let named = |name: &str| -> Vec<String> {
+        entries
+            .iter()
+            .filter_map(|e| e.strip_prefix(&format!("{name}=")).map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(
+        named(VAR),
+        vec![key.placeholder.clone()],
+        "config.json keeps the image's {VAR} next to the placeholder"
+    );
+    assert_eq!(named("SSL_CERT_FILE"), vec!["/etc/veil/ca-bundle.pem".to_owned()]);
     let environ = place.read("environ").expect("the workload ran");
     assert_eq!(
         env_values(&environ, VAR),
