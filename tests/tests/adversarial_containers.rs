@@ -262,7 +262,10 @@ fn an_image_cannot_set_or_override_a_mounted_variable_or_the_ca() {
         vec![key.placeholder.clone()],
         "config.json keeps the image's {VAR} next to the placeholder"
     );
-    assert_eq!(named("SSL_CERT_FILE"), vec!["/etc/veil/ca-bundle.pem".to_owned()]);
+    assert_eq!(
+        named("SSL_CERT_FILE"),
+        vec!["/etc/veil/ca-bundle.pem".to_owned()]
+    );
     let environ = place.read("environ").expect("the workload ran");
     assert_eq!(
         env_values(&environ, VAR),

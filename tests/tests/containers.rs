@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use serde_json::json;
+
 use veil_tests::bind::{declare, get};
 use veil_tests::oci_world::{
     Place, VAR, echo_world, env_values, last_bearer_is, report_script, rundir_left,
@@ -101,5 +103,115 @@ fn a_container_naming_no_sandbox_runs_untouched() {
             .read("env")
             .unwrap_or_default()
             .contains("SSL_CERT_FILE")
+    );
+}
+
+#[test]
+fn restarting_a_container_rebinds_with_keep_and_is_refused_without() {
+    let (w, key) = echo_world("containers restart CA");
+    let veil = &w.veil;
+    let socket = veil.agent().local_socket();
+    for (id, keep) in [("ctr-keep", true), ("ctr-once", false)] {
+        declare(veil, id, &[(VAR, "upstream-key")], keep);
+        let place = Place::new(id);
+        let env = [format!("VEIL_SANDBOX_ID={id}")];
+        let first = RuncContainer::new(id, &place.spec(&report_script(&w), &env));
+        let out = first.run_veil(&socket, RUN);
+        assert!(out.status.success(), "{id}: first start failed");
+        assert!(
+            last_bearer_is(&w, &key.value),
+            "{id}: first start not substituted"
+        );
+        drop(first);
+        std::fs::remove_file(place.path("ran")).expect("marker");
+        std::fs::remove_file(place.path("curl")).expect("curl status");
+        // The same container started again: a new cgroup, the same declaration.
+        let again = RuncContainer::new(id, &place.spec(&report_script(&w), &env));
+        let out = again.run_veil(&socket, RUN);
+        if keep {
+            assert!(out.status.success(), "{id}: restart with keep failed");
+            assert_eq!(
+                place.read("curl").map(|s| s.trim().to_owned()),
+                Some("0".into())
+            );
+            assert!(
+                last_bearer_is(&w, &key.value),
+                "{id}: restart not substituted"
+            );
+            assert_eq!(get(veil, id).1["bound"], json!(false), "{id}: left bound");
+        } else {
+            // Never direct: the declaration went with the first stop, so it cannot start.
+            assert!(
+                !out.status.success(),
+                "{id}: restarted without a declaration"
+            );
+            assert!(
+                place.read("ran").is_none(),
+                "{id}: the workload ran unbound"
+            );
+        }
+    }
+}
+
+#[test]
+fn two_containers_sharing_one_netns_keep_their_own_identity() {
+    let (w, key_a) = echo_world("containers pod CA");
+    let key_b = w.secret("other-key", &[veil_tests::oci_world::ALLOWED], json!({}));
+    let veil = &w.veil;
+    declare(veil, "pod-a", &[(VAR, "upstream-key")], false);
+    declare(veil, "pod-b", &[(VAR, "other-key")], false);
+    let a = Place::new("pod-a");
+    let b = Place::new("pod-b");
+    // Each waits for the other before exiting, so both are bound at once in a's netns.
+    let script = |me: &str, peer: &str| {
+        format!(
+            "{}; touch /shared/{me}; while [ ! -e /shared/{peer} ]; do sleep 0.1; done",
+            report_script(&w)
+        )
+    };
+    let shared = tempfile::tempdir().expect("tempdir");
+    let spec = |place: &Place, me: &str, peer: &str| {
+        let mut s = place.spec(&script(me, peer), &[format!("VEIL_SANDBOX_ID=pod-{me}")]);
+        s.netns = Some(a.netns.path().to_owned());
+        s.binds.push((shared.path().to_owned(), "/shared".into()));
+        s
+    };
+    let ca = RuncContainer::new("pod-a", &spec(&a, "a", "b"));
+    let cb = RuncContainer::new("pod-b", &spec(&b, "b", "a"));
+    let socket = veil.agent().local_socket();
+    let (out_a, out_b) = std::thread::scope(|s| {
+        let ta = s.spawn(|| ca.run_veil(&socket, RUN));
+        let tb = s.spawn(|| cb.run_veil(&socket, RUN));
+        (ta.join().expect("a"), tb.join().expect("b"))
+    });
+    assert!(
+        out_a.status.success() && out_b.status.success(),
+        "a pod container failed"
+    );
+    for (place, mine, other) in [(&a, &key_a, &key_b), (&b, &key_b, &key_a)] {
+        let environ = place.read("environ").expect("ran");
+        assert_eq!(env_values(&environ, VAR), vec![mine.placeholder.as_str()]);
+        let echo = place.read("echo").unwrap_or_default();
+        assert!(
+            echo.contains(&mine.placeholder)
+                && !echo.contains(&mine.value)
+                && !echo.contains(&other.value),
+            "a pod container's answer was not its own, scrubbed"
+        );
+    }
+    let bearers: Vec<bool> = [&key_a, &key_b]
+        .iter()
+        .map(|k| {
+            w.seen().iter().any(|s| {
+                s.headers
+                    .iter()
+                    .any(|(n, v)| n == "authorization" && *v == format!("Bearer {}", k.value))
+            })
+        })
+        .collect();
+    assert_eq!(
+        bearers,
+        vec![true, true],
+        "each container's own value must arrive"
     );
 }
