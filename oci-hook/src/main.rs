@@ -90,10 +90,20 @@ fn run(mode: Mode) -> anyhow::Result<()> {
     match mode {
         Mode::Runtime { args } => {
             let inv = runc_args::parse(args)?;
-            let settings = settings::load(inv.socket.clone(), inv.runc.clone())?;
-            runtime::prepare(&inv, &settings)?;
-            let err = runtime::exec_runc(&settings.runc, &inv.args);
-            anyhow::bail!("cannot run {}: {err}", settings.runc.display())
+            let result = settings::load(inv.socket.clone(), inv.runc.clone())
+                .and_then(|settings| runtime::prepare(&inv, &settings).map(|()| settings))
+                .map_err(anyhow::Error::from)
+                .and_then(|settings| {
+                    let err = runtime::exec_runc(&settings.runc, &inv.args);
+                    Err(anyhow::anyhow!(
+                        "cannot run {}: {err}",
+                        settings.runc.display()
+                    ))
+                });
+            if let (Err(e), Some(log)) = (&result, &inv.json_log) {
+                runtime::log_error(log, &format!("veil-oci-hook: {e:#}"));
+            }
+            result
         }
         Mode::CreateRuntime { agent_socket } => {
             let settings = settings::load(agent_socket, None)?;

@@ -33,6 +33,9 @@ pub struct Invocation {
     pub runc: Option<PathBuf>,
     /// Set for `create` and `run`: the container about to be created.
     pub create: Option<Create>,
+    /// runc's `--log` file with `--log-format json`: where containerd looks for the runtime's
+    /// error (it never sees stderr), so a refusal is written there too.
+    pub json_log: Option<PathBuf>,
 }
 
 /// A `create` (or `run`) of one container.
@@ -64,6 +67,8 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, ArgsError> {
     let mut socket = None;
     let mut runc = None;
     let mut command: Option<usize> = None;
+    let mut log = None;
+    let mut json = false;
     let mut iter = args.into_iter();
     while let Some(arg) = iter.next() {
         if command.is_none() {
@@ -77,9 +82,27 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, ArgsError> {
                     runc = Some(v);
                     continue;
                 }
-                if GLOBAL_WITH_VALUE.contains(&t) {
-                    pass.push(arg);
-                    if let Some(v) = iter.next() {
+                let (flag, inline) = match t.split_once('=') {
+                    Some((f, v)) => (f, Some(v.to_owned())),
+                    None => (t, None),
+                };
+                if GLOBAL_WITH_VALUE.contains(&flag) {
+                    let is_inline = inline.is_some();
+                    let value = match inline {
+                        Some(v) => Some(OsString::from(v)),
+                        None => {
+                            pass.push(arg.clone());
+                            iter.next()
+                        }
+                    };
+                    match (flag, value.as_ref().and_then(|v| v.to_str())) {
+                        ("--log", Some(v)) => log = Some(PathBuf::from(v)),
+                        ("--log-format", Some(v)) => json = v == "json",
+                        _ => {}
+                    }
+                    if is_inline {
+                        pass.push(arg);
+                    } else if let Some(v) = value {
                         pass.push(v);
                     }
                     continue;
@@ -103,6 +126,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, ArgsError> {
         socket,
         runc,
         create,
+        json_log: log.filter(|_| json),
     })
 }
 
@@ -184,6 +208,7 @@ mod tests {
         let inv = parse(a.clone()).unwrap();
         assert_eq!(inv.args, a[1..].to_vec());
         assert_eq!(inv.socket.as_deref(), Some("/tmp/a.sock".as_ref()));
+        assert_eq!(inv.json_log.as_deref(), Some("/run/x/log.json".as_ref()));
         assert_eq!(
             inv.create,
             Some(Create {
@@ -207,6 +232,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(inv.runc.as_deref(), Some("/opt/runc".as_ref()));
+        assert_eq!(inv.json_log, None);
         assert_eq!(inv.create.unwrap().bundle.as_deref(), Some("/b".as_ref()));
         let inv = parse(os(&["run", "-d", "c1"])).unwrap();
         assert_eq!(

@@ -84,3 +84,18 @@ fn absolute(p: &Path) -> Result<PathBuf, HookError> {
 pub fn exec_runc(runc: &Path, args: &[OsString]) -> std::io::Error {
     Command::new(runc).arg0("runc").args(args).exec()
 }
+
+/// Appends `message` to runc's JSON log as an error record, the way runc reports one, so that
+/// containerd (and `docker run`) show veil's line instead of "unable to retrieve OCI runtime
+/// error". Best effort: stderr has the line too.
+pub fn log_error(json_log: &Path, message: &str) {
+    use std::io::Write as _;
+    let record = serde_json::json!({"level": "error", "msg": message});
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(json_log)
+    {
+        let _ = writeln!(f, "{record}");
+    }
+}

@@ -36,6 +36,7 @@ pub mod clock;
 pub mod cmd;
 pub mod control;
 pub mod decoding;
+pub mod dockerd;
 pub mod egress;
 pub mod env;
 pub mod grpc_upstream;

@@ -161,7 +161,7 @@ impl Drop for RuncContainer {
 /// On a hybrid host runc's cgroupfs driver also makes the path, parents included, in every v1
 /// hierarchy and removes only the leaf: remove the empty ones bottom-up (a parent another test
 /// still uses is not empty and stays).
-fn remove_v1_dirs(cgroup: &str) {
+pub fn remove_v1_dirs(cgroup: &str) {
     let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
         return;
     };

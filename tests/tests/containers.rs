@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use veil_tests::bind::{declare, get};
+use veil_tests::dockerd::Dockerd;
 use veil_tests::oci_world::{
     Place, VAR, echo_world, env_values, last_bearer_is, report_script, rundir_left,
 };
@@ -213,5 +214,111 @@ fn two_containers_sharing_one_netns_keep_their_own_identity() {
         bearers,
         vec![true, true],
         "each container's own value must arrive"
+    );
+}
+
+#[test]
+fn a_docker_container_gets_its_sandbox_through_the_veil_runtime() {
+    let (w, key) = echo_world("containers docker CA");
+    let veil = &w.veil;
+    declare(veil, "ctr-docker", &[(VAR, "upstream-key")], false);
+    let docker = Dockerd::start(&veil.agent().local_socket());
+    let image = docker.import("curl");
+    let out = tempfile::tempdir().expect("tempdir");
+    let volume = format!("{}:/out", out.path().display());
+    let name = format!("veil-test-{}-docker", std::process::id());
+    let run = docker.cli(&[
+        "run",
+        "--name",
+        &name,
+        "--runtime",
+        "veil",
+        "--network",
+        "none",
+        "-e",
+        "VEIL_SANDBOX_ID=ctr-docker",
+        "-v",
+        &volume,
+        &image,
+        "sh",
+        "-c",
+        &report_script(&w),
+    ]);
+    assert!(
+        run.status.success(),
+        "docker run failed ({}): {}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr).replace(&key.value, "<VALUE!>")
+    );
+    let read = |f: &str| std::fs::read_to_string(out.path().join(f)).unwrap_or_default();
+    let environ = read("environ");
+    assert_eq!(env_values(&environ, VAR), vec![key.placeholder.as_str()]);
+    assert!(
+        !environ.contains(&key.value),
+        "the value is in /proc/1/environ"
+    );
+    assert_eq!(
+        read("curl").trim(),
+        "0",
+        "curl without CA flags failed: {}",
+        read("curl-err")
+    );
+    assert!(
+        last_bearer_is(&w, &key.value),
+        "the upstream did not receive the value"
+    );
+    let echo = read("echo");
+    assert!(
+        echo.contains(&key.placeholder) && !echo.contains(&key.value),
+        "not scrubbed"
+    );
+    // Docker's own record never saw the placeholder's value (it never sees either: the
+    // runtime adds the placeholder).
+    let inspect = docker.cli(&["inspect", &name]);
+    assert!(inspect.status.success());
+    assert!(
+        !String::from_utf8_lossy(&inspect.stdout).contains(&key.value),
+        "value in inspect"
+    );
+    assert_eq!(
+        get(veil, "ctr-docker").0,
+        404,
+        "the sandbox outlived its container"
+    );
+
+    // A container naming a sandbox nobody declared does not start: docker run exits 125 and
+    // the workload never ran.
+    std::fs::remove_file(out.path().join("ran")).expect("marker");
+    let refused = docker.cli(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "veil",
+        "--network",
+        "none",
+        "-e",
+        "VEIL_SANDBOX_ID=nobody-declared",
+        "-v",
+        &volume,
+        &image,
+        "touch",
+        "/out/ran",
+    ]);
+    assert_eq!(
+        refused.status.code(),
+        Some(125),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("veil"),
+        "docker's error must carry veil's line: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!out.path().join("ran").exists(), "the refused workload ran");
+    let running = docker.cli(&["ps", "-q"]);
+    assert!(
+        String::from_utf8_lossy(&running.stdout).trim().is_empty(),
+        "a container runs"
     );
 }
