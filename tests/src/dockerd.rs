@@ -171,7 +171,7 @@ impl Drop for Dockerd {
 }
 
 /// Unmounts (lazily, deepest first) every mount below `dir`.
-fn unmount_below(dir: &Path) {
+pub fn unmount_below(dir: &Path) {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let prefix = dir.display().to_string();
     let mut points: Vec<&str> = info

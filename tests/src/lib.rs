@@ -49,6 +49,7 @@ pub mod oci_image;
 pub mod oci_world;
 pub mod owner;
 pub mod pod;
+pub mod podman;
 pub mod postgres;
 pub mod replicas;
 pub mod request_policy;

@@ -159,8 +159,8 @@ impl Drop for RuncContainer {
 }
 
 /// On a hybrid host runc's cgroupfs driver also makes the path, parents included, in every v1
-/// hierarchy and removes only the leaf: remove the empty ones bottom-up (a parent another test
-/// still uses is not empty and stays).
+/// hierarchy and removes only the leaf: remove the empty ones bottom-up, what a runtime made
+/// below it too (a parent another test still uses is not empty and stays).
 pub fn remove_v1_dirs(cgroup: &str) {
     let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
         return;
@@ -170,6 +170,8 @@ pub fn remove_v1_dirs(cgroup: &str) {
             continue;
         }
         let mut dir = h.path().join(cgroup.trim_start_matches('/'));
+        // Children a runtime made below it (Podman's `conmon`) first.
+        remove_subdirs(&dir);
         while dir != h.path() {
             match std::fs::remove_dir(&dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => break,
@@ -207,6 +209,19 @@ fn edit(config: &mut Value, spec: &RuncSpec) {
                 "destination": dest, "type": "bind", "source": host,
                 "options": ["rbind", "rw"],
             }));
+        }
+    }
+}
+
+/// Removes the (empty) cgroup directories below `dir`, deepest first.
+fn remove_subdirs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_subdirs(&e.path());
+            let _ = std::fs::remove_dir(e.path());
         }
     }
 }

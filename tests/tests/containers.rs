@@ -12,6 +12,7 @@ use veil_tests::dockerd::Dockerd;
 use veil_tests::oci_world::{
     Place, VAR, echo_world, env_values, last_bearer_is, report_script, rundir_left,
 };
+use veil_tests::podman::Podman;
 use veil_tests::runc::RuncContainer;
 
 const RUN: Duration = Duration::from_secs(90);
@@ -320,5 +321,75 @@ fn a_docker_container_gets_its_sandbox_through_the_veil_runtime() {
     assert!(
         String::from_utf8_lossy(&running.stdout).trim().is_empty(),
         "a container runs"
+    );
+}
+
+#[test]
+fn a_podman_container_gets_its_sandbox_through_an_annotation() {
+    let (w, key) = echo_world("containers podman CA");
+    let veil = &w.veil;
+    declare(veil, "ctr-podman", &[(VAR, "upstream-key")], false);
+    let podman = Podman::new();
+    let image = podman.import("curl");
+    let out = tempfile::tempdir().expect("tempdir");
+    let volume = format!("{}:/out", out.path().display());
+    let name = format!("veil-test-{}-podman", std::process::id());
+    let run = podman.run_veil(
+        &veil.agent().local_socket(),
+        &[
+            "--name",
+            &name,
+            "--network",
+            "none",
+            "--annotation",
+            "dev.veil.sandbox=ctr-podman",
+            // An image-level attempt to set the mounted variable.
+            "-e",
+            &format!("{VAR}=sk-from-the-command-line"),
+            "-v",
+            &volume,
+            &image,
+            "sh",
+            "-c",
+            &report_script(&w),
+        ],
+    );
+    assert!(
+        run.status.success(),
+        "podman run failed ({}): {}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr).replace(&key.value, "<VALUE!>")
+    );
+    let read = |f: &str| std::fs::read_to_string(out.path().join(f)).unwrap_or_default();
+    let environ = read("environ");
+    assert_eq!(env_values(&environ, VAR), vec![key.placeholder.as_str()]);
+    assert!(
+        !environ.contains(&key.value),
+        "the value is in /proc/1/environ"
+    );
+    assert_eq!(
+        read("curl").trim(),
+        "0",
+        "curl without CA flags failed: {}",
+        read("curl-err")
+    );
+    assert!(
+        last_bearer_is(&w, &key.value),
+        "the upstream did not receive the value"
+    );
+    let echo = read("echo");
+    assert!(
+        echo.contains(&key.placeholder) && !echo.contains(&key.value),
+        "not scrubbed"
+    );
+    let inspect = podman.cli(&["inspect", &name]);
+    assert!(
+        !String::from_utf8_lossy(&inspect.stdout).contains(&key.value),
+        "value in inspect"
+    );
+    assert_eq!(
+        get(veil, "ctr-podman").0,
+        404,
+        "the sandbox outlived its container"
     );
 }
