@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use veil_tests::bind::{declare, get};
+use veil_tests::cmd::wait_until;
 use veil_tests::dockerd::Dockerd;
 use veil_tests::oci_world::{
     Place, VAR, echo_world, env_values, last_bearer_is, report_script, rundir_left,
@@ -392,4 +393,85 @@ fn a_podman_container_gets_its_sandbox_through_an_annotation() {
         404,
         "the sandbox outlived its container"
     );
+}
+
+#[test]
+fn docker_restart_rebinds_with_keep_and_is_refused_without() {
+    let (w, key) = echo_world("containers docker restart CA");
+    let veil = &w.veil;
+    let docker = Dockerd::start(&veil.agent().local_socket());
+    let image = docker.import("restart");
+    for (id, keep) in [("dock-keep", true), ("dock-once", false)] {
+        declare(veil, id, &[(VAR, "upstream-key")], keep);
+        let out = tempfile::tempdir().expect("tempdir");
+        let volume = format!("{}:/out", out.path().display());
+        // Reports once per start, then waits to be stopped.
+        let script = format!("{}; while :; do sleep 0.2; done", report_script(&w));
+        let env = format!("VEIL_SANDBOX_ID={id}");
+        let started = docker.cli(&[
+            "run",
+            "-d",
+            "--name",
+            id,
+            "--runtime",
+            "veil",
+            "--network",
+            "none",
+            "-e",
+            &env,
+            "-v",
+            &volume,
+            &image,
+            "sh",
+            "-c",
+            &script,
+        ]);
+        assert!(
+            started.status.success(),
+            "{id}: {}",
+            String::from_utf8_lossy(&started.stderr)
+        );
+        let curl = out.path().join("curl");
+        assert!(
+            wait_until(RUN, || curl.exists()),
+            "{id}: first start did not report"
+        );
+        assert!(
+            last_bearer_is(&w, &key.value),
+            "{id}: first start not substituted"
+        );
+        std::fs::remove_file(&curl).expect("curl status");
+        std::fs::remove_file(out.path().join("ran")).expect("marker");
+        let restarted = docker.cli(&["restart", "-t", "1", id]);
+        if keep {
+            assert!(restarted.status.success(), "{id}: restart failed");
+            assert!(
+                wait_until(RUN, || curl.exists()),
+                "{id}: restart did not report"
+            );
+            assert_eq!(
+                std::fs::read_to_string(&curl).unwrap_or_default().trim(),
+                "0"
+            );
+            assert!(
+                last_bearer_is(&w, &key.value),
+                "{id}: restart not substituted"
+            );
+            assert_eq!(
+                get(veil, id).1["bound"],
+                json!(true),
+                "{id}: not bound again"
+            );
+        } else {
+            assert!(
+                !restarted.status.success(),
+                "{id}: restarted without its declaration"
+            );
+            assert!(
+                !out.path().join("ran").exists(),
+                "{id}: the workload ran unbound"
+            );
+        }
+        let _ = docker.cli(&["rm", "-f", id]);
+    }
 }
