@@ -148,6 +148,6 @@ mod tests {
             "routed, not documented: {undocumented:?}"
         );
         assert!(unrouted.is_empty(), "documented, not routed: {unrouted:?}");
-        assert_eq!(routed.len(), 16, "{routed:?}");
+        assert_eq!(routed.len(), 17, "{routed:?}");
     }
 }

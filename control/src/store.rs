@@ -249,10 +249,10 @@ pub struct SandboxRecord {
     pub netns: Option<String>,
     /// Whether the sandbox is bound to its cgroup (only bound sandboxes reach agents). Records
     /// written before declarations existed were all bound.
-    #[serde(default = "bound_by_default")]
+    #[serde(default = "bound_by_default", skip_serializing_if = "is_true")]
     pub bound: bool,
     /// Keep the declaration when the sandbox is unbound (a restarted container binds again).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep: bool,
     /// The id (inode) of the cgroup2 directory it was bound to through an agent; `None` for a
     /// one-step PUT (bound by path).
@@ -272,6 +272,13 @@ pub struct SandboxRecord {
 
 fn bound_by_default() -> bool {
     true
+}
+
+// Serde's skip_serializing_if takes a reference: a bound record is written exactly as before
+// declarations existed.
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl SandboxRecord {

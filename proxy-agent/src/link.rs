@@ -408,24 +408,27 @@ impl LinkClient {
             ControlMsg::DeleteSandbox { id, .. } => bound.forget(id),
             _ => {}
         }
-        let released: Option<Vec<SandboxId>> = match &msg {
-            ControlMsg::DeleteSandbox { id, .. } => Some(vec![id.clone()]),
-            _ => None,
-        };
-        let live: Option<HashSet<String>> = match &msg {
-            ControlMsg::Snapshot { sandboxes, .. } => {
-                Some(sandboxes.iter().map(|s| s.id.to_string()).collect())
-            }
+        // Which netns pins stay: a snapshot's, a sandbox's current one; released after the
+        // registry closed the listeners that used them.
+        let pins_after: Option<(Option<SandboxId>, HashSet<PathBuf>)> = match &msg {
+            ControlMsg::Snapshot { sandboxes, .. } => Some((
+                None,
+                sandboxes.iter().filter_map(|s| s.netns.clone()).collect(),
+            )),
+            ControlMsg::PutSandbox { sandbox, .. } => Some((
+                Some(sandbox.id.clone()),
+                sandbox.netns.iter().cloned().collect(),
+            )),
+            ControlMsg::DeleteSandbox { id, .. } => Some((Some(id.clone()), HashSet::new())),
             _ => None,
         };
         let errors = apply(msg, registry, secrets, &self.cgroup2, self.guard.as_ref());
-        // After the registry closed the sandbox's listeners: nothing uses the pin any more.
-        if let Some(pins) = &self.pins {
-            for id in released.iter().flatten() {
-                pins.release(id.as_str());
-            }
-            if let Some(live) = &live {
-                pins.keep_only(live);
+        if let (Some(pins), Some((sandbox, keep))) = (&self.pins, pins_after) {
+            match sandbox {
+                Some(id) => {
+                    pins.release_sandbox(id.as_str(), keep.iter().next().map(PathBuf::as_path))
+                }
+                None => pins.keep_only(&keep),
             }
         }
         errors

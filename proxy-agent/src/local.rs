@@ -8,7 +8,7 @@
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -166,17 +166,23 @@ pub fn bind(path: &Path) -> Result<UnixListener, LocalSocketError> {
 /// A cgroup path a tool named: relative to the cgroup2 root (a leading `/` as in
 /// `/proc/PID/cgroup` allowed), plain components only. Returns it relative, without the `/`.
 pub fn cgroup_path(cgroup: &Path) -> Result<PathBuf, String> {
-    let rel = cgroup.strip_prefix("/").unwrap_or(cgroup);
-    let plain = !rel.as_os_str().is_empty()
-        && rel.components().all(|c| matches!(c, Component::Normal(_)))
-        && !rel.to_string_lossy().contains("//");
-    if !plain {
-        return Err(format!(
+    let bad = || {
+        format!(
             "cgroup {} must be a path under the cgroup2 root without '.' or '..' components",
             cgroup.display()
-        ));
+        )
+    };
+    // Split by hand: Path::components() drops interior `.` and repeated `/`.
+    let text = cgroup.to_str().ok_or_else(bad)?;
+    let rel = text.strip_prefix('/').unwrap_or(text);
+    let plain = !rel.is_empty()
+        && rel.split('/').all(|c| {
+            !c.is_empty() && c != "." && c != ".." && !c.bytes().any(|b| b.is_ascii_control())
+        });
+    if !plain {
+        return Err(bad());
     }
-    Ok(rel.to_owned())
+    Ok(PathBuf::from(rel))
 }
 
 fn refused(kind: RefusalKind, message: impl Into<String>) -> LocalResponse {
@@ -262,13 +268,15 @@ impl LocalServer {
         if !self.control.synced.load(Ordering::SeqCst) {
             return unavailable();
         }
-        let _inflight = self.pins.binding(sandbox.as_str());
-        let pinned = match netns {
-            Some(n) => match self.pins.pin(sandbox.as_str(), n) {
-                Ok(pin) => Some(pin),
+        let (pinned, _inflight) = match netns {
+            Some(n) => match self.pins.pin(sandbox.as_str(), cgroup_id, n) {
+                Ok((pin, guard)) => (Some(pin), Some(guard)),
+                Err(e @ crate::netns_pin::PinError::Busy(_)) => {
+                    return refused(RefusalKind::AlreadyBound, format!("sandbox {sandbox}: {e}"));
+                }
                 Err(e) => return refused(RefusalKind::BadTarget, e.to_string()),
             },
-            None => None,
+            None => (None, None),
         };
         let answer = self
             .ask(Ask::Bind {
@@ -278,8 +286,10 @@ impl LocalServer {
                 netns: pinned.clone(),
             })
             .await;
-        if pinned.is_some() && !matches!(answer, LocalResponse::Bound(_)) {
-            self.pins.release(sandbox.as_str());
+        if let Some(pin) = &pinned
+            && !matches!(answer, LocalResponse::Bound(_))
+        {
+            self.pins.release(pin);
         }
         if matches!(answer, LocalResponse::Bound(_)) {
             info!(sandbox = %sandbox, cgroup = %cgroup.display(), "sandbox bound");

@@ -27,6 +27,9 @@ pub enum PinError {
         /// The cause.
         source: io::Error,
     },
+    /// A pin for this sandbox and cgroup exists: that binding is live (or being cleaned up).
+    #[error("sandbox is already bound to this cgroup on this host (pin {0} exists)")]
+    Busy(PathBuf),
     /// The pin could not be made.
     #[error("pinning netns at {path}: {source}")]
     Pin {
@@ -53,12 +56,13 @@ pub fn check_namespace(path: &Path) -> Result<(), PinError> {
     Ok(())
 }
 
-/// The agent's netns pins: one file per bound sandbox under `dir`.
+/// The agent's netns pins: `<dir>/<sandbox>/<cgroup id>`, one per binding, so a refused or
+/// concurrent bind never touches the pin of a binding that is live.
 #[derive(Clone, Debug)]
 pub struct NetnsPins {
     dir: PathBuf,
-    /// Sandboxes whose bind is in flight: their pins are not stale yet.
-    binding: Arc<Mutex<HashSet<String>>>,
+    /// Pins of binds in flight: not stale yet.
+    binding: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 impl NetnsPins {
@@ -70,31 +74,45 @@ impl NetnsPins {
         }
     }
 
-    /// Where `sandbox`'s pin lives.
-    pub fn path(&self, sandbox: &str) -> PathBuf {
-        self.dir.join(sandbox)
+    /// Where the pin of `sandbox` bound to cgroup `cgroup_id` lives.
+    pub fn path(&self, sandbox: &str, cgroup_id: u64) -> PathBuf {
+        self.dir.join(sandbox).join(cgroup_id.to_string())
     }
 
-    /// Pins the namespace `source` for `sandbox` (replacing a stale pin); returns the pin.
-    pub fn pin(&self, sandbox: &str, source: &Path) -> Result<PathBuf, PinError> {
+    /// Pins the namespace `source` for `sandbox` on cgroup `cgroup_id`; returns the pin and a
+    /// guard marking the bind in flight. A pin that exists belongs to a live binding (or one
+    /// not yet cleaned up): refused as [`PinError::Busy`], and left alone.
+    pub fn pin(
+        &self,
+        sandbox: &str,
+        cgroup_id: u64,
+        source: &Path,
+    ) -> Result<(PathBuf, BindingGuard), PinError> {
         check_namespace(source)?;
-        let pin = self.path(sandbox);
+        let pin = self.path(sandbox, cgroup_id);
         let err = |source| PinError::Pin {
             path: pin.clone(),
             source,
         };
+        let parent = pin.parent().unwrap_or(&self.dir);
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&self.dir)
+            .create(parent)
             .map_err(err)?;
-        self.release(sandbox);
-        std::fs::OpenOptions::new()
+        match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o400)
             .open(&pin)
-            .map_err(err)?;
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(PinError::Busy(pin));
+            }
+            Err(e) => return Err(err(e)),
+        }
+        let guard = self.binding(&pin);
         if let Err(e) = mount(
             Some(source),
             &pin,
@@ -105,69 +123,90 @@ impl NetnsPins {
             let _ = std::fs::remove_file(&pin);
             return Err(err(e.into()));
         }
-        Ok(pin)
+        Ok((pin, guard))
     }
 
-    /// Unmounts and removes `sandbox`'s pin, if any.
-    pub fn release(&self, sandbox: &str) {
-        let pin = self.path(sandbox);
-        if !pin.exists() {
+    /// Unmounts and removes the pin at `pin`, and its sandbox's directory once empty.
+    pub fn release(&self, pin: &Path) {
+        if !pin.starts_with(&self.dir) || !pin.exists() {
             return;
         }
         // Not mounted (EINVAL) is fine: a pin left half-made by a crash is just a file.
-        if let Err(e) = umount2(&pin, MntFlags::MNT_DETACH)
+        if let Err(e) = umount2(pin, MntFlags::MNT_DETACH)
             && e != nix::errno::Errno::EINVAL
         {
-            warn!(sandbox, error = %e, "unmounting a netns pin");
+            warn!(pin = %pin.display(), error = %e, "unmounting a netns pin");
         }
-        if let Err(e) = std::fs::remove_file(&pin)
+        if let Err(e) = std::fs::remove_file(pin)
             && e.kind() != io::ErrorKind::NotFound
         {
-            warn!(sandbox, error = %e, "removing a netns pin");
+            warn!(pin = %pin.display(), error = %e, "removing a netns pin");
+        }
+        if let Some(parent) = pin.parent() {
+            // Fails while another pin of the sandbox exists: fine.
+            let _ = std::fs::remove_dir(parent);
         }
     }
 
-    /// Marks a bind of `sandbox` in flight (its pin is kept by [`Self::keep_only`]) until the
-    /// returned guard drops.
-    pub fn binding(&self, sandbox: &str) -> BindingGuard {
-        self.lock().insert(sandbox.to_owned());
-        BindingGuard {
-            pins: self.clone(),
-            sandbox: sandbox.to_owned(),
-        }
-    }
-
-    /// Releases every pin whose sandbox is neither in `live` nor being bound.
-    pub fn keep_only(&self, live: &HashSet<String>) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+    /// Releases the pins of `sandbox` except `keep` (its current binding's) and those of binds
+    /// in flight.
+    pub fn release_sandbox(&self, sandbox: &str, keep: Option<&Path>) {
+        let Ok(entries) = std::fs::read_dir(self.dir.join(sandbox)) else {
             return;
         };
         let binding = self.lock().clone();
         for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !live.contains(&name) && !binding.contains(&name) {
-                self.release(&name);
+            let pin = entry.path();
+            if Some(pin.as_path()) != keep && !binding.contains(&pin) {
+                self.release(&pin);
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    /// Releases every pin that is neither in `live` nor of a bind in flight.
+    pub fn keep_only(&self, live: &HashSet<PathBuf>) {
+        let Ok(sandboxes) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let binding = self.lock().clone();
+        for dir in sandboxes.flatten() {
+            let Ok(pins) = std::fs::read_dir(dir.path()) else {
+                continue;
+            };
+            for entry in pins.flatten() {
+                let pin = entry.path();
+                if !live.contains(&pin) && !binding.contains(&pin) {
+                    self.release(&pin);
+                }
+            }
+        }
+    }
+
+    fn binding(&self, pin: &Path) -> BindingGuard {
+        self.lock().insert(pin.to_owned());
+        BindingGuard {
+            pins: self.clone(),
+            pin: pin.to_owned(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<PathBuf>> {
         self.binding
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-/// A bind in flight; see [`NetnsPins::binding`].
+/// A bind in flight: its pin is not released as stale until this drops.
 #[derive(Debug)]
 pub struct BindingGuard {
     pins: NetnsPins,
-    sandbox: String,
+    pin: PathBuf,
 }
 
 impl Drop for BindingGuard {
     fn drop(&mut self) {
-        self.pins.lock().remove(&self.sandbox);
+        self.pins.lock().remove(&self.pin);
     }
 }
 

@@ -548,3 +548,33 @@ fn teardown_all_leaves_no_pin_link_or_map_entry() {
     let agent = AgentProc::start(&dirs);
     assert!(agent.log().contains("sandboxes=0"), "{}", agent.log());
 }
+
+/// A sandbox bound by cgroup id is not enforced on another cgroup at its path (a container
+/// restarted in the same cgroup path must be bound again, never taken for the old one).
+#[test]
+fn a_binding_on_a_replaced_cgroup_is_refused() {
+    require_root();
+    let mut linked = Linked::start();
+    let conn = &mut linked.conn;
+    let NsSandbox { ns: _ns, sb } = NsSandbox::new("lk-bound-id");
+    let mut stale = sandbox_state("bound-1", &sb);
+    stale.cgroup_id = Some(sb.cgroup().id() + 1);
+    let (errors, _) = conn.send(ControlMsg::PutSandbox {
+        seq: 1,
+        sandbox: stale,
+    });
+    assert!(
+        errors.len() == 1 && errors[0].contains("was replaced"),
+        "a sandbox bound to another cgroup id was enforced on this one: errors {errors:?}"
+    );
+    assert_eq!(attached_programs(sb.cgroup().path()), 0);
+    let mut current = sandbox_state("bound-1", &sb);
+    current.cgroup_id = Some(sb.cgroup().id());
+    let (errors, _) = conn.send(ControlMsg::PutSandbox {
+        seq: 2,
+        sandbox: current,
+    });
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(attached_programs(sb.cgroup().path()), 9);
+    conn.apply(snapshot(3, Vec::new()));
+}

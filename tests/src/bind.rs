@@ -126,3 +126,16 @@ pub fn gauge<U: Upstream>(world: &InterceptWorld<U>, name: &str) -> f64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {metric} in the agent's metrics"))
 }
+
+/// Creates the cgroup directory `path` again after it was removed (a restarted container at the
+/// same path); its shared parent may be removed meanwhile by another test's cleanup: retried.
+pub fn recreate_cgroup(path: &Path) {
+    let mut attempts = 0;
+    loop {
+        match std::fs::create_dir_all(path) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 10 => attempts += 1,
+            Err(e) => panic!("recreating cgroup {}: {e}", path.display()),
+        }
+    }
+}

@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde_json::json;
 use veil_link::{LocalRequest, LocalResponse, RefusalKind};
 use veil_tests::bind::{
-    Container, declare, gauge, get, is_mounted, local, pins_dir, put, refusal, write_bundle,
+    Container, declare, gauge, get, is_mounted, local, pins_dir, put, recreate_cgroup, refusal,
+    write_bundle,
 };
 use veil_tests::cmd::wait_until;
 use veil_tests::intercept_world::{InterceptWorld, Secret};
@@ -99,7 +100,9 @@ fn declared_sandboxes_reach_no_agent_until_bound() {
         got["cgroup"],
         c.sandbox.cgroup().relative().trim_start_matches('/')
     );
-    let pin = pins_dir(veil).join("app-1");
+    let pin = pins_dir(veil)
+        .join("app-1")
+        .join(c.sandbox.cgroup().id().to_string());
     assert_eq!(
         got["netns"],
         pin.display().to_string(),
@@ -127,6 +130,10 @@ fn declared_sandboxes_reach_no_agent_until_bound() {
         "declaration without keep removed"
     );
     assert!(!pin.exists() && !is_mounted(&pin), "netns pin left behind");
+    assert!(
+        !pins_dir(veil).join("app-1").exists(),
+        "pin dir left behind"
+    );
     assert!(
         !sandbox_map_has(c.sandbox.cgroup().id()),
         "redirect left behind"
@@ -222,6 +229,24 @@ fn refused_binds_change_nothing() {
     let other = Container::new(&w, "refused-2", &[ALLOWED]);
     let answer = local(veil, &other.bind_request("app-r"));
     assert_eq!(refusal(&answer), RefusalKind::AlreadyBound, "{answer:?}");
+    let live_pin = pins_dir(veil)
+        .join("app-r")
+        .join(c.sandbox.cgroup().id().to_string());
+    assert!(
+        is_mounted(&live_pin),
+        "a refused bind took the live binding's pin"
+    );
+    // The same container bound again: refused, the live pin untouched.
+    let answer = local(veil, &c.bind_request("app-r"));
+    assert_eq!(refusal(&answer), RefusalKind::AlreadyBound, "{answer:?}");
+    assert!(
+        is_mounted(&live_pin),
+        "a refused bind took the live binding's pin"
+    );
+    let other_pin = pins_dir(veil)
+        .join("app-r")
+        .join(other.sandbox.cgroup().id().to_string());
+    assert!(!other_pin.exists(), "a refused bind left its pin");
     let got = get(veil, "app-r").1;
     assert_eq!(
         got["cgroup"],
@@ -248,7 +273,9 @@ fn a_removed_or_replaced_cgroup_is_reaped() {
     assert_substituted(&w, &c, &key);
     let cgroup = c.sandbox.cgroup().path().to_owned();
     let old_id = c.sandbox.cgroup().id();
-    let pin = pins_dir(veil).join("app-gone");
+    let pin = pins_dir(veil)
+        .join("app-gone")
+        .join(c.sandbox.cgroup().id().to_string());
     // The container stops: its processes die and the runtime removes the cgroup.
     c.sandbox.cgroup().kill_all();
     std::fs::remove_dir(&cgroup).expect("rmdir cgroup");
@@ -265,7 +292,7 @@ fn a_removed_or_replaced_cgroup_is_reaped() {
     );
     assert!(!sandbox_map_has(old_id), "map entry left behind");
     // A new cgroup at the same path (a `docker restart`) is not the old sandbox.
-    std::fs::create_dir(&cgroup).expect("recreate cgroup");
+    recreate_cgroup(&cgroup);
     let new_id = c.sandbox.cgroup().id();
     assert_ne!(new_id, old_id);
     assert!(!sandbox_map_has(new_id), "the new cgroup is redirected");
@@ -285,7 +312,7 @@ fn a_replaced_cgroup_with_keep_is_unbound_not_enforced() {
     let cgroup = c.sandbox.cgroup().path().to_owned();
     c.sandbox.cgroup().kill_all();
     std::fs::remove_dir(&cgroup).expect("rmdir");
-    std::fs::create_dir(&cgroup).expect("recreate");
+    recreate_cgroup(&cgroup);
     let new_id = c.sandbox.cgroup().id();
     let unbound = wait_until(Duration::from_secs(5), || {
         get(veil, "app-restart").1["bound"] == false
@@ -300,10 +327,12 @@ fn a_replaced_cgroup_with_keep_is_unbound_not_enforced() {
         "the new cgroup is redirected as the old sandbox"
     );
     // The restarted container binds again (the declaration was kept).
-    assert!(matches!(
-        local(veil, &c.bind_request("app-restart")),
-        LocalResponse::Bound(_)
-    ));
+    let answer = local(veil, &c.bind_request("app-restart"));
+    assert!(
+        matches!(answer, LocalResponse::Bound(_)),
+        "{answer:?}\n{}",
+        veil.agent().log_tail(20)
+    );
     assert!(sandbox_map_has(new_id));
 }
 

@@ -267,6 +267,9 @@ mod tests {
             org: org("acme"),
             cgroup: format!("veil.slice/{id}"),
             netns: None,
+            bound: true,
+            keep: false,
+            cgroup_id: None,
             mounts: mounts
                 .iter()
                 .map(|(env, s)| Mount {
@@ -516,5 +519,42 @@ mod tests {
         assert_eq!(v.retired.keys().collect::<Vec<_>>(), ["s1"]);
         assert_eq!(v.stamp(&sid("s1")).map(|s| s.revision), Some(Revision(2)));
         assert_eq!(v.stamp(&sid("g1")), None);
+    }
+
+    #[test]
+    fn declared_sandboxes_and_their_only_secrets_reach_no_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::sled::SledStore::open(dir.path()).unwrap();
+        let audit = || crate::store::AuditRecord {
+            seq: 0,
+            time: 0,
+            actor: "t".into(),
+            org: "acme".into(),
+            action: "t".into(),
+            target_type: "t".into(),
+            target_id: String::new(),
+            target_name: None,
+            changes: serde_json::Value::Null,
+        };
+        for s in [secret("only-declared", 1), secret("shared", 1)] {
+            store.insert_secret(&s, audit()).unwrap();
+        }
+        let declared = SandboxRecord {
+            cgroup: String::new(),
+            bound: false,
+            ..sandbox("declared", &[("A", "only-declared"), ("B", "shared")])
+        };
+        store.put_sandbox(&declared, audit()).unwrap();
+        store
+            .put_sandbox(&sandbox("bound", &[("B", "shared")]), audit())
+            .unwrap();
+        let v = RegistryView::load(&store).unwrap();
+        assert_eq!(v.sandboxes.keys().collect::<Vec<_>>(), ["bound"]);
+        assert_eq!(v.mounted.keys().collect::<Vec<_>>(), ["shared"]);
+        assert_eq!(
+            plan(&v, Change::Sandbox(&sbid("declared")), &Held::new()),
+            vec![Step::DeleteSandbox(sbid("declared"))],
+            "a declared sandbox is nothing an agent holds"
+        );
     }
 }

@@ -38,6 +38,7 @@ macro_rules! store_conformance_cases {
             sandboxes::cgroup_is_unique,
             sandboxes::another_orgs_sandbox_is_not_found,
             sandboxes::sandbox_identity_is_immutable,
+            sandboxes::declare_bind_unbind,
             log::api_keys_and_orgs,
             log::usage_adds_up_audits_and_goes_with_the_secret,
             log::audit_pages_in_both_directions,

@@ -2,7 +2,7 @@
 //! rollback of a write the agents refused.
 
 use crate::store::conformance::fixtures::{Backend, audit, org, sandbox, sbid};
-use crate::store::{Conflict, Rejected, StoreError};
+use crate::store::{Conflict, Rejected, SandboxRecord, StoreError};
 
 /// A rollback undoes exactly the write it names: a new record goes, a replaced one comes
 /// back with its cgroup; a superseded write is left alone; a cgroup taken meanwhile refuses.
@@ -173,4 +173,119 @@ pub fn sandbox_identity_is_immutable(b: &dyn Backend) {
     let store = b.open();
     assert_eq!(store.sandbox(&sbid("sb")).unwrap(), Some(changed));
     assert!(store.sandbox(&sbid("other")).unwrap().is_none());
+}
+
+/// Declared sandboxes hold no cgroup (any number of them); a bind (compare-and-swap from the
+/// declaration) takes its cgroup, refused when another sandbox holds it or the declaration
+/// changed meanwhile; an unbind frees the cgroup, keeping the declaration or removing it.
+pub fn declare_bind_unbind(b: &dyn Backend) {
+    let store = b.open();
+    let declared = |id: &str, keep: bool| SandboxRecord {
+        cgroup: String::new(),
+        bound: false,
+        keep,
+        ..sandbox(id, "", "A")
+    };
+    let d1 = declared("d1", true);
+    let d2 = declared("d2", false);
+    store.put_sandbox(&d1, audit("acme")).unwrap();
+    store.put_sandbox(&d2, audit("acme")).unwrap();
+    store
+        .put_sandbox(&sandbox("put", "veil.slice/p", "A"), audit("acme"))
+        .unwrap();
+    // Bind d1 to a free cgroup: the cgroup is taken, the id kept.
+    let b1 = SandboxRecord {
+        cgroup: "docker/c1".into(),
+        netns: Some("/run/veil/netns/d1/7".into()),
+        bound: true,
+        cgroup_id: Some(7),
+        ..d1.clone()
+    };
+    assert!(
+        store
+            .restore_sandbox(&d1, Some(&b1), audit("acme"))
+            .unwrap()
+    );
+    // A second bind from the same declaration is stale: nothing changes.
+    let again = SandboxRecord {
+        cgroup: "docker/c9".into(),
+        cgroup_id: Some(9),
+        ..b1.clone()
+    };
+    assert!(
+        !store
+            .restore_sandbox(&d1, Some(&again), audit("acme"))
+            .unwrap()
+    );
+    // d2 onto d1's cgroup, or a one-step PUT's: refused, d2 stays declared.
+    for taken in ["docker/c1", "veil.slice/p"] {
+        let onto = SandboxRecord {
+            cgroup: taken.into(),
+            bound: true,
+            cgroup_id: Some(8),
+            ..d2.clone()
+        };
+        let r = store.restore_sandbox(&d2, Some(&onto), audit("acme"));
+        assert!(
+            matches!(r, Err(StoreError::Conflict(Conflict::CgroupMeanwhile(ref c))) if c == taken),
+            "{r:?}"
+        );
+        let r = store.put_sandbox(&onto, audit("acme"));
+        assert!(
+            matches!(r, Err(StoreError::Conflict(Conflict::Cgroup(_)))),
+            "{r:?}"
+        );
+    }
+    assert_eq!(store.sandbox(&sbid("d2")).unwrap().as_ref(), Some(&d2));
+    // An update may not bind or unbind (only the swap does).
+    let r = store.update_sandbox(&org("acme"), &sbid("d2"), &mut |old| {
+        Ok((
+            SandboxRecord {
+                bound: true,
+                ..old.clone()
+            },
+            audit("acme"),
+        ))
+    });
+    assert!(
+        matches!(r, Err(StoreError::Rejected(Rejected::Identity))),
+        "{r:?}"
+    );
+    drop(store);
+    let store = b.open();
+    assert_eq!(store.sandbox(&sbid("d1")).unwrap().as_ref(), Some(&b1));
+    // Unbind with keep: declared again, the cgroup free for d2.
+    assert!(
+        store
+            .restore_sandbox(&b1, Some(&d1), audit("acme"))
+            .unwrap()
+    );
+    let b2 = SandboxRecord {
+        cgroup: "docker/c1".into(),
+        bound: true,
+        cgroup_id: Some(11),
+        ..d2.clone()
+    };
+    assert!(
+        store
+            .restore_sandbox(&d2, Some(&b2), audit("acme"))
+            .unwrap()
+    );
+    // Unbind without keep: the record goes, and its cgroup with it.
+    assert!(store.restore_sandbox(&b2, None, audit("acme")).unwrap());
+    drop(store);
+    let store = b.open();
+    assert!(store.sandbox(&sbid("d2")).unwrap().is_none());
+    assert_eq!(store.sandbox(&sbid("d1")).unwrap().as_ref(), Some(&d1));
+    store
+        .put_sandbox(&sandbox("free", "docker/c1", "A"), audit("acme"))
+        .unwrap();
+    let mut ids: Vec<String> = store
+        .list_sandboxes()
+        .unwrap()
+        .iter()
+        .map(|s| s.id.to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["d1", "free", "put"]);
 }

@@ -82,6 +82,9 @@ fn records_from_before_the_id_newtypes_load_encode_the_same_and_open() {
         (Revision(3), Revision(4))
     );
     assert!(sandbox.mounts[0].secret_id == secret.id && key.org == org.name);
+    // Written before declarations: bound (by path), not kept after an unbind.
+    assert!(sandbox.bound && !sandbox.keep && sandbox.cgroup_id.is_none());
+    assert_eq!(sandbox.indexed_cgroup(), Some("veil.slice/run-1"));
 
     let at = |revision| (&secret.org, &secret.id, revision);
     assert!(
