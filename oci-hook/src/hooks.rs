@@ -62,11 +62,13 @@ pub fn create_runtime(state: &State, socket: &Path) -> Result<(), HookError> {
 /// directory. A container that never bound unbinds nothing: it may have named a sandbox that
 /// another container holds.
 pub fn poststop(state: &State, socket: &Path) -> Result<(), HookError> {
+    let t = Timing::start("poststop");
     let dir = RunDir::new(Path::new(BASE), &state.id)?;
     let unbound = match dir.bound_sandbox() {
         Some(sandbox) => agent::unbind(socket, &sandbox),
         None => Ok(()),
     };
+    t.mark("unbound");
     let removed = dir.remove();
     unbound.and(removed)
 }

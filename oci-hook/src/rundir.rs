@@ -111,8 +111,10 @@ pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), HookError>
         .mode(mode)
         .open(&tmp)
         .map_err(HookError::io(&tmp))?;
+    // No fsync: readers are the runtime and the container, moments later, through the page
+    // cache; the rename alone keeps them from seeing a partial file. Nothing here must outlive
+    // a host crash (the containers do not either).
     f.write_all(bytes).map_err(HookError::io(&tmp))?;
-    f.sync_all().map_err(HookError::io(&tmp))?;
     // The umask may have narrowed the mode of a new file.
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
         .map_err(HookError::io(&tmp))?;

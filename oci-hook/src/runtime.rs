@@ -43,17 +43,23 @@ pub fn prepare(inv: &Invocation, settings: &Settings) -> Result<(), HookError> {
     }
     t.mark("described");
     dir.prepare(Path::new(HOST_ROOTS), &declared.ca_pem, &sandbox)?;
+    t.mark("bundle");
     let trust = spec::rootfs(&config, &bundle)
         .map(|r| spec::trust_paths_in(&r))
         .unwrap_or_default();
     let exe = std::env::current_exe().map_err(HookError::io("/proc/self/exe"))?;
     let ca_file = dir.ca_file();
+    let hook_env: Vec<String> = crate::timing::file()
+        .map(|f| format!("{}={}", crate::timing::TIMING_VAR, f.display()))
+        .into_iter()
+        .collect();
     let grant = spec::Grant {
         env: &declared.env,
         ca_file: &ca_file,
         trust_paths: &trust,
         hook_exe: &exe,
         socket: &absolute(&settings.agent_socket)?,
+        hook_env: &hook_env,
     };
     let edited = spec::give(&mut config, &grant).and_then(|()| {
         let bytes = serde_json::to_vec(&config)

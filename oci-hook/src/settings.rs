@@ -106,6 +106,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_file_holds_the_defaults() {
+        let shipped: FileSettings =
+            toml::from_str(include_str!("../../xtask/dist/oci-hook.toml")).unwrap();
+        let s = resolve(None, None, None, shipped);
+        assert_eq!(s, resolve(None, None, None, FileSettings::default()));
+    }
+
+    #[test]
     fn a_malformed_file_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("oci-hook.toml");

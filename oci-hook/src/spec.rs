@@ -107,6 +107,8 @@ pub struct Grant<'a> {
     pub hook_exe: &'a Path,
     /// The agent's local socket, handed to the hooks.
     pub socket: &'a Path,
+    /// Environment of the hooks (`NAME=VALUE`; the runtime gives them nothing else).
+    pub hook_env: &'a [String],
 }
 
 /// Gives the container what its sandbox declares: see the module doc. Entries of
@@ -169,11 +171,14 @@ pub fn give(spec: &mut Value, grant: &Grant<'_>) -> Result<(), HookError> {
             .or_insert_with(|| json!([]))
             .as_array_mut()
             .ok_or_else(|| HookError::Spec(format!("hooks.{stage} is not a list")))?;
-        let hook = json!({
+        let mut hook = json!({
             "path": exe,
             "args": ["veil-oci-hook", mode, "--agent-socket", socket],
             "timeout": timeout,
         });
+        if !grant.hook_env.is_empty() {
+            hook["env"] = json!(grant.hook_env);
+        }
         if !list.contains(&hook) {
             list.push(hook);
         }
@@ -230,6 +235,7 @@ mod tests {
             trust_paths: trust,
             hook_exe: Path::new("/usr/local/bin/veil-oci-hook"),
             socket: Path::new("/run/veil/agent-local.sock"),
+            hook_env: &[],
         }
     }
 

@@ -125,6 +125,19 @@ impl RuncContainer {
         )
     }
 
+    /// As [`Self::run_veil`], with the hook's phase timings appended to `timing`
+    /// (`VEIL_OCI_HOOK_TIMING`).
+    pub fn run_veil_timed(&self, socket: &Path, timing: &Path, timeout: Duration) -> Output {
+        output_within(
+            Command::new(bin_path("veil-oci-hook"))
+                .env("VEIL_OCI_HOOK_TIMING", timing)
+                .arg("runtime")
+                .arg(format!("--veil-socket={}", socket.display()))
+                .args(self.run_args()),
+            timeout,
+        )
+    }
+
     /// Starts `veil-oci-hook runtime … run …` without waiting (stdio discarded); the caller
     /// kills it by pid.
     pub fn spawn_veil(&self, socket: &Path) -> std::process::Child {
