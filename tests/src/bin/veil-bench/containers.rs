@@ -83,7 +83,7 @@ pub fn run(count: u64) -> Result<()> {
     let timing = place.path("timing");
     let runc_run = |veil_runtime: bool| {
         if veil_runtime {
-            let c = RuncContainer::new("bench", &place.spec("true", &[env.clone()]));
+            let c = RuncContainer::new("bench", &place.spec("true", std::slice::from_ref(&env)));
             let started = Instant::now();
             let out = c.run_veil_timed(&socket, &timing, Duration::from_secs(60));
             (started.elapsed(), out)
