@@ -84,6 +84,23 @@ fn an_unbound_container_under_a_guarded_parent_cannot_connect_also_while_the_age
         "with the agent down, an unbound container under a guarded parent connected: status {}",
         out.status
     );
+
+    // Taken out of the config, the parent is released at the next start.
+    let config = veil.agent().config_path();
+    let text = std::fs::read_to_string(&config).expect("agent config");
+    let without: String = text
+        .lines()
+        .filter(|l| !l.starts_with("guard_cgroups"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&config, without).expect("agent config");
+    veil.agent().respawn();
+    let out = fetcher(&parent, &ns, &url).run_plain(RUN);
+    assert!(
+        out.status.success(),
+        "a parent removed from guard_cgroups is still guarded: status {}",
+        out.status
+    );
 }
 
 #[test]
