@@ -376,4 +376,46 @@ mod tests {
         let e = serde_json::from_str::<AgentMsg>(hello).unwrap_err();
         assert!(e.to_string().contains("agent id"), "{e}");
     }
+
+    #[test]
+    fn binding_requests_and_replies_round_trip() {
+        let bind = AgentMsg::Bind {
+            req: 3,
+            sandbox: "sb".parse().unwrap(),
+            cgroup: "docker/abc".into(),
+            cgroup_id: 42,
+            netns: Some("/run/veil/netns/sb/42".into()),
+        };
+        let j = serde_json::to_string(&bind).unwrap();
+        assert!(
+            j.starts_with(r#"{"type":"bind","req":3,"sandbox":"sb","#),
+            "{j}"
+        );
+        assert_eq!(serde_json::from_str::<AgentMsg>(&j).unwrap(), bind);
+        let gone = AgentMsg::Gone {
+            sandbox: "sb".parse().unwrap(),
+            cgroup_id: 42,
+        };
+        let j = serde_json::to_string(&gone).unwrap();
+        assert_eq!(serde_json::from_str::<AgentMsg>(&j).unwrap(), gone);
+        // A reply is outside the seq/ack scheme.
+        let reply = ControlMsg::Reply {
+            req: 3,
+            outcome: LocalResponse::Unbound {
+                sandbox: "sb".parse().unwrap(),
+            },
+        };
+        assert_eq!(reply.seq(), None);
+        let j = serde_json::to_string(&reply).unwrap();
+        assert!(
+            j.starts_with(r#"{"type":"reply","req":3,"outcome":{"type":"unbound""#),
+            "{j}"
+        );
+        assert_eq!(serde_json::from_str::<ControlMsg>(&j).unwrap(), reply);
+        // A sandbox from an older peer carries no cgroup id, and one without it writes none.
+        let old = r#"{"id":"sb","org":"o","cgroup":"c","netns":null,"mounts":{}}"#;
+        let s: SandboxState = serde_json::from_str(old).unwrap();
+        assert_eq!(s.cgroup_id, None);
+        assert!(!serde_json::to_string(&s).unwrap().contains("cgroup_id"));
+    }
 }

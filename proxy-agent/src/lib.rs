@@ -21,6 +21,7 @@ pub mod hostaddrs;
 pub mod identity;
 pub mod link;
 pub mod local;
+pub mod local_channel;
 pub mod metrics;
 pub mod netns_pin;
 pub mod pins;

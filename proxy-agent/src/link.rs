@@ -30,7 +30,7 @@ use veil_link::{
 
 use crate::config::SandboxSpec;
 use crate::guard::GuardHandle;
-use crate::local::{Ask, FromLocal};
+use crate::local_channel::{Ask, FromLocal};
 use crate::netns_pin::NetnsPins;
 use crate::reap::BoundCgroups;
 use crate::sandbox::Registry;

@@ -15,7 +15,8 @@ use proxy_agent::config::{self, Config};
 use proxy_agent::dialer::EgressGuard;
 use proxy_agent::identity;
 use proxy_agent::link::{Identity, LinkClient, Sessions};
-use proxy_agent::local::{self, FromLocal};
+use proxy_agent::local;
+use proxy_agent::local_channel::{self, FromLocal};
 use proxy_agent::metrics;
 use proxy_agent::netns_pin::NetnsPins;
 use proxy_agent::pins::PinLayout;
@@ -297,13 +298,9 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     notify(&[NotifyState::Ready]);
 
     // The local binding socket: host-side tools bind declared sandboxes through it.
-    let (local, local_task) = match start_local(settings, &cgroup2, ca.cert_pem()) {
-        Some((from, task, pins)) => (Some((from, pins)), Some(task)),
-        None => (None, None),
-    };
-    let (from_local, pins) = match local {
-        Some((from, pins)) => (Some(from), Some(pins)),
-        None => (None, None),
+    let (from_local, local_task, pins) = match start_local(settings, &cgroup2, ca.cert_pem()) {
+        Some((from, task, pins)) => (Some(from), Some(task), Some(pins)),
+        None => (None, None, None),
     };
     let mut sessions = Sessions {
         local: from_local,
@@ -336,7 +333,9 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     }
 
     if let Some(task) = local_task {
+        // No tool reaches a stopped agent; the netns pins stay (the bindings outlive a restart).
         task.abort();
+        let _ = std::fs::remove_file(&settings.local_socket);
     }
     notify(&[NotifyState::Stopping]);
     info!("stopping: no new connections; draining open ones; pinned redirects stay");
@@ -380,7 +379,7 @@ fn start_local(
     };
     let dir = path.parent().unwrap_or(Path::new("/")).join("netns");
     let pins = NetnsPins::new(dir);
-    let (to, from) = local::channel();
+    let (to, from) = local_channel::channel();
     let server = local::LocalServer {
         cgroup2: cgroup2.to_owned(),
         pins: pins.clone(),

@@ -8,7 +8,8 @@
 //! (`PUT /api/sandbox/{id}`, answered once veil-agent enforces it), which returns the
 //! placeholders and veil's CA; a CA bundle (system roots + veil's CA); then the command, with an
 //! environment built from an allowlist (see [`env`]), in its own pid, mount and IPC namespaces
-//! (see [`child`]).
+//! (see [`child`]). With `--host` the sandbox is declared (no cgroup) and bound through
+//! veil-agent's local socket instead (see [`host`]).
 //!
 //! Exit status: the command's own, 128+N when a signal N killed it, 125 when veil-control run
 //! itself failed, 126 when the command could not be executed, 127 when it was not found.
@@ -20,6 +21,7 @@ pub mod cgroup;
 pub mod child;
 pub mod dns;
 pub mod env;
+pub mod host;
 pub mod netns;
 mod reap;
 pub mod state;
@@ -106,6 +108,13 @@ pub struct RunArgs {
     /// Seconds to wait for the host-wide network set-up lock (`--netns`) before giving up.
     #[arg(long, env = "VEIL_RUN_LOCK_TIMEOUT", default_value_t = 30)]
     pub lock_timeout: u64,
+    /// Declare the sandbox through the API (no cgroup), then bind it through veil-agent's
+    /// local socket on this host, as a container runtime's hook does.
+    #[arg(long)]
+    pub host: bool,
+    /// veil-agent's local binding socket (`--host`).
+    #[arg(long, env = "VEIL_AGENT_LOCAL_SOCKET", default_value = veil_link::local::DEFAULT_LOCAL_SOCKET)]
+    pub local_socket: PathBuf,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -446,26 +455,46 @@ async fn setup(
         .iter()
         .map(|(env, name)| BTreeMap::from([(env.clone(), name.clone())]))
         .collect();
-    let body = veil_api::PutSandbox {
-        cgroup: Some(relative),
-        keep: None,
-        // Nothing is forwarded out of this netns: veil opens its connections from the host.
-        egress: netns_path.as_ref().map(|_| "host".to_owned()),
-        netns: netns_path,
-        secrets: Some(secrets),
+    // Nothing is forwarded out of a netns of its own: veil opens its connections from the host.
+    let egress = netns_path.as_ref().map(|_| "host".to_owned());
+    let (placeholders, ca) = if args.host {
+        let body = veil_api::PutSandbox {
+            cgroup: None,
+            keep: None,
+            egress,
+            netns: None,
+            secrets: Some(secrets),
+        };
+        res.registered = true;
+        client
+            .put_sandbox(id, &body)
+            .await
+            .context("declaring the sandbox")?;
+        let bound = host::bind(&args.local_socket, id, &relative, netns_path.as_deref())
+            .await
+            .context("binding the sandbox")?;
+        (bound.env, Some(bound.ca_pem))
+    } else {
+        let body = veil_api::PutSandbox {
+            cgroup: Some(relative),
+            keep: None,
+            egress,
+            netns: netns_path,
+            secrets: Some(secrets),
+        };
+        // From here on the registration may exist even if the call fails (a timeout keeps it).
+        res.registered = true;
+        let answer = client
+            .put_sandbox(id, &body)
+            .await
+            .context("registering the sandbox")?;
+        (answer.env, answer.ca_certificate)
     };
-    // From here on the registration may exist even if the call fails (a timeout keeps it).
-    res.registered = true;
-    let answer = client
-        .put_sandbox(id, &body)
-        .await
-        .context("registering the sandbox")?;
-    let placeholders = answer.env;
 
     let bundle = dir_path.join("ca-bundle.pem");
     write_file(
         &bundle,
-        &ca_bundle(&args.system_roots, answer.ca_certificate.as_deref()),
+        &ca_bundle(&args.system_roots, ca.as_deref()),
         0o644,
     )?;
 

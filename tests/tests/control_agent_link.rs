@@ -35,6 +35,7 @@ fn kind(m: &ControlMsg) -> String {
         ControlMsg::DeleteSandbox { id, .. } => format!("delete_sandbox {id}"),
         ControlMsg::PutSecret { secret, .. } => format!("put_secret {}", secret.id),
         ControlMsg::DeleteSecret { id, .. } => format!("delete_secret {id}"),
+        ControlMsg::Reply { req, .. } => format!("reply {req}"),
     }
 }
 

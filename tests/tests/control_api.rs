@@ -233,7 +233,8 @@ async fn sandbox_registry() {
         json!({"cgroup": "/veil-test.slice/../user.slice"}),
         json!({"cgroup": "/veil-test.slice/x", "netns": "/tmp/netns"}),
         json!({"cgroup": "/veil-test.slice/x", "netns": "/proc/self/ns/net"}),
-        json!({"secrets": []}),
+        // Without a cgroup a PUT declares; a netns then has nothing to belong to.
+        json!({"netns": "/run/netns/x", "secrets": []}),
         json!({"cgroup": "/veil-test.slice/x", "secrets": [{"A": "alpha", "B": "beta"}]}),
         json!({"cgroup": "/veil-test.slice/x", "secrets": [{"A": "alpha"}, {"A": "beta"}]}),
         json!({"cgroup": "/veil-test.slice/x", "secrets": [{"BAD-ENV": "alpha"}]}),
@@ -440,6 +441,7 @@ async fn openapi_describes_every_route() {
         ("/secret/{secretId}", "get"),
         ("/secret/{secretId}", "patch"),
         ("/secret/{secretId}", "delete"),
+        ("/sandbox", "post"),
         ("/sandbox/{sandboxId}", "put"),
         ("/sandbox/{sandboxId}", "get"),
         ("/sandbox/{sandboxId}", "delete"),

@@ -292,8 +292,9 @@ fn sigint_mid_command_removes_the_sandbox() {
 
 /// `curl` in a run sandbox to a TLS upstream for [`NAME`]: the upstream gets the value, the
 /// command sees only the placeholder, the exit code comes back and nothing is left. With
-/// `echo`, the upstream echoes the request, which veil must scrub back to the placeholder.
-fn upstream_gets_the_value(netns: bool, echo: bool) {
+/// `echo`, the upstream echoes the request, which veil must scrub back to the placeholder. With
+/// `host`, the run declares the sandbox and binds it through the agent's local socket.
+fn upstream_gets_the_value(netns: bool, echo: bool, host: bool) {
     let world = World::new();
     let dns = Dns::start(&world, world.upstream_v4());
     let resolv = dns.resolv_conf();
@@ -315,7 +316,7 @@ fn upstream_gets_the_value(netns: bool, echo: bool) {
     let port = up.addr().port();
     let resolv_path = resolv.path().to_string_lossy().into_owned();
     // Without --netns the sandbox uses the host's resolver, which knows no test names.
-    let (extra, resolve) = if netns {
+    let (mut extra, resolve) = if netns {
         (
             vec!["--netns", "--resolv-conf", resolv_path.as_str()],
             String::new(),
@@ -326,6 +327,10 @@ fn upstream_gets_the_value(netns: bool, echo: bool) {
             format!("--resolve {NAME}:{port}:{}", world.upstream_v4()),
         )
     };
+    let local_socket = s.veil.agent().local_socket().to_string_lossy().into_owned();
+    if host {
+        extra.extend(["--host", "--local-socket", local_socket.as_str()]);
+    }
     let script = format!(
         "curl -sS --max-time 20 {resolve} --cacert \"$SSL_CERT_FILE\" \
          -H \"Authorization: Bearer $K\" https://{NAME}:{port}/run; echo; printf 'K=%s\\n' \"$K\"; \
@@ -364,19 +369,25 @@ fn upstream_gets_the_value(netns: bool, echo: bool) {
     s.assert_gone(&id, pid);
 }
 
+/// `run --host`: declared through the API, bound through veil-agent's local socket.
+#[test]
+fn upstream_gets_the_value_through_a_sandbox_bound_on_the_host() {
+    upstream_gets_the_value(true, false, true);
+}
+
 #[test]
 fn upstream_gets_the_value_through_a_shared_netns_sandbox() {
-    upstream_gets_the_value(false, false);
+    upstream_gets_the_value(false, false, false);
 }
 
 #[test]
 fn upstream_gets_the_value_through_a_netns_sandbox() {
-    upstream_gets_the_value(true, false);
+    upstream_gets_the_value(true, false, false);
 }
 
 #[test]
 fn echoed_value_is_scrubbed_in_a_netns_sandbox() {
-    upstream_gets_the_value(true, true);
+    upstream_gets_the_value(true, true, false);
 }
 
 /// A cgroup tree removed on drop with what runs in it, also when the test failed half-way.
