@@ -55,7 +55,7 @@ pub fn create_runtime(state: &State, socket: &Path) -> Result<(), HookError> {
     t.mark("read");
     agent::bind(socket, &sandbox, &cgroup, &netns)?;
     t.mark("bound");
-    RunDir::new(Path::new(BASE), &state.id)?.mark_bound()
+    RunDir::new(Path::new(BASE), &state.id)?.mark_bound(&sandbox)
 }
 
 /// `poststop`: unbinds the sandbox this container bound (best effort) and removes its runtime

@@ -52,6 +52,14 @@ impl RunDir {
         self.dir.join("bound")
     }
 
+    fn create(&self) -> Result<(), HookError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&self.dir)
+            .map_err(HookError::io(&self.dir))
+    }
+
     /// Creates the directory and writes the CA bundle (host roots + veil's CA) and the sandbox.
     pub fn prepare(
         &self,
@@ -59,11 +67,7 @@ impl RunDir {
         ca_pem: &str,
         sandbox: &SandboxId,
     ) -> Result<(), HookError> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(&self.dir)
-            .map_err(HookError::io(&self.dir))?;
+        self.create()?;
         let mut bundle = match std::fs::read(host_roots) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -79,7 +83,11 @@ impl RunDir {
 
     /// Records that this container's createRuntime hook bound its sandbox: only then does its
     /// poststop unbind (a container that named someone else's bound sandbox must not unbind it).
-    pub fn mark_bound(&self) -> Result<(), HookError> {
+    /// The directory is created when missing: hooks configured without the shim (a Podman
+    /// hooks.d file) have none.
+    pub fn mark_bound(&self, sandbox: &SandboxId) -> Result<(), HookError> {
+        self.create()?;
+        write_file(&self.sandbox_file(), sandbox.as_str().as_bytes(), 0o600)?;
         write_file(&self.bound_file(), b"", 0o600)
     }
 
@@ -140,8 +148,12 @@ mod tests {
         let mode = std::fs::metadata(d.ca_file()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o644);
         assert_eq!(d.bound_sandbox(), None);
-        d.mark_bound().unwrap();
-        assert_eq!(d.bound_sandbox(), Some(sb));
+        d.mark_bound(&sb).unwrap();
+        assert_eq!(d.bound_sandbox(), Some(sb.clone()));
+        // Without the shim's directory (hooks.d), binding records it all the same.
+        let other = RunDir::new(base.path(), "hooks-d").unwrap();
+        other.mark_bound(&sb).unwrap();
+        assert_eq!(other.bound_sandbox(), Some(sb));
         d.remove().unwrap();
         assert!(!base.path().join("abc").exists());
         d.remove().unwrap();
