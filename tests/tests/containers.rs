@@ -15,6 +15,7 @@ use veil_tests::oci_world::{
 };
 use veil_tests::podman::Podman;
 use veil_tests::runc::RuncContainer;
+use veil_tests::{bin_path, output_within};
 
 const RUN: Duration = Duration::from_secs(90);
 
@@ -474,4 +475,86 @@ fn docker_restart_rebinds_with_keep_and_is_refused_without() {
         }
         let _ = docker.cli(&["rm", "-f", id]);
     }
+}
+
+#[test]
+fn podman_hooks_d_binds_without_the_shim() {
+    let (w, key) = echo_world("containers hooks.d CA");
+    let veil = &w.veil;
+    declare(veil, "ctr-hooksd", &[(VAR, "upstream-key")], false);
+    let podman = Podman::new();
+    let image = podman.import("hooksd");
+    // The hooks.d file of the README, pointed at this test's agent.
+    let hooks = tempfile::tempdir().expect("tempdir");
+    let hook = bin_path("veil-oci-hook").display().to_string();
+    let socket = veil.agent().local_socket().display().to_string();
+    for (stage, mode) in [
+        ("createRuntime", "create-runtime"),
+        ("poststop", "poststop"),
+    ] {
+        let file = json!({
+            "version": "1.0.0",
+            "hook": {"path": hook, "args": ["veil-oci-hook", mode, "--agent-socket", socket]},
+            "when": {"annotations": {"^dev\\.veil\\.sandbox$": ".+"}},
+            "stages": [stage],
+        });
+        std::fs::write(
+            hooks.path().join(format!("veil-{mode}.json")),
+            file.to_string(),
+        )
+        .expect("hooks.d file");
+    }
+    let out = tempfile::tempdir().expect("tempdir");
+    let volume = format!("{}:/out", out.path().display());
+    let trust = format!(
+        "{}:/etc/ssl/certs/ca-certificates.crt:ro",
+        out.path().join("ca.pem").display()
+    );
+    let run = |sandbox: &str| {
+        let mut cmd = podman.command();
+        cmd.arg("--hooks-dir")
+            .arg(hooks.path())
+            .args([
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--runtime",
+                "/usr/sbin/runc",
+            ])
+            .arg("--cgroup-parent")
+            .arg(podman.parent.relative())
+            .args(veil_tests::podman::ULIMITS)
+            .args(["--annotation", &format!("dev.veil.sandbox={sandbox}")])
+            // Without the shim nothing sets the placeholder or the CA: the caller does.
+            .args(["-e", &format!("{VAR}={}", key.placeholder)])
+            .args(["-v", &trust, "-v", &volume, &image])
+            .args(["sh", "-c", &report_script(&w)]);
+        output_within(&mut cmd, RUN)
+    };
+    let ca = std::fs::read_to_string(&w.bundle).unwrap_or_default();
+    let agent_ca = veil_tests::bind::local(
+        veil,
+        &veil_link::LocalRequest::Describe {
+            sandbox: "ctr-hooksd".parse().expect("id"),
+        },
+    );
+    let veil_link::LocalResponse::Declared(d) = agent_ca else {
+        panic!("describe: {agent_ca:?}");
+    };
+    std::fs::write(out.path().join("ca.pem"), format!("{ca}\n{}", d.ca_pem)).expect("ca");
+    let refused = run("nobody-declared");
+    assert!(!refused.status.success(), "an undeclared sandbox started");
+    assert!(!out.path().join("ran").exists(), "the refused workload ran");
+    let ran = run("ctr-hooksd");
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr).replace(&key.value, "<VALUE!>")
+    );
+    assert!(
+        last_bearer_is(&w, &key.value),
+        "hooks.d container not substituted"
+    );
+    assert_eq!(get(veil, "ctr-hooksd").0, 404, "poststop did not unbind");
 }
