@@ -434,7 +434,7 @@ fn docker_restart_rebinds_with_keep_and_is_refused_without() {
         );
         let curl = out.path().join("curl");
         assert!(
-            wait_until(RUN, || curl.exists()),
+            wait_until(RUN, || reported(&curl)),
             "{id}: first start did not report"
         );
         assert!(
@@ -447,7 +447,7 @@ fn docker_restart_rebinds_with_keep_and_is_refused_without() {
         if keep {
             assert!(restarted.status.success(), "{id}: restart failed");
             assert!(
-                wait_until(RUN, || curl.exists()),
+                wait_until(RUN, || reported(&curl)),
                 "{id}: restart did not report"
             );
             assert_eq!(
@@ -557,4 +557,9 @@ fn podman_hooks_d_binds_without_the_shim() {
         "hooks.d container not substituted"
     );
     assert_eq!(get(veil, "ctr-hooksd").0, 404, "poststop did not unbind");
+}
+
+/// Whether the container wrote curl's status (the file exists before the shell writes into it).
+fn reported(curl: &std::path::Path) -> bool {
+    std::fs::read_to_string(curl).is_ok_and(|s| !s.trim().is_empty())
 }
