@@ -49,7 +49,7 @@ pub use origin::{ConnTuple, OrigDstTable, Recorded};
 pub use ports::{GuardTable, PortTable, port_key};
 pub use programs::PROGRAMS;
 pub use sys::{netns_cookie, own_netns_cookie};
-pub use unpin::unpin_sandbox;
+pub use unpin::{unpin_links, unpin_sandbox};
 
 /// The eBPF object built by `build.rs` (see `xtask/src/ebpf.rs`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VEIL_EBPF_OBJ"));

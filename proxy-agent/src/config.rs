@@ -135,6 +135,10 @@ pub struct AgentSettings {
     /// Ranges `egress: "host"` sandboxes may reach although a deny rule (built-in, host
     /// address or `egress_deny`) covers them: allow wins.
     pub egress_allow: Vec<String>,
+    /// Container runtime parent cgroups (relative to the cgroup2 mount, e.g. `"docker"`)
+    /// whose containers may open TCP connections only once veil binds them; refused: the
+    /// root, the host's slices and any parent of the agent's own cgroup.
+    pub guard_cgroups: Vec<PathBuf>,
 }
 
 impl Default for AgentSettings {
@@ -168,6 +172,7 @@ impl Default for AgentSettings {
             websocket_idle_timeout_ms: 300_000,
             egress_deny: Vec::new(),
             egress_allow: Vec::new(),
+            guard_cgroups: Vec::new(),
         }
     }
 }
@@ -436,6 +441,7 @@ impl Config {
             ));
         }
         a.egress_rules()?;
+        crate::guard_parents::check_entries(&a.guard_cgroups).map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }

@@ -16,6 +16,7 @@ pub mod egress;
     reason = "registering its netlink socket with the reactor"
 )]
 pub mod guard;
+pub mod guard_parents;
 pub mod hostaddrs;
 pub mod identity;
 pub mod link;

@@ -13,7 +13,6 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use proxy_agent::bpf::{self, Bpf};
 use proxy_agent::config::{self, Config};
 use proxy_agent::dialer::EgressGuard;
-use proxy_agent::guard;
 use proxy_agent::identity;
 use proxy_agent::link::{Identity, LinkClient, Sessions};
 use proxy_agent::local;
@@ -30,6 +29,7 @@ use proxy_agent::tls::ca::InterceptionCa;
 use proxy_agent::tls::leaf::LeafCache;
 use proxy_agent::tls::server::TlsContext;
 use proxy_agent::tls::upstream;
+use proxy_agent::{guard, guard_parents};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::task::TaskTracker;
@@ -215,9 +215,15 @@ async fn run(args: &Common) -> Result<(), Fatal> {
         .context("preparing the bpffs pin dir")
         .map_err(Fatal::Host)?;
 
-    let bpf = Bpf::load(&pins)
+    let mut bpf = Bpf::load(&pins)
         .context("cannot load veil's eBPF programs (root with CAP_BPF and CAP_NET_ADMIN needed)")
         .map_err(Fatal::Host)?;
+    let guarded = guard_parents::apply(&mut bpf, &cgroup2, &settings.guard_cgroups)
+        .context("guarding the runtime parents of agent.guard_cgroups")
+        .map_err(Fatal::Host)?;
+    if !guarded.is_empty() {
+        info!(parents = ?guarded, "unbound containers under these cgroups cannot connect");
+    }
     let stats = Arc::new(Stats::default());
     let egress = settings
         .egress_rules()
@@ -418,6 +424,7 @@ fn teardown(args: &Common, sandbox: Option<&str>, all: bool) -> Result<(), Fatal
             bpf::unpin_sandbox(&pins, id).map_err(host)?;
         }
         bpf::remove_pinned_targets(&pins, None).map_err(host)?;
+        guard_parents::remove_all(&pins).map_err(host)?;
         records.clear();
         file.store(&records)
             .context("saving the sandbox set")

@@ -3,6 +3,7 @@
 //! ```text
 //! <pin dir>/maps/<MAP NAME>                      maps shared by agent generations of one layout
 //! <pin dir>/sandboxes/<cgroup id>/<program>      one bpf_link per program and sandbox cgroup
+//! <pin dir>/guarded/<cgroup id>/<program>        the refusing programs on a guarded parent
 //! ```
 //! Pinned links stay attached when the agent exits (SIGTERM, SIGKILL, upgrade), so a sandbox is
 //! never left without its redirect; only removing the pin detaches a link. A pinned map of
@@ -51,6 +52,11 @@ impl PinLayout {
     /// Directory of one sandbox cgroup's links.
     pub fn sandbox_dir(&self, cgroup_id: u64) -> PathBuf {
         self.sandboxes_dir().join(cgroup_id.to_string())
+    }
+
+    /// Directory of the guarded runtime parents' links (`<pin dir>/guarded/<cgroup id>/`).
+    pub fn guarded_dir(&self) -> PathBuf {
+        self.root.join("guarded")
     }
 
     /// Pin path of `program`'s link on the cgroup `cgroup_id`.

@@ -46,6 +46,7 @@ pub fn bin_path(name: &str) -> PathBuf {
             "veil-agent" => "proxy-agent",
             "veil-control" => "control",
             "veil-probe" | "veil-ws-h2" => "veil-tests",
+            "veil-oci-hook" => "veil-oci-hook",
             _ => "<package>",
         };
         panic!(

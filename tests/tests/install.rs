@@ -70,6 +70,8 @@ fn install_lays_out_the_tree_idempotently_and_systemd_accepts_the_units() {
     for (path, want) in [
         ("usr/local/bin/veil-control", 0o755),
         ("usr/local/bin/veil-agent", 0o755),
+        ("usr/local/bin/veil-oci-hook", 0o755),
+        ("etc/veil/oci-hook.toml", 0o644),
         ("etc/systemd/system/veil-control.service", 0o644),
         ("etc/systemd/system/veil-agent.service", 0o644),
         ("etc/veil/control.toml", 0o640),

@@ -16,10 +16,11 @@ const CONTROL_UNIT: &str = include_str!("../dist/veil-control.service");
 const AGENT_UNIT: &str = include_str!("../dist/veil-agent.service");
 const CONTROL_CONFIG: &str = include_str!("../dist/control.toml");
 const AGENT_CONFIG: &str = include_str!("../dist/agent.toml");
+const OCI_HOOK_CONFIG: &str = include_str!("../dist/oci-hook.toml");
 const README: &str = include_str!("../../README.md");
 
 /// Binaries installed, from the build output directory.
-const BINARIES: &[&str] = &["veil-control", "veil-agent"];
+const BINARIES: &[&str] = &["veil-control", "veil-agent", "veil-oci-hook"];
 
 /// Where everything goes, below `destdir` (empty = the live system).
 #[derive(Debug)]
@@ -87,6 +88,14 @@ pub fn install(layout: &Layout, bin_dir: &Path) -> Result<()> {
         false,
     )?;
     write(layout, "/etc/veil/agent.toml", AGENT_CONFIG, 0o640, false)?;
+    // Read by the OCI hook, which container runtimes run as root.
+    write(
+        layout,
+        "/etc/veil/oci-hook.toml",
+        OCI_HOOK_CONFIG,
+        0o644,
+        false,
+    )?;
     for dir in [
         "/var/lib/veil",
         "/var/lib/veil/control",
@@ -120,6 +129,7 @@ pub fn uninstall(layout: &Layout, purge: bool) -> Result<()> {
     for file in [
         "/usr/local/bin/veil-control",
         "/usr/local/bin/veil-agent",
+        "/usr/local/bin/veil-oci-hook",
         "/etc/systemd/system/veil-control.service",
         "/etc/systemd/system/veil-agent.service",
         "/usr/local/share/doc/veil/README.md",

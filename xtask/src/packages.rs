@@ -9,15 +9,22 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 /// Debian packages the test suite and benchmarks run: real clients and network tools.
+/// The container runtimes (runc, docker.io, podman, busybox-static for the images) are for the
+/// OCI hook's tests; `NoServiceStarts` keeps dockerd and containerd from starting on install
+/// (the tests run a private dockerd that never touches iptables).
 pub const TEST_PACKAGES: &[&str] = &[
+    "busybox-static",
     "ca-certificates",
     "curl",
+    "docker.io",
     "iproute2",
     "nftables",
     "postgresql",
+    "podman",
     "procps",
     "python3",
     "python3-venv",
+    "runc",
     "util-linux",
 ];
 
@@ -57,7 +64,39 @@ pub fn ensure_packages(packages: &[&str]) -> Result<()> {
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(&missing);
     let _no_daemons = NoServiceStarts::install()?;
-    apt(&args)
+    apt(&args)?;
+    disable_boot_units(&missing);
+    Ok(())
+}
+
+/// Units a package enables for boot that this install must not leave enabled: dockerd at boot
+/// rewrites iptables (its FORWARD policy breaks the test namespaces); the tests run their own.
+const NO_BOOT_UNITS: &[(&str, &[&str])] = &[(
+    "docker.io",
+    &["docker.service", "docker.socket", "containerd.service"],
+)];
+
+/// Disables the boot units of the packages just installed (never those of a package that was
+/// already there: an operator's own Docker stays as it was).
+fn disable_boot_units(installed_now: &[&str]) {
+    for (package, units) in NO_BOOT_UNITS {
+        if !installed_now.contains(package) {
+            continue;
+        }
+        // deb-systemd-helper works without a running systemd and records the choice, so an
+        // upgrade does not enable them again; it runs only as a maintainer script would.
+        let status = Command::new("deb-systemd-helper")
+            .env("DPKG_MAINTSCRIPT_PACKAGE", package)
+            .arg("disable")
+            .args(*units)
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!(
+                "xtask: could not disable {} (installed by {package}): disable them by hand",
+                units.join(" ")
+            );
+        }
+    }
 }
 
 /// Where Debian's maintainer scripts ask whether they may start a service.

@@ -23,20 +23,31 @@ impl Bpf {
         cgroup_dir: &Path,
         cgroup_id: u64,
     ) -> Result<LinkReport, BpfError> {
+        let dir = self.pins.sandbox_dir(cgroup_id);
+        self.ensure_links_at(cgroup_dir, &dir, &PROGRAMS)
+    }
+
+    /// [`Self::ensure_links`] for `programs` pinned as `<dir>/<program>` (a guarded runtime
+    /// parent gets the refusing subset under its own directory).
+    pub fn ensure_links_at(
+        &mut self,
+        cgroup_dir: &Path,
+        dir: &Path,
+        programs: &[&'static str],
+    ) -> Result<LinkReport, BpfError> {
         let cgroup_err = |source| BpfError::Cgroup {
             path: cgroup_dir.to_owned(),
             source,
         };
         let cgroup = File::open(cgroup_dir).map_err(cgroup_err)?;
-        let dir = self.pins.sandbox_dir(cgroup_id);
-        std::fs::create_dir_all(&dir).map_err(|source| BpfError::Pin {
-            path: dir.clone(),
+        std::fs::create_dir_all(dir).map_err(|source| BpfError::Pin {
+            path: dir.to_owned(),
             source,
         })?;
         let mut report = LinkReport::default();
         let mut new_pins = Vec::new();
-        for name in PROGRAMS {
-            let path = self.pins.link(cgroup_id, name);
+        for &name in programs {
+            let path = dir.join(name);
             match self.ensure_link(&cgroup, name, &path) {
                 Ok(LinkOutcome::Attached) => {
                     report.attached += 1;

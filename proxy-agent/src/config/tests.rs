@@ -163,3 +163,20 @@ fn egress_keys_parse_and_errors_name_the_entry() {
         "{text}"
     );
 }
+
+#[test]
+fn guard_cgroups_refuses_the_host_naming_the_entry() {
+    let c = Config::parse("[agent]\nguard_cgroups = [\"docker\"]\n", Path::new(MNT)).unwrap();
+    assert_eq!(c.agent.guard_cgroups, vec![PathBuf::from("docker")]);
+    for bad in ["system.slice", "/docker", "..", ""] {
+        let text = format!("[agent]\nguard_cgroups = [\"docker\", {bad:?}]\n");
+        let e = Config::parse(&text, Path::new(MNT))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("invalid config: agent.guard_cgroups: ")
+                && e.contains(&format!("{bad:?}")),
+            "{bad}: {e}"
+        );
+    }
+}

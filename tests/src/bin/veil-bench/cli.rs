@@ -100,6 +100,15 @@ pub enum Cmd {
         #[arg(long, default_value_t = 2000, value_parser = positive)]
         count: u64,
     },
+    /// Container start overhead: `true` in a container with the veil runtime and a declared
+    /// sandbox vs the plain runtime, for Docker, Podman and runc (p50/p99), and where the hook's
+    /// time goes.
+    #[command(after_help = EXIT_STATUS)]
+    Containers {
+        /// Starts per runtime and mode.
+        #[arg(long, default_value_t = 50, value_parser = positive)]
+        count: u64,
+    },
     /// TLS interception with header substitution vs a direct connection (h2load).
     #[command(after_help = EXIT_STATUS)]
     Mitm {

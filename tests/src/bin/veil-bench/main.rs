@@ -5,8 +5,8 @@
 //! (inside the cgroup), interleaved, and prints medians and ratios; the sandbox has egress
 //! "sandbox" unless `VEIL_BENCH_EGRESS=host`. `veil-bench suite` compares
 //! veil with direct, nginx and mitmproxy and writes docs/benchmarks.md (see suite.rs);
-//! `veil-bench soak` is the load and leak soak; `registration`, `restart`, `mitm`, `rotation`
-//! and `transfers` measure one thing each. The `client-*` subcommands are the client side, re-executed inside
+//! `veil-bench soak` is the load and leak soak; `registration`, `restart`, `mitm`, `rotation`,
+//! `transfers` and `containers` measure one thing each. The `client-*` subcommands are the client side, re-executed inside
 //! the sandbox. `veil-bench help SUBCOMMAND` lists a subcommand's options and defaults.
 //!
 //! The command line is parsed (cli.rs) before anything is set up: `--help`, `--version` and a
@@ -32,6 +32,7 @@ use crate::quantile::percentile;
 use crate::sink::{run_client, start_sink};
 
 mod cli;
+mod containers;
 mod host;
 mod idle;
 mod load;
@@ -104,6 +105,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Restart { count } => restart(count),
         Cmd::Rotation { count } => rotation::run(count),
         Cmd::Store { count } => store::run(count),
+        Cmd::Containers { count } => containers::run(count),
         Cmd::Transfers { bytes } => transfers::run(bytes),
         Cmd::Mitm { seconds, runs } => mitm::run(seconds, runs),
         Cmd::ClientBulk { addr, bytes } => client_bulk(addr, bytes),
