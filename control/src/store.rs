@@ -5,6 +5,7 @@
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod error;
+pub mod fleet;
 mod permission;
 pub mod postgres;
 pub mod shared_keys;
@@ -349,6 +350,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The key coordination of a store other veil-control replicas use at the same time
     /// (PostgreSQL); none for a store of one replica.
     fn shared_keys(&self) -> Option<&dyn shared_keys::SharedKeys> {
+        None
+    }
+    /// The fleet's CA and hosts (PostgreSQL only); none for a store of one replica.
+    fn fleet(&self) -> Option<&dyn fleet::FleetStore> {
         None
     }
     /// Stores a new API key, creating its organization if new.

@@ -15,7 +15,7 @@ use proxy_agent::config::{self, Config};
 use proxy_agent::dialer::EgressGuard;
 use proxy_agent::guard;
 use proxy_agent::identity;
-use proxy_agent::link::{Identity, LinkClient};
+use proxy_agent::link::{Endpoint, Identity, LinkClient};
 use proxy_agent::metrics;
 use proxy_agent::pins::PinLayout;
 use proxy_agent::proxy::Proxy;
@@ -178,12 +178,34 @@ fn load_config(args: &Common, cgroup2: &Path) -> Result<Config, Fatal> {
         .agent
         .upstream_ca
         .extend(args.upstream_ca.iter().cloned());
+    // A flag may have set the socket beside the file's control_urls.
+    config
+        .agent
+        .check_control()
+        .map_err(|e| Fatal::Config(e.into()))?;
     if !config.agent.bpf_pin_dir.is_absolute() || !config.agent.state_dir.is_absolute() {
         return Err(Fatal::Config(anyhow!(
             "--pin-dir and --state-dir must be absolute paths"
         )));
     }
     Ok(config)
+}
+
+/// Where the link reaches control: the fleet's replicas when `control_urls` is set (its TLS
+/// files read now: a bad one is a config error), else the local socket.
+fn control_endpoint(settings: &config::AgentSettings) -> anyhow::Result<Endpoint> {
+    if settings.control_urls.is_empty() {
+        return Ok(Endpoint::Local(settings.control_socket.clone()));
+    }
+    let tls = proxy_agent::link::endpoint::client_config(
+        &settings.control_cert,
+        &settings.control_key,
+        &settings.control_ca,
+    )?;
+    Ok(Endpoint::Fleet {
+        urls: settings.control_urls.clone(),
+        tls: std::sync::Arc::new(tls),
+    })
 }
 
 fn notify(states: &[NotifyState<'_>]) {
@@ -288,8 +310,9 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Fatal::Runtime(e.into()))?;
     notify(&[NotifyState::Ready]);
 
+    let endpoint = control_endpoint(settings).map_err(Fatal::Config)?;
     let link = LinkClient {
-        socket: settings.control_socket.clone(),
+        endpoint,
         backoff: settings.reconnect(),
         identity: Identity {
             agent_id,

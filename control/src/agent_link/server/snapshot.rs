@@ -123,7 +123,8 @@ impl AgentServer {
                 holds: Holds::Exactly(held),
             },
         );
-        if st.ca_pem.as_deref() != Some(ca_pem.as_str()) {
+        // A fleet host's CA is kept with its enrollment; the local one answers local PUTs.
+        if info.host.is_none() && st.ca_pem.as_deref() != Some(ca_pem.as_str()) {
             if let Err(e) = save_ca(&self.inner.ca_file, &ca_pem) {
                 tracing::warn!(error = %e, file = %self.inner.ca_file.display(), "saving the agent CA");
             }
