@@ -6,3 +6,4 @@
 pub mod ca;
 pub mod enroll;
 pub mod listener;
+pub mod placement;

@@ -258,6 +258,9 @@ pub struct SandboxRecord {
     pub created_at: i64,
     /// Last update time, ms since the epoch.
     pub updated_at: i64,
+    /// The fleet host whose agents enforce it; `None` = the agents on control's local socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// An audit entry; values never appear in it (masked as `***`).

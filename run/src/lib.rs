@@ -452,6 +452,7 @@ async fn setup(
         egress: netns_path.as_ref().map(|_| "host".to_owned()),
         netns: netns_path,
         secrets: Some(secrets),
+        host: None,
     };
     // From here on the registration may exist even if the call fails (a timeout keeps it).
     res.registered = true;

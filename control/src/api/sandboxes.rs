@@ -130,7 +130,10 @@ fn live_mounts(
 
 fn view(state: &AppState, sb: &SandboxRecord) -> Result<Sandbox, ApiError> {
     let live = live_mounts(state, sb)?;
-    let ca = state.agent.ca_certificate();
+    let ca = match &sb.host {
+        Some(host) => crate::fleet::placement::host_ca(state.store.as_ref(), host)?,
+        None => state.agent.ca_certificate(),
+    };
     let env: BTreeMap<String, String> = live
         .iter()
         .map(|(m, s)| (m.env.clone(), s.placeholder.clone()))
@@ -151,6 +154,7 @@ fn view(state: &AppState, sb: &SandboxRecord) -> Result<Sandbox, ApiError> {
         ca_certificate: ca,
         created_at: rfc3339(sb.created_at),
         updated_at: rfc3339(sb.updated_at),
+        host: sb.host.clone(),
     })
 }
 
@@ -196,6 +200,8 @@ async fn settle(
         AgentLinkError::Internal(_) => {
             roll_back(state, caller, written, previous, "internal error").await;
         }
+        // A fleet host's agent may be on another replica, which delivers it from the store.
+        AgentLinkError::NotConnected if written.host.is_some() => return Ok(()),
         AgentLinkError::NotConnected | AgentLinkError::NoAck(_) if required => {
             tracing::warn!(sandbox = %id, error = %e, "sandbox change not acknowledged; kept");
         }
@@ -280,6 +286,7 @@ pub(crate) async fn put_sandbox(
         netns,
         secrets,
         egress,
+        host,
     } = decode(&headers, body)?;
     let cgroup = validate::cgroup(&cgroup, &state.config.sandbox.cgroup_parents)?;
     if let Some(n) = &netns {
@@ -291,7 +298,10 @@ pub(crate) async fn put_sandbox(
         None => Egress::default(),
     };
     let wanted = parse_mount_list(secrets.unwrap_or_default())?;
-    require_agent(&state)?;
+    // A fleet host's agent is looked for on every replica (checked with the record below).
+    if host.is_none() {
+        require_agent(&state)?;
+    }
     let st = state.clone();
     let caller2 = caller.clone();
     let (record, previous) = blocking(move || {
@@ -306,7 +316,14 @@ pub(crate) async fn put_sandbox(
             Some(old) => old.created_at,
             None => now,
         };
-        if st.config.sandbox.check_paths {
+        crate::fleet::placement::check(
+            st.store.as_ref(),
+            host.as_deref(),
+            previous.as_ref(),
+            st.config.agent.required,
+        )?;
+        // Another host's paths are checked by its agent, not here.
+        if st.config.sandbox.check_paths && host.is_none() {
             hostcheck::check_sandbox(&cgroup, netns.as_deref())?;
         }
         let mounts = resolve(&st, &caller2.org, &wanted)?;
@@ -319,6 +336,7 @@ pub(crate) async fn put_sandbox(
             mounts,
             created_at,
             updated_at: now,
+            host,
         };
         let audit = entry(
             &caller2,
@@ -453,12 +471,20 @@ pub(crate) async fn put_secrets(
     caller.require(Permission::WriteSandboxes)?;
     let PutSandboxSecrets { secrets } = decode(&headers, body)?;
     let wanted = parse_mount_list(secrets)?;
-    require_agent(&state)?;
     let id2 = path_id(&id)?;
     let st = state.clone();
     let caller2 = caller.clone();
     let (record, previous) = blocking(move || {
-        owned(&st, &caller2, &id2)?;
+        let current = owned(&st, &caller2, &id2)?;
+        match &current.host {
+            None => require_agent(&st)?,
+            host => crate::fleet::placement::check(
+                st.store.as_ref(),
+                host.as_deref(),
+                Some(&current),
+                st.config.agent.required,
+            )?,
+        }
         let mounts = resolve(&st, &caller2.org, &wanted)?;
         let mut before = None;
         let mut change = |old: &SandboxRecord| {
