@@ -37,6 +37,7 @@ pub mod control;
 pub mod decoding;
 pub mod egress;
 pub mod env;
+pub mod fleet;
 pub mod grpc_upstream;
 pub mod hostlink;
 pub mod https;
