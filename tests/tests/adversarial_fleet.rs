@@ -5,6 +5,7 @@
 //! Values are never printed: assertions are on ids and outcomes.
 
 use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
@@ -269,6 +270,19 @@ fn a_compromised_host_receives_only_its_own_sandboxes_secrets() {
     // Root on host 1 holds its certificate: it connects as host 1 and reads everything sent.
     let mut spy = connect(&h1);
     let mut honest = connect(&h2);
+    assert!(
+        spy.secrets.is_empty(),
+        "host 1's first snapshot carries secrets"
+    );
+    let spied: Arc<Mutex<Vec<ControlMsg>>> = Arc::default();
+    let record = spied.clone();
+    rt.spawn(async move {
+        while let Some(got) = spy.next(Duration::from_secs(120)).await {
+            if let Ok(msg) = got {
+                record.lock().expect("spied").push(msg);
+            }
+        }
+    });
     let key = a.control.apikey("fleet-org", &["admin"]);
     let api = a.control.api();
     let created = rt.block_on(api.post(
@@ -322,10 +336,9 @@ fn a_compromised_host_receives_only_its_own_sandboxes_secrets() {
             .any(|m| matches!(m, ControlMsg::PutSecret { .. })),
         "host 2's agent never received the rotation"
     );
-    let mut spied = Vec::new();
-    while let Some(Ok(msg)) = rt.block_on(spy.next(Duration::from_secs(2))) {
-        spied.push(msg);
-    }
+    // What host 1 read meanwhile (it answered everything, as a real agent would).
+    rt.block_on(async { tokio::time::sleep(Duration::from_millis(500)).await });
+    let spied = spied.lock().expect("spied").clone();
     let leaked: Vec<String> = spied
         .iter()
         .filter_map(|m| match m {
@@ -339,11 +352,7 @@ fn a_compromised_host_receives_only_its_own_sandboxes_secrets() {
             _ => None,
         })
         .collect();
-    assert!(
-        leaked.is_empty() && spy.secrets.is_empty(),
-        "host 1 received host 2's {leaked:?} / {:?}",
-        spy.secrets
-    );
+    assert!(leaked.is_empty(), "host 1 received host 2's {leaked:?}");
     // And a fresh connection of host 1 gets a snapshot without it.
     let again = connect(&h1);
     assert!(
