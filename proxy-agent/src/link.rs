@@ -15,7 +15,6 @@
 //! breaks may be lost — usage is statistics, and the blocked request was already refused.
 
 use std::collections::BTreeMap;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,41 +33,15 @@ use crate::secrets::SecretStore;
 use crate::stats::{BlockedEvent, SecretUsage, UsageKey};
 
 pub mod endpoint;
+mod error;
 
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, trusted_peer};
+pub use error::LinkError;
 
 /// How often aggregated usage is reported (when there is any).
 pub const USAGE_INTERVAL: Duration = Duration::from_secs(1);
 /// Most blocked events kept while control is unreachable; older ones are dropped (counted).
 const MAX_UNSENT_BLOCKS: usize = 10_000;
-
-/// Why a session with control ended.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkError {
-    /// The socket could not be reached.
-    #[error("connecting to {path}: {source}")]
-    Connect {
-        /// The control socket.
-        path: PathBuf,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// The process behind the socket is neither root nor the agent's own user.
-    #[error("control socket peer has uid {0}: only root or the agent's own user is trusted")]
-    UntrustedPeer(u32),
-    /// The TLS handshake with a replica failed (its certificate did not verify against
-    /// `control_ca`, or it refused this host's).
-    #[error("TLS with {url}: {source}")]
-    Tls {
-        /// The replica.
-        url: String,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// A frame could not be read or written.
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-}
 
 /// What the agent tells control about itself.
 #[derive(Debug, Clone)]
@@ -352,11 +325,6 @@ impl LinkClient {
         }
         Ok(())
     }
-}
-
-/// Control may run as root or as the agent's own user; nobody else may steer the agent.
-pub fn trusted_peer(peer_uid: u32, own_euid: u32) -> bool {
-    peer_uid == 0 || peer_uid == own_euid
 }
 
 /// The next reconnection delay: doubled, capped at `max`.

@@ -47,12 +47,26 @@ pub fn check(
                 "host {host} is not enrolled (veil-control fleet enroll --host {host})"
             ))
         })?;
-    if agent_required && record.connected.is_empty() {
+    if agent_required && !connected_somewhere(store, &record) {
         return Err(ApiError::Unavailable(format!(
             "no veil-agent of host {host} is connected; sandboxes cannot be registered on it"
         )));
     }
     Ok(())
+}
+
+/// Whether an agent of `host` is connected to a replica that is alive: a replica killed with
+/// its agents connected never recorded their departure.
+fn connected_somewhere(store: &dyn Store, host: &HostRecord) -> bool {
+    let alive: Option<Vec<String>> = store
+        .shared_keys()
+        .and_then(|k| k.keyring().ok())
+        .map(|ring| ring.replicas.into_iter().map(|r| r.replica).collect());
+    host.connected.iter().any(|c| match &alive {
+        Some(alive) => alive.contains(&c.replica),
+        // Liveness unknown: take the record as it is.
+        None => true,
+    })
 }
 
 /// The CA the sandboxes of `host` trust: what its agent reported last. Blocks on the store.

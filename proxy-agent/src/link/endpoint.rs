@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 
-use super::{LinkError, trusted_peer};
+use super::error::LinkError;
 
 /// A connected stream to control, whatever the transport.
 pub trait ControlStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -48,6 +48,11 @@ pub struct TlsSetupError {
     what: &'static str,
     path: PathBuf,
     detail: String,
+}
+
+/// Control may run as root or as the agent's own user; nobody else may steer the agent.
+pub fn trusted_peer(peer_uid: u32, own_euid: u32) -> bool {
+    peer_uid == 0 || peer_uid == own_euid
 }
 
 /// Splits `host:port` (`[v6]:port` too) into the TLS server name and the port.

@@ -32,6 +32,7 @@ use crate::quantile::percentile;
 use crate::sink::{run_client, start_sink};
 
 mod cli;
+mod fleet;
 mod host;
 mod idle;
 mod load;
@@ -104,6 +105,11 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Restart { count } => restart(count),
         Cmd::Rotation { count } => rotation::run(count),
         Cmd::Store { count } => store::run(count),
+        Cmd::Fleet {
+            agents,
+            hosts,
+            rotations,
+        } => fleet::run(agents, hosts, rotations),
         Cmd::Transfers { bytes } => transfers::run(bytes),
         Cmd::Mitm { seconds, runs } => mitm::run(seconds, runs),
         Cmd::ClientBulk { addr, bytes } => client_bulk(addr, bytes),
