@@ -240,6 +240,21 @@ fn a_secret_made_through_one_replica_is_substituted_on_a_host_linked_to_the_othe
         }),
         "host 2's agent never substituted the rotated value"
     );
+    // A partitioned host (its agent stopped): the wait answers 504 naming the host.
+    agent2.signal(libc::SIGSTOP);
+    let third = format!("fleet-v3-{}", random_token(32));
+    let waited = rt.block_on(b.control.api().patch(
+        &format!("/secret/{id}?wait=2s"),
+        &key,
+        json!({"value": third}),
+    ));
+    agent2.signal(libc::SIGCONT);
+    assert_eq!(waited.0, 504, "{}", waited.1);
+    let message = waited.1["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("{} (host host-two)", agent_id(&agent2))),
+        "the 504 does not name the partitioned host: {message}"
+    );
     // The hosts list shows both agents on their replicas.
     let hosts = a.hosts();
     assert_eq!(hosts.as_array().map(Vec::len), Some(2), "{hosts}");

@@ -105,7 +105,11 @@ pub fn enroll(
         not_after: issued.not_after,
         revoked_at: None,
         agent_ca_pem: previous.as_ref().and_then(|p| p.agent_ca_pem.clone()),
-        connected: previous.map(|p| p.connected).unwrap_or_default(),
+        connected: previous
+            .as_ref()
+            .map(|p| p.connected.clone())
+            .unwrap_or_default(),
+        agents: previous.map(|p| p.agents).unwrap_or_default(),
         last_seen: None,
     })?;
     Ok(Enrolled {

@@ -43,7 +43,14 @@ pub struct HostRecord {
     /// Last connection or disconnection seen, ms since the epoch.
     #[serde(default)]
     pub last_seen: Option<i64>,
+    /// Ids of the agents that connected as this host, newest last (at most
+    /// [`MAX_HOST_AGENTS`]): names a partitioned host in a wait's answer.
+    #[serde(default)]
+    pub agents: Vec<String>,
 }
+
+/// Most agent ids a host record keeps.
+pub const MAX_HOST_AGENTS: usize = 32;
 
 /// One agent connected as a host, as the replica it is connected to recorded it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

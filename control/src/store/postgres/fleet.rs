@@ -4,7 +4,7 @@
 use super::db::{PgStore, dec, enc};
 use super::error::db_err;
 use crate::store::StoreError;
-use crate::store::fleet::{FleetCaRecord, FleetStore, HostConnection, HostRecord};
+use crate::store::fleet::{FleetCaRecord, FleetStore, HostConnection, HostRecord, MAX_HOST_AGENTS};
 
 /// The channel a revocation is announced on (payload: the host name).
 pub const FLEET_CHANNEL: &str = "veil_fleet";
@@ -123,6 +123,10 @@ impl FleetStore for PgStore {
                     since: at,
                 });
                 h.agent_ca_pem = Some(ca_pem.to_owned());
+                h.agents.retain(|a| a != agent_id);
+                h.agents.push(agent_id.to_owned());
+                let extra = h.agents.len().saturating_sub(MAX_HOST_AGENTS);
+                h.agents.drain(..extra);
                 h.last_seen = Some(at);
             },
             false,
