@@ -420,14 +420,16 @@ pub(crate) async fn delete_sandbox(
     let st = state.clone();
     let caller2 = caller.clone();
     let id2 = id.clone();
-    blocking(move || {
+    let host = blocking(move || {
+        let host = owned(&st, &caller2, &id2)?.host;
         let audit = entry(&caller2, "sandbox.delete", "sandbox", &id2, None, json!({}));
         st.store
             .delete_sandbox(&caller2.org, &id2, audit)
             .map_err(|e| match e {
                 StoreError::NotFound => not_found(id2.as_str()),
                 e => ApiError::from_store(e, "sandbox"),
-            })
+            })?;
+        Ok(host)
     })
     .await?;
     let required = state.config.agent.required;
@@ -438,6 +440,10 @@ pub(crate) async fn delete_sandbox(
     else {
         return Ok(StatusCode::NO_CONTENT);
     };
+    // A fleet host's agent may be on another replica, which delivers the removal from the store.
+    if host.is_some() && matches!(e, AgentLinkError::NotConnected) {
+        return Ok(StatusCode::NO_CONTENT);
+    }
     if required && matches!(e, AgentLinkError::NotConnected | AgentLinkError::NoAck(_)) {
         tracing::warn!(sandbox = %id, error = %e, "sandbox removal not acknowledged");
     }
