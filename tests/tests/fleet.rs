@@ -361,3 +361,63 @@ fn a_socket_and_urls_together_or_urls_without_certificates_exit_2() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("control_ca"), "{err}");
 }
+
+#[test]
+fn the_fleet_ca_survives_a_rekey_and_its_hosts_stay_admitted() {
+    require_root();
+    let pg = Postgres::start();
+    let mut a = Replica::first(&pg);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let before = a.enroll("host-kept", dir.path());
+    let ca_before = std::fs::read_to_string(before.ca()).expect("fleet CA");
+    let old_key = std::fs::read_to_string(a.control.data_dir.join("keys/active")).expect("active");
+    let (config, data) = (
+        a.control.config_path().to_str().expect("utf-8").to_owned(),
+        a.control.data_dir.to_str().expect("utf-8").to_owned(),
+    );
+    let out = a
+        .control
+        .cli(&["rekey", "--config", &config, "--data-dir", &data]);
+    assert!(
+        out.status.success(),
+        "rekey: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_key = std::fs::read_to_string(a.control.data_dir.join("keys/active")).expect("active");
+    assert_ne!(old_key, new_key, "the rekey did not switch keys");
+    assert!(
+        !a.control
+            .data_dir
+            .join(format!("keys/{}.key", old_key.trim()))
+            .exists(),
+        "the old key was not retired"
+    );
+    // The replica restarts (opening the CA with the new key only) and still serves the fleet;
+    // enrolling opens the CA key too: the same CA, so existing hosts stay valid.
+    a.control.restart();
+    let up = wait_until(Duration::from_secs(20), || {
+        a.control.log().matches("fleet ready").count() >= 2
+    });
+    assert!(
+        up,
+        "the replica did not serve the fleet after the rekey:\n{}",
+        a.control.log()
+    );
+    let after = a.enroll("host-new", dir.path());
+    assert_eq!(
+        std::fs::read_to_string(after.ca()).expect("fleet CA"),
+        ca_before,
+        "the fleet CA changed with the rekey"
+    );
+    let rt = rt();
+    let admitted = rt.block_on(veil_tests::fleet::link_connect(
+        a.fleet_port,
+        veil_tests::fleet::client_tls(&before.ca(), Some((&before.cert(), &before.key()))),
+        &veil_tests::fleet::random_agent_id(),
+        Duration::from_secs(5),
+    ));
+    assert!(
+        matches!(admitted, veil_tests::fleet::LinkOutcome::Admitted(_)),
+        "a host enrolled before the rekey is refused after it"
+    );
+}
