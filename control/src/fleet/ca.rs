@@ -20,8 +20,9 @@ use crate::timefmt::now_ms;
 pub const HOST_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How long the CA is valid.
 const CA_VALIDITY: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
-/// How long a replica's server certificate is valid (a new one is made at every start).
-const SERVER_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How long a replica's server certificate is valid: a new one is made at every start, so a
+/// replica must restart within a year (like a host re-enrolling).
+const SERVER_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Backdating of `not_before`, for peers whose clock is a little behind.
 const BACKDATE: Duration = Duration::from_secs(300);
 /// The CA's common name.
