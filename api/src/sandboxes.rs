@@ -41,6 +41,11 @@ pub struct PutSandbox {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<EgressMode>, inline)]
     pub egress: Option<String>,
+    /// veil fleet: the enrolled host whose agent enforces the sandbox (its cgroup and netns
+    /// are that host's); only that host's agents receive it and its secrets. Omitted = the
+    /// agent on control's own host. A sandbox cannot move to another host (409).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// The egress modes (for the document).
@@ -103,6 +108,9 @@ pub struct Sandbox {
     /// RFC 3339.
     #[schema(format = DateTime)]
     pub updated_at: String,
+    /// veil fleet: the host whose agent enforces it (absent = control's own host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 fn yes() -> bool {
@@ -124,6 +132,9 @@ pub struct DeclareSandbox {
     /// Keep the declaration when the sandbox is unbound (see PutSandbox).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep: Option<bool>,
+    /// veil fleet: the enrolled host whose agent may bind it (see PutSandbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// A mounted secret as the sandbox sees it: env, placeholder, hosts — never a value.

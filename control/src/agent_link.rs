@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use veil_link::{AgentId, LocalResponse, Revision, SandboxId, SecretId};
 
+use crate::bind_rules::Requester;
 use crate::crypto::CryptoError;
 use crate::store::{SandboxRecord, StoreError};
 
@@ -145,7 +146,7 @@ pub type BinderFuture<'a> = Pin<Box<dyn Future<Output = LocalResponse> + Send + 
 pub trait Binder: Send + Sync + fmt::Debug {
     /// Handles `request` from agent `agent`; the answer goes back to it as a `Reply` (a
     /// [`AgentRequest::Gone`]'s answer is dropped).
-    fn handle(&self, agent: AgentId, request: AgentRequest) -> BinderFuture<'_>;
+    fn handle(&self, agent: Requester, request: AgentRequest) -> BinderFuture<'_>;
 }
 
 /// A boxed future returned by [`AgentLink`] methods.

@@ -27,25 +27,52 @@ impl Refusal {
     }
 }
 
-/// Whether `agent` may bind `record` on its host. One host, one agent: always. The fleet adds
-/// the check that the sandbox was declared for this agent's host here.
-pub fn may_bind(_agent: &AgentId, _record: &SandboxRecord) -> Result<(), Refusal> {
-    Ok(())
+/// Who asks: an agent, and the fleet host it is connected as (`None`: control's own host,
+/// over the local socket). The host comes from the link's authentication, never from the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Requester {
+    /// The agent's id (the audit's actor).
+    pub agent: AgentId,
+    /// The fleet host of its connection.
+    pub host: Option<String>,
+}
+
+/// Whether `who` may see, bind or unbind `record`: only a sandbox declared for its host (on a
+/// single host: one without `host`). Another host's sandbox is answered as an unknown one, so
+/// a host learns nothing of the others.
+pub fn may_bind(id: &str, who: &Requester, record: &SandboxRecord) -> Result<(), Refusal> {
+    if record.host == who.host {
+        Ok(())
+    } else {
+        Err(not_declared(id))
+    }
+}
+
+fn not_declared(id: &str) -> Refusal {
+    Refusal::new(
+        RefusalKind::NotDeclared,
+        format!("sandbox {id} is not declared"),
+    )
+}
+
+/// The record a Describe answers: a sandbox declared for `who`'s host.
+pub fn describable<'a>(
+    id: &str,
+    record: Option<&'a SandboxRecord>,
+    who: &Requester,
+) -> Result<&'a SandboxRecord, Refusal> {
+    let record = record.ok_or_else(|| not_declared(id))?;
+    may_bind(id, who, record)?;
+    Ok(record)
 }
 
 /// The record a bind starts from: a declared, unbound sandbox `agent` may bind.
 pub fn bindable<'a>(
     id: &str,
     record: Option<&'a SandboxRecord>,
-    agent: &AgentId,
+    who: &Requester,
 ) -> Result<&'a SandboxRecord, Refusal> {
-    let record = record.ok_or_else(|| {
-        Refusal::new(
-            RefusalKind::NotDeclared,
-            format!("sandbox {id} is not declared"),
-        )
-    })?;
-    may_bind(agent, record)?;
+    let record = describable(id, record, who)?;
     if record.bound {
         return Err(Refusal::new(
             RefusalKind::AlreadyBound,
@@ -91,15 +118,9 @@ pub fn unbound(record: &SandboxRecord, now: i64) -> Option<SandboxRecord> {
 pub fn unbindable<'a>(
     id: &str,
     record: Option<&'a SandboxRecord>,
-    agent: &AgentId,
+    who: &Requester,
 ) -> Result<&'a SandboxRecord, Refusal> {
-    let record = record.ok_or_else(|| {
-        Refusal::new(
-            RefusalKind::NotDeclared,
-            format!("sandbox {id} is not declared"),
-        )
-    })?;
-    may_bind(agent, record)?;
+    let record = describable(id, record, who)?;
     if !record.bound {
         return Err(Refusal::new(
             RefusalKind::BadRequest,
@@ -141,8 +162,11 @@ mod tests {
     use super::*;
     use crate::store::conformance::fixtures::sandbox;
 
-    fn agent() -> AgentId {
-        AgentId::parse("0123456789abcdef0123456789abcdef").unwrap()
+    fn agent() -> Requester {
+        Requester {
+            agent: AgentId::parse("0123456789abcdef0123456789abcdef").unwrap(),
+            host: None,
+        }
     }
 
     fn declared(keep: bool) -> SandboxRecord {
@@ -201,6 +225,40 @@ mod tests {
             RefusalKind::NotDeclared
         );
         assert!(unbindable("sb", Some(&b), &agent()).is_ok());
+    }
+
+    #[test]
+    fn a_host_sees_binds_and_unbinds_only_its_own_sandboxes() {
+        let host = |h: Option<&str>| Requester {
+            host: h.map(str::to_owned),
+            ..agent()
+        };
+        let mut d = declared(false);
+        d.host = Some("h2".into());
+        for who in [host(None), host(Some("h1"))] {
+            for refused in [
+                describable("sb", Some(&d), &who),
+                bindable("sb", Some(&d), &who),
+            ] {
+                // Exactly what an unknown id gets: nothing tells the host the sandbox exists.
+                assert_eq!(
+                    refused.unwrap_err(),
+                    bindable("sb", None, &who).unwrap_err()
+                );
+            }
+        }
+        let b = bound(&d, "docker/abc".into(), 42, None, 5);
+        assert_eq!(
+            unbindable("sb", Some(&b), &host(Some("h1")))
+                .unwrap_err()
+                .kind,
+            RefusalKind::NotDeclared
+        );
+        assert!(bindable("sb", Some(&d), &host(Some("h2"))).is_ok());
+        assert!(unbindable("sb", Some(&b), &host(Some("h2"))).is_ok());
+        // A single host's sandbox is not a fleet host's.
+        let local = declared(false);
+        assert!(bindable("sb", Some(&local), &host(Some("h2"))).is_err());
     }
 
     #[test]

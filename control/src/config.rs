@@ -40,7 +40,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod fleet;
 mod store;
+pub use fleet::FleetConfig;
 pub use store::{Backend, SYSTEM_CA_FILE, StoreConfig, StoreConfigError};
 
 /// Errors reading or validating the configuration.
@@ -94,6 +96,8 @@ pub struct Config {
     pub run: RunConfig,
     /// Where control's state lives (sled by default; PostgreSQL for replicas).
     pub store: StoreConfig,
+    /// Agents of other hosts over mutual TLS (fleet mode; PostgreSQL only).
+    pub fleet: FleetConfig,
     /// The file this configuration was read from (named in errors).
     #[serde(skip)]
     pub(crate) source: Option<PathBuf>,
@@ -231,6 +235,7 @@ impl Default for Config {
             agent: AgentConfig::default(),
             run: RunConfig::default(),
             store: StoreConfig::default(),
+            fleet: FleetConfig::default(),
             source: None,
         }
     }
@@ -306,6 +311,15 @@ impl Config {
             )));
         }
         self.store.validate(self.source.as_deref())?;
+        self.fleet.validate().map_err(ConfigError::Invalid)?;
+        // The fleet CA and the hosts live in the shared database, which every replica reads.
+        if self.fleet.listen().is_some() && self.store.backend != Backend::Postgres {
+            return Err(ConfigError::Invalid(
+                "fleet.agent_listen needs [store] backend = \"postgres\" (the fleet CA and \
+                 the enrolled hosts live in the shared database)"
+                    .into(),
+            ));
+        }
         for parent in &self.sandbox.cgroup_parents {
             let trimmed = parent.trim_matches('/');
             if trimmed.is_empty()
@@ -392,6 +406,23 @@ mod tests {
         assert_eq!(c.agent.timeout_ms, 250);
         let bad: Config = toml::from_str("[agent]\ntimeout_ms = 0").unwrap();
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn fleet_needs_postgres() {
+        let c: Config = toml::from_str("[fleet]\nagent_listen = \"127.0.0.1:3901\"\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("fleet.agent_listen") && e.contains("postgres"),
+            "{e}"
+        );
+        let c: Config = toml::from_str("[fleet]\nserver_names = [\"a b\"]\n").unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("server_names")
+        );
     }
 
     #[test]

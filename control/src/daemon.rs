@@ -194,6 +194,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         guarded,
     )
     .context("starting the agent link")?;
+    let fleet_task = match (config.fleet.listen(), &shared) {
+        (Some(addr), Some(shared)) => {
+            Some(start_fleet(&config, addr, &store, &keyring, &agent, &shared.replica).await?)
+        }
+        _ => None,
+    };
     let follower =
         shared.map(|s| tokio::spawn(fanout::follow(s.connection, s.replica, agent.clone())));
     let server = agent.clone();
@@ -235,6 +241,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(task) = follower {
         task.abort();
     }
+    if let Some(task) = fleet_task {
+        task.abort();
+    }
     if let Some(task) = metrics_task {
         task.abort();
     }
@@ -242,6 +251,33 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&config.agent_socket);
     tracing::info!("veil-control stopped");
     Ok(())
+}
+
+/// Opens (or creates) the fleet CA, issues this replica's server certificate and starts the
+/// mutual-TLS listener for the agents of enrolled hosts.
+async fn start_fleet(
+    config: &Config,
+    addr: std::net::SocketAddr,
+    store: &Arc<dyn Store>,
+    keyring: &Arc<RwLock<Keyring>>,
+    agent: &AgentServer,
+    replica: &str,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let (s, k, names) = (store.clone(), keyring.clone(), config.fleet.names());
+    let tls = tokio::task::spawn_blocking(move || {
+        let fleet = s
+            .fleet()
+            .context("fleet.agent_listen needs the PostgreSQL store")?;
+        let ring = k.read().map_err(|_| anyhow::anyhow!("keyring poisoned"))?;
+        let ca = crate::fleet::ca::FleetCa::open_or_create(fleet, &ring)?;
+        anyhow::Ok(crate::fleet::listener::server_config(&ca, &names)?)
+    })
+    .await??;
+    let (local, task) =
+        crate::fleet::listener::serve(addr, tls, agent.clone(), store.clone(), replica.to_owned())
+            .await?;
+    tracing::info!(fleet_listen = %local, "fleet ready");
+    Ok(task)
 }
 
 /// Serves `GET /metrics` on `metrics_listen` (loopback, no auth: counts only, never a value).

@@ -15,6 +15,7 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod fanout;
+pub mod fleet;
 pub mod grace;
 pub mod hostcheck;
 pub mod metrics;

@@ -86,6 +86,12 @@ enum Command {
         #[command(subcommand)]
         command: SecretCommand,
     },
+    /// Enroll, list and revoke the sandbox hosts whose agents connect over mutual TLS
+    /// (PostgreSQL store).
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Run a command in a fresh sandbox with secrets as placeholders (VEIL_API_URL / VEIL_API_KEY).
     #[command(after_help = veil_run::EXIT_STATUS)]
     Run {
@@ -93,6 +99,38 @@ enum Command {
         api: ApiArgs,
         #[command(flatten)]
         run: veil_run::RunArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FleetCommand {
+    /// Issue a host certificate (the previous one stops being accepted); writes DIR/host.pem,
+    /// DIR/host.key (0600) and DIR/fleet-ca.pem; prints no key.
+    Enroll {
+        /// The host's name (a DNS name: a-z 0-9 - .).
+        #[arg(long)]
+        host: String,
+        /// Output directory (created 0700 if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Certificate validity in seconds (default one year; tests use short ones).
+        #[arg(long, hide = true)]
+        validity_secs: Option<u64>,
+        #[command(flatten)]
+        local: LocalArgs,
+    },
+    /// List enrolled hosts: certificate, revocation, connected agents and replicas, last seen.
+    Hosts {
+        #[command(flatten)]
+        local: LocalArgs,
+    },
+    /// Revoke a host: every replica drops its agents within 2 s and refuses it afterwards.
+    Revoke {
+        /// The host's name.
+        #[arg(long)]
+        host: String,
+        #[command(flatten)]
+        local: LocalArgs,
     },
 }
 
@@ -344,6 +382,34 @@ async fn secret_command(api: ApiArgs, command: SecretCommand) -> anyhow::Result<
     }
 }
 
+async fn fleet_command(command: FleetCommand) -> anyhow::Result<()> {
+    use veil_control::fleet::enroll;
+    match command {
+        FleetCommand::Enroll {
+            host,
+            out,
+            validity_secs,
+            local,
+        } => {
+            let config = local_config(&local)?;
+            let validity = validity_secs.map(Duration::from_secs);
+            let done =
+                tokio::task::spawn_blocking(move || enroll::enroll(&config, &host, &out, validity))
+                    .await??;
+            print_answer(&done)
+        }
+        FleetCommand::Hosts { local } => {
+            let config = local_config(&local)?;
+            print_answer(&tokio::task::spawn_blocking(move || enroll::hosts(&config)).await??)
+        }
+        FleetCommand::Revoke { host, local } => {
+            let config = local_config(&local)?;
+            tokio::task::spawn_blocking(move || enroll::revoke(&config, &host)).await??;
+            Ok(())
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
@@ -404,6 +470,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Secret { api, command } => secret_command(api, command).await,
+        Command::Fleet { command } => fleet_command(command).await,
         Command::Run { .. } => bail!("run is dispatched in main"),
     }
 }

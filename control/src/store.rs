@@ -5,6 +5,7 @@
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod error;
+pub mod fleet;
 mod permission;
 pub mod postgres;
 pub mod shared_keys;
@@ -268,6 +269,9 @@ pub struct SandboxRecord {
     pub created_at: i64,
     /// Last update time, ms since the epoch.
     pub updated_at: i64,
+    /// The fleet host whose agents enforce it; `None` = the agents on control's local socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 fn bound_by_default() -> bool {
@@ -378,6 +382,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The key coordination of a store other veil-control replicas use at the same time
     /// (PostgreSQL); none for a store of one replica.
     fn shared_keys(&self) -> Option<&dyn shared_keys::SharedKeys> {
+        None
+    }
+    /// The fleet's CA and hosts (PostgreSQL only); none for a store of one replica.
+    fn fleet(&self) -> Option<&dyn fleet::FleetStore> {
         None
     }
     /// Stores a new API key, creating its organization if new.

@@ -74,6 +74,17 @@ pub struct AgentSettings {
     /// (created 0600 in a 0700 directory; peers must be root or the agent's user); empty
     /// disables it. Network namespaces of bound sandboxes are pinned in `netns/` beside it.
     pub local_socket: PathBuf,
+    /// Fleet mode: the replicas' `host:port` (mutual TLS), tried in order; excludes a
+    /// non-default `control_socket`.
+    pub control_urls: Vec<String>,
+    /// This host's certificate (PEM, from `veil-control fleet enroll`), for `control_urls`;
+    /// empty = none.
+    pub control_cert: PathBuf,
+    /// This host's private key (PEM), for `control_urls`; empty = none.
+    pub control_key: PathBuf,
+    /// The fleet CA (PEM): replicas must present a certificate it issued for the URL's name;
+    /// empty = none.
+    pub control_ca: PathBuf,
     /// Extra CA certificates (PEM files) trusted for upstream TLS, beside the system roots.
     pub upstream_ca: Vec<PathBuf>,
     /// bpffs directory for the pinned maps and links; one per agent (tests use one each).
@@ -150,6 +161,10 @@ impl Default for AgentSettings {
             listen_backlog: 4096,
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             local_socket: PathBuf::from(veil_link::local::DEFAULT_LOCAL_SOCKET),
+            control_urls: Vec::new(),
+            control_cert: PathBuf::new(),
+            control_key: PathBuf::new(),
+            control_ca: PathBuf::new(),
             upstream_ca: Vec::new(),
             bpf_pin_dir: PathBuf::from(DEFAULT_BPF_PIN_DIR),
             reconnect_min_ms: 25,
@@ -234,6 +249,50 @@ impl AgentSettings {
             parse("egress_deny", &self.egress_deny)?,
             parse("egress_allow", &self.egress_allow)?,
         ))
+    }
+
+    /// Checks the choice of control transport: the local socket, or `control_urls` with its
+    /// certificate, key and CA (never both).
+    pub fn check_control(&self) -> Result<(), ConfigError> {
+        if self.control_urls.is_empty() {
+            if [&self.control_cert, &self.control_key, &self.control_ca]
+                .iter()
+                .any(|p| !p.as_os_str().is_empty())
+            {
+                return Err(ConfigError::Invalid(
+                    "agent.control_cert, control_key and control_ca are for agent.control_urls, \
+                     which is not set"
+                        .into(),
+                ));
+            }
+            return Ok(());
+        }
+        if self.control_socket != Path::new(DEFAULT_CONTROL_SOCKET) {
+            return Err(ConfigError::Invalid(
+                "agent.control_socket and agent.control_urls are both set: an agent reaches \
+                 control either on this host's socket or over the fleet's mutual TLS"
+                    .into(),
+            ));
+        }
+        let missing: Vec<&str> = [
+            ("control_cert", self.control_cert.as_os_str().is_empty()),
+            ("control_key", self.control_key.as_os_str().is_empty()),
+            ("control_ca", self.control_ca.as_os_str().is_empty()),
+        ]
+        .into_iter()
+        .filter_map(|(k, missing)| missing.then_some(k))
+        .collect();
+        if !missing.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "agent.control_urls needs agent.{}",
+                missing.join(", agent.")
+            )));
+        }
+        for url in &self.control_urls {
+            crate::link::endpoint::split_url(url)
+                .map_err(|e| ConfigError::Invalid(format!("agent.{e}")))?;
+        }
+        Ok(())
     }
 
     /// The reconnection backoff bounds.
@@ -442,6 +501,7 @@ impl Config {
         }
         a.egress_rules()?;
         crate::guard_parents::check_entries(&a.guard_cgroups).map_err(ConfigError::Invalid)?;
+        a.check_control()?;
         Ok(())
     }
 }

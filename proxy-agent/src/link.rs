@@ -15,12 +15,10 @@
 //! breaks may be lost — usage is statistics, and the blocked request was already refused.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::AsyncWrite;
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 use veil_link::{
@@ -37,29 +35,16 @@ use crate::sandbox::Registry;
 use crate::secrets::SecretStore;
 use crate::stats::{BlockedEvent, SecretUsage, UsageKey};
 
+pub mod endpoint;
+mod error;
+
+pub use endpoint::{Endpoint, trusted_peer};
+pub use error::LinkError;
+
 /// How often aggregated usage is reported (when there is any).
 pub const USAGE_INTERVAL: Duration = Duration::from_secs(1);
 /// Most blocked events kept while control is unreachable; older ones are dropped (counted).
 const MAX_UNSENT_BLOCKS: usize = 10_000;
-
-/// Why a session with control ended.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkError {
-    /// The socket could not be reached.
-    #[error("connecting to {path}: {source}")]
-    Connect {
-        /// The control socket.
-        path: PathBuf,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// The process behind the socket is neither root nor the agent's own user.
-    #[error("control socket peer has uid {0}: only root or the agent's own user is trusted")]
-    UntrustedPeer(u32),
-    /// A frame could not be read or written.
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-}
 
 /// What the agent tells control about itself.
 #[derive(Debug, Clone)]
@@ -73,8 +58,8 @@ pub struct Identity {
 /// Connects to control and keeps the registry and secrets in line with it.
 #[derive(Debug)]
 pub struct LinkClient {
-    /// Control's socket.
-    pub socket: PathBuf,
+    /// Where control is (its local socket or the fleet's replicas).
+    pub endpoint: Endpoint,
     /// First and longest reconnection delay.
     pub backoff: (Duration, Duration),
     /// Sent in Hello.
@@ -251,12 +236,15 @@ impl LinkClient {
         let mut delay = min;
         let mut last_error = String::new();
         let mut unsent = Unsent::default();
+        // Which replica to try next: after a failure or a disconnect, the next one in order.
+        let mut place = 0usize;
         loop {
             let mut synced = false;
-            match self
-                .session(registry, secrets, &mut synced, &mut unsent, extra)
-                .await
-            {
+            let outcome = self
+                .session(place, registry, secrets, &mut synced, &mut unsent, extra)
+                .await;
+            place = place.wrapping_add(1);
+            match outcome {
                 Ok(()) => info!("control closed the link; reconnecting"),
                 Err(e) => {
                     // Logged once per distinct failure: a control that is down for long must
@@ -271,37 +259,31 @@ impl LinkClient {
             if synced {
                 delay = min;
                 last_error.clear();
+                // A lost replica: the next one at once (its agents must move within 2 s).
+                if self.endpoint.len() > 1 {
+                    continue;
+                }
             }
-            tokio::time::sleep(delay).await;
-            delay = next_delay(delay, max);
+            // A full round of replicas failed before the delay grows.
+            if place.is_multiple_of(self.endpoint.len()) {
+                tokio::time::sleep(delay).await;
+                delay = next_delay(delay, max);
+            } else {
+                tokio::time::sleep(min).await;
+            }
         }
     }
 
     async fn session(
         &self,
+        place: usize,
         registry: &mut Registry,
         secrets: &SecretStore,
         synced: &mut bool,
         unsent: &mut Unsent,
         extra: &mut Sessions,
     ) -> Result<(), LinkError> {
-        let mut stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| LinkError::Connect {
-                    path: self.socket.clone(),
-                    source,
-                })?;
-        let uid = stream
-            .peer_cred()
-            .map_err(|source| LinkError::Connect {
-                path: self.socket.clone(),
-                source,
-            })?
-            .uid();
-        if !trusted_peer(uid, nix::unistd::geteuid().as_raw()) {
-            return Err(LinkError::UntrustedPeer(uid));
-        }
+        let (mut stream, peer) = self.endpoint.connect(place).await?;
         write_frame(
             &mut stream,
             &AgentMsg::Hello {
@@ -311,8 +293,8 @@ impl LinkClient {
             },
         )
         .await?;
-        info!(socket = %self.socket.display(), "connected to control");
-        let (mut reader, mut writer) = stream.into_split();
+        info!(control = %peer, "connected to control");
+        let (mut reader, mut writer) = tokio::io::split(stream);
         // Frames are read by their own task: a read cut short by select! would lose bytes.
         let (tx, mut rx) = mpsc::channel::<Incoming>(64);
         let _reader = AbortOnDrop(tokio::spawn(async move {
@@ -460,11 +442,6 @@ impl LinkClient {
         }
         Ok(())
     }
-}
-
-/// Control may run as root or as the agent's own user; nobody else may steer the agent.
-pub fn trusted_peer(peer_uid: u32, own_euid: u32) -> bool {
-    peer_uid == 0 || peer_uid == own_euid
 }
 
 /// The next reconnection delay: doubled, capped at `max`.

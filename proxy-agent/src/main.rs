@@ -14,7 +14,7 @@ use proxy_agent::bpf::{self, Bpf};
 use proxy_agent::config::{self, Config};
 use proxy_agent::dialer::EgressGuard;
 use proxy_agent::identity;
-use proxy_agent::link::{Identity, LinkClient, Sessions};
+use proxy_agent::link::{Endpoint, Identity, LinkClient, Sessions};
 use proxy_agent::local;
 use proxy_agent::local_channel::{self, FromLocal};
 use proxy_agent::metrics;
@@ -181,12 +181,34 @@ fn load_config(args: &Common, cgroup2: &Path) -> Result<Config, Fatal> {
         .agent
         .upstream_ca
         .extend(args.upstream_ca.iter().cloned());
+    // A flag may have set the socket beside the file's control_urls.
+    config
+        .agent
+        .check_control()
+        .map_err(|e| Fatal::Config(e.into()))?;
     if !config.agent.bpf_pin_dir.is_absolute() || !config.agent.state_dir.is_absolute() {
         return Err(Fatal::Config(anyhow!(
             "--pin-dir and --state-dir must be absolute paths"
         )));
     }
     Ok(config)
+}
+
+/// Where the link reaches control: the fleet's replicas when `control_urls` is set (its TLS
+/// files read now: a bad one is a config error), else the local socket.
+fn control_endpoint(settings: &config::AgentSettings) -> anyhow::Result<Endpoint> {
+    if settings.control_urls.is_empty() {
+        return Ok(Endpoint::Local(settings.control_socket.clone()));
+    }
+    let tls = proxy_agent::link::endpoint::client_config(
+        &settings.control_cert,
+        &settings.control_key,
+        &settings.control_ca,
+    )?;
+    Ok(Endpoint::Fleet {
+        urls: settings.control_urls.clone(),
+        tls: std::sync::Arc::new(tls),
+    })
 }
 
 fn notify(states: &[NotifyState<'_>]) {
@@ -297,6 +319,7 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Fatal::Runtime(e.into()))?;
     notify(&[NotifyState::Ready]);
 
+    let endpoint = control_endpoint(settings).map_err(Fatal::Config)?;
     // The local binding socket: host-side tools bind declared sandboxes through it.
     let (from_local, local_task, pins) = match start_local(settings, &cgroup2, ca.cert_pem()) {
         Some((from, task, pins)) => (Some(from), Some(task), Some(pins)),
@@ -307,7 +330,7 @@ async fn run(args: &Common) -> Result<(), Fatal> {
         bound: Default::default(),
     };
     let link = LinkClient {
-        socket: settings.control_socket.clone(),
+        endpoint,
         backoff: settings.reconnect(),
         identity: Identity {
             agent_id,

@@ -464,6 +464,7 @@ async fn setup(
             egress,
             netns: None,
             secrets: Some(secrets),
+            host: None,
         };
         res.registered = true;
         client
@@ -481,6 +482,7 @@ async fn setup(
             egress,
             netns: netns_path,
             secrets: Some(secrets),
+            host: None,
         };
         // From here on the registration may exist even if the call fails (a timeout keeps it).
         res.registered = true;

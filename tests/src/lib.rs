@@ -39,6 +39,7 @@ pub mod decoding;
 pub mod dockerd;
 pub mod egress;
 pub mod env;
+pub mod fleet;
 pub mod grpc_upstream;
 pub mod hostlink;
 pub mod https;

@@ -103,6 +103,7 @@ async fn every_route_through_the_typed_client() {
                 netns: None,
                 secrets: Some(vec![mount("MY_A", "alpha")]),
                 egress: Some("host".into()),
+                host: None,
             },
         )
         .await

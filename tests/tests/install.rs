@@ -386,13 +386,14 @@ fn shipped_configs_and_the_readme_document_every_config_key() {
             "xtask/dist/agent.toml",
         ),
         (
-            "control/src/config.rs+control/src/config/store.rs",
+            "control/src/config.rs+control/src/config/store.rs+control/src/config/fleet.rs",
             vec![
                 ("", "Config"),
                 ("sandbox", "SandboxConfig"),
                 ("agent", "AgentConfig"),
                 ("run", "RunConfig"),
                 ("store", "StoreConfig"),
+                ("fleet", "FleetConfig"),
             ],
             "xtask/dist/control.toml",
         ),

@@ -81,6 +81,39 @@ impl RegistryView {
         Ok(view)
     }
 
+    /// The part of the registry the agents of `host` enforce (`None`: the local socket's):
+    /// only the sandboxes registered for it, the secrets mounted in those, and the retired
+    /// secrets of their organizations. A host never receives another host's secrets.
+    pub fn for_host(&self, host: Option<&str>) -> RegistryView {
+        let sandboxes: BTreeMap<SandboxId, SandboxRecord> = self
+            .sandboxes
+            .iter()
+            .filter(|(_, sb)| sb.host.as_deref() == host)
+            .map(|(id, sb)| (id.clone(), sb.clone()))
+            .collect();
+        let mounted = self
+            .mounted
+            .iter()
+            .filter(|(id, _)| {
+                sandboxes
+                    .values()
+                    .any(|sb| sb.mounts.iter().any(|m| m.secret_id == **id))
+            })
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect();
+        let retired = self
+            .retired
+            .iter()
+            .filter(|(_, t)| sandboxes.values().any(|sb| sb.org == t.org))
+            .map(|(id, t)| (id.clone(), t.clone()))
+            .collect();
+        RegistryView {
+            sandboxes,
+            mounted,
+            retired,
+        }
+    }
+
     /// What an agent holds of secret `id` once it is up to date; `None` = it must not hold it.
     pub fn stamp(&self, id: &SecretId) -> Option<Stamp> {
         match self.mounted.get(id) {
@@ -278,6 +311,7 @@ mod tests {
                     secret_name: format!("n-{s}"),
                 })
                 .collect(),
+            host: None,
             created_at: 0,
             updated_at: 0,
         }
@@ -333,6 +367,45 @@ mod tests {
             deleted_at: 0,
             values: (0..values).map(|i| prev(rev - 1 - i)).collect(),
         }
+    }
+
+    #[test]
+    fn a_host_sees_only_its_sandboxes_and_their_secrets() {
+        let mut on_h1 = sandbox("sb1", &[("A", "s1")]);
+        on_h1.host = Some("h1".into());
+        let mut on_h2 = sandbox("sb2", &[("B", "s2")]);
+        on_h2.host = Some("h2".into());
+        let local = sandbox("sb0", &[("C", "s0")]);
+        let view = RegistryView {
+            sandboxes: [on_h1, on_h2, local]
+                .into_iter()
+                .map(|sb| (sb.id.clone(), sb))
+                .collect(),
+            mounted: ["s0", "s1", "s2"]
+                .iter()
+                .map(|s| (sid(s), secret(s, 1)))
+                .collect(),
+            retired: BTreeMap::new(),
+        };
+        let ids = |v: &RegistryView| -> (Vec<String>, Vec<String>) {
+            (
+                v.sandboxes.keys().map(ToString::to_string).collect(),
+                v.mounted.keys().map(ToString::to_string).collect(),
+            )
+        };
+        assert_eq!(
+            ids(&view.for_host(Some("h1"))),
+            (vec!["sb1".into()], vec!["s1".into()])
+        );
+        assert_eq!(
+            ids(&view.for_host(Some("h2"))),
+            (vec!["sb2".into()], vec!["s2".into()])
+        );
+        assert_eq!(
+            ids(&view.for_host(None)),
+            (vec!["sb0".into()], vec!["s0".into()])
+        );
+        assert!(view.for_host(Some("h3")).held().is_empty());
     }
 
     fn with_org(mut sb: SandboxRecord, name: &str) -> SandboxRecord {

@@ -23,7 +23,7 @@ mod usage;
 
 use std::time::Duration;
 
-pub use handshake::check_hello;
+pub use handshake::{Peer, check_hello};
 pub use socket::{CA_FILE, ServerError, trusted_peer};
 pub use state::{AgentInfo, AgentServer, PublishedAck};
 

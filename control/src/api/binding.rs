@@ -11,13 +11,13 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use serde_json::json;
-use veil_link::{AgentId, Declared, LocalResponse, RefusalKind, SandboxId};
+use veil_link::{Declared, LocalResponse, RefusalKind, SandboxId};
 
 use super::audit::entry;
 use super::sandboxes::view;
 use super::state::{AppState, Caller};
 use crate::agent_link::{AgentEvent, AgentLinkError, AgentRequest, Binder, BinderFuture};
-use crate::bind_rules::{self, Refusal};
+use crate::bind_rules::{self, Refusal, Requester};
 use crate::hostcheck;
 use crate::store::{Conflict, SandboxRecord, StoreError};
 use crate::timefmt::now_ms;
@@ -37,10 +37,10 @@ impl Bindings {
 }
 
 impl Binder for Bindings {
-    fn handle(&self, agent: AgentId, request: AgentRequest) -> BinderFuture<'_> {
+    fn handle(&self, agent: Requester, request: AgentRequest) -> BinderFuture<'_> {
         Box::pin(async move {
             let answer = match request {
-                AgentRequest::Describe { sandbox } => self.describe(sandbox).await,
+                AgentRequest::Describe { sandbox } => self.describe(&agent, sandbox).await,
                 AgentRequest::Bind {
                     sandbox,
                     cgroup,
@@ -60,10 +60,15 @@ impl Binder for Bindings {
     }
 }
 
-/// The audit's actor for an agent: `agent:<id>` in the sandbox's organization.
-fn actor(agent: &AgentId, record: &SandboxRecord) -> Caller {
+/// The audit's actor for an agent: `agent:<id>` (`agent:<id>@<host>` in a fleet) in the
+/// sandbox's organization.
+fn actor(agent: &Requester, record: &SandboxRecord) -> Caller {
+    let key_id = match &agent.host {
+        Some(host) => format!("agent:{}@{host}", agent.agent),
+        None => format!("agent:{}", agent.agent),
+    };
     Caller {
-        key_id: format!("agent:{agent}"),
+        key_id,
         org: record.org.clone(),
         permissions: Vec::new(),
     }
@@ -102,26 +107,22 @@ impl Bindings {
         })
     }
 
-    async fn describe(&self, id: SandboxId) -> Result<LocalResponse, Refusal> {
+    async fn describe(&self, who: &Requester, id: SandboxId) -> Result<LocalResponse, Refusal> {
+        let who = who.clone();
         self.blocking(move |st| {
-            let record = st
+            let current = st
                 .store
                 .sandbox(&id)
-                .map_err(|e| failed("reading the sandbox", e))?
-                .ok_or_else(|| {
-                    Refusal::new(
-                        RefusalKind::NotDeclared,
-                        format!("sandbox {id} is not declared"),
-                    )
-                })?;
-            Ok(LocalResponse::Declared(Self::declared(st, &record)?))
+                .map_err(|e| failed("reading the sandbox", e))?;
+            let record = bind_rules::describable(id.as_str(), current.as_ref(), &who)?;
+            Ok(LocalResponse::Declared(Self::declared(st, record)?))
         })
         .await
     }
 
     async fn bind(
         &self,
-        agent: &AgentId,
+        agent: &Requester,
         id: SandboxId,
         cgroup: String,
         cgroup_id: u64,
@@ -140,7 +141,8 @@ impl Bindings {
                 if let Some(n) = &netns {
                     bind_rules::netns_path(n)?;
                 }
-                if st.config.sandbox.check_paths {
+                // Another host's paths are its agent's to check (it did, before asking).
+                if st.config.sandbox.check_paths && who.host.is_none() {
                     check_host(&cgroup, cgroup_id, netns.as_deref())?;
                 }
                 let bound = bind_rules::bound(declared, cgroup, cgroup_id, netns, now_ms());
@@ -191,7 +193,7 @@ impl Bindings {
     /// Puts the declaration back after the agents did not take a binding, and detaches it.
     async fn roll_back(
         &self,
-        agent: &AgentId,
+        agent: &Requester,
         bound: SandboxRecord,
         declared: SandboxRecord,
         reason: &str,
@@ -227,7 +229,7 @@ impl Bindings {
     /// declaration stays only if it was declared with `keep`.
     async fn unbind(
         &self,
-        agent: &AgentId,
+        agent: &Requester,
         id: SandboxId,
         gone: Option<u64>,
     ) -> Result<LocalResponse, Refusal> {

@@ -77,11 +77,12 @@ pub(super) fn mounts_json(mounts: &[Mount]) -> Value {
     )
 }
 
-/// What a sandbox is declared with: its secrets, egress and keep, checked.
+/// What a sandbox is declared with: its secrets, egress, keep and fleet host, checked.
 pub(super) struct Declaration {
     wanted: Vec<(String, String)>,
     egress: Egress,
     keep: bool,
+    host: Option<String>,
 }
 
 impl Declaration {
@@ -89,6 +90,7 @@ impl Declaration {
         secrets: Option<MountList>,
         egress: Option<String>,
         keep: Option<bool>,
+        host: Option<String>,
     ) -> Result<Self, ApiError> {
         // Omitted (or null) = the default, as every other field of this full replacement.
         let egress = match egress {
@@ -99,7 +101,13 @@ impl Declaration {
             wanted: parse_mount_list(secrets.unwrap_or_default())?,
             egress,
             keep: keep.unwrap_or(false),
+            host,
         })
+    }
+
+    /// The fleet host the sandbox is declared for (`None`: this control's own host).
+    pub(super) fn host(&self) -> Option<&str> {
+        self.host.as_deref()
     }
 
     /// The record to store: placed at `placement` (one-step PUT), or declared keeping the
@@ -131,6 +139,7 @@ impl Declaration {
             mounts,
             created_at: previous.map_or(now, |p| p.created_at),
             updated_at: now,
+            host: self.host.clone(),
         })
     }
 }

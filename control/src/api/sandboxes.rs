@@ -93,7 +93,10 @@ pub(crate) fn live_mounts(
 
 pub(crate) fn view(state: &AppState, sb: &SandboxRecord) -> Result<Sandbox, ApiError> {
     let live = live_mounts(state, sb)?;
-    let ca = state.agent.ca_certificate();
+    let ca = match &sb.host {
+        Some(host) => crate::fleet::placement::host_ca(state.store.as_ref(), host)?,
+        None => state.agent.ca_certificate(),
+    };
     let env: BTreeMap<String, String> = live
         .iter()
         .map(|(m, s)| (m.env.clone(), s.placeholder.clone()))
@@ -116,6 +119,7 @@ pub(crate) fn view(state: &AppState, sb: &SandboxRecord) -> Result<Sandbox, ApiE
         ca_certificate: ca,
         created_at: rfc3339(sb.created_at),
         updated_at: rfc3339(sb.updated_at),
+        host: sb.host.clone(),
     })
 }
 
@@ -152,6 +156,8 @@ async fn settle(
         AgentLinkError::Internal(_) => {
             roll_back(state, caller, written, previous, "internal error").await;
         }
+        // A fleet host's agent may be on another replica, which delivers it from the store.
+        AgentLinkError::NotConnected if written.host.is_some() => return Ok(()),
         AgentLinkError::NotConnected | AgentLinkError::NoAck(_) if required => {
             tracing::warn!(sandbox = %id, error = %e, "sandbox change not acknowledged; kept");
         }
@@ -237,6 +243,7 @@ pub(crate) async fn put_sandbox(
         netns,
         secrets,
         egress,
+        host,
     } = decode(&headers, body)?;
     let placement = match cgroup {
         Some(cgroup) => {
@@ -253,8 +260,9 @@ pub(crate) async fn put_sandbox(
         }
         None => None,
     };
-    let declared = Declaration::parse(secrets, egress, keep)?;
-    if placement.is_some() {
+    let declared = Declaration::parse(secrets, egress, keep, host)?;
+    // A fleet host's agent is looked for on every replica (checked with the record below).
+    if placement.is_some() && declared.host().is_none() {
         require_agent(&state)?;
     }
     let st = state.clone();
@@ -268,11 +276,21 @@ pub(crate) async fn put_sandbox(
             // Ownership before anything else: another organization's id is a plain 404.
             return Err(not_found(id.as_str()));
         }
-        if placement.is_none() && previous.as_ref().is_some_and(|p| p.bound) {
+        let was_bound = previous.as_ref().is_some_and(|p| p.bound);
+        if placement.is_none() && was_bound && declared.host().is_none() {
             require_agent(&st)?;
         }
+        // A declaration needs no agent; a binding on a fleet host needs one of that host's.
+        crate::fleet::placement::check(
+            st.store.as_ref(),
+            declared.host(),
+            previous.as_ref(),
+            st.config.agent.required && (placement.is_some() || was_bound),
+        )?;
+        // Another host's paths are checked by its agent, not here.
         if let Some((cgroup, netns)) = &placement
             && st.config.sandbox.check_paths
+            && declared.host().is_none()
         {
             hostcheck::check_sandbox(cgroup, netns.as_deref())?;
         }
@@ -312,11 +330,13 @@ pub(crate) async fn declare_sandbox(
         secrets,
         egress,
         keep,
+        host,
     } = decode(&headers, body)?;
-    let declared = Declaration::parse(secrets, egress, keep)?;
+    let declared = Declaration::parse(secrets, egress, keep, host)?;
     let st = state.clone();
     let record = blocking(move || {
         let id = generated_id();
+        crate::fleet::placement::check(st.store.as_ref(), declared.host(), None, false)?;
         let record = declared.record(&st, &caller, &id, None, None)?;
         store_put(&st, &caller, &record)?;
         Ok(record)
@@ -382,8 +402,8 @@ pub(crate) async fn delete_sandbox(
     let st = state.clone();
     let caller2 = caller.clone();
     let id2 = id.clone();
-    let was_bound = blocking(move || {
-        let bound = owned(&st, &caller2, &id2)?.bound;
+    let (was_bound, host) = blocking(move || {
+        let current = owned(&st, &caller2, &id2)?;
         let audit = entry(&caller2, "sandbox.delete", "sandbox", &id2, None, json!({}));
         st.store
             .delete_sandbox(&caller2.org, &id2, audit)
@@ -391,7 +411,7 @@ pub(crate) async fn delete_sandbox(
                 StoreError::NotFound => not_found(id2.as_str()),
                 e => ApiError::from_store(e, "sandbox"),
             })?;
-        Ok(bound)
+        Ok((current.bound, current.host))
     })
     .await?;
     if !was_bound {
@@ -406,6 +426,10 @@ pub(crate) async fn delete_sandbox(
     else {
         return Ok(StatusCode::NO_CONTENT);
     };
+    // A fleet host's agent may be on another replica, which delivers the removal from the store.
+    if host.is_some() && matches!(e, AgentLinkError::NotConnected) {
+        return Ok(StatusCode::NO_CONTENT);
+    }
     if required && matches!(e, AgentLinkError::NotConnected | AgentLinkError::NoAck(_)) {
         tracing::warn!(sandbox = %id, error = %e, "sandbox removal not acknowledged");
     }
@@ -443,8 +467,16 @@ pub(crate) async fn put_secrets(
     let st = state.clone();
     let caller2 = caller.clone();
     let (record, previous) = blocking(move || {
-        if owned(&st, &caller2, &id2)?.bound {
-            require_agent(&st)?;
+        let current = owned(&st, &caller2, &id2)?;
+        match &current.host {
+            None if current.bound => require_agent(&st)?,
+            None => {}
+            host => crate::fleet::placement::check(
+                st.store.as_ref(),
+                host.as_deref(),
+                Some(&current),
+                st.config.agent.required && current.bound,
+            )?,
         }
         let mounts = resolve(&st, &caller2.org, &wanted)?;
         let mut before = None;

@@ -9,6 +9,7 @@
 mod consistency;
 mod db;
 mod error;
+mod fleet;
 mod grace;
 mod keys;
 mod sandboxes;
@@ -19,6 +20,7 @@ mod usage;
 pub use db::{CHANNEL, Changed, Connection, Note, PgStore};
 use db::{Writer, enc};
 use error::{db_err, violated};
+pub use fleet::FLEET_CHANNEL;
 
 use super::{
     ApiKeyRecord, AuditRecord, Conflict, Direction, OrgId, OrgRecord, SandboxChange, SandboxId,
@@ -29,6 +31,10 @@ use crate::crypto::Sealed;
 
 impl Store for PgStore {
     fn shared_keys(&self) -> Option<&dyn crate::store::shared_keys::SharedKeys> {
+        Some(self)
+    }
+
+    fn fleet(&self) -> Option<&dyn crate::store::fleet::FleetStore> {
         Some(self)
     }
 

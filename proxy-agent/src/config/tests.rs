@@ -180,3 +180,27 @@ fn guard_cgroups_refuses_the_host_naming_the_entry() {
         );
     }
 }
+
+#[test]
+fn control_socket_or_urls_with_their_tls_files() {
+    let err = |text: &str| Config::parse(text, Path::new(MNT)).unwrap_err().to_string();
+    let tls = "control_cert = \"/c\"\ncontrol_key = \"/k\"\ncontrol_ca = \"/a\"\n";
+    let fleet = format!("[agent]\ncontrol_urls = [\"c1:3901\", \"c2:3901\"]\n{tls}");
+    let c = Config::parse(&fleet, Path::new(MNT)).unwrap();
+    assert_eq!(c.agent.control_urls.len(), 2);
+    let both = format!("{fleet}control_socket = \"/run/other.sock\"\n");
+    let e = err(&both);
+    assert!(
+        e.contains("control_socket") && e.contains("control_urls"),
+        "{e}"
+    );
+    let e = err("[agent]\ncontrol_urls = [\"c1:3901\"]\ncontrol_ca = \"/a\"\n");
+    assert!(
+        e.contains("control_cert") && e.contains("control_key"),
+        "{e}"
+    );
+    let e = err(&format!("[agent]\n{tls}"));
+    assert!(e.contains("not set"), "{e}");
+    let e = err(&format!("[agent]\ncontrol_urls = [\"c1\"]\n{tls}"));
+    assert!(e.contains("host:port"), "{e}");
+}

@@ -35,15 +35,26 @@ impl AgentServer {
         if st.agents.is_empty() {
             return Err(AgentLinkError::NotConnected);
         }
-        let view = RegistryView::load(self.inner.store.as_ref()).map_err(BuildError::from)?;
+        let full = RegistryView::load(self.inner.store.as_ref()).map_err(BuildError::from)?;
         let ring = self.ring()?;
         let mut built: HashMap<SecretId, SecretState> = HashMap::new();
+        let mut views: HashMap<Option<String>, RegistryView> = HashMap::new();
         let mut waits = Vec::new();
         let LinkState {
             agents, next_seq, ..
         } = &mut *st;
         for (conn, agent) in agents.iter_mut() {
-            for step in plan(&view, change, &agent.held) {
+            // Each host's agents see only the sandboxes registered for that host.
+            let view = views
+                .entry(agent.info.host.clone())
+                .or_insert_with_key(|host| full.for_host(host.as_deref()));
+            for step in plan(view, change, &agent.held) {
+                // Another host's sandbox: this agent never had it, nothing to delete.
+                if let Step::DeleteSandbox(id) = &step
+                    && full.sandboxes.contains_key(id)
+                {
+                    continue;
+                }
                 let seq = *next_seq;
                 *next_seq += 1;
                 let (msg, secret, holds) = match &step {
@@ -103,7 +114,7 @@ impl AgentServer {
                         Holds::Dropped(id.clone()),
                     ),
                 };
-                apply_to_held(&mut agent.held, &view, &step);
+                apply_to_held(&mut agent.held, view, &step);
                 let (done, rx) = oneshot::channel();
                 agent.pending.insert(
                     seq,

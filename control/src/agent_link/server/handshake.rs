@@ -4,14 +4,15 @@
 
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use veil_link::{
-    AgentId, AgentMsg, ControlMsg, LocalResponse, PROTOCOL_VERSION, RefusalKind, read_frame,
-    write_frame,
+    AgentMsg, ControlMsg, LocalResponse, PROTOCOL_VERSION, RefusalKind, read_frame, write_frame,
 };
 
 use crate::agent_link::AgentRequest;
+use crate::bind_rules::Requester;
 
 use super::socket::trusted_peer;
 use super::state::{AgentInfo, AgentServer, ReportKind};
@@ -35,6 +36,41 @@ pub fn check_hello(protocol: u32, ca_pem: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Who is at the other end of an agent connection, as the transport established it (never
+/// from anything the agent says).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// A process on this host, on the local socket (its pid from the peer credentials).
+    Local {
+        /// The peer's pid.
+        pid: Option<i32>,
+    },
+    /// An enrolled host over mutual TLS: the host its client certificate was issued to.
+    Host {
+        /// The host's name.
+        name: String,
+        /// This replica's id (recorded with the host's presence).
+        replica: String,
+    },
+}
+
+impl Peer {
+    /// The fleet host, if the peer is one.
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            Peer::Local { .. } => None,
+            Peer::Host { name, .. } => Some(name),
+        }
+    }
+
+    fn pid(&self) -> Option<i32> {
+        match self {
+            Peer::Local { pid } => *pid,
+            Peer::Host { .. } => None,
+        }
+    }
+}
+
 impl AgentServer {
     pub(super) async fn serve_agent(self, stream: UnixStream) {
         let cred = match stream.peer_cred() {
@@ -52,7 +88,20 @@ impl AgentServer {
             );
             return;
         }
-        let (mut reader, mut writer) = stream.into_split();
+        let peer = Peer::Local { pid: cred.pid() };
+        self.serve_link(stream, peer, std::future::pending()).await;
+    }
+
+    /// Serves one authenticated agent connection, from its Hello to its close, or until `stop`
+    /// resolves (the peer's authorisation ended: its host was revoked).
+    pub async fn serve_link<S, F>(self, stream: S, peer: Peer, stop: F)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+        F: std::future::Future<Output = ()> + Send,
+    {
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        let pid = peer.pid();
+        let host = peer.host().map(str::to_owned);
         let hello = tokio::time::timeout(
             self.inner.timeout.max(Duration::from_secs(1)),
             read_frame::<AgentMsg, _>(&mut reader),
@@ -66,33 +115,35 @@ impl AgentServer {
             }))) => match check_hello(protocol, &ca_pem) {
                 Ok(()) => (agent_id, ca_pem),
                 Err(problem) => {
-                    tracing::warn!(pid = cred.pid(), %problem, "refused agent Hello");
+                    tracing::warn!(pid, host, %problem, "refused agent Hello");
                     return;
                 }
             },
             Ok(Ok(Some(_))) => {
-                tracing::warn!(pid = cred.pid(), "agent spoke before Hello; closing");
+                tracing::warn!(pid, host, "agent spoke before Hello; closing");
                 return;
             }
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
-                tracing::warn!(pid = cred.pid(), error = %e, "reading agent Hello");
+                tracing::warn!(pid, host, error = %e, "reading agent Hello");
                 return;
             }
             Err(_) => {
-                tracing::warn!(pid = cred.pid(), "no Hello from agent in time; closing");
+                tracing::warn!(pid, host, "no Hello from agent in time; closing");
                 return;
             }
         };
         let info = AgentInfo {
             agent_id,
-            pid: cred.pid(),
+            pid,
+            host,
             connected_since: now_ms(),
         };
         let (tx, mut rx) = mpsc::unbounded_channel::<ControlMsg>();
         let replies = tx.clone();
         // The snapshot is read from the store: off the async workers.
         let (this, admitted) = (self.clone(), info.clone());
+        let ca_pem_kept = ca_pem.clone();
         let admitted = tokio::task::spawn_blocking(move || this.admit(admitted, ca_pem, tx))
             .await
             .unwrap_or_else(|e| Err(crate::agent_link::BuildError::Task(e.to_string()).into()));
@@ -103,6 +154,7 @@ impl AgentServer {
                 return;
             }
         };
+        self.record_presence(&peer, &info.agent_id, Some(&ca_pem_kept));
         let write = async {
             while let Some(msg) = rx.recv().await {
                 if let Err(e) = write_frame(&mut writer, &msg).await {
@@ -110,6 +162,11 @@ impl AgentServer {
                     break;
                 }
             }
+        };
+        // Who the agent's requests come from: its host is the link's, never its own word.
+        let who = Requester {
+            agent: info.agent_id.clone(),
+            host: info.host.clone(),
         };
         let read = async {
             loop {
@@ -125,7 +182,7 @@ impl AgentServer {
                     }
                     Ok(Some(AgentMsg::Describe { req, sandbox })) => {
                         self.request(
-                            &info.agent_id,
+                            &who,
                             &replies,
                             Some(req),
                             AgentRequest::Describe { sandbox },
@@ -144,19 +201,14 @@ impl AgentServer {
                             cgroup_id,
                             netns: netns.map(|n| n.to_string_lossy().into_owned()),
                         };
-                        self.request(&info.agent_id, &replies, Some(req), request);
+                        self.request(&who, &replies, Some(req), request);
                     }
                     Ok(Some(AgentMsg::Unbind { req, sandbox })) => {
-                        self.request(
-                            &info.agent_id,
-                            &replies,
-                            Some(req),
-                            AgentRequest::Unbind { sandbox },
-                        );
+                        self.request(&who, &replies, Some(req), AgentRequest::Unbind { sandbox });
                     }
                     Ok(Some(AgentMsg::Gone { sandbox, cgroup_id })) => {
                         self.request(
-                            &info.agent_id,
+                            &who,
                             &replies,
                             None,
                             AgentRequest::Gone { sandbox, cgroup_id },
@@ -177,12 +229,41 @@ impl AgentServer {
         tokio::select! {
             () = write => {}
             () = read => {}
+            () = stop => {
+                tracing::warn!(agent_id = %info.agent_id, host = info.host, "agent's host no longer authorised; disconnecting");
+            }
         }
         // Dropping the entry fails its pending acknowledgements (the waiters see a disconnect).
         self.lock().agents.remove(&conn);
         self.inner.acked.notify_waiters();
         self.inner.changed.notify_one();
+        self.record_presence(&peer, &info.agent_id, None);
         tracing::info!(agent_id = %info.agent_id, "agent disconnected");
+    }
+
+    /// Records a fleet host's agent connecting (with its CA) or leaving, for every replica to
+    /// see; in the background (presence is information, never a gate of the link).
+    fn record_presence(&self, peer: &Peer, agent_id: &veil_link::AgentId, ca_pem: Option<&str>) {
+        let Peer::Host { name, replica } = peer else {
+            return;
+        };
+        let (store, name, replica, agent_id, ca_pem) = (
+            self.inner.store.clone(),
+            name.clone(),
+            replica.clone(),
+            agent_id.to_string(),
+            ca_pem.map(str::to_owned),
+        );
+        tokio::task::spawn_blocking(move || {
+            let Some(fleet) = store.fleet() else { return };
+            let done = match &ca_pem {
+                Some(ca) => fleet.host_connected(&name, &replica, &agent_id, ca, now_ms()),
+                None => fleet.host_disconnected(&name, &replica, &agent_id, now_ms()),
+            };
+            if let Err(e) = done {
+                tracing::warn!(host = %name, error = %e, "recording the fleet host's presence");
+            }
+        });
     }
 }
 
@@ -192,7 +273,7 @@ impl AgentServer {
     /// as a Reply.
     fn request(
         &self,
-        agent: &AgentId,
+        agent: &Requester,
         replies: &mpsc::UnboundedSender<ControlMsg>,
         req: Option<u64>,
         request: AgentRequest,

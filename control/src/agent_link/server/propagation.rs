@@ -53,6 +53,24 @@ impl AgentServer {
 
     /// Resolves once no agent may still use a revision of `id` older than `revision` (see
     /// [`crate::agent_link::AgentLink::wait_acked`]).
+    /// Agent ids, each with the fleet host it connected as (when it is one).
+    async fn with_hosts(&self, agents: Vec<String>) -> Vec<String> {
+        let store = self.inner.store.clone();
+        let hosts = tokio::task::spawn_blocking(move || store.fleet().map(|f| f.hosts()))
+            .await
+            .ok()
+            .flatten()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        agents
+            .into_iter()
+            .map(|a| match hosts.iter().find(|h| h.agents.contains(&a)) {
+                Some(h) => format!("{a} (host {})", h.name),
+                None => a,
+            })
+            .collect()
+    }
+
     pub(super) fn wait_for_acks(
         &self,
         id: &SecretId,
@@ -73,14 +91,12 @@ impl AgentServer {
                     return Ok(());
                 }
                 if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    let pending: Vec<String> = pending.iter().map(|a| a.to_string()).collect();
+                    let named = self.with_hosts(pending).await;
                     return Err(AgentLinkError::NoAck(format!(
                         "not acknowledged within {} by veil-agent(s) {}",
                         human(timeout),
-                        pending
-                            .iter()
-                            .map(|a| a.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        named.join(", ")
                     )));
                 }
             }

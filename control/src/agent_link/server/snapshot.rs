@@ -60,11 +60,19 @@ impl AgentServer {
             return Ok(0);
         }
         let view = RegistryView::load(self.inner.store.as_ref()).map_err(BuildError::from)?;
-        let built = self.build(&view)?;
+        let mut per_host: HashMap<Option<String>, Built> = HashMap::new();
         let LinkState {
             agents, next_seq, ..
         } = &mut *st;
         for agent in agents.values_mut() {
+            let host = agent.info.host.clone();
+            let built = match per_host.entry(host) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let mine = view.for_host(e.key().as_deref());
+                    e.insert(self.build(&mine)?)
+                }
+            };
             let seq = *next_seq;
             *next_seq += 1;
             let _ = agent.tx.send(ControlMsg::Snapshot {
@@ -95,7 +103,9 @@ impl AgentServer {
         tx: mpsc::UnboundedSender<ControlMsg>,
     ) -> Result<u64, AgentLinkError> {
         let mut st = self.lock();
-        let view = RegistryView::load(self.inner.store.as_ref()).map_err(BuildError::from)?;
+        let view = RegistryView::load(self.inner.store.as_ref())
+            .map_err(BuildError::from)?
+            .for_host(info.host.as_deref());
         let Built {
             sandboxes,
             secrets,
@@ -123,7 +133,8 @@ impl AgentServer {
                 holds: Holds::Exactly(held),
             },
         );
-        if st.ca_pem.as_deref() != Some(ca_pem.as_str()) {
+        // A fleet host's CA is kept with its enrollment; the local one answers local PUTs.
+        if info.host.is_none() && st.ca_pem.as_deref() != Some(ca_pem.as_str()) {
             if let Err(e) = save_ca(&self.inner.ca_file, &ca_pem) {
                 tracing::warn!(error = %e, file = %self.inner.ca_file.display(), "saving the agent CA");
             }

@@ -24,6 +24,8 @@ pub struct AgentInfo {
     pub agent_id: AgentId,
     /// PID of the agent process (from the socket's peer credentials).
     pub pid: Option<i32>,
+    /// The fleet host it is connected as (mutual TLS); `None` on the local socket.
+    pub host: Option<String>,
     /// Connection time, ms since the epoch.
     pub connected_since: i64,
 }

@@ -137,6 +137,7 @@ pub fn sandbox(id: &str, cgroup: &str, env: &str) -> SandboxRecord {
         }],
         created_at: 1,
         updated_at: 1,
+        host: None,
     }
 }
 

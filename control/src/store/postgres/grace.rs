@@ -6,8 +6,9 @@ use std::collections::BTreeSet;
 use super::db::{Changed, PgStore, Writer, dec, enc};
 use super::error::db_err;
 use crate::crypto::Sealed;
+use crate::store::fleet::{FleetCaRecord, ca_key_ids};
 use crate::store::values::{expire, min_opt, reseal_secret, reseal_tombstone, strictly_older};
-use crate::store::{SealedRef, SecretRecord, StoreError, Swept, TombstoneRecord};
+use crate::store::{Revision, SealedRef, SecretRecord, StoreError, Swept, TombstoneRecord};
 
 pub(super) async fn tombstones(store: &PgStore) -> Result<Vec<TombstoneRecord>, StoreError> {
     store
@@ -73,8 +74,39 @@ pub(super) async fn reseal_all(
             count += 1;
         }
     }
+    count += reseal_fleet_ca(&w, active_key, reseal).await?;
     w.commit().await?;
     Ok(count)
+}
+
+/// Re-seals the fleet CA's key (it must outlive the key that sealed it, like any value).
+async fn reseal_fleet_ca(
+    w: &Writer<'_>,
+    active_key: &str,
+    reseal: &mut dyn FnMut(SealedRef<'_>) -> Result<Sealed, StoreError>,
+) -> Result<usize, StoreError> {
+    let Some(row) =
+        w.tx.query_opt("SELECT doc FROM fleet_ca WHERE id = 1 FOR UPDATE", &[])
+            .await
+            .map_err(db_err)?
+    else {
+        return Ok(0);
+    };
+    let mut ca: FleetCaRecord = dec("fleet_ca", row.get(0))?;
+    if ca.key.key_id == active_key {
+        return Ok(0);
+    }
+    let (org, id) = ca_key_ids();
+    ca.key = reseal(SealedRef {
+        org: &org,
+        secret_id: &id,
+        revision: Revision(0),
+        sealed: &ca.key,
+    })?;
+    w.execute("UPDATE fleet_ca SET doc = $1 WHERE id = 1", &[&enc(&ca)?])
+        .await
+        .map_err(db_err)?;
+    Ok(1)
 }
 
 pub(super) async fn key_ids_in_use(store: &PgStore) -> Result<Vec<String>, StoreError> {
@@ -89,6 +121,10 @@ pub(super) async fn key_ids_in_use(store: &PgStore) -> Result<Vec<String>, Store
     for t in tombstones(store).await? {
         ids.extend(t.values.into_iter().map(|v| v.sealed.key_id));
     }
+    let ca: Option<FleetCaRecord> = store
+        .doc("fleet_ca", "SELECT doc FROM fleet_ca WHERE id = 1", &[])
+        .await?;
+    ids.extend(ca.map(|ca| ca.key.key_id));
     Ok(ids.into_iter().collect())
 }
 

@@ -104,6 +104,17 @@ ALTER TABLE tombstones ALTER COLUMN doc TYPE json USING doc::json;
 ALTER TABLE sandboxes ALTER COLUMN doc TYPE json USING doc::json;
 ALTER TABLE audit ALTER COLUMN doc TYPE json USING doc::json;
 "#,
+    // The fleet: its CA (one row; the key sealed under the data key) and enrolled hosts.
+    r#"
+CREATE TABLE fleet_ca (
+    id integer PRIMARY KEY CHECK (id = 1),
+    doc json NOT NULL
+);
+CREATE TABLE fleet_hosts (
+    name text PRIMARY KEY,
+    doc json NOT NULL
+);
+"#,
 ];
 
 /// The schema version this binary writes.

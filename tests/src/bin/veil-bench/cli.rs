@@ -109,6 +109,21 @@ pub enum Cmd {
         #[arg(long, default_value_t = 50, value_parser = positive)]
         count: u64,
     },
+    /// The fleet link: 2 replicas, simulated agents over mutual TLS on enrolled hosts;
+    /// rotation → every agent acknowledged (p50/p99), RSS and fds per agent, failover after
+    /// kill -9 of a replica.
+    #[command(after_help = EXIT_STATUS)]
+    Fleet {
+        /// Simulated agents (link-level clients, no eBPF).
+        #[arg(long, default_value_t = 1000, value_parser = positive)]
+        agents: u64,
+        /// Enrolled hosts the agents are spread over (one sandbox each).
+        #[arg(long, default_value_t = 10, value_parser = positive)]
+        hosts: u64,
+        /// Rotations measured.
+        #[arg(long, default_value_t = 50, value_parser = positive)]
+        rotations: u64,
+    },
     /// TLS interception with header substitution vs a direct connection (h2load).
     #[command(after_help = EXIT_STATUS)]
     Mitm {

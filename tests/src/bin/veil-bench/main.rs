@@ -33,6 +33,7 @@ use crate::sink::{run_client, start_sink};
 
 mod cli;
 mod containers;
+mod fleet;
 mod host;
 mod idle;
 mod load;
@@ -106,6 +107,11 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Rotation { count } => rotation::run(count),
         Cmd::Store { count } => store::run(count),
         Cmd::Containers { count } => containers::run(count),
+        Cmd::Fleet {
+            agents,
+            hosts,
+            rotations,
+        } => fleet::run(agents, hosts, rotations),
         Cmd::Transfers { bytes } => transfers::run(bytes),
         Cmd::Mitm { seconds, runs } => mitm::run(seconds, runs),
         Cmd::ClientBulk { addr, bytes } => client_bulk(addr, bytes),
