@@ -56,14 +56,17 @@ fn secret_create(headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
 fn sandbox_put(headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
     let req: veil_api::PutSandbox = decode(headers, Ok(Bytes::copy_from_slice(body)))?;
     let parents = ["veil".to_owned(), "system.slice".to_owned()];
-    let normal = validate::cgroup(&req.cgroup, &parents)?;
-    // A normalised cgroup is a fixed point and stays under its parent.
-    assert_eq!(validate::cgroup(&normal, &parents).as_ref(), Ok(&normal));
-    assert!(
-        !normal
-            .split('/')
-            .any(|p| p.is_empty() || p == ".." || p == ".")
-    );
+    // Without a cgroup the sandbox is only declared.
+    if let Some(cgroup) = &req.cgroup {
+        let normal = validate::cgroup(cgroup, &parents)?;
+        // A normalised cgroup is a fixed point and stays under its parent.
+        assert_eq!(validate::cgroup(&normal, &parents).as_ref(), Ok(&normal));
+        assert!(
+            !normal
+                .split('/')
+                .any(|p| p.is_empty() || p == ".." || p == ".")
+        );
+    }
     if let Some(n) = &req.netns {
         validate::netns(n)?;
         assert!(
