@@ -224,6 +224,8 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     if let Some(addr) = settings.metrics_listen {
         metrics::check_listen(addr).map_err(|e| Fatal::Config(e.into()))?;
     }
+    // Its TLS files are config: a bad one is refused before anything touches the host.
+    let endpoint = control_endpoint(settings).map_err(Fatal::Config)?;
     create_state_dir(&settings.state_dir).map_err(Fatal::Host)?;
     let _lock = lock_state_dir(&settings.state_dir)?;
     let agent_id = identity::load_or_create(&settings.state_dir)
@@ -319,7 +321,6 @@ async fn run(args: &Common) -> Result<(), Fatal> {
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Fatal::Runtime(e.into()))?;
     notify(&[NotifyState::Ready]);
 
-    let endpoint = control_endpoint(settings).map_err(Fatal::Config)?;
     // The local binding socket: host-side tools bind declared sandboxes through it.
     let (from_local, local_task, pins) = match start_local(settings, &cgroup2, ca.cert_pem()) {
         Some((from, task, pins)) => (Some(from), Some(task), Some(pins)),

@@ -323,10 +323,20 @@ fn kill_9_of_a_replica_moves_its_agents_to_the_other_and_traffic_continues() {
 fn agent_config_error(dir: &Path, text: &str) -> (Option<i32>, String) {
     let config = dir.join(format!("agent-{}.toml", random_token(6)));
     std::fs::write(&config, text).expect("config");
+    // A config error is refused before the agent touches the host: no state dir, no pins.
+    let (state, pins) = (dir.join("state-never-made"), dir.join("pins-never-made"));
     let out = std::process::Command::new(veil_tests::bin_path("veil-agent"))
         .args(["--config", config.to_str().expect("utf-8")])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--pin-dir")
+        .arg(&pins)
         .output()
         .expect("run veil-agent");
+    assert!(
+        !state.exists() && !pins.exists(),
+        "a refused config left a state dir or pins"
+    );
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
