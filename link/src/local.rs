@@ -17,6 +17,20 @@ use tokio::net::UnixStream;
 use crate::codec::{FrameError, read_frame, write_frame};
 use crate::ids::SandboxId;
 
+/// The variables that point runtimes at a CA bundle (Python requests, curl, OpenSSL, Node, git,
+/// cargo, the AWS SDKs, Deno): what every way into a sandbox (`veil-control run`, the OCI hook)
+/// sets to a bundle that trusts veil's CA, and never lets the workload's own values override.
+pub const CA_VARS: [&str; 8] = [
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
+    "CARGO_HTTP_CAINFO",
+    "AWS_CA_BUNDLE",
+    "DENO_CERT",
+];
+
 /// Where the agent listens unless configured otherwise (`[agent] local_socket`).
 pub const DEFAULT_LOCAL_SOCKET: &str = "/run/veil/agent-local.sock";
 

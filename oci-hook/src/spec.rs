@@ -16,17 +16,8 @@ pub const ANNOTATION: &str = "dev.veil.sandbox";
 /// The environment variable naming the sandbox (Docker 20.10 passes no annotation).
 pub const ENV_ID: &str = "VEIL_SANDBOX_ID";
 
-/// The variables that point runtimes at a CA bundle; the same list `veil-control run` sets.
-pub const CA_VARS: [&str; 8] = [
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "NODE_EXTRA_CA_CERTS",
-    "GIT_SSL_CAINFO",
-    "CARGO_HTTP_CAINFO",
-    "AWS_CA_BUNDLE",
-    "DENO_CERT",
-];
+/// The variables that point runtimes at a CA bundle (one list for every way into a sandbox).
+pub use veil_link::local::CA_VARS;
 
 /// Where the CA bundle is always mounted in the container (created by the runtime when the
 /// image lacks it); the CA variables point here.

@@ -11,18 +11,8 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-/// The variables that point runtimes at a CA bundle (Python requests, curl, OpenSSL, Node, git,
-/// cargo, the AWS SDKs, Deno).
-pub const CA_VARS: [&str; 8] = [
-    "SSL_CERT_FILE",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "NODE_EXTRA_CA_CERTS",
-    "GIT_SSL_CAINFO",
-    "CARGO_HTTP_CAINFO",
-    "AWS_CA_BUNDLE",
-    "DENO_CERT",
-];
+/// The variables that point runtimes at a CA bundle (one list for every way into a sandbox).
+pub use veil_link::local::CA_VARS;
 
 /// The caller's variables the command gets without asking (besides `LC_*`).
 pub const PASSED: [&str; 4] = ["PATH", "LANG", "TERM", "TZ"];

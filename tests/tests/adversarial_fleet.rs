@@ -231,6 +231,23 @@ fn an_expired_certificate_is_dropped_and_refused() {
 }
 
 /// Runs `call` while `conn` answers what the replica sends; the call's reply and the messages.
+/// An admitted link-level agent connection of enrolled host `h` to replica `a`.
+fn admitted(
+    rt: &tokio::runtime::Runtime,
+    a: &Replica,
+    h: &veil_tests::fleet::HostCreds,
+) -> Box<veil_tests::fleet::LinkConn> {
+    match rt.block_on(link_connect(
+        a.fleet_port,
+        client_tls(&h.ca(), Some((&h.cert(), &h.key()))),
+        &random_agent_id(),
+        WAIT,
+    )) {
+        LinkOutcome::Admitted(c) => c,
+        other => panic!("host not admitted: {}", describe(&other)),
+    }
+}
+
 async fn answering(
     conn: &mut veil_tests::fleet::LinkConn,
     call: impl std::future::Future<Output = veil_tests::control::Reply>,
@@ -258,15 +275,7 @@ fn a_compromised_host_receives_only_its_own_sandboxes_secrets() {
     let h1 = a.enroll("h-one", dir.path());
     let h2 = a.enroll("h-two", dir.path());
     let rt = rt();
-    let connect = |h: &veil_tests::fleet::HostCreds| match rt.block_on(link_connect(
-        a.fleet_port,
-        client_tls(&h.ca(), Some((&h.cert(), &h.key()))),
-        &random_agent_id(),
-        WAIT,
-    )) {
-        LinkOutcome::Admitted(c) => c,
-        other => panic!("host not admitted: {}", describe(&other)),
-    };
+    let connect = |h: &veil_tests::fleet::HostCreds| admitted(&rt, &a, h);
     // Root on host 1 holds its certificate: it connects as host 1 and reads everything sent.
     let mut spy = connect(&h1);
     let mut honest = connect(&h2);
@@ -415,15 +424,7 @@ fn a_host_cannot_describe_bind_or_unbind_another_hosts_sandbox() {
     let h1 = a.enroll("h-one", dir.path());
     let h2 = a.enroll("h-two", dir.path());
     let rt = rt();
-    let connect = |h: &veil_tests::fleet::HostCreds| match rt.block_on(link_connect(
-        a.fleet_port,
-        client_tls(&h.ca(), Some((&h.cert(), &h.key()))),
-        &random_agent_id(),
-        WAIT,
-    )) {
-        LinkOutcome::Admitted(c) => c,
-        other => panic!("host not admitted: {}", describe(&other)),
-    };
+    let connect = |h: &veil_tests::fleet::HostCreds| admitted(&rt, &a, h);
     let mut one = connect(&h1);
     let mut two = connect(&h2);
     let key = a.control.apikey("fleet-org", &["admin"]);
