@@ -7,7 +7,7 @@
 //!
 //! One concern per module: [`state`] (the server, its agents and the data the others share),
 //! [`socket`] (binding, accepting, the peer check), [`handshake`] (a
-//! connection from Hello to close), [`snapshot`] (what a new agent receives), [`dispatch`] (a
+//! connection from Hello to close), [`snapshot`] (what a new agent receives), [`snapshot_cache`] (snapshots shared while nothing changed), [`dispatch`] (a
 //! change to every agent, and the wait), [`acks`] (what an acknowledgement confirms),
 //! [`propagation`] (who holds which revision) and [`usage`] (reports → audit).
 
@@ -17,6 +17,7 @@ mod handshake;
 mod propagation;
 mod shared;
 mod snapshot;
+mod snapshot_cache;
 mod socket;
 mod state;
 mod usage;

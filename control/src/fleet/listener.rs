@@ -183,8 +183,7 @@ async fn serve_one(
         let fleet = s
             .fleet()
             .ok_or_else(|| "the store keeps no fleet".to_owned())?;
-        let hosts = fleet.hosts().map_err(|e| e.to_string())?;
-        Ok::<_, String>(hosts.into_iter().find(|h| h.cert_sha256 == fp))
+        fleet.host_with_cert(&fp).map_err(|e| e.to_string())
     })
     .await;
     let host = match found {

@@ -76,6 +76,13 @@ pub trait FleetStore: Send + Sync {
     fn host(&self, name: &str) -> Result<Option<HostRecord>, StoreError>;
     /// Every host, by name.
     fn hosts(&self) -> Result<Vec<HostRecord>, StoreError>;
+    /// The host (by name order, the first) whose current certificate is `cert_sha256`.
+    fn host_with_cert(&self, cert_sha256: &str) -> Result<Option<HostRecord>, StoreError> {
+        Ok(self
+            .hosts()?
+            .into_iter()
+            .find(|h| h.cert_sha256 == cert_sha256))
+    }
     /// Marks a host revoked (`NotFound` if never enrolled) and announces it to every replica.
     fn revoke_host(&self, name: &str, at: i64) -> Result<(), StoreError>;
     /// Records an agent connected as `name` on `replica` (its CA kept for sandbox PUTs).

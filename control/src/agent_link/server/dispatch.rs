@@ -30,8 +30,10 @@ pub(super) fn human(d: Duration) -> String {
 
 impl AgentServer {
     /// Queues the messages for `change` to every agent; returns what to wait for.
-    fn dispatch(&self, change: Change<'_>) -> Result<Vec<Wait>, AgentLinkError> {
+    pub(super) fn dispatch(&self, change: Change<'_>) -> Result<Vec<Wait>, AgentLinkError> {
         let mut st = self.lock();
+        // Before the store read: a snapshot shared from an older read is no longer used.
+        st.generation += 1;
         if st.agents.is_empty() {
             return Err(AgentLinkError::NotConnected);
         }

@@ -116,6 +116,7 @@ impl AgentServer {
                     next_seq: 1,
                     ..LinkState::default()
                 }),
+                snapshots: Mutex::default(),
                 acked: Notify::new(),
                 changed: Notify::new(),
                 remote: Mutex::default(),

@@ -47,6 +47,9 @@ pub(super) struct LinkState {
     /// secret id → agent id → last acknowledged revision. In memory: kept across an agent's
     /// disconnection (it keeps enforcing what it had), rebuilt from snapshots after a restart.
     pub(super) acks: HashMap<SecretId, BTreeMap<AgentId, Acked>>,
+    /// Bumped by every dispatch and resync before it reads the store: a shared snapshot built
+    /// at another generation may miss a change (see [`super::snapshot_cache`]).
+    pub(super) generation: u64,
 }
 
 #[derive(Debug)]
@@ -58,6 +61,9 @@ pub(super) struct Inner {
     pub(super) guarded: Vec<SocketAddr>,
     pub(super) ca_file: PathBuf,
     pub(super) state: Mutex<LinkState>,
+    /// Snapshots shared by the agents admitted at one generation; locked before `state`,
+    /// never while holding it.
+    pub(super) snapshots: Mutex<super::snapshot_cache::SnapshotCache>,
     /// Woken whenever acknowledgements or connections change (for [`AgentLink::wait_acked`]).
     pub(super) acked: Notify,
     /// Woken when this replica's acknowledgements or agents change (to publish them).

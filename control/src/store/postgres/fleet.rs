@@ -100,6 +100,17 @@ impl FleetStore for PgStore {
         ))
     }
 
+    // One row decoded per fleet connection, not every host's document (a failover admits
+    // hundreds at once).
+    fn host_with_cert(&self, cert_sha256: &str) -> Result<Option<HostRecord>, StoreError> {
+        self.run(self.doc(
+            "fleet_hosts",
+            "SELECT doc FROM fleet_hosts WHERE doc->>'cert_sha256' = $1 \
+             ORDER BY name COLLATE \"C\" LIMIT 1",
+            &[&cert_sha256],
+        ))
+    }
+
     fn revoke_host(&self, name: &str, at: i64) -> Result<(), StoreError> {
         self.run(self.change_host(name, |h| h.revoked_at = Some(at), true))
     }

@@ -25,7 +25,42 @@ enum Event {
         agent: usize,
         replica: usize,
         at: Instant,
+        /// When the attempt that succeeded started (its connect, TLS and snapshot took the rest).
+        attempt: Instant,
+        /// Attempts that failed since the agent's previous connection.
+        failed: u32,
     },
+}
+
+/// Seconds since midnight UTC of a log line's RFC 3339 timestamp ("…T07:50:01.123456Z …").
+fn log_time_of_day(line: &str) -> Option<f64> {
+    let t = line.get(11..)?.split(['Z', ' ']).next()?;
+    let mut parts = t.split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?)
+}
+
+/// Where the failover's time went on the surviving replica: from its log, the first and last
+/// TLS-admitted connection and the first and last snapshot queued after `killed_at` (seconds
+/// since midnight UTC).
+fn replica_timeline(log: &str, killed_at: f64) -> String {
+    let times = |what: &str| -> Vec<f64> {
+        log.lines()
+            .filter(|l| l.contains(what))
+            .filter_map(log_time_of_day)
+            .filter(|t| *t >= killed_at)
+            .map(|t| (t - killed_at) * 1000.0)
+            .collect()
+    };
+    let span = |v: &[f64]| match (v.first(), v.last()) {
+        (Some(a), Some(b)) => format!("{} from {a:.0} to {b:.0} ms", v.len()),
+        _ => "none".to_owned(),
+    };
+    format!(
+        "TLS+enrollment checked: {}; snapshot queued: {}",
+        span(&times("fleet host connected")),
+        span(&times("agent connected; snapshot queued"))
+    )
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -96,7 +131,9 @@ pub fn run(agents: u64, hosts: u64, rotations: u64) -> Result<()> {
         rt.spawn(async move {
             let id = random_agent_id();
             let mut replica = i % 2;
+            let mut failed = 0;
             loop {
+                let attempt = Instant::now();
                 match link_connect(ports[replica], tls.clone(), &id, Duration::from_secs(60)).await
                 {
                     LinkOutcome::Admitted(mut conn) => {
@@ -104,10 +141,16 @@ pub fn run(agents: u64, hosts: u64, rotations: u64) -> Result<()> {
                             agent: i,
                             replica,
                             at: Instant::now(),
+                            attempt,
+                            failed,
                         });
+                        failed = 0;
                         while let Some(Ok(_)) = conn.next(Duration::from_secs(3600)).await {}
                     }
-                    _ => tokio::time::sleep(Duration::from_millis(25)).await,
+                    _ => {
+                        failed += 1;
+                        tokio::time::sleep(Duration::from_millis(25)).await;
+                    }
                 }
                 replica = 1 - replica;
             }
@@ -201,22 +244,49 @@ pub fn run(agents: u64, hosts: u64, rotations: u64) -> Result<()> {
     // Failover: kill -9 replica 1; its agents reconnect to replica 0.
     let moving: Vec<usize> = (0..n).filter(|i| on[*i] == 1).collect();
     while rx.try_recv().is_ok() {}
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() % 86400.0);
     let killed = Instant::now();
     b.control.kill();
     let mut left: std::collections::BTreeSet<usize> = moving.iter().copied().collect();
     let mut last = Duration::ZERO;
+    let (mut back, mut attempts, mut failures) = (Vec::new(), Vec::new(), 0u32);
     while !left.is_empty() {
-        let Some(Event::Connected { agent, replica, at }) = rt.block_on(async {
+        let Some(Event::Connected {
+            agent,
+            replica,
+            at,
+            attempt,
+            failed,
+        }) = rt.block_on(async {
             tokio::time::timeout(Duration::from_secs(60), rx.recv())
                 .await
                 .ok()
                 .flatten()
-        }) else {
+        })
+        else {
             bail!("{} agents never came back after the kill", left.len());
         };
         if replica == 0 && left.remove(&agent) {
             last = at.duration_since(killed);
+            back.push(last);
+            attempts.push(at.duration_since(attempt));
+            failures += failed;
         }
+    }
+    back.sort();
+    attempts.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    if !back.is_empty() {
+        println!(
+            "fleet: failover profile: back on the other p50 {:.0} ms, p90 {:.0} ms; the successful attempt (connect, TLS, snapshot) p50 {:.0} ms, max {:.0} ms; {failures} failed attempts; replica log after the kill: {}",
+            ms(percentile(&back, 0.5)),
+            ms(percentile(&back, 0.9)),
+            ms(percentile(&attempts, 0.5)),
+            attempts.last().map_or(0.0, |d| ms(*d)),
+            replica_timeline(&a.control.log(), killed_at),
+        );
     }
     println!(
         "fleet: kill -9 of a replica: its {} agents on the other within {:.0} ms (the last one's snapshot)",
