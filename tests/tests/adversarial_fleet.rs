@@ -435,6 +435,18 @@ fn a_host_cannot_describe_bind_or_unbind_another_hosts_sandbox() {
         json!({"name": "h2-key", "value": format!("v-{}", random_token(24)), "hosts": ["x.test"]}),
     ));
     assert_eq!(created.0, 201, "{}", created.1);
+    // A host that is not enrolled is a 400; one without a connected agent, a 503 (its answer
+    // would carry that agent's CA, and only that agent could bind it). Nothing is stored.
+    a.enroll("h-three", dir.path());
+    for (host, status) in [("h-nowhere", 400), ("h-three", 503)] {
+        let got = rt.block_on(api.put(
+            "/sandbox/sb-elsewhere",
+            &key,
+            json!({"host": host, "secrets": [{"MY_KEY": "h2-key"}]}),
+        ));
+        assert_eq!(got.0, status, "declare for {host}: {}", got.1);
+    }
+    assert_eq!(rt.block_on(api.get("/sandbox/sb-elsewhere", &key)).0, 404);
     for (id, host) in [("sb-h2", Some("h-two")), ("sb-local", None)] {
         let declared = rt.block_on(api.put(
             &format!("/sandbox/{id}"),

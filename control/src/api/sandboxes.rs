@@ -280,12 +280,13 @@ pub(crate) async fn put_sandbox(
         if placement.is_none() && was_bound && declared.host().is_none() {
             require_agent(&st)?;
         }
-        // A declaration needs no agent; a binding on a fleet host needs one of that host's.
+        // A fleet host's sandbox, declared or bound, needs an agent of that host somewhere:
+        // its answer carries that agent's CA, and only that agent can ever bind it.
         crate::fleet::placement::check(
             st.store.as_ref(),
             declared.host(),
             previous.as_ref(),
-            st.config.agent.required && (placement.is_some() || was_bound),
+            st.config.agent.required,
         )?;
         // Another host's paths are checked by its agent, not here.
         if let Some((cgroup, netns)) = &placement
@@ -336,7 +337,12 @@ pub(crate) async fn declare_sandbox(
     let st = state.clone();
     let record = blocking(move || {
         let id = generated_id();
-        crate::fleet::placement::check(st.store.as_ref(), declared.host(), None, false)?;
+        crate::fleet::placement::check(
+            st.store.as_ref(),
+            declared.host(),
+            None,
+            st.config.agent.required,
+        )?;
         let record = declared.record(&st, &caller, &id, None, None)?;
         store_put(&st, &caller, &record)?;
         Ok(record)
