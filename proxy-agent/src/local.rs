@@ -7,7 +7,7 @@
 //! are checked as well, so a socket whose mode was opened still refuses other users.
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 use veil_link::{LocalRequest, LocalResponse, RefusalKind, SandboxId, read_frame, write_frame};
+use veil_sys::SocketPathError;
 
 use crate::link::trusted_peer;
 use crate::local_channel::{Ask, Pending, ToControl};
@@ -68,26 +69,11 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LocalSoc
 /// Binds `path` (parent created 0700, socket 0600; a stale socket replaced, a live one or a
 /// non-socket refused).
 pub fn bind(path: &Path) -> Result<UnixListener, LocalSocketError> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
-        && !parent.exists()
-    {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)
-            .map_err(io_err("creating", parent))?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(LocalSocketError::InUse(path.to_owned()));
-            }
-            std::fs::remove_file(path).map_err(io_err("removing stale socket", path))?;
-        }
-        Ok(_) => return Err(LocalSocketError::NotASocket(path.to_owned())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("stat", path)(e)),
-    }
+    veil_sys::prepare_socket_path(path).map_err(|e| match e {
+        SocketPathError::Io { what, path, source } => LocalSocketError::Io { what, path, source },
+        SocketPathError::InUse(p) => LocalSocketError::InUse(p),
+        SocketPathError::NotASocket(p) => LocalSocketError::NotASocket(p),
+    })?;
     let listener = UnixListener::bind(path).map_err(io_err("binding", path))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(io_err("chmod", path))?;

@@ -7,6 +7,8 @@
 pub mod logging;
 pub mod mounts;
 pub mod prometheus;
+pub mod socket;
 
 pub use logging::LogFormat;
 pub use mounts::{cgroup2_mount, cgroup2_mount_in};
+pub use socket::{SocketPathError, prepare_socket_path};

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
+use veil_sys::SocketPathError;
 
 use super::state::{AgentServer, Inner, LinkState};
 use super::usage::{USAGE_QUEUE, write_usage};
@@ -47,29 +48,13 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ServerEr
     move |source| ServerError::Io { what, path, source }
 }
 
-/// Prepares `path` for binding: creates a missing parent (0700), removes a stale socket,
-/// refuses a live one or a non-socket.
+/// Prepares `path` for binding (see [`veil_sys::prepare_socket_path`]).
 fn prepare_path(path: &Path) -> Result<(), ServerError> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
-        && !parent.exists()
-    {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)
-            .map_err(io_err("creating", parent))?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(ServerError::InUse(path.to_owned()));
-            }
-            std::fs::remove_file(path).map_err(io_err("removing stale socket", path))
-        }
-        Ok(_) => Err(ServerError::NotASocket(path.to_owned())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("stat", path)(e)),
-    }
+    veil_sys::prepare_socket_path(path).map_err(|e| match e {
+        SocketPathError::Io { what, path, source } => ServerError::Io { what, path, source },
+        SocketPathError::InUse(p) => ServerError::InUse(p),
+        SocketPathError::NotASocket(p) => ServerError::NotASocket(p),
+    })
 }
 
 /// Whether a peer may speak for an agent: root, or the user control runs as.
@@ -143,32 +128,5 @@ impl AgentServer {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stale_sockets_are_replaced_live_ones_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub").join("agent.sock");
-        prepare_path(&path).unwrap();
-        let mode = std::fs::metadata(path.parent().unwrap())
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o700);
-        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        assert!(matches!(prepare_path(&path), Err(ServerError::InUse(_))));
-        drop(live);
-        prepare_path(&path).unwrap();
-        assert!(!path.exists(), "stale socket removed");
-        std::fs::write(&path, b"x").unwrap();
-        assert!(matches!(
-            prepare_path(&path),
-            Err(ServerError::NotASocket(_))
-        ));
     }
 }
