@@ -294,17 +294,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(crate::store::sled::SledStore::open(dir.path()).unwrap());
-        let audit = || crate::store::AuditRecord {
-            seq: 0,
-            time: 0,
-            actor: "t".into(),
-            org: "acme".into(),
-            action: "t".into(),
-            target_type: "t".into(),
-            target_id: String::new(),
-            target_name: None,
-            changes: serde_json::Value::Null,
-        };
+        let audit = || crate::store::conformance::fixtures::audit("acme");
         let now = now_ms();
         // Expired while the daemon was down, and one due a second from now.
         let mut stale = record(2, vec![prev(1, now - 5_000)]);

@@ -564,17 +564,7 @@ mod tests {
     fn tombstones_load_only_for_orgs_with_sandboxes() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::sled::SledStore::open(dir.path()).unwrap();
-        let audit = || crate::store::AuditRecord {
-            seq: 0,
-            time: 0,
-            actor: "t".into(),
-            org: "acme".into(),
-            action: "t".into(),
-            target_type: "t".into(),
-            target_id: String::new(),
-            target_name: None,
-            changes: serde_json::Value::Null,
-        };
+        let audit = || crate::store::conformance::fixtures::audit("acme");
         let mut globex = secret("g1", 1);
         globex.org = org("globex");
         for s in [secret("s1", 1), globex] {
@@ -598,17 +588,7 @@ mod tests {
     fn declared_sandboxes_and_their_only_secrets_reach_no_agent() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::sled::SledStore::open(dir.path()).unwrap();
-        let audit = || crate::store::AuditRecord {
-            seq: 0,
-            time: 0,
-            actor: "t".into(),
-            org: "acme".into(),
-            action: "t".into(),
-            target_type: "t".into(),
-            target_id: String::new(),
-            target_name: None,
-            changes: serde_json::Value::Null,
-        };
+        let audit = || crate::store::conformance::fixtures::audit("acme");
         for s in [secret("only-declared", 1), secret("shared", 1)] {
             store.insert_secret(&s, audit()).unwrap();
         }

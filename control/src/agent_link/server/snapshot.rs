@@ -214,17 +214,7 @@ mod tests {
     use crate::store::{AuditRecord, SandboxRecord, Store};
 
     fn audit() -> AuditRecord {
-        AuditRecord {
-            seq: 0,
-            time: 0,
-            actor: "t".into(),
-            org: "acme".into(),
-            action: "t".into(),
-            target_type: "t".into(),
-            target_id: String::new(),
-            target_name: None,
-            changes: serde_json::Value::Null,
-        }
+        crate::store::conformance::fixtures::audit("acme")
     }
 
     fn sandbox(id: &str) -> SandboxRecord {
