@@ -52,6 +52,30 @@ pub struct HostRecord {
 /// Most agent ids a host record keeps.
 pub const MAX_HOST_AGENTS: usize = 32;
 
+impl HostRecord {
+    /// Records agent `agent_id` connected through `replica` at `at`, reporting `ca_pem`.
+    pub fn connect(&mut self, replica: &str, agent_id: &str, ca_pem: &str, at: i64) {
+        self.disconnect(replica, agent_id, at);
+        self.connected.push(HostConnection {
+            replica: replica.to_owned(),
+            agent_id: agent_id.to_owned(),
+            since: at,
+        });
+        self.agent_ca_pem = Some(ca_pem.to_owned());
+        self.agents.retain(|a| a != agent_id);
+        self.agents.push(agent_id.to_owned());
+        let extra = self.agents.len().saturating_sub(MAX_HOST_AGENTS);
+        self.agents.drain(..extra);
+    }
+
+    /// Records agent `agent_id` gone from `replica` at `at`.
+    pub fn disconnect(&mut self, replica: &str, agent_id: &str, at: i64) {
+        self.connected
+            .retain(|c| !(c.replica == replica && c.agent_id == agent_id));
+        self.last_seen = Some(at);
+    }
+}
+
 /// One agent connected as a host, as the replica it is connected to recorded it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostConnection {
@@ -118,5 +142,45 @@ pub fn ca_key_ids() -> (veil_link::OrgId, veil_link::SecretId) {
     ) {
         (Ok(org), Ok(id)) => (org, id),
         _ => unreachable!("constant ids follow the id rules"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_keeps_one_entry_per_replica_and_agent_and_the_newest_agent_ids() {
+        let mut h = HostRecord {
+            name: "h".into(),
+            cert_sha256: String::new(),
+            serial: String::new(),
+            enrolled_at: 0,
+            not_after: 0,
+            revoked_at: None,
+            agent_ca_pem: None,
+            connected: Vec::new(),
+            last_seen: None,
+            agents: Vec::new(),
+        };
+        h.connect("r1", "a", "ca-1", 1);
+        h.connect("r1", "a", "ca-2", 2);
+        h.connect("r2", "b", "ca-3", 3);
+        assert_eq!(h.connected.len(), 2);
+        assert_eq!(h.agent_ca_pem.as_deref(), Some("ca-3"));
+        h.disconnect("r1", "a", 4);
+        assert_eq!(
+            h.connected
+                .iter()
+                .map(|c| c.agent_id.as_str())
+                .collect::<Vec<_>>(),
+            ["b"]
+        );
+        assert_eq!(h.last_seen, Some(4));
+        for i in 0..MAX_HOST_AGENTS + 5 {
+            h.connect("r1", &format!("x{i}"), "ca", 5);
+        }
+        assert_eq!(h.agents.len(), MAX_HOST_AGENTS);
+        assert_eq!(h.agents.last().map(String::as_str), Some("x36"));
     }
 }

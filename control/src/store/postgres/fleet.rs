@@ -4,7 +4,7 @@
 use super::db::{PgStore, dec, enc};
 use super::error::db_err;
 use crate::store::StoreError;
-use crate::store::fleet::{FleetCaRecord, FleetStore, HostConnection, HostRecord, MAX_HOST_AGENTS};
+use crate::store::fleet::{FleetCaRecord, FleetStore, HostRecord};
 
 /// The channel a revocation is announced on (payload: the host name).
 pub const FLEET_CHANNEL: &str = "veil_fleet";
@@ -123,25 +123,7 @@ impl FleetStore for PgStore {
         ca_pem: &str,
         at: i64,
     ) -> Result<(), StoreError> {
-        self.run(self.change_host(
-            name,
-            |h| {
-                h.connected
-                    .retain(|c| !(c.replica == replica && c.agent_id == agent_id));
-                h.connected.push(HostConnection {
-                    replica: replica.to_owned(),
-                    agent_id: agent_id.to_owned(),
-                    since: at,
-                });
-                h.agent_ca_pem = Some(ca_pem.to_owned());
-                h.agents.retain(|a| a != agent_id);
-                h.agents.push(agent_id.to_owned());
-                let extra = h.agents.len().saturating_sub(MAX_HOST_AGENTS);
-                h.agents.drain(..extra);
-                h.last_seen = Some(at);
-            },
-            false,
-        ))
+        self.run(self.change_host(name, |h| h.connect(replica, agent_id, ca_pem, at), false))
     }
 
     fn host_disconnected(
@@ -151,14 +133,6 @@ impl FleetStore for PgStore {
         agent_id: &str,
         at: i64,
     ) -> Result<(), StoreError> {
-        self.run(self.change_host(
-            name,
-            |h| {
-                h.connected
-                    .retain(|c| !(c.replica == replica && c.agent_id == agent_id));
-                h.last_seen = Some(at);
-            },
-            false,
-        ))
+        self.run(self.change_host(name, |h| h.disconnect(replica, agent_id, at), false))
     }
 }
