@@ -181,6 +181,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // refuse connections to them.
     let mut guarded = vec![local];
     guarded.extend(config.metrics_listen.parse::<std::net::SocketAddr>().ok());
+    // The fleet listener too: mutual TLS would refuse a sandbox, but none may even connect.
+    guarded.extend(config.fleet.listen());
     // The database holds every sealed value and the audit: no sandbox may connect to it either.
     if let Some(shared) = &shared {
         guarded.extend(database_addrs(&shared.connection.config));

@@ -363,3 +363,36 @@ fn no_sandbox_reaches_the_shared_store() {
     let (status, _) = veil.block_on(veil.api().get("/secret", veil.key()));
     assert_eq!(status, 200);
 }
+
+/// The fleet listener (`[fleet] agent_listen`) is one of veil's own: a sandbox on a replica's
+/// host cannot even open a TCP connection to it (mutual TLS would refuse it later, but no
+/// sandbox may reach veil's listeners at all — invariants 5 and 6).
+#[test]
+fn no_sandbox_reaches_the_fleet_listener() {
+    require_root();
+    let pg = Postgres::start();
+    let port = free_port();
+    let config = format!(
+        "{}[fleet]\nagent_listen = \"127.0.0.1:{port}\"\n",
+        store_config(&pg)
+    );
+    let veil = Veil::start_with_control(AgentOptions::default(), &config, &[]);
+    let on_host = Sandbox::new("fleet-host", None);
+    veil.register(&on_host.agent_entry("fleet-host"));
+    let fleet = vec![format!("127.0.0.1:{port}")];
+    // The listener is up: the host itself connects.
+    assert!(
+        TcpStream::connect_timeout(&fleet[0].parse().expect("addr"), TIMEOUT).is_ok(),
+        "the fleet listener is not up at {}",
+        fleet[0]
+    );
+    let refused = veil_tests::cmd::wait_until(Duration::from_secs(20), || {
+        dial(&on_host, &fleet)[0].1 == EPERM
+    });
+    assert!(
+        refused,
+        "a sandbox reached the fleet listener at {}: {:?}",
+        fleet[0],
+        dial(&on_host, &fleet)
+    );
+}
