@@ -7,7 +7,6 @@
 //! are checked as well, so a socket whose mode was opened still refuses other users.
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -69,15 +68,12 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LocalSoc
 /// Binds `path` (parent created 0700, socket 0600; a stale socket replaced, a live one or a
 /// non-socket refused).
 pub fn bind(path: &Path) -> Result<UnixListener, LocalSocketError> {
-    veil_sys::prepare_socket_path(path).map_err(|e| match e {
+    let listener = veil_sys::bind_socket(path, 0o600).map_err(|e| match e {
         SocketPathError::Io { what, path, source } => LocalSocketError::Io { what, path, source },
         SocketPathError::InUse(p) => LocalSocketError::InUse(p),
         SocketPathError::NotASocket(p) => LocalSocketError::NotASocket(p),
     })?;
-    let listener = UnixListener::bind(path).map_err(io_err("binding", path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(io_err("chmod", path))?;
-    Ok(listener)
+    UnixListener::from_std(listener).map_err(io_err("binding", path))
 }
 
 /// A cgroup path a tool named: relative to the cgroup2 root (a leading `/` as in

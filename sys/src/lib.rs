@@ -11,4 +11,4 @@ pub mod socket;
 
 pub use logging::LogFormat;
 pub use mounts::{cgroup2_mount, cgroup2_mount_in};
-pub use socket::{SocketPathError, prepare_socket_path};
+pub use socket::{SocketPathError, bind_socket, prepare_socket_path};

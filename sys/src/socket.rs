@@ -53,6 +53,36 @@ pub fn prepare_socket_path(path: &Path) -> Result<(), SocketPathError> {
     }
 }
 
+/// Binds a Unix socket at `path` (prepared as [`prepare_socket_path`] does) that is never
+/// visible there with another mode than `mode`: it is bound under a temporary name beside
+/// `path`, given `mode`, then renamed into place (a connect by path never races the chmod).
+/// The listener is non-blocking, ready for an async runtime.
+pub fn bind_socket(
+    path: &Path,
+    mode: u32,
+) -> Result<std::os::unix::net::UnixListener, SocketPathError> {
+    use std::os::unix::fs::PermissionsExt;
+    prepare_socket_path(path)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(io_err("binding", &tmp))?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .map_err(io_err("chmod", &tmp))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(io_err("renaming into place", path)))
+        .and_then(|()| {
+            listener
+                .set_nonblocking(true)
+                .map_err(io_err("binding", path))
+        });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,6 +111,16 @@ mod tests {
             prepare_socket_path(&path),
             Err(SocketPathError::NotASocket(_))
         ));
+        std::fs::remove_file(&path).unwrap();
+        let listener = bind_socket(&path, 0o600).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::os::unix::net::UnixStream::connect(&path).unwrap();
+        assert!(matches!(
+            bind_socket(&path, 0o600),
+            Err(SocketPathError::InUse(_))
+        ));
+        drop(listener);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -48,13 +48,15 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ServerEr
     move |source| ServerError::Io { what, path, source }
 }
 
-/// Prepares `path` for binding (see [`veil_sys::prepare_socket_path`]).
-fn prepare_path(path: &Path) -> Result<(), ServerError> {
-    veil_sys::prepare_socket_path(path).map_err(|e| match e {
+/// Binds the socket at `path`, never visible there with another mode than 0600 (see
+/// [`veil_sys::bind_socket`]).
+fn bind_private(path: &Path) -> Result<UnixListener, ServerError> {
+    let listener = veil_sys::bind_socket(path, 0o600).map_err(|e| match e {
         SocketPathError::Io { what, path, source } => ServerError::Io { what, path, source },
         SocketPathError::InUse(p) => ServerError::InUse(p),
         SocketPathError::NotASocket(p) => ServerError::NotASocket(p),
-    })
+    })?;
+    UnixListener::from_std(listener).map_err(io_err("binding", path))
 }
 
 /// Whether a peer may speak for an agent: root, or the user control runs as.
@@ -80,11 +82,8 @@ impl AgentServer {
         keyring: Arc<RwLock<Keyring>>,
         guarded: Vec<SocketAddr>,
     ) -> Result<(AgentServer, JoinHandle<()>), ServerError> {
-        prepare_path(socket)?;
-        let listener = UnixListener::bind(socket).map_err(io_err("binding", socket))?;
         // Peer credentials are checked too; the mode keeps other users from even connecting.
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-            .map_err(io_err("chmod", socket))?;
+        let listener = bind_private(socket)?;
         let ca_file = data_dir.join(CA_FILE);
         let ca_pem = std::fs::read_to_string(&ca_file).ok();
         let (usage, usage_rx) = mpsc::channel(USAGE_QUEUE);
