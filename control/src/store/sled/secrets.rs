@@ -207,28 +207,42 @@ pub(super) fn page(
         (Order::Desc, Some(k)) => tree.range((Bound::Included(prefix.clone()), Bound::Excluded(k))),
         (_, None) => tree.range((Bound::Included(prefix.clone()), Bound::Excluded(end))),
     };
-    let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = match q.order {
-        Order::Asc => Box::new(range),
-        Order::Desc => Box::new(range.rev()),
+    // The ids of the entries that pass the name filter, in key order.
+    let matching = range.filter_map(|entry| match entry {
+        Err(e) => Some(Err(backend(e))),
+        Ok((k, v)) => {
+            let (name, id) = match q.sort {
+                SortField::Name => (&k[prefix.len()..], v.as_ref()),
+                _ => (v.as_ref(), &k[prefix.len() + 8..]),
+            };
+            let keep = q
+                .name_contains
+                .is_none_or(|f| String::from_utf8_lossy(name).to_lowercase().contains(f));
+            keep.then(|| Ok(String::from_utf8_lossy(id).into_owned()))
+        }
+    });
+    // A page is the first `limit` ids in the walking direction, plus whether one more exists.
+    // Descending pages walk forward and keep the last ones: sled 0.34's reverse traversal
+    // panics when the tree changes under it (seen under churn: "fucked up tree traversal").
+    let mut ids = std::collections::VecDeque::with_capacity(q.limit + 1);
+    for id in matching {
+        ids.push_back(id?);
+        match q.order {
+            Order::Asc if ids.len() > q.limit => break,
+            Order::Desc if ids.len() > q.limit + 1 => {
+                ids.pop_front();
+            }
+            _ => {}
+        }
+    }
+    let more = ids.len() > q.limit;
+    let page: Vec<String> = match q.order {
+        Order::Asc => ids.into_iter().take(q.limit).collect(),
+        Order::Desc => ids.into_iter().rev().take(q.limit).collect(),
     };
-    let mut items = Vec::with_capacity(q.limit);
-    let mut more = false;
-    for entry in iter {
-        let (k, v) = entry.map_err(backend)?;
-        let (name, id) = match q.sort {
-            SortField::Name => (&k[prefix.len()..], v.as_ref()),
-            _ => (v.as_ref(), &k[prefix.len() + 8..]),
-        };
-        if let Some(f) = q.name_contains
-            && !String::from_utf8_lossy(name).to_lowercase().contains(f)
-        {
-            continue;
-        }
-        if items.len() == q.limit {
-            more = true;
-            break;
-        }
-        if let Some(rec) = store.get_secret_raw(&String::from_utf8_lossy(id))? {
+    let mut items = Vec::with_capacity(page.len());
+    for id in page {
+        if let Some(rec) = store.get_secret_raw(&id)? {
             items.push(rec);
         }
     }
