@@ -34,8 +34,8 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use proxy_common::{
-    MAP_LISTENERS, MAP_ORIG, MAP_SANDBOXES, MAP_STATS, PINNED_MAPS, PortKey, STAT_COUNT,
-    SandboxTarget,
+    MAP_LISTENERS, MAP_ORIG, MAP_SANDBOXES, MAP_STATS, PINNED_MAPS, PortKey, SANDBOX_DIRECT,
+    STAT_COUNT, SandboxTarget,
 };
 use tokio::{io::unix::AsyncFd, task::JoinHandle};
 
@@ -208,7 +208,7 @@ impl Bpf {
         target: SandboxTarget,
     ) -> Result<Attachment, BpfError> {
         let cgroup_id = cgroup_id(cgroup_dir)?;
-        let target = SandboxTarget { _pad: 0, ..target };
+        let target = clean(target);
         match self.sandboxes.insert(cgroup_id, target, BPF_NOEXIST) {
             Ok(()) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
@@ -227,9 +227,10 @@ impl Bpf {
         Ok(attachment)
     }
 
-    /// Sets (inserts or replaces) the cgroup's listener ports.
+    /// Sets (inserts or replaces) the cgroup's listener ports and flags; one map update, so
+    /// a connect sees either the old entry or the new one.
     pub fn set_target(&mut self, cgroup_id: u64, target: SandboxTarget) -> Result<(), BpfError> {
-        let target = SandboxTarget { _pad: 0, ..target };
+        let target = clean(target);
         self.sandboxes
             .insert(cgroup_id, target, 0)
             .map_err(map_err(MAP_SANDBOXES))
@@ -302,6 +303,14 @@ impl Bpf {
             *sum = values.iter().fold(0u64, |acc, v| acc.wrapping_add(*v));
         }
         Ok(sums)
+    }
+}
+
+/// `target` with only the flag bits the programs know (unknown bits must stay zero).
+fn clean(target: SandboxTarget) -> SandboxTarget {
+    SandboxTarget {
+        flags: target.flags & SANDBOX_DIRECT,
+        ..target
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod bpf;
 pub mod config;
 pub mod dialer;
+pub mod direct;
 pub mod egress;
 #[allow(
     unsafe_code,

@@ -2,8 +2,9 @@
 //! sends, acknowledge each message once it is live.
 //!
 //! An [`AgentMsg::Applied`] is sent only after the change took effect: for a sandbox, its
-//! listeners are listening and every program is linked, so a connection started after the
-//! acknowledgement is redirected. While control is down the agent keeps enforcing what it has
+//! listeners are listening, every program is linked and its direct flag follows its secrets
+//! ([`Registry::sync_direct`]), so a connection started after the acknowledgement is
+//! redirected when a secret applies to it. While control is down the agent keeps enforcing what it has
 //! and reconnects with exponential backoff; a reconnection's snapshot is reconciled against the
 //! running set, so nothing is attached twice.
 //!
@@ -498,8 +499,11 @@ pub fn apply(
         ControlMsg::PutSecret { secret, .. } => secrets.put_secret(secret),
         ControlMsg::DeleteSecret { id, .. } => secrets.delete_secret(id.as_str()),
         // Answers to the agent's own requests, handled by the session (never acknowledged).
-        ControlMsg::Reply { .. } => {}
+        ControlMsg::Reply { .. } => return errors,
     }
+    // Before the acknowledgement: once control answers the change that mounts a sandbox's
+    // first secret, its new connections are redirected.
+    errors.extend(registry.sync_direct().iter().map(ToString::to_string));
     errors
 }
 

@@ -407,7 +407,7 @@ mod tests {
             Gauges {
                 sandboxes: 3,
                 secrets: 7,
-                kernel: Some([0, 0, 0, 0, 0, 4, 0]),
+                kernel: Some([0, 0, 0, 0, 0, 4, 0, 9]),
             },
         );
         assert_eq!(
@@ -423,6 +423,10 @@ mod tests {
                 "veil_agent_kernel_events_total{event=\"redirected\"}"
             ),
             Some(0.0)
+        );
+        assert_eq!(
+            value(&text, "veil_agent_kernel_events_total{event=\"direct\"}"),
+            Some(9.0)
         );
         assert_eq!(value(&text, "veil_agent_sandboxes"), Some(3.0));
         assert_eq!(value(&text, "veil_agent_secrets"), Some(7.0));

@@ -9,11 +9,16 @@
 //! snapshot without the sandbox) unpins and removes the entry; stopping the agent closes the
 //! listeners and leaves the redirect in place, so connections are refused rather than sent
 //! around veil.
+//!
+//! A sandbox no secret applies to, leaving from its own netns, is flagged direct in its map
+//! entry ([`crate::direct`]): its connects skip the redirect. [`Registry::sync_direct`] brings
+//! every flag in line with the secrets after each change from control, before it is
+//! acknowledged; a sandbox being (re)started keeps the flag it had only while the secrets do
+//! not know it yet (an agent adopting its sandboxes before control is reachable).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use proxy_common::SandboxTarget;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -21,6 +26,7 @@ use veil_link::{OrgId, SandboxId};
 
 use crate::bpf::{self, Bpf, BpfError};
 use crate::config::SandboxSpec;
+use crate::direct::{self, direct_allowed};
 use crate::proxy::{self, Proxy, SandboxTag};
 use crate::state::{SandboxFile, SandboxRecord, StateError};
 use crate::{reserved, sockets};
@@ -83,6 +89,8 @@ pub struct Registry {
     records: BTreeMap<String, SandboxRecord>,
     /// The subset whose listeners are open.
     live: BTreeMap<String, Live>,
+    /// The sandboxes whose map entry is flagged direct (as this agent last wrote or found it).
+    direct: BTreeSet<String>,
 }
 
 impl Registry {
@@ -101,6 +109,7 @@ impl Registry {
             file,
             records,
             live: BTreeMap::new(),
+            direct: BTreeSet::new(),
         })
     }
 
@@ -133,6 +142,15 @@ impl Registry {
     pub fn adopt(&mut self) -> Vec<SandboxError> {
         let mut errors = Vec::new();
         let records: Vec<SandboxRecord> = self.records.values().cloned().collect();
+        // What the previous agent decided stays until control's state says otherwise: a
+        // secretless sandbox keeps going direct across a restart.
+        for record in &records {
+            if let Ok(Some(target)) = self.bpf.sandbox(record.cgroup_id)
+                && target.direct()
+            {
+                self.direct.insert(record.id.clone());
+            }
+        }
         for record in records {
             match bpf::cgroup_id(&record.cgroup) {
                 Ok(id) if id == record.cgroup_id => {}
@@ -233,11 +251,21 @@ impl Registry {
             listeners.push(TcpListener::from_std(v6).map_err(listen_err)?);
         }
         let port = |l: &TcpListener| l.local_addr().map(|a| a.port()).map_err(listen_err);
-        let target = SandboxTarget {
-            port_v4: port(&listeners[0])?,
-            port_v6: listeners.get(1).map(port).transpose()?.unwrap_or(0),
-            _pad: 0,
+        let ports = (
+            port(&listeners[0])?,
+            listeners.get(1).map(port).transpose()?.unwrap_or(0),
+        );
+        // Secrets known: they decide. Unknown (adopting before control's state): a sandbox
+        // keeps its flag, a new one is redirected.
+        let direct = match self.proxy.secrets.secrets_apply(id) {
+            Some(apply) => direct_allowed(apply, spec.egress),
+            None => {
+                origin == Origin::Known
+                    && self.direct.contains(id)
+                    && direct_allowed(false, spec.egress)
+            }
         };
+        let target = direct::target(ports, direct);
         let guarded: BTreeSet<_> = [target.port_v4, target.port_v6]
             .into_iter()
             .filter(|&p| p != 0)
@@ -253,11 +281,18 @@ impl Registry {
         if let Err(e) = reserved::update(spec.netns.as_deref(), &ports, &previous) {
             warn!(sandbox = %id, error = %e, "cannot reserve the listener ports in the netns");
         }
-        let linked = self
+        let written = self
             .bpf
             .set_listener_ports(cgroup_id, &guarded)
-            .and_then(|()| self.bpf.set_target(cgroup_id, target))
-            .and_then(|()| self.bpf.ensure_links(&spec.cgroup, cgroup_id));
+            .and_then(|()| self.bpf.set_target(cgroup_id, target));
+        if written.is_ok() {
+            if direct {
+                self.direct.insert(id.to_owned());
+            } else {
+                self.direct.remove(id);
+            }
+        }
+        let linked = written.and_then(|()| self.bpf.ensure_links(&spec.cgroup, cgroup_id));
         let report = match linked {
             Ok(report) => report,
             Err(e) => {
@@ -284,7 +319,7 @@ impl Registry {
             ));
         }
         info!(sandbox = %id, cgroup = %spec.cgroup.display(), netns = ?spec.netns,
-              port_v4 = target.port_v4, port_v6 = target.port_v6,
+              port_v4 = target.port_v4, port_v6 = target.port_v6, direct,
               attached = report.attached, kept = report.reused, replaced = report.replaced,
               "sandbox {}", if origin == Origin::Fresh { "attached" } else { "adopted" });
         if let Some(old) = self.live.insert(id.to_owned(), Live { cancel }) {
@@ -310,6 +345,7 @@ impl Registry {
     /// listeners. Unknown ids are fine.
     pub fn delete(&mut self, id: &str) -> Result<(), SandboxError> {
         let live = self.live.remove(id);
+        self.direct.remove(id);
         let Some(record) = self.records.remove(id) else {
             if let Some(live) = live {
                 live.cancel.cancel();
@@ -380,6 +416,64 @@ impl Registry {
             errors.push(bpf_error("listener ports", e));
         }
         errors
+    }
+
+    /// Flags each sandbox direct or not as its secrets now say ([`direct_allowed`]); a sandbox
+    /// whose listeners are not open, or that the secrets do not know, is redirected (fail
+    /// closed). Writes only the entries that change. Call after every change from control and
+    /// before acknowledging it: a sandbox that just got its first secret is redirected from
+    /// then on.
+    pub fn sync_direct(&mut self) -> Vec<SandboxError> {
+        let mut errors = Vec::new();
+        let secrets = self.proxy.secrets.clone();
+        let records: Vec<(String, u64, (u16, u16), veil_link::Egress)> = self
+            .records
+            .values()
+            .map(|r| (r.id.clone(), r.cgroup_id, (r.port_v4, r.port_v6), r.egress))
+            .collect();
+        for (id, cgroup_id, ports, egress) in records {
+            let wanted = self.live.contains_key(&id)
+                && secrets
+                    .secrets_apply(&id)
+                    .is_some_and(|apply| direct_allowed(apply, egress));
+            if wanted == self.direct.contains(&id) {
+                continue;
+            }
+            match self
+                .bpf
+                .set_target(cgroup_id, direct::target(ports, wanted))
+            {
+                Ok(()) => {
+                    info!(sandbox = %id, direct = wanted, "{}", if wanted {
+                        "no secret applies: connections go direct"
+                    } else {
+                        "secrets apply: connections are redirected"
+                    });
+                    if wanted {
+                        self.direct.insert(id);
+                    } else {
+                        self.direct.remove(&id);
+                    }
+                }
+                Err(e) => {
+                    // Failing to clear the flag would leave the sandbox outside veil: remove
+                    // the entry instead, which refuses its connects (fail closed).
+                    if !wanted {
+                        warn!(sandbox = %id, error = %e, "cannot redirect the sandbox; removing its entry");
+                        if self.bpf.remove_target(cgroup_id).is_ok() {
+                            self.direct.remove(&id);
+                        }
+                    }
+                    errors.push(bpf_error(&id, e));
+                }
+            }
+        }
+        errors
+    }
+
+    /// Whether the sandbox's map entry is flagged direct.
+    pub fn is_direct(&self, id: &str) -> bool {
+        self.direct.contains(id)
     }
 
     /// The ids of the served sandboxes.

@@ -226,6 +226,15 @@ impl SecretStore {
         self.read().policies.get(sandbox).cloned()
     }
 
+    /// Whether any secret applies to `sandbox`: one is mounted (usable or not), or a policy
+    /// exists (a retired secret of its organization still scrubbed there). `None` when the
+    /// sandbox is unknown here.
+    pub fn secrets_apply(&self, sandbox: &str) -> Option<bool> {
+        let inner = self.read();
+        let mounts = inner.sandboxes.get(sandbox)?;
+        Some(!mounts.env_to_secret.is_empty() || inner.policies.contains_key(sandbox))
+    }
+
     /// Number of secrets held (retired ones included).
     pub fn len(&self) -> usize {
         self.read().secrets.len()
@@ -443,6 +452,32 @@ mod tests {
         let a = store.policy("a").unwrap();
         assert_eq!((a.secrets().len(), a.retired().len()), (1, 0));
         assert_eq!(store.policy("b").unwrap().retired().len(), 1);
+    }
+
+    #[test]
+    fn secrets_apply_follows_mounts_and_retired_secrets() {
+        let store = SecretStore::default();
+        assert_eq!(store.secrets_apply("a"), None, "unknown");
+        store.replace(
+            &[sandbox("a", "o1", &[]), sandbox("b", "o1", &[("K", "s9")])],
+            vec![],
+        );
+        assert_eq!(store.secrets_apply("a"), Some(false));
+        // A mount whose secret has not arrived (or cannot be used) still counts.
+        assert_eq!(store.secrets_apply("b"), Some(true));
+        store.put_sandbox(&sandbox("a", "o1", &[("KEY", "s1")]));
+        assert_eq!(store.secrets_apply("a"), Some(true));
+        store.put_sandbox(&sandbox("a", "o1", &[]));
+        assert_eq!(store.secrets_apply("a"), Some(false));
+        // A retired secret of its organization is scrubbed there: not direct.
+        let mut gone = secret("s8", "o1", "deleted-value-08");
+        gone.retired = true;
+        store.put_secret(gone);
+        assert_eq!(store.secrets_apply("a"), Some(true));
+        store.delete_secret("s8");
+        assert_eq!(store.secrets_apply("a"), Some(false));
+        store.delete_sandbox("a");
+        assert_eq!(store.secrets_apply("a"), None);
     }
 
     #[test]

@@ -449,7 +449,7 @@ fn refuses_a_directory_that_is_not_a_cgroup() {
     let target = SandboxTarget {
         port_v4: 1,
         port_v6: 1,
-        _pad: 0,
+        flags: 0,
     };
     assert!(matches!(
         bpf.attach(&dir, target),

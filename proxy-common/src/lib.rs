@@ -51,8 +51,10 @@ pub const STAT_GUARDED_REFUSED: u32 = 5;
 /// Original-destination records the kernel removed because their socket was reset or closed
 /// before the agent took them.
 pub const STAT_ORIG_FORGOTTEN: u32 = 6;
+/// TCP connects of a sandbox flagged [`SANDBOX_DIRECT`] let through untouched.
+pub const STAT_DIRECT: u32 = 7;
 /// Number of counters in [`MAP_STATS`].
-pub const STAT_COUNT: u32 = 7;
+pub const STAT_COUNT: u32 = 8;
 
 /// Metric names of the counters, indexed like [`MAP_STATS`].
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -63,6 +65,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "bind_refused",
     "guarded_refused",
     "orig_forgotten",
+    "direct",
 ];
 
 /// Every map the agent pins by name (under `<pin dir>/maps/`), so that a restarted agent's
@@ -81,10 +84,19 @@ pub const AF_INET: u16 = 2;
 /// `AF_INET6`, as the kernel numbers it.
 pub const AF_INET6: u16 = 10;
 
+/// [`SandboxTarget::flags`] bit: the sandbox's TCP connects may skip the redirect (no secret
+/// applies to it and its egress is its own netns), so they go where they were dialled.
+///
+/// Only a set bit allows it: 0 means redirect, so an entry written by an older agent (whose
+/// padding was zero) or one not yet decided fails closed.
+pub const SANDBOX_DIRECT: u32 = 1;
+
 /// Where a sandbox's redirected connections go: its listener ports on loopback inside its netns.
 ///
 /// IPv4 connects go to `127.0.0.1:port_v4`, IPv4-mapped IPv6 connects to
 /// `[::ffff:127.0.0.1]:port_v4`, native IPv6 connects to `[::1]:port_v6`. Ports in host order.
+/// With [`SANDBOX_DIRECT`] in `flags`, connects are not redirected at all (the refusals of
+/// veil's listeners, UDP/443 and unknown stream protocols still apply).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SandboxTarget {
@@ -92,8 +104,15 @@ pub struct SandboxTarget {
     pub port_v4: u16,
     /// Port of the IPv6 listener (host order); 0 when the netns has no IPv6 loopback.
     pub port_v6: u16,
-    /// Zero.
-    pub _pad: u32,
+    /// [`SANDBOX_DIRECT`] or 0 (redirect); other bits are zero.
+    pub flags: u32,
+}
+
+impl SandboxTarget {
+    /// Whether connects of this sandbox skip the redirect.
+    pub const fn direct(&self) -> bool {
+        self.flags & SANDBOX_DIRECT != 0
+    }
 }
 
 /// The destination a sandbox process dialled, before redirection, and the sandbox it dialled

@@ -3,8 +3,9 @@
 //!
 //! - `connect4` / `connect6`: refuse connects to veil's own listeners (`VEIL_GUARDED`); redirect
 //!   TCP to the sandbox's loopback listener (recording the original destination and the
-//!   sandbox by socket cookie); refuse UDP to port 443 so QUIC falls back to TCP; leave other
-//!   loopback destinations alone; refuse when the socket's cgroup names no sandbox.
+//!   sandbox by socket cookie) unless its entry is flagged `SANDBOX_DIRECT` (no secret applies:
+//!   the connect goes where it was dialled); refuse UDP to port 443 so QUIC falls back to TCP;
+//!   leave other loopback destinations alone; refuse when the socket's cgroup names no sandbox.
 //! - `sendmsg4` / `sendmsg6`: refuse unconnected UDP datagrams to port 443.
 //! - `sockops`: once the redirected connection is established, publish its original
 //!   destination keyed by its four-tuple as the agent's accepted socket sees it (netns cookie,
@@ -36,8 +37,8 @@ use aya_log_ebpf::{debug, warn};
 use proxy_common::{
     AF_INET, AF_INET6, ConnKey, GUARD_ANY_LOCAL, GuardKey, MAX_CGROUP_DEPTH, MAX_GUARDED,
     MAX_LISTENER_PORTS, MAX_SANDBOXES, MAX_TRACKED_CONNS, OrigDst, PortKey, STAT_BIND_REFUSED,
-    STAT_COUNT, STAT_GUARDED_REFUSED, STAT_NO_SANDBOX, STAT_REDIRECTED, STAT_UDP443_REFUSED,
-    SandboxTarget,
+    STAT_COUNT, STAT_DIRECT, STAT_GUARDED_REFUSED, STAT_NO_SANDBOX, STAT_REDIRECTED,
+    STAT_UDP443_REFUSED, SandboxTarget,
 };
 
 /// Cgroup programs: let the operation proceed.
@@ -267,6 +268,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         Verdict::Redirect => {}
     }
     let sandbox = sandbox_or_refuse(ctx)?;
+    if is_direct(&sandbox) {
+        return Ok(ALLOW);
+    }
     record(
         ctx,
         &OrigDst {
@@ -304,6 +308,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         Verdict::Redirect => {}
     }
     let sandbox = sandbox_or_refuse(ctx)?;
+    if is_direct(&sandbox) {
+        return Ok(ALLOW);
+    }
     let target = sandbox.target;
     let (new_addr, new_port) = if is_v4_mapped(&addr) {
         (mapped(LOOPBACK_V4), target.port_v4)
@@ -382,6 +389,17 @@ fn sandbox_or_refuse(ctx: &SockAddrContext) -> Result<Sandbox, i32> {
         );
         REFUSE
     })
+}
+
+/// Whether the sandbox's connects go where they were dialled (counted): no secret applies to
+/// it and it leaves from its own netns, so veil would only pass the bytes through. Nothing is
+/// recorded, so getpeername and sock_ops leave the socket alone.
+fn is_direct(sandbox: &Sandbox) -> bool {
+    let direct = sandbox.target.direct();
+    if direct {
+        count(STAT_DIRECT);
+    }
+    direct
 }
 
 /// Remembers the original destination by socket cookie; a connect we cannot track is refused

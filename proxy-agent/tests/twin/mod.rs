@@ -288,7 +288,7 @@ pub fn listeners(netns: &Netns) -> (TcpListener, TcpListener, SandboxTarget) {
     let target = SandboxTarget {
         port_v4: l4.local_addr().unwrap().port(),
         port_v6: l6.local_addr().unwrap().port(),
-        _pad: 0,
+        flags: 0,
     };
     (l4, l6, target)
 }
