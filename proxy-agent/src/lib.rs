@@ -29,6 +29,7 @@ pub mod pins;
 pub mod proxy;
 pub mod reap;
 pub mod reserved;
+pub mod rlimit;
 pub mod sandbox;
 pub mod secrets;
 pub mod sockets;

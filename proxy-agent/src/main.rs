@@ -29,7 +29,7 @@ use proxy_agent::tls::ca::InterceptionCa;
 use proxy_agent::tls::leaf::LeafCache;
 use proxy_agent::tls::server::TlsContext;
 use proxy_agent::tls::upstream;
-use proxy_agent::{guard, guard_parents};
+use proxy_agent::{guard, guard_parents, rlimit};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::task::TaskTracker;
@@ -218,6 +218,16 @@ fn notify(states: &[NotifyState<'_>]) {
 }
 
 async fn run(args: &Common) -> Result<(), Fatal> {
+    // Two sockets per intercepted connection: the default soft limit would cap the host at a
+    // few hundred. Not fatal: the agent still works, up to the lower limit.
+    match rlimit::raise_nofile() {
+        Ok(r) => info!(
+            before = r.before,
+            now = r.now,
+            "open-file limit raised to the hard limit"
+        ),
+        Err(e) => warn!(error = %e, "cannot raise the open-file limit; keeping the current one"),
+    }
     let cgroup2 = veil_sys::cgroup2_mount().map_err(|e| Fatal::Host(e.into()))?;
     let config = load_config(args, &cgroup2)?;
     let settings = &config.agent;
