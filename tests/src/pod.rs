@@ -25,7 +25,8 @@ pub struct Pod {
     // Field order is drop order: veil (agent, control) first, the namespaces last.
     /// veil (control and agent).
     pub veil: Veil,
-    /// Sandbox A (no secret): the attacker.
+    /// Sandbox A (no secret for [`HOST`]; one for no test host, so it is redirected): the
+    /// attacker.
     pub a: Sandbox,
     /// Sandbox B (a secret for [`HOST`]): the victim.
     pub b: Sandbox,
@@ -71,7 +72,9 @@ impl Pod {
             .to_owned();
         let a = Sandbox::new("pod-a", Some(&netns));
         let b = Sandbox::new("pod-b", Some(&netns));
-        veil.register(&a.agent_entry("pod-a"));
+        // Redirected like B (its secret allows no test host): a sandbox without any secret
+        // would go direct, and the attacks from A need its connections to reach the agent.
+        veil.register_redirected(&a.agent_entry("pod-a"));
         let answer = veil.register_with(&b.agent_entry("pod-b"), &[("B_KEY", "b-key")]);
         let bundle_dir = tempfile::Builder::new()
             .prefix(&crate::owner::tempdir_prefix())

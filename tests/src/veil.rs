@@ -16,6 +16,10 @@ use crate::owner;
 
 /// Organization the fixture's admin key belongs to.
 pub const ORG: &str = "veil-e2e";
+/// The secret [`Veil::register_redirected`] mounts.
+pub const REDIRECT_ONLY_SECRET: &str = "veil-e2e-redirect-only";
+/// The only host that secret allows; no test serves it.
+pub const REDIRECT_ONLY_HOST: &str = "redirect-only.invalid";
 
 /// A linked control + agent. Dropping it kills the agent (its pins are removed), then control.
 #[must_use = "dropping it stops veil at once"]
@@ -40,7 +44,8 @@ fn control_config(agent_socket: &Path, top_level: &str) -> String {
 }
 
 impl Veil {
-    /// Starts control and agent, then registers `sandboxes` (each PUT answers once live).
+    /// Starts control and agent, then registers `sandboxes` redirected into veil (each PUT
+    /// answers once live; see [`Veil::register_redirected`]).
     pub fn start(sandboxes: &[AgentSandbox]) -> Veil {
         Veil::start_with(AgentOptions::default(), sandboxes)
     }
@@ -111,7 +116,7 @@ impl Veil {
             _dir: dir,
         };
         for sb in sandboxes {
-            veil.register(sb);
+            veil.register_redirected(sb);
         }
         veil
     }
@@ -188,6 +193,29 @@ impl Veil {
         body
     }
 
+    /// Registers a sandbox redirected into veil whatever its egress: it mounts a secret (created
+    /// on first use, [`REDIRECT_ONLY_SECRET`]) that only [`REDIRECT_ONLY_HOST`] allows, so its
+    /// connections pass through untouched as a secretless sandbox's would — but through the
+    /// agent. (A sandbox without secrets that leaves from its own netns goes direct.) Panics
+    /// unless 200; returns the answer.
+    pub fn register_redirected(&self, sb: &AgentSandbox) -> Value {
+        let created = self.block_on(self.api().post(
+            "/secret",
+            &self.key,
+            json!({
+                "name": REDIRECT_ONLY_SECRET,
+                "value": format!("redirect-only-{}", crate::control::random_token(24)),
+                "hosts": [REDIRECT_ONLY_HOST],
+            }),
+        ));
+        assert!(
+            created.0 == 201 || created.0 == 409,
+            "creating the redirect-only secret: status {}",
+            created.0
+        );
+        self.register_with(sb, &[("VEIL_REDIRECT_ONLY", REDIRECT_ONLY_SECRET)])
+    }
+
     /// `DELETE /api/sandbox/{id}`; panics unless control answers 204.
     pub fn unregister(&self, id: &str) {
         let api = self.api();
@@ -196,7 +224,8 @@ impl Veil {
         self.registered_map().remove(id);
     }
 
-    /// Brings the registered set to `sandboxes` through the API (deletes first, then puts).
+    /// Brings the registered set to `sandboxes` through the API (deletes first, then puts
+    /// redirected).
     pub fn reconfigure(&self, sandboxes: &[AgentSandbox]) {
         let current: Vec<String> = self.registered_map().keys().cloned().collect();
         for id in current {
@@ -206,7 +235,7 @@ impl Veil {
         }
         for sb in sandboxes {
             if self.registered_map().get(&sb.id) != Some(sb) {
-                self.register(sb);
+                self.register_redirected(sb);
             }
         }
     }

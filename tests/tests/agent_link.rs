@@ -134,7 +134,8 @@ fn a_client_started_right_after_the_put_is_redirected() {
         let ns = NetNs::new(&format!("l{i}"));
         let _link = world.link_sandbox(&ns);
         let sb = Sandbox::new(&format!("l{i}"), Some(&ns));
-        veil.register(&sb.agent_entry(&format!("l{i}")));
+        // With a secret: a secretless sandbox with its own way out would go direct.
+        veil.register_redirected(&sb.agent_entry(&format!("l{i}")));
         let out = sb.probe(&["tcp", "--addr", &hello.addr().to_string()]);
         // Redirected: connected to the agent's loopback listener, answered through it.
         let local = out.json["local"].as_str().unwrap_or_default();

@@ -363,7 +363,10 @@ impl ControlConn {
     }
 }
 
-/// The SandboxState for a test sandbox.
+/// The SandboxState for a test sandbox. It mounts a secret control never sends: that changes
+/// nothing on its connections (they pass through), but a sandbox a secret applies to is
+/// redirected — one without any, leaving from its own netns, would go direct (issue 19), and
+/// these tests are about the redirect.
 pub fn sandbox_state(id: &str, sb: &veil_tests::Sandbox) -> SandboxState {
     SandboxState {
         egress: veil_tests::egress::link_egress(sb.netns_path()),
@@ -371,7 +374,12 @@ pub fn sandbox_state(id: &str, sb: &veil_tests::Sandbox) -> SandboxState {
         org: "org-1".parse().unwrap(),
         cgroup: sb.cgroup().path().to_path_buf(),
         netns: sb.netns_path().map(Path::to_path_buf),
-        mounts: Default::default(),
+        mounts: [(
+            "VEIL_REDIRECT_ONLY".to_owned(),
+            "sec-redirect-only".parse().unwrap(),
+        )]
+        .into_iter()
+        .collect(),
         cgroup_id: None,
     }
 }
