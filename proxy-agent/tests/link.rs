@@ -329,6 +329,48 @@ fn killed_agent_is_never_bypassed_and_restarts_adopt_without_control() {
     );
 }
 
+/// Issue 19: a sandbox no secret applies to, with its own way out, goes direct; an agent
+/// restarted without control keeps it direct (the flag its predecessor left in the pinned map),
+/// while the sandbox a secret applies to is redirected again at once.
+#[test]
+fn a_restart_without_control_keeps_a_secretless_sandbox_direct() {
+    require_root();
+    let Upstream { world, hello } = Upstream::start();
+    let addr = hello.addr().to_string();
+    let NsSandbox { ns, sb } = NsSandbox::new("lk-free");
+    let link = world.link_sandbox(&ns);
+    let kept = Sandbox::new("lk-kept", Some(&ns));
+    let Linked {
+        dirs,
+        ctl,
+        mut agent,
+        mut conn,
+    } = Linked::start();
+    let mut free = sandbox_state("sb-free", &sb);
+    free.mounts.clear();
+    conn.apply(snapshot(1, vec![free, sandbox_state("sb-kept", &kept)]));
+    let own = format!("{}:", link.sandbox_v4());
+    let assert_direct = |when: &str| {
+        let out = probe(&sb, &addr);
+        let json = out.expect_ok();
+        let local = json["local"].as_str().unwrap();
+        let reply = json["reply"].as_str().unwrap();
+        assert!(
+            local.starts_with(&own) && reply.starts_with(&format!("up {own}")),
+            "{when}: the secretless sandbox did not go direct: local {local}, reply {reply}"
+        );
+    };
+    assert_direct("served");
+    assert_via_agent(&kept, &hello, &world);
+
+    agent.kill();
+    drop((conn, ctl));
+    let agent = AgentProc::start(&dirs);
+    assert_direct("after a restart without control");
+    assert_via_agent(&kept, &hello, &world);
+    drop(agent);
+}
+
 /// Item 6 of issue 15: one sandbox-id rule, the stricter one. An id an older agent accepted
 /// (it may start with `_`) and persisted is refused when a restarted agent re-adopts it; the
 /// sandbox is neither served nor dropped: its links and redirect stay, its connections are
