@@ -19,8 +19,8 @@ use std::{
 use common::{PinDir, attached_program_ids};
 use proxy_agent::bpf::{Bpf, BpfError, ConnTuple};
 use proxy_common::{
-    ConnKey, MAP_ORIG, MAP_SANDBOXES, MAP_SOCKS, OrigDst, STAT_NO_SANDBOX, STAT_ORIG_RECORDED,
-    STAT_REDIRECTED, STAT_UDP443_REFUSED, SandboxTarget,
+    ConnKey, MAP_ORIG, MAP_SANDBOXES, MAP_SOCKS, OrigDst, SANDBOX_DIRECT, STAT_DIRECT,
+    STAT_NO_SANDBOX, STAT_ORIG_RECORDED, STAT_REDIRECTED, STAT_UDP443_REFUSED, SandboxTarget,
 };
 use twin::{
     Cgroup, ClientResult, EPERM, Netns, accept_tagged, cgroup2_mount, listeners, require_root,
@@ -275,6 +275,48 @@ fn fails_closed_without_a_sandbox_entry_or_an_ipv6_listener() {
         after[STAT_NO_SANDBOX as usize] - before[STAT_NO_SANDBOX as usize],
         3
     );
+    bpf.detach(attachment).unwrap();
+}
+
+/// Issue 19: a sandbox flagged direct keeps its connects where they were dialled (here: no
+/// route, so ENETUNREACH), records nothing, and still has UDP/443 refused; clearing the flag
+/// redirects again.
+#[test]
+fn a_direct_sandbox_is_not_redirected_and_keeps_the_udp_refusal() {
+    require_root();
+    let rt = runtime();
+    let _rt = rt.enter();
+    let pins = PinDir::new();
+    let mut bpf = Bpf::load(pins.layout()).expect("loading the eBPF programs");
+    let netns = Netns::new();
+    let cgroup = Cgroup::new_under(&cgroup2_mount());
+    let (l4, _l6, target) = listeners(&netns);
+    let direct = SandboxTarget {
+        flags: SANDBOX_DIRECT,
+        ..target
+    };
+    let attachment = bpf.attach(&cgroup.path, direct).unwrap();
+    assert_eq!(bpf.sandbox(cgroup.id()).unwrap(), Some(direct));
+    let before = bpf.stats().unwrap();
+    let out = run_client(&netns, Some(&cgroup.path), target.port_v4);
+    for tag in ["4", "6", "m"] {
+        assert_eq!(result(&out, tag).errno, Some(ENETUNREACH), "{tag}: {out:?}");
+    }
+    assert!(result(&out, "l").peer.is_some(), "{out:?}");
+    for tag in ["u443", "u443c", "u443v6"] {
+        assert_eq!(result(&out, tag).errno, Some(EPERM), "{tag}: {out:?}");
+    }
+    assert_ne!(result(&out, "u53").errno, Some(EPERM));
+    accept_tagged(&[&l4], 1);
+    let after = bpf.stats().unwrap();
+    let delta = |stat: u32| after[stat as usize] - before[stat as usize];
+    assert_eq!((delta(STAT_DIRECT), delta(STAT_REDIRECTED)), (3, 0));
+
+    // Flag cleared: redirected again.
+    bpf.set_target(cgroup.id(), target).unwrap();
+    let out = run_client(&netns, Some(&cgroup.path), target.port_v4);
+    assert!(result(&out, "4").peer.is_some(), "{out:?}");
+    accept_tagged(&[&l4], 3);
     bpf.detach(attachment).unwrap();
 }
 
