@@ -30,6 +30,7 @@ pub mod idle;
 pub mod intercept;
 pub mod passthrough;
 pub mod peek;
+pub mod pipes;
 pub mod scrub;
 #[cfg(test)]
 mod tests;

@@ -1,19 +1,24 @@
 //! Passthrough: bytes copied both ways untouched, zero-copy through a pipe with splice(2).
 //!
-//! Each direction owns a pipe; data moves socket → pipe → socket inside the kernel, so a bulk
-//! transfer never touches userspace memory. A read EOF is passed on as a write shutdown, so
-//! half-closed connections keep working; the first error ends both directions.
+//! Each direction owns a pipe while it runs; data moves socket → pipe → socket inside the
+//! kernel, so a bulk transfer never touches userspace memory. A direction that ends cleanly
+//! gives its (empty) pipe back to a process-wide [`PipePool`], so a new connection usually
+//! makes no pipe at all. A read EOF is passed on as a write shutdown, so half-closed
+//! connections keep working; the first error ends both directions (and closes their pipes).
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 
-use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+use nix::fcntl::{SpliceFFlags, splice};
 use nix::sys::socket::{Shutdown, shutdown};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Bytes the pipe is asked to hold; larger pipes mean fewer syscalls per byte on bulk transfers.
-const PIPE_SIZE: usize = 1 << 20;
+use super::pipes::PipePool;
+
+/// Idle pipes kept across connections: enough for the connections a busy agent opens at
+/// once (two pipes each), few enough that the descriptors they hold do not matter.
+static PIPES: PipePool = PipePool::new(64);
 
 /// Bytes moved by a finished passthrough.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -29,37 +34,26 @@ pub async fn splice_bidirectional(
     client: &TcpStream,
     upstream: &TcpStream,
 ) -> io::Result<Transferred> {
+    splice_with(&PIPES, client, upstream).await
+}
+
+async fn splice_with(
+    pool: &PipePool,
+    client: &TcpStream,
+    upstream: &TcpStream,
+) -> io::Result<Transferred> {
     let (up, down) = tokio::try_join!(
-        splice_one_way(client, upstream),
-        splice_one_way(upstream, client)
+        splice_one_way(pool, client, upstream),
+        splice_one_way(pool, upstream, client)
     )?;
     Ok(Transferred { up, down })
 }
 
-struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
-    capacity: usize,
-}
-
-impl Pipe {
-    fn new() -> io::Result<Self> {
-        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-        // The default (64 KiB) still works when the pipe-max-size sysctl refuses a larger size.
-        let capacity = match fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as libc::c_int)) {
-            Ok(n) => usize::try_from(n).unwrap_or(1 << 16),
-            Err(_) => 1 << 16,
-        };
-        Ok(Self {
-            read,
-            write,
-            capacity,
-        })
-    }
-}
-
-async fn splice_one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
-    let pipe = Pipe::new()?;
+/// Moves `src`'s bytes to `dst` until EOF, then shuts `dst`'s write side. The pipe goes back
+/// to `pool` only from the end of the loop, where it is empty; an error or a cancelled future
+/// (the other direction failed) drops it, bytes and all.
+async fn splice_one_way(pool: &PipePool, src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+    let pipe = pool.take()?;
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     let mut total = 0u64;
     loop {
@@ -88,6 +82,7 @@ async fn splice_one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         }
         total += n as u64;
     }
+    pool.put(pipe);
     match shutdown_write(dst) {
         // The peer may already be gone; what it did not read is lost either way.
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
@@ -119,8 +114,13 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (mut client, proxy_in) = pair(&l).await;
         let (proxy_out, mut server) = pair(&l).await;
-        let proxy =
-            tokio::spawn(async move { splice_bidirectional(&proxy_in, &proxy_out).await.unwrap() });
+        let pool = std::sync::Arc::new(PipePool::new(4));
+        let proxy_pool = pool.clone();
+        let proxy = tokio::spawn(async move {
+            splice_with(&proxy_pool, &proxy_in, &proxy_out)
+                .await
+                .unwrap()
+        });
 
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..700_000u32).map(|i| (i % 241) as u8).collect();
@@ -148,5 +148,48 @@ mod tests {
         let t = proxy.await.unwrap();
         assert_eq!(t.up, up.len() as u64);
         assert_eq!(t.down, down.len() as u64);
+        assert_eq!(
+            pool.idle(),
+            2,
+            "both emptied pipes are kept for the next connection"
+        );
+    }
+
+    /// A pipe that may hold one connection's bytes never serves another: when the upstream
+    /// resets with bytes in flight, whatever the pool keeps is empty.
+    #[tokio::test]
+    async fn a_failed_direction_leaves_no_bytes_in_the_pool() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut client, proxy_in) = pair(&l).await;
+        let (proxy_out, server) = pair(&l).await;
+        let pool = std::sync::Arc::new(PipePool::new(4));
+        let proxy_pool = pool.clone();
+        let proxy =
+            tokio::spawn(async move { splice_with(&proxy_pool, &proxy_in, &proxy_out).await });
+        // The upstream goes away with a reset while the client keeps sending.
+        socket2::SockRef::from(&server)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(server);
+        let chunk = vec![0x5au8; 1 << 16];
+        for _ in 0..256 {
+            if client.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let result = proxy.await.unwrap();
+        assert!(
+            result.is_err(),
+            "a reset upstream ends the passthrough with an error"
+        );
+        while pool.idle() > 0 {
+            let pipe = pool.take().unwrap();
+            let mut byte = [0u8; 1];
+            assert_eq!(
+                nix::unistd::read(&pipe.read, &mut byte),
+                Err(nix::errno::Errno::EAGAIN),
+                "a pooled pipe held bytes"
+            );
+        }
     }
 }
