@@ -2,9 +2,11 @@
 //! its four-tuple as the agent's accepted socket sees it.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsFd as _;
 use std::sync::{Arc, Mutex};
 
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{HashMap, IterableMap as _, MapData, MapError};
+use aya::sys::SyscallError;
 use proxy_common::{AF_INET, ConnKey, MAP_ORIG, OrigDst};
 
 use super::error::{BpfError, is_not_found, map_err};
@@ -49,21 +51,21 @@ impl OrigDstTable {
     }
 
     /// Removes and returns the record of the connection `conn`; v4-mapped origins come back as
-    /// `SocketAddr::V4`.
+    /// `SocketAddr::V4`. One syscall (lookup-and-delete): this runs for every accepted
+    /// connection, and a lookup then a delete would be two.
     pub fn take(&self, conn: &ConnTuple) -> Result<Option<Recorded>, BpfError> {
         let key = conn_key(conn);
-        let mut map = self.map.lock().map_err(|_| BpfError::Poisoned)?;
-        let orig = match map.get(&key, 0) {
-            Ok(orig) => orig,
-            Err(MapError::KeyNotFound) => return Ok(None),
-            Err(source) => return Err(map_err(MAP_ORIG)(source)),
+        let map = self.map.lock().map_err(|_| BpfError::Poisoned)?;
+        let orig: OrigDst = match super::sys::map_take(map.map().fd().as_fd(), &key) {
+            Ok(Some(orig)) => orig,
+            Ok(None) => return Ok(None),
+            Err(io_error) => {
+                return Err(map_err(MAP_ORIG)(MapError::SyscallError(SyscallError {
+                    call: "bpf_map_lookup_and_delete_elem",
+                    io_error,
+                })));
+            }
         };
-        match map.remove(&key) {
-            Ok(()) => {}
-            // The kernel may have deleted it meanwhile; we already hold the value.
-            Err(e) if is_not_found(&e) => {}
-            Err(source) => return Err(map_err(MAP_ORIG)(source)),
-        }
         Ok(Some(Recorded {
             dst: orig_to_socket_addr(&orig),
             cgroup_id: orig.cgroup_id,

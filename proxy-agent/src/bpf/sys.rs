@@ -106,6 +106,54 @@ pub(super) fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM`: removes `key` from a hash map (LRU included, kernel 5.14+)
+/// and returns its value, in one syscall; `None` when the key is not there.
+pub(super) fn map_take<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` from `linux/bpf.h`.
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    #[repr(C)]
+    struct MapElemAttr {
+        map_fd: u32,
+        // The kernel's struct aligns `key` to 8 bytes: explicit, so it is zeroed.
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = std::mem::MaybeUninit::<V>::uninit();
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is the map-element member of union bpf_attr (no implicit padding); `key`
+    // and `value` are live for the call and as large as the map's key and value (`K` and `V`
+    // are the map's own types); the kernel writes at most `size_of::<V>()` bytes to `value`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &raw mut attr,
+            std::mem::size_of::<MapElemAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: the call succeeded, so the kernel wrote the whole value; `V: Pod` has no
+    // invalid bit patterns.
+    Ok(Some(unsafe { value.assume_init() }))
+}
+
 /// Reads SO_NETNS_COOKIE (71) of a socket.
 pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut cookie: u64 = 0;

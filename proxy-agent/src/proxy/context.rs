@@ -15,7 +15,7 @@ use crate::proxy::identify::OriginTable;
 use crate::proxy::upstream::SandboxUpstream;
 use crate::secrets::SecretStore;
 use crate::stats::Stats;
-use crate::tls::server::TlsContext;
+use crate::tls::server::{SandboxServers, TlsContext};
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -55,6 +55,8 @@ pub struct SandboxTag {
     pub netns_cookie: u64,
     /// Its upstream connection pools.
     pub upstream: SandboxUpstream,
+    /// Its client-facing TLS configs (its own session cache).
+    pub tls: SandboxServers,
     /// Its share of connections: one permit per open connection.
     connections: Arc<Semaphore>,
 }
@@ -88,6 +90,7 @@ impl SandboxTag {
             egress: spec.egress,
             netns_cookie,
             upstream,
+            tls: proxy.tls.for_sandbox(),
             connections: Arc::new(Semaphore::new(proxy.limits.max_connections_per_sandbox)),
         }
     }

@@ -74,9 +74,9 @@ pub async fn run(
     };
     // With an unusable upstream any protocol will do to deliver the 502.
     let config = if offers_h2 && (upstream_h2 || upstream_error.is_some()) {
-        proxy.tls.server_h2.clone()
+        sandbox.tls.h2.clone()
     } else {
-        proxy.tls.server_h1.clone()
+        sandbox.tls.h1.clone()
     };
     let handshake_started = std::time::Instant::now();
     let limits = proxy.limits;

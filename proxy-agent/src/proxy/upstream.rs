@@ -8,6 +8,8 @@
 //! one [`SandboxUpstream`] holds one hyper client per (destination, protocol, SNI); the request
 //! URI carries the client's own authority. The upstream is offered h2 only when the client
 //! was, so each side speaks the same protocol (h1-only features such as Upgrade keep working).
+//! TLS sessions that resume upstream handshakes are kept per sandbox too
+//! ([`UpstreamConfigs::for_sandbox`]): never one sandbox's session for another's connection.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -217,14 +219,15 @@ impl SandboxUpstream {
         Self::with_connector(configs, timeout, dialer)
     }
 
-    /// An empty pool set whose sockets come from `connector`.
+    /// An empty pool set whose sockets come from `connector`; its TLS session cache is its
+    /// own (`configs` is the agent-wide template).
     pub fn with_connector(
         configs: UpstreamConfigs,
         timeout: Duration,
         connector: Arc<dyn Connector>,
     ) -> Self {
         Self {
-            configs,
+            configs: configs.for_sandbox(),
             timeout,
             connector,
             per_dst: Mutex::new(HashMap::new()),

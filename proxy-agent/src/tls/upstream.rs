@@ -18,6 +18,9 @@ use crate::dialer::EgressGuard;
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN identifier of HTTP/1.1.
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// TLS sessions one sandbox keeps for resuming upstream handshakes (rustls keys them by server
+/// name, a few per name).
+pub const SANDBOX_UPSTREAM_SESSIONS: usize = 256;
 
 /// Why the upstream trust could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +81,33 @@ pub fn client_configs(
     })
 }
 
+impl UpstreamConfigs {
+    /// The same configs with a session cache of their own, for one sandbox: a session one
+    /// sandbox's connection got from an upstream never resumes another sandbox's connection
+    /// (the cache is per sandbox and server name, like the pools). h1 and h2 share it, so the
+    /// h2-offering probe's session serves an h1-only pool too. Never early data.
+    pub fn for_sandbox(&self) -> UpstreamConfigs {
+        let store = Arc::new(rustls::client::ClientSessionMemoryCache::new(
+            SANDBOX_UPSTREAM_SESSIONS,
+        ));
+        let resumption = rustls::client::Resumption::store(store);
+        let own = |shared: &Arc<rustls::ClientConfig>| {
+            let mut c = rustls::ClientConfig::clone(shared);
+            c.resumption = resumption.clone();
+            c.enable_early_data = false;
+            Arc::new(c)
+        };
+        UpstreamConfigs {
+            h1: own(&self.h1),
+            h2: own(&self.h2),
+            egress: self.egress.clone(),
+        }
+    }
+}
+
 /// How upstream connections are made: TLS configs by what the client may be offered, and the
-/// egress rules of `egress: "host"` sandboxes.
+/// egress rules of `egress: "host"` sandboxes. The agent-wide value is a template: each
+/// sandbox uses [`UpstreamConfigs::for_sandbox`].
 #[derive(Debug, Clone)]
 pub struct UpstreamConfigs {
     /// ALPN http/1.1 only.
@@ -142,5 +170,38 @@ mod tests {
         assert!(client_configs(None, &[dir.path().join("missing.pem")], egress.clone()).is_err());
         let c = client_configs(Some(Path::new(crate::config::SYSTEM_ROOTS)), &[], egress).unwrap();
         assert_eq!(c.h1.alpn_protocols, [ALPN_HTTP11.to_vec()]);
+    }
+
+    fn configs() -> UpstreamConfigs {
+        let egress = Arc::new(EgressGuard::new(
+            crate::egress::EgressRules::default(),
+            Arc::default(),
+        ));
+        client_configs(None, &[], egress).unwrap()
+    }
+
+    #[test]
+    fn no_early_data_towards_upstreams() {
+        let shared = configs();
+        let sandbox = shared.for_sandbox();
+        for c in [&shared.h1, &shared.h2, &sandbox.h1, &sandbox.h2] {
+            assert!(
+                !c.enable_early_data,
+                "0-RTT would let a replayed request out"
+            );
+        }
+    }
+
+    #[test]
+    fn a_sandbox_config_keeps_trust_and_alpn() {
+        let shared = configs();
+        let a = shared.for_sandbox();
+        assert_eq!(a.h1.alpn_protocols, [ALPN_HTTP11.to_vec()]);
+        assert_eq!(
+            a.h2.alpn_protocols,
+            [ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()]
+        );
+        assert!(Arc::ptr_eq(&a.egress, &shared.egress));
+        assert!(!Arc::ptr_eq(&a.h2, &shared.h2));
     }
 }

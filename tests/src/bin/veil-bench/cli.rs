@@ -231,6 +231,23 @@ pub struct SuiteArgs {
     /// Bytes per passthrough bulk run.
     #[arg(long, default_value_t = 512 << 20, value_parser = positive)]
     pub bytes: u64,
+    /// Measure only these h2load loads (h1, h1-64k, h2, h2-64k, new-conns) on the direct, veil
+    /// and nginx rows, print them and write no report (for profiling one lever at a time).
+    #[arg(long, value_name = "LOAD", value_parser = load_name)]
+    pub only: Vec<crate::load::Load>,
+}
+
+/// A load of the suite by its command-line name.
+fn load_name(s: &str) -> Result<crate::load::Load, String> {
+    use crate::load::Load;
+    Ok(match s {
+        "h1" => Load::H1,
+        "h1-64k" => Load::H1Big,
+        "h2" => Load::H2,
+        "h2-64k" => Load::H2Big,
+        "new-conns" => Load::NewConn,
+        _ => return Err("one of h1, h1-64k, h2, h2-64k, new-conns".into()),
+    })
 }
 
 #[cfg(test)]

@@ -70,6 +70,7 @@ fn run(cmd: Cmd) -> Result<()> {
             nginx_keepalive,
             nginx_workers,
             bytes,
+            only,
         }) => suite::run(&suite::Options {
             seconds,
             runs,
@@ -79,6 +80,7 @@ fn run(cmd: Cmd) -> Result<()> {
             nginx_keepalive,
             nginx_workers,
             bulk_bytes: bytes,
+            only,
         }),
         Cmd::Soak {
             connections,

@@ -147,10 +147,11 @@ pub fn run(opts: &Options) -> Result<()> {
             veil: veil.pid(),
             veil_off: veil_off.pid(),
             nginx: nginx.pid(),
-            mitm: mitm.pid(),
+            // Not started when `--only` leaves its row out.
+            mitm: mitm.as_ref().map_or(0, peers::Server::pid),
         },
     );
-    warm_up(&targets)?;
+    warm_up(&targets, opts)?;
 
     let (sink, stop_sink) = crate::sink::start_sink(world.netns(), ip);
     let mut tally = Tally {
@@ -158,6 +159,14 @@ pub fn run(opts: &Options) -> Result<()> {
         loads_avg: Vec::new(),
         steals: Vec::new(),
     };
+    if !opts.only.is_empty() {
+        for run in 0..opts.runs {
+            eprintln!("run {run} (load average {:.2})", loadavg());
+            measure_requests(opts, &targets, &mut tally)?;
+        }
+        stop_sink.store(true, std::sync::atomic::Ordering::Relaxed);
+        return Ok(());
+    }
     for run in 0..opts.runs {
         let la = loadavg();
         tally.loads_avg.push(la);
@@ -172,14 +181,15 @@ pub fn run(opts: &Options) -> Result<()> {
     write_report(opts, &tally, started_at.elapsed())
 }
 
-/// nginx and mitmproxy in the world netns, each making the same substitution as veil.
+/// nginx and mitmproxy (unless `--only` leaves its row out) in the world netns, each making the
+/// same substitution as veil.
 fn start_compared_proxies(
     world: &World,
     ip: IpAddr,
     ca: &TestCa,
     opts: &Options,
     placeholder: &str,
-) -> Result<(peers::Server, peers::Server)> {
+) -> Result<(peers::Server, Option<peers::Server>)> {
     let nginx = peers::nginx_proxy(
         world.netns(),
         ip,
@@ -189,6 +199,9 @@ fn start_compared_proxies(
         opts.nginx_keepalive,
         opts.nginx_workers,
     )?;
+    if !opts.only.is_empty() {
+        return Ok((nginx, None));
+    }
     let mitm = peers::mitmproxy(
         world.netns(),
         &opts.mitmdump,
@@ -198,7 +211,7 @@ fn start_compared_proxies(
         placeholder,
         VALUE,
     )?;
-    Ok((nginx, mitm))
+    Ok((nginx, Some(mitm)))
 }
 
 /// The process (tree) whose CPU and memory each row charges.
@@ -273,13 +286,18 @@ fn targets<'a>(
 }
 
 /// A short warm-up per target: leaf certificates, upstream pools, Python imports.
-fn warm_up(targets: &[Target<'_>]) -> Result<()> {
-    for t in targets {
+fn warm_up(targets: &[Target<'_>], opts: &Options) -> Result<()> {
+    for t in targets.iter().filter(|t| measured(t.row, opts)) {
         let mut cmd = t.command("h2load");
         load::h2load(&mut cmd, Load::H1, 1, 0, &t.base, &t.header)
             .with_context(|| format!("warm-up of {}", t.row.name()))?;
     }
     Ok(())
+}
+
+/// Whether `row` is measured: every row, or with `--only` the direct, veil and nginx rows.
+fn measured(row: Row, opts: &Options) -> bool {
+    opts.only.is_empty() || matches!(row, Row::Direct | Row::Veil | Row::Nginx)
 }
 
 /// What the runs measured so far: per row (in [`ROWS`] order), and the machine's load.
@@ -293,8 +311,11 @@ struct Tally {
 /// 1,000 requests.
 fn measure_requests(opts: &Options, targets: &[Target<'_>], tally: &mut Tally) -> Result<()> {
     for load in LOADS {
+        if !opts.only.is_empty() && !opts.only.contains(&load) {
+            continue;
+        }
         for (i, t) in targets.iter().enumerate() {
-            if !t.row.runs(load) {
+            if !t.row.runs(load) || !measured(t.row, opts) {
                 continue;
             }
             let new_conns = if t.row == Row::Mitm { 600 } else { 3000 };

@@ -35,6 +35,8 @@ pub struct Options {
     pub nginx_workers: u32,
     /// Bytes per passthrough bulk run.
     pub bulk_bytes: u64,
+    /// When not empty: only these loads on the direct, veil and nginx rows, no report.
+    pub only: Vec<Load>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
