@@ -118,7 +118,10 @@ pub(crate) fn measure(count: u64, traffic: u64) -> Result<ScaleResult> {
         fd_count(control) as u64,
     ];
 
-    eprintln!("sandboxes: registering {count}");
+    eprintln!(
+        "sandboxes: registering {count} ({:.0} s in)",
+        started.elapsed().as_secs_f64()
+    );
     let mut took = Vec::new();
     let mut not_live = 0;
     for (i, (_, sb)) in boxes.iter().enumerate() {
@@ -153,7 +156,10 @@ pub(crate) fn measure(count: u64, traffic: u64) -> Result<ScaleResult> {
         ms(took[took.len() - 1]),
     ];
 
-    eprintln!("sandboxes: traffic through {traffic} picked at random");
+    eprintln!(
+        "sandboxes: traffic through {traffic} picked at random ({:.0} s in)",
+        started.elapsed().as_secs_f64()
+    );
     let mut rng = rand::rng();
     let picked = sample(&mut rng, boxes.len(), traffic as usize).into_vec();
     let mut children = Vec::new();
@@ -191,7 +197,10 @@ pub(crate) fn measure(count: u64, traffic: u64) -> Result<ScaleResult> {
         failures += 1;
     }
 
-    eprintln!("sandboxes: removing {count}");
+    eprintln!(
+        "sandboxes: removing {count} ({:.0} s in)",
+        started.elapsed().as_secs_f64()
+    );
     let mut removed = Vec::new();
     for i in 0..count {
         let t = Instant::now();
