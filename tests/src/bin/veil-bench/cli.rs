@@ -262,7 +262,7 @@ pub struct SuiteArgs {
     #[arg(long, default_value_t = 30, value_parser = positive)]
     pub soak_seconds: u64,
     /// Soak: longest think time between a connection's requests, ms.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 10_000)]
     pub soak_think_ms: u64,
     /// Sandboxes registered on one host (as `veil-bench sandboxes --count`).
     #[arg(long, default_value_t = 1000, value_parser = positive)]

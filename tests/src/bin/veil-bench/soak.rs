@@ -402,7 +402,12 @@ async fn soak_conn(
         .await?;
     let mut n = [0u64; 4];
     let mut body = vec![0u8; MAX_BODY];
-    while Instant::now() < deadline {
+    // Each connection starts at a random point of its think time: were every first request
+    // sent right after the handshakes, all would be in flight at once, and so would as many
+    // upstream connections (the agent holds one per request in flight).
+    tokio::time::sleep(Duration::from_millis(rng.random_range(0..=think_ms))).await;
+    // At least one request per connection, then until the deadline.
+    loop {
         let len = rng.random_range(0..=MAX_BODY);
         rng.fill_bytes(&mut body[..len]);
         let head = format!(
@@ -418,6 +423,9 @@ async fn soak_conn(
             // Every differing byte, plus what is missing or extra; at least 1.
             let differing = got.iter().zip(&body[..len]).filter(|(a, b)| a != b).count();
             n[3] += (differing + got.len().abs_diff(len)).max(1) as u64;
+        }
+        if Instant::now() >= deadline {
+            break;
         }
         // Some think time, so the connections are concurrent rather than all saturating.
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..=think_ms))).await;
