@@ -59,7 +59,7 @@ pub(super) fn fmt_num(x: f64) -> String {
 }
 
 /// A count with thousands separators (no decimals below 100, unlike [`fmt_num`]).
-fn fmt_count(n: u64) -> String {
+pub(super) fn fmt_count(n: u64) -> String {
     if n >= 100 {
         fmt_num(n as f64)
     } else {

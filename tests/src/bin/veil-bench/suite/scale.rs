@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 
 use super::model::Options;
+use super::report::fmt_count;
 use crate::scale::ScaleResult;
 use crate::soak::SoakResult;
 
@@ -84,12 +85,12 @@ pub(crate) fn markdown(s: &Scale) -> String {
                  ({:.0} s with ramp-down; 0–{} ms think time): {} requests ({:.0}/s), {} MiB up and {} MiB down echoed; \
                  **{} corrupted bytes**, {} failed connections, {} requests seen upstream without the value{}. \
                  Agent RSS {} MiB before, {} MiB at the peak: **{:.1} KiB per connection**; fds {} before, {} at the peak.\n",
-                r.connections,
+                fmt_count(r.connections),
                 r.sandboxes,
                 r.seconds,
                 r.took,
-                r.think_ms,
-                r.totals[0],
+                fmt_count(r.think_ms),
+                fmt_count(r.totals[0]),
                 r.totals[0] as f64 / r.took,
                 r.totals[1] >> 20,
                 r.totals[2] >> 20,
@@ -125,7 +126,7 @@ pub(crate) fn markdown(s: &Scale) -> String {
                  | removal (DELETE → answered) p50 / p99 | {:.1} / {:.1} ms |\n\
                  | agent fds before the first PUT / after the last DELETE | {} / {} |\n\
                  | whole measurement | {:.0} s |",
-                r.count,
+                fmt_count(r.count),
                 r.register_ms[0],
                 r.register_ms[1],
                 r.register_ms[2],
@@ -135,7 +136,7 @@ pub(crate) fn markdown(s: &Scale) -> String {
                 r.per_sandbox[1],
                 r.per_sandbox[3],
                 r.traffic_sandboxes,
-                r.requests,
+                fmt_count(r.requests),
                 r.failures,
                 r.remove_ms[0],
                 r.remove_ms[1],
