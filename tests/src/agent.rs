@@ -7,7 +7,7 @@ use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -547,6 +547,19 @@ impl Drop for Agent {
     }
 }
 
+/// The agent's `RUST_LOG` when [`set_agent_log`] was not called: debug for veil's own crate,
+/// so a failing test's log tail says what the agent did.
+const TEST_AGENT_LOG: &str = "info,proxy_agent=debug";
+
+static AGENT_LOG: OnceLock<String> = OnceLock::new();
+
+/// Sets the `RUST_LOG` of every agent this process starts from now on (first call wins).
+/// Benchmarks use the production level: a debug line per connection is work nginx, with its
+/// access log off, does not do.
+pub fn set_agent_log(filter: &str) {
+    let _ = AGENT_LOG.set(filter.to_owned());
+}
+
 fn spawn_agent(binary: &Path, dir: &Path, options: &AgentOptions) -> Child {
     let log_path = dir.join("agent.log");
     let log = File::options()
@@ -563,7 +576,10 @@ fn spawn_agent(binary: &Path, dir: &Path, options: &AgentOptions) -> Child {
         .arg("--state-dir")
         .arg(dir.join("state"))
         .args(&options.args)
-        .env("RUST_LOG", "info,proxy_agent=debug")
+        .env(
+            "RUST_LOG",
+            AGENT_LOG.get().map_or(TEST_AGENT_LOG, String::as_str),
+        )
         .env("NOTIFY_SOCKET", dir.join("notify.sock"))
         // Plain text, so tests can match `key=value` in the log.
         .env("NO_COLOR", "1")

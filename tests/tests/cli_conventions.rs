@@ -31,6 +31,7 @@ fn veil_bench_behaves_like_a_binary() {
             "soak",
             "passthrough",
             "registration",
+            "sandboxes",
             "restart",
             "mitm",
             "rotation",

@@ -78,7 +78,7 @@ enum Cmd {
         cargo_test_args: Vec<String>,
     },
     /// Run a benchmark at full size: all (the comparison suite, written to docs/benchmarks.md),
-    /// passthrough, registration, restart, mitm, rotation, soak, store or transfers.
+    /// passthrough, registration, sandboxes, restart, mitm, rotation, soak, store or transfers.
     Bench {
         /// Which benchmark.
         #[arg(default_value = "all")]

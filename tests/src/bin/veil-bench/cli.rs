@@ -64,6 +64,9 @@ pub enum Cmd {
         /// Seconds the connections stay busy.
         #[arg(long, default_value_t = 300, value_parser = positive)]
         seconds: u64,
+        /// Longest think time between a connection's requests, ms (each a random 0..=N).
+        #[arg(long, default_value_t = 200)]
+        think_ms: u64,
     },
     /// Bulk throughput and new connections/s, direct vs through veil-agent (not intercepted).
     #[command(after_help = EXIT_STATUS)]
@@ -84,6 +87,17 @@ pub enum Cmd {
         /// Sandboxes registered (and removed) one after the other.
         #[arg(long, default_value_t = 100, value_parser = positive)]
         count: u64,
+    },
+    /// Many sandboxes on one host: registration p50/p99 (PUT until the redirect is live),
+    /// memory and fds per sandbox (agent and control), traffic through a random few, removal.
+    #[command(after_help = EXIT_STATUS)]
+    Sandboxes {
+        /// Sandboxes registered (each a cgroup and its own netns), all at once.
+        #[arg(long, default_value_t = 1000, value_parser = positive)]
+        count: u64,
+        /// Sandboxes picked at random that each send intercepted requests (at most --count).
+        #[arg(long, default_value_t = 100, value_parser = positive)]
+        traffic: u64,
     },
     /// Time from an agent restart (after SIGKILL) to a sandbox served through it again.
     #[command(after_help = EXIT_STATUS)]
@@ -170,6 +184,10 @@ pub enum Cmd {
         /// Threads opening connections.
         #[arg(long, default_value_t = 8, value_parser = positive)]
         concurrency: u64,
+        /// Speak first: send an HTTP/1.1 request and read the answer to EOF (a client-first
+        /// protocol, like HTTP or TLS) instead of reading the server's greeting.
+        #[arg(long)]
+        request: bool,
     },
     /// Internal: client side of the suite's memory row; holds TLS connections open until
     /// stdin closes.
@@ -201,6 +219,9 @@ pub enum Cmd {
         /// Seed of the request bodies (distinct per client process).
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Longest think time between a connection's requests, ms (each a random 0..=N).
+        #[arg(long, default_value_t = 200)]
+        think_ms: u64,
     },
 }
 
@@ -235,6 +256,24 @@ pub struct SuiteArgs {
     /// and nginx rows, print them and write no report (for profiling one lever at a time).
     #[arg(long, value_name = "LOAD", value_parser = load_name)]
     pub only: Vec<crate::load::Load>,
+    /// Soak: concurrent intercepted connections (at most 1,024 per sandbox).
+    #[arg(long, default_value_t = 10_000, value_parser = positive)]
+    pub soak_connections: u64,
+    /// Soak: sandboxes the connections are spread over.
+    #[arg(long, default_value_t = 10, value_parser = positive)]
+    pub soak_sandboxes: u64,
+    /// Soak: seconds of traffic.
+    #[arg(long, default_value_t = 30, value_parser = positive)]
+    pub soak_seconds: u64,
+    /// Soak: longest think time between a connection's requests, ms.
+    #[arg(long, default_value_t = 10_000)]
+    pub soak_think_ms: u64,
+    /// Sandboxes registered on one host (as `veil-bench sandboxes --count`).
+    #[arg(long, default_value_t = 1000, value_parser = positive)]
+    pub sandboxes: u64,
+    /// Of those, sandboxes picked at random that send intercepted requests.
+    #[arg(long, default_value_t = 100, value_parser = positive)]
+    pub sandbox_traffic: u64,
 }
 
 /// A load of the suite by its command-line name.
@@ -248,6 +287,62 @@ fn load_name(s: &str) -> Result<crate::load::Load, String> {
         "new-conns" => Load::NewConn,
         _ => return Err("one of h1, h1-64k, h2, h2-64k, new-conns".into()),
     })
+}
+
+/// The agent's default `max_connections_per_sandbox`: a soak spreads its connections so that
+/// no sandbox needs more.
+pub const PER_SANDBOX_LIMIT: u64 = 1024;
+
+/// Checks what one option cannot check alone (clap has parsed each); the message names the
+/// options. Called before anything runs, so a bad combination exits 2 like a bad option.
+pub fn check(cmd: &Cmd) -> Result<(), String> {
+    match cmd {
+        Cmd::Soak {
+            connections,
+            sandboxes,
+            ..
+        } => check_soak(*connections, *sandboxes, "--connections", "--sandboxes"),
+        Cmd::Suite(a) => {
+            check_soak(
+                a.soak_connections,
+                a.soak_sandboxes,
+                "--soak-connections",
+                "--soak-sandboxes",
+            )?;
+            check_traffic(
+                a.sandbox_traffic,
+                a.sandboxes,
+                "--sandbox-traffic",
+                "--sandboxes",
+            )
+        }
+        Cmd::Sandboxes { count, traffic } => {
+            check_traffic(*traffic, *count, "--traffic", "--count")
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_soak(connections: u64, sandboxes: u64, conns: &str, boxes: &str) -> Result<(), String> {
+    if connections < sandboxes {
+        return Err(format!(
+            "{conns} {connections} is less than {boxes} {sandboxes}: each sandbox needs a connection"
+        ));
+    }
+    if connections.div_ceil(sandboxes) > PER_SANDBOX_LIMIT {
+        return Err(format!(
+            "{conns} {connections} over {boxes} {sandboxes} is more than the agent's {PER_SANDBOX_LIMIT} connections per sandbox: use {boxes} {} or more",
+            connections.div_ceil(PER_SANDBOX_LIMIT)
+        ));
+    }
+    Ok(())
+}
+
+fn check_traffic(traffic: u64, count: u64, t: &str, c: &str) -> Result<(), String> {
+    if traffic > count {
+        return Err(format!("{t} {traffic} is more than {c} {count}"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -291,12 +386,62 @@ mod tests {
         for which in [
             "passthrough",
             "registration",
+            "sandboxes",
             "restart",
             "mitm",
             "rotation",
             "soak",
         ] {
-            Cli::try_parse_from(["veil-bench", which]).unwrap();
+            let cli = Cli::try_parse_from(["veil-bench", which]).unwrap();
+            assert_eq!(check(&cli.cmd), Ok(()), "{which}'s defaults");
         }
+    }
+
+    fn checked(args: &[&str]) -> Result<(), String> {
+        check(&Cli::try_parse_from(args).unwrap().cmd)
+    }
+
+    #[test]
+    fn combinations_the_agent_would_refuse_are_bad_command_lines() {
+        // 10,000 over 9 sandboxes is 1,112 in some: more than the agent's per-sandbox limit.
+        let e = checked(&[
+            "veil-bench",
+            "soak",
+            "--connections",
+            "10000",
+            "--sandboxes",
+            "9",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--sandboxes 10 or more"), "{e}");
+        checked(&[
+            "veil-bench",
+            "soak",
+            "--connections",
+            "10000",
+            "--sandboxes",
+            "10",
+        ])
+        .unwrap();
+        let e = checked(&[
+            "veil-bench",
+            "soak",
+            "--connections",
+            "5",
+            "--sandboxes",
+            "6",
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("--connections 5 is less than --sandboxes 6"),
+            "{e}"
+        );
+        let e = checked(&["veil-bench", "suite", "--soak-sandboxes", "5"]).unwrap_err();
+        assert!(e.contains("--soak-connections 10000"), "{e}");
+        let e = checked(&["veil-bench", "sandboxes", "--count", "20"]).unwrap_err();
+        assert_eq!(e, "--traffic 100 is more than --count 20");
+        checked(&["veil-bench", "sandboxes", "--count", "20", "--traffic", "5"]).unwrap();
+        let e = checked(&["veil-bench", "suite", "--sandboxes", "20"]).unwrap_err();
+        assert_eq!(e, "--sandbox-traffic 100 is more than --sandboxes 20");
     }
 }

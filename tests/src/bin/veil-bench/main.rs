@@ -5,7 +5,8 @@
 //! (inside the cgroup), interleaved, and prints medians and ratios; the sandbox has egress
 //! "sandbox" unless `VEIL_BENCH_EGRESS=host`. `veil-bench suite` compares
 //! veil with direct, nginx and mitmproxy and writes docs/benchmarks.md (see suite.rs);
-//! `veil-bench soak` is the load and leak soak; `registration`, `restart`, `mitm`, `rotation`,
+//! `veil-bench soak` is the load and leak soak; `sandboxes` registers many sandboxes on one host
+//! (registration latency, memory per sandbox, traffic through some); `registration`, `restart`, `mitm`, `rotation`,
 //! `transfers` and `containers` measure one thing each. The `client-*` subcommands are the client side, re-executed inside
 //! the sandbox. `veil-bench help SUBCOMMAND` lists a subcommand's options and defaults.
 //!
@@ -22,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use veil_tests::cmd::run_probe;
 use veil_tests::{AgentSandbox, NetNs, Sandbox, TcpHello, Veil, World};
 
@@ -41,6 +42,7 @@ mod mitm;
 mod peers;
 mod quantile;
 mod rotation;
+mod scale;
 mod sink;
 mod soak;
 mod store;
@@ -50,6 +52,13 @@ mod transfers;
 fn main() -> ExitCode {
     // Exits 0 for --help/--version and 2 for a bad command line, before anything runs.
     let cli = Cli::parse();
+    if let Err(msg) = cli::check(&cli.cmd) {
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, msg)
+            .exit();
+    }
+    // Agents run at their production log level (info), as nginx runs with its access log off.
+    veil_tests::agent::set_agent_log("info");
     match run(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -71,6 +80,12 @@ fn run(cmd: Cmd) -> Result<()> {
             nginx_workers,
             bytes,
             only,
+            soak_connections,
+            soak_sandboxes,
+            soak_seconds,
+            soak_think_ms,
+            sandboxes,
+            sandbox_traffic,
         }) => suite::run(&suite::Options {
             seconds,
             runs,
@@ -81,12 +96,19 @@ fn run(cmd: Cmd) -> Result<()> {
             nginx_workers,
             bulk_bytes: bytes,
             only,
+            soak_connections,
+            soak_sandboxes,
+            soak_seconds,
+            soak_think_ms,
+            sandboxes,
+            sandbox_traffic,
         }),
         Cmd::Soak {
             connections,
             sandboxes,
             seconds,
-        } => soak::run(connections, sandboxes, seconds),
+            think_ms,
+        } => soak::run(connections, sandboxes, seconds, think_ms),
         Cmd::ClientIdle {
             addr,
             count,
@@ -98,13 +120,15 @@ fn run(cmd: Cmd) -> Result<()> {
             seconds,
             header,
             seed,
-        } => soak::client(addr, count, seconds, &header, seed),
+            think_ms,
+        } => soak::client(addr, count, seconds, &header, seed, think_ms),
         Cmd::Passthrough {
             bytes,
             seconds,
             runs,
         } => passthrough(bytes, seconds, runs),
         Cmd::Registration { count } => registration(count),
+        Cmd::Sandboxes { count, traffic } => scale::run(count, traffic),
         Cmd::Restart { count } => restart(count),
         Cmd::Rotation { count } => rotation::run(count),
         Cmd::Store { count } => store::run(count),
@@ -121,7 +145,8 @@ fn run(cmd: Cmd) -> Result<()> {
             addr,
             seconds,
             concurrency,
-        } => client_connrate(addr, seconds, concurrency),
+            request,
+        } => client_connrate(addr, seconds, concurrency, request),
     }
 }
 
@@ -151,9 +176,10 @@ fn client_bulk(addr: SocketAddr, bytes: u64) -> Result<()> {
 }
 
 /// Opens connections as fast as `concurrency` threads can for `seconds`; each reads the
-/// server's greeting to EOF, then closes. The server closes first, so TIME_WAIT lands on the
-/// upstream's side and neither the client's nor the agent's ephemeral ports run out.
-fn client_connrate(addr: SocketAddr, seconds: u64, concurrency: u64) -> Result<()> {
+/// server's greeting (with `request`: the answer to an HTTP/1.1 request it sends first) to
+/// EOF, then closes. The server closes first, so TIME_WAIT lands on the upstream's side and
+/// neither the client's nor the agent's ephemeral ports run out.
+fn client_connrate(addr: SocketAddr, seconds: u64, concurrency: u64, request: bool) -> Result<()> {
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -164,6 +190,9 @@ fn client_connrate(addr: SocketAddr, seconds: u64, concurrency: u64) -> Result<(
                 while Instant::now() < deadline {
                     let ok = (|| -> std::io::Result<()> {
                         let mut s = TcpStream::connect(addr)?;
+                        if request {
+                            s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+                        }
                         let mut greeting = Vec::new();
                         s.read_to_end(&mut greeting)?;
                         if greeting.is_empty() {
@@ -296,8 +325,23 @@ fn sandbox_spec(id: &str, sb: &Sandbox) -> AgentSandbox {
 
 /// Whether a probe in `sb` reaches `hello` through the agent (upstream sees `agent_ip`).
 fn through_agent(sb: &Sandbox, hello: SocketAddr, agent_ip: std::net::IpAddr) -> bool {
+    through_agent_sending(sb, hello, agent_ip, None)
+}
+
+/// [`through_agent`], the probe sending `first` once connected: a client that speaks first
+/// is passed on at once, where a silent one waits for the agent's 100 ms speculation delay in
+/// a sandbox with secrets (proxy-agent's `SPECULATE_AFTER`).
+pub(crate) fn through_agent_sending(
+    sb: &Sandbox,
+    hello: SocketAddr,
+    agent_ip: std::net::IpAddr,
+    first: Option<&str>,
+) -> bool {
     let mut cmd = sb.command(veil_tests::bin_path("veil-probe"));
     cmd.args(["tcp", "--addr", &hello.to_string()]);
+    if let Some(text) = first {
+        cmd.args(["--send", text]);
+    }
     let out = run_probe(&mut cmd, Duration::from_secs(10));
     out.ok()
         && out

@@ -39,7 +39,7 @@ impl Nginx {
              events {{ worker_connections 8192; }}\n\
              http {{\n  access_log off;\n  keepalive_requests 10000000;\n\
                server {{\n    listen {ip}:{PORT} ssl http2;\n\
-                 ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n\
+                 ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n\
                  location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n"
         );
         std::fs::write(dir.path().join("nginx.conf"), conf)?;

@@ -119,7 +119,7 @@ pub fn upstream(ns: &NetNs, ip: IpAddr, ca: &TestCa) -> Result<Server> {
          http {{\n  access_log off;\n  keepalive_requests 10000000;\n\
            default_type application/octet-stream;\n\
            server {{\n    listen {ip}:{UPSTREAM_PORT} ssl http2;\n\
-             ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n\
+             ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n\
              location = {BIG_PATH} {{ root {d}/www; }}\n\
              location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n"
     );
@@ -154,7 +154,7 @@ pub fn nginx_proxy(
          http {{\n  access_log off;\n  keepalive_requests 10000000;\n\
            upstream up {{ server {ip}:{UPSTREAM_PORT}; keepalive {keepalive}; keepalive_requests 10000000; }}\n\
            server {{\n    listen {ip}:{port} ssl http2;\n\
-             ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n\
+             ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n\
              location / {{\n\
                proxy_pass https://up;\n\
                proxy_http_version 1.1;\n\

@@ -1,6 +1,7 @@
 //! `veil-bench soak [--connections N] [--sandboxes S] [--seconds T]`: N concurrent intercepted
 //! keep-alive connections spread over S sandboxes (one client process each) for T seconds,
-//! every request a random body of 0..64 KiB that the upstream echoes back.
+//! every request a random body of 0..64 KiB that the upstream echoes back, then a random think
+//! time of 0..=`--think-ms`.
 //!
 //! Checked: every response equals the request body (nothing corrupted or lost in either
 //! direction), the upstream saw the substituted value on every request, and no connection
@@ -23,20 +24,24 @@ use veil_client::veil_api::{CreateSecret, SecretValue};
 use veil_tests::agent::AgentOptions;
 use veil_tests::{NetNs, Sandbox, TestCa, Veil, World};
 
+use crate::cli::PER_SANDBOX_LIMIT;
+
 const HOST: &str = "soak.test";
 const VALUE: &str = "sk-soak-0123456789abcdef";
+/// The secret's name (mount it as `("KEY", SECRET)`).
+pub(crate) const SECRET: &str = "soak-key";
 const MAX_BODY: usize = 64 * 1024;
 
 /// The echo upstream: TLS (h1), answers every request with its body when `x-api-key` carries
 /// the value, 403 otherwise; counts what it served.
-struct Echo {
-    addr: SocketAddr,
-    served: Arc<AtomicU64>,
-    wrong_key: Arc<AtomicU64>,
+pub(crate) struct Echo {
+    pub(crate) addr: SocketAddr,
+    pub(crate) served: Arc<AtomicU64>,
+    pub(crate) wrong_key: Arc<AtomicU64>,
     _rt: tokio::runtime::Runtime,
 }
 
-fn start_echo(ns: &NetNs, ip: IpAddr, ca: &TestCa) -> Result<Echo> {
+pub(crate) fn start_echo(ns: &NetNs, ip: IpAddr, ca: &TestCa) -> Result<Echo> {
     let listener = ns.run(move || std::net::TcpListener::bind((ip, 0)))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
@@ -111,41 +116,147 @@ fn map_entries(veil: &Veil) -> Vec<(String, usize)> {
         .collect()
 }
 
-/// Runs the soak and prints its report.
-pub fn run(connections: u64, sandboxes: u64, seconds: u64) -> Result<()> {
+/// What one soak measured.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SoakResult {
+    /// Concurrent connections asked for, and the sandboxes they were spread over.
+    pub(crate) connections: u64,
+    pub(crate) sandboxes: u64,
+    /// Seconds of traffic asked for, and taken (with the ramp-down).
+    pub(crate) seconds: u64,
+    /// Each connection's longest think time between requests, ms.
+    pub(crate) think_ms: u64,
+    pub(crate) took: f64,
+    /// requests, bytes up, bytes down, corrupted bytes, failed connections.
+    pub(crate) totals: [u64; 5],
+    /// Requests the upstream served with the value, and without it.
+    pub(crate) served: u64,
+    pub(crate) wrong_key: u64,
+    /// The agent's RSS (KiB) before, at the peak and after; fds before and at the peak.
+    pub(crate) rss_kib: [u64; 3],
+    pub(crate) fds_before: usize,
+    pub(crate) fds_peak: usize,
+    /// The agent's fds once the idle upstream connections were swept, and how long that took
+    /// (`None`: not waited for).
+    pub(crate) fds_after: Option<(usize, u64)>,
+    /// eBPF map entries (name, before, after).
+    pub(crate) maps: Vec<(String, usize, usize)>,
+    /// What did not hold (empty: the soak passed).
+    pub(crate) problems: Vec<&'static str>,
+}
+
+impl SoakResult {
+    /// Bytes that came back different from what was sent (or missing, or extra).
+    pub(crate) fn corrupted(&self) -> u64 {
+        self.totals[3]
+    }
+
+    /// Connections that failed.
+    pub(crate) fn failed(&self) -> u64 {
+        self.totals[4]
+    }
+
+    /// The agent's RSS growth per connection at the peak, KiB.
+    pub(crate) fn kib_per_conn(&self) -> f64 {
+        self.rss_kib[1].saturating_sub(self.rss_kib[0]) as f64 / self.connections as f64
+    }
+}
+
+/// Runs the soak and prints its report; fails when a check did not hold.
+pub fn run(connections: u64, sandboxes: u64, seconds: u64, think_ms: u64) -> Result<()> {
+    let r = measure(
+        connections,
+        sandboxes,
+        seconds,
+        think_ms,
+        Some(Duration::from_secs(120)),
+    )?;
+    print_report(&r);
+    if !r.problems.is_empty() {
+        bail!("soak failed: {}", r.problems.join("; "));
+    }
+    println!("  OK: no corruption, no loss, no fd or map-entry leak");
+    Ok(())
+}
+
+fn print_report(r: &SoakResult) {
+    let SoakResult {
+        connections,
+        sandboxes,
+        seconds,
+        took,
+        totals,
+        ..
+    } = r;
+    println!(
+        "soak: {connections} connections over {sandboxes} sandboxes for {seconds} s ({took:.0} s with ramp-down)"
+    );
+    println!(
+        "  requests {} ({:.0}/s), bytes up {} MiB, down {} MiB",
+        totals[0],
+        totals[0] as f64 / took,
+        totals[1] >> 20,
+        totals[2] >> 20
+    );
+    println!(
+        "  corrupted bytes {}, failed connections {}, upstream saw {} with the value and {} without",
+        totals[3], totals[4], r.served, r.wrong_key
+    );
+    println!(
+        "  agent RSS: {} MiB before, {} MiB peak, {} MiB after; {:.1} KiB per connection at the peak",
+        r.rss_kib[0] >> 10,
+        r.rss_kib[1] >> 10,
+        r.rss_kib[2] >> 10,
+        r.kib_per_conn()
+    );
+    match r.fds_after {
+        Some((after, settle)) => println!(
+            "  agent fds: {} before, {} peak, {after} after ({settle} s after the clients closed; idle upstream connections are pooled for up to 60 s)",
+            r.fds_before, r.fds_peak
+        ),
+        None => println!("  agent fds: {} before, {} peak", r.fds_before, r.fds_peak),
+    }
+    for (name, before, after) in &r.maps {
+        println!("  map {name}: {before} entries before, {after} after");
+    }
+}
+
+/// Runs the soak: `connections` over `sandboxes` for `seconds`. With `settle`, waits up to
+/// that long for the agent's fds to come back and checks fds and map entries for leaks;
+/// without, only traffic is checked. Returns what it measured; `problems` lists the checks
+/// that did not hold.
+pub(crate) fn measure(
+    connections: u64,
+    sandboxes: u64,
+    seconds: u64,
+    think_ms: u64,
+    settle: Option<Duration>,
+) -> Result<SoakResult> {
     veil_tests::require_root();
+    // The clients inherit the raised limit too (each also raises its own).
     crate::host::raise_nofile();
     if sandboxes == 0 || connections < sandboxes {
         bail!("need at least one connection per sandbox");
+    }
+    if connections.div_ceil(sandboxes) > PER_SANDBOX_LIMIT {
+        bail!(
+            "{connections} connections over {sandboxes} sandboxes is more than the agent's {PER_SANDBOX_LIMIT} per sandbox: use at least {} sandboxes",
+            connections.div_ceil(PER_SANDBOX_LIMIT)
+        );
     }
     let me = std::env::current_exe().context("own path")?;
     let world = World::new();
     let ip: IpAddr = world.upstream_v4().into();
     let ca = TestCa::new("veil soak CA");
     let echo = start_echo(world.netns(), ip, &ca)?;
-    let veil = Veil::start_with(
-        AgentOptions {
-            args: vec!["--upstream-ca".into(), ca.pem_path().into()],
-            ..AgentOptions::default()
-        },
-        &[],
-    );
-    let placeholder = veil
-        .block_on(veil.api().client(veil.key()).create_secret(&CreateSecret {
-            name: "soak-key".into(),
-            value: SecretValue::new(VALUE),
-            hosts: Some(vec![HOST.into()]),
-            ..CreateSecret::default()
-        }))
-        .context("creating the soak secret")?
-        .placeholder;
+    let (veil, placeholder) = start_veil(&ca)?;
     eprintln!("soak: setting up {sandboxes} sandboxes");
     let mut boxes = Vec::new();
     for i in 0..sandboxes {
         let ns = NetNs::new(&format!("soak{i}"));
         let link = world.link_sandbox(&ns);
         let sb = Sandbox::new(&format!("soak{i}"), Some(&ns));
-        veil.register_with(&sb.agent_entry(&format!("soak{i}")), &[("KEY", "soak-key")]);
+        veil.register_with(&sb.agent_entry(&format!("soak{i}")), &[("KEY", SECRET)]);
         boxes.push((ns, link, sb));
     }
     let agent = veil.pid();
@@ -154,21 +265,25 @@ pub fn run(connections: u64, sandboxes: u64, seconds: u64) -> Result<()> {
     let fds_before = crate::peers::fd_count(agent);
     let maps_before = map_entries(&veil);
 
-    let per = connections / sandboxes;
+    // The remainder goes to the first sandboxes, so exactly `connections` are opened.
+    let (per, extra) = (connections / sandboxes, connections % sandboxes);
     let started = Instant::now();
     let mut children = Vec::new();
     for (i, (_, _, sb)) in boxes.iter().enumerate() {
+        let count = per + u64::from((i as u64) < extra);
         let mut cmd = sb.command(&me);
         cmd.args(["client-soak", &echo.addr.to_string()])
             .args([
                 "--count",
-                &per.to_string(),
+                &count.to_string(),
                 "--seconds",
                 &seconds.to_string(),
             ])
             .args(["--header", &format!("x-api-key: {placeholder}")])
             .arg("--seed")
             .arg(i.to_string())
+            .arg("--think-ms")
+            .arg(think_ms.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         children.push(cmd.spawn().context("start client-soak")?);
@@ -181,7 +296,7 @@ pub fn run(connections: u64, sandboxes: u64, seconds: u64) -> Result<()> {
         fds_peak = fds_peak.max(crate::peers::fd_count(agent));
         std::thread::sleep(Duration::from_millis(500));
     }
-    let mut totals = [0u64; 5]; // requests, bytes up, bytes down, corrupt, failed conns
+    let mut totals = [0u64; 5]; // requests, bytes up, bytes down, corrupted bytes, failed conns
     for child in &mut children {
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
@@ -198,79 +313,85 @@ pub fn run(connections: u64, sandboxes: u64, seconds: u64) -> Result<()> {
         }
     }
     let took = started.elapsed().as_secs_f64();
-    // The agent keeps idle upstream connections pooled for 30 s (swept every 30 s): wait for
-    // them to go (up to 120 s) before calling anything a leak.
-    let closed = Instant::now();
-    while crate::peers::fd_count(agent) > fds_before + 8
-        && closed.elapsed() < Duration::from_secs(120)
-    {
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    let settle = closed.elapsed().as_secs();
-    let rss_after = crate::peers::rss_kib(agent);
-    let fds_after = crate::peers::fd_count(agent);
-    let maps_after = map_entries(&veil);
     let served = echo.served.load(Ordering::Relaxed);
-    let wrong = echo.wrong_key.load(Ordering::Relaxed);
-
-    println!(
-        "soak: {connections} connections over {sandboxes} sandboxes for {seconds} s ({took:.0} s with ramp-down)"
-    );
-    println!(
-        "  requests {} ({:.0}/s), bytes up {} MiB, down {} MiB",
-        totals[0],
-        totals[0] as f64 / took,
-        totals[1] >> 20,
-        totals[2] >> 20
-    );
-    println!(
-        "  corrupted responses {}, failed connections {}, upstream saw {served} with the value and {wrong} without",
-        totals[3], totals[4]
-    );
-    println!(
-        "  agent RSS: {} MiB before, {} MiB peak, {} MiB after; {:.1} KiB per connection at the peak",
-        rss_before >> 10,
-        rss_peak >> 10,
-        rss_after >> 10,
-        (rss_peak.saturating_sub(rss_before)) as f64 / connections as f64
-    );
-    println!(
-        "  agent fds: {fds_before} before, {fds_peak} peak, {fds_after} after ({settle} s after the clients closed; idle upstream connections are pooled for up to 60 s)"
-    );
-    for ((name, before), (_, after)) in maps_before.iter().zip(&maps_after) {
-        println!("  map {name}: {before} entries before, {after} after");
-    }
-    let leaked_maps = maps_before
-        .iter()
-        .zip(&maps_after)
-        .any(|((_, b), (_, a))| a > b);
+    let wrong_key = echo.wrong_key.load(Ordering::Relaxed);
     let mut problems = Vec::new();
-    if totals[3] > 0 || totals[4] > 0 || wrong > 0 {
+    if totals[3] > 0 || totals[4] > 0 || wrong_key > 0 {
         problems.push("corrupted, failed or unsubstituted requests");
     }
     if served != totals[0] {
         problems.push("the upstream's count differs from the clients'");
     }
-    if fds_after > fds_before + 8 {
-        problems.push("agent fds did not come back");
+    let mut fds_after = None;
+    if let Some(settle) = settle {
+        // The agent keeps idle upstream connections pooled for 30 s (swept every 30 s): wait
+        // for them to go before calling anything a leak.
+        let closed = Instant::now();
+        while crate::peers::fd_count(agent) > fds_before + 8 && closed.elapsed() < settle {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let after = crate::peers::fd_count(agent);
+        fds_after = Some((after, closed.elapsed().as_secs()));
+        if after > fds_before + 8 {
+            problems.push("agent fds did not come back");
+        }
     }
-    if leaked_maps {
+    let maps: Vec<_> = maps_before
+        .into_iter()
+        .zip(map_entries(&veil))
+        .map(|((name, before), (_, after))| (name, before, after))
+        .collect();
+    if settle.is_some() && maps.iter().any(|(_, b, a)| a > b) {
         problems.push("eBPF map entries did not come back");
     }
-    if !problems.is_empty() {
-        bail!("soak failed: {}", problems.join("; "));
-    }
-    println!("  OK: no corruption, no loss, no fd or map-entry leak");
-    Ok(())
+    Ok(SoakResult {
+        connections,
+        sandboxes,
+        seconds,
+        think_ms,
+        took,
+        totals,
+        served,
+        wrong_key,
+        rss_kib: [rss_before, rss_peak, crate::peers::rss_kib(agent)],
+        fds_before,
+        fds_peak,
+        fds_after,
+        maps,
+        problems,
+    })
 }
 
-/// One client connection's loop; returns (requests, up, down, corrupt).
+/// Control + agent trusting `ca` upstream, with the soak secret (allowed for [`HOST`]);
+/// returns the placeholder.
+pub(crate) fn start_veil(ca: &TestCa) -> Result<(Veil, String)> {
+    let veil = Veil::start_with(
+        AgentOptions {
+            args: vec!["--upstream-ca".into(), ca.pem_path().into()],
+            ..AgentOptions::default()
+        },
+        &[],
+    );
+    let placeholder = veil
+        .block_on(veil.api().client(veil.key()).create_secret(&CreateSecret {
+            name: SECRET.into(),
+            value: SecretValue::new(VALUE),
+            hosts: Some(vec![HOST.into()]),
+            ..CreateSecret::default()
+        }))
+        .context("creating the soak secret")?
+        .placeholder;
+    Ok((veil, placeholder))
+}
+
+/// One client connection's loop; returns (requests, up, down, corrupted bytes).
 async fn soak_conn(
     addr: SocketAddr,
     config: Arc<rustls::ClientConfig>,
     header: Arc<String>,
     deadline: Instant,
     seed: u64,
+    think_ms: u64,
 ) -> Result<[u64; 4]> {
     use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -281,7 +402,12 @@ async fn soak_conn(
         .await?;
     let mut n = [0u64; 4];
     let mut body = vec![0u8; MAX_BODY];
-    while Instant::now() < deadline {
+    // Each connection starts at a random point of its think time: were every first request
+    // sent right after the handshakes, all would be in flight at once, and so would as many
+    // upstream connections (the agent holds one per request in flight).
+    tokio::time::sleep(Duration::from_millis(rng.random_range(0..=think_ms))).await;
+    // At least one request per connection, then until the deadline.
+    loop {
         let len = rng.random_range(0..=MAX_BODY);
         rng.fill_bytes(&mut body[..len]);
         let head = format!(
@@ -294,16 +420,28 @@ async fn soak_conn(
         n[1] += len as u64;
         n[2] += got.len() as u64;
         if got != body[..len] {
-            n[3] += 1;
+            // Every differing byte, plus what is missing or extra; at least 1.
+            let differing = got.iter().zip(&body[..len]).filter(|(a, b)| a != b).count();
+            n[3] += (differing + got.len().abs_diff(len)).max(1) as u64;
+        }
+        if Instant::now() >= deadline {
+            break;
         }
         // Some think time, so the connections are concurrent rather than all saturating.
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..=think_ms))).await;
     }
     Ok(n)
 }
 
 /// The `client-soak` subcommand: `count` connections for `seconds`; prints a JSON summary.
-pub fn client(addr: SocketAddr, count: u64, seconds: u64, header: &str, seed: u64) -> Result<()> {
+pub fn client(
+    addr: SocketAddr,
+    count: u64,
+    seconds: u64,
+    header: &str,
+    seed: u64,
+    think_ms: u64,
+) -> Result<()> {
     crate::host::raise_nofile();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -321,6 +459,7 @@ pub fn client(addr: SocketAddr, count: u64, seconds: u64, header: &str, seed: u6
                 header,
                 deadline,
                 seed * 1_000_003 + c,
+                think_ms,
             )));
             // Spread the handshakes over the first second.
             tokio::time::sleep(Duration::from_millis(1000 / count.max(1))).await;

@@ -13,8 +13,11 @@
 //! Every proxy runs in the world netns; the clients run in the sandbox's netns (outside its
 //! cgroup except on the veil rows). Loads: h2load `-t1 -c16` keep-alive HTTP/1.1 and h2 (`-m10`)
 //! with a small and a 64 KiB body, new TLS connections (`Connection: close`), wrk `-t1 -c16` as
-//! the h1 cross-check; passthrough bulk throughput (direct vs veil); the proxy's CPU seconds
-//! per 1,000 requests; its RSS growth per idle TLS connection (1,000 held open).
+//! the h1 cross-check; the proxy's CPU seconds per 1,000 requests; its RSS growth per idle TLS
+//! connection (1,000 held open). Passthrough (suite/passthrough.rs): bulk throughput and new
+//! TCP connections/s, direct vs veil vs a secretless sandbox. After the runs, once
+//! (suite/scale.rs): the soak at 10,000 concurrent intercepted connections and 1,000
+//! sandboxes on one host.
 //!
 //! The VM is shared: each measurement records CPU steal from /proc/stat and is repeated (up to
 //! twice) when steal exceeded 5 %; rows are interleaved inside every run; medians of `runs`.
@@ -28,13 +31,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use veil_client::veil_api::{CreateSecret, SecretValue};
 use veil_tests::agent::AgentOptions;
-use veil_tests::{NetNs, Sandbox, TestCa, Veil, World};
+use veil_tests::{HttpHello, NetNs, Sandbox, TestCa, Veil, World};
 
 use crate::load::{self, Load};
 use crate::peers::{self, HOST};
 
 mod model;
+mod passthrough;
 mod report;
+mod scale;
 
 pub use model::Options;
 use model::{
@@ -136,6 +141,15 @@ pub fn run(opts: &Options) -> Result<()> {
     let _link_off = world.link_sandbox(&ns_off);
     let sb_off = Sandbox::new("suiteoff", Some(&ns_off)).with_hosts(&[(HOST, ip)]);
     veil_off.register_with(&sb_off.agent_entry("suiteoff"), &[("KEY", "bench-key")]);
+    // The secretless sandbox: registered with the scrubbing veil, no secret mounted.
+    let ns_free = NetNs::new("suitefree");
+    let _link_free = world.link_sandbox(&ns_free);
+    let sb_free = Sandbox::new("suitefree", Some(&ns_free));
+    veil.register(
+        &sb_free
+            .agent_entry("suitefree")
+            .with_egress(veil_tests::egress::SANDBOX),
+    );
 
     let (nginx, mitm) = start_compared_proxies(&world, ip, &ca, opts, &placeholder)?;
     let targets = targets(
@@ -154,8 +168,16 @@ pub fn run(opts: &Options) -> Result<()> {
     warm_up(&targets, opts)?;
 
     let (sink, stop_sink) = crate::sink::start_sink(world.netns(), ip);
+    let hello = HttpHello::start(world.netns(), ip, "bench");
+    let pass_targets = passthrough::PassTargets {
+        sandbox: &sb,
+        secretless: &sb_free,
+        sink,
+        hello: hello.addr(),
+    };
     let mut tally = Tally {
         data: ROWS.iter().map(|_| RowData::default()).collect(),
+        pass: passthrough::PassData::default(),
         loads_avg: Vec::new(),
         steals: Vec::new(),
     };
@@ -173,12 +195,15 @@ pub fn run(opts: &Options) -> Result<()> {
         eprintln!("run {run} (load average {la:.2})");
         measure_requests(opts, &targets, &mut tally)?;
         cross_check_with_wrk(opts, &targets, &mut tally);
-        measure_passthrough_bulk(opts, &me, sink, &targets, &mut tally)?;
+        let steals = passthrough::measure(opts, &me, &pass_targets, &mut tally.pass)?;
+        tally.steals.extend(steals);
         measure_idle_memory(&me, &targets, &mut tally);
     }
     stop_sink.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Once, after the runs: each starts its own world, control and agent.
+    let scale = scale::measure(opts);
 
-    write_report(opts, &tally, started_at.elapsed())
+    write_report(opts, &tally, &scale, started_at.elapsed())
 }
 
 /// nginx and mitmproxy (unless `--only` leaves its row out) in the world netns, each making the
@@ -303,6 +328,7 @@ fn measured(row: Row, opts: &Options) -> bool {
 /// What the runs measured so far: per row (in [`ROWS`] order), and the machine's load.
 struct Tally {
     data: Vec<RowData>,
+    pass: passthrough::PassData,
     loads_avg: Vec<f64>,
     steals: Vec<f64>,
 }
@@ -367,33 +393,6 @@ fn cross_check_with_wrk(opts: &Options, targets: &[Target<'_>], tally: &mut Tall
     }
 }
 
-/// Passthrough bulk throughput (direct and veil): plain TCP to the sink; the agent splices it.
-fn measure_passthrough_bulk(
-    opts: &Options,
-    me: &Path,
-    sink: SocketAddr,
-    targets: &[Target<'_>],
-    tally: &mut Tally,
-) -> Result<()> {
-    for (i, t) in targets.iter().enumerate() {
-        if !matches!(t.row, Row::Direct | Row::Veil) {
-            continue;
-        }
-        let what = format!("{} bulk", t.row.name());
-        let (gbps, steal) = low_steal(&what, || {
-            let mut cmd = t.command(me);
-            cmd.args(["client-bulk", &sink.to_string(), "--bytes"])
-                .arg(opts.bulk_bytes.to_string());
-            let secs: f64 = crate::sink::run_client(cmd)?.parse()?;
-            Ok(opts.bulk_bytes as f64 * 8.0 / secs / 1e9)
-        })?;
-        tally.steals.push(steal);
-        eprintln!("  {what}: {gbps:.2} Gbit/s, steal {steal:.1} %");
-        tally.data[i].bulk_gbps.push(gbps);
-    }
-    Ok(())
-}
-
 /// The proxy's memory per idle TLS connection (a failure is reported and skipped).
 fn measure_idle_memory(me: &Path, targets: &[Target<'_>], tally: &mut Tally) {
     for (i, t) in targets.iter().enumerate() {
@@ -411,10 +410,12 @@ fn measure_idle_memory(me: &Path, targets: &[Target<'_>], tally: &mut Tally) {
 }
 
 /// Writes the Markdown (and the PNG, if it can be drawn) and prints the Markdown.
-fn write_report(opts: &Options, tally: &Tally, took: Duration) -> Result<()> {
+fn write_report(opts: &Options, tally: &Tally, scale: &scale::Scale, took: Duration) -> Result<()> {
     let report = Report {
         opts,
         data: &tally.data,
+        pass: &tally.pass,
+        scale,
         loadavg: &tally.loads_avg,
         steals: &tally.steals,
         took,

@@ -37,6 +37,18 @@ pub struct Options {
     pub bulk_bytes: u64,
     /// When not empty: only these loads on the direct, veil and nginx rows, no report.
     pub only: Vec<Load>,
+    /// Soak: concurrent intercepted connections, sandboxes they are spread over, seconds.
+    pub soak_connections: u64,
+    /// Soak: sandboxes.
+    pub soak_sandboxes: u64,
+    /// Soak: seconds of traffic.
+    pub soak_seconds: u64,
+    /// Soak: longest think time between a connection's requests, ms.
+    pub soak_think_ms: u64,
+    /// Sandboxes registered on one host.
+    pub sandboxes: u64,
+    /// Of those, sandboxes picked at random that send intercepted requests.
+    pub sandbox_traffic: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,7 +98,6 @@ pub(crate) struct Sample {
 pub(crate) struct RowData {
     pub(crate) loads: Vec<(Load, Vec<Sample>)>,
     pub(crate) wrk: Vec<f64>,
-    pub(crate) bulk_gbps: Vec<f64>,
     pub(crate) idle_kib_per_conn: Vec<f64>,
 }
 
