@@ -523,3 +523,26 @@ fn compress(coding: &str, plain: &[u8]) -> Vec<u8> {
         _ => plain.to_vec(),
     }
 }
+
+/// A sandbox's trust bundle for curl: veil's CA from a PUT answer plus the test CA (for the
+/// upstreams a secretless or passthrough connection reaches directly).
+#[derive(Debug)]
+pub struct SandboxTrust {
+    /// The PEM bundle.
+    pub bundle: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SandboxTrust {
+    /// Writes the bundle from a PUT /api/sandbox answer and `ca`.
+    pub fn new(answer: &serde_json::Value, ca: &TestCa) -> SandboxTrust {
+        let veil_ca = answer["caCertificate"]
+            .as_str()
+            .expect("PUT answer carries the CA");
+        let test_ca = std::fs::read_to_string(ca.pem_path()).expect("test CA");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bundle = dir.path().join("bundle.pem");
+        std::fs::write(&bundle, format!("{veil_ca}\n{test_ca}")).expect("bundle");
+        SandboxTrust { bundle, _dir: dir }
+    }
+}

@@ -12,13 +12,13 @@
 //! Nothing here prints a secret value: outputs are checked for it and reported as booleans.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use veil_tests::agent::AgentOptions;
 use veil_tests::control::{free_port, random_token};
 use veil_tests::egress::{self, LinkLocal, PacketCounters};
+use veil_tests::https::SandboxTrust;
 use veil_tests::{
     HttpsUpstream, NetNs, Sandbox, TcpHello, TestCa, UpstreamReply, Veil, World, output_within,
     require_root,
@@ -66,27 +66,8 @@ fn create_secret(veil: &Veil) -> (String, String) {
     (value, placeholder)
 }
 
-/// The sandbox's trust: veil's CA from the PUT answer plus the test CA (for the upstreams).
-struct Trust {
-    bundle: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Trust {
-    fn new(answer: &Value, ca: &TestCa) -> Trust {
-        let veil_ca = answer["caCertificate"]
-            .as_str()
-            .expect("PUT answer carries the CA");
-        let test_ca = std::fs::read_to_string(ca.pem_path()).expect("test CA");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let bundle = dir.path().join("bundle.pem");
-        std::fs::write(&bundle, format!("{veil_ca}\n{test_ca}")).expect("bundle");
-        Trust { bundle, _dir: dir }
-    }
-}
-
 /// `curl` in the sandbox sending the placeholder as a bearer token; (HTTP status, output).
-fn curl(sb: &Sandbox, trust: &Trust, placeholder: &str, url: &str) -> (u16, String) {
+fn curl(sb: &Sandbox, trust: &SandboxTrust, placeholder: &str, url: &str) -> (u16, String) {
     let mut cmd = sb.command("sh");
     cmd.args([
         "-c",
@@ -115,7 +96,7 @@ fn curl(sb: &Sandbox, trust: &Trust, placeholder: &str, url: &str) -> (u16, Stri
 fn assert_substitutes_and_scrubs(
     mode: &str,
     sb: &Sandbox,
-    trust: &Trust,
+    trust: &SandboxTrust,
     (value, placeholder): (&str, &str),
     up: &HttpsUpstream,
 ) {
@@ -178,7 +159,7 @@ fn sandbox_egress_obeys_the_sandboxs_own_firewall_and_source_address() {
     let secret = create_secret(&veil);
     let sb = Sandbox::new("egsb", Some(&ns)).with_hosts(&[(HOST, up)]);
     let answer = register(&veil, &sb, "egsb", egress::SANDBOX);
-    let trust = Trust::new(&answer, &ca);
+    let trust = SandboxTrust::new(&answer, &ca);
 
     // Without veil (outside the cgroup) the rule holds: the sandbox cannot reach `blocked`.
     let direct = sb.probe_outside(&[
@@ -298,7 +279,7 @@ fn host_egress_cannot_reach_the_host_or_link_local_through_veil() {
     let ns = NetNs::new("eghost");
     let sb = Sandbox::new("eghost", Some(&ns)).with_hosts(&[(HOST, up), (META, ll.ip().into())]);
     let answer = register(&veil, &sb, "eghost", egress::HOST);
-    let trust = Trust::new(&answer, &ca);
+    let trust = SandboxTrust::new(&answer, &ca);
 
     let unspecified = SocketAddr::from((Ipv4Addr::UNSPECIFIED, host_lo.addr().port()));
     for (target, what) in [
@@ -417,7 +398,7 @@ fn both_egress_modes_substitute_and_scrub() {
     ] {
         let sb = Sandbox::new(id, Some(ns)).with_hosts(&[(HOST, up)]);
         let answer = register(&veil, &sb, id, mode);
-        let trust = Trust::new(&answer, &ca);
+        let trust = SandboxTrust::new(&answer, &ca);
         assert_substitutes_and_scrubs(mode, &sb, &trust, (&secret.0, &secret.1), &echo);
     }
 }

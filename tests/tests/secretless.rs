@@ -17,13 +17,13 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use veil_tests::agent::AgentOptions;
 use veil_tests::control::{free_port, random_token};
 use veil_tests::egress;
+use veil_tests::https::SandboxTrust;
 use veil_tests::world::SandboxLink;
 use veil_tests::{
     HttpsUpstream, NetNs, Sandbox, TcpHello, TestCa, UdpEcho, UpstreamReply, Veil, World,
@@ -186,28 +186,9 @@ impl Fixture {
     }
 }
 
-/// The sandbox's trust: veil's CA from a PUT answer plus the test CA.
-struct Trust {
-    bundle: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Trust {
-    fn new(answer: &Value, ca: &TestCa) -> Trust {
-        let veil_ca = answer["caCertificate"]
-            .as_str()
-            .expect("PUT answer carries the CA");
-        let test_ca = std::fs::read_to_string(ca.pem_path()).expect("test CA");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let bundle = dir.path().join("bundle.pem");
-        std::fs::write(&bundle, format!("{veil_ca}\n{test_ca}")).expect("bundle");
-        Trust { bundle, _dir: dir }
-    }
-}
-
 /// One `curl` in the sandbox to the echoing upstream, the placeholder as a bearer token;
 /// (HTTP status, output).
-fn curl_once(f: &Fixture, sb: &Sandbox, trust: &Trust, placeholder: &str) -> (u16, String) {
+fn curl_once(f: &Fixture, sb: &Sandbox, trust: &SandboxTrust, placeholder: &str) -> (u16, String) {
     let url = format!("https://{HOST}:{}/echo", f.up.addr().port());
     let mut cmd = sb.command("sh");
     cmd.args([
@@ -280,7 +261,7 @@ fn a_connection_opened_after_the_put_that_mounts_a_secret_is_intercepted() {
 
     let answer = put_secrets(&f.veil, "sl-mount", &[("MY_KEY", SECRET)]);
     let before = f.counts();
-    let trust = Trust::new(&answer, &f.ca);
+    let trust = SandboxTrust::new(&answer, &f.ca);
     let (status, out) = curl_once(&f, &sb, &trust, &placeholder);
     let (direct, redirected, _) = f.counts().since(before);
     let leaked = out.contains(&value);
