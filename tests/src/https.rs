@@ -545,4 +545,36 @@ impl SandboxTrust {
         std::fs::write(&bundle, format!("{veil_ca}\n{test_ca}")).expect("bundle");
         SandboxTrust { bundle, _dir: dir }
     }
+
+    /// `curl` in `sb` trusting this bundle, sending `placeholder` as a bearer token to `url`;
+    /// (HTTP status, 0 when none, and everything curl printed).
+    pub fn curl(
+        &self,
+        sb: &crate::sandbox::Sandbox,
+        placeholder: &str,
+        url: &str,
+        timeout: Duration,
+    ) -> (u16, String) {
+        let mut cmd = sb.command("sh");
+        cmd.args([
+            "-c",
+            "curl -sS --max-time 20 --cacert \"$BUNDLE\" -H \"Authorization: Bearer $MY_KEY\" \
+             -w '\\nstatus=%{http_code}\\n' \"$URL\"",
+        ])
+        .env("MY_KEY", placeholder)
+        .env("BUNDLE", &self.bundle)
+        .env("URL", url);
+        let out = crate::cmd::output_within(&mut cmd, timeout);
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status = text
+            .lines()
+            .find_map(|l| l.strip_prefix("status="))
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        (status, text)
+    }
 }

@@ -20,8 +20,7 @@ use veil_tests::control::{free_port, random_token};
 use veil_tests::egress::{self, LinkLocal, PacketCounters};
 use veil_tests::https::SandboxTrust;
 use veil_tests::{
-    HttpsUpstream, NetNs, Sandbox, TcpHello, TestCa, UpstreamReply, Veil, World, output_within,
-    require_root,
+    HttpsUpstream, NetNs, Sandbox, TcpHello, TestCa, UpstreamReply, Veil, World, require_root,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -66,31 +65,6 @@ fn create_secret(veil: &Veil) -> (String, String) {
     (value, placeholder)
 }
 
-/// `curl` in the sandbox sending the placeholder as a bearer token; (HTTP status, output).
-fn curl(sb: &Sandbox, trust: &SandboxTrust, placeholder: &str, url: &str) -> (u16, String) {
-    let mut cmd = sb.command("sh");
-    cmd.args([
-        "-c",
-        "curl -sS --max-time 20 --cacert \"$BUNDLE\" -H \"Authorization: Bearer $MY_KEY\" \
-         -w '\\nstatus=%{http_code}\\n' \"$URL\"",
-    ])
-    .env("MY_KEY", placeholder)
-    .env("BUNDLE", &trust.bundle)
-    .env("URL", url);
-    let out = output_within(&mut cmd, TIMEOUT);
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status = text
-        .lines()
-        .find_map(|l| l.strip_prefix("status="))
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
-    (status, text)
-}
-
 /// One intercepted request to an echoing upstream: the upstream got the value, the sandbox
 /// sees only the placeholder.
 fn assert_substitutes_and_scrubs(
@@ -101,7 +75,7 @@ fn assert_substitutes_and_scrubs(
     up: &HttpsUpstream,
 ) {
     let url = format!("https://{HOST}:{}/echo", up.addr().port());
-    let (status, out) = curl(sb, trust, placeholder, &url);
+    let (status, out) = trust.curl(sb, placeholder, &url, TIMEOUT);
     let leaked = out.contains(value);
     assert!(!leaked, "egress {mode}: the value reached the sandbox");
     let got = up
@@ -190,7 +164,7 @@ fn sandbox_egress_obeys_the_sandboxs_own_firewall_and_source_address() {
 
     // Intercepted through veil: a 502 naming the destination, and nothing reaches it.
     let url = format!("https://{HOST}:{}/echo", https_blocked.addr().port());
-    let (status, text) = curl(&sb, &trust, &secret.1, &url);
+    let (status, text) = trust.curl(&sb, &secret.1, &url, TIMEOUT);
     assert!(
         https_blocked.seen().is_empty(),
         "veil sent a request to a destination the sandbox's firewall drops (status {status})"
@@ -320,7 +294,7 @@ fn host_egress_cannot_reach_the_host_or_link_local_through_veil() {
         "https://{META}:{}/latest/meta-data/",
         meta_https.addr().port()
     );
-    let (status, text) = curl(&sb, &trust, &secret.1, &url);
+    let (status, text) = trust.curl(&sb, &secret.1, &url, TIMEOUT);
     assert!(
         meta_https.seen().is_empty(),
         "a request reached the link-local service (status {status})"

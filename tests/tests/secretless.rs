@@ -190,27 +190,7 @@ impl Fixture {
 /// (HTTP status, output).
 fn curl_once(f: &Fixture, sb: &Sandbox, trust: &SandboxTrust, placeholder: &str) -> (u16, String) {
     let url = format!("https://{HOST}:{}/echo", f.up.addr().port());
-    let mut cmd = sb.command("sh");
-    cmd.args([
-        "-c",
-        "curl -sS --max-time 20 --cacert \"$BUNDLE\" -H \"Authorization: Bearer $MY_KEY\" \
-         -w '\\nstatus=%{http_code}\\n' \"$URL\"",
-    ])
-    .env("MY_KEY", placeholder)
-    .env("BUNDLE", &trust.bundle)
-    .env("URL", url);
-    let out = output_within(&mut cmd, TIMEOUT);
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status = text
-        .lines()
-        .find_map(|l| l.strip_prefix("status="))
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
-    (status, text)
+    trust.curl(sb, placeholder, &url, TIMEOUT)
 }
 
 /// `PUT /api/sandbox/{id}/secrets`; panics unless 200. The answer.
