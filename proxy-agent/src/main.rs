@@ -4,10 +4,6 @@
 //! 3 the host cannot run veil (no cgroup v2, eBPF load or attach refused, not root).
 #![forbid(unsafe_code)]
 
-/// The allocator of the agent (see Cargo.toml: glibc's cost ~9 % of the CPU per h2 request).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
