@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{CommandFactory, Parser};
-use veil_tests::cmd::run_probe;
 use veil_tests::{AgentSandbox, NetNs, Sandbox, TcpHello, Veil, World};
 
 use crate::cli::{Cli, Cmd, SuiteArgs};
@@ -40,6 +39,7 @@ mod idle;
 mod load;
 mod mitm;
 mod peers;
+mod probe;
 mod quantile;
 mod rotation;
 mod scale;
@@ -323,36 +323,6 @@ fn sandbox_spec(id: &str, sb: &Sandbox) -> AgentSandbox {
     }
 }
 
-/// Whether a probe in `sb` reaches `hello` through the agent (upstream sees `agent_ip`).
-fn through_agent(sb: &Sandbox, hello: SocketAddr, agent_ip: std::net::IpAddr) -> bool {
-    through_agent_sending(sb, hello, agent_ip, None)
-}
-
-/// [`through_agent`], the probe sending `first` once connected: a client that speaks first
-/// is passed on at once, where a silent one waits for the agent's 100 ms speculation delay in
-/// a sandbox with secrets (proxy-agent's `SPECULATE_AFTER`).
-pub(crate) fn through_agent_sending(
-    sb: &Sandbox,
-    hello: SocketAddr,
-    agent_ip: std::net::IpAddr,
-    first: Option<&str>,
-) -> bool {
-    let mut cmd = sb.command(veil_tests::bin_path("veil-probe"));
-    cmd.args(["tcp", "--addr", &hello.to_string()]);
-    if let Some(text) = first {
-        cmd.args(["--send", text]);
-    }
-    let out = run_probe(&mut cmd, Duration::from_secs(10));
-    out.ok()
-        && out
-            .json
-            .get("reply")
-            .and_then(|r| r.as_str())
-            .and_then(|r| r.trim().split_once(' '))
-            .and_then(|(_, peer)| peer.parse::<SocketAddr>().ok())
-            .is_some_and(|p| p.ip() == agent_ip)
-}
-
 /// PUT /api/sandbox/{id} → answer (the PUT answers once the redirect is live), over `count`
 /// registrations of fresh sandboxes (cgroup + netns); each is verified live, then removed.
 fn registration(count: u64) -> Result<()> {
@@ -368,7 +338,7 @@ fn registration(count: u64) -> Result<()> {
         let started = Instant::now();
         veil.register(&spec);
         took.push(started.elapsed());
-        if !through_agent(&sb, hello.addr(), world.host_v4().into()) {
+        if !probe::through_agent(&sb, hello.addr(), world.host_v4().into()) {
             bail!("registration {i}: the first connection after PUT was not redirected");
         }
         veil.unregister(&spec.id);
@@ -397,7 +367,7 @@ fn restart(count: u64) -> Result<()> {
         let started = Instant::now();
         veil.agent().respawn();
         let deadline = started + Duration::from_secs(10);
-        while !through_agent(&sb, hello.addr(), world.host_v4().into()) {
+        while !probe::through_agent(&sb, hello.addr(), world.host_v4().into()) {
             if Instant::now() > deadline {
                 bail!("restart {i}: sandbox not served 10 s after the agent restarted");
             }

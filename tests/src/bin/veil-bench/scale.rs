@@ -137,7 +137,12 @@ pub(crate) fn measure(count: u64, traffic: u64) -> Result<ScaleResult> {
         }
         // The probe speaks first: the sandbox has a secret, so a silent client would wait
         // for the agent's 100 ms speculation delay, 100 s over 1,000 sandboxes.
-        if !crate::through_agent_sending(sb, hello.addr(), world.host_v4().into(), Some("ping\n")) {
+        if !crate::probe::through_agent_sending(
+            sb,
+            hello.addr(),
+            world.host_v4().into(),
+            Some("ping\n"),
+        ) {
             not_live += 1;
         }
     }

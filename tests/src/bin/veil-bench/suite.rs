@@ -36,6 +36,7 @@ use veil_tests::{HttpHello, NetNs, Sandbox, TestCa, Veil, World};
 use crate::load::{self, Load};
 use crate::peers::{self, HOST};
 
+mod fmt;
 mod model;
 mod passthrough;
 mod report;
@@ -43,7 +44,7 @@ mod scale;
 
 pub use model::Options;
 use model::{
-    IDLE_CONNS, LOADS, MAX_STEAL, MITM_PORT, NGINX_PORT, ROWS, Row, RowData, Sample, VALUE,
+    IDLE_CONNS, LOADS, MITM_PORT, NGINX_PORT, ROWS, Row, RowData, Sample, VALUE, low_steal,
 };
 use report::Report;
 
@@ -75,23 +76,6 @@ fn loadavg() -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(f64::NAN)
-}
-
-/// Runs `f` until CPU steal during it stays at most [`MAX_STEAL`] (3 attempts); returns the
-/// result and the steal of the kept attempt.
-fn low_steal<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Result<(T, f64)> {
-    let mut last = None;
-    for attempt in 0..3 {
-        let before = crate::host::cpu_times();
-        let v = f()?;
-        let steal = crate::host::cpu_steal_percent(&before, &crate::host::cpu_times());
-        if steal <= MAX_STEAL {
-            return Ok((v, steal));
-        }
-        eprintln!("  {what}: steal {steal:.1} % on attempt {attempt}, repeating");
-        last = Some((v, steal));
-    }
-    last.context("no attempt")
 }
 
 /// Starts control + agent (scrubbing on or off) with the bench secret; returns the placeholder.

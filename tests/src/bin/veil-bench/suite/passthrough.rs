@@ -18,9 +18,8 @@ use std::process::Command;
 use anyhow::{Context, Result};
 use veil_tests::Sandbox;
 
-use super::low_steal;
-use super::model::{Options, med};
-use super::report::fmt_num;
+use super::fmt::fmt_num;
+use super::model::{Options, low_steal, med};
 
 /// The paths compared, in table order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
+use super::fmt::{fmt_count, fmt_num};
 use super::model::{
     IDLE_CONNS, LOADS, MAX_STEAL, MITM_PORT, NGINX_PORT, Options, ROWS, Row, RowData, idle_kib, med,
 };
@@ -36,35 +37,6 @@ fn sh(cmd: &str) -> String {
             s.trim().replace('\n', " ")
         })
         .unwrap_or_default()
-}
-
-pub(super) fn fmt_num(x: f64) -> String {
-    if !x.is_finite() {
-        "—".into()
-    } else if x >= 100.0 {
-        let s = format!("{x:.0}");
-        let mut out = String::new();
-        for (i, c) in s.chars().enumerate() {
-            if i > 0 && (s.len() - i) % 3 == 0 {
-                out.push(',');
-            }
-            out.push(c);
-        }
-        out
-    } else if x >= 10.0 {
-        format!("{x:.1}")
-    } else {
-        format!("{x:.2}")
-    }
-}
-
-/// A count with thousands separators (no decimals below 100, unlike [`fmt_num`]).
-pub(super) fn fmt_count(n: u64) -> String {
-    if n >= 100 {
-        fmt_num(n as f64)
-    } else {
-        n.to_string()
-    }
 }
 
 fn with_ratio(x: Option<f64>, direct: Option<f64>) -> String {

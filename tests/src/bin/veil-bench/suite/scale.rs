@@ -5,8 +5,8 @@
 
 use std::fmt::Write as _;
 
+use super::fmt::fmt_count;
 use super::model::Options;
-use super::report::fmt_count;
 use crate::scale::ScaleResult;
 use crate::soak::SoakResult;
 
